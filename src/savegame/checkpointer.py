@@ -1,0 +1,377 @@
+"""The facade: one object that saves a training run on a strategy and resumes it exactly.
+
+Call order (one process, or every rank)::
+
+    ckpt = Checkpointer(root, save=Every(...), keep=Keep(...))   # takes the run folder's lock
+    step = ckpt.restore(state)                                   # newest valid checkpoint, or 0
+    for ...:                                                     # your loop
+        ckpt.step(state, step, metrics=...)                      # after the step is complete
+    ckpt.close()                                                 # releases the lock
+
+Invariants: a checkpoint is only ever listed once committed (see :mod:`savegame.engine.writer`);
+retention deletes only checkpoints of this run family (``run.json``), never the newest, and
+ranks "best" from the manifests on disk, so it survives restarts; a signal (SIGTERM, SIGUSR1,
+SIGINT) never interrupts a save half-way — it is acted on at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from savegame import errors, policy, state as statelib, tree as treelib
+from savegame.engine import reader, writer
+from savegame.format import layout
+from savegame.storage import local
+
+log = logging.getLogger("savegame")
+
+__all__ = ["EXIT_PREEMPTED", "Checkpointer", "CheckpointInfo"]
+
+#: Exit status after a preemption save (EX_TEMPFAIL, "try again"): non-zero so that schedulers
+#: (Kubernetes, SLURM --requeue, torchrun --max-restarts) restart the job rather than count it
+#: as finished.
+EXIT_PREEMPTED = 75
+
+PREEMPTION_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """One checkpoint of a run, as listed by :meth:`Checkpointer.list` and ``savegame ls``."""
+
+    step: int
+    path: Path
+    valid: bool
+    created: float | None
+    size: int
+    metrics: Mapping[str, float]
+    ours: bool  # written by this run family (run.json); only those are ever deleted
+    kept_for: tuple[str, ...]  # retention reasons; () = would be pruned
+    error: str | None
+
+
+class Checkpointer:
+    """Saves a training run on a strategy and resumes it exactly.
+
+    Args:
+        root: The run folder (created if missing). One writer per folder: a second live
+            writer gets :class:`~savegame.errors.LockedError`.
+        save: When to save (default ``Every(seconds=1800)``). See :func:`savegame.regime`.
+        keep: What to keep (default ``Keep(last=3)``).
+        handle_signals: Save at the next step boundary on SIGTERM / SIGUSR1 / SIGINT.
+        exit_on_signal: After that save, exit the process with :data:`EXIT_PREEMPTED` (75).
+            If False, :attr:`preempted` becomes True and your loop decides.
+
+    Raises:
+        LockedError: another live process writes this run folder.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        save: policy.Every | None = None,
+        keep: policy.Keep | None = None,
+        handle_signals: bool = True,
+        exit_on_signal: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.save_policy = save if save is not None else policy.Every(seconds=1800)
+        self.keep = keep if keep is not None else policy.Keep(last=3)
+        self.exit_on_signal = exit_on_signal
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.StorageError(f"cannot create run folder {self.root}: {exc}", path=self.root) from exc
+        self._lock = local.RunLock(self.root, layout.LOCK)
+        self._lock.acquire()
+        self.run_id = self._run_id()
+        self._collect_garbage()
+        self._epochs_completed = 0
+        self._index = self._next_index()
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self._best: float | None = self._best_on_disk()
+        self._signal: int | None = None
+        self.preempted = False
+        self._old_handlers: dict[int, Any] = {}
+        if handle_signals:
+            self._install_signal_handlers()
+
+    # ---- public API ---------------------------------------------------------------------------
+    def restore(self, state: statelib.TrainState, *, step: int | None = None) -> int:
+        """Restore ``state`` from the newest valid checkpoint (or ``step``) and return its step.
+
+        Corrupt or incomplete checkpoints are skipped with a :class:`CorruptCheckpointWarning`
+        naming them. Nothing is applied to ``state`` until a checkpoint has been read and every
+        hash verified, so a corrupt checkpoint never leaves the objects half-restored.
+
+        Returns:
+            The number of completed steps to continue from; 0 on a fresh run.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and does not exist.
+            RestoreError: a checkpoint is valid but does not fit ``state`` (different objects).
+        """
+        refs = reader.list_checkpoints(self.root)
+        if step is not None:
+            refs = [r for r in refs if r.step == step]
+            if not refs:
+                raise errors.CheckpointNotFoundError(f"no checkpoint for step {step} in {self.root}", path=self.root, step=step)
+        for ref in reversed(refs):
+            if ref.error is not None or ref.manifest is None:
+                self._warn_skip(ref.path, ref.error)
+                continue
+            try:
+                tensors = reader.load_tensors(ref.path, ref.manifest)
+                tree = treelib.decode(ref.manifest.trees[0], tensors)
+            except (errors.FormatError, errors.StorageError) as exc:
+                self._warn_skip(ref.path, exc)
+                continue
+            statelib.apply(state, tree, where=str(ref.path))
+            info = ref.manifest.info
+            self._epochs_completed = int(info.get("epochs_completed", 0))
+            self._last_save_time = time.monotonic()
+            self._last_saved_step = ref.step
+            log.info("restored step %d from %s", ref.step, ref.path)
+            return ref.step
+        if refs and step is not None:
+            raise errors.RestoreError(f"checkpoint {refs[0].path} is corrupt; see the warning above", path=refs[0].path, step=step)
+        if refs:
+            warnings.warn(
+                f"no valid checkpoint in {self.root} ({len(refs)} found, all corrupt or incomplete); starting from step 0",
+                errors.CorruptCheckpointWarning,
+                stacklevel=2,
+            )
+        return 0
+
+    def step(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch_end: bool = False,
+    ) -> bool:
+        """Tell the checkpointer that ``step`` optimizer steps are complete; saves when due.
+
+        Call it *after* the optimizer step, with the number of completed steps, so a checkpoint
+        never holds a half-done step (ANCHORS #2). If the monitored metric is in ``metrics`` and
+        improved, a checkpoint is saved now even if the schedule is not due, so the best model is
+        always on disk.
+
+        Returns:
+            True if a checkpoint was saved.
+        """
+        if epoch_end:
+            self._epochs_completed += 1
+        if self._signal is not None:
+            signum = self._signal
+            self._save(state, step, metrics, reason=f"signal {signal.Signals(signum).name}")
+            if self.exit_on_signal:
+                log.warning("saved step %d after %s; exiting with status %d", step, signal.Signals(signum).name, EXIT_PREEMPTED)
+                self.close()
+                raise SystemExit(EXIT_PREEMPTED)
+            self.preempted = True
+            self._signal = None
+            return True
+        due = self.save_policy.due(
+            step=step,
+            epoch_end=epoch_end,
+            epochs_completed=self._epochs_completed,
+            seconds_since_save=time.monotonic() - self._last_save_time,
+        )
+        better = False
+        monitor = self.keep.monitor
+        if monitor and metrics is not None and monitor in metrics:
+            is_better = policy.improved(float(metrics[monitor]), self._best, self.keep.mode)
+            better = is_better and self.keep.best > 0
+            if not is_better:
+                log.info("step %d: %s did not improve from %s", step, monitor, _fmt(self._best, self.keep.mode))
+        if not (due or better):
+            return False
+        self._save(state, step, metrics, reason="best" if better and not due else "schedule")
+        return True
+
+    def save(self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None) -> Path:
+        """Save now, whatever the schedule says (e.g. at the end of training). Returns the folder."""
+        return self._save(state, step, metrics, reason="explicit")
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint folder of the run with its validity and why retention keeps it."""
+        return list_run(self.root, self.keep, self.run_id)
+
+    def close(self) -> None:
+        """Restore the previous signal handlers and release the run folder's lock."""
+        for signum, handler in self._old_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
+        self._old_handlers = {}
+        self._lock.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _save(self, state: statelib.TrainState, step: int, metrics: Mapping[str, float] | None, *, reason: str) -> Path:
+        if not self._lock.held:
+            raise errors.CheckpointError(f"checkpointer for {self.root} is closed; create a new one", path=self.root)
+        final = self.root / layout.step_dir(step)
+        if self._last_saved_step == step and final.exists():
+            return final  # already saved this step in this process (e.g. schedule + explicit)
+        clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
+        tree = statelib.capture(state)
+        t0 = time.perf_counter()
+        path = writer.write_checkpoint(self.root, step, tree, run_id=self.run_id, metrics=clean_metrics, info=info)
+        self._index += 1
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+        monitor = self.keep.monitor
+        if monitor and monitor in clean_metrics:
+            value = clean_metrics[monitor]
+            if policy.improved(value, self._best, self.keep.mode):
+                log.info(
+                    "step %d: %s improved from %s to %.4f, saved %s",
+                    step, monitor, _fmt(self._best, self.keep.mode), value, path.name,
+                )
+                self._best = value
+            else:
+                log.info("step %d: saved %s (%s)", step, path.name, reason)
+        else:
+            log.info("step %d: saved %s (%s, %.2fs)", step, path.name, reason, time.perf_counter() - t0)
+        self._apply_retention(just_saved=step)
+        return path
+
+    def _apply_retention(self, *, just_saved: int) -> None:
+        for info in list_run(self.root, self.keep, self.run_id):
+            if info.valid and info.ours and not info.kept_for and info.step != just_saved:
+                try:
+                    local.remove_tree(info.path, f"{layout.TMP_PREFIX}deleted-{info.path.name}-{uuid.uuid4().hex[:8]}")
+                    log.info("deleted %s (not kept by %s)", info.path.name, self.keep)
+                except OSError as exc:
+                    log.warning("could not delete %s: %s", info.path, exc)
+
+    def _run_id(self) -> str:
+        path = self.root / layout.RUN_FILE
+        if path.exists():
+            try:
+                return str(json.loads(path.read_text())["run_id"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise errors.FormatError(f"{path} is damaged ({exc}); restore it or start a new run folder", path=path) from exc
+        run_id = uuid.uuid4().hex
+        local.atomic_write(path, json.dumps({"run_id": run_id, "created": time.time()}).encode())
+        return run_id
+
+    def _collect_garbage(self) -> None:
+        # We hold the lock, so every temp folder belongs to a dead writer (kill -9, power cut).
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir():
+                log.info("removing leftover %s from an interrupted save", entry.name)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _ours(self) -> list[reader.CheckpointRef]:
+        return [
+            r for r in reader.list_checkpoints(self.root) if r.manifest is not None and r.manifest.run_id == self.run_id
+        ]
+
+    def _next_index(self) -> int:
+        return max((int(r.manifest.info.get("index", -1)) for r in self._ours() if r.manifest), default=-1) + 1
+
+    def _best_on_disk(self) -> float | None:
+        if not self.keep.monitor:
+            return None
+        cands = [policy.Candidate(r.step, 0, r.manifest.metrics) for r in self._ours() if r.manifest]
+        return policy.best_value(cands, self.keep.monitor, self.keep.mode)
+
+    def _warn_skip(self, path: Path, exc: BaseException | None) -> None:
+        warnings.warn(
+            f"skipping checkpoint {path}: {exc}; falling back to an earlier one",
+            errors.CorruptCheckpointWarning,
+            stacklevel=3,
+        )
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("Checkpointer created outside the main thread: preemption signals are not handled")
+            return
+        for signum in PREEMPTION_SIGNALS:
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self._signal = signum
+        log.warning("received %s: will save at the next step boundary", signal.Signals(signum).name)
+
+
+def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_id: str | None = None) -> list[CheckpointInfo]:
+    """Checkpoints of a run folder with validity (manifest level) and retention reasons.
+
+    ``run_id`` defaults to the folder's ``run.json``; ``keep`` to ``Keep(last=3)``.
+    """
+    root = Path(root)
+    if run_id is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            run_id = str(json.loads((root / layout.RUN_FILE).read_text())["run_id"])
+    keep = keep or policy.Keep(last=3)
+    refs = reader.list_checkpoints(root)
+    ours = [r for r in refs if r.manifest is not None and r.manifest.run_id == run_id]
+    cands = [policy.Candidate(r.step, int(r.manifest.info.get("index", 0)), r.manifest.metrics) for r in ours if r.manifest]
+    kept = policy.retain(cands, keep)
+    out = []
+    for r in refs:
+        m = r.manifest
+        size = sum(f.size for f in m.files.values()) if m else _du(r.path)
+        mine = m is not None and m.run_id == run_id
+        out.append(
+            CheckpointInfo(
+                step=r.step,
+                path=r.path,
+                valid=r.valid,
+                created=m.created if m else None,
+                size=size,
+                metrics=dict(m.metrics) if m else {},
+                ours=mine,
+                kept_for=tuple(kept.get(r.step, ())) if mine else ("not ours",),
+                error=str(r.error) if r.error else None,
+            )
+        )
+    return out
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def _fmt(v: float | None, mode: str) -> str:
+    if v is None:  # Keras prints the starting point as -inf / inf too
+        return "-inf" if mode == "max" else "inf"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4f}"

@@ -1,0 +1,1 @@
+"""The save path: stage, write, commit; and the read path: read, verify."""

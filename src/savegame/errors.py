@@ -1,0 +1,172 @@
+"""All public exceptions and warnings of savegame.
+
+Hierarchy::
+
+    CheckpointError(Exception)
+    ├── CheckpointNotFoundError(.., FileNotFoundError)   nothing at the path / no such step
+    ├── StepExistsError(.., FileExistsError)             a committed step would be overwritten
+    ├── FormatError(.., ValueError)                      corrupt, lying or out-of-bounds data
+    │   ├── IntegrityError                               a hash or size does not match
+    │   ├── IncompleteCheckpointError                    no manifest / interrupted save
+    │   ├── UnsupportedFormatError                       unknown format or future version
+    │   └── UnsafeContentError                           a pickle asks for a disallowed global
+    ├── EncodeError(.., TypeError)                       a state leaf cannot be saved without pickle
+    ├── StorageError(.., OSError)                        the storage backend failed
+    │   └── LockedError                                  another writer holds the run folder
+    ├── MissingDependencyError(.., ImportError)          an optional extra is not installed
+    ├── DistributedSaveError                             one or more ranks failed; ``.failures``
+    └── RestoreError                                     no valid checkpoint could be applied
+
+Every error carries its facts as attributes (``.path``, ``.step``, ``.key``) so code never
+parses messages; messages say what failed, where, and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointWarning",
+    "DistributedSaveError",
+    "EncodeError",
+    "FormatError",
+    "IncompleteCheckpointError",
+    "IntegrityError",
+    "LockedError",
+    "MissingDependencyError",
+    "RestoreError",
+    "StepExistsError",
+    "StorageError",
+    "UnsafeContentError",
+    "UnsupportedFormatError",
+]
+
+
+def _fmt_path(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+class CheckpointError(Exception):
+    """Root of every savegame error.
+
+    Args:
+        message: What failed, on which object, and what to do.
+        path: The file or folder concerned, if any.
+        step: The checkpoint step concerned, if any.
+        key: The state-tree path or tensor name concerned, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = _fmt_path(path)
+        self.step = step
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Errors cross process boundaries (distributed gather); keep attributes.
+        return (_rebuild, (type(self), self.message, self.path, self.step, self.key))
+
+
+def _rebuild(
+    cls: type[CheckpointError], message: str, path: str | None, step: int | None, key: str | None
+) -> CheckpointError:
+    err = cls.__new__(cls)
+    CheckpointError.__init__(err, message, path=path, step=step, key=key)
+    return err
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The path holds no checkpoint, or the requested step does not exist."""
+
+
+class StepExistsError(CheckpointError, FileExistsError):
+    """A committed checkpoint for this step already exists and would be overwritten."""
+
+
+class FormatError(CheckpointError, ValueError):
+    """Bytes on disk are corrupt, inconsistent or outside the file's bounds."""
+
+
+class IntegrityError(FormatError):
+    """A stored hash or size does not match the data (bit rot, truncation, tampering)."""
+
+
+class IncompleteCheckpointError(FormatError):
+    """The checkpoint was never committed (no manifest: an interrupted save)."""
+
+
+class UnsupportedFormatError(FormatError):
+    """The file is of an unknown format, or of a savegame version newer than this library."""
+
+
+class UnsafeContentError(FormatError):
+    """A pickle in the file asks for a global outside the allow-list; nothing was executed."""
+
+
+class EncodeError(CheckpointError, TypeError):
+    """A leaf of the state tree cannot be stored without pickle."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage backend failed (disk full, permission denied, network error)."""
+
+
+class LockedError(StorageError):
+    """Another live process holds the writer lock on the run folder."""
+
+
+class MissingDependencyError(CheckpointError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class RestoreError(CheckpointError):
+    """Checkpoints exist but none could be restored (all corrupt, or the state does not fit)."""
+
+
+class DistributedSaveError(CheckpointError):
+    """A distributed save failed on one or more ranks; nothing was committed.
+
+    Attributes:
+        failures: Rank -> description of what failed on that rank.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failures: Mapping[int, str] | None = None,
+        path: str | os.PathLike[str] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().__init__(message, path=path, step=step)
+        self.failures: dict[int, str] = dict(failures or {})
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (
+            _rebuild_dist,
+            (self.message, self.failures, self.path, self.step),
+        )
+
+
+def _rebuild_dist(
+    message: str, failures: dict[int, str], path: str | None, step: int | None
+) -> DistributedSaveError:
+    return DistributedSaveError(message, failures=failures, path=path, step=step)
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint was skipped during restore because it is corrupt or incomplete."""

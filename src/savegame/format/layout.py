@@ -1,0 +1,45 @@
+"""Pure naming of things inside a run folder. No I/O.
+
+    <run>/step-000000001200/manifest.json      the commit point
+    <run>/step-000000001200/rank-00000.safetensors
+    <run>/.tmp-step-000000001200-<id>/          a save in progress (garbage if it outlives its writer)
+    <run>/run.json                              the run family's id (retention only deletes our own)
+    <run>/LATEST                                a hint, never the truth
+    <run>/.lock                                 the writer lock
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+LATEST = "LATEST"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+
+_STEP_RE = re.compile(r"^step-(\d{12})$")
+
+
+def step_dir(step: int) -> str:
+    """Folder name of a step: zero-padded so names sort in step order."""
+    if step < 0 or step >= 10**12:
+        raise ValueError(f"step must be in [0, 10**12), got {step}")
+    return f"step-{step:012d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a checkpoint folder name, or None if the name is not one."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def tmp_dir(step: int, token: str) -> str:
+    return f"{TMP_PREFIX}{step_dir(step)}-{token}"
+
+
+def tensor_file(rank: int, part: int = 0) -> str:
+    """Tensor file of one rank; ``part`` > 0 when a rank's tensors are split over files."""
+    if part == 0:
+        return f"rank-{rank:05d}.safetensors"
+    return f"rank-{rank:05d}-{part:03d}.safetensors"

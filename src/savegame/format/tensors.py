@@ -1,0 +1,182 @@
+"""Tensor <-> bytes in safetensors layout (FORMATS.md §2).
+
+A savegame tensor file is a valid safetensors file: ``u64 LE N``, an N-byte JSON header padded
+with spaces so the data starts on a 64-byte boundary, then the tensors back to back, largest
+element size first so every tensor is naturally aligned. ``safetensors.safe_open`` reads it.
+
+Invariant: the writer computes each tensor's digest from the very buffer it hands to the OS, so
+a digest can never describe bytes other than the ones written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import torch
+
+from savegame import errors
+from savegame.format import hashing
+
+__all__ = ["DTYPES", "WrittenTensor", "byte_view", "dtype_from_name", "read_into", "write_tensor_file"]
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+    raise ImportError("savegame supports little-endian hosts only")
+
+# torch dtype name -> (safetensors dtype, element size, trailing dims added in the file).
+# complex128/complex32 have no safetensors dtype: stored as their real parts' dtype with a
+# trailing dimension of 2 (what torch.view_as_real gives); the manifest keeps the true dtype.
+DTYPES: dict[str, tuple[str, int, int]] = {
+    "float64": ("F64", 8, 0),
+    "float32": ("F32", 4, 0),
+    "float16": ("F16", 2, 0),
+    "bfloat16": ("BF16", 2, 0),
+    "int64": ("I64", 8, 0),
+    "int32": ("I32", 4, 0),
+    "int16": ("I16", 2, 0),
+    "int8": ("I8", 1, 0),
+    "uint8": ("U8", 1, 0),
+    "uint16": ("U16", 2, 0),
+    "uint32": ("U32", 4, 0),
+    "uint64": ("U64", 8, 0),
+    "bool": ("BOOL", 1, 0),
+    "complex64": ("C64", 8, 0),
+    "complex128": ("F64", 16, 1),
+    "complex32": ("F16", 4, 1),
+    "float8_e4m3fn": ("F8_E4M3", 1, 0),
+    "float8_e5m2": ("F8_E5M2", 1, 0),
+    "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1, 0),
+    "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1, 0),
+    "float8_e8m0fnu": ("F8_E8M0", 1, 0),
+}
+
+ALIGN = 64
+MAX_HEADER = 100_000_000
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """torch dtype for a manifest dtype name; FormatError if unknown."""
+    if name not in DTYPES:
+        raise errors.FormatError(f"unknown tensor dtype {name!r} in manifest")
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise errors.UnsupportedFormatError(
+            f"dtype {name!r} is not available in this torch ({torch.__version__}); upgrade torch"
+        )
+    return dt
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without copying."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    if t.dtype in (torch.complex128, torch.complex32, torch.complex64):
+        flat = torch.view_as_real(flat).reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    n = DTYPES[dtype_name(dtype)][1]
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenTensor:
+    key: str
+    offset: int  # absolute, in the file
+    length: int
+    hash: str
+
+
+def _header(items: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {"__metadata__": metadata}
+    begin = 0
+    begins = []
+    for key, t in items:
+        st_dtype, size, extra = DTYPES[dtype_name(t.dtype)]
+        shape = list(t.shape) + ([2] if extra else [])
+        length = t.numel() * size
+        header[key] = {"dtype": st_dtype, "shape": shape, "data_offsets": [begin, begin + length]}
+        begins.append(begin)
+        begin += length
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pad = (-(8 + len(raw))) % ALIGN
+    raw += b" " * pad
+    return struct.pack("<Q", len(raw)) + raw, begins
+
+
+def order_for_file(items: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Largest element size first, then by key: natural alignment of every tensor."""
+    return sorted(items, key=lambda kv: (-kv[1].element_size(), kv[0]))
+
+
+def write_tensor_file(
+    f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], *, metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[WrittenTensor]]:
+    """Write ``items`` (contiguous CPU tensors, already in file order) to ``f``.
+
+    Returns the header bytes and where each tensor landed with its digest. The caller fsyncs.
+    """
+    for key, t in items:
+        if dtype_name(t.dtype) not in DTYPES:
+            raise errors.EncodeError(f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key)
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"internal: tensor {key!r} must be staged to contiguous CPU memory first")
+    header, begins = _header(items, {"format": "pt", **(metadata or {})})
+    f.write(header)
+    base = len(header)
+    out = []
+    for (key, t), begin in zip(items, begins, strict=True):
+        view = byte_view(t)
+        f.write(view)
+        out.append(WrittenTensor(key, base + begin, len(view), hashing.digest(view)))
+    return header, out
+
+
+def read_header(f: BinaryIO, path: str | os.PathLike[str], file_size: int) -> tuple[bytes, dict[str, dict[str, object]]]:
+    """Read and validate a tensor file's header; returns its raw bytes and parsed entries."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise errors.IntegrityError(f"{path}: tensor file is truncated (no header)", path=path)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > file_size:
+        raise errors.IntegrityError(
+            f"{path}: tensor file header claims {n} bytes but the file has {file_size}", path=path
+        )
+    raw = f.read(n)
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.IntegrityError(f"{path}: tensor file header is not valid JSON ({exc})", path=path) from exc
+    if not isinstance(parsed, dict):
+        raise errors.IntegrityError(f"{path}: tensor file header is not a JSON object", path=path)
+    parsed.pop("__metadata__", None)
+    return head + raw, parsed
+
+
+def read_into(fd: int, offset: int, dest: memoryview, path: str | os.PathLike[str]) -> None:
+    """Fill ``dest`` from ``fd`` at ``offset`` (positional reads; no shared file position, so
+    several threads may read one file)."""
+    done = 0
+    total = len(dest)
+    while done < total:
+        # Linux caps one read at 0x7ffff000 bytes.
+        n = os.preadv(fd, [dest[done : done + 0x40000000]], offset + done)
+        if n == 0:
+            raise errors.IntegrityError(
+                f"{path}: file ends at byte {offset + done}, expected {offset + total} (truncated?)",
+                path=path,
+            )
+        done += n

@@ -1,0 +1,118 @@
+"""The contract every foreign-format reader fulfils.
+
+A reader is lazy: opening a file and listing names, dtypes and shapes reads no tensor data;
+``read(name)`` reads one tensor alone. Readers never execute code from the file, bound every
+size and offset by the file's length, and turn malformed input into a typed
+:class:`savegame.errors.FormatError` (or subclass) carrying the path.
+
+Call order: ``open_*`` -> ``keys``/``info``/``tree``/``metadata`` (cheap) -> ``read`` (one
+tensor) or ``verify`` (everything) -> ``close``. Readers are context managers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["ForeignReader", "Opaque", "TensorInfo", "TensorRef", "LIMITS"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """What is known about one tensor without reading its data.
+
+    Attributes:
+        name: The tensor's name in the file (format-specific; nested containers joined by "/").
+        dtype: torch dtype name without the ``torch.`` prefix ("float32", "bfloat16", ...), or
+            "string" for TensorFlow string tensors.
+        shape: The logical shape.
+        nbytes: Bytes of data the tensor occupies in the file.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """Placeholder for a tensor inside :meth:`ForeignReader.tree`; resolve with ``read(name)``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """An object the file names but that savegame will not instantiate (e.g. a pickled class).
+
+    Shown by ``savegame show`` as ``<opaque module.qualname>``; never imported or called.
+    """
+
+    module: str
+    qualname: str
+
+
+class ForeignReader(Protocol):
+    """Read-only, lazy access to one checkpoint file (or file set) of any supported format."""
+
+    path: str
+    format: str  # "torch", "safetensors", "numpy", "tensorflow", "keras-h5", "keras3", "darknet"
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order. Reads no tensor data."""
+        ...
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and size of one tensor. Raises KeyError-compatible CheckpointNotFoundError."""
+        ...
+
+    def read(self, name: str) -> torch.Tensor | np.ndarray:
+        """One tensor as a CPU torch tensor owning its memory (numpy bytes array for strings)."""
+        ...
+
+    def tree(self) -> Any:
+        """The file's object structure with tensors as :class:`TensorRef` and unknown objects
+        as :class:`Opaque`. Formats without structure return ``{name: TensorRef(name)}``."""
+        ...
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-compatible facts about the file (framework version, configs as plain data)."""
+        ...
+
+    def verify(self) -> list[str]:
+        """Read everything and check every checksum and bound; returns problems (empty = OK)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ForeignReader: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps every reader enforces (DESIGN.md §6). Documented in docs/formats.md."""
+
+    max_header_bytes: int = 100_000_000  # safetensors' own MAX_HEADER_SIZE
+    max_json_depth: int = 64
+    max_entries: int = 1_000_000  # tensors / zip members / index entries per file
+    max_pickle_ops: int = 50_000_000
+    max_pickle_depth: int = 1_000  # stack/MARK nesting
+    max_tensor_numel: int = 1 << 40
+    max_inflate_bytes: int = 1 << 34  # compressed members (.npz) may expand to at most this
+    max_inflate_ratio: int = 200
+
+
+LIMITS = Limits()
+
+
+def iter_tensors(reader: ForeignReader) -> Iterator[tuple[str, torch.Tensor | np.ndarray]]:
+    """Yield ``(name, tensor)`` one at a time, so memory stays at one tensor."""
+    for name in reader.keys():
+        yield name, reader.read(name)

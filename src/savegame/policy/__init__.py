@@ -1,0 +1,166 @@
+"""When to save and what to keep. Pure decisions over plain data: no I/O, no clocks of their own.
+
+* :class:`Every` — save every N steps, every N epochs, or every N seconds (any combination).
+* :class:`Keep` — keep the last K, the best K by a monitored metric, and every Nth forever.
+* :func:`regime` — presets for short, normal and long training.
+* :func:`retain` — which checkpoints to keep, and why; the caller deletes the rest, and only
+  those its own run family wrote (ANCHORS #12).
+
+Invariant: :func:`retain` never drops the newest checkpoint, and ranks "best" only among
+checkpoints that carry the monitored metric, so rotation cannot delete the best checkpoint when
+save and evaluation intervals differ (ANCHORS #4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Every", "Keep", "Candidate", "regime", "retain", "improved"]
+
+
+@dataclass(frozen=True, slots=True)
+class Every:
+    """When to save. Any combination; a save happens when any of them is due.
+
+    Args:
+        steps: Save when ``step % steps == 0``.
+        epochs: Save at the end of every ``epochs``-th epoch (tell the checkpointer with
+            ``step(..., epoch_end=True)``).
+        seconds: Save when this many seconds passed since the last save (or since restore).
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "epochs", "seconds"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"Every({name}={v!r}): must be a positive number")
+        if self.steps is None and self.epochs is None and self.seconds is None:
+            raise ValueError("Every() needs steps=, epochs= or seconds=")
+
+    def due(self, *, step: int, epoch_end: bool, epochs_completed: int, seconds_since_save: float) -> bool:
+        """Whether a save is due now (pure)."""
+        if self.steps is not None and step % self.steps == 0:
+            return True
+        if self.epochs is not None and epoch_end and epochs_completed % self.epochs == 0:
+            return True
+        return self.seconds is not None and seconds_since_save >= self.seconds
+
+
+Mode = Literal["min", "max"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """What to keep. A checkpoint is kept if any rule keeps it.
+
+    Args:
+        last: Keep the newest ``last`` checkpoints (>= 1).
+        best: Keep the ``best`` checkpoints with the best ``monitor`` value.
+        monitor: Metric name to rank by (required when ``best`` > 0).
+        mode: ``"max"`` (accuracy) or ``"min"`` (loss).
+        every: Keep every ``every``-th checkpoint saved by this run forever (counted in saves,
+            so it does not depend on the save interval); 0 = off.
+    """
+
+    last: int = 1
+    best: int = 0
+    monitor: str | None = None
+    mode: Mode = "min"
+    every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.last < 1:
+            raise ValueError(f"Keep(last={self.last}): keep at least the newest checkpoint")
+        if self.best < 0 or self.every < 0:
+            raise ValueError("Keep(best=, every=) must be >= 0")
+        if self.best and not self.monitor:
+            raise ValueError("Keep(best=...) needs monitor='metric name'")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"Keep(mode={self.mode!r}): use 'min' or 'max'")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """What retention knows about one valid checkpoint."""
+
+    step: int
+    index: int  # the run's save counter (0, 1, 2, ...)
+    metrics: Mapping[str, float]
+
+
+def improved(new: float, best: float | None, mode: Mode) -> bool:
+    """Whether ``new`` beats ``best`` (``None`` = nothing yet). NaN never improves."""
+    if math.isnan(new):
+        return False
+    if best is None:
+        return True
+    return new > best if mode == "max" else new < best
+
+
+def best_value(cands: Sequence[Candidate], monitor: str, mode: Mode) -> float | None:
+    vals = [c.metrics[monitor] for c in cands if monitor in c.metrics and not math.isnan(c.metrics[monitor])]
+    if not vals:
+        return None
+    return max(vals) if mode == "max" else min(vals)
+
+
+def retain(cands: Sequence[Candidate], keep: Keep) -> dict[int, list[str]]:
+    """Which checkpoints to keep: ``{step: [reasons]}``; every other candidate may be deleted.
+
+    Example:
+        >>> cs = [Candidate(s, i, {"acc": a}) for i, (s, a) in enumerate([(100, .5), (200, .9), (300, .7)])]
+        >>> retain(cs, Keep(last=1, best=1, monitor="acc", mode="max"))
+        {300: ['last'], 200: ['best']}
+    """
+    out: dict[int, list[str]] = {}
+    ordered = sorted(cands, key=lambda c: c.step)
+    for c in ordered[-keep.last :]:
+        out.setdefault(c.step, []).append("last")
+    if keep.best and keep.monitor:
+        scored = [c for c in ordered if keep.monitor in c.metrics and not math.isnan(c.metrics[keep.monitor])]
+        sign = -1.0 if keep.mode == "max" else 1.0
+        # Ties: the earlier checkpoint wins (it reached that value first).
+        scored.sort(key=lambda c: (sign * c.metrics[keep.monitor], c.step))
+        for c in scored[: keep.best]:
+            out.setdefault(c.step, []).append("best")
+    if keep.every:
+        for c in ordered:
+            if c.index % keep.every == 0:
+                out.setdefault(c.step, []).append("every")
+    return out
+
+
+def regime(
+    name: Literal["short", "normal", "long"],
+    *,
+    monitor: str | None = None,
+    mode: Mode = "min",
+    epochs: int = 1,
+) -> dict[str, Every | Keep]:
+    """Presets for the three training regimes; use as ``Checkpointer(root, **regime("normal"))``.
+
+    * ``short`` (minutes to an hour): save each epoch, keep the newest and the best.
+    * ``normal`` (hours): save every ``epochs`` epochs, keep the last 10 and the best.
+    * ``long`` (days to weeks): save every 30 minutes, keep the last 5, the best 3, and every
+      48th save (one a day) forever.
+
+    ``best`` is only kept when ``monitor`` is given.
+    """
+    best = 1 if monitor else 0
+    if name == "short":
+        return {"save": Every(epochs=1), "keep": Keep(last=1, best=best, monitor=monitor, mode=mode)}
+    if name == "normal":
+        return {"save": Every(epochs=epochs), "keep": Keep(last=10, best=best, monitor=monitor, mode=mode)}
+    if name == "long":
+        return {
+            "save": Every(seconds=1800),
+            "keep": Keep(last=5, best=3 if monitor else 0, monitor=monitor, mode=mode, every=48),
+        }
+    raise ValueError(f"regime({name!r}): choose 'short', 'normal' or 'long'")

@@ -1,0 +1,133 @@
+"""Adapters between live training objects and a state tree.
+
+:class:`TrainState` names the objects that make up a training run. :func:`capture` turns them
+into a state tree (nested dicts of tensors and plain values); :func:`apply` puts a tree back.
+
+Invariant: :func:`apply` checks that the tree names exactly the objects of the state before it
+changes any of them, so a checkpoint of a different run fails with an error instead of
+half-restoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Protocol, runtime_checkable
+
+from savegame import errors
+from savegame.state import rng
+
+__all__ = ["Stateful", "TrainState", "apply", "capture"]
+
+RNG_KEY = "rng"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything with ``state_dict()`` / ``load_state_dict()``: modules, optimizers, LR
+    schedulers, GradScaler, ``StatefulDataLoader``, and your own objects.
+
+    ``state_dict()`` must return tensors and plain values (numbers, strings, bytes, lists,
+    tuples, dicts, numpy arrays) — savegame never pickles.
+    """
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+class TrainState:
+    """The objects that make up a training run, by name.
+
+    Every value is either a :class:`Stateful` object or a plain ``dict`` of extras (epoch,
+    best metric, config) that is updated in place on restore. The RNGs of the process (python,
+    numpy, torch CPU, every CUDA device) are included automatically under ``"rng"``.
+
+    Args:
+        rng: Include the process's random generators (default True; needed for exact resume).
+        **objects: name -> Stateful object or dict.
+
+    Raises:
+        TypeError: a value is neither Stateful nor a dict (e.g. a plain ``DataLoader``: use
+            ``torchdata.stateful_dataloader.StatefulDataLoader``).
+
+    Example:
+        >>> import torch, savegame as sg
+        >>> model = torch.nn.Linear(2, 2)
+        >>> state = sg.TrainState(model=model, extras={"epoch": 0})
+        >>> sorted(state)
+        ['extras', 'model']
+    """
+
+    def __init__(self, *, rng: bool = True, **objects: Stateful | MutableMapping[str, Any]) -> None:
+        if RNG_KEY in objects:
+            raise TypeError(f"{RNG_KEY!r} is reserved for the random generators; pick another name")
+        for name, obj in objects.items():
+            if isinstance(obj, MutableMapping):
+                continue
+            if not isinstance(obj, Stateful):
+                hint = ""
+                if type(obj).__name__ == "DataLoader":
+                    hint = (
+                        " A plain torch DataLoader cannot save its position; use "
+                        "torchdata.stateful_dataloader.StatefulDataLoader (same arguments)."
+                    )
+                raise TypeError(
+                    f"TrainState({name}=...) got a {type(obj).__module__}.{type(obj).__qualname__}, which has no "
+                    f"state_dict()/load_state_dict().{hint}"
+                )
+        self._objects: dict[str, Any] = dict(objects)
+        self.rng = rng
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._objects)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._objects[name]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+def capture(state: TrainState) -> dict[str, Any]:
+    """The state tree of every object (tensors still live; stage before mutating them)."""
+    tree: dict[str, Any] = {}
+    for name in state:
+        obj = state[name]
+        tree[name] = dict(obj) if isinstance(obj, MutableMapping) else obj.state_dict()
+    if state.rng:
+        tree[RNG_KEY] = rng.capture()
+    return tree
+
+
+def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint") -> None:
+    """Load ``tree`` into the live objects of ``state``.
+
+    Raises:
+        RestoreError: the tree lacks an object the state has, or has one it does not, or an
+            object refuses its state (the message names it and the checkpoint).
+    """
+    names = set(state)
+    stored = set(tree) - {RNG_KEY}
+    if names != stored:
+        missing, extra = sorted(names - stored), sorted(stored - names)
+        raise errors.RestoreError(
+            f"{where} does not match this TrainState: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}; "
+            "pass the same objects by the same names as when it was saved",
+            path=where,
+        )
+    for name in state:
+        obj = state[name]
+        try:
+            if isinstance(obj, MutableMapping):
+                obj.clear()
+                obj.update(tree[name])
+            else:
+                obj.load_state_dict(tree[name])
+        except errors.CheckpointError:
+            raise
+        except Exception as exc:  # user objects may raise anything; translate at this boundary
+            raise errors.RestoreError(
+                f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}", path=where, key=name
+            ) from exc
+    if state.rng and RNG_KEY in tree:
+        rng.restore(tree[RNG_KEY])

@@ -1,0 +1,1 @@
+"""Where bytes go. Today: the local POSIX file system (fsync + atomic rename)."""
