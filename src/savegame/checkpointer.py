@@ -17,6 +17,7 @@ SIGINT) never interrupts a save half-way — it is acted on at the next step bou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -273,14 +274,17 @@ class Checkpointer:
                     log.warning("could not delete %s: %s", info.path, exc)
 
     def _run_id(self) -> str:
+        """The run family's id from ``run.json`` (created on first use). The file also records
+        the retention rule in force, so ``savegame ls``/``prune`` apply the run's own rule."""
         path = self.root / layout.RUN_FILE
-        if path.exists():
-            try:
-                return str(json.loads(path.read_text())["run_id"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise errors.FormatError(f"{path} is damaged ({exc}); restore it or start a new run folder", path=path) from exc
-        run_id = uuid.uuid4().hex
-        local.atomic_write(path, json.dumps({"run_id": run_id, "created": time.time()}).encode())
+        record = read_run_file(self.root)
+        if record is None and path.exists():
+            raise errors.FormatError(f"{path} is damaged; restore it or start a new run folder", path=path)
+        run_id = str(record["run_id"]) if record else uuid.uuid4().hex
+        keep = dataclasses.asdict(self.keep)
+        if record is None or record.get("keep") != keep:
+            created = record.get("created", time.time()) if record else time.time()
+            local.atomic_write(path, json.dumps({"run_id": run_id, "created": created, "keep": keep}).encode())
         return run_id
 
     def _collect_garbage(self) -> None:
@@ -328,13 +332,14 @@ class Checkpointer:
 def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_id: str | None = None) -> list[CheckpointInfo]:
     """Checkpoints of a run folder with validity (manifest level) and retention reasons.
 
-    ``run_id`` defaults to the folder's ``run.json``; ``keep`` to ``Keep(last=3)``.
+    ``run_id`` and ``keep`` default to the folder's ``run.json`` (written by the Checkpointer).
     """
     root = Path(root)
-    if run_id is None:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            run_id = str(json.loads((root / layout.RUN_FILE).read_text())["run_id"])
-    keep = keep or policy.Keep(last=3)
+    record = read_run_file(root)
+    if run_id is None and record is not None:
+        run_id = str(record["run_id"])
+    if keep is None:
+        keep = policy.Keep(**record["keep"]) if record and isinstance(record.get("keep"), dict) else policy.Keep(last=3)
     refs = reader.list_checkpoints(root)
     ours = [r for r in refs if r.manifest is not None and r.manifest.run_id == run_id]
     cands = [policy.Candidate(r.step, int(r.manifest.info.get("index", 0)), r.manifest.metrics) for r in ours if r.manifest]
@@ -358,6 +363,15 @@ def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_
             )
         )
     return out
+
+
+def read_run_file(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable."""
+    try:
+        record = json.loads((Path(root) / layout.RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "run_id" in record else None
 
 
 def _du(path: Path) -> int:

@@ -188,7 +188,8 @@ def _decode_tag(tag: str, value: Any, tensors: Mapping[str, torch.Tensor], depth
         if tag == "$tensor":
             return tensors[value]
         if tag == "$ndarray":
-            return tensors[value].numpy()
+            t = tensors[value]
+            return t.numpy() if isinstance(t, torch.Tensor) else t  # placeholders (show) pass through
         if tag == "$tuple":
             return tuple(_decode(v, tensors, depth + 1) for v in value)
         if tag == "$set":

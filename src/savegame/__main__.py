@@ -1,0 +1,5 @@
+import sys
+
+from savegame.cli.main import main
+
+sys.exit(main())

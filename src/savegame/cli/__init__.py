@@ -1,0 +1,1 @@
+"""The savegame command line."""

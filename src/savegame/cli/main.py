@@ -1,0 +1,282 @@
+"""``savegame`` command line: thin argument parsing over the public API, rendered with rich.
+
+Exit status: 0 success; 1 a check found problems (``verify``, ``demo`` mismatch); 2 bad input or
+a savegame error (the message says what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+import savegame as sg
+from savegame import errors, policy
+from savegame.checkpointer import list_run
+from savegame.engine import reader
+from savegame.interop import base
+
+__all__ = ["main"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _size(n: int) -> str:
+    v = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if v < 1024 or unit == "TB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{n} B"
+
+
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and not reader.is_checkpoint_dir(path) and any(
+        p.name.startswith("step-") for p in path.iterdir()
+    )
+
+
+# ---- ls ----------------------------------------------------------------------------------------
+def cmd_ls(args: argparse.Namespace) -> int:
+    root = Path(args.run)
+    infos = list_run(root, _keep_from_args(args))
+    if args.verify:
+        problems = {i.step: reader.verify(i.path) for i in infos}
+    table = Table(title=f"{root}  ({len(infos)} checkpoints)")
+    for col in ("step", "time", "size", "metrics", "kept because", "valid"):
+        table.add_column(col, justify="right" if col in ("step", "size") else "left")
+    for i in infos:
+        when = dt.datetime.fromtimestamp(i.created).strftime("%Y-%m-%d %H:%M:%S") if i.created else "-"
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in i.metrics.items()) or "-"
+        ok = i.valid and (not args.verify or not problems[i.step])
+        why = ", ".join(i.kept_for) if i.kept_for else "[dim]would be pruned[/]"
+        valid = "[green]yes[/]" if ok else f"[red]no[/] {(i.error or '; '.join(problems.get(i.step, [])) if args.verify else i.error or '')[:80]}"
+        table.add_row(str(i.step), when, _size(i.size), metrics, why, valid)
+    console.print(table)
+    if not args.verify:
+        console.print("[dim]valid = manifest checked; add --verify to check every tensor hash[/]")
+    return 0
+
+
+# ---- show --------------------------------------------------------------------------------------
+def cmd_show(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if _is_run(path):
+        refs = [r for r in reader.list_checkpoints(path) if r.valid]
+        if not refs:
+            raise errors.CheckpointNotFoundError(f"{path} holds no valid checkpoint", path=path)
+        path = refs[-1].path
+    with sg.open(path, **({"cfg": args.cfg} if args.cfg else {})) as r:
+        meta = r.metadata()
+        title = f"[bold]{path}[/] ({r.format})"
+        if "step" in meta:
+            title += f"  step {meta['step']}"
+        if meta.get("metrics"):
+            title += "  " + ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items())
+        root = Tree(title)
+        infos = {k: r.info(k) for k in r.keys()}
+        _render(root, r.tree(), infos, depth=0, max_items=args.max_items)
+        console.print(root)
+        total = sum(i.nbytes for i in infos.values())
+        console.print(f"{len(infos)} tensors, {_size(total)}")
+    return 0
+
+
+def _leaf_text(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _render(node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int, max_items: int) -> None:
+    if isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = list(enumerate(obj))
+    else:
+        node.add(_describe(obj, infos))
+        return
+    for i, (k, v) in enumerate(items):
+        if i >= max_items:
+            node.add(f"[dim]... {len(items) - max_items} more[/]")
+            break
+        if isinstance(v, (list, tuple)) and len(v) > 8 and all(isinstance(x, (int, float)) for x in v):
+            node.add(f"{k}: {type(v).__name__} of {len(v)} numbers")
+        elif isinstance(v, (dict, list, tuple)) and v and not _is_flat(v):
+            child = node.add(f"[bold]{k}[/]")
+            _render(child, v, infos, depth + 1, max_items)
+        else:
+            node.add(f"{k}: {_describe(v, infos)}")
+
+
+def _is_flat(v: Any) -> bool:
+    seq = v.values() if isinstance(v, dict) else v
+    return len(v) <= 8 and all(isinstance(x, (int, float, str, bool, type(None))) for x in seq)
+
+
+def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> str:
+    if isinstance(v, base.TensorRef):
+        i = infos.get(v.name)
+        if i is None:
+            return f"[cyan]tensor {v.name}[/]"
+        return f"[cyan]{i.dtype}{list(i.shape)}[/] {_size(i.nbytes)}"
+    if isinstance(v, base.Opaque):
+        return f"[magenta]<opaque {v.module}.{v.qualname}>[/]"
+    return _leaf_text(v)
+
+
+# ---- verify ------------------------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    targets: list[Path]
+    if _is_run(path):
+        targets = [r.path for r in reader.list_checkpoints(path)]
+    else:
+        targets = [path]
+    bad = 0
+    for t in targets:
+        if reader.is_checkpoint_dir(t) or t.name.startswith("step-"):
+            problems = reader.verify(t)
+        else:
+            with sg.open(t, **({"cfg": args.cfg} if args.cfg else {})) as r:
+                problems = r.verify()
+        if problems:
+            bad += 1
+            console.print(f"[red]FAIL[/] {t}")
+            for p in problems:
+                console.print(f"     {p}")
+        else:
+            console.print(f"[green]ok[/]   {t}")
+    if bad:
+        console.print(f"[red]{bad} of {len(targets)} checkpoints have problems[/]")
+        return 1
+    console.print(f"[green]all {len(targets)} verified[/]")
+    return 0
+
+
+# ---- prune -------------------------------------------------------------------------------------
+def _keep_from_args(args: argparse.Namespace) -> policy.Keep | None:
+    """The rule given on the command line, or None to use the run's own (from run.json)."""
+    given = {
+        "last": args.keep_last,
+        "best": args.keep_best,
+        "monitor": args.monitor,
+        "mode": args.mode,
+        "every": args.keep_every,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    return policy.Keep(**given)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from savegame.storage import local
+
+    root = Path(args.run)
+    keep = _keep_from_args(args)
+    if not root.is_dir():
+        raise errors.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+    lock = local.RunLock(root)
+    if not args.dry_run:
+        lock.acquire()  # never prune under a live training run
+    try:
+        infos = list_run(root, keep)
+        newest = max((i.step for i in infos if i.valid and i.ours), default=None)
+        doomed = [i for i in infos if i.valid and i.ours and not i.kept_for and i.step != newest]
+        for i in infos:
+            action = "delete" if i in doomed else "keep"
+            reason = ", ".join(i.kept_for) if i.kept_for else ("invalid: left alone" if not i.valid else "")
+            console.print(f"{'[red]' if action == 'delete' else '[green]'}{action:<6}[/] {i.path.name}  {reason}")
+        if args.dry_run:
+            console.print(f"[dim]dry run: {len(doomed)} would be deleted[/]")
+            return 0
+        import uuid
+
+        for i in doomed:
+            local.remove_tree(i.path, f".tmp-deleted-{i.path.name}-{uuid.uuid4().hex[:8]}")
+        console.print(f"deleted {len(doomed)} checkpoints")
+        return 0
+    finally:
+        lock.release()
+
+
+# ---- demo --------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from savegame import demo
+
+    return demo.main(args.dir)
+
+
+# ---- wiring ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="savegame", description="Exact, crash-safe checkpoints: inspect, verify, prune, demo.")
+    p.add_argument("--version", action="version", version=f"savegame {sg.__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what savegame does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("ls", help="list the checkpoints of a run folder")
+    ls.add_argument("run")
+    ls.add_argument("--verify", action="store_true", help="check every tensor hash (reads everything)")
+    _retention_args(ls)
+    ls.set_defaults(func=cmd_ls)
+
+    show = sub.add_parser("show", help="show the state tree of a checkpoint (any format)")
+    show.add_argument("path")
+    show.add_argument("--cfg", help="darknet .cfg for a .weights file")
+    show.add_argument("--max-items", type=int, default=40, help="entries shown per container")
+    show.set_defaults(func=cmd_show)
+
+    verify = sub.add_parser("verify", help="check every hash of a run, a checkpoint or a foreign file")
+    verify.add_argument("path")
+    verify.add_argument("--cfg", help="darknet .cfg for a .weights file")
+    verify.set_defaults(func=cmd_verify)
+
+    prune = sub.add_parser("prune", help="apply a retention rule to a run folder")
+    prune.add_argument("run")
+    prune.add_argument("--dry-run", action="store_true")
+    _retention_args(prune)
+    prune.set_defaults(func=cmd_prune)
+
+    demo = sub.add_parser("demo", help="train, SIGKILL, resume, and prove the result is identical")
+    demo.add_argument("--dir", help="where to put the demo's run folders (default: a temp folder)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _retention_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retention (default: the rule the run was trained with, from run.json)")
+    g.add_argument("--keep-last", type=int, help="keep the newest K")
+    g.add_argument("--keep-best", type=int, help="keep the best K by --monitor")
+    g.add_argument("--monitor", help="metric name for --keep-best")
+    g.add_argument("--mode", choices=("min", "max"), help="is a smaller (min) or larger (max) metric better")
+    g.add_argument("--keep-every", type=int, help="keep every Nth saved checkpoint forever")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args))
+    except errors.CheckpointError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        return 2
+    except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
+        err_console.print(f"[red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
