@@ -16,8 +16,11 @@ Restore methods (each ends with the live model and optimizer holding the checkpo
   * savegame   ``Checkpointer.restore(state)`` (every hash verified)
   * torch      ``torch.load(mmap=True, weights_only=True)`` + ``load_state_dict`` (+ touching every
     page of tensors that stay memory-mapped, so no method defers its reads)
-  * safetensors ``load_file`` + ``load_state_dict``
-Each restore runs warm (file in page cache) and cold (after ``drop_caches``, where permitted).
+  * safetensors ``load_file`` + ``load_state_dict`` (+ the same page touching)
+Each restore runs into a live model + optimizer, warm (file in page cache) and cold (after
+``drop_caches``, where permitted); and as in a fresh process (optimizer without state, cold
+cache) followed by the first optimizer step, which is where memory-mapped state pays for the
+reads and copy-on-write faults it deferred.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ def load_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, flat: dict[str
 
 
 def touch_pages(opt: torch.optim.Optimizer) -> None:
-    # torch.load(mmap=True) leaves optimizer tensors memory-mapped: read one byte per page so
-    # the comparison does not credit it for reads it has only postponed.
+    # torch.load(mmap=True) and safetensors.load_file leave optimizer tensors memory-mapped:
+    # read one byte per page so the comparison does not credit them for reads they only
+    # postponed. (savegame copies into the live tensors and keeps no mapping open.)
     for s in opt.state.values():
         for v in s.values():
             if isinstance(v, torch.Tensor) and v.numel():
@@ -163,6 +167,24 @@ def main() -> None:
 
     def st_restore() -> None:
         load_flat(model, opt, safetensors.torch.load_file(str(work / "state.safetensors")))
+        touch_pages(opt)  # load_file memory-maps too
+
+    def reset_live() -> None:
+        # Give every method the same starting point: optimizer moments in ordinary process
+        # memory (a previous method may have left them memory-mapped).
+        for s in opt.state.values():
+            for k, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    s[k] = v.clone()
+
+    def reset_fresh() -> None:
+        # A fresh process: the optimizer has no state yet; gradients ready for the first step.
+        opt.state.clear()
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
+    def first_step() -> None:
+        opt.step()  # writes every moment: memory-mapped state pays its deferred cost here
 
     savers = {"savegame": sg_save, "torch.save+fsync": torch_save, "safetensors+fsync": st_save}
     loaders = {"savegame": sg_restore, "torch.load(mmap)": torch_restore, "safetensors.load_file": st_restore}
@@ -171,15 +193,23 @@ def main() -> None:
         for name, fn in savers.items():
             timed(f"save/{name}", fn)
         for name, fn in loaders.items():
+            reset_live()
             timed(f"restore-warm/{name}", fn)
         if can_drop:
             for name, fn in loaders.items():
+                reset_live()
                 drop_caches()
                 timed(f"restore-cold/{name}", fn)
+        for name, fn in loaders.items():
+            reset_fresh()
+            drop_caches()
+            timed(f"fresh-process-restore+first-step/{name}", lambda fn=fn: (fn(), first_step()))
+        for p in model.parameters():
+            p.grad = None
 
     med = {k: statistics.median(v) for k, v in results.items()}
     rows = []
-    for group in ("save", "restore-warm", "restore-cold"):
+    for group in ("save", "restore-warm", "restore-cold", "fresh-process-restore+first-step"):
         names = [k for k in med if k.startswith(group + "/")]
         if not names:
             continue

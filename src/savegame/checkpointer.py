@@ -141,7 +141,7 @@ class Checkpointer:
                 self._warn_skip(ref.path, ref.error)
                 continue
             try:
-                tensors = reader.load_tensors(ref.path, ref.manifest)
+                tensors = reader.load_tensors(ref.path, ref.manifest, dest=_live_destinations(state))
                 tree = treelib.decode(ref.manifest.trees[0], tensors)
             except (errors.FormatError, errors.StorageError) as exc:
                 self._warn_skip(ref.path, exc)
@@ -363,6 +363,31 @@ def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_
             )
         )
     return out
+
+
+def _live_destinations(state: statelib.TrainState) -> Any:
+    """Map checkpoint tensors onto the live tensors they will end up in (parameters, existing
+    optimizer moments), so restore copies once instead of allocating and copying again.
+    The reader only writes into them after every hash verified."""
+    try:
+        _, live = treelib.encode(statelib.capture(state))
+    except errors.EncodeError:
+        return None
+
+    def dest(key: str, entry: Any) -> Any:
+        t = live.get(key)
+        if (
+            t is not None
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and tuple(t.shape) == tuple(entry.shape)
+            and str(t.dtype).removeprefix("torch.") == entry.dtype
+            and not t.requires_grad
+        ):
+            return t
+        return None
+
+    return dest
 
 
 def read_run_file(root: str | os.PathLike[str]) -> dict[str, Any] | None:
