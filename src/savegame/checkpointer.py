@@ -32,10 +32,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
-from savegame import errors, policy, state as statelib, tree as treelib
-from savegame.engine import reader, writer
+from savegame import errors, policy
+from savegame import state as statelib
+from savegame import tree as treelib
+from savegame.engine import persist, reader, staging, writer
 from savegame.format import layout
 from savegame.storage import local
 
@@ -79,6 +81,11 @@ class Checkpointer:
         handle_signals: Save at the next step boundary on SIGTERM / SIGUSR1 / SIGINT.
         exit_on_signal: After that save, exit the process with :data:`EXIT_PREEMPTED` (75).
             If False, :attr:`preempted` becomes True and your loop decides.
+        async_save: Scheduled saves (``step``) snapshot the state into a reusable pool of host
+            buffers (pinned, on a side CUDA stream, for GPU tensors) and persist in a background
+            thread; training continues once the snapshot is taken. ``save()`` always blocks.
+        when_busy: With ``async_save``, what a save does while the previous one is still
+            persisting: ``"wait"`` for it, or ``"skip"`` this save (logged).
 
     Raises:
         LockedError: another live process writes this run folder.
@@ -92,7 +99,15 @@ class Checkpointer:
         keep: policy.Keep | None = None,
         handle_signals: bool = True,
         exit_on_signal: bool = True,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
     ) -> None:
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self._persister = persist.Persister()
+        self._pool = staging.HostPool()
         self.root = Path(root)
         self.save_policy = save if save is not None else policy.Every(seconds=1800)
         self.keep = keep if keep is not None else policy.Keep(last=3)
@@ -131,6 +146,7 @@ class Checkpointer:
             CheckpointNotFoundError: ``step`` was given and does not exist.
             RestoreError: a checkpoint is valid but does not fit ``state`` (different objects).
         """
+        self._persister.wait()
         refs = reader.list_checkpoints(self.root)
         if step is not None:
             refs = [r for r in refs if r.step == step]
@@ -185,7 +201,7 @@ class Checkpointer:
             self._epochs_completed += 1
         if self._signal is not None:
             signum = self._signal
-            self._save(state, step, metrics, reason=f"signal {signal.Signals(signum).name}")
+            self._save(state, step, metrics, reason=f"signal {signal.Signals(signum).name}", blocking=True)
             if self.exit_on_signal:
                 log.warning("saved step %d after %s; exiting with status %d", step, signal.Signals(signum).name, EXIT_PREEMPTED)
                 self.close()
@@ -208,19 +224,49 @@ class Checkpointer:
                 log.info("step %d: %s did not improve from %s", step, monitor, _fmt(self._best, self.keep.mode))
         if not (due or better):
             return False
-        self._save(state, step, metrics, reason="best" if better and not due else "schedule")
-        return True
+        done = self._save(
+            state, step, metrics, reason="best" if better and not due else "schedule", blocking=not self.async_save
+        )
+        return done is not None
 
     def save(self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None) -> Path:
-        """Save now, whatever the schedule says (e.g. at the end of training). Returns the folder."""
-        return self._save(state, step, metrics, reason="explicit")
+        """Save now, whatever the schedule says (e.g. at the end of training); blocks until the
+        checkpoint is committed. Returns its folder."""
+        path = self._save(state, step, metrics, reason="explicit", blocking=True)
+        assert isinstance(path, Path)
+        return path
+
+    def save_async(
+        self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
+    ) -> persist.SaveHandle[Path] | None:
+        """Snapshot the state into host buffers and persist it in the background.
+
+        Returns once the snapshot is consistent: mutating the model afterwards cannot change the
+        checkpoint. If a save is still persisting, waits for it (``when_busy="wait"``) or skips
+        this one and returns None (``when_busy="skip"``). A background failure is raised by the
+        next ``save``/``save_async``/``step``/``wait``/``close`` call.
+        """
+        handle = self._save(state, step, metrics, reason="explicit", blocking=False)
+        assert handle is None or isinstance(handle, persist.SaveHandle)
+        return handle
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        self._persister.wait()
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint folder of the run with its validity and why retention keeps it."""
         return list_run(self.root, self.keep, self.run_id)
 
     def close(self) -> None:
-        """Restore the previous signal handlers and release the run folder's lock."""
+        """Wait for the save in flight, restore the previous signal handlers and release the
+        run folder's lock. Raises the in-flight save's error, if any (after cleaning up)."""
+        try:
+            self._persister.wait()
+        finally:
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
         for signum, handler in self._old_handlers.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, handler)
@@ -234,35 +280,55 @@ class Checkpointer:
         self.close()
 
     # ---- internals ----------------------------------------------------------------------------
-    def _save(self, state: statelib.TrainState, step: int, metrics: Mapping[str, float] | None, *, reason: str) -> Path:
+    def _save(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        metrics: Mapping[str, float] | None,
+        *,
+        reason: str,
+        blocking: bool,
+    ) -> Path | persist.SaveHandle[Path] | None:
         if not self._lock.held:
             raise errors.CheckpointError(f"checkpointer for {self.root} is closed; create a new one", path=self.root)
         final = self.root / layout.step_dir(step)
-        if self._last_saved_step == step and final.exists():
-            return final  # already saved this step in this process (e.g. schedule + explicit)
+        if self._last_saved_step == step:
+            if blocking:
+                self._persister.wait()
+            if final.exists():  # already saved this step in this process (e.g. schedule + explicit)
+                return final
+        if self._persister.busy and not blocking and self.when_busy == "skip":
+            log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
+            return None
+        self._persister.wait()  # one save in flight; raises a previous background failure
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
-        tree = statelib.capture(state)
-        t0 = time.perf_counter()
-        path = writer.write_checkpoint(self.root, step, tree, run_id=self.run_id, metrics=clean_metrics, info=info)
+        skeleton, live = treelib.encode(statelib.capture(state))
+        improved_from: float | None | str = "n/a"
+        monitor = self.keep.monitor
+        if monitor and monitor in clean_metrics and policy.improved(clean_metrics[monitor], self._best, self.keep.mode):
+            improved_from, self._best = self._best, clean_metrics[monitor]
         self._index += 1
         self._last_save_time = time.monotonic()
         self._last_saved_step = step
-        monitor = self.keep.monitor
-        if monitor and monitor in clean_metrics:
-            value = clean_metrics[monitor]
-            if policy.improved(value, self._best, self.keep.mode):
+        t0 = time.perf_counter()
+
+        def persist_job(staged: Mapping[str, Any]) -> Path:
+            path = writer.write_staged(self.root, step, skeleton, staged, run_id=self.run_id, metrics=clean_metrics, info=info)
+            if improved_from != "n/a":
                 log.info(
                     "step %d: %s improved from %s to %.4f, saved %s",
-                    step, monitor, _fmt(self._best, self.keep.mode), value, path.name,
-                )
-                self._best = value
+                    step, monitor, _fmt(improved_from, self.keep.mode), clean_metrics[monitor], path.name,  # type: ignore[arg-type,index]
+                )  # fmt: skip
             else:
-                log.info("step %d: saved %s (%s)", step, path.name, reason)
-        else:
-            log.info("step %d: saved %s (%s, %.2fs)", step, path.name, reason, time.perf_counter() - t0)
-        self._apply_retention(just_saved=step)
-        return path
+                log.info("step %d: saved %s (%s, %.2fs)", step, path.name, reason, time.perf_counter() - t0)
+            self._apply_retention(just_saved=step)
+            return path
+
+        if blocking:
+            return persist_job({k: writer.stage_cpu(t) for k, t in live.items()})
+        staged = self._pool.stage(live)
+        return self._persister.submit(lambda: persist_job(staged), step)
 
     def _apply_retention(self, *, just_saved: int) -> None:
         for info in list_run(self.root, self.keep, self.run_id):

@@ -178,9 +178,24 @@ def write_checkpoint(
     """World-size-1 save of a state tree: encode, stage to CPU, write, commit."""
     from savegame import tree as treelib
 
-    root = Path(root)
     skeleton, tensors_by_key = treelib.encode(tree)
     staged = {k: stage_cpu(t) for k, t in tensors_by_key.items()}
+    return write_staged(root, step, skeleton, staged, run_id=run_id, metrics=metrics, info=info, final=final)
+
+
+def write_staged(
+    root: str | os.PathLike[str],
+    step: int,
+    skeleton: Any,
+    staged: Mapping[str, torch.Tensor],
+    *,
+    run_id: str,
+    metrics: Mapping[str, float] | None = None,
+    info: Mapping[str, Any] | None = None,
+    final: Path | None = None,
+) -> Path:
+    """World-size-1 write + commit of an encoded, staged state (may run on a background thread)."""
+    root = Path(root)
     tmp = new_tmp_dir(root, step)
     try:
         result = write_rank_files(tmp, 0, staged)
