@@ -54,14 +54,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     table = Table(title=f"{root}  ({len(infos)} checkpoints)")
     for col in ("step", "time", "size", "metrics", "kept because", "valid"):
         table.add_column(col, justify="right" if col in ("step", "size") else "left")
+    notes: list[str] = []
     for i in infos:
         when = dt.datetime.fromtimestamp(i.created).strftime("%Y-%m-%d %H:%M:%S") if i.created else "-"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in i.metrics.items()) or "-"
-        ok = i.valid and (not args.verify or not problems[i.step])
+        found = ([i.error] if i.error else []) + (problems[i.step] if args.verify and i.valid else [])
+        notes.extend(f"step {i.step}: {p}" for p in found)
         why = ", ".join(i.kept_for) if i.kept_for else "[dim]would be pruned[/]"
-        valid = "[green]yes[/]" if ok else f"[red]no[/] {(i.error or '; '.join(problems.get(i.step, [])) if args.verify else i.error or '')[:80]}"
-        table.add_row(str(i.step), when, _size(i.size), metrics, why, valid)
+        table.add_row(str(i.step), when, _size(i.size), metrics, why, "[red]NO[/]" if found else "[green]yes[/]")
     console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=True, markup=False)
     if not args.verify:
         console.print("[dim]valid = manifest checked; add --verify to check every tensor hash[/]")
     return 0
@@ -150,9 +153,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 problems = r.verify()
         if problems:
             bad += 1
-            console.print(f"[red]FAIL[/] {t}")
+            console.print(f"[red]FAIL[/] {t}", soft_wrap=True)
             for p in problems:
-                console.print(f"     {p}")
+                console.print(f"     {p}", soft_wrap=True, markup=False)
         else:
             console.print(f"[green]ok[/]   {t}")
     if bad:
@@ -269,10 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except errors.CheckpointError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         return 2
     except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
-        err_console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -78,8 +78,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                info = json.loads(os.pread(fd, 4096, 0))
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+                holder = f"pid {info['pid']} on {info['host']} since {since}"
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise errors.LockedError(
