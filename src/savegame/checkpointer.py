@@ -250,6 +250,99 @@ class Checkpointer:
         assert handle is None or isinstance(handle, persist.SaveHandle)
         return handle
 
+    def adopt(
+        self,
+        source: str | os.PathLike[str],
+        state: statelib.TrainState,
+        *,
+        step: int,
+        mapping: Mapping[str, str],
+        metrics: Mapping[str, str] | None = None,
+        cfg: str | None = None,
+    ) -> Path:
+        """Import a checkpoint written by another tool into this run, then save it here.
+
+        Reads ``source`` safely (any format :func:`savegame.open` reads; torch files through
+        the restricted unpickler, GPU-saved files onto the CPU), loads the mapped parts into the
+        live objects, and commits them as step ``step`` of this run, so training continues
+        there and later restarts resume normally.
+
+        Args:
+            source: The foreign checkpoint file.
+            state: The live objects to load into (and save).
+            step: The step the imported state stands for (e.g. ``epoch * steps_per_epoch``).
+            mapping: Destination -> source path ("/"-separated). A destination naming a
+                Stateful object gets ``load_state_dict`` of that subtree; ``"dict/key"`` sets
+                one entry of a dict in the state.
+            metrics: Metric name -> source path, recorded so best-K knows the imported value.
+            cfg: Darknet ``.cfg`` for a ``.weights`` source.
+
+        Example (the classic PyTorch tutorial checkpoint)::
+
+            ckpt.adopt("checkpoint.pth.tar", state, step=epoch * steps_per_epoch,
+                       mapping={"model": "state_dict", "optimizer": "optimizer",
+                                "extras/epoch": "epoch", "extras/best_acc": "best_accuracy"},
+                       metrics={"val_acc": "best_accuracy"})
+
+        Raises:
+            CheckpointNotFoundError: a source path in ``mapping`` does not exist in the file.
+            RestoreError: an object refuses the imported state.
+        """
+        from savegame import api
+        from savegame.interop import base
+
+        with api.open(source, **({"cfg": cfg} if cfg else {})) as r:
+            tree = r.tree()
+
+            def get(path: str) -> Any:
+                node: Any = tree
+                for part in path.split("/") if path else []:
+                    if isinstance(node, Mapping):
+                        # optimizer state dicts key by int: "state/0" means node[0]
+                        key: Any = int(part) if part not in node and part.isdigit() else part
+                    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                        key = int(part)
+                    else:
+                        raise errors.CheckpointNotFoundError(f"{source}: no {path!r} in the file", path=source, key=path)
+                    try:
+                        node = node[key]
+                    except (KeyError, IndexError):
+                        raise errors.CheckpointNotFoundError(f"{source}: no {path!r} in the file", path=source, key=path) from None
+                return _resolve(node, r)
+
+            def _resolve(node: Any, rd: Any) -> Any:
+                if isinstance(node, base.TensorRef):
+                    return rd.read(node.name)
+                if isinstance(node, Mapping):
+                    return {k: _resolve(v, rd) for k, v in node.items()}
+                if isinstance(node, list):
+                    return [_resolve(v, rd) for v in node]
+                if isinstance(node, tuple):
+                    return tuple(_resolve(v, rd) for v in node)
+                return node
+
+            for dest, src in mapping.items():
+                name, _, entry = dest.partition("/")
+                if name not in state:
+                    raise errors.RestoreError(f"adopt: the TrainState has no {name!r} (mapping {dest!r})", path=source)
+                obj = state[name]
+                value = get(src)
+                try:
+                    if entry:
+                        obj[entry] = value
+                    else:
+                        obj.load_state_dict(value)
+                except (TypeError, KeyError, ValueError, RuntimeError) as exc:
+                    raise errors.RestoreError(
+                        f"adopt {source}: loading {src!r} into {dest!r} failed: {type(exc).__name__}: {exc}",
+                        path=source,
+                        key=dest,
+                    ) from exc
+            values = {k: float(get(v)) for k, v in (metrics or {}).items()}
+        path = self._save(state, step, values, reason=f"adopted from {os.fspath(source)}", blocking=True)
+        assert isinstance(path, Path)
+        return path
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         self._persister.wait()
