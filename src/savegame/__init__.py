@@ -3,7 +3,7 @@ readers for every checkpoint format. See README.md for the tour."""
 
 from savegame import data
 from savegame.api import load, open, save
-from savegame.checkpointer import EXIT_PREEMPTED, CheckpointInfo, Checkpointer
+from savegame.checkpointer import EXIT_PREEMPTED, Checkpointer, CheckpointInfo
 from savegame.errors import (
     CheckpointError,
     CheckpointNotFoundError,

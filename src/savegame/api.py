@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from savegame import errors, tree as treelib
+from savegame import errors
+from savegame import tree as treelib
 from savegame.engine import reader, writer
 from savegame.format import manifest
 from savegame.interop import base

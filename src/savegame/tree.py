@@ -77,6 +77,15 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], depth: 
             "is there a reference cycle?",
             key=join_key(path),
         )
+    # numpy scalars before float: np.float64 is a subclass of float and would lose its type.
+    if isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
+        if obj.dtype.kind not in "biuf":
+            raise errors.EncodeError(
+                f"numpy scalar at {join_key(path)!r} has dtype {obj.dtype}; cannot store it",
+                key=join_key(path),
+            )
+        item = obj.item()
+        return {"$np": [obj.dtype.str, _encode(item, path, tensors, depth + 1)]}
     # bool before int: bool is a subclass of int.
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -107,14 +116,6 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], depth: 
         key = join_key(path) if path else "$root"
         tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
         return {"$ndarray": key}
-    if isinstance(obj, np.generic):
-        if obj.dtype.kind not in "biuf":
-            raise errors.EncodeError(
-                f"numpy scalar at {join_key(path)!r} has dtype {obj.dtype}; cannot store it",
-                key=join_key(path),
-            )
-        item = obj.item()
-        return {"$np": [obj.dtype.str, _encode(item, path, tensors, depth + 1)]}
     if isinstance(obj, bytes):
         return {"$bytes": base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.dtype):

@@ -175,6 +175,12 @@ class Manifest:
                 header_length=_nonneg_int(f["header_length"], "header_length", path),
                 rank=_nonneg_int(f["rank"], "rank", path),
             )
+            if files[name].header_length > files[name].size:  # read before any chunk bounds it
+                raise errors.FormatError(
+                    f"{path}: file {name!r} claims a {files[name].header_length}-byte header but is "
+                    f"{files[name].size} bytes",
+                    path=path,
+                )
         entries: dict[str, TensorEntry] = {}
         for key, t in body["tensors"].items():
             dtype = str(t["dtype"])

@@ -59,8 +59,8 @@ class TrainState:
     """
 
     def __init__(self, *, rng: bool = True, **objects: Stateful | MutableMapping[str, Any]) -> None:
-        if RNG_KEY in objects:
-            raise TypeError(f"{RNG_KEY!r} is reserved for the random generators; pick another name")
+        if RNG_KEY in objects or not isinstance(rng, bool):
+            raise TypeError(f"{RNG_KEY!r} is reserved for the random generators (rng=True/False); pick another name")
         for name, obj in objects.items():
             if isinstance(obj, MutableMapping):
                 continue
@@ -129,5 +129,21 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
             raise errors.RestoreError(
                 f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}", path=where, key=name
             ) from exc
+    for name in state:
+        _settle_loader(state[name])
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])
+
+
+def _settle_loader(obj: Any) -> None:
+    """Build a restored ``StatefulDataLoader``'s iterator now, before the RNGs are restored.
+
+    Building an iterator draws a base seed from the global torch RNG even when resuming (the
+    saved seed then replaces it). Left to the first ``for batch in loader`` after restore, that
+    extra draw shifts the restored torch stream, so dropout diverged from the uninterrupted run
+    right after resume (tests/test_exact_resume.py). ``state_dict()`` builds the iterator and
+    the loader hands that same iterator to the next ``iter()``.
+    """
+    if type(obj).__module__.startswith("torchdata.stateful_dataloader") and hasattr(obj, "next_iter_state"):
+        if getattr(obj, "next_iter_state", None) is not None:
+            obj.state_dict()

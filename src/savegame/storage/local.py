@@ -59,13 +59,30 @@ def remove_tree(path: str | os.PathLike[str], trash_name: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# fds of held locks. A forked child (a DataLoader worker) shares the parent's open file
+# description and with it the flock, so after a SIGKILL of the trainer its orphaned workers
+# would keep the run folder locked until they notice; children close their copies at fork.
+_HELD_FDS: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # never LOCK_UN here: that would unlock the parent's lock too
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class RunLock:
     """Exclusive writer lock on a run folder.
 
     Uses ``flock`` on ``<run>/.lock``: the kernel drops it when the holder dies (``kill -9``,
-    OOM, power cut), so a crashed writer never leaves it stuck. The file also records who holds
-    it, for the error message. On file systems without working ``flock`` (some NFS setups) the
-    lock is advisory per host; run one writer per run folder there.
+    OOM, power cut), so a crashed writer never leaves it stuck; forked children (loader
+    workers) do not keep it. The file also records who holds it, for the error message. On
+    file systems without working ``flock`` (some NFS setups) the lock is advisory per host;
+    run one writer per run folder there.
     """
 
     def __init__(self, root: str | os.PathLike[str], name: str = ".lock") -> None:
@@ -94,9 +111,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         self._fd = fd
+        _HELD_FDS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -1,0 +1,191 @@
+"""Hostile or mistaken input to the savegame reader: typed errors with .path and what to do."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import savegame as sg
+from savegame.engine import reader
+from savegame.format import layout, manifest
+
+
+def _ckpt(tmp_path: Path) -> Path:
+    return sg.save(tmp_path / "ckpt", {"w": torch.arange(16, dtype=torch.float32), "n": 3})
+
+
+def _rewrite(ckpt: Path, edit: Any) -> None:
+    p = ckpt / layout.MANIFEST
+    body = json.loads(p.read_bytes())
+    body.pop("integrity")
+    edit(body)
+    body["integrity"] = {"algorithm": "xxh3-128", "hash": manifest._self_hash(body)}
+    p.write_text(json.dumps(body))
+
+
+def test_unknown_future_version_says_upgrade(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    _rewrite(ckpt, lambda b: b.__setitem__("version", 99))
+    with pytest.raises(sg.UnsupportedFormatError, match="upgrade savegame") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(ckpt / layout.MANIFEST)
+
+
+def test_manifest_lying_about_file_size_is_integrity_error(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+
+    def lie(b: dict[str, Any]) -> None:
+        b["files"]["rank-00000.safetensors"]["size"] += 64
+        b["tensors"]["w"]["chunks"][0]["offset"] += 64
+
+    _rewrite(ckpt, lie)
+    with pytest.raises(sg.IntegrityError, match="manifest says") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(ckpt / "rank-00000.safetensors")
+    assert reader.verify(ckpt)
+
+
+def test_offset_past_the_file_is_format_error(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    _rewrite(ckpt, lambda b: b["tensors"]["w"]["chunks"][0].__setitem__("offset", 10**12))
+    with pytest.raises(sg.FormatError, match="outside the data") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(ckpt / layout.MANIFEST)
+
+
+def test_tensor_header_that_lies_is_integrity_error(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    f = ckpt / "rank-00000.safetensors"
+    data = bytearray(f.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].replace(b'"shape":[16]', b'"shape":[15]')
+    assert len(header) == n
+    data[8 : 8 + n] = header
+    f.write_bytes(bytes(data))
+    with pytest.raises(sg.IntegrityError, match="does not match its hash") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(f)
+
+
+def test_tensor_header_length_claim_past_the_file_is_reported(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    f = ckpt / "rank-00000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 2**62)
+    f.write_bytes(bytes(data))
+    with pytest.raises(sg.IntegrityError):
+        sg.load(ckpt)
+    assert reader.verify(ckpt)
+
+
+def test_path_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        sg.IncompleteCheckpointError, match="no manifest.json.*restore an earlier step"
+    ) as info:
+        sg.load(tmp_path / "empty")
+    assert info.value.path == str(tmp_path / "empty")
+    with pytest.raises(sg.CheckpointNotFoundError, match="not a checkpoint folder") as info2:
+        sg.load(tmp_path / "missing")
+    assert info2.value.path == str(tmp_path / "missing")
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    f = tmp_path / "model.pt"
+    f.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(sg.CheckpointNotFoundError, match="expected a folder") as info:
+        sg.load(f)
+    assert info.value.path == str(f)
+    with pytest.raises(sg.StorageError, match="pass a folder path") as info3:
+        sg.Checkpointer(f, handle_signals=False)
+    assert info3.value.path == str(f)
+
+
+def test_manifest_that_is_a_folder_or_binary(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    (ckpt / layout.MANIFEST).write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(sg.FormatError, match="not valid JSON.*restore an earlier step") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(ckpt / layout.MANIFEST)
+
+
+def test_300_mb_manifest_size_claim_is_refused_without_reading_it(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    p = ckpt / layout.MANIFEST
+    with open(p, "r+b") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: claims 300 MB on disk
+    with pytest.raises(sg.FormatError, match="over the .* limit") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(p)
+
+
+def test_huge_header_length_claim_is_refused_before_reading(tmp_path: Path) -> None:
+    ckpt = sg.save(tmp_path / "ckpt", {"n": 3})  # a tensor file without tensors: no chunk bounds it
+    _rewrite(
+        ckpt, lambda b: b["files"]["rank-00000.safetensors"].__setitem__("header_length", 2**40)
+    )
+    with pytest.raises(sg.FormatError, match="header") as info:
+        sg.load(ckpt)
+    assert info.value.path == str(ckpt / layout.MANIFEST)
+    assert reader.verify(ckpt)
+
+
+def test_300_mb_tensor_claim_in_manifest_is_refused(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+
+    def lie(b: dict[str, Any]) -> None:
+        b["tensors"]["w"]["shape"] = [75_000_000]
+        b["tensors"]["w"]["chunks"][0]["shape"] = [75_000_000]
+        b["tensors"]["w"]["chunks"][0]["length"] = 300_000_000
+
+    _rewrite(ckpt, lie)
+    with pytest.raises(sg.FormatError, match="outside the data"):
+        sg.load(ckpt)
+
+
+def test_deeply_nested_skeleton_is_format_error_not_recursion_error(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    deep: Any = 1
+    for _ in range(100_000):
+        deep = [deep]
+    raw_deep = "[" * 100_000 + "]" * 100_000
+
+    def nest(b: dict[str, Any]) -> None:
+        b["trees"] = ["__DEEP__"]
+
+    _rewrite(ckpt, nest)
+    p = ckpt / layout.MANIFEST
+    body = json.loads(p.read_bytes())
+    body.pop("integrity")
+    text = json.dumps(body).replace('"__DEEP__"', raw_deep)
+    # sign the deep body the way the writer would (canonical JSON can't be produced by json.dumps
+    # here without recursing, so the self-hash check must fail or the parser must refuse depth)
+    p.write_text(text[:-1] + ', "integrity": {"algorithm": "xxh3-128", "hash": "0"}}')
+    with pytest.raises(sg.FormatError) as info:
+        sg.load(ckpt)
+    assert info.value.path == str(p)
+    del deep
+
+
+def test_deeply_nested_but_signed_skeleton_is_refused_by_depth_cap(tmp_path: Path) -> None:
+    ckpt = _ckpt(tmp_path)
+    deep: Any = 1
+    for _ in range(500):
+        deep = [deep]
+    _rewrite(ckpt, lambda b: b.__setitem__("trees", [deep]))
+    with pytest.raises(sg.FormatError, match="deeper"):
+        sg.load(ckpt)
+
+
+def test_restore_from_a_run_folder_with_only_garbage(tmp_path: Path) -> None:
+    (tmp_path / layout.step_dir(5)).mkdir()
+    (tmp_path / layout.step_dir(5) / layout.MANIFEST).write_text("{}")
+    with sg.Checkpointer(tmp_path, handle_signals=False) as ckpt:
+        with pytest.warns(sg.CorruptCheckpointWarning) as record:
+            assert ckpt.restore(sg.TrainState(model=torch.nn.Linear(2, 2))) == 0
+    assert any("not a savegame manifest" in str(w.message) for w in record)

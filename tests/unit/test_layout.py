@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from savegame.format import layout
+
+
+def test_step_dir_is_zero_padded_and_sorts_in_step_order() -> None:
+    assert layout.step_dir(1200) == "step-000000001200"
+    names = [layout.step_dir(s) for s in (9, 10, 100, 99999)]
+    assert sorted(names) == names
+
+
+def test_parse_step_dir_inverts_step_dir_and_rejects_others() -> None:
+    for s in (0, 1, 10**12 - 1):
+        assert layout.parse_step_dir(layout.step_dir(s)) == s
+    for name in (
+        "step-1",
+        "step-00000000120",
+        "step-0000000012000",
+        ".tmp-step-000000000001-x",
+        "x",
+        "step-00000000012a",
+    ):
+        assert layout.parse_step_dir(name) is None
+
+
+@pytest.mark.parametrize("step", [-1, 10**12])
+def test_step_dir_rejects_out_of_range_steps(step: int) -> None:
+    with pytest.raises(ValueError):
+        layout.step_dir(step)
+
+
+def test_tmp_dir_is_hidden_and_never_parses_as_a_step() -> None:
+    name = layout.tmp_dir(5, "abc")
+    assert name.startswith(layout.TMP_PREFIX)
+    assert layout.parse_step_dir(name) is None
+
+
+def test_tensor_file_names_per_rank_and_part() -> None:
+    assert layout.tensor_file(0) == "rank-00000.safetensors"
+    assert layout.tensor_file(3, 2) == "rank-00003-002.safetensors"
+    assert len({layout.tensor_file(r, p) for r in range(3) for p in range(3)}) == 9
