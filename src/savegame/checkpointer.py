@@ -37,6 +37,7 @@ from typing import Any, Literal
 from savegame import errors, policy
 from savegame import state as statelib
 from savegame import tree as treelib
+from savegame.distributed import collectives, protocol
 from savegame.engine import persist, reader, staging, writer
 from savegame.format import layout
 from savegame.storage import local
@@ -87,8 +88,13 @@ class Checkpointer:
         when_busy: With ``async_save``, what a save does while the previous one is still
             persisting: ``"wait"`` for it, or ``"skip"`` this save (logged).
 
+    Under torch.distributed (an initialized process group, e.g. ``torchrun``) every rank
+    constructs it at the same point (it creates the coordination groups: a collective) and
+    calls every method; rank 0 only holds the lock, writes ``run.json``, commits and applies
+    retention. See docs/distributed.md.
+
     Raises:
-        LockedError: another live process writes this run folder.
+        LockedError: another live process writes this run folder (every rank raises it).
     """
 
     def __init__(
@@ -115,11 +121,25 @@ class Checkpointer:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise errors.StorageError(f"cannot create run folder {self.root}: {exc}", path=self.root) from exc
-        self._lock = local.RunLock(self.root, layout.LOCK)
-        self._lock.acquire()
-        self.run_id = self._run_id()
-        self._collect_garbage()
+            raise errors.StorageError(
+                f"cannot create run folder {self.root}: {exc}; pass a folder path (a run folder holds one "
+                "step-… folder per checkpoint)",
+                path=self.root,
+            ) from exc
+        # Under torchrun (an initialized process group) every rank builds its Checkpointer here;
+        # rank 0 alone holds the lock, owns run.json and collects garbage (docs/distributed.md).
+        # (A process group of size 1 takes this path too: its state may hold DTensors.)
+        rank, _ = collectives.rank_and_world()
+        self.rank = rank
+        self._group = collectives.Group() if collectives.initialized() else None
+        self._save_group = collectives.Group() if collectives.initialized() else None  # persist thread only
+        self._lock: Any = local.RunLock(self.root, layout.LOCK) if rank == 0 else _RankLock()
+        if self._group is None:
+            self._lock.acquire()
+            self.run_id = self._run_id()
+            self._collect_garbage()
+        else:
+            self.run_id = self._setup_ranks(self._group)
         self._epochs_completed = 0
         self._index = self._next_index()
         self._last_save_time = time.monotonic()
@@ -132,19 +152,29 @@ class Checkpointer:
             self._install_signal_handlers()
 
     # ---- public API ---------------------------------------------------------------------------
-    def restore(self, state: statelib.TrainState, *, step: int | None = None) -> int:
+    def restore(
+        self, state: statelib.TrainState, *, step: int | None = None, per_rank: Literal["strict", "fresh"] = "strict"
+    ) -> int:
         """Restore ``state`` from the newest valid checkpoint (or ``step``) and return its step.
 
         Corrupt or incomplete checkpoints are skipped with a :class:`CorruptCheckpointWarning`
         naming them. Nothing is applied to ``state`` until a checkpoint has been read and every
         hash verified, so a corrupt checkpoint never leaves the objects half-restored.
 
+        Under torch.distributed every rank calls it; each reads only its share (its shards,
+        the replicated tensors, its per-rank state) and nothing is applied until every rank
+        verified its share. A checkpoint of another world size is resharded; per-rank state
+        (RNG, loader positions) cannot be, and ``per_rank`` says what happens to it:
+        ``"strict"`` raises :class:`RestoreError`, ``"fresh"`` leaves those objects as
+        constructed (docs/distributed.md, "Resharding").
+
         Returns:
             The number of completed steps to continue from; 0 on a fresh run.
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and does not exist.
-            RestoreError: a checkpoint is valid but does not fit ``state`` (different objects).
+            RestoreError: a checkpoint is valid but does not fit ``state`` (different objects,
+                or per-rank state on a different world size with ``per_rank="strict"``).
         """
         self._persister.wait()
         refs = reader.list_checkpoints(self.root)
@@ -152,7 +182,16 @@ class Checkpointer:
             refs = [r for r in refs if r.step == step]
             if not refs:
                 raise errors.CheckpointNotFoundError(f"no checkpoint for step {step} in {self.root}", path=self.root, step=step)
-        for ref in reversed(refs):
+        sharded = self._group is not None or any(r.manifest is not None and r.manifest.world_size > 1 for r in refs)
+        if sharded:
+            done = protocol.restore(self._group, refs, state, per_rank=per_rank, skip=self._warn_skip)
+            if done is not None and done.manifest is not None:
+                self._epochs_completed = int(done.manifest.info.get("epochs_completed", 0))
+                self._last_save_time = time.monotonic()
+                self._last_saved_step = done.step
+                log.info("restored step %d from %s (rank %d)", done.step, done.path, self.rank)
+                return done.step
+        for ref in reversed([] if sharded else refs):
             if ref.error is not None or ref.manifest is None:
                 self._warn_skip(ref.path, ref.error)
                 continue
@@ -196,9 +235,18 @@ class Checkpointer:
 
         Returns:
             True if a checkpoint was saved.
+
+        Raises:
+            StorageError: a background save (``async_save``) failed since the last call; its
+                checkpoint was not committed, earlier ones are intact.
         """
+        # Every step, not only saving ones: a background failure surfaces at the very next call
+        # (never only logged). Non-blocking: it only looks at a finished save.
+        self._persister.raise_failure()
         if epoch_end:
             self._epochs_completed += 1
+        if self._group is not None:
+            return self._step_distributed(state, step, metrics, epoch_end)
         if self._signal is not None:
             signum = self._signal
             self._save(state, step, metrics, reason=f"signal {signal.Signals(signum).name}", blocking=True)
@@ -405,8 +453,10 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._last_saved_step = step
         t0 = time.perf_counter()
+        if self._save_group is not None:
+            return self._save_distributed(state, step, clean_metrics, info, reason, blocking, improved_from)
 
-        def persist_job(staged: Mapping[str, Any]) -> Path:
+        def persist_job(staged: Mapping[str, Any], retention: bool = True) -> Path:
             path = writer.write_staged(self.root, step, skeleton, staged, run_id=self.run_id, metrics=clean_metrics, info=info)
             if improved_from != "n/a":
                 log.info(
@@ -415,13 +465,112 @@ class Checkpointer:
                 )  # fmt: skip
             else:
                 log.info("step %d: saved %s (%s, %.2fs)", step, path.name, reason, time.perf_counter() - t0)
-            self._apply_retention(just_saved=step)
+            if retention:
+                self._apply_retention(just_saved=step)
             return path
 
         if blocking:
             return persist_job({k: writer.stage_cpu(t) for k, t in live.items()})
         staged = self._pool.stage(live)
-        return self._persister.submit(lambda: persist_job(staged), step)
+        # The handle resolves at commit; retention runs right after on the same worker (still
+        # "in flight" for wait()/close()/the next save), so deleting old checkpoints does not
+        # delay "committed" (it was ~25% of a 0.2 GB async save on the CI VM).
+        return self._persister.submit(
+            lambda: persist_job(staged, retention=False), step, after=lambda: self._apply_retention(just_saved=step)
+        )
+
+    # ---- distributed (docs/distributed.md) ----------------------------------------------------
+    def _setup_ranks(self, group: collectives.Group) -> str:
+        """Every rank: rank 0 takes the lock, reads/creates run.json and collects garbage, then
+        tells the others the run id (or the error, which every rank raises)."""
+        outcome: tuple[str, Any] = ("ok", "")
+        if self.rank == 0:
+            try:
+                self._lock.acquire()
+                outcome = ("ok", self._run_id())
+                self._collect_garbage()
+            except errors.CheckpointError as exc:
+                self._lock.release()
+                outcome = ("fail", exc)
+        status, value = group.broadcast(outcome, what=f"opening run folder {self.root}")
+        if status != "ok":
+            raise value
+        return str(value)
+
+    def _step_distributed(
+        self, state: statelib.TrainState, step: int, metrics: Mapping[str, float] | None, epoch_end: bool
+    ) -> bool:
+        """Every rank: rank 0 decides (schedule, best metric, preemption signal) and broadcasts,
+        so ranks never disagree on whether to save (a time-based schedule or a signal seen by
+        one rank only would otherwise deadlock)."""
+        assert self._group is not None
+        due = better = False
+        if self.rank == 0:
+            due = self.save_policy.due(
+                step=step,
+                epoch_end=epoch_end,
+                epochs_completed=self._epochs_completed,
+                seconds_since_save=time.monotonic() - self._last_save_time,
+            )
+            monitor = self.keep.monitor
+            if monitor and metrics is not None and monitor in metrics:
+                better = policy.improved(float(metrics[monitor]), self._best, self.keep.mode) and self.keep.best > 0
+        signum, due_i, better_i = self._group.broadcast_ints(
+            [self._signal or 0, int(due), int(better)], what=f"step {step} save decision"
+        )
+        if signum:
+            self._save(state, step, metrics, reason=f"signal {signal.Signals(signum).name}", blocking=True)
+            if self.exit_on_signal:
+                if self.rank == 0:
+                    log.warning("saved step %d after %s; exiting with status %d", step, signal.Signals(signum).name, EXIT_PREEMPTED)
+                self.close()
+                raise SystemExit(EXIT_PREEMPTED)
+            self.preempted = True
+            self._signal = None
+            return True
+        if not (due_i or better_i):
+            return False
+        reason = "best" if better_i and not due_i else "schedule"
+        return self._save(state, step, metrics, reason=reason, blocking=not self.async_save) is not None
+
+    def _save_distributed(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        metrics: dict[str, float],
+        info: dict[str, Any],
+        reason: str,
+        blocking: bool,
+        improved_from: float | None | str,
+    ) -> Path | persist.SaveHandle[Path]:
+        """Every rank: stage this rank's share now; write + commit (rank 0) now or on the
+        persist thread. Retention runs on rank 0 only, after the commit."""
+        group = self._save_group
+        assert group is not None
+        stage = (lambda t: {k: writer.stage_cpu(v) for k, v in t.items()}) if blocking else self._pool.stage
+        prepared = protocol.prepare(self.rank, state, info, stage)
+        t0 = time.perf_counter()
+        monitor = self.keep.monitor
+
+        def job() -> Path:
+            path = protocol.persist(group, self.root, step, prepared, run_id=self.run_id, metrics=metrics)
+            if self.rank == 0:
+                if improved_from != "n/a" and monitor:
+                    log.info("step %d: %s improved from %s to %.4f, saved %s", step, monitor,
+                             _fmt(improved_from, self.keep.mode), metrics[monitor], path.name)  # type: ignore[arg-type]  # fmt: skip
+                else:
+                    log.info("step %d: saved %s on all ranks (%s, %.2fs)", step, path.name, reason, time.perf_counter() - t0)
+            return path
+
+        def retention() -> None:
+            if self.rank == 0:
+                self._apply_retention(just_saved=step)
+
+        if blocking:
+            path = job()
+            retention()
+            return path
+        return self._persister.submit(job, step, after=retention)
 
     def _apply_retention(self, *, just_saved: int) -> None:
         for info in list_run(self.root, self.keep, self.run_id):
@@ -486,6 +635,18 @@ class Checkpointer:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self._signal = signum
         log.warning("received %s: will save at the next step boundary", signal.Signals(signum).name)
+
+
+class _RankLock:
+    """Stands in for the run lock on ranks other than 0 (rank 0 holds the real one)."""
+
+    held = True
+
+    def acquire(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
 
 
 def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_id: str | None = None) -> list[CheckpointInfo]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +55,13 @@ def read_manifest(ckpt: str | os.PathLike[str]) -> manifest.Manifest:
     mpath = ckpt / layout.MANIFEST
     try:
         with open(mpath, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > manifest.MAX_MANIFEST_BYTES:  # refuse before reading (and allocating) it
+                raise errors.FormatError(
+                    f"{mpath}: manifest is {size} bytes, over the {manifest.MAX_MANIFEST_BYTES} limit; "
+                    "the checkpoint is damaged — restore an earlier step",
+                    path=mpath,
+                )
             raw = f.read(manifest.MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as exc:
         raise errors.IncompleteCheckpointError(
@@ -105,10 +112,12 @@ def _check_file(ckpt: Path, name: str, entry: manifest.FileEntry, m: manifest.Ma
             step=m.step,
         )
     header = os.pread(fd, entry.header_length, 0)
+    # File order = offset order; an empty tensor shares its offset with the next one and comes
+    # first (it was written first), hence length before hash in the key.
     digests = sorted(
-        (c.offset, c.hash) for t in m.tensors.values() for c in t.chunks if c.file == name
+        (c.offset, c.length, c.hash) for t in m.tensors.values() for c in t.chunks if c.file == name
     )
-    if hashing.file_hash(header, [h for _, h in digests]) != entry.hash:
+    if hashing.file_hash(header, [h for _, _, h in digests]) != entry.hash:
         raise errors.IntegrityError(f"{path}: header or tensor list does not match its hash", path=path, step=m.step)
 
 
@@ -127,6 +136,8 @@ def load_tensors(
     keys: Iterable[str] | None = None,
     *,
     dest: Callable[[str, manifest.TensorEntry], torch.Tensor | None] | None = None,
+    regions: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    before_copy: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``keys``) as CPU tensors, verifying every hash first.
 
@@ -144,6 +155,12 @@ def load_tensors(
         keys: Tensor keys to read; default all.
         dest: Optional ``(key, entry) -> tensor`` giving a contiguous CPU tensor of the right
             dtype and shape to fill (e.g. a live parameter), or None to allocate one.
+        regions: key -> (start, shape): read only that box of the global tensor (a rank's
+            shard when resharding); only the chunks overlapping it are read and verified, and
+            the result has the region's shape (``dest`` may give a tensor of that shape).
+        before_copy: Called once everything read is verified and before anything is copied
+            into ``dest`` tensors; it may raise to stop (a distributed restore uses it to
+            agree with the other ranks that every share verified).
 
     Raises:
         IntegrityError: a file is missing, has the wrong size, or a hash does not match.
@@ -153,7 +170,16 @@ def load_tensors(
     for key in wanted:
         if key not in m.tensors:
             raise errors.CheckpointNotFoundError(f"{ckpt}: no tensor {key!r} in step {m.step}", path=ckpt, key=key)
-    files = sorted({c.file for key in wanted for c in m.tensors[key].chunks})
+    regions = regions or {}
+
+    def needed(key: str) -> list[manifest.Chunk]:
+        chunks = m.tensors[key].chunks
+        if key not in regions:
+            return list(chunks)
+        start, shape = regions[key]
+        return [c for c in chunks if overlap(c.start, c.shape, start, shape) is not None]
+
+    files = sorted({c.file for key in wanted for c in needed(key)})
     maps: dict[str, tuple[mmap.mmap | None, memoryview, torch.Tensor]] = {}
     try:
         # Phase 1: map and verify everything.
@@ -172,7 +198,7 @@ def load_tensors(
                 continue
             mm.madvise(mmap.MADV_SEQUENTIAL)
             maps[name] = (mm, memoryview(mm), torch.frombuffer(mm, dtype=torch.uint8))
-        work = [(key, i, c) for key in wanted for i, c in enumerate(m.tensors[key].chunks)]
+        work = [(key, i, c) for key in wanted for i, c in enumerate(needed(key))]
         work.sort(key=lambda w: (w[2].file, w[2].offset))
 
         def check(w: tuple[str, int, manifest.Chunk]) -> str | None:
@@ -193,10 +219,16 @@ def load_tensors(
                         step=m.step,
                         key=key,
                     )
+        if before_copy is not None:
+            before_copy()
         # Phase 2: everything verified; copy into destinations (torch copies use all cores).
         out: dict[str, torch.Tensor] = {}
         for key in wanted:
             entry = m.tensors[key]
+            if key in regions:
+                into = dest(key, entry) if dest is not None else None
+                out[key] = _read_region(entry, regions[key], needed(key), maps, into)
+                continue
             target = dest(key, entry) if dest is not None else None
             if target is None:
                 target = torch.empty(entry.shape, dtype=tensors.dtype_from_name(entry.dtype))
@@ -214,6 +246,50 @@ def load_tensors(
                     mm.close()
                 except BufferError:  # a tensor view is still referenced; GC closes it
                     pass
+
+
+def overlap(
+    start_a: Sequence[int], shape_a: Sequence[int], start_b: Sequence[int], shape_b: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Intersection (global start, shape) of two boxes, or None if they do not overlap."""
+    lo = tuple(max(a, b) for a, b in zip(start_a, start_b, strict=True))
+    hi = tuple(min(a + n, b + k) for a, n, b, k in zip(start_a, shape_a, start_b, shape_b, strict=True))
+    if any(h <= a for a, h in zip(lo, hi, strict=True)):
+        return None
+    return lo, tuple(h - a for a, h in zip(lo, hi, strict=True))
+
+
+def _read_region(
+    entry: manifest.TensorEntry,
+    region: tuple[tuple[int, ...], tuple[int, ...]],
+    chunks: Sequence[manifest.Chunk],
+    maps: Mapping[str, tuple[mmap.mmap | None, memoryview, torch.Tensor]],
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The box ``region`` of a (possibly chunked) tensor, from verified mapped bytes."""
+    start, shape = region
+    dtype = tensors.dtype_from_name(entry.dtype)
+    if into is not None and (tuple(into.shape) != tuple(shape) or into.dtype != dtype or into.device.type != "cpu"):
+        into = None
+    target = torch.empty(shape, dtype=dtype) if into is None else into
+    for c in chunks:
+        box = overlap(c.start, c.shape, start, shape)
+        if box is None:
+            continue
+        lo, size = box
+        raw = maps[c.file][2][c.offset : c.offset + c.length]
+        try:  # a typed view of the mapped bytes: one copy, of the overlap only
+            piece = raw.view(dtype).reshape(c.shape)
+        except RuntimeError:  # misaligned offset or a dtype without a byte view: copy it whole
+            piece = torch.empty(c.shape, dtype=dtype)
+            if piece.numel():
+                _as_bytes(piece).copy_(raw)
+        src, dst = piece, target
+        for dim, (first, n) in enumerate(zip(lo, size, strict=True)):
+            src = src.narrow(dim, first - c.start[dim], n)
+            dst = dst.narrow(dim, first - start[dim], n)
+        dst.copy_(src)
+    return target
 
 
 def _hash_threads() -> int:

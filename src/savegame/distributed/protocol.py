@@ -1,0 +1,415 @@
+"""The distributed save and restore protocol: every rank writes its own file, the coordinator
+(rank 0) commits only after every rank reported success.
+
+Save, every rank, in lock step (DESIGN.md §3, §4)::
+
+    rank 0 creates <run>/.tmp-step-…-<id>/      -> broadcast of its name   (coordination group)
+    every rank writes rank-NNNNN.safetensors     (its plan: planning.plan_save), fsyncs it
+    gather of (result | failure) from every rank                          (coordination group)
+    rank 0: all succeeded -> write manifest.json last, rename into place; else delete the temp
+    broadcast of the decision -> every rank returns the path or raises DistributedSaveError
+
+Invariant: ``manifest.json`` is written only after the gather showed a success from every rank,
+so a failed or dead rank can never produce a listed checkpoint; earlier checkpoints are never
+touched by a failed save. Every wait is bounded by :func:`collectives.timeout_s`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import shutil
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from savegame import errors
+from savegame import state as statelib
+from savegame import tree as treelib
+from savegame.distributed import collectives, planning
+from savegame.engine import reader, writer
+from savegame.format import manifest
+
+__all__ = [
+    "Prepared",
+    "extras_names",
+    "load_state",
+    "persist",
+    "prepare",
+    "replicated_names",
+    "restore",
+]
+
+INFO_KEY = "distributed"
+
+
+def replicated_names(state: statelib.TrainState) -> list[str]:
+    """Names of the objects DDP keeps identical on every rank (written once, by rank 0):
+    modules, optimizers, LR schedulers and grad scalers. Their DTensors are sharded instead."""
+    kinds: tuple[type, ...] = (
+        torch.nn.Module,
+        torch.optim.Optimizer,
+        torch.optim.lr_scheduler.LRScheduler,
+    )
+    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if isinstance(scaler, type):
+        kinds += (scaler,)
+    return [name for name in state if isinstance(state[name], kinds)]
+
+
+def extras_names(state: statelib.TrainState) -> list[str]:
+    """Names of the plain-dict extras (per rank; restorable anywhere when equal on all ranks)."""
+    return [name for name in state if isinstance(state[name], MutableMapping)]
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One rank's encoded, planned and staged share of a save (from :func:`prepare`)."""
+
+    skeleton: Any
+    staged: Mapping[str, torch.Tensor]
+    chunk_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    info: dict[str, Any]
+    error: str | None = None
+
+
+def prepare(
+    rank: int,
+    state: statelib.TrainState,
+    info: Mapping[str, Any],
+    stage: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+) -> Prepared:
+    """Capture, plan and stage this rank's share (every rank, on the training thread).
+
+    Never raises: a failure is carried to :func:`persist`, so this rank still takes part in
+    the collectives and the coordinator learns what went wrong (no rank is left waiting).
+    """
+    full_info = dict(info)
+    full_info[INFO_KEY] = {"replicated": replicated_names(state), "extras": extras_names(state)}
+    try:
+        skeleton, live = treelib.encode(statelib.capture(state))
+        shards = {
+            k: collectives.shard_info(t) for k, t in live.items() if collectives.is_dtensor(t)
+        }
+        plan = planning.plan_save(
+            rank, skeleton, list(live), replicated=full_info[INFO_KEY]["replicated"], shards=shards
+        )
+        local = {
+            key: collectives.local_tensor(live[src]) if src in shards else live[src]
+            for key, src in plan.sources.items()
+        }
+        return Prepared(plan.skeleton, stage(local), plan.chunk_meta, full_info)
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator by persist()
+        return Prepared(None, {}, {}, full_info, f"{type(exc).__name__}: {exc}")
+
+
+def persist(
+    group: collectives.Group,
+    root: Path,
+    step: int,
+    prepared: Prepared,
+    *,
+    run_id: str,
+    metrics: Mapping[str, float],
+) -> Path:
+    """Write this rank's file and take part in the commit. Every rank; may run on a
+    background thread (``group`` must then be used by that thread only).
+
+    Returns:
+        The committed checkpoint folder (on every rank).
+
+    Raises:
+        DistributedSaveError: some rank failed or died (``.failures`` names them); nothing
+            was committed and the temp folder was removed (by rank 0, if it survived).
+    """
+    rank = group.rank
+    where = f"distributed save of step {step} in {root}"
+    opened: tuple[str, str] = ("ok", "")
+    if rank == 0:
+        try:
+            opened = ("ok", writer.new_tmp_dir(root, step).name)
+        except OSError as exc:
+            opened = ("fail", f"could not create the temp folder in {root}: {exc}")
+    status, name = group.broadcast(opened, what=where)
+    if status != "ok":
+        raise errors.DistributedSaveError(
+            f"{where} failed on rank 0: {name}", failures={0: name}, path=root, step=step
+        )
+    tmp = root / name
+    report: tuple[str, Any, Any]
+    if prepared.error is not None:
+        report = ("fail", prepared.error, None)
+    else:
+        try:
+            result = writer.write_rank_files(
+                tmp, rank, prepared.staged, chunk_meta=prepared.chunk_meta
+            )
+            report = ("ok", result, prepared.skeleton)
+        except Exception as exc:  # noqa: BLE001 - any failure on this rank must reach the coordinator
+            report = ("fail", f"{type(exc).__name__}: {exc}", None)
+    try:
+        reports = group.gather(report, what=where)
+    except errors.DistributedSaveError as exc:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        exc.path, exc.step = str(root), step
+        raise
+    failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
+    decision: tuple[str, Any] = ("ok", "")
+    if rank == 0:
+        decision = _commit(
+            root, tmp, step, reports, failures, run_id=run_id, metrics=metrics, info=prepared.info
+        )
+    status, payload = group.broadcast(decision, what=where)
+    if status == "ok":
+        return Path(payload)
+    failed: dict[int, str] = dict(payload)
+    raise errors.DistributedSaveError(
+        f"{where} failed on rank(s) {sorted(failed)}: "
+        + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
+        + " — nothing was committed; earlier checkpoints are intact. Fix the cause and save again.",
+        failures=failed,
+        path=root,
+        step=step,
+    )
+
+
+def _commit(
+    root: Path,
+    tmp: Path,
+    step: int,
+    reports: Sequence[tuple[str, Any, Any]],
+    failures: dict[int, str],
+    *,
+    run_id: str,
+    metrics: Mapping[str, float],
+    info: Mapping[str, Any],
+) -> tuple[str, Any]:
+    """Rank 0 only: commit if every rank succeeded, else remove the temp folder."""
+    if not failures:
+        results = [rep[1] for rep in reports]
+        trees = [rep[2] for rep in reports]
+        written = {k for r in results for k in r.tensors}
+        for r, keys in planning.unwritten_keys(trees, written).items():
+            failures[r] = (
+                f"its state refers to tensors no rank wrote: {keys[:5]} (state differs between ranks?)"
+            )
+    if not failures:
+        try:
+            return (
+                "ok",
+                str(
+                    writer.commit(
+                        root,
+                        tmp,
+                        step,
+                        results,
+                        trees=trees,
+                        run_id=run_id,
+                        metrics=metrics,
+                        info=info,
+                    )
+                ),
+            )
+        except errors.CheckpointError as exc:
+            failures[0] = f"commit failed: {exc}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return ("fail", failures)
+
+
+def load_state(
+    path: Path,
+    m: manifest.Manifest,
+    state: statelib.TrainState,
+    *,
+    rank: int,
+    world: int,
+    per_rank: planning.PerRankMode,
+    before_copy: Callable[[], None] | None = None,
+) -> Callable[[], tuple[str, ...]]:
+    """Read and verify this rank's share of a checkpoint; returns a function that applies it.
+
+    ``before_copy`` runs once this rank's share is verified and before any byte is copied
+    into a live tensor (shards are filled in place): :func:`restore` makes every rank agree
+    there, so a share that fails on one rank never leaves another rank half-restored.
+
+    Raises:
+        FormatError, StorageError: the checkpoint is damaged (try an earlier one).
+        RestoreError: it does not fit ``state`` (world size change with per-rank state, shapes).
+    """
+    dinfo = m.info.get(INFO_KEY) if isinstance(m.info.get(INFO_KEY), dict) else {}
+    replicated = dinfo.get("replicated", replicated_names(state))
+    extras = dinfo.get("extras", extras_names(state))
+    plan = planning.plan_restore(
+        m.trees,
+        rank=rank,
+        world=world,
+        replicated=replicated,
+        extras=extras,
+        per_rank=per_rank,
+        where=str(path),
+    )
+    names = [n for n in state if n in plan.skeleton]
+    sub = statelib.TrainState(
+        rng=state.rng and statelib.RNG_KEY in plan.skeleton, **{n: state[n] for n in names}
+    )
+    _, live = treelib.encode(statelib.capture(sub))
+    regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    templates: dict[str, Any] = {}
+    for key in plan.keys:
+        t = live.get(planning.source_key(key))
+        if t is None or not collectives.is_dtensor(t):
+            continue
+        info = collectives.shard_info(t)
+        stored = m.tensors[key].shape if key in m.tensors else None
+        if stored is not None and tuple(stored) != info.global_shape:
+            raise errors.RestoreError(
+                f"{path}: tensor {key!r} is {list(stored)} in the checkpoint but {list(info.global_shape)} "
+                "in this model; build the same model before restoring",
+                path=path,
+                key=key,
+            )
+        regions[key] = (info.start, info.shape)
+        templates[key] = t
+
+    def dest(key: str, entry: manifest.TensorEntry) -> torch.Tensor | None:
+        t = live.get(planning.source_key(key))
+        if key in templates:  # this rank's shard: read straight into the live local tensor
+            local = collectives.local_tensor(t)
+            return local if local.is_contiguous() and not local.requires_grad else None
+        if (
+            t is not None
+            and not collectives.is_dtensor(t)
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and tuple(t.shape) == tuple(entry.shape)
+            and str(t.dtype).removeprefix("torch.") == entry.dtype
+            and not t.requires_grad
+        ):
+            return t
+        return None
+
+    tensors = reader.load_tensors(
+        path, m, plan.keys, dest=dest, regions=regions, before_copy=before_copy
+    )
+    for key, template in templates.items():
+        if tensors[key].data_ptr() == collectives.local_tensor(template).data_ptr():
+            tensors[key] = template  # filled in place: loading it is a copy onto itself (no-op)
+        else:
+            tensors[key] = collectives.dtensor_like(template, tensors[key])
+    tree = treelib.decode(plan.skeleton, tensors)
+
+    def apply() -> tuple[str, ...]:
+        statelib.apply(sub, tree, where=str(path))
+        return plan.fresh
+
+    return apply
+
+
+def restore(
+    group: collectives.Group | None,
+    refs: Sequence[reader.CheckpointRef],
+    state: statelib.TrainState,
+    *,
+    per_rank: planning.PerRankMode,
+    skip: Callable[[Path, BaseException | None], None],
+) -> reader.CheckpointRef | None:
+    """Restore the newest checkpoint of ``refs`` that every rank read and verified. Every rank.
+
+    ``group`` is None in a single process reading a multi-rank checkpoint.
+
+    Returns:
+        The restored checkpoint, or None if none was valid.
+
+    Raises:
+        RestoreError: a valid checkpoint does not fit the state on some rank (see the message).
+        DistributedSaveError: a rank died or hung during the agreement (timeout).
+    """
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    initialized = _init_sharded_optimizers(state) if refs else []
+    try:
+        for ref in reversed(refs):
+            if ref.error is not None or ref.manifest is None:
+                skip(ref.path, ref.error)
+                continue
+            outcome: tuple[str, str] = ("ok", "")
+            apply: Callable[[], tuple[str, ...]] | None = None
+            what = f"restore of {ref.path}"
+            # Exactly one agreement per candidate on every rank: inside the reader (after this
+            # rank verified its share, before it copies anything) or, if it failed before
+            # getting there, right after.
+            agreed: list[int] = []
+
+            def agree(code: int = 0, what: str = what, box: list[int] = agreed) -> None:
+                box.append(group.max_int(code, what=what) if group is not None else code)
+                if box[0]:
+                    raise errors.FormatError(
+                        "another rank could not use its share of this checkpoint"
+                    )
+
+            try:
+                apply = load_state(
+                    ref.path,
+                    ref.manifest,
+                    state,
+                    rank=rank,
+                    world=world,
+                    per_rank=per_rank,
+                    before_copy=agree,
+                )
+            except errors.RestoreError as exc:
+                outcome = ("fatal", str(exc))
+            except errors.CheckpointError as exc:  # damaged, unreadable, missing tensor: skip
+                outcome = ("skip", str(exc))
+            if not agreed:
+                code = {"ok": 0, "skip": 1, "fatal": 2}[outcome[0]]
+                agreed.append(group.max_int(code, what=what) if group is not None else code)
+            outcomes = [outcome] * world
+            if agreed[0] and group is not None:  # something failed somewhere: learn what
+                outcomes = group.gather(outcome, what=what)
+            fatal = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind == "fatal"}
+            if fatal:
+                r, msg = min(fatal.items())
+                raise errors.RestoreError(
+                    msg if r == rank else f"rank {r}: {msg}", path=ref.path, step=ref.step
+                )
+            bad = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind != "ok"}
+            if bad:
+                r, msg = min(bad.items())
+                skip(ref.path, errors.FormatError(f"rank {r}: {msg}", path=ref.path))
+                continue
+            assert apply is not None
+            fresh = apply()
+            initialized = []
+            if fresh:
+                warnings.warn(
+                    f"restored {ref.path} (saved by {ref.manifest.world_size} ranks) on {world} rank(s) with "
+                    f"per_rank='fresh': {list(fresh)} left as constructed (not restored)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return ref
+        return None
+    finally:
+        for opt in initialized:  # nothing was restored: undo the materialized optimizer state
+            opt.state = collections.defaultdict(dict)
+
+
+def _init_sharded_optimizers(state: statelib.TrainState) -> list[Any]:
+    """Materialize empty optimizer state over DTensor parameters so restore has placements."""
+    out = []
+    for name in state:
+        opt = state[name]
+        if (
+            isinstance(opt, torch.optim.Optimizer)
+            and not opt.state
+            and any(collectives.is_dtensor(p) for g in opt.param_groups for p in g["params"])
+        ):
+            with contextlib.suppress(Exception):  # best effort: falls back to plain tensors
+                collectives.init_optimizer_state(opt)
+                out.append(opt)
+    return out
