@@ -2,7 +2,7 @@
 readers for every checkpoint format. See README.md for the tour."""
 
 from savegame import data
-from savegame.api import load, open, save
+from savegame.api import convert, diff, load, open, save
 from savegame.checkpointer import EXIT_PREEMPTED, Checkpointer, CheckpointInfo
 from savegame.errors import (
     CheckpointError,
@@ -50,7 +50,9 @@ __all__ = [
     "UnsafeContentError",
     "UnsupportedFormatError",
     "__version__",
+    "convert",
     "data",
+    "diff",
     "load",
     "open",
     "regime",

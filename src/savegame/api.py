@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -20,8 +21,12 @@ from savegame import tree as treelib
 from savegame.engine import reader, writer
 from savegame.format import manifest
 from savegame.interop import base
+from savegame.storage import local
 
-__all__ = ["SavegameReader", "load", "open", "save"]
+if TYPE_CHECKING:
+    from savegame.interop.diff import DiffResult
+
+__all__ = ["SavegameReader", "convert", "diff", "load", "open", "save"]
 
 
 def save(
@@ -130,3 +135,103 @@ def open(path: str | os.PathLike[str], **options: Any) -> Any:  # noqa: A001 - t
 
     return detect.open(path, **options)
 
+
+
+def _candidates(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+    """A run folder stands for its valid checkpoints, newest first; anything else for itself."""
+    p = Path(path)
+    if not p.is_dir() or reader.is_checkpoint_dir(p) or (p / "checkpoint").is_file():
+        return [path]
+    refs = reader.list_checkpoints(p)
+    if not refs:
+        return [path]  # not a run: let the format detection say what it is
+    valid = [r.path for r in reversed(refs) if r.valid]
+    if not valid:
+        raise errors.CheckpointNotFoundError(
+            f"{p} is a run folder without a valid checkpoint; run `savegame ls {p}` to see why",
+            path=p,
+        )
+    return list(valid)
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: Literal["savegame", "safetensors", "torch"],
+    cfg: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    isolate: bool = False,
+) -> Path:
+    """Convert any readable checkpoint into a savegame folder, a safetensors file or a
+    weights-only torch file, keeping names, dtypes and values bit for bit.
+
+    ``src`` may be a run folder: its newest checkpoint is used, or if that one turns out to be
+    damaged, the one before it (with a :class:`CorruptCheckpointWarning`). A checkpoint written by
+    several ranks is first consolidated into one rank (sharded tensors reassembled whole; see
+    :func:`savegame.distributed.consolidate`), so the output is what an inference user needs.
+    ``dst`` appears atomically or not at all; an existing ``dst`` is kept unless ``overwrite``.
+    ``isolate=True`` reads a Keras/HDF5 ``src`` in a child process first (untrusted files).
+
+    Raises:
+        StepExistsError: ``dst`` exists and ``overwrite`` is False.
+        UnsupportedFormatError: unknown ``to``, or a tensor the target cannot hold.
+        FormatError, IntegrityError: ``src`` is damaged.
+    """
+    candidates = _candidates(src)
+    for i, ckpt in enumerate(candidates):
+        try:
+            return _convert_one(ckpt, Path(dst), to=to, cfg=cfg, overwrite=overwrite, isolate=isolate)
+        except errors.FormatError as exc:  # damaged (every byte is verified while converting)
+            if i + 1 == len(candidates):
+                raise
+            warnings.warn(
+                f"skipping checkpoint {ckpt}: {exc}; converting the one before it",
+                errors.CorruptCheckpointWarning,
+                stacklevel=2,
+            )
+    raise AssertionError("unreachable: _candidates never returns an empty list")
+
+
+def _convert_one(
+    src: str | os.PathLike[str], out: Path, *, to: str, cfg: Any, overwrite: bool, isolate: bool
+) -> Path:
+    from savegame.interop import convert as interop_convert
+
+    if not (reader.is_checkpoint_dir(src) and reader.read_manifest(src).world_size > 1):
+        return interop_convert.convert(src, out, to=to, cfg=cfg, overwrite=overwrite, isolate=isolate)  # type: ignore[arg-type]
+    import tempfile
+
+    from savegame.distributed import consolidate
+
+    if out.exists() and not overwrite:
+        raise errors.StepExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        single = consolidate(src, Path(tmp) / "single")
+        if to == "savegame" and not out.exists():
+            os.replace(single, out)  # consolidate committed it; the rename is the publish step
+            local.fsync_dir(out.parent)
+            return out
+        return interop_convert.convert(single, out, to=to, overwrite=overwrite)  # type: ignore[arg-type]
+
+
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    cfg_a: str | os.PathLike[str] | None = None,
+    cfg_b: str | os.PathLike[str] | None = None,
+    isolate: bool = False,
+) -> DiffResult:
+    """Compare the tensors of two checkpoints of any formats (run folders: newest valid manifest).
+
+    Returns a :class:`savegame.interop.diff.DiffResult`: names added and removed, dtype/shape
+    changes, the max absolute difference per common tensor, and which are bitwise identical.
+    Memory holds one tensor pair at a time.
+    """
+    from savegame.interop import diff as interop_diff
+
+    return interop_diff.diff(
+        _candidates(a)[0], _candidates(b)[0], cfg_a=cfg_a, cfg_b=cfg_b, isolate=isolate
+    )

@@ -137,6 +137,21 @@ def test_reshard_4_2_1_4_round_trip_keeps_every_tensor(tmp_path: Path) -> None:
     model.load_state_dict(sg.load(dst)["model"])  # loads into a plain model for inference
     with pytest.raises(sg.StepExistsError):
         distributed.consolidate(two, dst)
+    # `savegame convert` does the same for inference users, from the run folder (newest valid).
+    from safetensors.torch import load_file
+
+    from savegame.cli.main import main as cli
+
+    assert cli(["convert", str(tmp_path / "w2"), str(tmp_path / "w2.safetensors"), "--to", "safetensors"]) == 0
+    flat = load_file(tmp_path / "w2.safetensors")
+    assert not any(k.startswith("@rank") for k in flat)
+    assert cli(["convert", str(two), str(tmp_path / "w2-single"), "--to", "savegame"]) == 0
+    assert reader.read_manifest(tmp_path / "w2-single").world_size == 1
+    converted = _tensors(tmp_path / "w2-single")
+    for k in first:
+        assert torch.equal(first[k], converted[k]), k
+        assert torch.equal(first[k], flat[k.replace("optimizer/", "optimizer/state/")]), k
+    assert cli(["diff", str(dst), str(tmp_path / "w2-single")]) == 0
 
 
 def _reports(tmp_path: Path, ranks: list[int]) -> dict[int, dict[str, Any]]:

@@ -45,9 +45,25 @@ def _is_run(path: Path) -> bool:
     )
 
 
+def _options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """Reader options for a file given on the command line: the darknet cfg, and Keras/HDF5
+    files read in a child process first (libhdf5 can crash or hang on hostile files), unless
+    --no-isolate. Each reader ignores the options meant for other formats."""
+    opts: dict[str, Any] = {"isolate": not args.no_isolate, **extra}
+    if args.cfg:
+        opts["cfg"] = args.cfg
+    return opts
+
+
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     root = Path(args.run)
+    if reader.is_checkpoint_dir(root):
+        raise errors.CheckpointNotFoundError(
+            f"{root} is one checkpoint, not a run folder; see it with `savegame show {root}`, "
+            f"or list its run with `savegame ls {root.parent}`",
+            path=root,
+        )
     infos = list_run(root, _keep_from_args(args))
     if args.verify:
         problems = {i.step: reader.verify(i.path) for i in infos}
@@ -78,7 +94,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         if not refs:
             raise errors.CheckpointNotFoundError(f"{path} holds no valid checkpoint", path=path)
         path = refs[-1].path
-    with sg.open(path, **({"cfg": args.cfg} if args.cfg else {})) as r:
+    with sg.open(path, **_options(args, listing=True)) as r:  # opaque objects listed, never built
         meta = r.metadata()
         title = f"[bold]{path}[/] ({r.format})"
         if "step" in meta:
@@ -149,7 +165,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if reader.is_checkpoint_dir(t) or t.name.startswith("step-"):
             problems = reader.verify(t)
         else:
-            with sg.open(t, **({"cfg": args.cfg} if args.cfg else {})) as r:
+            with sg.open(t, **_options(args)) as r:
                 problems = r.verify()
         if problems:
             bad += 1
@@ -163,6 +179,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     console.print(f"[green]all {len(targets)} verified[/]")
     return 0
+
+
+# ---- convert, diff -----------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = sg.convert(args.src, args.dst, to=args.to, cfg=args.cfg, overwrite=args.overwrite, isolate=not args.no_isolate)
+    with sg.open(out) as r:
+        n, total = len(r.keys()), sum(r.info(k).nbytes for k in r.keys())
+    console.print(f"[green]wrote[/] {out} ({args.to}, {n} tensors, {_size(total)})", soft_wrap=True)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    res = sg.diff(args.a, args.b, cfg_a=args.cfg_a, cfg_b=args.cfg_b, isolate=not args.no_isolate)
+    table = Table(title=f"{args.a}  vs  {args.b}")
+    for col in ("tensor", "difference"):
+        table.add_column(col)
+    for name in res.removed:
+        table.add_row(name, "[red]only in A[/]")
+    for name in res.added:
+        table.add_row(name, "[green]only in B[/]")
+    for name, (ia, ib) in sorted(res.changed.items()):
+        table.add_row(name, f"[yellow]{ia.dtype}{list(ia.shape)} -> {ib.dtype}{list(ib.shape)}[/]")
+    differing = sorted((n for n, m in res.max_abs_diff.items() if n not in set(res.identical)), key=lambda n: -_order(res.max_abs_diff[n]))
+    for name in differing:
+        table.add_row(name, f"max |a-b| = {res.max_abs_diff[name]:.6g}")
+    if args.all:
+        for name in res.identical:
+            table.add_row(name, "[dim]identical[/]")
+    if table.row_count:
+        console.print(table)
+    console.print(
+        f"{len(res.identical)} identical, {len(differing)} differ in value, {len(res.changed)} differ "
+        f"in dtype/shape, {len(res.removed)} only in A, {len(res.added)} only in B"
+    )
+    return 0 if res.equal else 1
+
+
+def _order(x: float) -> float:
+    return float("inf") if x != x else x  # NaN sorts first: it is the worst difference
 
 
 # ---- prune -------------------------------------------------------------------------------------
@@ -221,7 +276,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- wiring ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="savegame", description="Exact, crash-safe checkpoints: inspect, verify, prune, demo.")
+    p = argparse.ArgumentParser(prog="savegame", description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, demo.")
     p.add_argument("--version", action="version", version=f"savegame {sg.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what savegame does")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,12 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
     show.add_argument("--cfg", help="darknet .cfg for a .weights file")
     show.add_argument("--max-items", type=int, default=40, help="entries shown per container")
+    _isolate_arg(show)
     show.set_defaults(func=cmd_show)
 
     verify = sub.add_parser("verify", help="check every hash of a run, a checkpoint or a foreign file")
     verify.add_argument("path")
     verify.add_argument("--cfg", help="darknet .cfg for a .weights file")
+    _isolate_arg(verify)
     verify.set_defaults(func=cmd_verify)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert any checkpoint to savegame, safetensors or a weights-only torch file",
+        description="Names, dtypes and values are kept bit for bit; DST appears atomically. A run "
+        "folder means its newest valid checkpoint; a multi-rank checkpoint is consolidated into one.",
+    )
+    convert.add_argument("src", help="any readable checkpoint, or a run folder")
+    convert.add_argument("dst", help="output file (safetensors, torch) or folder (savegame)")
+    convert.add_argument("--to", required=True, choices=("savegame", "safetensors", "torch"))
+    convert.add_argument("--cfg", help="darknet .cfg when SRC is a .weights file")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    _isolate_arg(convert)
+    convert.set_defaults(func=cmd_convert)
+
+    diff = sub.add_parser(
+        "diff",
+        help="compare the tensors of two checkpoints (any formats); exit 1 if they differ",
+    )
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--cfg-a", help="darknet .cfg for A")
+    diff.add_argument("--cfg-b", help="darknet .cfg for B")
+    diff.add_argument("--all", action="store_true", help="list identical tensors too")
+    _isolate_arg(diff)
+    diff.set_defaults(func=cmd_diff)
 
     prune = sub.add_parser("prune", help="apply a retention rule to a run folder")
     prune.add_argument("run")
@@ -253,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="where to put the demo's run folders (default: a temp folder)")
     demo.set_defaults(func=cmd_demo)
     return p
+
+
+def _isolate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="read Keras/HDF5 files in this process (faster; only for files you trust: libhdf5 "
+        "can crash on hostile files, so by default they are read in a child process first)",
+    )
 
 
 def _retention_args(p: argparse.ArgumentParser) -> None:

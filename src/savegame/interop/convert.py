@@ -54,14 +54,17 @@ for _n, _s in (
         _ST_DTYPES[_d] = _s
 
 
-def open_any(src: str | os.PathLike[str], cfg: str | os.PathLike[str] | None = None) -> Any:
-    """Open ``src`` with the matching reader, savegame folders included."""
+def open_any(src: str | os.PathLike[str], cfg: str | os.PathLike[str] | None = None, **options: Any) -> Any:
+    """Open ``src`` with the matching reader, savegame folders included (``options`` as for
+    :func:`savegame.interop.detect.open`)."""
     p = os.fspath(src)
     if detect.detect(p) == "savegame":
         import savegame  # lazy: the top-level API imports the engine, which interop must not
 
         return savegame.open(p)
-    return detect.open(p, cfg=cfg) if cfg is not None else detect.open(p)
+    if cfg is not None:
+        options["cfg"] = cfg
+    return detect.open(p, **options)
 
 
 def convert(
@@ -71,6 +74,7 @@ def convert(
     to: Literal["safetensors", "torch", "savegame"],
     cfg: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    isolate: bool = False,
 ) -> Path:
     """Convert the checkpoint at ``src`` into ``dst``.
 
@@ -83,6 +87,8 @@ def convert(
             ``global_step`` or ``epoch`` as the step.
         cfg: Darknet ``.cfg`` when ``src`` is a ``.weights`` file.
         overwrite: Replace an existing ``dst``.
+        isolate: Read a Keras/HDF5 ``src`` in a child process first (untrusted files; see
+            :func:`savegame.interop.keras.open_keras`).
 
     Returns:
         The path written.
@@ -99,10 +105,10 @@ def convert(
         )
     if out.exists() and not overwrite:
         raise errors.StepExistsError(
-            f"{out} already exists; pass overwrite=True to replace it", path=out
+            f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open_any(src, cfg) as reader:
+    with open_any(src, cfg, isolate=isolate) as reader:
         if to == "safetensors":
             _atomic_file(out, lambda f: _write_safetensors(reader, f))
         elif to == "torch":
@@ -193,7 +199,7 @@ def _materialize(v: Any, reader: Any) -> Any:
 def _write_savegame(reader: Any, out: Path, overwrite: bool) -> None:
     import savegame  # lazy: savegame.save is the core writer (owned by the API layer)
 
-    if reader.format == "torch":
+    if reader.format in ("torch", "savegame"):  # formats with an object structure keep it
         tree = _materialize(reader.tree(), reader)
     else:
         tree = _flat(reader)
@@ -201,7 +207,8 @@ def _write_savegame(reader: Any, out: Path, overwrite: bool) -> None:
         tree = {"value": tree}
     # savegame.save itself appears atomically; for overwrite we save beside dst and swap.
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    savegame.save(tmp, tree, step=_step_of(tree))
+    meta = reader.metadata() if reader.format == "savegame" else {}
+    savegame.save(tmp, tree, step=meta.get("step", _step_of(tree)), metrics=meta.get("metrics"))
     if out.exists() and overwrite:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
         os.replace(out, old)
@@ -215,12 +222,19 @@ def _write_savegame(reader: Any, out: Path, overwrite: bool) -> None:
 @contextmanager
 def _temp_beside(out: Path) -> Iterator[tuple[BinaryIO, str]]:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, tmp
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def _atomic_file(out: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -29,6 +29,12 @@ FORMATS: dict[str, tuple[str, str]] = {
     "keras3": ("savegame.interop.keras", "open_keras"),
     "darknet": ("savegame.interop.darknet", "open_darknet"),
 }
+_FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "cfg": ("darknet",),
+    "listing": ("torch",),
+    "isolate": ("keras-h5", "keras3"),
+    "isolate_timeout": ("keras-h5", "keras3"),
+}
 _SUPPORTED = (
     "torch (.pt/.pth/.bin, zip or legacy), safetensors, numpy (.npy/.npz), TensorFlow "
     "(prefix, .index or folder with a 'checkpoint' file), Keras (.h5/.weights.h5/.keras), "
@@ -123,7 +129,8 @@ def open(path: str | os.PathLike[str], **options: Any) -> base.ForeignReader:  #
     Args:
         path: As for :func:`detect`.
         **options: Passed to the reader's ``open_*`` function (``cfg=`` for Darknet,
-            ``listing=True`` for torch files with unknown globals; ignored by other formats).
+            ``listing=True`` for torch files with unknown globals, ``isolate=True`` to read a
+            Keras/HDF5 file in a child process first; each is ignored by other formats).
 
     Raises:
         UnsupportedFormatError: unknown format, TorchScript, a savegame folder (use
@@ -153,10 +160,11 @@ def open(path: str | os.PathLike[str], **options: Any) -> base.ForeignReader:  #
             "network's .cfg as cfg=... to open it",
             path=p,
         )
-    if fmt != "darknet":
-        options.pop("cfg", None)
-    if fmt != "torch":
-        options.pop("listing", None)  # only pickles have globals to list; others need no mode
+    # Options meant for one format are dropped for the others, so a caller (the CLI) can pass
+    # what it wants for any file: cfg= (darknet), listing= (torch), isolate= (Keras/libhdf5).
+    for option, formats in _FORMAT_OPTIONS.items():
+        if fmt not in formats:
+            options.pop(option, None)
     module, func = FORMATS[fmt]
     try:
         mod = importlib.import_module(module)

@@ -216,8 +216,8 @@ class _Unpickler:
             return base.Opaque(module, name)
         raise errors.UnsafeContentError(
             f"{self.path} asks for the global {module}.{name}, which is not on the allow-list; "
-            "nothing was executed. If you trust the file, load it with torch.load; to list it, "
-            "open it with listing=True",
+            "nothing was executed. If you trust the file, load it with torch.load; to see what it "
+            f"holds, run `savegame show {self.path}` (or open it with listing=True)",
             path=self.path,
             key=f"{module}.{name}",
         )
