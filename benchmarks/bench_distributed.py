@@ -9,7 +9,8 @@ For 1, 2 and 4 processes (gloo on CPU, loopback) each rank holds an FSDP2-sharde
 * coordination: save time of a tiny (4 KB) state — what is left is the protocol's overhead.
 
 The best of ``--reps`` repetitions is reported (both libraries read from the page cache; the
-machine cannot drop it). Writes a markdown table with ratios to docs/benchmarks-distributed.md.
+machine cannot drop it). Writes a markdown table with ratios to the ``distributed`` section of
+docs/benchmarks.md.
 
     python benchmarks/bench_distributed.py --mb 128 --reps 3
 """
@@ -114,10 +115,8 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--root")
     ap.add_argument("--out")
-    ap.add_argument(
-        "--report",
-        default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks-distributed.md"),
-    )
+    ap.add_argument("--no-doc", action="store_true", help="print the table, leave docs/ alone")
+    ap.add_argument("--notes", default="", help="markdown appended under the table")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -135,7 +134,8 @@ def main() -> None:
         print(json.dumps(r))
     gb = 1e9
     lines = [
-        "# Distributed checkpoint benchmark: savegame vs torch.distributed.checkpoint",
+        "<!-- distributed:begin -->",
+        "### Distributed save and restore: savegame vs torch.distributed.checkpoint (CPU, gloo)",
         "",
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine {platform.machine()} "
         f"{os.cpu_count()} CPU cores, {platform.platform()}; torch {torch.__version__}; gloo on loopback; "
@@ -163,8 +163,14 @@ def main() -> None:
         "by default too, and verifies nothing.",
         "",
     ]
-    Path(args.report).write_text("\n".join(lines))
+    if args.notes:
+        lines += [args.notes, ""]
+    lines.append("<!-- distributed:end -->")
     print("\n".join(lines))
+    if not args.no_doc:
+        from bench_async import replace_section  # the shared writer of docs/benchmarks.md sections
+
+        replace_section("distributed", "\n".join(lines))
 
 
 if __name__ == "__main__":

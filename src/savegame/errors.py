@@ -114,7 +114,8 @@ class UnsupportedFormatError(FormatError):
 
 
 class UnsafeContentError(FormatError):
-    """A pickle in the file asks for a global outside the allow-list; nothing was executed."""
+    """The file asks for something savegame refuses to do: a pickle global outside the
+    allow-list, an HDF5 external link or plugin filter, a zip bomb. Nothing was executed."""
 
 
 class EncodeError(CheckpointError, TypeError):

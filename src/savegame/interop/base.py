@@ -68,7 +68,9 @@ class ForeignReader(Protocol):
         ...
 
     def info(self, name: str) -> TensorInfo:
-        """Dtype, shape and size of one tensor. Raises KeyError-compatible CheckpointNotFoundError."""
+        """Dtype, shape and size of one tensor. Reads no tensor data.
+
+        Raises CheckpointNotFoundError (a FileNotFoundError) for an unknown name."""
         ...
 
     def read(self, name: str) -> torch.Tensor | np.ndarray:
