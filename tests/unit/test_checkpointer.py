@@ -289,3 +289,36 @@ def test_preemption_signal_saves_at_next_step_boundary_and_exits_75(
     assert torch.equal(tree["model"]["weight"], torch.full((2, 2), float(saved)))
     assert saved > 3 and all(int(x) < saved for x in rest.split())
     assert reader.verify(root / layout.step_dir(saved)) == []
+
+
+def test_retention_frees_space_off_the_save_path_and_close_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path: str, *args: Any, **kwargs: Any) -> None:
+        started.set()
+        release.wait(10)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    state = sg.TrainState(model=torch.nn.Linear(4, 4))
+    ck = sg.Checkpointer(tmp_path, save=sg.Every(steps=1), keep=sg.Keep(last=1), handle_signals=False)
+    try:
+        ck.step(state, 1)
+        ck.step(state, 2)  # step 1 leaves the run at once; its bytes are freed in the background
+        assert started.wait(10)
+        assert [r.step for r in reader.list_checkpoints(tmp_path)] == [2]
+        assert any(p.name.startswith(".tmp-deleted-step-000000000001") for p in tmp_path.iterdir())
+        closer = threading.Thread(target=ck.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive()  # close() waits for the deletion
+    finally:
+        release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

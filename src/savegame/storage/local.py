@@ -20,7 +20,7 @@ from pathlib import Path
 
 from savegame import errors
 
-__all__ = ["RunLock", "atomic_write", "fsync_dir", "remove_tree"]
+__all__ = ["RunLock", "atomic_write", "fsync_dir", "move_to_trash", "remove_tree"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -49,14 +49,21 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def remove_tree(path: str | os.PathLike[str], trash_name: str) -> None:
-    """Delete a checkpoint folder so that a crash mid-way never leaves a half-deleted folder
-    under its real name: rename it to a temp name first (atomic), then delete."""
+def move_to_trash(path: str | os.PathLike[str], trash_name: str) -> Path:
+    """Take a checkpoint folder out of its run atomically (rename to ``trash_name``, a temp name
+    in the same folder, and fsync the folder); returns the trash path to delete later. A crash
+    before the deletion leaves only a temp folder, which the next writer removes."""
     path = Path(path)
     trash = path.with_name(trash_name)
     os.rename(path, trash)
     fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    return trash
+
+
+def remove_tree(path: str | os.PathLike[str], trash_name: str) -> None:
+    """Delete a checkpoint folder so that a crash mid-way never leaves a half-deleted folder
+    under its real name: rename it to a temp name first (atomic), then delete."""
+    shutil.rmtree(move_to_trash(path, trash_name), ignore_errors=True)
 
 
 # fds of held locks. A forked child (a DataLoader worker) shares the parent's open file
