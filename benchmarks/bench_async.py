@@ -31,7 +31,7 @@ after ``staging_completion``: that is its stall), savegame ``Checkpointer.save_a
 memory and non-blocking copies need an accelerator and do not apply on a CPU-only machine.
 
 Restore (warm page cache, into the live model + optimizer): ``torch.load(mmap=True,
-weights_only=True)`` + ``load_state_dict`` (+ touching every page left memory-mapped, as in
+weights_only=True)`` + ``load_state_dict`` (+ reading every byte left memory-mapped, as in
 bench_save_restore), ``safetensors.load_file`` + ``load_state_dict`` (+ the same), ``dcp.load``
 in place, savegame ``Checkpointer.restore`` (every hash verified). With ``--cold`` also after
 dropping the page cache (needs root).
