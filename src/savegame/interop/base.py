@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["ForeignReader", "Opaque", "TensorInfo", "TensorRef", "LIMITS"]
+__all__ = ["ForeignReader", "Opaque", "TensorInfo", "TensorRef", "LIMITS", "json_depth_ok"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +112,33 @@ class Limits:
 
 
 LIMITS = Limits()
+
+
+def json_depth_ok(text: str, max_depth: int = LIMITS.max_json_depth) -> bool:
+    """Whether brackets in the JSON ``text`` nest at most ``max_depth`` deep (strings skipped).
+
+    Checked before ``json.loads`` of a header from a file, so a hostile header cannot make the
+    parser recurse into a RecursionError (or worse) — the stdlib parser has no depth limit.
+    """
+    depth = 0
+    in_str = escape = False
+    for ch in text:
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
 
 
 def iter_tensors(reader: ForeignReader) -> Iterator[tuple[str, torch.Tensor | np.ndarray]]:

@@ -191,30 +191,6 @@ class _RangeFile(io.RawIOBase):
 # --------------------------------------------------------------------------------------------
 
 
-def _json_depth_ok(text: str, max_depth: int) -> bool:
-    """Whether brackets nest at most ``max_depth`` deep (strings skipped); avoids RecursionError."""
-    depth = 0
-    in_str = False
-    escape = False
-    for ch in text:
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > max_depth:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
 def _parse_json(raw: bytes | str, *, what: str, path: str) -> Any:
     """Parse JSON text as plain data (dicts, lists, str, numbers); never builds objects."""
     if isinstance(raw, bytes):
@@ -231,7 +207,7 @@ def _parse_json(raw: bytes | str, *, what: str, path: str) -> Any:
             f"{what} in {path} is {len(text)} characters, over the {_MAX_JSON_BYTES} cap",
             path=path,
         )
-    if not _json_depth_ok(text, base.LIMITS.max_json_depth):
+    if not base.json_depth_ok(text, base.LIMITS.max_json_depth):
         raise errors.FormatError(
             f"{what} in {path} nests deeper than {base.LIMITS.max_json_depth} levels; refusing",
             path=path,

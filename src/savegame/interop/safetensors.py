@@ -65,29 +65,6 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _depth_ok(text: str, limit: int) -> bool:
-    """Bracket nesting outside strings stays within ``limit`` (checked before json parses)."""
-    depth = 0
-    in_str = esc = False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        elif ch in "]}":
-            depth -= 1
-    return True
-
-
 class SafetensorsReader:
     """Lazy reader of one safetensors file; open with :func:`open_safetensors`."""
 
@@ -128,7 +105,7 @@ class SafetensorsReader:
             text = raw.decode("utf-8").rstrip(" ")
         except UnicodeDecodeError as exc:
             raise self._bad("header is not UTF-8") from exc
-        if not _depth_ok(text, base.LIMITS.max_json_depth):
+        if not base.json_depth_ok(text, base.LIMITS.max_json_depth):
             raise self._bad(f"header JSON nests deeper than {base.LIMITS.max_json_depth}")
         try:
             header = json.loads(text, object_pairs_hook=_pairs)
