@@ -70,6 +70,10 @@ class CheckpointInfo:
     ours: bool  # written by this run family (run.json); only those are ever deleted
     kept_for: tuple[str, ...]  # retention reasons; () = would be pruned
     error: str | None
+    #: "checkpoint" (a step-… folder), "damaged" (set aside after failing verification: kept for
+    #: inspection, never restored or counted by retention) or "leftover" (a ``.tmp-`` folder: a
+    #: save in progress, or garbage from an interrupted one that the next writer removes).
+    kind: Literal["checkpoint", "damaged", "leftover"] = "checkpoint"
 
 
 class Checkpointer:
@@ -689,6 +693,36 @@ def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_
                 error=str(r.error) if r.error else None,
             )
         )
+    out.extend(_set_aside(root))
+    return out
+
+
+def _set_aside(root: Path) -> list[CheckpointInfo]:
+    """Damaged checkpoints set aside and temp folders, for ``ls``: never retention candidates."""
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            step = layout.parse_damaged_dir(entry.name)
+            if step is not None:
+                kind: Literal["damaged", "leftover"] = "damaged"
+                why = "set aside: failed verification (kept for inspection; delete it when done)"
+            elif entry.name.startswith(layout.TMP_PREFIX):
+                kind, step = "leftover", -1
+                why = "temp folder: a save in progress, or left by an interrupted save (the next writer removes it)"
+            else:
+                continue
+            created: float | None = None
+            with contextlib.suppress(OSError):
+                created = entry.stat().st_mtime
+            out.append(
+                CheckpointInfo(
+                    step=step, path=path, valid=False, created=created, size=_du(path), metrics={},
+                    ours=False, kept_for=(), error=why, kind=kind,
+                )  # fmt: skip
+            )
     return out
 
 

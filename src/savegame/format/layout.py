@@ -3,6 +3,9 @@
     <run>/step-000000001200/manifest.json      the commit point
     <run>/step-000000001200/rank-00000.safetensors
     <run>/.tmp-step-000000001200-<id>/          a save in progress (garbage if it outlives its writer)
+    <run>/damaged-step-000000001200-<id>/       a checkpoint that failed verification, set aside
+                                                (kept for inspection; never restored, never counted
+                                                by retention, never in the way of a new save)
     <run>/run.json                              the run family's id (retention only deletes our own)
     <run>/LATEST                                a hint, never the truth
     <run>/.lock                                 the writer lock
@@ -17,8 +20,10 @@ RUN_FILE = "run.json"
 LATEST = "LATEST"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = "damaged-"
 
 _STEP_RE = re.compile(r"^step-(\d{12})$")
+_DAMAGED_RE = re.compile(r"^damaged-step-(\d{12})-[0-9a-f]+$")
 
 
 def step_dir(step: int) -> str:
@@ -31,6 +36,17 @@ def step_dir(step: int) -> str:
 def parse_step_dir(name: str) -> int | None:
     """The step of a checkpoint folder name, or None if the name is not one."""
     m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def damaged_dir(step: int, token: str) -> str:
+    """Name a checkpoint folder gets when it is set aside as damaged (``token``: hex)."""
+    return f"{DAMAGED_PREFIX}{step_dir(step)}-{token}"
+
+
+def parse_damaged_dir(name: str) -> int | None:
+    """The step of a set-aside damaged checkpoint folder name, or None if the name is not one."""
+    m = _DAMAGED_RE.match(name)
     return int(m.group(1)) if m else None
 
 
