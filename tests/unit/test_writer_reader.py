@@ -59,6 +59,20 @@ def test_an_invalid_folder_at_the_step_is_replaced(tmp_path: Path) -> None:
     (tmp_path / layout.step_dir(1)).mkdir()  # e.g. a half-copied folder without manifest
     path = writer.write_checkpoint(tmp_path, 1, _tree(), run_id="r")
     assert reader.verify(path) == []
+    (aside,) = [p for p in tmp_path.iterdir() if layout.parse_damaged_dir(p.name) == 1]  # kept, not deleted
+
+
+def test_a_committed_folder_with_corrupt_data_is_set_aside_by_a_new_save(tmp_path: Path) -> None:
+    first = writer.write_checkpoint(tmp_path, 1, _tree(), run_id="r")
+    data = first / layout.tensor_file(0)
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF  # the manifest still parses; a tensor hash no longer matches
+    data.write_bytes(bytes(raw))
+    path = writer.write_checkpoint(tmp_path, 1, _tree(), run_id="r")
+    assert reader.verify(path) == []
+    (aside,) = [p for p in tmp_path.iterdir() if layout.parse_damaged_dir(p.name) == 1]
+    assert (aside / layout.tensor_file(0)).read_bytes() == bytes(raw)  # the damaged bytes are kept
+    assert [r.step for r in reader.list_checkpoints(tmp_path)] == [1]
 
 
 def test_load_into_destination_tensors(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ and :func:`commit` (coordinator only).
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import time
@@ -28,7 +30,9 @@ from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import local
 
-__all__ = ["RankResult", "commit", "new_tmp_dir", "write_rank_files", "write_checkpoint"]
+__all__ = ["RankResult", "commit", "new_tmp_dir", "set_aside_damaged", "write_checkpoint", "write_rank_files"]
+
+log = logging.getLogger("savegame")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +72,27 @@ def write_rank_files(
         with open(path, "wb", buffering=0) as f:
             header, written = tensors.write_tensor_file(f, ordered)
             os.fsync(f.fileno())
-            size = f.tell()
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
-        raise errors.StorageError(f"could not write {path}: {exc}", path=path) from exc
+        hint = {
+            errno.ENOSPC: "the disk is full; free space or save elsewhere",
+            errno.EDQUOT: "the disk quota is exhausted; free space or save elsewhere",
+            errno.EFBIG: "the file is over the file-size limit (ulimit -f, or the file system's maximum)",
+        }.get(exc.errno or 0, "")
+        raise errors.StorageError(
+            f"could not write {path}: {exc}{'; ' + hint if hint else ''}; nothing was committed, "
+            "earlier checkpoints are intact",
+            path=path,
+        ) from exc
+    # The manifest will promise these bytes: make sure the file on disk holds every one of them
+    # before it is written (a short write that went unnoticed must never be committed).
+    expected = len(header) + sum(w.length for w in written)
+    if size != expected:
+        raise errors.StorageError(
+            f"could not write {path}: the file has {size} bytes after writing, expected {expected}; "
+            "nothing was committed, earlier checkpoints are intact",
+            path=path,
+        )
     entries: dict[str, manifest.TensorEntry] = {}
     for (key, t), w in zip(ordered, written, strict=True):
         shape = tuple(t.shape)
@@ -100,7 +122,7 @@ def commit(
 
     Raises:
         StepExistsError: a valid checkpoint for ``step`` is already committed (an invalid one is
-            moved aside and replaced).
+            set aside as ``damaged-step-…`` and replaced).
     """
     files: dict[str, manifest.FileEntry] = {}
     entries: dict[str, manifest.TensorEntry] = {}
@@ -150,12 +172,16 @@ def commit(
 
 
 def _move_aside_if_invalid(final: Path, step: int) -> None:
+    """A committed folder is in the way of a new save of ``step``: set it aside if it is damaged
+    (it is kept, renamed, for inspection), refuse if it is a valid checkpoint."""
     from savegame.engine import reader  # reader imports nothing from here; avoid a cycle at import
 
     try:
-        reader.read_manifest(final)
-    except errors.FormatError:
-        local.remove_tree(final, f"{layout.TMP_PREFIX}replaced-{final.name}-{uuid.uuid4().hex[:8]}")
+        problems = reader.verify(final) if _manifest_readable(final) else ["manifest is damaged"]
+    except errors.UnsupportedFormatError:
+        problems = []  # written by a newer savegame: not damaged, and not ours to replace
+    if problems:
+        set_aside_damaged(final, step, problems[0])
         return
     raise errors.StepExistsError(
         f"step {step} is already committed at {final}; refusing to overwrite it — delete it first "
@@ -163,6 +189,33 @@ def _move_aside_if_invalid(final: Path, step: int) -> None:
         path=final,
         step=step,
     )
+
+
+def _manifest_readable(ckpt: Path) -> bool:
+    from savegame.engine import reader
+
+    try:
+        reader.read_manifest(ckpt)
+    except errors.UnsupportedFormatError:
+        raise
+    except errors.FormatError:
+        return False
+    return True
+
+
+def set_aside_damaged(path: Path, step: int, why: object) -> Path:
+    """Rename a damaged checkpoint folder to ``damaged-step-…-<id>`` in the same run folder.
+
+    Its bytes are kept for inspection, but under that name no reader lists it, retention never
+    counts it, and a new save of its step is never in its way (issue 9.8). Only the writer that
+    holds the run folder's lock calls this.
+    """
+    dest = local.move_to_trash(path, layout.damaged_dir(step, uuid.uuid4().hex[:8]))
+    log.warning(
+        "set aside damaged checkpoint %s as %s (%s); it is kept for inspection — delete it when done",
+        path, dest.name, why,
+    )  # fmt: skip
+    return dest
 
 
 def write_checkpoint(

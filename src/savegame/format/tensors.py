@@ -10,6 +10,7 @@ a digest can never describe bytes other than the ones written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -24,7 +25,7 @@ import torch
 from savegame import errors
 from savegame.format import hashing
 
-__all__ = ["DTYPES", "WrittenTensor", "byte_view", "dtype_from_name", "read_into", "write_tensor_file"]
+__all__ = ["DTYPES", "WrittenTensor", "byte_view", "dtype_from_name", "read_into", "write_all", "write_tensor_file"]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("savegame supports little-endian hosts only")
@@ -123,6 +124,35 @@ def order_for_file(items: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str,
     return sorted(items, key=lambda kv: (-kv[1].element_size(), kv[0]))
 
 
+#: Most bytes handed to one ``write`` call. Linux transfers at most 0x7ffff000 bytes per call
+#: anyway; smaller calls keep each one well inside every kernel's limit.
+MAX_WRITE = 1 << 30
+
+
+def write_all(f: BinaryIO, data: memoryview) -> None:
+    """Write every byte of ``data`` to ``f`` or raise.
+
+    ``write`` on an unbuffered file is one ``write(2)``, which may write fewer bytes than asked:
+    Linux stops at 0x7ffff000 bytes (just under 2 GiB), and a full disk or a file-size limit
+    also end in a short count before the error. Ignoring the count silently truncated every
+    tensor over 2 GiB (issue 9.1), so the count is checked and the rest written; a call that
+    writes nothing is an error (the OS would otherwise have raised one).
+
+    Raises:
+        OSError: the OS refused the write (ENOSPC, EFBIG, EIO, ...) or made no progress.
+    """
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    total = len(view)
+    while done < total:
+        n = f.write(view[done : done + MAX_WRITE])
+        if not n:  # None (non-blocking file) or 0: no progress; never loop forever
+            raise OSError(
+                errno.EIO, f"write made no progress after {done} of {total} bytes (disk full or file-size limit?)"
+            )
+        done += n
+
+
 def write_tensor_file(
     f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], *, metadata: dict[str, str] | None = None
 ) -> tuple[bytes, list[WrittenTensor]]:
@@ -136,7 +166,7 @@ def write_tensor_file(
         if t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"internal: tensor {key!r} must be staged to contiguous CPU memory first")
     header, begins = _header(items, {"format": "pt", **(metadata or {})})
-    f.write(header)
+    write_all(f, memoryview(header))
     base = len(header)
     views = [byte_view(t) for _, t in items]
     # Hash on a second thread while this one writes: both release the GIL, so the hash (about
@@ -144,7 +174,7 @@ def write_tensor_file(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-hash") as pool:
         digests = [pool.submit(hashing.digest, view) for view in views]
         for view in views:
-            f.write(view)
+            write_all(f, view)
         return header, [
             WrittenTensor(key, base + begin, len(view), d.result())
             for (key, _), begin, view, d in zip(items, begins, views, digests, strict=True)

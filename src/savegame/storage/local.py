@@ -97,7 +97,20 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock.
+
+        Raises:
+            LockedError: another live process holds it.
+            StorageError: the lock file cannot be opened (``__cause__`` is the OSError: EACCES,
+                EPERM or EROFS mean the folder is not writable by this process).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise errors.StorageError(
+                f"cannot open the lock file {self.path}: {exc}; the run folder must be writable to save into it",
+                path=self.path,
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
