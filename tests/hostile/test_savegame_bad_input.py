@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,120 @@ def test_restore_from_a_run_folder_with_only_garbage(tmp_path: Path) -> None:
         with pytest.warns(sg.CorruptCheckpointWarning) as record:
             assert ckpt.restore(sg.TrainState(model=torch.nn.Linear(2, 2))) == 0
     assert any("not a savegame manifest" in str(w.message) for w in record)
+
+
+# ---- damaged or edited manifests never stop a restart (issue 9, item 17) --------------------
+def _two_step_run(root: Path) -> sg.TrainState:
+    model = torch.nn.Linear(3, 2)
+    state = sg.TrainState(model=model, extras={"epoch": 0, "best": 0.5})
+    with sg.Checkpointer(root, save=sg.Every(steps=1), keep=sg.Keep(last=5), handle_signals=False) as ckpt:
+        for step in (1, 2):
+            with torch.no_grad():
+                model.weight.fill_(step)
+            ckpt.step(state, step, metrics={"val_acc": 0.25 * step})
+    return state
+
+
+def _text_edit(old: str, new: str) -> Any:
+    def edit(p: Path) -> None:
+        raw = p.read_text()
+        assert old in raw, old
+        p.write_text(raw.replace(old, new, 1))
+
+    return edit
+
+
+def _signed_edit(change: Any) -> Any:
+    def edit(p: Path) -> None:
+        body = json.loads(p.read_bytes())
+        body.pop("integrity")
+        change(body)
+        body["integrity"] = {"algorithm": "xxh3-128", "hash": manifest._self_hash(body)}
+        p.write_text(json.dumps(body))
+
+    return edit
+
+
+MANIFEST_DAMAGE = {
+    # the tokens the fuzzer found: raw ValueError / OverflowError from restore() before
+    "nan_metric": _text_edit('"val_acc": 0.5', '"val_acc": NaN'),
+    "infinity_metric": _text_edit('"val_acc": 0.5', '"val_acc": Infinity'),
+    "minus_infinity_created": _text_edit('"created": ', '"created": -Infinity, "x": '),
+    "1e400_metric": _text_edit('"val_acc": 0.5', '"val_acc": 1e400'),
+    "1e400_created": _text_edit('"created": ', '"created": 1e400, "x": '),
+    "10_pow_400_metric_signed": _signed_edit(lambda b: b["metrics"].__setitem__("val_acc", 10**400)),
+    "10_pow_400_created_signed": _signed_edit(lambda b: b.__setitem__("created", 10**400)),
+    "non_hex_file_hash_signed": _signed_edit(
+        lambda b: b["files"]["rank-00000.safetensors"].__setitem__("hash", "z" * 32)
+    ),
+    "non_hex_chunk_hash_signed": _signed_edit(
+        lambda b: b["tensors"]["model/weight"]["chunks"][0].__setitem__("hash", "-" * 32)
+    ),
+    "minus_one_offset_signed": _signed_edit(
+        lambda b: b["tensors"]["model/weight"]["chunks"][0].__setitem__("offset", -1)
+    ),
+    "2_pow_64_size_signed": _signed_edit(lambda b: b["files"]["rank-00000.safetensors"].__setitem__("size", 2**64)),
+    "bad_tag_signed": _signed_edit(lambda b: b["trees"][0]["extras"].__setitem__("epoch", {"$int": "x"})),
+    "missing_tensor_ref_signed": _signed_edit(
+        lambda b: b["trees"][0]["model"].__setitem__("weight", {"$tensor": "model/nope"})
+    ),
+    "unknown_dtype_signed": _signed_edit(
+        lambda b: b["trees"][0]["extras"].__setitem__("dt", {"$dtype": "float128"})
+    ),
+    "bad_int_key_signed": _signed_edit(
+        lambda b: b["trees"][0]["extras"].__setitem__("k", {"$dict": [[{"$int": "1.5"}, 1]]})
+    ),
+    "tree_not_an_object_signed": _signed_edit(lambda b: b["trees"].__setitem__(0, "x")),
+    "epochs_completed_string_signed": _signed_edit(lambda b: b["info"].__setitem__("epochs_completed", "x")),
+    "field_deleted_signed": _signed_edit(lambda b: b.pop("created")),
+    "duplicate_key": _text_edit('"step": 2,', '"step": 2, "step": 2,'),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+def test_restore_falls_back_past_a_damaged_or_edited_manifest(tmp_path: Path, damage: str) -> None:
+    _two_step_run(tmp_path)
+    newest = tmp_path / layout.step_dir(2)
+    MANIFEST_DAMAGE[damage](newest / layout.MANIFEST)
+    state = sg.TrainState(model=torch.nn.Linear(3, 2), extras={})
+    with sg.Checkpointer(tmp_path, handle_signals=False) as ckpt:
+        with pytest.warns(sg.CorruptCheckpointWarning, match=layout.step_dir(2)):
+            assert ckpt.restore(state) == 1
+    assert torch.all(state["model"].weight == 1)
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+def test_load_and_verify_give_typed_errors_with_path(
+    tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from savegame.cli.main import main
+
+    _two_step_run(tmp_path)
+    newest = tmp_path / layout.step_dir(2)
+    MANIFEST_DAMAGE[damage](newest / layout.MANIFEST)
+    with pytest.raises(sg.FormatError) as info:
+        sg.load(newest)
+    assert info.value.path is not None and str(newest) in info.value.path
+    assert reader.verify(newest)
+    assert main(["verify", str(newest)]) == 1
+    assert main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    "value",
+    [math.nan, math.inf, -math.inf],
+    ids=["nan", "inf", "-inf"],
+)
+def test_non_finite_metric_saves_as_strict_json_and_restores(tmp_path: Path, value: float) -> None:
+    state = sg.TrainState(model=torch.nn.Linear(2, 2))
+    with sg.Checkpointer(tmp_path, save=sg.Every(steps=1), handle_signals=False) as ckpt:
+        ckpt.step(state, 1, metrics={"loss": value})
+    raw = (tmp_path / layout.step_dir(1) / layout.MANIFEST).read_text()
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    m = reader.read_manifest(tmp_path / layout.step_dir(1))
+    assert repr(m.metrics["loss"]) == repr(value)
+    with sg.Checkpointer(tmp_path, handle_signals=False) as ckpt:
+        assert ckpt.restore(sg.TrainState(model=torch.nn.Linear(2, 2))) == 1

@@ -33,3 +33,14 @@ def test_file_hash_depends_on_header_digests_and_their_order() -> None:
     assert base != hashing.file_hash(b"hdR", [a, b])
     assert base != hashing.file_hash(b"hdr", [b, a])
     assert base != hashing.file_hash(b"hdr", [a])
+
+
+def test_file_hash_refuses_a_digest_that_is_not_hex_with_a_typed_error() -> None:
+    import pytest
+
+    from savegame import errors
+
+    for bad in ("zz" * 16, "0" * 31, "A" * 32):
+        with pytest.raises(errors.IntegrityError) as info:
+            hashing.file_hash(b"hdr", [bad], path="/ckpt/rank-00000.safetensors")
+        assert info.value.path == "/ckpt/rank-00000.safetensors"

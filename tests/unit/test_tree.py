@@ -188,3 +188,230 @@ def test_decode_refuses_absurdly_deep_skeleton() -> None:
         node = [node]
     with pytest.raises(errors.FormatError, match="deeper"):
         treelib.decode(node, {})
+
+
+# ---- exact container types (issue 9, item 11) ---------------------------------------------
+def test_dict_with_int_or_tuple_keys_comes_back_as_a_plain_dict() -> None:
+    tree = {"by_int": {0: "a", 1: "b"}, "by_tuple": {(1, 2): 3, (4,): 5}, "mixed": {"s": 1, 2: 2}}
+    out = roundtrip(tree)
+    assert out == tree
+    for name in tree:
+        assert type(out[name]) is dict, name  # type: ignore[index]
+    assert type(next(iter(out["by_tuple"]))) is tuple  # type: ignore[index]
+
+
+def test_ordered_dict_with_non_str_keys_comes_back_as_ordered_dict_in_order() -> None:
+    from collections import OrderedDict
+
+    od = OrderedDict([(3, "c"), (1, "a"), ((2, "x"), "b")])
+    out = roundtrip({"od": od})["od"]  # type: ignore[index]
+    assert type(out) is OrderedDict and list(out.items()) == list(od.items())
+
+
+def test_ordered_dict_with_str_keys_keeps_the_v1_layout_and_comes_back_as_dict() -> None:
+    from collections import OrderedDict
+
+    od = OrderedDict([("b", 1), ("a", 2)])
+    skeleton, _ = treelib.encode({"m": od})
+    assert skeleton == {"m": {"b": 1, "a": 2}}  # a module state_dict stays a readable JSON object
+    out = treelib.decode(skeleton, {})["m"]
+    assert type(out) is dict and list(out) == ["b", "a"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, 2.0, True, None, "s", b"s"],
+        (1, 2.0, False, None, "s", b"s"),
+        {"l": [], "t": (), "d": {}, "s": set(), "f": frozenset(), "b": b"", "e": ""},
+        [[], [[]], ((),), {"": {}}, [{}]],
+        {"n": [0, 0.0, -0.0, 1, 1.0, True, False]},
+        {"big": [2**53, 2**53 + 1, -(2**53) - 1, 2**100]},
+    ],
+)
+def test_scalar_and_container_types_round_trip_exactly(value: object) -> None:
+    out = roundtrip(value)
+
+    def same(a: object, b: object) -> None:
+        assert type(a) is type(b), (a, b)
+        if isinstance(a, dict):
+            assert list(a) == list(b)  # type: ignore[arg-type]
+            for k in a:
+                same(a[k], b[k])  # type: ignore[index]
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b)  # type: ignore[arg-type]
+            for x, y in zip(a, b, strict=True):  # type: ignore[call-overload]
+                same(x, y)
+        elif isinstance(a, float):
+            assert math.copysign(1.0, a) == math.copysign(1.0, b)  # type: ignore[arg-type]
+            assert a == b
+        else:
+            assert a == b
+
+    same(value, out)
+
+
+def test_frozenset_and_torch_size_round_trip_with_their_types() -> None:
+    out = roundtrip({"f": frozenset({1, 2}), "s": set(), "z": torch.Size([2, 0, 3])})
+    assert type(out["f"]) is frozenset and out["f"] == {1, 2}  # type: ignore[index]
+    assert type(out["s"]) is set  # type: ignore[index]
+    assert type(out["z"]) is torch.Size and out["z"] == torch.Size([2, 0, 3])  # type: ignore[index]
+
+
+def test_namedtuple_is_refused_with_a_hint_naming_its_path() -> None:
+    from collections import namedtuple
+
+    Point = namedtuple("Point", "x y")
+    with pytest.raises(errors.EncodeError, match=r"namedtuple|_asdict") as info:
+        treelib.encode({"cfg": {"p": Point(1, 2)}})
+    assert info.value.key == "cfg/p"
+
+
+@pytest.mark.parametrize("make", ["intenum", "strenum", "np_str", "defaultdict", "list_sub", "bytearray"])
+def test_subclasses_that_would_come_back_as_their_base_type_are_refused(make: str) -> None:
+    import collections
+    import enum
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    class Mode(str, enum.Enum):
+        TRAIN = "train"
+
+    class MyList(list):  # type: ignore[type-arg]
+        pass
+
+    value = {
+        "intenum": Color.RED,
+        "strenum": Mode.TRAIN,
+        "np_str": np.str_("x"),
+        "defaultdict": collections.defaultdict(int, {"a": 1}),
+        "list_sub": MyList([1]),
+        "bytearray": bytearray(b"x"),
+    }[make]
+    with pytest.raises(errors.EncodeError) as info:
+        treelib.encode({"x": value})
+    assert info.value.key == "x"
+
+
+def test_tensor_inside_a_dict_key_is_an_encode_error() -> None:
+    with pytest.raises(errors.EncodeError, match="key holding a tensor") as info:
+        treelib.encode({"d": {(1, torch.zeros(1)): "x"}})
+    assert info.value.key == "d"
+
+
+def test_lone_surrogate_string_is_an_encode_error_not_a_crash_at_write_time() -> None:
+    with pytest.raises(errors.EncodeError) as info:
+        treelib.encode({"s": "\ud800"})
+    assert info.value.key == "s"
+
+
+def test_v1_skeletons_still_decode() -> None:
+    """What the first v1 release wrote: $dict for every non-str-keyed mapping, $set for
+    frozensets, $tuple for torch.Size."""
+    v1 = {
+        "state": {"$dict": [[0, {"step": 1}], [1, {"step": 2}]]},
+        "keys": {"$dict": [[{"$tuple": [1, 2]}, "t"], ["$x", 1], [None, 2], [2.5, 3], [False, 4]]},
+        "fs": {"$set": ["a"]},
+        "size": {"$tuple": [2, 3]},
+    }
+    out = treelib.decode(v1, {})
+    assert out == {
+        "state": {0: {"step": 1}, 1: {"step": 2}},
+        "keys": {(1, 2): "t", "$x": 1, None: 2, 2.5: 3, False: 4},
+        "fs": {"a"},
+        "size": (2, 3),
+    }
+    assert type(out["state"]) is dict
+
+
+# ---- malformed skeletons: FormatError with .path and .key, nothing else (issue 9, item 17) ----
+MALFORMED: list[tuple[object, str]] = [
+    ({"a": {"$future": 1}}, "a"),
+    ({"a": {"$tensor": "missing"}}, "a"),
+    ({"a": {"$tensor": 5}}, "a"),
+    ({"a": {"$ndarray": ["x"]}}, "a"),
+    ({"a": [0, {"$tuple": 5}]}, "a/1"),
+    ({"a": {"$tuple": {"x": 1}}}, "a"),
+    ({"a": {"$set": [[1]]}}, "a"),
+    ({"a": {"$set": [{"$dict": []}]}}, "a"),
+    ({"a": {"$frozenset": "ab"}}, "a"),
+    ({"a": {"$dict": {"k": 1}}}, "a"),
+    ({"a": {"$dict": [[1]]}}, "a"),
+    ({"a": {"$dict": [[1, 2, 3]]}}, "a"),
+    ({"a": {"$dict": [5]}}, "a"),
+    ({"a": {"$dict": [[[1, 2], 3]]}}, "a"),
+    ({"a": {"$dict": [[{"$set": [1]}, 3]]}}, "a"),
+    ({"a": {"$dict": [[1, 2], [1, 3]]}}, "a"),
+    ({"a": {"$odict": [[{"$bytes": "AA=="}, 1]]}}, "a"),
+    ({"a": {"$float": "1.5"}}, "a"),
+    ({"a": {"$float": 1.5}}, "a"),
+    ({"a": {"$int": "12a"}}, "a"),
+    ({"a": {"$int": 12}}, "a"),
+    ({"a": {"$int": "1" * 5000}}, "a"),
+    ({"a": {"$bytes": "!!!"}}, "a"),
+    ({"a": {"$bytes": 7}}, "a"),
+    ({"a": {"$np": ["<f4"]}}, "a"),
+    ({"a": {"$np": ["O", 1]}}, "a"),
+    ({"a": {"$np": ["<U4", "x"]}}, "a"),
+    ({"a": {"$np": ["<u4", -1]}}, "a"),
+    ({"a": {"$np": ["<i1", 300]}}, "a"),
+    ({"a": {"$np": ["<f4", 1e300]}}, "a"),
+    ({"a": {"$np": ["<f4", "x"]}}, "a"),
+    ({"a": {"$np": [5, 1]}}, "a"),
+    ({"a": {"$np": "x"}}, "a"),
+    ({"a": {"$dtype": "Tensor"}}, "a"),
+    ({"a": {"$dtype": "_dynamo"}}, "a"),
+    ({"a": {"$dtype": None}}, "a"),
+    ({"a": {"$device": "warp-drive"}}, "a"),
+    ({"a": {"$device": 3}}, "a"),
+    ({"a": {"$size": [-1]}}, "a"),
+    ({"a": {"$size": ["x"]}}, "a"),
+    ({"a": {"b": {"c": float("nan")}}}, "a/b/c"),
+    ({"a": {1: 2}}, "a"),
+    ({"a": object()}, "a"),
+]
+
+
+@pytest.mark.parametrize(("skeleton", "where"), MALFORMED, ids=[str(i) for i in range(len(MALFORMED))])
+def test_malformed_skeleton_is_format_error_with_path_and_tree_key(skeleton: object, where: str) -> None:
+    with pytest.raises(errors.FormatError) as info:
+        treelib.decode(skeleton, {"w": torch.zeros(1)}, path="/ckpt/manifest.json")
+    assert info.value.path == "/ckpt/manifest.json"
+    assert info.value.key == where
+    assert "/ckpt/manifest.json" in str(info.value)
+
+
+def test_ndarray_of_a_dtype_numpy_lacks_is_format_error() -> None:
+    with pytest.raises(errors.FormatError) as info:
+        treelib.decode({"x": {"$ndarray": "x"}}, {"x": torch.zeros(2, dtype=torch.bfloat16)}, path="m")
+    assert info.value.key == "x" and info.value.path == "m"
+
+
+def test_check_validates_against_tensor_keys_without_tensors() -> None:
+    treelib.check({"w": {"$tensor": "w"}, "a": {"$ndarray": "a"}}, {"w": "bfloat16", "a": "uint32"}, path="m")
+    with pytest.raises(errors.FormatError) as info:
+        treelib.check({"w": {"$tensor": "v"}}, {"w": "float32"}, path="m")
+    assert info.value.key == "w" and info.value.path == "m"
+    with pytest.raises(errors.FormatError, match="numpy") as info:
+        treelib.check({"x": [{"$ndarray": "a"}]}, {"a": "bfloat16"}, path="m")
+    assert info.value.key == "x/0"
+
+
+def test_decode_from_a_deep_caller_stack_is_format_error_not_recursion_error() -> None:
+    import sys
+
+    node: object = 1
+    for _ in range(150):
+        node = {"$tuple": [node]}
+
+    def deep(n: int) -> object:
+        return deep(n - 1) if n else treelib.decode(node, {}, path="m")
+
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(400)
+        with pytest.raises(errors.FormatError, match="too deeply"):
+            deep(100)
+    finally:
+        sys.setrecursionlimit(limit)

@@ -117,7 +117,7 @@ def _check_file(ckpt: Path, name: str, entry: manifest.FileEntry, m: manifest.Ma
     digests = sorted(
         (c.offset, c.length, c.hash) for t in m.tensors.values() for c in t.chunks if c.file == name
     )
-    if hashing.file_hash(header, [h for _, _, h in digests]) != entry.hash:
+    if hashing.file_hash(header, [h for _, _, h in digests], path=path) != entry.hash:
         raise errors.IntegrityError(f"{path}: header or tensor list does not match its hash", path=path, step=m.step)
 
 

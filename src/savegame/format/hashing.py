@@ -11,9 +11,15 @@ covered (header directly, data through the tensor digests) at the cost of one pa
 
 from __future__ import annotations
 
+import os
+import re
+
 import xxhash
 
+from savegame import errors
+
 ALGORITHM = "xxh3-128"
+_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 def new() -> xxhash.xxh3_128:
@@ -26,10 +32,17 @@ def digest(data: bytes | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def file_hash(header: bytes, tensor_digests: list[str]) -> str:
-    """The file hash: header bytes, then each tensor digest (hex) in offset order."""
+def file_hash(header: bytes, tensor_digests: list[str], *, path: str | os.PathLike[str] | None = None) -> str:
+    """The file hash: header bytes, then each tensor digest (hex) in offset order.
+
+    Raises:
+        IntegrityError: a digest is not 32 lowercase hex digits (a manifest validated by
+            :mod:`savegame.format.manifest` never holds one; ``path`` names the file).
+    """
     h = xxhash.xxh3_128()
     h.update(header)
     for d in tensor_digests:
+        if not isinstance(d, str) or not _HEX.fullmatch(d):
+            raise errors.IntegrityError(f"{path or 'tensor file'}: stored digest {d!r:.60} is not an xxh3-128 hex digest", path=path)
         h.update(bytes.fromhex(d))
     return h.hexdigest()

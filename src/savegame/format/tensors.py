@@ -192,9 +192,11 @@ def read_header(f: BinaryIO, path: str | os.PathLike[str], file_size: int) -> tu
             f"{path}: tensor file header claims {n} bytes but the file has {file_size}", path=path
         )
     raw = f.read(n)
+    if len(raw) != n:
+        raise errors.IntegrityError(f"{path}: tensor file is truncated inside its {n}-byte header", path=path)
     try:
         parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:  # ValueError: >4300-digit ints
         raise errors.IntegrityError(f"{path}: tensor file header is not valid JSON ({exc})", path=path) from exc
     if not isinstance(parsed, dict):
         raise errors.IntegrityError(f"{path}: tensor file header is not a JSON object", path=path)
