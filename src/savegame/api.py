@@ -64,7 +64,7 @@ def load(path: str | os.PathLike[str], *, rank: int = 0) -> Any:
     m = reader.read_manifest(path)
     if not 0 <= rank < m.world_size:
         raise errors.CheckpointNotFoundError(f"{path} has ranks 0..{m.world_size - 1}, not {rank}", path=path)
-    return treelib.decode(m.trees[rank], reader.load_tensors(path, m))
+    return treelib.decode(m.trees[rank], reader.load_tensors(path, m), path=path)
 
 
 class SavegameReader:
@@ -89,7 +89,7 @@ class SavegameReader:
 
     def tree(self) -> Any:
         refs = {k: base.TensorRef(k) for k in self.manifest.tensors}
-        return treelib.decode(self.manifest.trees[0], refs)  # type: ignore[arg-type]
+        return treelib.decode(self.manifest.trees[0], refs, path=self.path)  # type: ignore[arg-type]
 
     def metadata(self) -> dict[str, Any]:
         m = self.manifest
@@ -126,8 +126,16 @@ def open(path: str | os.PathLike[str], **options: Any) -> Any:  # noqa: A001 - t
     """Open any checkpoint lazily: a savegame checkpoint folder, or a foreign file (torch,
     safetensors, TensorFlow, Keras, darknet — pass ``cfg=`` —, numpy), detected from its bytes.
 
+    Keras/HDF5 files are parsed in a small child process by default, because libhdf5 can crash
+    or hang on malformed files: that costs about 0.2 s per open and turns a crash into a
+    :class:`FormatError`. Options (each ignored by the formats it does not concern):
+    ``isolate=False`` parses trusted Keras/HDF5 files in this process instead;
+    ``isolate_timeout=`` seconds before a hanging child is killed and the file refused (300);
+    ``cfg=`` the Darknet ``.cfg``; ``listing=True`` lists torch files with unknown globals.
+
     Raises:
         UnsupportedFormatError: the format is not recognised (the message lists those that are).
+        FormatError: the file is damaged (or, isolated, crashed or hung libhdf5).
     """
     if reader.is_checkpoint_dir(path):
         return SavegameReader(path)
@@ -160,8 +168,9 @@ def convert(
     *,
     to: Literal["savegame", "safetensors", "torch"],
     cfg: str | os.PathLike[str] | None = None,
+    partial: bool = False,
     overwrite: bool = False,
-    isolate: bool = False,
+    isolate: bool = True,
 ) -> Path:
     """Convert any readable checkpoint into a savegame folder, a safetensors file or a
     weights-only torch file, keeping names, dtypes and values bit for bit.
@@ -171,7 +180,11 @@ def convert(
     several ranks is first consolidated into one rank (sharded tensors reassembled whole; see
     :func:`savegame.distributed.consolidate`), so the output is what an inference user needs.
     ``dst`` appears atomically or not at all; an existing ``dst`` is kept unless ``overwrite``.
-    ``isolate=True`` reads a Keras/HDF5 ``src`` in a child process first (untrusted files).
+    A Keras/HDF5 ``src`` is parsed in a child process (``isolate=False``: in this process, for
+    trusted files only).
+    ``partial=True`` accepts a darknet ``.weights`` file holding fewer layers than its ``cfg``.
+    String tensors (TensorFlow) are kept as ``bytes`` in torch and savegame outputs and left
+    out of safetensors with a :class:`LossyConversionWarning` naming them.
 
     Raises:
         StepExistsError: ``dst`` exists and ``overwrite`` is False.
@@ -181,7 +194,7 @@ def convert(
     candidates = _candidates(src)
     for i, ckpt in enumerate(candidates):
         try:
-            return _convert_one(ckpt, Path(dst), to=to, cfg=cfg, overwrite=overwrite, isolate=isolate)
+            return _convert_one(ckpt, Path(dst), to=to, cfg=cfg, partial=partial, overwrite=overwrite, isolate=isolate)
         except errors.FormatError as exc:  # damaged (every byte is verified while converting)
             if i + 1 == len(candidates):
                 raise
@@ -194,26 +207,30 @@ def convert(
 
 
 def _convert_one(
-    src: str | os.PathLike[str], out: Path, *, to: str, cfg: Any, overwrite: bool, isolate: bool
+    src: str | os.PathLike[str], out: Path, *, to: str, cfg: Any, partial: bool, overwrite: bool, isolate: bool
 ) -> Path:
     from savegame.interop import convert as interop_convert
 
     if not (reader.is_checkpoint_dir(src) and reader.read_manifest(src).world_size > 1):
-        return interop_convert.convert(src, out, to=to, cfg=cfg, overwrite=overwrite, isolate=isolate)  # type: ignore[arg-type]
+        return interop_convert.convert(src, out, to=to, cfg=cfg, partial=partial, overwrite=overwrite, isolate=isolate)  # type: ignore[arg-type]
     import tempfile
 
     from savegame.distributed import consolidate
 
     if out.exists() and not overwrite:
         raise errors.StepExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        single = consolidate(src, Path(tmp) / "single")
-        if to == "savegame" and not out.exists():
-            os.replace(single, out)  # consolidate committed it; the rename is the publish step
-            local.fsync_dir(out.parent)
-            return out
-        return interop_convert.convert(single, out, to=to, overwrite=overwrite)  # type: ignore[arg-type]
+    created = interop_convert.make_parents(out.parent)  # removed again if the conversion fails
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            single = consolidate(src, Path(tmp) / "single")
+            if to == "savegame" and not out.exists():
+                os.replace(single, out)  # consolidate committed it; the rename is the publish step
+                local.fsync_dir(out.parent)
+                return out
+            return interop_convert.convert(single, out, to=to, overwrite=overwrite)  # type: ignore[arg-type]
+    except BaseException:
+        interop_convert.remove_created(created)
+        raise
 
 
 def diff(
@@ -222,16 +239,18 @@ def diff(
     *,
     cfg_a: str | os.PathLike[str] | None = None,
     cfg_b: str | os.PathLike[str] | None = None,
-    isolate: bool = False,
+    partial: bool = False,
+    isolate: bool = True,
 ) -> DiffResult:
     """Compare the tensors of two checkpoints of any formats (run folders: newest valid manifest).
 
     Returns a :class:`savegame.interop.diff.DiffResult`: names added and removed, dtype/shape
     changes, the max absolute difference per common tensor, and which are bitwise identical.
-    Memory holds one tensor pair at a time.
+    Memory holds one tensor pair at a time. ``partial=True`` accepts darknet ``.weights``
+    files holding fewer layers than their cfg.
     """
     from savegame.interop import diff as interop_diff
 
     return interop_diff.diff(
-        _candidates(a)[0], _candidates(b)[0], cfg_a=cfg_a, cfg_b=cfg_b, isolate=isolate
+        _candidates(a)[0], _candidates(b)[0], cfg_a=cfg_a, cfg_b=cfg_b, partial=partial, isolate=isolate
     )

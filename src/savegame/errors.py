@@ -36,6 +36,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "IntegrityError",
     "LockedError",
+    "LossyConversionWarning",
     "MissingDependencyError",
     "RestoreError",
     "StepExistsError",
@@ -171,3 +172,15 @@ def _rebuild_dist(
 
 class CorruptCheckpointWarning(UserWarning):
     """A checkpoint was skipped during restore because it is corrupt or incomplete."""
+
+
+class LossyConversionWarning(UserWarning):
+    """A conversion wrote what the target format can hold and left the rest out.
+
+    ``.left_out`` maps each tensor name that is not in the output to the reason (e.g. a
+    TensorFlow string tensor converted to safetensors, which holds only numbers).
+    """
+
+    def __init__(self, message: str, left_out: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.left_out: dict[str, str] = dict(left_out or {})

@@ -42,9 +42,12 @@ def test_ls_verify_flags_a_corrupt_checkpoint(tmp_path: Path, capsys: pytest.Cap
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    assert main(["ls", str(root), "--verify"]) == 0
+    assert main(["ls", str(root)]) == 0  # a listing: the manifests are fine
+    capsys.readouterr()
+    assert main(["ls", str(root), "--verify"]) == 1  # a check that found a problem (README)
     out = capsys.readouterr().out
     assert "NO" in out and "step 2: " in out and "does not match its hash" in out
+    assert "damaged" in out and "not ours" not in out
 
 
 def test_verify_exits_nonzero_on_any_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -90,7 +90,9 @@ def test_convert_never_replaces_an_existing_output_unless_asked(tmp_path: Path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_convert_a_run_folder_takes_its_newest_valid_checkpoint(tmp_path: Path) -> None:
+def test_convert_a_run_folder_takes_its_newest_valid_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = torch.nn.Linear(3, 2)
     state = sg.TrainState(model=model, extras={"epoch": 0})
     saved = {}
@@ -102,8 +104,10 @@ def test_convert_a_run_folder_takes_its_newest_valid_checkpoint(tmp_path: Path) 
             saved[s] = model.weight.detach().clone()
     newest = tmp_path / "run" / "step-000000000002" / "rank-00000.safetensors"
     newest.write_bytes(newest.read_bytes()[:-1])  # the newest is broken: step 1 is used
-    with pytest.warns(sg.CorruptCheckpointWarning, match="step-000000000002"):
-        assert main(["convert", str(tmp_path / "run"), str(tmp_path / "w.safetensors"), "--to", "safetensors"]) == 0
+    # The CLI prints savegame's warnings itself, literally, as part of its output (issue 9.12).
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "w.safetensors"), "--to", "safetensors"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: skipping checkpoint" in err and "step-000000000002" in err
     assert torch.equal(load_file(tmp_path / "w.safetensors")["model/weight"], saved[1])
 
 
@@ -130,8 +134,8 @@ def test_keras_files_are_read_in_a_child_process_unless_trusted(
     from savegame.interop import keras
 
     calls: list[str] = []
-    real = keras._preflight
-    monkeypatch.setattr(keras, "_preflight", lambda path, timeout: (calls.append(path), real(path, timeout)))
+    real = keras._isolated_index
+    monkeypatch.setattr(keras, "_isolated_index", lambda path, *a: (calls.append(path), real(path, *a))[1])
     src = GOLDEN / "keras" / "cnn.weights.h5"
     assert main(["show", str(src)]) == 0
     assert calls == [str(src)]
@@ -148,3 +152,82 @@ def test_darknet_needs_its_cfg(tmp_path: Path, capsys: pytest.CaptureFixture[str
     weights.write_bytes(b"\0" * 64)
     assert main(["show", str(weights)]) == 2
     assert "cfg" in capsys.readouterr().err
+
+
+def _darknet_files(tmp_path: Path, layers: int | None = None) -> tuple[Path, Path]:
+    """yolov3-tiny-small weights (random values), cut after ``layers`` cfg layers if given."""
+    from savegame.interop import darknet
+
+    cfg = GOLDEN / "darknet" / "yolov3-tiny-small.cfg"
+    plan = darknet.plan_layers(darknet.parse_cfg(cfg.read_text()))
+    n = sum(layer.nfloats for layer in (plan if layers is None else plan[:layers]))
+    weights = tmp_path / ("full.weights" if layers is None else "backbone.weights")
+    data = torch.arange(n, dtype=torch.float32).numpy().tobytes()
+    weights.write_bytes(b"\0\0\0\0\2\0\0\0\5\0\0\0" + b"\0" * 8 + data)
+    return weights, cfg
+
+
+def test_darknet_file_shorter_than_its_cfg_needs_partial(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 9.15: it used to load silently (convert exited 0 with most layers missing).
+    cut, cfg = _darknet_files(tmp_path, layers=9)
+    full, _ = _darknet_files(tmp_path)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(cut), str(out), "--to", "safetensors", "--cfg", str(cfg)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds 5 of the 13 layers" in err and "--partial" in err
+    assert not out.exists()
+    assert main(["convert", str(cut), str(out), "--to", "safetensors", "--cfg", str(cfg), "--partial"]) == 0
+    assert "5 of 13 layers present" in capsys.readouterr().out
+    assert len(load_file(out)) == 5 * 5  # 5 conv layers with BN: bias, 3 BN tensors, weight
+
+    assert main(["show", str(cut), "--cfg", str(cfg)]) == 0  # listing: always, with the count
+    assert "5 of 13 layers present (a partial file" in " ".join(capsys.readouterr().out.split())
+    assert main(["show", str(full), "--cfg", str(cfg)]) == 0
+    assert "13 of 13 layers present" in capsys.readouterr().out
+
+    assert main(["verify", str(cut), "--cfg", str(cfg)]) == 1
+    assert "add --partial" in " ".join(capsys.readouterr().out.split())
+    assert main(["verify", str(cut), "--cfg", str(cfg), "--partial"]) == 0
+    assert main(["verify", str(full), "--cfg", str(cfg)]) == 0
+    capsys.readouterr()
+
+    assert main(["diff", str(cut), str(out), "--cfg-a", str(cfg)]) == 2
+    assert main(["diff", str(cut), str(out), "--cfg-a", str(cfg), "--partial"]) == 0
+
+
+def test_tf2_checkpoint_converts_from_any_of_its_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Issues 9.13 and 9.14: the object graph string stopped every conversion, and the
+    # .data-00000-of-00001 path was "unrecognised".
+    tf = GOLDEN / "tensorflow" / "keras3"
+    shard = tf / "ckpt-1.data-00000-of-00001"
+    assert main(["show", str(shard)]) == 0
+    assert "(tensorflow)" in capsys.readouterr().out
+    assert main(["verify", str(shard)]) == 0
+    capsys.readouterr()
+    for src in (tf, tf / "ckpt-1", tf / "ckpt-1.index", shard):
+        out = tmp_path / f"{src.name}.safetensors"
+        assert main(["convert", str(src), str(out), "--to", "safetensors"]) == 0, src
+        captured = capsys.readouterr()
+        err = " ".join(captured.err.split())
+        assert "warning:" in err and "left out 2 string tensor(s)" in err, src
+        assert "_CHECKPOINTABLE_OBJECT_GRAPH" in err and "extra/strings/.ATTRIBUTES/VARIABLE_VALUE" in err
+        assert "wrote" in captured.out and "_CHECKPOINTABLE_OBJECT_GRAPH" not in load_file(out)
+    for to, dst in (("torch", "k.pt"), ("savegame", "k-sg")):
+        assert main(["convert", str(shard), str(tmp_path / dst), "--to", to]) == 0
+        assert "warning" not in capsys.readouterr().err  # strings kept: nothing left out
+    flat = torch.load(tmp_path / "k.pt", weights_only=True)
+    assert isinstance(flat["_CHECKPOINTABLE_OBJECT_GRAPH"], bytes)
+    assert sg.load(tmp_path / "k-sg")["_CHECKPOINTABLE_OBJECT_GRAPH"] == flat["_CHECKPOINTABLE_OBJECT_GRAPH"]
+    # Numbers are identical; the strings, values rather than tensors there, are "only in A".
+    assert main(["diff", str(tf), str(tmp_path / "k.pt")]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "26 identical, 0 differ in value, 0 differ in dtype/shape, 2 only in A, 0 only in B" in out
+
+
+def test_failed_convert_removes_the_folders_it_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    dst = tmp_path / "new" / "deeper" / "out.safetensors"
+    assert main(["convert", str(empty), str(dst), "--to", "safetensors"]) == 2
+    assert "is empty (0 bytes)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.pt"]

@@ -3,15 +3,18 @@
 Seeds are real files written at import time by torch.save (zip and legacy), safetensors and
 numpy (``.npy``, ``.npz`` STORED and DEFLATED). Mutations:
 
-* ``raw``: byte flips, overwrites, insertions, deletions and truncation of the whole file;
+* ``raw``: byte flips, overwrites, insertions, deletions, truncation and boundary integers
+  (0, -1, 2**31, 2**63, 2**64-1 as 4- and 8-byte little-endian fields) over the whole file;
 * ``pickle``: the same on the bytes of ``data.pkl`` only, re-zipped, so the pickle VM, the
   tensor-view checks and the storage bookkeeping are reached (not only the zip checks);
+* ``member``: the same on any other member of a torch zip or an ``.npz`` (storage records,
+  ``byteorder``, ``.npy`` headers and data), re-zipped STORED or DEFLATED as the seed was;
 * ``st_header``: structural edits of a safetensors JSON header (dims, offsets, dtypes, fields),
   re-encoded with a correct length;
 * ``npy_header``: random ``descr``/``shape``/``fortran_order`` in a correctly framed header.
 
 Any exception that is not a :class:`savegame.errors.CheckpointError` is a bug. The default run is
-short (~20 s); ``-m slow`` runs many more examples (``SAVEGAME_FUZZ_EXAMPLES``, default 6000 per property) and bounds traced allocations per case.
+short and seeded (derandomized, a few seconds per format); ``-m slow`` runs many more random examples (``SAVEGAME_FUZZ_EXAMPLES``, default 6000 per property) and bounds traced allocations per case.
 Inputs that once broke a reader live in tests/fuzz/regressions/{torch,safetensors,numpy}/ and
 are replayed by ``test_regressions_replay``.
 """
@@ -42,7 +45,7 @@ from savegame.interop import numpy as npr
 from savegame.interop import safetensors as str_
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
-FAST = 2500
+FAST = int(os.environ.get("SAVEGAME_FUZZ_FAST_EXAMPLES", "300"))
 SLOW = int(os.environ.get("SAVEGAME_FUZZ_EXAMPLES", "6000"))
 SETTINGS: dict[str, Any] = {
     "deadline": None,
@@ -53,6 +56,7 @@ SETTINGS: dict[str, Any] = {
     ],
     "database": None,
 }
+FAST_SETTINGS: dict[str, Any] = {**SETTINGS, "derandomize": True}  # same inputs every run
 
 
 def _seed_torch(legacy: bool) -> bytes:
@@ -208,6 +212,9 @@ INTERESTING = [
     b"I01\n",
     b"S'x'\n",
     b"V\\u00e9\n",
+    # Boundary integers in 4- and 8-byte size/shape/offset fields.
+    *(struct.pack("<I", v) for v in (0, 1 << 31, (1 << 32) - 1)),
+    *(struct.pack("<Q", v) for v in (0, 1 << 31, 1 << 63, (1 << 64) - 1)),
 ]
 
 
@@ -243,6 +250,24 @@ def _rezip_pickle(seed: bytes, ops: list[tuple[float, str, bytes]]) -> bytes:
     return out.getvalue()
 
 
+def _rezip_member(seed: bytes, which: int, ops: list[tuple[float, str, bytes]]) -> bytes:
+    """Mutate one member of a zip (chosen by ``which``), keep the others and each method."""
+    zin = zipfile.ZipFile(io.BytesIO(seed))
+    infos = zin.infolist()
+    target = infos[which % len(infos)].filename
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zout:
+        for info in infos:
+            data = zin.read(info)
+            if info.filename == target:
+                data = mutate(data, ops)
+            zout.writestr(info.filename, data, info.compress_type)
+    return out.getvalue()
+
+
+ZIP_SEEDS = st.sampled_from(["torch", "npz", "npz_deflated"])
+
+
 def _legacy_pickle(seed: bytes, ops: list[tuple[float, str, bytes]]) -> bytes:
     # Mutate only the object pickle region (roughly the first half, before the raw storages).
     cut = len(seed) // 2
@@ -254,6 +279,7 @@ ST_HEADER_EDITS = st.lists(
         st.sampled_from(["dim", "offset", "dtype", "drop", "extra", "rename", "dup", "meta"]),
         st.integers(0, 3),
         st.one_of(
+            st.sampled_from([0, -1, 2**31, 2**63, 2**64 - 1, 2**64]),
             st.integers(-(2**64), 2**64),
             st.sampled_from(["F32", "BF16", "F4", "X", "", None, 1.5, [], {}]),
         ),
@@ -313,6 +339,9 @@ NPY_HEADER = st.fixed_dictionaries(
         "fortran_order": st.one_of(st.booleans(), st.integers(0, 1)),
         "shape": st.one_of(
             st.lists(st.integers(-2, 2**40), max_size=4).map(tuple),
+            st.lists(
+                st.sampled_from([0, 1, -1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64]), max_size=4
+            ).map(tuple),
             st.lists(st.integers(0, 5), max_size=3).map(tuple),
         ),
     }
@@ -328,14 +357,29 @@ def _npy_with_header(seed: bytes, header: dict[str, Any], version: int) -> bytes
     return b"\x93NUMPY" + bytes([version, 0]) + struct.pack("<I", len(text)) + text + data
 
 
+COUNTS: dict[str, int] = {}
+
+
 def _run(tmp_path: Path, data: bytes, kind: str, bounded: bool = False) -> None:
     p = tmp_path / "case.bin"
     p.write_bytes(data)
-    if bounded:
-        with memory_bounded():
+    save = os.environ.get("SAVEGAME_FUZZ_SAVE")  # campaigns: keep counts and failing inputs
+    try:
+        if bounded:
+            with memory_bounded():
+                exercise(p, kind)
+        else:
             exercise(p, kind)
-    else:
-        exercise(p, kind)
+    except BaseException:
+        if save:
+            Path(save).mkdir(parents=True, exist_ok=True)
+            (Path(save) / f"fail-{kind}-{abs(hash(data)):x}").write_bytes(data)
+        raise
+    finally:
+        COUNTS[kind] = COUNTS.get(kind, 0) + 1
+        if save and COUNTS[kind] % 100 == 0:
+            Path(save).mkdir(parents=True, exist_ok=True)
+            (Path(save) / f"count-{kind}.txt").write_text(f"{COUNTS[kind]}\n")
 
 
 SEED_NAMES = st.sampled_from(sorted(SEEDS))
@@ -344,13 +388,13 @@ SEED_NAMES = st.sampled_from(sorted(SEEDS))
 # -- default (short) runs ---------------------------------------------------------------------
 
 
-@settings(max_examples=FAST, **SETTINGS)
+@settings(max_examples=FAST, **FAST_SETTINGS)
 @given(name=SEED_NAMES, ops=OPS)
 def test_fuzz_raw_bytes(tmp_path: Path, name: str, ops: list[Any]) -> None:
     _run(tmp_path, mutate(SEEDS[name], ops), KIND[name])
 
 
-@settings(max_examples=FAST, **SETTINGS)
+@settings(max_examples=FAST, **FAST_SETTINGS)
 @given(legacy=st.booleans(), ops=OPS)
 def test_fuzz_pickle(tmp_path: Path, legacy: bool, ops: list[Any]) -> None:
     data = (
@@ -359,19 +403,32 @@ def test_fuzz_pickle(tmp_path: Path, legacy: bool, ops: list[Any]) -> None:
     _run(tmp_path, data, "torch")
 
 
-@settings(max_examples=FAST, **SETTINGS)
+@settings(max_examples=FAST, **FAST_SETTINGS)
 @given(edits=ST_HEADER_EDITS)
 def test_fuzz_safetensors_header(tmp_path: Path, edits: list[Any]) -> None:
     _run(tmp_path, _st_edit(SEEDS["safetensors"], edits), "safetensors")
 
 
-@settings(max_examples=FAST, **SETTINGS)
+@settings(max_examples=FAST, **FAST_SETTINGS)
 @given(header=NPY_HEADER, version=st.sampled_from([1, 2, 3]))
 def test_fuzz_npy_header(tmp_path: Path, header: dict[str, Any], version: int) -> None:
     _run(tmp_path, _npy_with_header(SEEDS["npy"], header, version), "numpy")
 
 
+@settings(max_examples=FAST, **FAST_SETTINGS)
+@given(seed=ZIP_SEEDS, which=st.integers(0, 64), ops=OPS)
+def test_fuzz_zip_members(tmp_path: Path, seed: str, which: int, ops: list[Any]) -> None:
+    _run(tmp_path, _rezip_member(SEEDS[seed], which, ops), KIND[seed])
+
+
 # -- slow runs: many more examples, bounded allocations ----------------------------------------
+
+
+@pytest.mark.slow
+@settings(max_examples=SLOW, **SETTINGS)
+@given(seed=ZIP_SEEDS, which=st.integers(0, 64), ops=OPS)
+def test_fuzz_zip_members_slow(tmp_path: Path, seed: str, which: int, ops: list[Any]) -> None:
+    _run(tmp_path, _rezip_member(SEEDS[seed], which, ops), KIND[seed], bounded=True)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from savegame import errors
-from savegame.interop import darknet, darknet_torch
+from savegame.interop import darknet, darknet_torch, detect
 
 NET = "[net]\nwidth=16\nheight=16\nchannels=3\n"
 CONV = "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n"
@@ -23,7 +23,7 @@ def _weights(tmp_path: Path, nfloats: int, name: str = "w.weights") -> Path:
 def _open(tmp_path: Path, cfg_text: str, nfloats: int = 0, **kw: bool) -> darknet.DarknetReader:
     cfg = tmp_path / "net.cfg"
     cfg.write_text(cfg_text)
-    return darknet.open_darknet(_weights(tmp_path, nfloats), cfg=cfg, **kw)
+    return darknet.open_darknet(_weights(tmp_path, nfloats), cfg=cfg, partial=True, **kw)
 
 
 def _expect(
@@ -44,21 +44,27 @@ def test_weights_file_shorter_than_header(tmp_path: Path) -> None:
     for size in (0, 5, 12, 19):
         path = tmp_path / f"short{size}.weights"
         path.write_bytes(struct.pack("<iiiQ", 0, 2, 5, 0)[:size])
-        with pytest.raises(errors.FormatError, match="too short") as info:
+        with pytest.raises(
+            errors.FormatError, match="is empty" if size == 0 else "too short"
+        ) as info:
             darknet.open_darknet(path, cfg=cfg)
         assert info.value.path == str(path)
+        # The same through detection (the CLI's way in): an empty file says so.
+        with pytest.raises(errors.FormatError, match="is empty" if size == 0 else "too short"):
+            detect.open(path, cfg=cfg)
 
 
-def test_weights_file_shorter_than_cfg_needs_strict(tmp_path: Path) -> None:
+def test_weights_file_shorter_than_cfg_is_refused_unless_partial(tmp_path: Path) -> None:
     cfg = tmp_path / "net.cfg"
     cfg.write_text(NET + CONV)
     need = 4 + 4 * 3 * 9
     path = _weights(tmp_path, need - 1)
-    with pytest.raises(errors.FormatError, match="shorter") as info:
-        darknet.open_darknet(path, cfg=cfg, strict=True)
+    with pytest.raises(errors.FormatError, match=r"holds 0 of the 1 layers.*partial=True") as info:
+        darknet.open_darknet(path, cfg=cfg)
     assert info.value.path == str(path)
-    with darknet.open_darknet(path, cfg=cfg) as r:
+    with darknet.open_darknet(path, cfg=cfg, partial=True) as r:
         assert r.keys() == []
+        assert str(r.coverage) == "0 of 1 layers present"
         assert r.verify() and "cut inside" in r.verify()[0]
 
 

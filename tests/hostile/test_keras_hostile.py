@@ -9,14 +9,20 @@ from __future__ import annotations
 import base64
 import json
 import marshal
+import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from h5py import h5d, h5p, h5s, h5t, h5z
 
 from savegame import errors
@@ -337,3 +343,254 @@ def test_lambda_layer_config_is_never_executed(tmp_path: Path) -> None:
     with keras.open_keras(legacy) as r:
         assert r.metadata()["model_config"]["config"]["layers"][-1]["class_name"] == "Lambda"
     assert not sentinel.exists()
+
+
+# ---- config.json versus the stored weights -------------------------------------------------
+
+
+def _edit_layer(config: dict[str, object], name: str, **changes: object) -> None:
+    for layer in config["config"]["layers"]:  # type: ignore[index]
+        if layer["config"]["name"] == name:
+            layer["config"].update(changes)
+            return
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+@pytest.mark.parametrize(
+    ("layer", "changes", "weight", "stored", "implied"),
+    [
+        ("d1", {"units": 6}, "kernel", "(144, 5)", "(144, 6)"),
+        ("c1", {"filters": 8}, "kernel", "(3, 3, 3, 4)", "(3, 3, 3, 8)"),
+        ("c1", {"kernel_size": [5, 5]}, "kernel", "(3, 3, 3, 4)", "(5, 5, 3, 4)"),
+    ],
+)
+def test_weights_that_contradict_config_json_are_refused(
+    tmp_path: Path,
+    isolate: bool,
+    layer: str,
+    changes: dict[str, object],
+    weight: str,
+    stored: str,
+    implied: str,
+) -> None:
+    members = _members()
+    config = json.loads(members["config.json"])
+    _edit_layer(config, layer, **changes)
+    members["config.json"] = json.dumps(config).encode()
+    path = _zip(tmp_path / "mismatch.keras", members)
+    with pytest.raises(errors.FormatError) as info:
+        keras.open_keras(path, isolate=isolate)
+    msg = str(info.value)
+    assert f"layer '{layer}'" in msg and f"weight '{weight}'" in msg, msg
+    assert stored in msg and implied in msg, msg
+    assert info.value.path == str(path) and info.value.key is not None
+
+
+def test_weight_count_that_contradicts_config_json_is_refused(tmp_path: Path) -> None:
+    members = _members()
+    config = json.loads(members["config.json"])
+    _edit_layer(config, "d1", use_bias=False)  # the file still holds a bias
+    members["config.json"] = json.dumps(config).encode()
+    with pytest.raises(errors.FormatError, match=r"layer 'd1' \(Dense\) has 2 weights"):
+        keras.open_keras(_zip(tmp_path / "count.keras", members))
+
+
+def test_config_check_accepts_every_real_fixture() -> None:
+    # The real Keras 3 archive agrees with itself (names by the vars `name` attribute and by
+    # Keras' snake_case attribute names alike).
+    with keras.open_keras(FIXTURES / "cnn.keras") as r:
+        assert r.verify() == []
+    index = {
+        "meta": {"model_config": json.loads(_members()["config.json"])},
+        "entries": {
+            "layers/dense/vars/0": {"shape": [144, 6]},
+            "layers/dense/vars/1": {"shape": [5]},
+        },
+    }
+    with pytest.raises(errors.FormatError, match=r"\(144, 6\) but config.json implies \(144, 5\)"):
+        keras._check_config_shapes("x.keras", index)  # no layer_names: snake_case fallback
+
+
+# ---- process isolation -----------------------------------------------------------------------
+
+REGRESSIONS = Path(__file__).resolve().parents[1] / "fuzz" / "regressions" / "keras"
+
+
+def test_api_open_isolates_by_default(tmp_path: Path) -> None:
+    # This file segfaults libhdf5 2.0.0: in-process, it would kill the test run.
+    import savegame as sg
+
+    path = tmp_path / "segv.h5"
+    shutil.copyfile(REGRESSIONS / "segv-root-attr-read.h5", path)
+    with pytest.raises(errors.FormatError, match="crashed") as info:
+        sg.open(path)
+    assert info.value.path == str(path)
+    with sg.open(FIXTURES / "cnn.keras") as r:
+        assert r.isolated
+    with sg.open(FIXTURES / "cnn.keras", isolate=False) as r:
+        assert not r.isolated
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_hang_is_cut_by_the_timeout_and_the_child_reaped(tmp_path: Path) -> None:
+    path = tmp_path / "hang.h5"
+    shutil.copyfile(REGRESSIONS / "hang-vlen-name-attr.h5", path)
+    before = _children(os.getpid())
+    with pytest.raises(errors.FormatError, match="more than 2.0 s") as info:
+        keras.open_keras(path, isolate_timeout=2.0)
+    assert info.value.path == str(path)
+    assert _children(os.getpid()) <= before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
+def test_isolation_child_dies_with_its_parent(tmp_path: Path) -> None:
+    path = tmp_path / "hang.h5"
+    shutil.copyfile(REGRESSIONS / "hang-vlen-name-attr.h5", path)
+    script = "import sys; from savegame.interop import keras; keras.open_keras(sys.argv[1])"
+    parent = subprocess.Popen([sys.executable, "-c", script, str(path)])
+    try:
+        deadline = time.monotonic() + 60
+        kids: set[int] = set()
+        while not kids and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+            kids = _children(parent.pid)
+        assert kids, "the isolation child never started"
+        time.sleep(1.0)  # let it reach the hang inside libhdf5
+        (child,) = kids
+        assert _alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 2.0
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child), "the isolation child outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_file_that_changes_after_the_check_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "w.weights.h5"
+    shutil.copyfile(FIXTURES / "cnn.weights.h5", path)
+    with keras.open_keras(path) as r:
+        name = r.keys()[0]
+        r.read(name)
+        with open(path, "ab") as f:
+            f.write(b"\0" * 16)
+        with pytest.raises(errors.FormatError, match="changed after it was checked"):
+            r.read(name)
+
+
+def test_isolated_reads_equal_in_process_reads(tmp_path: Path) -> None:
+    # Contiguous datasets are read by offset without libhdf5; chunked/compressed, compact,
+    # big-endian, bool and complex ones come from the child. Both must equal h5py's reading.
+    path = tmp_path / "mixed.weights.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w", userblock_size=512) as f:  # HDF5 data after a user block
+        g = f.create_group("layers/dense/vars")
+        g["0"] = rng.normal(size=(3, 4)).astype(">f4")
+        g.create_dataset("1", data=rng.normal(size=(64,)), compression="gzip", shuffle=True)
+        g.create_dataset("2", data=np.arange(7, dtype="<i2"), chunks=(3,), fletcher32=True)
+        g["3"] = np.array([True, False, True])
+        g["4"] = (rng.normal(size=3) + 1j * rng.normal(size=3)).astype("c8")
+        g["5"] = np.float64(2.5)
+        g["6"] = np.zeros((0, 3), "f4")
+        dcpl = h5p.create(h5p.DATASET_CREATE)
+        dcpl.set_layout(h5d.COMPACT)
+        space = h5s.create_simple((4,))
+        h5d.create(g.id, b"7", h5t.NATIVE_INT32, space, dcpl=dcpl).write(
+            h5s.ALL, h5s.ALL, np.arange(4, dtype="i4")
+        )
+    with keras.open_keras(path) as iso, keras.open_keras(path, isolate=False) as inproc:
+        assert iso.isolated and not inproc.isolated
+        assert iso.keys() == inproc.keys() and len(iso.keys()) == 8
+        raw = [iso._entries[k]["raw"] is not None for k in iso.keys()]
+        assert raw == [True, False, False, False, False, True, False, False]
+        for name in iso.keys():
+            a, b = iso.read(name), inproc.read(name)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+            assert iso.info(name) == inproc.info(name)
+
+
+def test_isolation_child_imports_neither_torch_nor_savegame() -> None:
+    import ast
+
+    from savegame.interop import _h5index
+
+    tree = ast.parse(Path(_h5index.__file__).read_text())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= {
+        "__future__",
+        "collections",
+        "contextlib",
+        "ctypes",
+        "h5py",
+        "io",
+        "json",
+        "math",
+        "numpy",
+        "os",
+        "signal",
+        "struct",
+        "sys",
+        "typing",
+    }, imported
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_checksum_failure_fails_only_that_tensor(tmp_path: Path, isolate: bool) -> None:
+    path = tmp_path / "crc.h5"
+    with _legacy(path) as f:
+        f["d"].attrs["weight_names"] = np.array([b"d/kernel:0", b"d/bias:0"])
+        f["d/d"].create_dataset("kernel:0", data=np.arange(64, dtype="f4"), fletcher32=True)
+        f["d/d/bias:0"] = np.ones(2, "f4")
+    with h5py.File(path, "r") as f:
+        chunk = f["d/d/kernel:0"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[chunk + 8] ^= 0xFF  # one stored byte of the checksummed chunk
+    path.write_bytes(bytes(data))
+    with keras.open_keras(path, isolate=isolate) as r:
+        assert r.read("d/bias:0").tolist() == [1.0, 1.0]
+        with pytest.raises(errors.FormatError) as info:
+            r.read("d/kernel:0")
+        assert info.value.key == "d/kernel:0" and info.value.path == str(path)
+        (problem,) = r.verify()
+        assert problem.startswith("d/kernel:0:")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
+def test_isolation_works_when_the_file_lands_on_fd_0() -> None:
+    # A daemon started with stdio closed gets the file as fd 0, which the child's own stdin
+    # would shadow; the child must still read the right file.
+    saved = os.dup(0)
+    os.close(0)
+    try:
+        with keras.open_keras(FIXTURES / "cnn.keras") as r:
+            assert r._source.raw.fileno() == 0  # type: ignore[attr-defined]
+            problems, count = r.verify(), len(r.keys())
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    assert problems == [] and count == 10

@@ -134,3 +134,26 @@ def test_exotic_descr_is_a_typed_error(tmp_path: Path, descr: str) -> None:
     p = tmp_path / "odd.npy"
     p.write_bytes(_npy(f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': (1,)}}", b"\0" * 8))
     _fails(p)
+
+
+# Boundary dimensions, also on empty arrays: numpy cannot even build (0, 2**64) ("Maximum
+# allowed dimension exceeded") or (0, 2**63 - 1) ("array is too big").
+@pytest.mark.parametrize(
+    "shape",
+    [(0, 2**64), (0, 2**63), (0, 2**63 - 1), (0, 2**62, 2**62), (2**64 - 1,), (0,) * 65],
+)
+def test_boundary_dimensions_are_refused(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    p = tmp_path / "dims.npy"
+    p.write_bytes(_npy(repr({"descr": "<f4", "fortran_order": False, "shape": shape}) + "\n"))
+    _fails(p)
+    z = tmp_path / "dims.npz"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("a.npy", p.read_bytes())
+    _fails(z)
+
+
+def test_empty_arrays_with_ordinary_shapes_still_open(tmp_path: Path) -> None:
+    p = tmp_path / "empty.npy"
+    np.save(p, np.zeros((0, 7, 3), "f4"))
+    with npr.open_numpy(p) as r:
+        assert tuple(r.read("array").shape) == (0, 7, 3)

@@ -103,3 +103,13 @@ def test_empty_and_scalar_are_fine(tmp_path: Path) -> None:
     )
     with st.open_safetensors(p) as r:
         assert r.read("e").shape == (0, 3) and r.read("s").shape == ()
+
+
+# Boundary dimensions, also on empty tensors: torch cannot build (0, 2**64) (TypeError
+# "Overflow when unpacking long") and numpy refuses (0, 2**63 - 1).
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**64], [0, 2**63], [0, 2**63 - 1], [0, 2**62, 2**62], [2**64 - 1], [0] * 65],
+)
+def test_boundary_dimensions_are_refused(tmp_path: Path, shape: list[int]) -> None:
+    _fails(_write(tmp_path / "dims.safetensors", {"e": _e("F32", shape, 0, 0)}))

@@ -887,3 +887,31 @@ def test_partition_with_missing_shard(tmp_path: Path) -> None:
     os.remove(f"{prefix}.data-00000-of-00001")
     with tensorflow.open_tensorflow(prefix) as r:
         expect(errors.CheckpointNotFoundError, lambda: r.read("p"), path_endswith="00001")
+
+
+def test_empty_index_and_empty_shard_say_what_they_are(tmp_path: Path) -> None:
+    from savegame.interop import detect
+
+    (tmp_path / "ckpt.index").write_bytes(b"")
+    for path in (tmp_path / "ckpt", tmp_path / "ckpt.index"):
+        with pytest.raises(errors.FormatError, match=r"empty \(0 bytes\)") as ei:
+            detect.open(path)
+        assert ei.value.path == str(tmp_path / "ckpt.index")
+    # A valid index whose only data shard is empty: named by the shard path, the bundle opens
+    # (through its index) and the tensor's bytes are reported missing, never read past the end.
+    bw.write_bundle(tmp_path / "b", {"w": np.arange(4, dtype=np.float32)})
+    shard = tmp_path / "b.data-00000-of-00001"
+    shard.write_bytes(b"")
+    with detect.open(shard) as r:
+        assert r.keys() == ["w"]
+        with pytest.raises(errors.FormatError) as ei:
+            r.read("w")
+        assert ei.value.path == str(shard)
+        assert r.verify()
+
+
+def test_empty_checkpoint_pointer_file_says_it_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint").write_bytes(b"")
+    with pytest.raises(errors.FormatError, match=r"checkpoint is empty \(0 bytes\)") as ei:
+        tensorflow.open_tensorflow(tmp_path)
+    assert ei.value.path == str(tmp_path / "checkpoint")

@@ -424,3 +424,43 @@ def test_legacy_pickled_module_refused(tmp_path: Path) -> None:
     p.write_bytes(buf.getvalue())
     err = _open(p)
     assert isinstance(err, errors.UnsafeContentError)
+
+
+def _view_pkl(size: tuple[int, ...], stride: tuple[int, ...], numel: int = 0) -> bytes:
+    """data.pkl of ``{"e": _rebuild_tensor_v2(FloatStorage(numel), 0, size, stride)}`` with
+    arbitrary-precision ints (LONG1), written by the real pickler."""
+    import collections
+
+    marker = object()
+
+    class View:
+        def __reduce__(self) -> tuple[object, ...]:
+            args = (marker, 0, size, stride, False, collections.OrderedDict())
+            return (torch._utils._rebuild_tensor_v2, args)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is marker else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"e": View()})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "stride"),
+    [
+        ((0, 2**64), (1, 1)),  # torch.empty: TypeError "Overflow when unpacking long"
+        ((0, 2**63), (1, 1)),
+        ((2**64 - 1, 0), (1, 1)),
+        ((0,) * 65, (1,) * 65),
+        ((0, 2**40, 2**40), (1, 1, 1)),
+    ],
+)
+def test_empty_views_with_boundary_sizes_are_format_errors(
+    tmp_path: Path, size: tuple[int, ...], stride: tuple[int, ...]
+) -> None:
+    p = torch_zip(tmp_path / "dims.pt", _view_pkl(size, stride), {"0": b""})
+    assert isinstance(_open(p), errors.FormatError)
+    with pytest.raises(errors.FormatError):
+        torch_pickle.load(p)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -147,3 +149,134 @@ def test_convert_tutorial_checkpoint_to_savegame(tmp_path: Path) -> None:
         convert.convert(src, dst, to="savegame")
     convert.convert(src, dst, to="savegame", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.pt", "ckpt.pth", "sg"]
+
+
+# ---- TF2 checkpoints: string tensors (issue 9.13) ------------------------------------------
+
+TF_GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "tensorflow"
+
+
+def _bundle_writer() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "tf_bundle_writer", TF_GOLDEN / "bundle_writer.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tf_strings(prefix: Path) -> dict[str, object]:
+    from savegame.interop import tensorflow
+
+    with tensorflow.open_tensorflow(prefix) as r:
+        return {k: r.read_strings(k) for k in r.keys() if r.info(k).dtype == "string"}
+
+
+def _tf_numbers(prefix: Path) -> dict[str, torch.Tensor]:
+    from savegame.interop import tensorflow
+
+    with tensorflow.open_tensorflow(prefix) as r:
+        out = {}
+        for k in r.keys():
+            if r.info(k).dtype != "string":
+                t = r.read(k)
+                assert isinstance(t, torch.Tensor)
+                out[k] = t
+        return out
+
+
+@pytest.mark.parametrize(
+    "fixture", ["keras3/ckpt-1", "tfkeras/ckpt-1", "sharded/ckpt", "tf1/model.ckpt-3"]
+)
+def test_tf_checkpoint_converts_to_safetensors_leaving_out_strings_by_name(
+    tmp_path: Path, fixture: str
+) -> None:
+    src = TF_GOLDEN / fixture
+    strings, numbers = _tf_strings(src), _tf_numbers(src)
+    assert strings  # every fixture holds a string tensor (TF2: the object graph)
+    dst = tmp_path / "out.safetensors"
+    with pytest.warns(errors.LossyConversionWarning, match="left out") as rec:
+        assert convert.convert(src, dst, to="safetensors") == dst
+    (warning,) = [w.message for w in rec]
+    assert isinstance(warning, errors.LossyConversionWarning)
+    assert set(warning.left_out) == set(strings)
+    assert all("safetensors holds only numeric tensors" in why for why in warning.left_out.values())
+    _assert_exact(load_file(dst), numbers)
+
+
+@pytest.mark.parametrize("fixture", ["keras3/ckpt-1", "tf1/model.ckpt-3"])
+def test_tf_checkpoint_converts_to_torch_and_savegame_keeping_strings(
+    tmp_path: Path, fixture: str
+) -> None:
+    import savegame as sg
+
+    src = TF_GOLDEN / fixture
+    strings, numbers = _tf_strings(src), _tf_numbers(src)
+    if fixture.startswith("keras3"):
+        assert "_CHECKPOINTABLE_OBJECT_GRAPH" in strings
+        assert b"" in strings["extra/strings/.ATTRIBUTES/VARIABLE_VALUE"]  # type: ignore[operator]
+    convert.convert(src, tmp_path / "out.pt", to="torch")
+    flat = torch.load(tmp_path / "out.pt", weights_only=True)  # strings load weights-only too
+    convert.convert(src, tmp_path / "out-sg", to="savegame")
+    tree = sg.load(tmp_path / "out-sg")
+    for got in (flat, tree):
+        assert sorted(got) == sorted([*strings, *numbers])
+        _assert_exact({k: got[k] for k in numbers}, numbers)
+        for k, want in strings.items():
+            assert got[k] == want, k  # bytes / nested lists of bytes, trailing NULs kept
+
+
+def test_checkpoint_of_only_strings_cannot_become_safetensors(tmp_path: Path) -> None:
+    _bundle_writer().write_bundle(tmp_path / "ckpt", {"names": [b"a", b"b"], "title": b"x"})
+    dst = tmp_path / "new" / "out.safetensors"
+    with pytest.raises(errors.UnsupportedFormatError, match="every tensor is a string") as ei:
+        convert.convert(tmp_path / "ckpt", dst, to="safetensors")
+    assert "'torch' or 'savegame'" in str(ei.value)
+    assert not (tmp_path / "new").exists()  # the folder created for dst is removed again
+    convert.convert(tmp_path / "ckpt", tmp_path / "out.pt", to="torch")
+    assert torch.load(tmp_path / "out.pt", weights_only=True) == {
+        "names": [b"a", b"b"],
+        "title": b"x",
+    }
+
+
+def test_tf_checkpoint_named_by_its_data_shard_converts(tmp_path: Path) -> None:
+    src = TF_GOLDEN / "tf1" / "model.ckpt-3.data-00000-of-00001"
+    convert.convert(src, tmp_path / "out.pt", to="torch")
+    flat = torch.load(tmp_path / "out.pt", weights_only=True)
+    numbers = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    _assert_exact(numbers, _tf_numbers(TF_GOLDEN / "tf1" / "model.ckpt-3"))
+
+
+# ---- failed conversions clean up after themselves (issue 9.16) -----------------------------
+
+
+@pytest.mark.parametrize("to", ["safetensors", "torch", "savegame"])
+def test_failed_conversion_removes_only_the_folders_it_created(tmp_path: Path, to: str) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # header length past the end
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    dst = existing / "a" / "b" / "out"
+    with pytest.raises(errors.FormatError, match="runs past the end"):
+        convert.convert(bad, dst, to=to)  # type: ignore[arg-type]
+    assert list(existing.iterdir()) == []  # a/ and a/b/ were created, then removed
+    assert existing.is_dir()  # it was there before: kept
+
+
+def test_failed_conversion_keeps_a_created_folder_that_someone_filled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, src)
+    dst = tmp_path / "new" / "out.safetensors"
+
+    def boom(*a: object, **k: object) -> None:
+        (tmp_path / "new" / "other-file").write_text("not ours")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        convert.convert(src, dst, to="safetensors")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["other-file"]

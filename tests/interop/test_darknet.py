@@ -165,7 +165,7 @@ def test_full_cfg_reader_lists_every_tensor_with_shapes(tmp_path: Path) -> None:
     with open(path, "wb") as fh:
         fh.write(struct.pack("<iiiQ", 0, 2, 0, 0))
         fh.truncate(35_434_956)
-    with darknet.open_darknet(path, cfg=FULL_CFG, strict=True) as r:
+    with darknet.open_darknet(path, cfg=FULL_CFG) as r:
         assert r.format == "darknet"
         assert len(r.keys()) == 11 * 5 + 2 * 2
         assert r.keys()[:5] == [
@@ -188,7 +188,7 @@ def test_small_weights_load_exactly_and_forward_matches_reference(
     small: tuple[Path, dict[str, np.ndarray]],
 ) -> None:
     path, arrays = small
-    with darknet.open_darknet(path, cfg=SMALL_CFG, strict=True) as r:
+    with darknet.open_darknet(path, cfg=SMALL_CFG) as r:
         assert r.keys() == list(arrays)
         for name, expected in arrays.items():
             got = r.read(name)
@@ -201,7 +201,7 @@ def test_small_weights_load_exactly_and_forward_matches_reference(
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     results = {}
     for convention in ("alexeyab", "pjreddie"):
-        model = darknet_torch.load_darknet(SMALL_CFG, path, bn=convention, strict=True)
+        model = darknet_torch.load_darknet(SMALL_CFG, path, bn=convention)
         state = model.state_dict()
         for name, expected in arrays.items():
             assert torch.equal(state[name], torch.from_numpy(expected.copy())), name
@@ -243,7 +243,7 @@ def test_truncated_backbone_lists_only_full_layers(
     end = 20 + 4 * sum(layer.nfloats for layer in plan[:9])
     cut = tmp_path / "backbone.weights"
     cut.write_bytes(path.read_bytes()[:end])
-    with darknet.open_darknet(cut, cfg=SMALL_CFG) as r:
+    with darknet.open_darknet(cut, cfg=SMALL_CFG, partial=True) as r:
         assert r.keys() == [k for k in arrays if int(k.split(".")[1]) <= 8]
         meta = r.metadata()
         assert meta["loaded_layers"] == 5 and meta["weighted_layers"] == 13
@@ -255,10 +255,10 @@ def test_truncated_backbone_lists_only_full_layers(
             r.read("layers.10.conv.weight")
         assert info.value.path == str(cut)
     with pytest.raises(errors.FormatError) as exc:
-        darknet.open_darknet(cut, cfg=SMALL_CFG, strict=True)
+        darknet.open_darknet(cut, cfg=SMALL_CFG)
     assert exc.value.path == str(cut) and "shorter" in str(exc.value)
     model = darknet_torch.build_model(SMALL_CFG)
-    with darknet.open_darknet(cut, cfg=SMALL_CFG) as r:
+    with darknet.open_darknet(cut, cfg=SMALL_CFG, partial=True) as r:
         missing = darknet_torch.load_weights(model, r)
     assert "layers.10.conv.weight" in missing and "layers.8.conv.weight" not in missing
     assert torch.equal(
@@ -273,14 +273,14 @@ def test_file_cut_inside_a_layer_is_reported_by_verify(
     path, _ = small
     cut = tmp_path / "cut.weights"
     cut.write_bytes(path.read_bytes()[:-10])
-    with darknet.open_darknet(cut, cfg=SMALL_CFG) as r:
+    with darknet.open_darknet(cut, cfg=SMALL_CFG, partial=True) as r:
         problems = r.verify()
         assert len(problems) == 1 and "layer 22" in problems[0]
         assert "layers.22.conv.weight" not in r.keys()
         assert "layers.21.conv.weight" in r.keys()
         assert r.metadata()["loaded_layers"] == 12
     with pytest.raises(errors.FormatError):
-        darknet.open_darknet(cut, cfg=SMALL_CFG, strict=True)
+        darknet.open_darknet(cut, cfg=SMALL_CFG)
 
 
 def test_trailing_bytes_are_reported(
@@ -289,10 +289,10 @@ def test_trailing_bytes_are_reported(
     path, _ = small
     longer = tmp_path / "long.weights"
     longer.write_bytes(path.read_bytes() + b"\0" * 8)
-    with darknet.open_darknet(longer, cfg=SMALL_CFG) as r:
+    with darknet.open_darknet(longer, cfg=SMALL_CFG, partial=True) as r:
         assert any("8 trailing bytes" in p for p in r.verify())
     with pytest.raises(errors.FormatError) as exc:
-        darknet.open_darknet(longer, cfg=SMALL_CFG, strict=True)
+        darknet.open_darknet(longer, cfg=SMALL_CFG)
     assert "longer" in str(exc.value)
 
 
@@ -317,7 +317,7 @@ def test_old_header_has_4_byte_seen_and_transposed_connected(tmp_path: Path) -> 
         )
         path = tmp_path / f"fc{major}.weights"
         path.write_bytes(data)
-        with darknet.open_darknet(path, cfg=cfg, strict=True) as r:
+        with darknet.open_darknet(path, cfg=cfg) as r:
             assert r.header.header_bytes == 16 and r.header.seen == 7
             assert r.header.transposed is transposed
             assert r.keys() == [
@@ -331,7 +331,7 @@ def test_old_header_has_4_byte_seen_and_transposed_connected(tmp_path: Path) -> 
             ]
             assert torch.equal(r.read("layers.0.fc.weight"), torch.from_numpy(w1))
             assert torch.equal(r.read("layers.1.fc.weight"), torch.from_numpy(w2))
-        model = darknet_torch.load_darknet(cfg, path, strict=True)
+        model = darknet_torch.load_darknet(cfg, path)
         x = torch.randn(1, 3, 1, 2)
         h = x.flatten(1) @ torch.from_numpy(w1).T + torch.from_numpy(b1)
         h = h @ torch.from_numpy(w2).T
@@ -352,7 +352,7 @@ def test_dontload_and_dontloadscales_skip_bytes(tmp_path: Path) -> None:
     floats = 3 + 3 * 2 + 2 + 2 * 1 * 9
     path = tmp_path / "d.weights"
     path.write_bytes(struct.pack("<iiiQ", 0, 2, 5, 0) + np.arange(floats, dtype="<f4").tobytes())
-    with darknet.open_darknet(path, cfg=cfg, strict=True) as r:
+    with darknet.open_darknet(path, cfg=cfg) as r:
         assert r.keys() == [
             "layers.0.bn.bias",
             "layers.0.conv.weight",
@@ -433,5 +433,30 @@ def test_flipped_conv_weights_are_transposed_back(tmp_path: Path) -> None:
     stored = np.ascontiguousarray(weight.reshape(3, 2).T)  # (c*k*k, n), as darknet writes it
     path = tmp_path / "f.weights"
     path.write_bytes(struct.pack("<iiiQ", 0, 2, 0, 0) + bias.tobytes() + stored.tobytes())
-    with darknet.open_darknet(path, cfg=cfg, strict=True) as r:
+    with darknet.open_darknet(path, cfg=cfg) as r:
         assert torch.equal(r.read("layers.0.conv.weight"), torch.from_numpy(weight))
+
+
+def test_partial_file_loads_only_when_asked_and_says_how_much_it_filled(
+    small: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    # Issue 9.15: a file shorter than its cfg used to load silently, later layers left at init.
+    path, arrays = small
+    plan = darknet.plan_layers(darknet.parse_cfg(SMALL_CFG.read_text()))
+    cut = tmp_path / "backbone.weights"
+    cut.write_bytes(path.read_bytes()[: 20 + 4 * sum(layer.nfloats for layer in plan[:9])])
+    with pytest.raises(errors.FormatError, match=r"holds 5 of the 13 layers.*partial=True") as ei:
+        darknet_torch.load_darknet(SMALL_CFG, cut)
+    assert ei.value.path == str(cut)
+    model = darknet_torch.load_darknet(SMALL_CFG, cut, partial=True)
+    assert model.coverage is not None and str(model.coverage) == "5 of 13 layers present"
+    assert not model.coverage.complete
+    assert torch.equal(
+        model.state_dict()["layers.8.conv.weight"],
+        torch.from_numpy(arrays["layers.8.conv.weight"].copy()),
+    )
+    full = darknet_torch.load_darknet(SMALL_CFG, path)
+    assert full.coverage is not None and full.coverage.complete
+    assert str(full.coverage) == "13 of 13 layers present"
+    with darknet.open_darknet(path, cfg=SMALL_CFG) as r:
+        assert r.coverage == darknet.Coverage(13, 13)

@@ -85,9 +85,17 @@ def test_darknet_needs_cfg(tmp_path: Path) -> None:
     with pytest.raises(errors.UnsupportedFormatError, match="cfg=") as ei:
         detect.open(p)
     assert ei.value.path == str(p)
-    # With cfg= the Darknet reader takes over (truncated files are normal for Darknet).
-    with detect.open(p, cfg=GOLDEN / "darknet" / "yolov3-tiny-small.cfg") as r:
+    # With cfg= the Darknet reader takes over; a file shorter than its cfg opens only when
+    # that is said explicitly (issue 9.15: backbones are partial on purpose, cut files are not).
+    cfg = GOLDEN / "darknet" / "yolov3-tiny-small.cfg"
+    with pytest.raises(errors.FormatError, match="holds 0 of the 13 layers"):
+        detect.open(p, cfg=cfg)
+    with detect.open(p, cfg=cfg, partial=True) as r:
         assert r.format == "darknet"
+        assert str(r.coverage) == "0 of 13 layers present"
+    # partial= is a darknet option: other readers ignore it, like cfg=.
+    with detect.open(GOLDEN / "tensorflow" / "tf1", partial=True) as r:
+        assert r.format == "tensorflow"
 
 
 def test_savegame_folder_detected_and_redirected(tmp_path: Path) -> None:
@@ -145,3 +153,59 @@ def test_listing_option_reaches_torch_and_is_ignored_elsewhere(tmp_path: Path) -
     save_file({"w": torch.ones(1)}, s)
     with detect.open(s, listing=True) as r:
         assert r.keys() == ["w"]
+
+
+def test_tensorflow_checkpoint_named_by_its_data_shard(tmp_path: Path) -> None:
+    # Issue 9.14: the shard path used to be "unrecognised"; prefix and .index worked.
+    d = GOLDEN / "tensorflow"
+    for shard, prefix in (
+        (d / "tf1" / "model.ckpt-3.data-00000-of-00001", d / "tf1" / "model.ckpt-3"),
+        (d / "sharded" / "ckpt.data-00002-of-00004", d / "sharded" / "ckpt"),
+    ):
+        assert detect.detect(shard) == "tensorflow"
+        with detect.open(shard) as r, detect.open(prefix) as want:
+            assert r.path == str(prefix)
+            assert r.keys() == want.keys()
+    # A file that merely looks like a shard name, with no .index beside it, is not TF.
+    fake = tmp_path / "x.data-00000-of-00001"
+    fake.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(errors.UnsupportedFormatError):
+        detect.detect(fake)
+
+
+@pytest.mark.parametrize(
+    "name", ["m.pt", "m.safetensors", "m.npy", "m.h5", "m.keras", "m.index", "m.weights", "m"]
+)
+def test_empty_file_says_it_is_empty(tmp_path: Path, name: str) -> None:
+    p = tmp_path / name
+    p.write_bytes(b"")
+    options = {"cfg": GOLDEN / "darknet" / "yolov3-tiny.cfg"} if name.endswith(".weights") else {}
+    for call in (lambda: detect.detect(p), lambda: detect.open(p, **options)):
+        with pytest.raises(errors.FormatError, match=r"is empty \(0 bytes\)") as ei:
+            call()
+        assert ei.value.path == str(p)
+
+
+def test_empty_tensorflow_index_behind_a_prefix_says_it_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "ckpt.index").write_bytes(b"")
+    with pytest.raises(errors.FormatError, match=r"empty \(0 bytes\)"):
+        detect.open(tmp_path / "ckpt")
+
+
+def test_safetensors_header_length_past_the_end_says_so(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(4)}, good)
+    data = good.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for cut in (9, 20, header_end - 1):
+        p = tmp_path / f"cut{cut}.bin"
+        p.write_bytes(data[:cut])
+        with pytest.raises(
+            errors.FormatError, match=r"header length \d+ runs past the end of the \d+-byte file"
+        ) as ei:
+            detect.open(p)
+        assert ei.value.path == str(p)
+    tiny = tmp_path / "tiny.bin"
+    tiny.write_bytes(data[:8])  # the length alone: too short to tell
+    with pytest.raises(errors.UnsupportedFormatError, match="only 8 bytes"):
+        detect.detect(tiny)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import zipfile
 from pathlib import Path
@@ -299,3 +300,44 @@ def test_protocol_0_text_opcodes(tmp_path: Path) -> None:
         z.writestr("a/data.pkl", pickle.dumps(obj, protocol=0))
     with torch_pickle.open_torch(p) as r:
         assert r.tree() == obj and r.keys() == []
+
+
+# torch 2.13's weights_only allow-list (torch/_weights_only_unpickler.py _get_allowed_globals):
+# what torch.load(weights_only=True) accepts, savegame reads too, with the same values and
+# types. Protocol 2 names builtins `__builtin__.set` etc.; both unpicklers map them.
+WEIGHTS_ONLY_VALUES: dict[str, object] = {
+    "set": {1, 2, 3},
+    "set_in_tuple": (torch.ones(2), {4, 5}),
+    "counter": collections.Counter(a=2, b=1),
+    "ordered": collections.OrderedDict(x=1),
+    "complex": 1.5 - 2j,
+    "bytearray": bytearray(b"\x00\xffxy"),
+    "bytes": b"\x00\xff",
+    "size": torch.Size([2, 3]),
+    "dtypes": [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.uint4, torch.int3],
+    "quantized_dtypes": [torch.qint8, torch.quint4x2, torch.bits8],
+    "qscheme": torch.per_channel_affine,
+    "device": torch.device("cuda", 1),
+    "layouts": [torch.strided, torch.sparse_coo, torch.sparse_csr],
+}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("case", sorted(WEIGHTS_ONLY_VALUES))
+def test_what_weights_only_loads_savegame_loads(tmp_path: Path, case: str, legacy: bool) -> None:
+    path = tmp_path / f"{case}.pt"
+    torch.save({case: WEIGHTS_ONLY_VALUES[case]}, path, _use_new_zipfile_serialization=not legacy)
+    theirs = torch.load(path, weights_only=True)[case]
+    ours = torch_pickle.load(path)[case]
+    assert type(ours) is type(theirs)
+    if case == "set_in_tuple":
+        assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
+    else:
+        assert ours == theirs
+
+
+def test_frozenset_and_slice_are_read_as_inert_values(tmp_path: Path) -> None:
+    # Not on torch's list, but plain data that runs nothing: read rather than refused.
+    path = tmp_path / "fs.pt"
+    torch.save({"f": frozenset({1, 2}), "s": slice(1, 5, 2)}, path)
+    assert torch_pickle.load(path) == {"f": frozenset({1, 2}), "s": slice(1, 5, 2)}

@@ -1,7 +1,18 @@
 """``savegame`` command line: thin argument parsing over the public API, rendered with rich.
 
-Exit status: 0 success; 1 a check found problems (``verify``, ``demo`` mismatch); 2 bad input or
-a savegame error (the message says what to do).
+Exit status (the same for every command):
+
+- 0: success — the listing, tree, conversion or prune was done; ``verify`` and ``ls --verify``
+  found nothing wrong; ``diff`` found the checkpoints equal.
+- 1: a check found problems — ``verify`` or ``ls --verify`` found a damaged checkpoint or
+  ``run.json``, ``diff`` found differences, ``prune`` refused because a checkpoint it would
+  keep is damaged, ``demo`` saw a mismatch.
+- 2: bad input or a savegame error (nothing at the path, an unreadable or unsupported file, a
+  locked run, a bad option); the message on stderr says what to do.
+
+Everything printed that comes from a file or a path (names, keys, metadata, paths, error
+messages quoting them, warnings) goes through :mod:`savegame.cli._text`: shown literally, never
+as rich markup, with control characters made visible (issue 9.12).
 """
 
 from __future__ import annotations
@@ -10,24 +21,29 @@ import argparse
 import datetime as dt
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 import savegame as sg
 from savegame import errors, policy
-from savegame.checkpointer import list_run
+from savegame.checkpointer import CheckpointInfo, list_run, read_run_file
+from savegame.cli._text import clean, lit, text
 from savegame.engine import reader
+from savegame.format import layout
 from savegame.interop import base
 
 __all__ = ["main"]
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: ":cat:" in a tensor name stays ":cat:" (markup is escaped by _text.lit/text).
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def _size(n: int) -> str:
@@ -40,19 +56,47 @@ def _size(n: int) -> str:
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and not reader.is_checkpoint_dir(path) and any(
-        p.name.startswith("step-") for p in path.iterdir()
+    """A run folder: has ``run.json``, or step / set-aside / temp checkpoint folders (a run
+    whose first save never committed is still a run: "no checkpoints yet")."""
+    if not path.is_dir() or reader.is_checkpoint_dir(path):
+        return False
+    if (path / layout.RUN_FILE).exists():
+        return True
+    return any(
+        p.name.startswith(("step-", layout.DAMAGED_PREFIX + "step-", layout.TMP_PREFIX + "step-"))
+        for p in path.iterdir()
     )
 
 
+def _run_file_problem(root: Path) -> str | None:
+    """Why ``run.json`` makes the Checkpointer refuse this run, or None if it is fine/absent."""
+    path = root / layout.RUN_FILE
+    if path.exists() and read_run_file(root) is None:
+        return (
+            f"{path} is damaged (not a JSON object with a run_id): the Checkpointer refuses this "
+            "run folder and retention cannot tell this run's checkpoints from others'; restore "
+            "it from a backup, or start a new run folder"
+        )
+    return None
+
+
 def _options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    """Reader options for a file given on the command line: the darknet cfg, and Keras/HDF5
-    files read in a child process first (libhdf5 can crash or hang on hostile files), unless
-    --no-isolate. Each reader ignores the options meant for other formats."""
+    """Reader options for a file given on the command line: the darknet cfg and --partial, and
+    Keras/HDF5 files read in a child process first (libhdf5 can crash or hang on hostile
+    files), unless --no-isolate. Each reader ignores the options meant for other formats."""
     opts: dict[str, Any] = {"isolate": not args.no_isolate, **extra}
     if args.cfg:
         opts["cfg"] = args.cfg
+    opts.setdefault("partial", getattr(args, "partial", False))
     return opts
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _metrics(m: Any) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or "-"
 
 
 # ---- ls ----------------------------------------------------------------------------------------
@@ -64,26 +108,72 @@ def cmd_ls(args: argparse.Namespace) -> int:
             f"or list its run with `savegame ls {root.parent}`",
             path=root,
         )
-    infos = list_run(root, _keep_from_args(args))
+    infos = list_run(root, _keep_from_args(args), aside=True)
+    ckpts = [i for i in infos if i.kind == "checkpoint"]
+    aside = [i for i in infos if i.kind == "damaged"]
+    leftovers = [i for i in infos if i.kind == "leftover"]
+    run_problem = _run_file_problem(root)
+    problems: dict[Path, list[str]] = {}
     if args.verify:
-        problems = {i.step: reader.verify(i.path) for i in infos}
-    table = Table(title=f"{root}  ({len(infos)} checkpoints)")
+        problems = {i.path: reader.verify(i.path) for i in ckpts if i.valid}
+    title = f"{root}  ({len(ckpts)} checkpoints"
+    if aside:
+        title += f", {len(aside)} damaged set aside"
+    if leftovers:
+        title += f", {len(leftovers)} leftover temp folder{'s' if len(leftovers) > 1 else ''}"
+    table = Table(title=text(title + ")"))
     for col in ("step", "time", "size", "metrics", "kept because", "valid"):
         table.add_column(col, justify="right" if col in ("step", "size") else "left")
     notes: list[str] = []
-    for i in infos:
-        when = dt.datetime.fromtimestamp(i.created).strftime("%Y-%m-%d %H:%M:%S") if i.created else "-"
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in i.metrics.items()) or "-"
-        found = ([i.error] if i.error else []) + (problems[i.step] if args.verify and i.valid else [])
+    bad = 0
+    for i in ckpts:
+        found = ([i.error] if i.error else []) + problems.get(i.path, [])
         notes.extend(f"step {i.step}: {p}" for p in found)
-        why = ", ".join(i.kept_for) if i.kept_for else "[dim]would be pruned[/]"
-        table.add_row(str(i.step), when, _size(i.size), metrics, why, "[red]NO[/]" if found else "[green]yes[/]")
+        if found:
+            bad += 1
+        why = _why_kept(i, found, run_problem is not None)
+        ok = Text("NO", style="red") if found else Text("yes", style="green")
+        table.add_row(
+            str(i.step), _when(i.created), _size(i.size), text(_metrics(i.metrics)), why, ok
+        )
+    for i in aside:
+        table.add_row(
+            str(i.step), _when(i.created), _size(i.size), "-",
+            Text("damaged, set aside (never restored or counted)", style="red"), Text("NO", style="red"),
+        )  # fmt: skip
+        notes.append(f"{i.path.name}: {i.error}")
+    for i in leftovers:
+        table.add_row(
+            "-", _when(i.created), _size(i.size), "-",
+            Text("temp folder (save in progress or interrupted)", style="yellow"), Text("-"),
+        )  # fmt: skip
+        notes.append(f"{i.path.name}: {i.error}")
     console.print(table)
+    if not infos:
+        console.print("no checkpoints yet")
+    if run_problem:
+        notes.insert(0, run_problem)
     for note in notes:
-        console.print(note, soft_wrap=True, markup=False)
+        console.print(text(note), soft_wrap=True)
     if not args.verify:
         console.print("[dim]valid = manifest checked; add --verify to check every tensor hash[/]")
-    return 0
+    return 1 if args.verify and (bad or run_problem) else 0
+
+
+def _why_kept(i: CheckpointInfo, found: list[str], run_file_damaged: bool) -> Text:
+    """The "kept because" cell: a damaged checkpoint of this run is "damaged", not "not ours"."""
+    if not i.valid:  # the manifest does not parse: no run id to compare, and never restorable
+        return Text("damaged (not restorable, not counted by retention)", style="red")
+    if found:
+        return Text(
+            "damaged" + (f" ({', '.join(i.kept_for)})" if i.kept_for and i.ours else ""),
+            style="red",
+        )
+    if not i.ours:
+        return Text("unknown: run.json damaged" if run_file_damaged else "not ours", style="yellow")
+    if i.kept_for:
+        return text(", ".join(i.kept_for))
+    return Text("would be pruned", style="dim")
 
 
 # ---- show --------------------------------------------------------------------------------------
@@ -92,30 +182,45 @@ def cmd_show(args: argparse.Namespace) -> int:
     if _is_run(path):
         refs = [r for r in reader.list_checkpoints(path) if r.valid]
         if not refs:
-            raise errors.CheckpointNotFoundError(f"{path} holds no valid checkpoint", path=path)
+            raise errors.CheckpointNotFoundError(_no_valid(path), path=path)
         path = refs[-1].path
-    with sg.open(path, **_options(args, listing=True)) as r:  # opaque objects listed, never built
+    # Listing is harmless: unknown pickled objects are listed as opaque (never built), and a
+    # partial darknet file is opened and said to be partial.
+    with sg.open(path, **_options(args, listing=True, partial=True)) as r:
         meta = r.metadata()
-        title = f"[bold]{path}[/] ({r.format})"
+        title = Text.assemble((clean(path), "bold"), f" ({clean(r.format)})")
         if "step" in meta:
-            title += f"  step {meta['step']}"
+            title.append(f"  step {clean(meta['step'])}")
         if meta.get("metrics"):
-            title += "  " + ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items())
+            title.append("  " + clean(_metrics(meta["metrics"])))
         root = Tree(title)
         infos = {k: r.info(k) for k in r.keys()}
         _render(root, r.tree(), infos, depth=0, max_items=args.max_items)
         console.print(root)
         total = sum(i.nbytes for i in infos.values())
         console.print(f"{len(infos)} tensors, {_size(total)}")
+        cover = getattr(r, "coverage", None)
+        if cover is not None:
+            style = "" if cover.complete else "yellow"
+            note = "" if cover.complete else " (a partial file: the other layers are not in it)"
+            console.print(Text(f"{cover}{note}", style=style))
     return 0
 
 
+def _no_valid(root: Path) -> str:
+    if not reader.list_checkpoints(root):
+        return f"{root}: no checkpoints yet (nothing has been committed in this run folder)"
+    return f"{root} holds no valid checkpoint; run `savegame ls {root}` to see why"
+
+
 def _leaf_text(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 80 else text[:77] + "..."
+    t = repr(v)
+    return t if len(t) <= 80 else t[:77] + "..."
 
 
-def _render(node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int, max_items: int) -> None:
+def _render(
+    node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int, max_items: int
+) -> None:
     if isinstance(obj, dict):
         items = list(obj.items())
     elif isinstance(obj, (list, tuple)):
@@ -125,15 +230,19 @@ def _render(node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int,
         return
     for i, (k, v) in enumerate(items):
         if i >= max_items:
-            node.add(f"[dim]... {len(items) - max_items} more[/]")
+            node.add(Text(f"... {len(items) - max_items} more", style="dim"))
             break
-        if isinstance(v, (list, tuple)) and len(v) > 8 and all(isinstance(x, (int, float)) for x in v):
-            node.add(f"{k}: {type(v).__name__} of {len(v)} numbers")
+        if (
+            isinstance(v, (list, tuple))
+            and len(v) > 8
+            and all(isinstance(x, (int, float)) for x in v)
+        ):
+            node.add(text(f"{k}: {type(v).__name__} of {len(v)} numbers"))
         elif isinstance(v, (dict, list, tuple)) and v and not _is_flat(v):
-            child = node.add(f"[bold]{k}[/]")
+            child = node.add(text(k, style="bold"))
             _render(child, v, infos, depth + 1, max_items)
         else:
-            node.add(f"{k}: {_describe(v, infos)}")
+            node.add(Text.assemble(clean(k), ": ", _describe(v, infos)))
 
 
 def _is_flat(v: Any) -> bool:
@@ -141,72 +250,134 @@ def _is_flat(v: Any) -> bool:
     return len(v) <= 8 and all(isinstance(x, (int, float, str, bool, type(None))) for x in seq)
 
 
-def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> str:
+def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> Text:
     if isinstance(v, base.TensorRef):
         i = infos.get(v.name)
         if i is None:
-            return f"[cyan]tensor {v.name}[/]"
-        return f"[cyan]{i.dtype}{list(i.shape)}[/] {_size(i.nbytes)}"
+            return text(f"tensor {v.name}", style="cyan")
+        return Text.assemble((clean(f"{i.dtype}{list(i.shape)}"), "cyan"), f" {_size(i.nbytes)}")
     if isinstance(v, base.Opaque):
-        return f"[magenta]<opaque {v.module}.{v.qualname}>[/]"
-    return _leaf_text(v)
+        return text(f"<opaque {v.module}.{v.qualname}>", style="magenta")
+    return text(_leaf_text(v))
 
 
 # ---- verify ------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    targets: list[Path]
     if _is_run(path):
-        targets = [r.path for r in reader.list_checkpoints(path)]
+        return _verify_run(path)
+    if (
+        reader.is_checkpoint_dir(path)
+        or layout.parse_step_dir(path.name) is not None
+        or layout.parse_damaged_dir(path.name) is not None
+    ):
+        problems = reader.verify(path)
     else:
-        targets = [path]
+        with sg.open(path, **_options(args, partial=True)) as r:
+            problems = r.verify()
+            cover = getattr(r, "coverage", None)
+            if cover is not None:
+                console.print(text(f"{path}: {cover}"))
+                if not cover.complete and not args.partial:
+                    problems = [
+                        f"the file holds {cover.present} of the {cover.total} layers with "
+                        "weights that its cfg describes: a cut file or the wrong cfg; if it is "
+                        "partial on purpose (a backbone), add --partial",
+                        *problems,
+                    ]
+    _report(path, problems)
+    return 1 if problems else 0
+
+
+def _report(path: Path, problems: list[str]) -> None:
+    if problems:
+        console.print(f"[red]FAIL[/] {lit(path)}", soft_wrap=True)
+        for p in problems:
+            console.print(text(f"     {p}"), soft_wrap=True)
+    else:
+        console.print(f"[green]ok[/]   {lit(path)}", soft_wrap=True)
+
+
+def _verify_run(root: Path) -> int:
+    """Every checkpoint of a run, plus its ``run.json``; damaged checkpoints already set aside
+    and leftover temp folders are listed, not counted: restore never uses them."""
+    infos = list_run(root, aside=True)
+    ckpts = [i for i in infos if i.kind == "checkpoint"]
     bad = 0
-    for t in targets:
-        if reader.is_checkpoint_dir(t) or t.name.startswith("step-"):
-            problems = reader.verify(t)
-        else:
-            with sg.open(t, **_options(args)) as r:
-                problems = r.verify()
-        if problems:
-            bad += 1
-            console.print(f"[red]FAIL[/] {t}", soft_wrap=True)
-            for p in problems:
-                console.print(f"     {p}", soft_wrap=True, markup=False)
-        else:
-            console.print(f"[green]ok[/]   {t}")
-    if bad:
-        console.print(f"[red]{bad} of {len(targets)} checkpoints have problems[/]")
+    run_problem = _run_file_problem(root)
+    if run_problem:
+        _report(root / layout.RUN_FILE, [run_problem])
+    for i in ckpts:
+        problems = reader.verify(i.path)
+        bad += bool(problems)
+        _report(i.path, problems)
+    for i in infos:
+        if i.kind != "checkpoint":
+            label = "[red]set aside[/]" if i.kind == "damaged" else "[yellow]leftover[/]"
+            console.print(f"{label} {lit(i.path)}", soft_wrap=True)
+            console.print(text(f"     {i.error}"), soft_wrap=True)
+    if not ckpts:
+        console.print(text(f"no checkpoints yet in {root}"), soft_wrap=True)
+    if bad or run_problem:
+        said = [f"{bad} of {len(ckpts)} checkpoints have problems"] if bad else []
+        said += ["run.json is damaged"] if run_problem else []
+        console.print(f"[red]{'; '.join(said)}[/]")
         return 1
-    console.print(f"[green]all {len(targets)} verified[/]")
+    if ckpts:
+        console.print(f"[green]all {len(ckpts)} verified[/]")
     return 0
 
 
 # ---- convert, diff -----------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = sg.convert(args.src, args.dst, to=args.to, cfg=args.cfg, overwrite=args.overwrite, isolate=not args.no_isolate)
+    out = sg.convert(
+        args.src, args.dst, to=args.to, cfg=args.cfg, partial=args.partial, overwrite=args.overwrite,
+        isolate=not args.no_isolate,
+    )  # fmt: skip
     with sg.open(out) as r:
         n, total = len(r.keys()), sum(r.info(k).nbytes for k in r.keys())
-    console.print(f"[green]wrote[/] {out} ({args.to}, {n} tensors, {_size(total)})", soft_wrap=True)
+    console.print(
+        f"[green]wrote[/] {lit(out)} ({args.to}, {n} tensors, {_size(total)})", soft_wrap=True
+    )
+    if args.cfg:  # darknet: say how much of the network the file held (cheap: no data read)
+        with sg.open(args.src, cfg=args.cfg, partial=True) as src:
+            cover = getattr(src, "coverage", None)
+        if cover is not None:
+            console.print(text(f"{args.src}: {cover}"), soft_wrap=True)
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    res = sg.diff(args.a, args.b, cfg_a=args.cfg_a, cfg_b=args.cfg_b, isolate=not args.no_isolate)
-    table = Table(title=f"{args.a}  vs  {args.b}")
+    res = sg.diff(
+        args.a,
+        args.b,
+        cfg_a=args.cfg_a,
+        cfg_b=args.cfg_b,
+        partial=args.partial,
+        isolate=not args.no_isolate,
+    )
+    table = Table(title=text(f"{args.a}  vs  {args.b}"))
     for col in ("tensor", "difference"):
         table.add_column(col)
     for name in res.removed:
-        table.add_row(name, "[red]only in A[/]")
+        table.add_row(text(name), Text("only in A", style="red"))
     for name in res.added:
-        table.add_row(name, "[green]only in B[/]")
+        table.add_row(text(name), Text("only in B", style="green"))
     for name, (ia, ib) in sorted(res.changed.items()):
-        table.add_row(name, f"[yellow]{ia.dtype}{list(ia.shape)} -> {ib.dtype}{list(ib.shape)}[/]")
-    differing = sorted((n for n, m in res.max_abs_diff.items() if n not in set(res.identical)), key=lambda n: -_order(res.max_abs_diff[n]))
+        table.add_row(
+            text(name),
+            text(f"{ia.dtype}{list(ia.shape)} -> {ib.dtype}{list(ib.shape)}", style="yellow"),
+        )
+    identical = set(res.identical)
+    differing = sorted(
+        (n for n in res.max_abs_diff if n not in identical),
+        key=lambda n: -_order(res.max_abs_diff[n]),
+    )
     for name in differing:
-        table.add_row(name, f"max |a-b| = {res.max_abs_diff[name]:.6g}")
+        table.add_row(text(name), f"max |a-b| = {res.max_abs_diff[name]:.6g}")
     if args.all:
         for name in res.identical:
-            table.add_row(name, "[dim]identical[/]")
+            table.add_row(text(name), Text("identical", style="dim"))
     if table.row_count:
         console.print(table)
     console.print(
@@ -237,12 +408,20 @@ def _keep_from_args(args: argparse.Namespace) -> policy.Keep | None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    """Apply retention to the run's ``step-…`` checkpoints only: folders set aside as damaged
+    and temp folders are never touched, and nothing is deleted while a checkpoint retention
+    would keep in its place is damaged (issue 9.8)."""
     from savegame.storage import local
 
     root = Path(args.run)
     keep = _keep_from_args(args)
     if not root.is_dir():
         raise errors.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+    run_problem = _run_file_problem(root)
+    if run_problem:
+        raise errors.FormatError(
+            run_problem + "; prune deletes nothing meanwhile", path=root / layout.RUN_FILE
+        )
     lock = local.RunLock(root)
     if not args.dry_run:
         lock.acquire()  # never prune under a live training run
@@ -250,10 +429,36 @@ def cmd_prune(args: argparse.Namespace) -> int:
         infos = list_run(root, keep)
         newest = max((i.step for i in infos if i.valid and i.ours), default=None)
         doomed = [i for i in infos if i.valid and i.ours and not i.kept_for and i.step != newest]
+        # Deleting a valid checkpoint is safe only if those kept in its place are intact: read
+        # them (only when something would be deleted).
+        damaged = {}
+        if doomed:
+            for i in infos:
+                if i.valid and i.ours and i not in doomed:
+                    problems = reader.verify(i.path)
+                    if problems:
+                        damaged[i.path] = problems[0]
         for i in infos:
-            action = "delete" if i in doomed else "keep"
-            reason = ", ".join(i.kept_for) if i.kept_for else ("invalid: left alone" if not i.valid else "")
-            console.print(f"{'[red]' if action == 'delete' else '[green]'}{action:<6}[/] {i.path.name}  {reason}")
+            action = "delete" if i in doomed and not damaged else "keep"
+            if not i.valid:
+                reason = "damaged: left alone (not counted by retention)"
+            elif i.path in damaged:
+                reason = f"DAMAGED: {damaged[i.path]}"
+            else:
+                reason = (
+                    ", ".join(i.kept_for) if i.kept_for else ("newest" if i.step == newest else "")
+                )
+            colour = "red" if action == "delete" or i.path in damaged or not i.valid else "green"
+            console.print(
+                f"[{colour}]{action:<6}[/] {lit(i.path.name)}  {lit(reason)}", soft_wrap=True
+            )
+        if damaged:
+            console.print(
+                f"[red]deleted nothing:[/] {len(damaged)} checkpoint(s) that retention would keep "
+                "instead are damaged; inspect them (`savegame verify`), delete or move them away, "
+                "and prune again"
+            )
+            return 1
         if args.dry_run:
             console.print(f"[dim]dry run: {len(doomed)} would be deleted[/]")
             return 0
@@ -276,14 +481,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- wiring ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="savegame", description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, demo.")
+    p = argparse.ArgumentParser(
+        prog="savegame",
+        description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, demo.",
+    )
     p.add_argument("--version", action="version", version=f"savegame {sg.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what savegame does")
     sub = p.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("ls", help="list the checkpoints of a run folder")
     ls.add_argument("run")
-    ls.add_argument("--verify", action="store_true", help="check every tensor hash (reads everything)")
+    ls.add_argument(
+        "--verify", action="store_true", help="check every tensor hash (reads everything)"
+    )
     _retention_args(ls)
     ls.set_defaults(func=cmd_ls)
 
@@ -294,9 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     _isolate_arg(show)
     show.set_defaults(func=cmd_show)
 
-    verify = sub.add_parser("verify", help="check every hash of a run, a checkpoint or a foreign file")
+    verify = sub.add_parser(
+        "verify", help="check every hash of a run, a checkpoint or a foreign file"
+    )
     verify.add_argument("path")
     verify.add_argument("--cfg", help="darknet .cfg for a .weights file")
+    _partial_arg(verify)
     _isolate_arg(verify)
     verify.set_defaults(func=cmd_verify)
 
@@ -310,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst", help="output file (safetensors, torch) or folder (savegame)")
     convert.add_argument("--to", required=True, choices=("savegame", "safetensors", "torch"))
     convert.add_argument("--cfg", help="darknet .cfg when SRC is a .weights file")
+    _partial_arg(convert)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     _isolate_arg(convert)
     convert.set_defaults(func=cmd_convert)
@@ -322,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b")
     diff.add_argument("--cfg-a", help="darknet .cfg for A")
     diff.add_argument("--cfg-b", help="darknet .cfg for B")
+    _partial_arg(diff)
     diff.add_argument("--all", action="store_true", help="list identical tensors too")
     _isolate_arg(diff)
     diff.set_defaults(func=cmd_diff)
@@ -338,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _partial_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="accept a darknet .weights file holding fewer layers than its cfg (a backbone such "
+        "as darknet53.conv.74); without it such a file is an error",
+    )
+
+
 def _isolate_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-isolate",
@@ -348,29 +572,57 @@ def _isolate_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _retention_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("retention (default: the rule the run was trained with, from run.json)")
+    g = p.add_argument_group(
+        "retention (default: the rule the run was trained with, from run.json)"
+    )
     g.add_argument("--keep-last", type=int, help="keep the newest K")
     g.add_argument("--keep-best", type=int, help="keep the best K by --monitor")
     g.add_argument("--monitor", help="metric name for --keep-best")
-    g.add_argument("--mode", choices=("min", "max"), help="is a smaller (min) or larger (max) metric better")
+    g.add_argument(
+        "--mode", choices=("min", "max"), help="is a smaller (min) or larger (max) metric better"
+    )
     g.add_argument("--keep-every", type=int, help="keep every Nth saved checkpoint forever")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return int(args.func(args))
-    except errors.CheckpointError as exc:
-        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
-        return 2
-    except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
-        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    if args.verbose:  # log lines quote paths too: printed literally, like everything else
+        handler = logging.StreamHandler()
+        handler.setFormatter(_CleanFormatter("%(message)s"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    with warnings.catch_warnings():
+        # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
+        # part of the command's output: always shown, through the same literal printing.
+        warnings.simplefilter("always", errors.CorruptCheckpointWarning)
+        warnings.simplefilter("always", errors.LossyConversionWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args))
+        except errors.CheckpointError as exc:
+            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            return 2
+        except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
+            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            return 2
+        except OSError as exc:  # a path the OS refuses (permissions, a file where a folder is)
+            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+
+class _CleanFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record))
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+    line: str | None = None,
+) -> None:  # fmt: skip
+    """Print a warning raised during a command as one literal line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {lit(message)}", soft_wrap=True)
 
 
 if __name__ == "__main__":

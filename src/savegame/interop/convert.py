@@ -3,7 +3,12 @@
 Key invariant: names, dtypes and values are kept exactly (bit for bit), and ``dst`` appears
 atomically — written under a temporary name in the same folder, fsynced, then ``os.replace``d —
 so a crash never leaves a half-written ``dst``. An existing ``dst`` is never overwritten unless
-``overwrite=True``.
+``overwrite=True``; a failed conversion removes the folders it created for ``dst``.
+
+String tensors (TensorFlow ``DT_STRING``, e.g. the ``_CHECKPOINTABLE_OBJECT_GRAPH`` every TF2
+checkpoint holds) are kept as ``bytes`` (nested lists of ``bytes`` for non-scalars) in torch and
+savegame outputs, and left out of safetensors, which holds only numbers: a
+:class:`~savegame.errors.LossyConversionWarning` names them (``.left_out``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -24,7 +30,7 @@ import torch
 from savegame import errors
 from savegame.interop import base, detect
 
-__all__ = ["convert"]
+__all__ = ["convert", "make_parents", "remove_created"]
 
 # torch dtype -> safetensors dtype string (FORMATS.md §2).
 _ST_DTYPES: dict[torch.dtype, str] = {
@@ -54,6 +60,9 @@ for _n, _s in (
         _ST_DTYPES[_d] = _s
 
 
+_STRING = "string"  # TensorInfo.dtype of string tensors (base.TensorInfo)
+
+
 def open_any(src: str | os.PathLike[str], cfg: str | os.PathLike[str] | None = None, **options: Any) -> Any:
     """Open ``src`` with the matching reader, savegame folders included (``options`` as for
     :func:`savegame.interop.detect.open`)."""
@@ -73,6 +82,7 @@ def convert(
     *,
     to: Literal["safetensors", "torch", "savegame"],
     cfg: str | os.PathLike[str] | None = None,
+    partial: bool = False,
     overwrite: bool = False,
     isolate: bool = False,
 ) -> Path:
@@ -86,6 +96,8 @@ def convert(
             structure (epoch, optimizer state, ...) and uses a top-level int ``step``,
             ``global_step`` or ``epoch`` as the step.
         cfg: Darknet ``.cfg`` when ``src`` is a ``.weights`` file.
+        partial: Accept a darknet ``.weights`` file that holds fewer layers than its cfg (a
+            backbone such as ``darknet53.conv.74``); only the layers present are converted.
         overwrite: Replace an existing ``dst``.
         isolate: Read a Keras/HDF5 ``src`` in a child process first (untrusted files; see
             :func:`savegame.interop.keras.open_keras`).
@@ -93,10 +105,14 @@ def convert(
     Returns:
         The path written.
 
+    Warns:
+        LossyConversionWarning: string tensors were left out of a safetensors ``dst``
+            (``.left_out`` names them); torch and savegame outputs keep them as ``bytes``.
+
     Raises:
         StepExistsError: ``dst`` exists and ``overwrite`` is False.
-        UnsupportedFormatError: a tensor type the target cannot hold (e.g. TF strings), or an
-            unknown ``to``.
+        UnsupportedFormatError: a numeric dtype the target cannot hold, a safetensors target
+            for a checkpoint that holds only strings, or an unknown ``to``.
     """
     out = Path(dst)
     if to not in ("safetensors", "torch", "savegame"):
@@ -107,15 +123,63 @@ def convert(
         raise errors.StepExistsError(
             f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open_any(src, cfg, isolate=isolate) as reader:
-        if to == "safetensors":
-            _atomic_file(out, lambda f: _write_safetensors(reader, f))
-        elif to == "torch":
-            _atomic_file(out, lambda f: torch.save(_flat(reader), f))
-        else:
-            _write_savegame(reader, out, overwrite)
+    created = make_parents(out.parent)
+    left_out: dict[str, str] = {}
+    try:
+        with open_any(src, cfg, isolate=isolate, partial=partial) as reader:
+            if to == "safetensors":
+                left_out = {
+                    n: "a string tensor; safetensors holds only numeric tensors (convert to "
+                    "'torch' or 'savegame' to keep it)"
+                    for n in reader.keys()
+                    if reader.info(n).dtype == _STRING
+                }
+                if left_out and len(left_out) == len(reader.keys()):
+                    raise errors.UnsupportedFormatError(
+                        f"{reader.path}: nothing to convert to safetensors: every tensor is a "
+                        f"string ({', '.join(map(repr, sorted(left_out)))}), which safetensors "
+                        "cannot hold; convert to 'torch' or 'savegame', which keep strings",
+                        path=reader.path,
+                    )
+                _atomic_file(out, lambda f: _write_safetensors(reader, f, skip=left_out))
+            elif to == "torch":
+                _atomic_file(out, lambda f: torch.save(_flat(reader, empty=bytearray), f))
+            else:
+                _write_savegame(reader, out, overwrite)
+    except BaseException:
+        remove_created(created)
+        raise
+    if left_out:
+        warnings.warn(
+            errors.LossyConversionWarning(
+                f"{out}: left out {len(left_out)} string tensor(s) that safetensors cannot hold: "
+                f"{', '.join(sorted(left_out))}",
+                left_out,
+            ),
+            stacklevel=2,
+        )
     return out
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_created(created: list[Path]) -> None:
+    """Undo :func:`make_parents` after a failure: only folders we created, only while empty
+    (another process may have put something there meanwhile)."""
+    for p in created:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _tensor(reader: Any, name: str) -> torch.Tensor:
@@ -130,15 +194,37 @@ def _tensor(reader: Any, name: str) -> torch.Tensor:
     return t.detach().contiguous()
 
 
-def _flat(reader: Any) -> dict[str, torch.Tensor]:
-    return {name: _tensor(reader, name) for name in reader.keys()}
+def _strings(reader: Any, name: str, empty: Callable[[], Any]) -> Any:
+    """A string tensor as ``bytes`` (scalar) or nested lists of ``bytes``, losslessly.
+
+    ``empty`` makes the value of an empty string: ``bytearray`` for torch files, whose
+    weights-only loader refuses ``bytes()`` (pickled as a call to ``builtins.bytes``) but
+    accepts ``bytearray()``, which compares equal to ``b""``."""
+    read_strings = getattr(reader, "read_strings", None)
+    # read_strings keeps trailing NULs that numpy's fixed-width arrays (read()) strip.
+    value = read_strings(name) if read_strings is not None else reader.read(name).tolist()
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return bytes(v) if v else empty()
+
+    return fix(value)
 
 
-def _write_safetensors(reader: Any, f: BinaryIO) -> None:
+def _flat(reader: Any, empty: Callable[[], Any] = bytes) -> dict[str, Any]:
+    """``{name: tensor}`` of every tensor; string tensors as :func:`_strings`."""
+    return {
+        name: _strings(reader, name, empty) if reader.info(name).dtype == _STRING else _tensor(reader, name)
+        for name in reader.keys()
+    }
+
+
+def _write_safetensors(reader: Any, f: BinaryIO, skip: Mapping[str, str]) -> None:
     """Stream tensors into a safetensors file: memory holds one tensor at a time."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     pos = 0
-    names = reader.keys()
+    names = [n for n in reader.keys() if n not in skip]
     for name in names:
         info: base.TensorInfo = reader.info(name)
         dt = getattr(torch, info.dtype, None)

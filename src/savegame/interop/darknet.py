@@ -27,10 +27,12 @@ layer's index after ``[net]`` (the index ``[route] layers=`` uses), in file orde
 written with ``major`` or ``minor`` > 1000 store ``[connected]`` weights transposed, and a conv
 with ``flipped=1`` stores its weights transposed; :meth:`DarknetReader.read` undoes both.
 
-Truncated files are normal (backbones such as ``darknet53.conv.74``): by default the reader lists
-the tensors of the layers fully present and reports the rest in :meth:`DarknetReader.metadata`;
-a layer cut in the middle or trailing bytes are reported by :meth:`DarknetReader.verify`.
-``strict=True`` demands that the file holds exactly what the cfg describes.
+By default a file must hold exactly the weights its cfg describes: a shorter one (a wrong cfg,
+or a cut download) would otherwise leave the later layers at their initial values, silently.
+Partial files are legitimate too (backbones such as ``darknet53.conv.74``), so reading one is
+explicit: ``partial=True`` lists the tensors of the layers fully present,
+:attr:`DarknetReader.coverage` says how many layers that is (``29 of 59 layers present``), and
+:meth:`DarknetReader.verify` reports a layer cut in the middle or trailing bytes.
 
 Example:
     >>> with open_darknet("yolov3-tiny.weights", cfg="yolov3-tiny.cfg") as r:  # doctest: +SKIP
@@ -56,6 +58,7 @@ from savegame.interop import base
 
 __all__ = [
     "CfgSection",
+    "Coverage",
     "DarknetHeader",
     "DarknetLayer",
     "DarknetReader",
@@ -610,6 +613,26 @@ def _plan_one(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """How many of the cfg's layers with weights a ``.weights`` file holds in full.
+
+    Attributes:
+        present: Layers whose every tensor is in the file.
+        total: Layers of the cfg that have weights.
+    """
+
+    present: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.present == self.total
+
+    def __str__(self) -> str:
+        return f"{self.present} of {self.total} layers present"
+
+
 class DarknetReader:
     """Lazy reader of one ``.weights`` file and its cfg; create it with :func:`open_darknet`.
 
@@ -618,6 +641,8 @@ class DarknetReader:
         cfg_path: The ``.cfg`` file.
         format: ``"darknet"``.
         header: The parsed :class:`DarknetHeader`.
+        coverage: How many of the cfg's layers with weights the file holds (:class:`Coverage`;
+            short of the total only for files opened with ``partial=True``).
         layers: Every layer after ``[net]`` with shapes and tensors (:class:`DarknetLayer`).
         net: The ``[net]`` options (raw strings).
     """
@@ -633,7 +658,7 @@ class DarknetReader:
         sections: list[CfgSection],
         layers: list[DarknetLayer],
         file_size: int,
-        strict: bool,
+        partial: bool,
     ) -> None:
         self.path = path
         self.cfg_path = cfg_path
@@ -647,7 +672,7 @@ class DarknetReader:
         offset = header.header_bytes
         loaded = 0
         weighted = 0
-        partial: int | None = None
+        cut: int | None = None
         for layer in layers:
             if not layer.tensors:
                 continue
@@ -656,8 +681,8 @@ class DarknetReader:
             if end <= file_size:
                 loaded += 1
                 self._add_slots(layer, offset)
-            elif offset < file_size and partial is None:
-                partial = layer.index
+            elif offset < file_size and cut is None:
+                cut = layer.index
                 self._problems.append(
                     f"layer {layer.index} [{layer.type}] needs bytes {offset}..{end} but the "
                     f"file ends at {file_size}: the file is cut inside this layer"
@@ -690,16 +715,22 @@ class DarknetReader:
             "file_size": file_size,
             "complete": loaded == weighted and file_size == needed,
         }
-        if strict and (file_size != needed):
-            what = (
-                f"is {file_size - needed} bytes longer"
-                if file_size > needed
-                else f"is {needed - file_size} bytes shorter"
-            )
+        #: How many of the cfg's layers with weights the file holds in full.
+        self.coverage = Coverage(loaded, weighted)
+        if not partial and file_size < needed:
             raise errors.FormatError(
-                f"{path} {what} than cfg {cfg_path} needs ({needed} bytes: header + "
-                f"{weighted} layers with weights; {loaded} fully present); check that the cfg "
-                "matches, or open with strict=False for a truncated backbone file",
+                f"{path} holds {loaded} of the {weighted} layers with weights that cfg "
+                f"{cfg_path} describes (the file is {needed - file_size} bytes shorter than the "
+                f"{needed} it needs); if it is partial on purpose (a backbone such as "
+                "darknet53.conv.74), open it with partial=True (CLI: --partial); otherwise "
+                "check that the cfg matches and the file is complete",
+                path=path,
+            )
+        if not partial and file_size > needed:
+            raise errors.FormatError(
+                f"{path} is {file_size - needed} bytes longer than cfg {cfg_path} needs "
+                f"({needed} bytes: header + {weighted} layers with weights): the cfg does not "
+                "match the file (wrong cfg?); partial=True (CLI: --partial) opens it anyway",
                 path=path,
             )
 
@@ -827,6 +858,12 @@ def read_header(raw: io.RawIOBase, path: str, file_size: int) -> DarknetHeader:
     Raises:
         FormatError: The file is too short for a header.
     """
+    if file_size == 0:
+        raise errors.FormatError(
+            f"{path} is empty (0 bytes): there is no darknet header or weights to read; an "
+            "interrupted download or copy? Fetch the file again",
+            path=path,
+        )
     head = _read_at(raw, 0, _HEADER.size)
     if len(head) < _HEADER.size:
         raise errors.FormatError(
@@ -851,23 +888,27 @@ def open_darknet(
     path: str | os.PathLike[str],
     cfg: str | os.PathLike[str],
     *,
-    strict: bool = False,
+    partial: bool = False,
 ) -> DarknetReader:
     """Open a darknet ``.weights`` file with its ``.cfg`` for safe, lazy reading.
 
     Args:
         path: The ``.weights`` file.
         cfg: The ``.cfg`` describing the network (sizes come only from it).
-        strict: Require the file to hold exactly the weights the cfg implies; otherwise a
-            file that stops early (a backbone) is accepted and reported in ``metadata()``.
+        partial: Accept a file that does not hold exactly the weights the cfg implies,
+            typically one that stops early (a backbone such as ``darknet53.conv.74``): only
+            the layers fully present are listed, :attr:`DarknetReader.coverage` says how many,
+            and :meth:`DarknetReader.verify` reports a layer cut mid-way or trailing bytes.
+            Without it such a file raises ``FormatError``, so a file shorter than its cfg
+            never loads silently.
 
     Returns:
         A :class:`DarknetReader` (a :class:`savegame.interop.base.ForeignReader`).
 
     Raises:
         CheckpointNotFoundError: ``path`` or ``cfg`` does not exist.
-        FormatError: Malformed cfg, out-of-range numbers, header too short, or (strict) a
-            size mismatch.
+        FormatError: Malformed cfg, out-of-range numbers, header too short, or (unless
+            ``partial``) a file shorter or longer than the cfg needs.
         UnsupportedFormatError: Layer types whose weight layout is not modelled.
     """
     spath = os.fspath(path)
@@ -900,7 +941,7 @@ def open_darknet(
     try:
         file_size = os.fstat(raw.fileno()).st_size
         header = read_header(raw, spath, file_size)
-        return DarknetReader(spath, scfg, raw, header, sections, layers, file_size, strict)
+        return DarknetReader(spath, scfg, raw, header, sections, layers, file_size, partial)
     except BaseException:
         raw.close()
         raise

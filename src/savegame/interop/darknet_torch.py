@@ -248,11 +248,15 @@ class DarknetNet(nn.Module):
     ``forward(x)`` takes NCHW float input and returns a list with the input of every
     ``[yolo]``/``[region]`` layer in cfg order (raw head maps), or ``[last output]`` when the
     cfg has none.
+
+    ``coverage`` is None until :func:`load_weights` fills the module, then says how many of the
+    cfg's layers with weights came from the file (``"5 of 13 layers present"``).
     """
 
     def __init__(self, plan: Sequence[darknet.DarknetLayer], bn: BNConvention, cfg: str) -> None:
         super().__init__()
         self.plan = tuple(plan)
+        self.coverage: darknet.Coverage | None = None
         modules: list[nn.Module] = []
         for layer in plan:
             kind = layer.type
@@ -361,11 +365,13 @@ def load_weights(model: DarknetNet, reader: darknet.DarknetReader) -> list[str]:
 
     Args:
         model: Built from the same cfg as the reader.
-        reader: An open :class:`savegame.interop.darknet.DarknetReader`.
+        reader: An open :class:`savegame.interop.darknet.DarknetReader` (a file shorter than
+            its cfg opens only with ``partial=True``).
 
     Returns:
-        Names of the model's tensors the file did not hold (a truncated backbone file leaves
-        the later layers at their defaults). Empty for a complete file.
+        Names of the model's tensors the file did not hold (a backbone file opened with
+        ``partial=True`` leaves the later layers at their defaults). Empty for a complete
+        file. ``model.coverage`` is set to ``reader.coverage`` (``"5 of 13 layers present"``).
 
     Raises:
         FormatError: A tensor's shape differs from the model's (cfg mismatch).
@@ -390,6 +396,7 @@ def load_weights(model: DarknetNet, reader: darknet.DarknetReader) -> list[str]:
                 )
             state[name].copy_(value)
             loaded.add(name)
+    model.coverage = reader.coverage
     return [name for name in state if name not in loaded]
 
 
@@ -398,7 +405,7 @@ def load_darknet(
     weights: str | os.PathLike[str],
     *,
     bn: BNConvention = "alexeyab",
-    strict: bool = False,
+    partial: bool = False,
     max_params: int = DEFAULT_MAX_PARAMS,
 ) -> DarknetNet:
     """Build the network of ``cfg`` and load ``weights`` into it (eval mode).
@@ -407,14 +414,20 @@ def load_darknet(
         cfg: The darknet ``.cfg``.
         weights: The ``.weights`` file.
         bn: Batch-norm epsilon convention, ``"alexeyab"`` (default) or ``"pjreddie"``.
-        strict: Require the file to hold exactly the cfg's weights (no truncated backbones).
+        partial: Accept a file holding fewer layers than the cfg (a backbone such as
+            ``darknet53.conv.74``); the later layers keep their initial values and
+            ``model.coverage`` says how many were filled. Without it such a file raises
+            ``FormatError``.
         max_params: See :func:`build_model`.
+
+    Returns:
+        The model; ``model.coverage`` is e.g. ``"13 of 13 layers present"``.
 
     Raises:
         FormatError, UnsupportedFormatError: See :func:`build_model` and
             :func:`savegame.interop.darknet.open_darknet`.
     """
     model = build_model(cfg, bn=bn, max_params=max_params)
-    with darknet.open_darknet(weights, cfg=cfg, strict=strict) as reader:
+    with darknet.open_darknet(weights, cfg=cfg, partial=partial) as reader:
         load_weights(model, reader)
     return model

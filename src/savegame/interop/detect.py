@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import importlib
 import os
+import re
 import struct
 from typing import Any
 
@@ -31,19 +32,23 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 _FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
     "cfg": ("darknet",),
+    "partial": ("darknet",),
     "listing": ("torch",),
     "isolate": ("keras-h5", "keras3"),
     "isolate_timeout": ("keras-h5", "keras3"),
 }
 _SUPPORTED = (
     "torch (.pt/.pth/.bin, zip or legacy), safetensors, numpy (.npy/.npz), TensorFlow "
-    "(prefix, .index or folder with a 'checkpoint' file), Keras (.h5/.weights.h5/.keras), "
+    "(prefix, .index, .data-NNNNN-of-NNNNN or folder with a 'checkpoint' file), Keras "
+    "(.h5/.weights.h5/.keras), "
     "Darknet (.weights with cfg=), savegame checkpoint folders"
 )
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 LEGACY_TORCH_MAGIC = bytes.fromhex("80028a0a6cfc9c46f9206aa85019")
 TF_INDEX_MAGIC = bytes.fromhex("57fb808b247547db")
 NPY_MAGIC = b"\x93NUMPY"
+# A TF data shard names its bundle: P.data-00000-of-00001 -> P (FORMATS.md §3.1).
+TF_SHARD_RE = re.compile(r"\.data-\d{5,}-of-\d{5,}$")
 
 
 def _unknown(path: str, why: str = "") -> errors.UnsupportedFormatError:
@@ -75,13 +80,15 @@ def detect(path: str | os.PathLike[str]) -> str:
     """Name the format at ``path``: one of :data:`FORMATS`, ``"savegame"`` or ``"torchscript"``.
 
     Args:
-        path: A file, a TensorFlow prefix (``ckpt-1`` for ``ckpt-1.index``), or a folder
-            (savegame checkpoint with ``manifest.json``, or TensorFlow folder with ``checkpoint``).
+        path: A file, a TensorFlow prefix (``ckpt-1`` for ``ckpt-1.index``) or data shard
+            (``ckpt-1.data-00000-of-00001``), or a folder (savegame checkpoint with
+            ``manifest.json``, or TensorFlow folder with ``checkpoint``).
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
         UnsupportedFormatError: bytes match no supported format (message lists them).
-        FormatError: a container (zip) is damaged.
+        FormatError: the file is empty, a safetensors header length runs past the end of the
+            file, or a container (zip) is damaged.
     """
     p = os.fspath(path)
     if os.path.isdir(p):
@@ -94,7 +101,17 @@ def detect(path: str | os.PathLike[str]) -> str:
         if os.path.isfile(p + ".index"):
             return "tensorflow"
         raise errors.CheckpointNotFoundError(f"{p} does not exist", path=p)
+    shard = TF_SHARD_RE.search(p)
+    if shard and os.path.isfile(p[: shard.start()] + ".index"):
+        return "tensorflow"  # the bundle's data is only readable through its index
     size = os.path.getsize(p)
+    if size == 0 and os.path.isfile(p):
+        raise errors.FormatError(
+            f"{p} is empty (0 bytes): there is nothing to read; an interrupted download or "
+            "copy? Fetch the file again",
+            path=p,
+        )
+    truncated_safetensors = 0
     with builtins.open(p, "rb") as f:  # this module defines its own open() below
         head = f.read(16)
         # HDF5's superblock may sit at 0, 512, 1024, 2048, ... (FORMATS.md §0).
@@ -114,12 +131,24 @@ def detect(path: str | os.PathLike[str]) -> str:
             (n,) = struct.unpack_from("<Q", head)
             if 8 + n <= size:
                 return "safetensors"
+            if head[8:9] == b"{":
+                truncated_safetensors = n
         if size >= 48:
             f.seek(size - 8)
             if f.read(8) == TF_INDEX_MAGIC:
                 return "tensorflow"
     if p.endswith(".weights"):
         return "darknet"
+    if truncated_safetensors:
+        # The first 8 bytes are a header length and the header starts with '{': safetensors
+        # whose header (or the file) was cut. Say so instead of "unrecognised".
+        raise errors.FormatError(
+            f"{p}: safetensors header length {truncated_safetensors} runs past the end of the "
+            f"{size}-byte file (truncated, or not a safetensors file); fetch the file again",
+            path=p,
+        )
+    if size < 16:
+        raise _unknown(p, f" (only {size} bytes: too short for any checkpoint; truncated?)")
     raise _unknown(p)
 
 

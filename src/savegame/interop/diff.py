@@ -77,6 +77,7 @@ def diff(
     *,
     cfg_a: str | os.PathLike[str] | None = None,
     cfg_b: str | os.PathLike[str] | None = None,
+    partial: bool = False,
     isolate: bool = False,
 ) -> DiffResult:
     """Compare two checkpoints (any supported formats, including savegame folders).
@@ -86,6 +87,8 @@ def diff(
         b: The checkpoint compared against it.
         cfg_a: Darknet ``.cfg`` for ``a`` when it is a ``.weights`` file.
         cfg_b: Same for ``b``.
+        partial: Accept darknet ``.weights`` files that hold fewer layers than their cfg
+            (backbones); only the layers present are compared.
         isolate: Read Keras/HDF5 files in a child process first (untrusted files).
 
     Returns:
@@ -94,7 +97,10 @@ def diff(
     Raises:
         The errors of the readers involved (FormatError, UnsupportedFormatError, ...).
     """
-    with convert.open_any(a, cfg_a, isolate=isolate) as ra, convert.open_any(b, cfg_b, isolate=isolate) as rb:
+    with (
+        convert.open_any(a, cfg_a, isolate=isolate, partial=partial) as ra,
+        convert.open_any(b, cfg_b, isolate=isolate, partial=partial) as rb,
+    ):
         ka, kb = ra.keys(), rb.keys()
         sa, sb = set(ka), set(kb)
         res = DiffResult(added=sorted(sb - sa), removed=sorted(sa - sb))

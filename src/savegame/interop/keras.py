@@ -25,7 +25,16 @@ Formats (FORMATS.md §4):
 
 * ``"keras3"`` – a ``.keras`` zip: ``metadata.json`` and ``config.json`` (data only) and the
   ``model.weights.h5`` member, which must be STORED; it is read in place through a bounded
-  file-like view of its byte range (no extraction).
+  file-like view of its byte range (no extraction). Weight shapes are checked against what
+  ``config.json`` implies for the layers it describes (Dense, Conv, BatchNormalization, …).
+
+Isolation (the default, ``isolate=True``): libhdf5 is a large C library that crashes or hangs on
+some malformed files, so it only ever sees the file inside a small child process
+(:mod:`savegame.interop._h5index`: numpy + h5py, no torch, about 0.2 s), which sends back the
+index and the bytes of the few datasets the parent cannot read directly; contiguous datasets
+(what Keras writes) are then read by offset in this process without libhdf5. A crash, a hang
+past ``isolate_timeout`` or a file that changes meanwhile become a :class:`FormatError`; the child
+dies with its parent. ``isolate=False`` runs libhdf5 in-process: only for trusted files.
 
 Example:
     >>> with open_keras("model.keras") as r:  # doctest: +SKIP
@@ -34,193 +43,140 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import importlib.util
 import io
 import json
-import math
 import os
+import re
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from savegame import errors
-from savegame.interop import _zip, base
+from savegame.interop import _h5index, _zip, base
 
-__all__ = ["KerasReader", "open_keras"]
+__all__ = ["DEFAULT_ISOLATE_TIMEOUT", "KerasReader", "open_keras"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
+_MAX_ATTR_ELEMENTS = _h5index.MAX_ATTR_ELEMENTS
+_MAX_JSON_BYTES = _h5index.MAX_JSON_CHARS  # JSON members of a .keras zip
 
-# Caps specific to HDF5 (FORMATS.md §4.4, §7). Keras' own nesting is < 10 levels deep.
-_MAX_DEPTH = 64
-_MAX_LINKS_PER_GROUP = 1_000_000
-# One attribute (model_config, layer_names chunk, …) may hold at most this many stored bytes and
-# elements. Keras splits name lists at 64,512 bytes, and model configs are JSON text.
-_MAX_ATTR_BYTES = 64 << 20
-_MAX_ATTR_ELEMENTS = 1_000_000
-_MAX_ATTR_CHUNKS = 100_000  # layer_names0 … layer_namesN
-# A dataset whose logical size exceeds its stored bytes by more than LIMITS.max_inflate_ratio is
-# a fill-value or compression bomb; below this floor we do not bother (tiny fill-value tensors).
-_BOMB_FLOOR_BYTES = 16 << 20
-# JSON members of a .keras zip (metadata.json, config.json).
-_MAX_JSON_BYTES = 64 << 20
+DEFAULT_ISOLATE_TIMEOUT = 300.0
+"""Seconds the isolation child may take (it parses the structure and reads only datasets that
+are not stored contiguously, so a healthy file needs well under a second plus ~0.2 s start-up)."""
 
-# Filters built into libhdf5 itself: deflate, shuffle, fletcher32, szip, nbit, scaleoffset
-# (H5Zpublic.h). Anything else (including h5py's LZF and hdf5plugin's Blosc etc.) would make a
-# read go through a dynamically loaded or third-party filter, which we refuse (FORMATS.md §4.4).
-_BUILTIN_FILTERS = frozenset({1, 2, 3, 4, 5, 6})
-
-_LAYOUT_COMPACT, _LAYOUT_CONTIGUOUS, _LAYOUT_CHUNKED, _LAYOUT_VIRTUAL = 0, 1, 2, 3
-
-_NUMPY_TO_TORCH: dict[str, torch.dtype] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "uint16": torch.uint16,
-    "int32": torch.int32,
-    "uint32": torch.uint32,
-    "int64": torch.int64,
-    "uint64": torch.uint64,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
+_PROBLEM_TYPES: dict[str, type[errors.CheckpointError]] = {
+    "format": errors.FormatError,
+    "unsafe": errors.UnsafeContentError,
+    "unsupported": errors.UnsupportedFormatError,
 }
 
 
-# What h5py raises for malformed files (HDF5 errors map onto these built-ins). Our own errors
-# subclass ValueError/OSError too, so they are re-raised untouched.
-_H5_ERRORS = (OSError, RuntimeError, ValueError, KeyError, TypeError, IndexError, OverflowError)
+def _typed(exc: _h5index.Problem, path: str) -> errors.CheckpointError:
+    return _PROBLEM_TYPES[exc.kind](exc.msg, path=path, key=exc.key)
 
 
-@contextlib.contextmanager
-def _as_format_error(path: str, what: str, key: str | None = None) -> Iterator[None]:
-    """Turn any h5py/libhdf5 failure into a FormatError naming ``path`` (FORMATS.md §4.4)."""
+@contextmanager
+def _typed_errors(path: str) -> Iterator[None]:
+    """Problems from :mod:`_h5index` (and stray h5py errors) become typed savegame errors."""
     try:
-        yield
-    except errors.CheckpointError:
-        raise
-    except _H5_ERRORS as exc:
-        raise errors.FormatError(
-            f"{path}: {what}: {exc}; the file is corrupt or not a Keras file", path=path, key=key
-        ) from exc
+        with _h5index.as_problem(path, "cannot read the HDF5 file"):
+            yield
+    except _h5index.Problem as exc:
+        raise _typed(exc, path) from exc.__cause__
+
+
+def _limits() -> dict[str, int]:
+    lim = base.LIMITS
+    return {
+        "max_entries": lim.max_entries,
+        "max_tensor_numel": lim.max_tensor_numel,
+        "max_inflate_ratio": lim.max_inflate_ratio,
+        "max_json_depth": lim.max_json_depth,
+    }
 
 
 def _import_h5py() -> Any:
     try:
         import h5py
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    except ImportError as exc:
         raise errors.MissingDependencyError(
             "reading Keras HDF5 files needs h5py; install it with `pip install savegame[keras]`"
         ) from exc
     return h5py
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """Where one tensor lives: its HDF5 path and how to decode it."""
-
-    h5path: str
-    info: base.TensorInfo
-    numpy_dtype: np.dtype[Any]  # dtype to read into (native byte order)
-    bfloat16: bool
-
-
-class _RangeFile(io.RawIOBase):
-    """Read-only, seekable view of ``[start, start+size)`` of an open binary file.
-
-    h5py's file-object driver reads through it, so HDF5 sees the zip member as a whole file and
-    can never read outside the member's byte range.
-    """
-
-    def __init__(self, raw: io.BufferedReader, start: int, size: int) -> None:
-        super().__init__()
-        self._raw = raw
-        self._start = start
-        self._size = size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise OSError("negative seek position")
-        self._pos = pos
-        return pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = min(len(view), max(0, self._size - self._pos))
-        if want == 0:
-            return 0
-        self._raw.seek(self._start + self._pos)
-        got = self._raw.readinto(view[:want])
-        got = got or 0
-        self._pos += got
-        return got
-
-    def write(self, b: Any) -> int:
-        raise OSError("read-only")
-
-
-# --------------------------------------------------------------------------------------------
-# JSON as data
-# --------------------------------------------------------------------------------------------
+def _need_h5py(path: str) -> None:
+    """Fail here, not in the child, when h5py is missing (cheap: finds, does not import)."""
+    try:
+        found = importlib.util.find_spec("h5py") is not None
+    except (ValueError, ImportError):
+        found = False
+    if not found:
+        raise errors.MissingDependencyError(
+            f"reading Keras HDF5 files ({path}) needs h5py; install it with "
+            "`pip install savegame[keras]`",
+            path=path,
+        )
 
 
 def _parse_json(raw: bytes | str, *, what: str, path: str) -> Any:
     """Parse JSON text as plain data (dicts, lists, str, numbers); never builds objects."""
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise errors.FormatError(
-                f"{what} in {path} is not UTF-8 text; the file is corrupt", path=path
-            ) from exc
-    else:
-        text = raw
-    if len(text) > _MAX_JSON_BYTES:
-        raise errors.FormatError(
-            f"{what} in {path} is {len(text)} characters, over the {_MAX_JSON_BYTES} cap",
-            path=path,
-        )
-    if not base.json_depth_ok(text, base.LIMITS.max_json_depth):
-        raise errors.FormatError(
-            f"{what} in {path} nests deeper than {base.LIMITS.max_json_depth} levels; refusing",
-            path=path,
-        )
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise errors.FormatError(f"{what} in {path} is not valid JSON: {exc}", path=path) from exc
+        return _h5index.parse_json(raw, what=what, path=path, max_depth=base.LIMITS.max_json_depth)
+    except _h5index.Problem as exc:
+        raise _typed(exc, path) from exc.__cause__
 
 
 # --------------------------------------------------------------------------------------------
 # The reader
 # --------------------------------------------------------------------------------------------
+
+
+class _Source:
+    """Where tensor bytes come from: libhdf5 in-process, or the file by offset (isolated)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _InProcess(_Source):
+    def __init__(self, h5file: Any, indexer: _h5index.Indexer, raw: io.BufferedReader | None):
+        self.h5 = h5file
+        self.indexer = indexer
+        self.raw = raw
+
+    def close(self) -> None:
+        try:
+            self.h5.close()
+        finally:
+            if self.raw is not None:
+                self.raw.close()
+
+
+class _Isolated(_Source):
+    def __init__(
+        self, raw: io.BufferedReader, start: int, stat: tuple[int, ...], blobs: dict[str, bytes]
+    ):
+        self.raw = raw
+        self.start = start  # where the HDF5 bytes begin in the file (zip member offset)
+        self.stat = stat
+        self.blobs = blobs  # name -> bytes the child read through libhdf5
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _identity(raw: io.BufferedReader) -> tuple[int, ...]:
+    st = os.fstat(raw.fileno())
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class KerasReader:
@@ -230,49 +186,28 @@ class KerasReader:
         path: The file opened.
         format: ``"keras-h5"`` (HDF5 file) or ``"keras3"`` (``.keras`` zip).
         layout: ``"legacy"`` (``layer_names``/``weight_names``) or ``"keras3"`` (``vars/<i>``).
+        isolated: Whether libhdf5 ran in a child process (``open_keras(isolate=True)``).
     """
 
     path: str
     format: str
     layout: str
+    isolated: bool
 
-    def __init__(
-        self,
-        path: str,
-        fmt: str,
-        h5file: Any,
-        raw: io.BufferedReader | None,
-        stored_limit: int,
-        zip_meta: dict[str, Any],
-    ) -> None:
+    def __init__(self, path: str, fmt: str, index: dict[str, Any], source: _Source) -> None:
         self.path = path
         self.format = fmt
-        self._h5 = h5file
-        self._raw = raw
-        self._stored_limit = stored_limit  # bytes HDF5 can possibly hold (file or member size)
-        self._entries: dict[str, _Entry] = {}
-        self._tree: dict[str, Any] = {}
-        self._meta: dict[str, Any] = dict(zip_meta)
-        self.layout = "keras3"
-        self._vars_groups: list[str] = []
+        self.layout = index["layout"]
+        self.isolated = isinstance(source, _Isolated)
+        self._source = source
+        self._meta: dict[str, Any] = index["meta"]
+        self._entries: dict[str, dict[str, Any]] = index["entries"]
+        self._tree_paths: list[list[str]] = index["tree"]
+        self._infos = {
+            name: base.TensorInfo(name, e["dtype"], tuple(e["shape"]), e["nbytes"])
+            for name, e in self._entries.items()
+        }
         self._closed = False
-        try:
-            with _as_format_error(path, "cannot index the HDF5 file"):
-                self._index()
-        except BaseException:
-            self.close()
-            raise
-
-    def _index(self) -> None:
-        datasets = self._walk()
-        if self._is_legacy():
-            self.layout = "legacy"
-            self._index_legacy(datasets)
-        else:
-            self._index_keras3(datasets)
-        # Always present, None when the file does not say (Keras 3 records no backend).
-        for key in ("keras_version", "backend", "model_config"):
-            self._meta.setdefault(key, None)
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -282,25 +217,28 @@ class KerasReader:
 
     def info(self, name: str) -> base.TensorInfo:
         """Dtype, shape and size of ``name`` without reading it."""
-        return self._entry(name).info
+        self._entry(name)
+        return self._infos[name]
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into a CPU torch tensor that owns its memory."""
         self._check_open()
         entry = self._entry(name)
-        shape = entry.info.shape
-        arr = np.empty(shape, dtype=entry.numpy_dtype)
-        if arr.size:
-            with _as_format_error(self.path, f"cannot read tensor {name!r}", key=name):
-                self._h5[entry.h5path].read_direct(arr)
-        if entry.bfloat16:
+        arr = self._array(entry)
+        if entry["bf16"]:
             return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
-        # np.empty is C-contiguous and owned; ascontiguousarray would turn 0-d into 1-d.
+        # The array is new, C-contiguous and owned (0-d stays 0-d).
         return torch.from_numpy(arr)
 
     def tree(self) -> dict[str, Any]:
         """Nested dict by layer (legacy) or by HDF5 path (keras3) with :class:`TensorRef` leaves."""
-        return copy.deepcopy(self._tree)
+        out: dict[str, Any] = {}
+        for *parts, name in self._tree_paths:
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = base.TensorRef(name)
+        return out
 
     def metadata(self) -> dict[str, Any]:
         """``keras_version``, ``backend``, the model config (parsed JSON data) and more.
@@ -311,8 +249,14 @@ class KerasReader:
         (keras3 layout: HDF5 path -> user-given layer name).
         """
         self._check_open()
-        if self.layout == "keras3" and "layer_names" not in self._meta:
-            names = self._layer_names()
+        src = self._source
+        if (
+            self.layout == "keras3"
+            and "layer_names" not in self._meta
+            and isinstance(src, _InProcess)
+        ):
+            with _typed_errors(self.path):
+                names = src.indexer.layer_names()
             if names:
                 self._meta["layer_names"] = names
         return dict(self._meta)
@@ -332,12 +276,7 @@ class KerasReader:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._h5 is not None:
-                self._h5.close()
-        finally:
-            if self._raw is not None:
-                self._raw.close()
+        self._source.close()
 
     def __enter__(self) -> KerasReader:
         return self
@@ -354,7 +293,7 @@ class KerasReader:
         if self._closed:
             raise errors.FormatError(f"reader for {self.path} is closed", path=self.path)
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> dict[str, Any]:
         try:
             return self._entries[name]
         except KeyError:
@@ -364,352 +303,181 @@ class KerasReader:
                 key=name,
             ) from None
 
-    def _unsafe(self, msg: str) -> errors.UnsafeContentError:
-        return errors.UnsafeContentError(f"{self.path}: {msg}; refusing to read it", path=self.path)
-
-    def _corrupt(self, msg: str) -> errors.FormatError:
-        return errors.FormatError(f"{self.path}: {msg}", path=self.path)
-
-    def _walk(self) -> dict[str, Any]:
-        """Visit every link once; refuse non-hard links, cycles, deep trees; check datasets.
-
-        Returns HDF5 path -> dataset (already checked by :meth:`_check_dataset`), in visiting
-        order (depth-first, HDF5 name order, numeric names in numeric order).
-        """
-        h5py = _import_h5py()
-        visited: set[int] = set()
-        datasets: dict[str, Any] = {}
-        count = 0
-        # Explicit stack: a hostile file must not be able to exhaust Python's recursion limit.
-        stack: list[tuple[str, Any, int]] = [("", self._h5, 0)]
-        root_addr = h5py.h5o.get_info(self._h5.id).addr
-        visited.add(root_addr)
-        while stack:
-            prefix, group, depth = stack.pop()
-            if depth > _MAX_DEPTH:
-                raise self._unsafe(f"groups nest deeper than {_MAX_DEPTH} levels at {prefix!r}")
-            try:
-                names = list(group.keys())
-            except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                raise self._corrupt(f"cannot list group {prefix or '/'!r}: {exc}") from exc
-            if len(names) > _MAX_LINKS_PER_GROUP:
-                raise self._unsafe(f"group {prefix or '/'!r} has {len(names)} links")
-            children: list[tuple[str, Any, int]] = []
-            for name in _natural_order(names):
-                count += 1
-                if count > base.LIMITS.max_entries:
-                    raise self._unsafe(f"more than {base.LIMITS.max_entries} HDF5 objects")
-                full = f"{prefix}/{name}" if prefix else name
-                try:
-                    link = group.get(name, getlink=True)
-                except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-                    raise self._corrupt(f"cannot read link {full!r}: {exc}") from exc
-                if isinstance(link, h5py.ExternalLink):
-                    raise self._unsafe(
-                        f"{full!r} is an external link to {link.filename!r}:{link.path!r}"
-                    )
-                if isinstance(link, h5py.SoftLink):
-                    # Keras never writes soft links; following one could alias or dangle, and
-                    # Keras 3's own loader refuses them too (FORMATS.md §4.2).
-                    raise self._unsafe(f"{full!r} is a soft link to {link.path!r}")
-                if not isinstance(link, h5py.HardLink):
-                    raise self._unsafe(f"{full!r} is a link of unsupported type")
-                try:
-                    obj = group[name]
-                    addr = h5py.h5o.get_info(obj.id).addr
-                except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-                    raise self._corrupt(f"cannot open {full!r}: {exc}") from exc
-                if addr in visited:
-                    # A second hard link to the same object: a cycle or a fan-out that would
-                    # make one stored tensor count many times. Keras never writes these.
-                    raise self._unsafe(f"{full!r} links to an object already linked elsewhere")
-                visited.add(addr)
-                if isinstance(obj, h5py.Group):
-                    children.append((full, obj, depth + 1))
-                elif isinstance(obj, h5py.Dataset):
-                    self._check_dataset(obj, full)
-                    datasets[full] = obj
-                else:
-                    raise self._unsafe(f"{full!r} is an object of unsupported type")
-            # Reverse so the stack pops children in order.
-            stack.extend(reversed(children))
-        return datasets
-
-    def _check_dataset(self, dset: Any, name: str) -> None:
-        """Refuse external storage, virtual layouts, non-builtin filters and size bombs."""
-        try:
-            dcpl = dset.id.get_create_plist()
-            layout = dcpl.get_layout()
-            n_external = dcpl.get_external_count()
-            filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
-            shape = dset.shape
-            itemsize = dset.dtype.itemsize
-            stored = dset.id.get_storage_size()
-            offset = dset.id.get_offset() if layout == _LAYOUT_CONTIGUOUS else None
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise self._corrupt(f"cannot inspect dataset {name!r}: {exc}") from exc
-        if layout == _LAYOUT_VIRTUAL:
-            raise self._unsafe(f"dataset {name!r} is a virtual dataset (data in other files)")
-        if n_external:
-            raise self._unsafe(f"dataset {name!r} keeps its data in {n_external} external file(s)")
-        if layout not in (_LAYOUT_COMPACT, _LAYOUT_CONTIGUOUS, _LAYOUT_CHUNKED):
-            raise self._unsafe(f"dataset {name!r} has unknown storage layout {layout}")
-        for fid in filters:
-            if fid not in _BUILTIN_FILTERS:
-                raise self._unsafe(
-                    f"dataset {name!r} needs HDF5 filter {fid}, which is not built into libhdf5 "
-                    "(reading it could load a plugin)"
-                )
-        if shape is None:  # null dataspace: no data at all
-            return
-        numel = 1
-        for dim in shape:
-            numel *= int(dim)
-        if numel > base.LIMITS.max_tensor_numel:
-            raise self._unsafe(f"dataset {name!r} declares {numel} elements")
-        declared = numel * itemsize
-        if stored > self._stored_limit:
-            raise self._corrupt(
-                f"dataset {name!r} claims {stored} stored bytes, more than the file holds"
-            )
-        if offset is not None and offset + stored > self._stored_limit:
-            raise self._corrupt(f"dataset {name!r} lies beyond the end of the file (truncated?)")
-        if declared > _BOMB_FLOOR_BYTES and declared > base.LIMITS.max_inflate_ratio * stored:
-            raise self._unsafe(
-                f"dataset {name!r} declares {declared} bytes but stores only {stored} "
-                "(fill-value or compression bomb)"
-            )
-
-    def _attr(self, obj: Any, name: str) -> Any:
-        """Read one attribute after bounding its size; ``None`` when absent."""
-        h5py = _import_h5py()
-        try:
-            if name not in obj.attrs:
-                return None
-            aid = h5py.h5a.open(obj.id, name.encode())
-            shape = aid.shape
-            # H5Aget_storage_size fails on empty attributes; the type size is what HDF5 will
-            # allocate per element (for variable-length strings: the heap reference, and the
-            # heap object itself is bounded by the file's size).
-            item = aid.get_type().get_size()
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise self._corrupt(f"cannot inspect attribute {name!r}: {exc}") from exc
-        numel = math.prod(shape) if shape is not None else 0
-        stored = numel * item
-        if numel > _MAX_ATTR_ELEMENTS or stored > _MAX_ATTR_BYTES:
-            raise self._unsafe(
-                f"attribute {name!r} of {obj.name!r} is huge ({numel} elements, {stored} bytes)"
-            )
-        try:
-            return obj.attrs[name]
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise self._corrupt(f"cannot read attribute {name!r}: {exc}") from exc
-
-    def _str_attr(self, obj: Any, name: str) -> str | None:
-        value = self._attr(obj, name)
-        if value is None:
-            return None
-        if isinstance(value, np.ndarray) and value.shape == ():
-            value = value[()]
-        if isinstance(value, bytes | np.bytes_):
-            try:
-                return bytes(value).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise self._corrupt(f"attribute {name!r} is not UTF-8") from exc
-        if isinstance(value, str):
-            return value
-        raise self._corrupt(f"attribute {name!r} is not a string")
-
-    def _name_list(self, obj: Any, name: str) -> list[str] | None:
-        """A list-of-names attribute, joining the split form ``name0``, ``name1``, … (§4.1)."""
-        chunks: list[Any] = []
-        value = self._attr(obj, name)
-        if value is not None:
-            chunks.append(value)
-        else:
-            for i in range(_MAX_ATTR_CHUNKS + 1):
-                if i == _MAX_ATTR_CHUNKS:
-                    raise self._unsafe(f"attribute {name!r} is split into too many chunks")
-                part = self._attr(obj, f"{name}{i}")
-                if part is None:
-                    break
-                chunks.append(part)
-            if not chunks:
-                return None
-        out: list[str] = []
-        for chunk in chunks:
-            arr = np.asarray(chunk)
-            if arr.size == 0:
-                continue  # Keras writes an empty float64 array for "no weights"
-            if arr.ndim > 1:
-                raise self._corrupt(f"attribute {name!r} is not a list of names")
-            for item in arr.reshape(-1).tolist():
-                if isinstance(item, bytes):
-                    try:
-                        item = item.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise self._corrupt(f"attribute {name!r} holds non-UTF-8 names") from exc
-                if not isinstance(item, str):
-                    raise self._corrupt(f"attribute {name!r} holds a non-string name")
-                out.append(item)
-        return out
-
-    def _is_legacy(self) -> bool:
-        if "model_weights" in self._h5:
-            return True
-        return self._name_list(self._h5, "layer_names") is not None
-
-    def _tensor_entry(self, name: str, h5path: str, dset: Any) -> _Entry:
-        dtype = dset.dtype
-        bf16 = False
-        if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-            if self._str_attr(dset, "dtype") != "bfloat16":
-                raise errors.UnsupportedFormatError(
-                    f"dataset {h5path!r} in {self.path} has an opaque 2-byte type without "
-                    'attribute dtype="bfloat16"; cannot interpret it',
-                    path=self.path,
-                    key=name,
-                )
-            bf16 = True
-            np_dtype: np.dtype[Any] = np.dtype("V2")
-            dtype_name = "bfloat16"
-        else:
-            np_dtype = dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
-            dtype_name = np_dtype.name
-            if np_dtype.fields is not None or dtype_name not in _NUMPY_TO_TORCH:
-                raise errors.UnsupportedFormatError(
-                    f"dataset {h5path!r} in {self.path} has dtype {dtype}, which is not a "
-                    "numeric tensor type",
-                    path=self.path,
-                    key=name,
-                )
-            np_dtype = np.dtype(np_dtype.str)
-            dtype_name = str(_NUMPY_TO_TORCH[dtype_name]).removeprefix("torch.")
-        if dset.shape is None:
-            raise self._corrupt(f"dataset {h5path!r} has a null dataspace (no data)")
-        shape = tuple(int(d) for d in dset.shape)
-        nbytes = math.prod(shape) * np_dtype.itemsize
-        info = base.TensorInfo(name=name, dtype=dtype_name, shape=shape, nbytes=nbytes)
-        return _Entry(h5path=h5path, info=info, numpy_dtype=np_dtype, bfloat16=bf16)
-
-    def _root_meta(self, obj: Any) -> None:
-        for key in ("keras_version", "backend"):
-            if key not in self._meta:
-                value = self._str_attr(obj, key)
-                if value is not None:
-                    self._meta[key] = value
-        for key in ("model_config", "training_config"):
-            text = self._str_attr(obj, key)
-            if text is not None:
-                self._meta[key] = _parse_json(text, what=f"attribute {key}", path=self.path)
-
-    def _index_legacy(self, datasets: dict[str, Any]) -> None:
-        self._root_meta(self._h5)
-        wroot_path = "model_weights" if "model_weights" in self._h5 else ""
-        wroot = self._h5[wroot_path] if wroot_path else self._h5
-        self._root_meta(wroot)
-        if "keras_version" not in self._meta:
-            self._meta["keras_version"] = None  # FORMATS.md §4.1: absent means Keras 1
-        self._meta["layout"] = "legacy"
-        layer_names = self._name_list(wroot, "layer_names") or []
-        if "top_level_model_weights" in wroot and "top_level_model_weights" not in layer_names:
-            layer_names = [*layer_names, "top_level_model_weights"]
-        for layer in layer_names:
-            lpath = _join(wroot_path, self._component_path(layer, "layer name"))
-            lgroup = self._group_at(lpath, f"layer {layer!r}")
-            for wname in self._name_list(lgroup, "weight_names") or []:
-                dpath = _join(lpath, self._component_path(wname, "weight name"))
-                self._add_legacy(datasets, dpath, layer, wname, layer)
-        if "optimizer_weights" in self._h5:
-            ogroup = self._group_at("optimizer_weights", "optimizer_weights")
-            for wname in self._name_list(ogroup, "weight_names") or []:
-                dpath = _join("optimizer_weights", self._component_path(wname, "weight name"))
-                self._add_legacy(
-                    datasets, dpath, "optimizer_weights", wname, "optimizer_weights", prefix=True
-                )
-
-    def _add_legacy(
-        self,
-        datasets: dict[str, Any],
-        dpath: str,
-        layer: str,
-        wname: str,
-        tree_key: str,
-        *,
-        prefix: bool = False,
-    ) -> None:
-        if dpath not in datasets:
-            raise self._corrupt(
-                f"layer {layer!r} lists weight {wname!r} but {dpath!r} is not a dataset"
-            )
-        name = f"{layer}/{wname}" if prefix else wname
-        if name in self._entries:
-            name = f"{layer}/{wname}"
-            if name in self._entries:
-                raise self._corrupt(f"weight {wname!r} of layer {layer!r} is listed twice")
-        self._entries[name] = self._tensor_entry(name, dpath, datasets[dpath])
-        self._tree.setdefault(tree_key, {})[wname] = base.TensorRef(name)
-
-    def _component_path(self, name: str, what: str) -> str:
-        parts = name.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            raise self._corrupt(f"{what} {name!r} is not a relative HDF5 path")
-        return name
-
-    def _group_at(self, h5path: str, what: str) -> Any:
-        h5py = _import_h5py()
-        obj = self._h5[h5path] if h5path in self._h5 else None
-        if not isinstance(obj, h5py.Group):
-            raise self._corrupt(f"{what} is listed but {h5path!r} is not a group")
-        return obj
-
-    def _index_keras3(self, datasets: dict[str, Any]) -> None:
-        self._meta["layout"] = "keras3"
-        self._root_meta(self._h5)
-        if not datasets and "vars" not in self._h5 and "layers" not in self._h5:
-            raise errors.UnsupportedFormatError(
-                f"{self.path} is an HDF5 file but neither a legacy Keras file (no layer_names) "
-                "nor a Keras 3 weights file (no vars groups)",
+    def _array(self, entry: dict[str, Any]) -> np.ndarray:
+        src = self._source
+        shape = tuple(entry["shape"])
+        if isinstance(src, _InProcess):
+            with _typed_errors(self.path):
+                return _h5index.read_array(src.h5, entry, self.path)
+        dtype = np.dtype(entry["np"])
+        if not entry["nbytes"]:
+            return np.empty(shape, dtype=dtype)
+        if entry["raw"] is None:
+            failure = entry.get("inline_error")
+            if failure is not None:  # the child could not read it through libhdf5
+                cls = _PROBLEM_TYPES.get(failure[0], errors.FormatError)
+                raise cls(str(failure[1]), path=self.path, key=entry["name"])
+            blob = src.blobs[entry["name"]]
+            return np.frombuffer(blob, dtype=dtype).reshape(shape).copy()
+        offset, nbytes = entry["raw"]
+        if _identity(src.raw) != src.stat:
+            raise errors.FormatError(
+                f"{self.path} changed after it was checked in the isolated reader; open it again",
                 path=self.path,
+                key=entry["name"],
             )
-        for h5path, dset in datasets.items():
-            self._entries[h5path] = self._tensor_entry(h5path, h5path, dset)
-            node = self._tree
-            parts = h5path.split("/")
-            for part in parts[:-1]:
-                child = node.setdefault(part, {})
-                if not isinstance(child, dict):
-                    raise self._corrupt(f"{h5path!r} is both a tensor and a group")
-                node = child
-            node[parts[-1]] = base.TensorRef(h5path)
-            parent = h5path.rpartition("/")[0]
-            if parent.endswith("vars") and parent not in self._vars_groups:
-                self._vars_groups.append(parent)
-
-    def _layer_names(self) -> dict[str, str]:
-        """Attribute path -> user-given layer name, from each ``vars`` group's ``name``.
-
-        Read only when ``metadata()`` asks: these are variable-length string attributes, the
-        kind on which fuzzing made libhdf5 hang, so listing and reading tensors avoid them.
-        """
-        names: dict[str, str] = {}
-        with _as_format_error(self.path, "cannot read layer names"):
-            for group in self._vars_groups:
-                label = self._str_attr(self._h5[group], "name")
-                if label is not None:
-                    names[group.removesuffix("/vars").removesuffix("vars")] = label
-        return names
+        buf = np.empty(nbytes, dtype=np.uint8)
+        src.raw.seek(src.start + offset)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:  # readinto may return short counts (> 2 GiB, signals)
+            n = src.raw.readinto(view[got:])
+            if not n:
+                raise errors.FormatError(
+                    f"{self.path}: tensor {entry['name']!r} is truncated (file changed?)",
+                    path=self.path,
+                    key=entry["name"],
+                )
+            got += n
+        stored = buf.view(np.dtype(entry["file"])).reshape(shape)
+        return stored if stored.dtype == dtype else stored.astype(dtype)
 
 
-def _join(a: str, b: str) -> str:
-    return f"{a}/{b}" if a else b
+# --------------------------------------------------------------------------------------------
+# config.json versus the stored weights (.keras)
+# --------------------------------------------------------------------------------------------
 
 
-def _natural_order(names: list[str]) -> list[str]:
-    """HDF5 order, but ``vars/10`` after ``vars/9`` (Keras numbers variables, FORMATS.md §4.2)."""
-    if names and all(n.isdigit() and n.isascii() for n in names):
-        return sorted(names, key=lambda n: (len(n), n))
-    return names
+def _snake(name: str) -> str:
+    """Keras' ``naming.to_snake_case``: the attribute name a layer's weights are saved under."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _dims(value: Any) -> list[int | None] | None:
+    if not isinstance(value, list) or not all(v is None or type(v) is int for v in value):
+        return None
+    return list(value)
+
+
+def _expected_weights(
+    cls: str, cfg: dict[str, Any], in_shape: list[int | None]
+) -> list[tuple[str, list[int | None]]] | None:
+    """(weight name, shape) in variable order for the layers whose weights follow from their
+    config and input shape (keras/src/layers/…); ``None`` for any other layer."""
+    last = in_shape[-1] if in_shape else None
+    if cls == "Dense":
+        units = cfg.get("units")
+        if type(units) is not int:
+            return None
+        out = [("kernel", [last, units])]
+        return out + [("bias", [units])] if cfg.get("use_bias", True) else out
+    match = re.fullmatch(r"Conv([123])D", cls)
+    if match:
+        rank = int(match.group(1))
+        filters, size = cfg.get("filters"), _dims(cfg.get("kernel_size"))
+        groups = cfg.get("groups", 1)
+        if type(filters) is not int or size is None or len(size) != rank:
+            return None
+        if type(groups) is not int or groups < 1:
+            return None
+        channels = (
+            last
+            if cfg.get("data_format", "channels_last") == "channels_last"
+            else (in_shape[1] if len(in_shape) > 1 else None)
+        )
+        per_group = channels // groups if channels is not None and channels % groups == 0 else None
+        out = [("kernel", [*size, per_group, filters])]
+        return out + [("bias", [filters])] if cfg.get("use_bias", True) else out
+    if cls in ("BatchNormalization", "LayerNormalization"):
+        axis = cfg.get("axis", -1)
+        if isinstance(axis, list) and len(axis) == 1:
+            axis = axis[0]
+        if type(axis) is not int or not -len(in_shape) <= axis < len(in_shape):
+            return None
+        n = in_shape[axis]
+        names = (["gamma"] if cfg.get("scale", True) else []) + (
+            ["beta"] if cfg.get("center", True) else []
+        )
+        if cls == "BatchNormalization":
+            names += ["moving_mean", "moving_variance"]
+        return [(w, [n]) for w in names]
+    if cls == "Embedding":
+        dim_in, dim_out = cfg.get("input_dim"), cfg.get("output_dim")
+        if type(dim_in) is not int or type(dim_out) is not int:
+            return None
+        return [("embeddings", [dim_in, dim_out])]
+    return None
+
+
+def _check_config_shapes(path: str, index: dict[str, Any]) -> None:
+    """Refuse a ``.keras`` whose weights disagree with the shapes its ``config.json`` implies."""
+    config = index["meta"].get("model_config")
+    inner = config.get("config") if isinstance(config, dict) else None
+    layers = inner.get("layers") if isinstance(inner, dict) else None
+    if not isinstance(layers, list):
+        return
+    labels = index["meta"].get("layer_names") or {}
+    by_label = {label: group for group, label in labels.items()}
+    used: dict[str, int] = {}
+    entries = index["entries"]
+    for layer in layers:
+        if not isinstance(layer, dict) or not isinstance(layer.get("class_name"), str):
+            continue
+        cls = layer["class_name"]
+        cfg = layer.get("config")
+        if cls == "InputLayer" or not isinstance(cfg, dict):
+            continue
+        # Keras saves each layer under layers/<snake_case class>[_N] (FORMATS.md §4.2); newer
+        # versions also record the user-given name, which is preferred when present.
+        snake = _snake(cls)
+        if snake in used:
+            used[snake] += 1
+            snake = f"{snake}_{used[snake]}"
+        else:
+            used[snake] = 0
+        label = cfg.get("name")
+        group = by_label.get(label) if isinstance(label, str) else None
+        group = group if group is not None else f"layers/{snake}"
+        build = layer.get("build_config")
+        in_shape = _dims(build.get("input_shape")) if isinstance(build, dict) else None
+        if in_shape is None:
+            continue
+        expected = _expected_weights(cls, cfg, in_shape)
+        if expected is None:
+            continue
+        stored = [k for k in entries if k.rpartition("/")[0] == f"{group}/vars"]
+        if not stored:
+            continue  # nothing saved under that name: nothing to contradict
+        who = f"layer {label if isinstance(label, str) else group!r} ({cls})"
+        if len(stored) != len(expected):
+            raise errors.FormatError(
+                f"{path}: {who} has {len(stored)} weights under {group}/vars but config.json "
+                f"implies {len(expected)} ({', '.join(w for w, _ in expected)}); the archive is "
+                "inconsistent (edited or damaged)",
+                path=path,
+                key=f"{group}/vars",
+            )
+        for i, (wname, shape) in enumerate(expected):
+            key = f"{group}/vars/{i}"
+            got = entries.get(key, {}).get("shape")
+            if (
+                got is None
+                or len(got) != len(shape)
+                or any(
+                    want is not None and want != have
+                    for want, have in zip(shape, got, strict=False)
+                )
+            ):
+                want_s = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+                raise errors.FormatError(
+                    f"{path}: {who} weight {wname!r} ({key}) has shape {tuple(got or ())} but "
+                    f"config.json implies {want_s}; the archive is inconsistent (edited or "
+                    "damaged)",
+                    path=path,
+                    key=key,
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -732,84 +500,82 @@ def _zip_members(raw: io.BufferedReader, path: str, file_size: int) -> dict[str,
     return members
 
 
-def _read_member(raw: io.BufferedReader, member: _zip.ZipMember, path: str) -> bytes:
-    """Bytes of a small JSON member: STORED, or DEFLATED with a bounded inflate."""
-    return _zip.read_member(raw, member, path, max_bytes=_MAX_JSON_BYTES)
-
-
-def _open_zip(path: str) -> KerasReader:
-    h5py = _import_h5py()
-    raw = open(path, "rb")  # noqa: SIM115 - owned by the reader, closed in close()
-    try:
-        file_size = os.fstat(raw.fileno()).st_size
-        members = _zip_members(raw, path, file_size)
-        meta: dict[str, Any] = {}
-        if "metadata.json" in members:
-            data = _parse_json(
-                _read_member(raw, members["metadata.json"], path), what="metadata.json", path=path
-            )
-            if isinstance(data, dict):
-                for key in ("keras_version", "date_saved", "backend"):
-                    if key in data:
-                        meta[key] = data[key]
-        if "config.json" in members:
-            # Data only: a Lambda layer's bytecode stays a string (FORMATS.md §4.4).
-            meta["model_config"] = _parse_json(
-                _read_member(raw, members["config.json"], path), what="config.json", path=path
-            )
-        if "model.weights.h5" not in members:
-            if "model.weights.npz" in members:
-                raise errors.UnsupportedFormatError(
-                    f"{path} stores its weights as model.weights.npz, which this reader does not "
-                    "support; open that member with the numpy reader",
-                    path=path,
-                )
-            raise errors.FormatError(
-                f"{path} is a zip without model.weights.h5; not a .keras file", path=path
-            )
-        member = members["model.weights.h5"]
-        if member.method != _zip.STORED or member.compressed != member.size:
-            raise errors.UnsafeContentError(
-                f"{path}: model.weights.h5 is compressed (method {member.method}); Keras stores "
-                "it uncompressed and we read it in place, so refusing",
+def _zip_layout(
+    raw: io.BufferedReader, path: str, file_size: int
+) -> tuple[int, int, dict[str, Any]]:
+    """(start, size) of the STORED ``model.weights.h5`` member and the JSON metadata."""
+    members = _zip_members(raw, path, file_size)
+    meta: dict[str, Any] = {}
+    if "metadata.json" in members:
+        data = _parse_json(
+            _zip.read_member(raw, members["metadata.json"], path, max_bytes=_MAX_JSON_BYTES),
+            what="metadata.json",
+            path=path,
+        )
+        if isinstance(data, dict):
+            for key in ("keras_version", "date_saved", "backend"):
+                if key in data:
+                    meta[key] = data[key]
+    if "config.json" in members:
+        # Data only: a Lambda layer's bytecode stays a string (FORMATS.md §4.4).
+        meta["model_config"] = _parse_json(
+            _zip.read_member(raw, members["config.json"], path, max_bytes=_MAX_JSON_BYTES),
+            what="config.json",
+            path=path,
+        )
+    if "model.weights.h5" not in members:
+        if "model.weights.npz" in members:
+            raise errors.UnsupportedFormatError(
+                f"{path} stores its weights as model.weights.npz, which this reader does not "
+                "support; open that member with the numpy reader",
                 path=path,
             )
-        view = _RangeFile(raw, member.start, member.size)
-        try:
-            h5file = h5py.File(view, "r")
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise errors.FormatError(
-                f"{path}: model.weights.h5 is not a valid HDF5 file: {exc}", path=path
-            ) from exc
-        return KerasReader(path, "keras3", h5file, raw, member.size, meta)
-    except BaseException:
-        raw.close()
-        raise
+        raise errors.FormatError(
+            f"{path} is a zip without model.weights.h5; not a .keras file", path=path
+        )
+    member = members["model.weights.h5"]
+    if member.method != _zip.STORED or member.compressed != member.size:
+        raise errors.UnsafeContentError(
+            f"{path}: model.weights.h5 is compressed (method {member.method}); Keras stores "
+            "it uncompressed and we read it in place, so refusing",
+            path=path,
+        )
+    return member.start, member.size, meta
 
 
-def _open_h5(path: str) -> KerasReader:
-    h5py = _import_h5py()
-    file_size = os.path.getsize(path)
-    try:
-        h5file = h5py.File(path, "r")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise errors.FormatError(f"{path} is not a valid HDF5 file: {exc}", path=path) from exc
-    return KerasReader(path, "keras-h5", h5file, None, file_size, {})
+def _merge_meta(zip_meta: dict[str, Any], index: dict[str, Any]) -> None:
+    # metadata.json's version and backend win over HDF5 attributes; config.json is the config
+    # unless the HDF5 file carries its own model_config attribute.
+    meta = index["meta"]
+    for key, value in zip_meta.items():
+        if key == "model_config" and meta.get("model_config") is not None:
+            continue
+        meta[key] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------
 
 
 def open_keras(
-    path: str | os.PathLike[str], *, isolate: bool = False, isolate_timeout: float = 300.0
+    path: str | os.PathLike[str],
+    *,
+    isolate: bool = True,
+    isolate_timeout: float = DEFAULT_ISOLATE_TIMEOUT,
 ) -> KerasReader:
     """Open a Keras ``.h5``, ``.weights.h5`` or ``.keras`` file for safe, lazy reading.
 
     Args:
         path: The file. Its first bytes decide the format (zip -> ``.keras``, else HDF5).
-        isolate: First open and read the whole file in a child process, so that a crash or
-            hang inside libhdf5 on a malicious file becomes a :class:`FormatError` here instead
-            of killing this process. Costs one Python start-up plus one extra read of the file;
-            recommended for files from untrusted sources (libhdf5 does crash on some corrupt
-            files: see docs/formats-keras-darknet.md). The file must not change in between.
-        isolate_timeout: Seconds the child may take before the file is refused.
+        isolate: Run libhdf5 only in a child process (the default): a crash or hang inside
+            libhdf5 on a malformed or malicious file becomes a :class:`FormatError` here instead
+            of killing or blocking this process. Costs about 0.2 s per open (a small Python that
+            imports numpy and h5py, not torch). ``False`` parses the file in this process:
+            faster by that much, for files you trust (libhdf5 does crash on some corrupt files:
+            see docs/formats-keras-darknet.md).
+        isolate_timeout: Seconds the child may take before the file is refused
+            (:data:`DEFAULT_ISOLATE_TIMEOUT`, 300 s).
 
     Returns:
         A :class:`KerasReader` (a :class:`savegame.interop.base.ForeignReader`).
@@ -819,94 +585,212 @@ def open_keras(
         MissingDependencyError: h5py is not installed (``pip install savegame[keras]``).
         UnsafeContentError: Links, external or virtual storage, plugin filters, bombs.
         UnsupportedFormatError: An HDF5 file that is not a Keras file, or unsupported dtypes.
-        FormatError: Corrupt or truncated data.
+        FormatError: Corrupt or truncated data, weights that contradict ``config.json``, a
+            child that crashed, timed out, or saw a file that changed under it.
     """
     spath = os.fspath(path)
-    if isolate:
-        _preflight(spath, isolate_timeout)
     try:
-        with open(spath, "rb") as fh:
-            head = fh.read(8)
+        raw = open(spath, "rb")  # noqa: SIM115 - owned by the reader, closed in close()
     except FileNotFoundError as exc:
         raise errors.CheckpointNotFoundError(f"no file at {spath}", path=spath) from exc
     except IsADirectoryError as exc:
         raise errors.FormatError(f"{spath} is a directory, not a Keras file", path=spath) from exc
-    with _as_format_error(spath, "cannot open"):
-        if head.startswith(_ZIP_MAGIC):
-            return _open_zip(spath)
-        return _open_h5(spath)
-
-
-# --------------------------------------------------------------------------------------------
-# Process isolation (open_keras(..., isolate=True))
-# --------------------------------------------------------------------------------------------
-
-_CHILD_OK = 0
-_CHILD_TYPED_ERROR = 3
-_CHILD_NO_IMPORT = 4
-
-
-def _preflight(path: str, timeout: float) -> None:
-    """Open, list, read and verify ``path`` in a child Python; refuse if the child dies.
-
-    A typed error in the child is not raised here: the in-process open that follows runs the
-    same code on the same bytes and raises it itself, with its proper class and attributes.
-    """
-    # The child gets this process's sys.path, so it imports the same savegame.
-    code = (
-        "import json, sys\n"
-        "sys.path[:0] = json.loads(sys.argv[2])\n"
-        "try:\n"
-        "    import savegame.interop.keras as k\n"
-        "except ImportError:\n"
-        f"    sys.exit({_CHILD_NO_IMPORT})\n"
-        "k._child_main()\n"
-    )
-    cmd = [sys.executable, "-c", code, path, json.dumps(sys.path)]
+    except OSError as exc:
+        raise errors.FormatError(f"{spath}: cannot open: {exc}", path=spath) from exc
     try:
-        done = subprocess.run(
+        return _open(spath, raw, isolate=isolate, timeout=isolate_timeout)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _open(spath: str, raw: io.BufferedReader, *, isolate: bool, timeout: float) -> KerasReader:
+    stat = _identity(raw)
+    head = raw.read(8)
+    file_size = stat[2]
+    if head.startswith(_ZIP_MAGIC):
+        fmt, what = "keras3", "model.weights.h5"
+        start, size, zip_meta = _zip_layout(raw, spath, file_size)
+    else:
+        fmt, what = "keras-h5", "the file"
+        start, size, zip_meta = 0, file_size, {}
+    if isolate:
+        _need_h5py(spath)
+        index, blobs = _isolated_index(spath, raw, start, size, what, timeout)
+        if _identity(raw) != stat:
+            raise errors.FormatError(
+                f"{spath} changed while it was being checked in the isolated reader; open it "
+                "again once it is complete",
+                path=spath,
+            )
+        source: _Source = _Isolated(raw, start, stat, blobs)
+    else:
+        h5py = _import_h5py()
+        with _typed_errors(spath):
+            if fmt == "keras3":
+                h5file = _h5index.open_file(h5py, _h5index.RangeFile(raw, start, size), spath, what)
+            else:
+                h5file = _h5index.open_file(h5py, spath, spath, what)
+            try:
+                indexer = _h5index.Indexer(h5py, h5file, spath, size, _limits())
+                index = indexer.run({}, raw_ranges=False)
+            except BaseException:
+                h5file.close()
+                raise
+        source = _InProcess(h5file, indexer, raw if fmt == "keras3" else None)
+        if fmt != "keras3":
+            raw.close()
+    try:
+        _merge_meta(zip_meta, index)
+        if fmt == "keras3":
+            if "layer_names" not in index["meta"] and isinstance(source, _InProcess):
+                with _typed_errors(spath):
+                    names = source.indexer.layer_names()
+                if names:
+                    index["meta"]["layer_names"] = names
+            _check_config_shapes(spath, index)
+        return KerasReader(spath, fmt, index, source)
+    except BaseException:
+        source.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Process isolation
+# --------------------------------------------------------------------------------------------
+
+# The child imports only _h5index (by file path, so `import savegame` and torch never run),
+# with this process's sys.path so that it finds the same numpy and h5py. -I -S: no user site,
+# no environment-driven imports, no .pth processing (start-up ~10 ms).
+_CHILD_CODE = (
+    "import sys, json, importlib.util as u\n"
+    "sys.path[:0] = json.loads(sys.argv[1])\n"
+    "s = u.spec_from_file_location('_savegame_h5index', sys.argv[2])\n"
+    "m = u.module_from_spec(s)\n"
+    "s.loader.exec_module(m)\n"
+    "m.child_main(sys.argv[3:])\n"
+)
+
+
+def _isolated_index(
+    path: str, raw: io.BufferedReader, start: int, size: int, what: str, timeout: float
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Index ``path`` in a child process that reads it through ``raw``'s descriptor.
+
+    Returns the index (plain data) and the bytes of datasets the child read for us.
+    """
+    fd = raw.fileno()
+    if fd > 2:
+        return _run_child(path, fd, start, size, what, timeout)
+    # A process started with stdio closed can get the file as fd 0-2, which the child's own
+    # stdio would shadow: hand the child a duplicate numbered 3 or above.
+    import fcntl
+
+    dup = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    try:
+        return _run_child(path, dup, start, size, what, timeout)
+    finally:
+        os.close(dup)
+
+
+def _run_child(
+    path: str, fd: int, start: int, size: int, what: str, timeout: float
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    opts = json.dumps({"limits": _limits(), "what": what})
+    cmd = [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _CHILD_CODE,
+        json.dumps([p for p in sys.path if p]),
+        _h5index.__file__,
+        str(os.getpid()),
+        str(fd),
+        str(start),
+        str(size),
+        path,
+        opts,
+    ]
+    try:
+        proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            timeout=timeout,
-            check=False,
+            pass_fds=(fd,),
         )
-    except subprocess.TimeoutExpired as exc:
+    except (OSError, ValueError) as exc:  # ValueError: no pass_fds (Windows)
         raise errors.FormatError(
-            f"{path}: reading it in an isolated process took more than {timeout} s; refusing "
-            "(a hang inside libhdf5 on a malformed file?)",
+            f"{path}: cannot start the isolated HDF5 reader ({exc}); open it with isolate=False "
+            "only if you trust the file",
             path=path,
         ) from exc
-    if done.returncode in (_CHILD_OK, _CHILD_TYPED_ERROR):
-        return
-    if done.returncode == _CHILD_NO_IMPORT:
-        raise errors.MissingDependencyError(
-            f"isolate=True could not start a child Python ({sys.executable}) that imports "
-            f"savegame, so {path} was not checked; install savegame into that interpreter or "
-            "open without isolate",
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.communicate()
+        raise errors.FormatError(
+            f"{path}: reading it in an isolated process took more than {timeout} s; refusing "
+            "(a hang inside libhdf5 on a malformed file?). Raise isolate_timeout for huge files",
+            path=path,
+        ) from exc
+    except BaseException:
+        proc.kill()  # KeyboardInterrupt and the like: never leave the child behind
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        tail = err.decode("utf-8", "replace").strip().splitlines()[-3:]
+        if proc.returncode < 0:
+            why = f"libhdf5 crashed (signal {-proc.returncode})"
+        else:
+            why = f"the isolated reader failed (exit status {proc.returncode})"
+        raise errors.FormatError(
+            f"{path}: {why} while parsing the file; it is corrupt or malicious, refusing it. "
+            f"Child said: {' | '.join(tail) or '(nothing)'}",
             path=path,
         )
-    tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-    if done.returncode < 0:
-        what = f"libhdf5 crashed (signal {-done.returncode})"
-    else:
-        what = f"the isolated reader failed (exit status {done.returncode})"
-    raise errors.FormatError(
-        f"{path}: {what} while parsing the file; it is corrupt or malicious, refusing it. "
-        f"Child said: {' | '.join(tail) or '(nothing)'}",
-        path=path,
-    )
+    return _decode_frame(path, out)
 
 
-def _child_main() -> None:  # pragma: no cover - runs in the child process of _preflight
-    path = sys.argv[1]
+def _decode_frame(path: str, out: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def broken(why: str) -> errors.FormatError:
+        return errors.FormatError(
+            f"{path}: the isolated HDF5 reader sent a malformed answer ({why})", path=path
+        )
+
+    if len(out) < 8:
+        raise broken("too short")
+    (n,) = struct.unpack_from("<Q", out)
+    if 8 + n > len(out):
+        raise broken("truncated")
     try:
-        with open_keras(path) as reader:
-            reader.metadata()
-            reader.tree()
-            for name in reader.keys():
-                reader.read(name)
-    except errors.CheckpointError:
-        sys.exit(_CHILD_TYPED_ERROR)
-    sys.exit(_CHILD_OK)
+        doc = json.loads(out[8 : 8 + n])
+    except ValueError as exc:
+        raise broken("not JSON") from exc
+    if "error" in doc:
+        kind = doc["error"]
+        if kind == "import":
+            raise errors.MissingDependencyError(
+                f"the isolated reader for {path} could not import h5py ({sys.executable}); "
+                "install savegame[keras] into that interpreter",
+                path=path,
+            )
+        cls = _PROBLEM_TYPES.get(kind, errors.FormatError)
+        raise cls(str(doc.get("msg")), path=path, key=doc.get("key"))
+    blobs: dict[str, bytes] = {}
+    pos = 8 + n
+    for name, entry in doc["entries"].items():
+        length = entry.pop("inline", None)
+        if length is None:
+            if entry["raw"] is None and entry["nbytes"] and "inline_error" not in entry:
+                raise broken(f"no bytes for {name!r}")
+            continue
+        if length != entry["nbytes"] or pos + length > len(out):
+            raise broken(f"bytes of {name!r}")
+        blobs[name] = out[pos : pos + length]
+        pos += length
+    if pos != len(out):
+        raise broken("trailing bytes")
+    return doc, blobs

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from savegame import errors
-from savegame.interop import _zip, base
+from savegame.interop import _bounds, _zip, base
 
 __all__ = ["NumpyReader", "open_numpy"]
 
@@ -105,12 +105,12 @@ def parse_header(head: bytes, path: str, key: str | None = None) -> tuple[_Array
     descr, fortran, shape = d["descr"], d["fortran_order"], d["shape"]
     if not isinstance(fortran, bool):
         raise bad("fortran_order is not a bool")
-    if (
-        not isinstance(shape, tuple)
-        or len(shape) > 64
-        or not all(type(s) is int and s >= 0 for s in shape)
-    ):
+    if not isinstance(shape, tuple):
         raise bad("shape must be a tuple of non-negative ints")
+    problem = _bounds.shape_problem(shape)
+    if problem is not None:
+        # Also bounds each dimension of an empty array: numpy cannot even build (0, 2**64).
+        raise bad(f"shape {str(shape)[:200]}: {problem}")
     if not isinstance(descr, str):
         # A list descr is a structured dtype; refuse it outright (may nest objects).
         raise errors.UnsupportedFormatError(
@@ -144,8 +144,6 @@ def parse_header(head: bytes, path: str, key: str | None = None) -> tuple[_Array
     numel = 1
     for s in shape:
         numel *= s
-        if numel > base.LIMITS.max_tensor_numel:
-            raise bad(f"shape {shape} exceeds LIMITS.max_tensor_numel")
     return _Array(dtype, shape, fortran, start + hlen, numel * dtype.itemsize), start + hlen
 
 

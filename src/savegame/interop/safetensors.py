@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from savegame import errors
-from savegame.interop import base
+from savegame.interop import _bounds, base
 
 __all__ = ["DTYPES", "SafetensorsReader", "open_safetensors"]
 
@@ -134,12 +134,13 @@ class SafetensorsReader:
             dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
             if not isinstance(dt, str) or dt not in DTYPES:
                 raise self._bad(f"entry {name!r} has unknown dtype {dt!r}", name)
-            if (
-                not isinstance(shape, list)
-                or len(shape) > 64
-                or not all(type(d) is int and d >= 0 for d in shape)
-            ):
+            if not isinstance(shape, list):
                 raise self._bad(f"entry {name!r} has a malformed shape", name)
+            problem = _bounds.shape_problem(shape)
+            if problem is not None:
+                # Bounds every dimension, even of an empty tensor: torch cannot build
+                # (0, 2**64) (TypeError converting it to a C integer).
+                raise self._bad(f"entry {name!r} has a malformed shape ({problem})", name)
             if not (
                 isinstance(offs, list)
                 and len(offs) == 2
@@ -148,11 +149,7 @@ class SafetensorsReader:
                 raise self._bad(f"entry {name!r} has malformed data_offsets", name)
             numel = 1
             for d in shape:
-                numel *= d  # Python ints cannot overflow; bounded just below
-                if numel > base.LIMITS.max_tensor_numel:
-                    raise self._bad(
-                        f"entry {name!r} has more than LIMITS.max_tensor_numel elements", name
-                    )
+                numel *= d  # bounded by shape_problem above
             bits = numel * DTYPES[dt][1]
             if bits % 8:
                 raise self._bad(f"entry {name!r}: sub-byte tensor does not fill whole bytes", name)

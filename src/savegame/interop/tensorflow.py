@@ -287,6 +287,8 @@ class _Table:
 
     def read(self) -> list[tuple[bytes, bytes]]:
         data = self.data
+        if not data:
+            raise self._corrupt("file is empty (0 bytes)")
         if len(data) < _FOOTER_BYTES:
             raise self._corrupt(f"file is {len(data)} bytes, shorter than the 48-byte footer")
         if not is_index_tail(data):
@@ -1076,6 +1078,12 @@ def _prefix_from_folder(folder: str) -> tuple[str, _tfproto.CheckpointState]:
     if len(raw) > _MAX_POINTER_BYTES:
         raise errors.FormatError(
             f"{pointer} is larger than {_MAX_POINTER_BYTES} bytes", path=pointer
+        )
+    if not raw:
+        raise errors.FormatError(
+            f"{pointer} is empty (0 bytes): it names no checkpoint; pass the checkpoint prefix "
+            "(e.g. .../ckpt-1) or its .index file instead",
+            path=pointer,
         )
     try:
         state = _tfproto.parse_checkpoint_state(raw.decode("utf-8"))

@@ -13,12 +13,13 @@ reads the byte slice of one storage that the tensor view covers.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import io
 import os
 import struct
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from savegame import errors
-from savegame.interop import _zip, base
+from savegame.interop import _bounds, _zip, base
 
 __all__ = ["TorchReader", "load", "open_torch"]
 
@@ -59,6 +60,29 @@ _DTYPE_NAMES = (
 ).split()
 _DTYPES: dict[str, torch.dtype] = {
     n: d for n in _DTYPE_NAMES if isinstance(d := getattr(torch, n, None), torch.dtype)
+}
+# Inert constants torch's weights_only unpickler also accepts as plain values (torch 2.13
+# torch/_weights_only_unpickler.py `_get_allowed_globals`): every dtype it lists (quantized,
+# bit and sub-byte ones included; tensors of these are still refused), and the qschemes.
+# They come back as the real torch objects: comparing or printing them runs no file code.
+_VALUE_CONSTANTS: dict[str, Any] = {
+    n: c
+    for n in [
+        *_DTYPE_NAMES,
+        *(f"uint{i}" for i in range(1, 8)),
+        *(f"int{i}" for i in range(1, 8)),
+        *"qint8 quint8 qint32 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2 bits8 bits16".split(),
+        "float4_e2m1fn_x2",
+        *"per_tensor_affine per_tensor_symmetric per_channel_affine per_channel_symmetric".split(),
+        "per_channel_affine_float_qparams",
+    ]
+    if isinstance(c := getattr(torch, n, None), (torch.dtype, torch.qscheme))
+}
+# Layouts named by torch.serialization._get_layout("torch.<name>").
+_LAYOUTS: dict[str, Any] = {
+    f"torch.{n}": c
+    for n in "strided sparse_coo sparse_csr sparse_csc sparse_bsr sparse_bsc _mkldnn jagged".split()
+    if isinstance(c := getattr(torch, n, None), torch.layout)
 }
 # Torch globals we recognise but do not rebuild (quantized, sparse, nested, meta, subclasses).
 _UNSUPPORTED = {
@@ -161,6 +185,7 @@ _ALLOWED: set[tuple[str, str]] = (
     }
     | {("torch", n) for n in _STORAGE_DTYPES}
     | {("torch", n) for n in _DTYPES}
+    | {("torch", n) for n in _VALUE_CONSTANTS}
     | {
         ("torch.storage", "UntypedStorage"),
         ("torch.storage", "TypedStorage"),
@@ -203,6 +228,12 @@ class _Unpickler:
 
     # -- globals --------------------------------------------------------------------------
     def _global(self, module: str, name: str) -> Any:
+        # Protocol 2 writes Python 2 names (`__builtin__ set`); pickle and torch's weights_only
+        # unpickler translate them with these stdlib tables (plain dicts: nothing is imported).
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if (module, name) in _ALLOWED:
             return _Global(module, name)
         if (module, name) in _UNSUPPORTED:
@@ -233,15 +264,20 @@ class _Unpickler:
         if (m, n) == ("collections", "OrderedDict"):
             return OrderedDict(*args) if args else OrderedDict()
         if (m, n) == ("collections", "Counter"):
-            return dict(*args) if args else {}
-        if (m, n) in (("builtins", "set"), ("builtins", "frozenset")):
+            return Counter(*args) if args else Counter()
+        if (m, n) == ("builtins", "set"):
             return set(*args)
+        if (m, n) == ("builtins", "frozenset"):
+            return frozenset(*args)
         if (m, n) == ("builtins", "bytearray"):
-            return (
-                bytearray(*args)
-                if args and isinstance(args[0], (bytes, bytearray))
-                else bytearray()
-            )
+            # Protocol 2: bytearray(str, 'latin-1'); protocol 3+: bytearray(bytes).
+            if not args:
+                return bytearray()
+            if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+                return bytearray(args[0])
+            if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin-1", "latin1"):
+                return bytearray(args[0].encode("latin1"))
+            raise self._err("bytearray() called with unexpected arguments")
         if (m, n) == ("builtins", "complex"):
             if not all(isinstance(a, (int, float)) for a in args):
                 raise self._err("complex() with non-numeric arguments")
@@ -266,7 +302,9 @@ class _Unpickler:
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise self._err(f"names an invalid device {args!r}") from exc
         if (m, n) == ("torch.serialization", "_get_layout"):
-            return _Global("torch", "strided")
+            if len(args) != 1 or args[0] not in _LAYOUTS:
+                raise self._err(f"_get_layout of an unknown layout {args!r:.80}")
+            return _LAYOUTS[args[0]]
         if n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"):
             return self._rebuild_tensor(n, args)
         if n in ("_rebuild_parameter", "_rebuild_parameter_with_state") or (m, n) == (
@@ -615,6 +653,10 @@ def _check_view(spec: _TensorSpec, path: str) -> None:
     itemsize = _itemsize(spec.dtype)
     if spec.offset < 0 or any(s < 0 for s in spec.size) or any(s < 0 for s in spec.stride):
         raise errors.FormatError(f"{path}: tensor view with negative offset/size/stride", path=path)
+    problem = _bounds.shape_problem(spec.size)
+    if problem is not None:
+        # Even an empty view: torch cannot build size (0, 2**64) (overflow converting it).
+        raise errors.FormatError(f"{path}: tensor size {problem}", path=path)
     numel = 1
     for s in spec.size:
         numel *= s
@@ -680,7 +722,9 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, _TensorSpec]]:
             active.add(id(v))
             try:
                 if isinstance(v, dict):
-                    return {k: visit(x, _join(name, k), depth + 1) for k, x in v.items()}
+                    # OrderedDict and Counter keep their type, as torch.load returns them.
+                    items = {k: visit(x, _join(name, k), depth + 1) for k, x in v.items()}
+                    return type(v)(items) if type(v) in (OrderedDict, Counter) else items
                 if isinstance(v, list):
                     return [visit(x, _join(name, i), depth + 1) for i, x in enumerate(v)]
                 if isinstance(v, tuple):
@@ -696,8 +740,8 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, _TensorSpec]]:
             finally:
                 active.discard(id(v))
         if isinstance(v, _Global):
-            if v.module == "torch" and v.name in _DTYPES:
-                return _DTYPES[v.name]
+            if v.module == "torch" and v.name in _VALUE_CONSTANTS:
+                return _VALUE_CONSTANTS[v.name]
             return base.Opaque(v.module, v.name)
         if isinstance(v, _Storage):
             return base.Opaque("torch", "UntypedStorage")
@@ -1037,7 +1081,7 @@ def _materialize(v: Any, r: TorchReader) -> Any:
     if isinstance(v, torch.Size):
         return v
     if isinstance(v, dict):
-        return type(v)((k, _materialize(x, r)) for k, x in v.items())
+        return type(v)({k: _materialize(x, r) for k, x in v.items()})  # Counter counts pairs
     if isinstance(v, list):
         return [_materialize(x, r) for x in v]
     if isinstance(v, tuple):
