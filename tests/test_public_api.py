@@ -28,11 +28,12 @@ def test_every_name_in_all_is_importable() -> None:
 
 
 def test_all_is_complete() -> None:
+    data = savegame.data  # loaded on first use (PEP 562): load it before looking at the namespace
     public = {
         name
         for name, value in vars(savegame).items()
         if not name.startswith("_")
-        and not (hasattr(value, "__spec__") and value is not savegame.data)
+        and not (hasattr(value, "__spec__") and value is not data)
     }
     # everything public at the top level (except submodules other than data) is exported
     assert public <= set(savegame.__all__), sorted(public - set(savegame.__all__))
@@ -43,9 +44,21 @@ def test_every_public_error_is_exported_and_derives_from_the_root() -> None:
     for name in errors.__all__:
         assert name in savegame.__all__
         obj = getattr(savegame, name)
-        if name != "CorruptCheckpointWarning":
+        if issubclass(obj, Warning):  # CorruptCheckpointWarning, LossyConversionWarning
+            assert issubclass(obj, UserWarning)
+        else:
             assert issubclass(obj, savegame.CheckpointError) and issubclass(obj, Exception)
 
 
 def test_exit_preempted_is_75() -> None:
     assert savegame.EXIT_PREEMPTED == 75
+
+
+def test_import_savegame_does_not_import_torch() -> None:
+    """`savegame --version` and the foreign-file readers must not pay torch's import (issue 9.18)."""
+    import subprocess
+    import sys
+
+    code = "import sys, savegame; print('torch' in sys.modules); savegame.Checkpointer; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "True"]
