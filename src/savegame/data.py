@@ -1,4 +1,5 @@
-"""Exact data order: make a dataset's random augmentation resumable.
+"""Data loading that survives interruption: resumable augmentation, and workers that leave
+preemption signals to the main process.
 
 ``StatefulDataLoader`` restores the shuffle order exactly, but not random augmentation drawn
 inside ``__getitem__``: on restore its workers are re-seeded from the saved base seed, so their
@@ -16,13 +17,15 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from savegame.state import loader as loaderlib
 from savegame.state import rng
 
-__all__ = ["resumable"]
+__all__ = ["quiet_workers", "resumable"]
 
 T = TypeVar("T")
+L = TypeVar("L", bound=DataLoader[Any])
 
 
 class _Resumable(Dataset[T], Generic[T]):
@@ -66,3 +69,27 @@ def resumable(dataset: Dataset[T]) -> Dataset[T]:
         (4, ['rng'])
     """
     return _Resumable(dataset)
+
+
+def quiet_workers(loader: L) -> L:
+    """Make ``loader``'s worker processes ignore SIGTERM / SIGUSR1 / SIGINT from anyone but the
+    loader's own process, and return it.
+
+    ``scancel``, ``kill -TERM -PGID``, Ctrl-C and torchrun signal every process of a job; a
+    worker that dies of it makes the main process raise ``RuntimeError: DataLoader worker ...
+    killed by signal`` before the Checkpointer can save. Loaders in a ``TrainState`` get this
+    automatically; call it for the others that run workers (an evaluation loader), before their
+    first iteration. Your ``worker_init_fn`` still runs; workers still exit when the main process
+    exits or dies. Works with the fork, spawn and forkserver start methods.
+
+    Warns (``UserWarning``) if the loader already runs workers: those cannot be changed.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = quiet_workers(DataLoader(TensorDataset(torch.zeros(4)), num_workers=2))
+        >>> loader.worker_init_fn.__wrapped__ is None
+        True
+    """
+    loaderlib.guard(loader, what="savegame.data.quiet_workers()")
+    return loader

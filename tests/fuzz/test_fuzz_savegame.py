@@ -165,9 +165,10 @@ def _nodes(node: Any, out: list[tuple[Any, Any]]) -> None:
             _nodes(node[i], out)
 
 
-# Known finding outside format/ and tree.py (reported to the lead): a re-signed edit of the
-# saved RNG state reaches random.setstate / numpy set_state raw (state/rng.py). Skipped by the
-# default campaign, covered by the strict xfail below and by campaign(edit_rng=True).
+# A re-signed edit of the saved RNG state used to reach random.setstate / numpy set_state raw;
+# savegame.state.apply now tries the snapshot first (RestoreError, nothing half-restored). The
+# default campaign still leaves the RNG alone (RestoreError is "refused", not a fall-back);
+# test_edited_rng_state_falls_back_or_is_restore_error and campaign(edit_rng=True) cover it.
 EDIT_RNG = False
 
 
@@ -373,11 +374,6 @@ def test_long_campaign_finds_nothing() -> None:
     _assert_no_findings(stats)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="state/rng.py restores an edited RNG state raw (TypeError from random.setstate, "
-    "OverflowError from numpy); owned outside format/ — wrap rng.restore like load_state_dict",
-)
 def test_edited_rng_state_falls_back_or_is_restore_error(tmp_path: Path) -> None:
     run = write_seed_run(tmp_path / "run")
     p = run / NEWEST / layout.MANIFEST

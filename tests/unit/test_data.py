@@ -83,3 +83,23 @@ def test_stateful_loader_with_two_workers_resumes_augmentation_bitwise() -> None
     resumed.load_state_dict(sd)
     rest = _batches(resumed, 4)
     assert all(torch.equal(x, y) for x, y in zip(rest, reference[2:], strict=True))
+
+
+def test_quiet_workers_covers_a_plain_dataloader_outside_the_trainstate() -> None:
+    import subprocess
+    import time
+
+    from torch.utils.data import DataLoader
+
+    loader = data.quiet_workers(
+        DataLoader(TensorDataset(torch.arange(40.0)), batch_size=2, num_workers=2)
+    )
+    assert data.quiet_workers(loader) is loader  # idempotent
+    it = iter(loader)
+    next(it)
+    for w in it._workers:  # type: ignore[attr-defined]
+        subprocess.run(
+            ["kill", "-TERM", str(w.pid)], check=True
+        )  # a scheduler's kill, not the loader's
+    time.sleep(0.5)
+    assert len(list(it)) == 19

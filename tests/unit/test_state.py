@@ -63,3 +63,118 @@ def test_apply_translates_load_state_dict_failure_to_restore_error() -> None:
         statelib.apply(TrainState(model=torch.nn.Linear(3, 3)), tree)
     assert info.value.key == "model"
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# ---- loaders (savegame.state.loader) -------------------------------------------------------
+
+_SEEN_INIT: list[int] = []
+
+
+def _user_init(worker_id: int) -> None:
+    _SEEN_INIT.append(worker_id)  # in the worker: its dataset reads it back
+
+
+class _WorkerProbe(torch.utils.data.Dataset[torch.Tensor]):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import os
+
+        return torch.tensor([i, os.getpid(), len(_SEEN_INIT)])
+
+
+def _stateful_loader(**kw: Any) -> Any:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(_WorkerProbe(), batch_size=2, **kw)
+
+
+def test_loader_workers_run_the_users_init_and_pickle_for_spawn() -> None:
+    import pickle
+
+    loader = _stateful_loader(num_workers=2, worker_init_fn=_user_init)
+    TrainState(loader=loader)
+    assert loader.worker_init_fn.__wrapped__ is _user_init
+    TrainState(loader=loader)  # idempotent: not wrapped twice
+    assert loader.worker_init_fn.__wrapped__ is _user_init
+    assert pickle.loads(pickle.dumps(loader.worker_init_fn)).__wrapped__ is _user_init
+    batch = next(iter(loader))
+    assert batch[:, 2].tolist() == [1, 1]  # the user's init ran once in that worker
+
+
+def test_loader_workers_ignore_group_signals_from_others_but_exit_when_their_loader_terminates_them() -> (
+    None
+):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    loader = _stateful_loader(num_workers=2, persistent_workers=True)
+    TrainState(loader=loader)
+    it = iter(loader)
+    next(it)
+    workers = it._workers
+    for signame in ("TERM", "USR1", "INT"):  # sent by another process, like a scheduler's kill
+        for w in workers:
+            subprocess.run(["kill", f"-{signame}", str(w.pid)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert len([b for b in it]) == 31  # the epoch completes
+    os.kill(workers[0].pid, signal.SIGTERM)  # from the loader's own process: Process.terminate()
+    workers[0].join(timeout=10)
+    assert workers[0].exitcode == 0
+    del it, loader
+
+
+def test_trainstate_warns_about_loader_workers_started_before_it() -> None:
+    loader = _stateful_loader(num_workers=2, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    with pytest.warns(
+        UserWarning,
+        match=r"TrainState\(loader=...\): .*already runs 2 worker.*persistent_workers=True.*before iterating",
+    ):
+        TrainState(loader=loader)
+
+
+def test_capture_records_the_sampler_epoch_and_apply_restores_it_without_passing_it_on() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from savegame.state import loader as loaderlib
+
+    def make() -> tuple[Any, Any]:
+        sampler = DistributedSampler(_WorkerProbe(), num_replicas=2, rank=1)
+        return _stateful_loader(sampler=sampler), sampler
+
+    loader, sampler = make()
+    sampler.set_epoch(4)
+    it = iter(loader)
+    next(it)
+    tree = statelib.capture(TrainState(loader=loader, rng=False))
+    assert tree["loader"][loaderlib.SAMPLER_EPOCH_KEY] == 4
+    loader2, sampler2 = make()
+    statelib.apply(TrainState(loader=loader2, rng=False), tree)
+    assert sampler2.epoch == 4
+    assert loaderlib.SAMPLER_EPOCH_KEY not in loader2.next_iter_state
+    assert torch.equal(next(iter(loader2)), next(it))
+
+
+def test_damaged_rng_snapshot_is_restore_error_and_nothing_is_touched() -> None:
+    import random
+
+    model = torch.nn.Linear(2, 2)
+    state = TrainState(model=model, extras={"epoch": 3})
+    tree = statelib.capture(state)
+    tree["model"] = {k: torch.zeros_like(v) for k, v in tree["model"].items()}
+    tree["extras"] = {"epoch": 9}
+    tree["rng"]["python"] = (3, ("x",) * 625, None)  # an edited (re-signed) snapshot
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    py_state = random.getstate()
+    with pytest.raises(errors.RestoreError, match="random-generator state is damaged") as info:
+        statelib.apply(state, tree, where="ckpt")
+    assert info.value.key == "rng"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert state["extras"] == {"epoch": 3}
+    assert random.getstate() == py_state

@@ -10,10 +10,12 @@ half-restoring.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+import warnings
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 from savegame import errors
+from savegame.state import loader as loaderlib
 from savegame.state import rng
 
 __all__ = ["Stateful", "TrainState", "apply", "capture"]
@@ -77,6 +79,10 @@ class TrainState:
                 )
         self._objects: dict[str, Any] = dict(objects)
         self.rng = rng
+        for name, obj in self._objects.items():
+            # Loader workers must outlive a signal sent to the whole process group, so that the
+            # main process can save first (savegame.state.loader).
+            loaderlib.guard(obj, what=f"TrainState({name}=...)")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._objects)
@@ -93,7 +99,7 @@ def capture(state: TrainState) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name in state:
         obj = state[name]
-        tree[name] = dict(obj) if isinstance(obj, MutableMapping) else obj.state_dict()
+        tree[name] = dict(obj) if isinstance(obj, MutableMapping) else loaderlib.state_dict(obj)
     if state.rng:
         tree[RNG_KEY] = rng.capture()
     return tree
@@ -115,6 +121,8 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
             "pass the same objects by the same names as when it was saved",
             path=where,
         )
+    if state.rng and RNG_KEY in tree:
+        _check_rng(tree[RNG_KEY], where)
     for name in state:
         obj = state[name]
         try:
@@ -122,28 +130,39 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
                 obj.clear()
                 obj.update(tree[name])
             else:
-                obj.load_state_dict(tree[name])
+                # A StatefulDataLoader's iterator is built lazily by the first iter() after this,
+                # so a sampler.set_epoch() in between counts (savegame.state.loader).
+                loaderlib.load(obj, tree[name], name=name, where=where)
         except errors.CheckpointError:
             raise
         except Exception as exc:  # user objects may raise anything; translate at this boundary
             raise errors.RestoreError(
                 f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}", path=where, key=name
             ) from exc
-    for name in state:
-        _settle_loader(state[name])
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])
 
 
-def _settle_loader(obj: Any) -> None:
-    """Build a restored ``StatefulDataLoader``'s iterator now, before the RNGs are restored.
+def _check_rng(saved: Any, where: str) -> None:
+    """Refuse a damaged RNG snapshot before any object is touched (no half-restored state).
 
-    Building an iterator draws a base seed from the global torch RNG even when resuming (the
-    saved seed then replaces it). Left to the first ``for batch in loader`` after restore, that
-    extra draw shifts the restored torch stream, so dropout diverged from the uninterrupted run
-    right after resume (tests/test_exact_resume.py). ``state_dict()`` builds the iterator and
-    the loader hands that same iterator to the next ``iter()``.
+    The generators' own setters are the only complete validators of their states (python's
+    ``random.setstate``, numpy's ``set_state``, torch's ``set_rng_state``), so the snapshot is
+    tried on them and the current states are put back, whatever happened.
     """
-    if type(obj).__module__.startswith("torchdata.stateful_dataloader") and hasattr(obj, "next_iter_state"):
-        if getattr(obj, "next_iter_state", None) is not None:
-            obj.state_dict()
+    current = rng.capture()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real restore below warns once, if at all
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"expected a mapping, got {type(saved).__name__}")
+            rng.restore(dict(saved))
+    except Exception as exc:  # any setter may raise anything on a damaged state
+        raise errors.RestoreError(
+            f"{where}: the saved random-generator state is damaged ({type(exc).__name__}: {exc}); "
+            "restore an earlier checkpoint, or pass TrainState(rng=False) to keep this process's generators",
+            path=where,
+            key=RNG_KEY,
+        ) from exc
+    finally:
+        rng.restore(current)

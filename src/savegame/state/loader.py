@@ -1,0 +1,355 @@
+"""Data loaders in a :class:`~savegame.state.TrainState`: exact data order after a restore, and
+worker processes that outlive a signal sent to the whole process group.
+
+Invariants:
+
+- Restoring a ``StatefulDataLoader`` draws nothing from the global torch RNG and builds no
+  iterator: the iterator is built lazily, by the first ``iter(loader)`` (or ``state_dict()``)
+  after the restore, so a ``sampler.set_epoch()`` called in between is honoured.
+- A sampler with ``set_epoch`` (``DistributedSampler`` and look-alikes) gets back the epoch it had
+  when the checkpoint was saved; resuming *mid-epoch* under another epoch would draw the rest of
+  the epoch from another permutation, and is refused with :class:`RestoreError`.
+- Worker processes of a loader in a ``TrainState`` (or passed to
+  :func:`savegame.data.quiet_workers`) never act on SIGTERM / SIGUSR1 / SIGINT sent by anyone but
+  their own loader's process: the main process decides (it saves at the next step boundary and
+  then shuts the workers down); workers still exit when it exits or dies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from multiprocessing import resource_tracker
+from typing import Any
+
+import torch
+
+from savegame import errors
+
+__all__ = ["GENERATOR_KEY", "SAMPLER_EPOCH_KEY", "guard", "load", "state_dict"]
+
+#: Keys added to a loader's state tree: the epoch of its sampler, and the state of the loader's
+#: own ``generator=``, when saved. torchdata's own keys start with ``_`` too; the ``savegame``
+#: prefix keeps them apart.
+SAMPLER_EPOCH_KEY = "_savegame_sampler_epoch"
+GENERATOR_KEY = "_savegame_generator"
+
+#: The signals a scheduler sends to a whole job (``scancel``, ``kill -TERM -PGID``, torchrun's
+#: forwarding, Ctrl-C): the same set the Checkpointer handles in the main process.
+GROUP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    s
+    for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
+    if s is not None
+)
+
+_CAN_MASK = hasattr(signal, "pthread_sigmask")
+
+
+def _is_stateful_loader(obj: Any) -> bool:
+    # The lazy restore relies on torchdata's ``next_iter_state`` / ``_get_iterator`` contract
+    # (torchdata 0.8-0.11): check for both rather than trusting the type name alone.
+    return (
+        type(obj).__module__.startswith("torchdata.stateful_dataloader")
+        and hasattr(obj, "next_iter_state")
+        and callable(getattr(type(obj), "_get_iterator", None))
+    )
+
+
+def _epoch_sampler(loader: Any) -> Any:
+    """The sampler whose ``set_epoch`` decides the loader's order, or None."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for candidate in (
+        getattr(loader, "sampler", None),
+        batch_sampler,
+        getattr(batch_sampler, "sampler", None),
+    ):
+        if callable(getattr(candidate, "set_epoch", None)) and isinstance(
+            getattr(candidate, "epoch", None), int
+        ):
+            return candidate
+    return None
+
+
+def state_dict(obj: Any) -> Any:
+    """``obj.state_dict()``, plus the sampler epoch for a loader whose sampler has one."""
+    sd = obj.state_dict()
+    if _is_stateful_loader(obj) and isinstance(sd, dict):
+        sampler = _epoch_sampler(obj)
+        if sampler is not None:
+            sd = {**sd, SAMPLER_EPOCH_KEY: int(sampler.epoch)}
+        generator = getattr(obj, "generator", None)
+        if isinstance(generator, torch.Generator):
+            sd = {**sd, GENERATOR_KEY: generator.get_state()}
+    return sd
+
+
+def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
+    """``obj.load_state_dict(sd)``; for a ``StatefulDataLoader`` also set the saved sampler epoch
+    and arm the lazy, RNG-neutral build of the restored iterator (see :class:`_IteratorGuard`)."""
+    epoch: int | None = None
+    generator_state: torch.Tensor | None = None
+    if isinstance(sd, dict) and (SAMPLER_EPOCH_KEY in sd or GENERATOR_KEY in sd):
+        sd = dict(sd)
+        saved = sd.pop(SAMPLER_EPOCH_KEY, None)
+        epoch = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+        saved = sd.pop(GENERATOR_KEY, None)
+        generator_state = saved if isinstance(saved, torch.Tensor) else None
+    obj.load_state_dict(sd)
+    if not _is_stateful_loader(obj):
+        return
+    sampler = _epoch_sampler(obj)
+    if epoch is not None and sampler is not None:
+        # The sampler is part of the loader's position: give it back the epoch the saved
+        # iterator was drawn from, so restore -> iterate (no set_epoch) is exact too.
+        sampler.set_epoch(epoch)
+    if obj.next_iter_state is not None:
+        _guard_of(obj).arm(name, where, obj.next_iter_state, epoch, generator_state)
+
+
+# ---- the iterator guard (main process) -----------------------------------------------------
+
+
+class _IteratorGuard:
+    """Stands in for a loader's ``_get_iterator`` (an instance attribute, so only loaders in a
+    TrainState are affected) and wraps every iterator build of that loader.
+
+    1. The first build after a restore — the one that resumes from ``next_iter_state`` — runs
+       between ``torch.get_rng_state()`` and ``torch.set_rng_state()``. Building an iterator
+       draws a worker base seed from the global torch RNG, which a resumed iterator then
+       replaces with the saved one; the uninterrupted run made no such draw mid-epoch, so
+       without the guard dropout etc. diverged right after resume (tests/test_exact_resume.py).
+       Building it lazily, not inside ``restore()``, is what lets a ``set_epoch`` called after
+       ``restore()`` decide the permutation, as with plain torchdata. Only that one build is
+       guarded: a fresh epoch's iterator draws as it did in the uninterrupted run.
+    2. Every build that starts worker processes runs with the group signals blocked in the
+       calling thread. Children inherit the mask through fork *and* exec, so a worker (or the
+       forkserver / resource tracker that multiprocessing starts on the way) cannot die of a
+       group signal in the window before its ``worker_init_fn`` sets up ``_QuietWorker``;
+       pending signals reach the main process's handler when the mask is restored.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = weakref.ref(loader)
+        self._pending: Any = None
+        self._name = self._where = ""
+        self._epoch: int | None = None
+        self._generator_state: torch.Tensor | None = None
+
+    def arm(
+        self,
+        name: str,
+        where: str,
+        pending: Any,
+        epoch: int | None,
+        generator_state: torch.Tensor | None,
+    ) -> None:
+        self._name, self._where, self._pending, self._epoch = name, where, pending, epoch
+        self._generator_state = generator_state
+
+    def __call__(self) -> Any:
+        loader = self._loader()
+        if loader is None:  # pragma: no cover - the loader calls us, so it is alive
+            raise RuntimeError("data loader was garbage collected")
+        build = type(loader)._get_iterator
+        restoring = self._pending is not None and loader.next_iter_state is self._pending
+        if restoring:
+            self._check_epoch(loader)
+        block = _CAN_MASK and getattr(loader, "num_workers", 0) > 0
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS) if block else None
+        if block and _start_method(loader) != "fork":
+            # multiprocessing's resource tracker (used by spawn and forkserver) *unblocks*
+            # SIGINT/SIGTERM in the calling thread after it launches itself (ensure_running:
+            # block, spawn, unblock), so the workers spawned after it had them unblocked in the
+            # threads their interpreter starts before worker_init_fn (measured: killed by a
+            # SIGTERM from another process). Launch it first, then block again.
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            if not restoring:
+                return build(loader)
+            rng = torch.get_rng_state()
+            try:
+                it = build(loader)
+            finally:
+                torch.set_rng_state(rng)
+            generator = getattr(loader, "generator", None)
+            if self._generator_state is not None and isinstance(generator, torch.Generator):
+                # The loader's own generator (``generator=``, the PyTorch reproducibility
+                # recipe) feeds its shuffle and worker seeds: that build drew a seed from it,
+                # and torchdata rewinds it to the epoch's start. Put it where the saved run
+                # had it, or the next epoch's order differs (measured).
+                generator.set_state(self._generator_state)
+            self._pending, self._generator_state = None, None
+            return it
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _check_epoch(self, loader: Any) -> None:
+        sampler = _epoch_sampler(loader)
+        if self._epoch is None or sampler is None or sampler.epoch == self._epoch:
+            return
+        done, finished = _position(self._pending)
+        try:
+            total: int | None = len(loader)
+        except TypeError:
+            total = None
+        if finished or done is None or (total is not None and done >= total):
+            return  # at the epoch's end: the next batch comes from a new iterator anyway
+        of = f" of {total}" if total is not None else ""
+        raise errors.RestoreError(
+            f"{self._where}: loader {self._name!r} resumes mid-epoch ({done}{of} batches of sampler epoch "
+            f"{self._epoch} done), but its sampler was set to epoch {sampler.epoch} after restore(): the rest "
+            "of the epoch would come from another permutation (samples repeated and skipped). restore() "
+            f"already sets the saved epoch; call sampler.set_epoch({self._epoch}) or nothing before iterating "
+            "the restored loader, i.e. ckpt.restore(state), then sampler.set_epoch(extras['epoch']) with the "
+            "epoch counter kept in the TrainState, then `for batch in loader` (docs/distributed.md, "
+            "'Data order')",
+            path=self._where,
+            key=self._name,
+        )
+
+
+def _start_method(loader: Any) -> str:
+    ctx = getattr(loader, "multiprocessing_context", None)
+    if ctx is not None:
+        return str(ctx.get_start_method())
+    # Not fixed yet: the platform's default is the first of all start methods (Python docs),
+    # found without fixing it the way get_start_method() would.
+    return (
+        multiprocessing.get_start_method(allow_none=True)
+        or multiprocessing.get_all_start_methods()[0]
+    )
+
+
+def _position(sd: Any) -> tuple[int | None, bool]:
+    """Batches a torchdata iterator state has yielded, and whether it is finished."""
+    if not isinstance(sd, dict):
+        return None, False
+    finished = bool(sd.get("_iterator_finished", False))
+    if isinstance(sd.get("_num_yielded"), int):  # single-process iterator
+        return sd["_num_yielded"], finished
+    snap = sd.get("_snapshot")
+    if isinstance(snap, dict) and isinstance(snap.get("_snapshot_step"), int):
+        return snap["_snapshot_step"] + int(sd.get("_steps_since_snapshot", 0)), finished
+    return None, finished
+
+
+def _guard_of(loader: Any) -> _IteratorGuard:
+    current = vars(loader).get("_get_iterator")
+    if isinstance(current, _IteratorGuard):
+        return current
+    g = _IteratorGuard(loader)
+    loader._get_iterator = g
+    return g
+
+
+# ---- worker processes ------------------------------------------------------------------------
+
+
+class _QuietWorker:
+    """``worker_init_fn`` wrapper: the worker ignores group signals, then the user's function
+    runs. Module-level and holding only the user's function, so it pickles for the spawn and
+    forkserver start methods."""
+
+    def __init__(self, user_fn: Callable[[int], Any] | None) -> None:
+        self.__wrapped__ = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_group_signals()
+        if self.__wrapped__ is not None:
+            self.__wrapped__(worker_id)
+
+    def __repr__(self) -> str:
+        return f"savegame.state.loader._QuietWorker({self.__wrapped__!r})"
+
+
+def ignore_group_signals() -> None:
+    """In a DataLoader worker: never act on SIGTERM/SIGUSR1/SIGINT, except a SIGTERM from the
+    loader's own process (``Process.terminate()`` of a worker that did not stop in time, which
+    torch's own worker handler also honours).
+
+    The signals stay blocked and one daemon thread takes them with ``sigwaitinfo``, which tells
+    who sent each; a Python handler cannot, and ``SIG_IGN`` would also ignore the loader's
+    ``terminate()`` — then a hung worker would hang the interpreter's exit (multiprocessing joins
+    daemonic children after terminating them). Where ``sigwaitinfo`` does not exist (macOS) the
+    signals are ignored outright.
+    """
+    if not _CAN_MASK:  # Windows: no process groups to signal
+        return
+    if not hasattr(signal, "sigwaitinfo"):
+        for s in GROUP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+        return
+    # Block first (already blocked when the guard started this worker; not if the loader's
+    # iterator was built by another path), in the main thread, before any other thread starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    owners = {os.getppid()}
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        owners.add(parent.pid)  # spawn/forkserver: the loader's process, not the forkserver
+    threading.Thread(
+        target=_take_signals, args=(owners,), name="savegame-worker-signals", daemon=True
+    ).start()
+
+
+def _take_signals(owners: set[int]) -> None:
+    while True:
+        info = signal.sigwaitinfo(GROUP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid in owners:
+            os._exit(0)  # the loader is shutting this worker down: torch's worker does the same
+
+
+def guard(obj: Any, *, what: str) -> None:
+    """Quiet a loader's workers and guard its iterator builds; for every loader in a TrainState
+    and for :func:`savegame.data.quiet_workers`. Idempotent; anything but a torch
+    ``DataLoader`` (``StatefulDataLoader`` is one) is left alone.
+
+    ``what`` names the call in the warning given when the loader already runs workers started
+    without the guard (iterated before): those die of a group signal, and persistent ones are
+    never replaced.
+    """
+    if not isinstance(obj, torch.utils.data.DataLoader) or not callable(
+        getattr(type(obj), "_get_iterator", None)
+    ):
+        return
+    _guard_of(obj)
+    fn = obj.worker_init_fn
+    if not isinstance(fn, _QuietWorker):
+        obj.worker_init_fn = _QuietWorker(fn)
+    running = _unguarded_workers(obj)
+    if running:
+        persistent = bool(getattr(obj, "persistent_workers", False))
+        warnings.warn(
+            f"{what}: the loader already runs {running} worker process(es), started before this call; a "
+            "SIGTERM/SIGUSR1/SIGINT sent to the whole process group (scancel, torchrun, Ctrl-C) kills them and "
+            "the preemption save is lost"
+            + (
+                " (persistent_workers=True: they are never restarted)"
+                if persistent
+                else " until the next epoch"
+            )
+            + ". Call it before iterating the loader.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _unguarded_workers(loader: Any) -> int:
+    it = getattr(loader, "_iterator", None)
+    workers = getattr(it, "_workers", None)
+    if it is None or not workers or getattr(it, "_shutdown", True):
+        return 0
+    init = getattr(it, "_worker_init_fn", None)
+    args = getattr(init, "args", ())  # a functools.partial (DataPipes) wraps ours
+    if isinstance(init, _QuietWorker) or (
+        isinstance(args, tuple) and args and isinstance(args[0], _QuietWorker)
+    ):
+        return 0
+    return sum(1 for w in workers if w.is_alive())
