@@ -5,8 +5,10 @@ Run (CPU, gloo; any number of ranks)::
     torchrun --nproc-per-node 2 examples/ddp_digits.py --ckpt-dir runs/ddp-digits
 
 Interrupt it (Ctrl-C, or kill a rank) and run the same command again: it resumes from the
-newest complete checkpoint, bit-exact. The model and optimizer are written once (by rank 0);
-each rank's RNG and data-loader position are kept per rank (docs/distributed.md).
+newest complete checkpoint, bit-exact. Tensors equal on every rank (the DDP model and optimizer)
+are written once, by rank 0; those that differ (each rank's RNG stream and data-loader position)
+are kept per rank (docs/distributed.md). Keys are the bare module's, so the checkpoint also
+loads into the unwrapped model (``per_rank="fresh"`` in a single process).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import signal
@@ -98,6 +100,10 @@ class Checkpointer:
     calls every method; rank 0 only holds the lock, writes ``run.json``, commits and applies
     retention. See docs/distributed.md.
 
+    A folder this process can read but not write (a read-only mount, another user's run) opens
+    read-only: :attr:`writable` is False, ``restore`` works, and a save raises
+    :class:`~savegame.errors.StorageError`.
+
     Raises:
         LockedError: another live process writes this run folder (every rank raises it).
     """
@@ -140,10 +146,14 @@ class Checkpointer:
         self._group = collectives.Group() if collectives.initialized() else None
         self._save_group = collectives.Group() if collectives.initialized() else None  # persist thread only
         self._lock: Any = local.RunLock(self.root, layout.LOCK) if rank == 0 else _RankLock()
+        self._closed = False
+        #: False when this process cannot write the run folder (a read-only mount, another user's
+        #: run): restore works, a save raises StorageError (issue 9.9).
+        self.writable = True
+        self._suspects: list[tuple[Path, BaseException | None]] = []  # skipped by restore
+        self._verified: set[str] = set()  # checkpoint folders known intact in this process
         if self._group is None:
-            self._lock.acquire()
-            self.run_id = self._run_id()
-            self._collect_garbage()
+            self.run_id = self._open_run()
         else:
             self.run_id = self._setup_ranks(self._group)
         self._epochs_completed = 0
@@ -183,6 +193,14 @@ class Checkpointer:
                 or per-rank state on a different world size with ``per_rank="strict"``).
         """
         self._persister.wait()
+        try:
+            return self._restore(state, step, per_rank)
+        finally:
+            self._set_aside_suspects()
+
+    def _restore(self, state: statelib.TrainState, step: int | None, per_rank: Literal["strict", "fresh"]) -> int:
+        if step is not None:
+            step = _check_step(step)
         refs = reader.list_checkpoints(self.root)
         if step is not None:
             refs = [r for r in refs if r.step == step]
@@ -195,6 +213,7 @@ class Checkpointer:
                 self._epochs_completed = int(done.manifest.info.get("epochs_completed", 0))
                 self._last_save_time = time.monotonic()
                 self._last_saved_step = done.step
+                self._verified.add(str(done.path))
                 log.info("restored step %d from %s (rank %d)", done.step, done.path, self.rank)
                 return done.step
         for ref in reversed([] if sharded else refs):
@@ -203,15 +222,18 @@ class Checkpointer:
                 continue
             try:
                 tensors = reader.load_tensors(ref.path, ref.manifest, dest=_live_destinations(state))
-                tree = treelib.decode(ref.manifest.trees[0], tensors)
+                tree = treelib.decode(ref.manifest.trees[0], tensors, path=ref.path / layout.MANIFEST)
             except (errors.FormatError, errors.StorageError) as exc:
                 self._warn_skip(ref.path, exc)
                 continue
+            # A run saved through DDP before savegame unwrapped it has "module."-prefixed keys.
+            tree = protocol.match_wrapper_keys(state, tree)
             statelib.apply(state, tree, where=str(ref.path))
             info = ref.manifest.info
             self._epochs_completed = int(info.get("epochs_completed", 0))
             self._last_save_time = time.monotonic()
             self._last_saved_step = ref.step
+            self._verified.add(str(ref.path))
             log.info("restored step %d from %s", ref.step, ref.path)
             return ref.step
         if refs and step is not None:
@@ -244,8 +266,13 @@ class Checkpointer:
 
         Raises:
             StorageError: a background save (``async_save``) failed since the last call; its
-                checkpoint was not committed, earlier ones are intact.
+                checkpoint was not committed, earlier ones are intact. Also: a save is due and
+                the run folder is read-only.
+            TypeError: ``step`` is not an int, or a metric is not a number.
+            ValueError: ``step`` is negative or ≥ 10**12.
         """
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
         # Every step, not only saving ones: a background failure surfaces at the very next call
         # (never only logged). Non-blocking: it only looks at a finished save.
         self._persister.raise_failure()
@@ -313,6 +340,7 @@ class Checkpointer:
         mapping: Mapping[str, str],
         metrics: Mapping[str, str] | None = None,
         cfg: str | None = None,
+        partial: bool = False,
     ) -> Path:
         """Import a checkpoint written by another tool into this run, then save it here.
 
@@ -330,6 +358,8 @@ class Checkpointer:
                 one entry of a dict in the state.
             metrics: Metric name -> source path, recorded so best-K knows the imported value.
             cfg: Darknet ``.cfg`` for a ``.weights`` source.
+            partial: Accept a darknet ``.weights`` file that holds fewer layers than its cfg
+                (a backbone-only file such as ``darknet53.conv.74``); the rest stay as built.
 
         Example (the classic PyTorch tutorial checkpoint)::
 
@@ -345,7 +375,8 @@ class Checkpointer:
         from savegame import api
         from savegame.interop import base
 
-        with api.open(source, **({"cfg": cfg} if cfg else {})) as r:
+        options: dict[str, Any] = {"cfg": cfg, "partial": True} if cfg and partial else {"cfg": cfg} if cfg else {}
+        with api.open(source, **options) as r:
             tree = r.tree()
 
             def get(path: str) -> Any:
@@ -411,6 +442,7 @@ class Checkpointer:
         try:
             self._persister.wait()
         finally:
+            self._closed = True
             self._deleter.shutdown(wait=True)
             self._close_quietly()
 
@@ -437,8 +469,18 @@ class Checkpointer:
         reason: str,
         blocking: bool,
     ) -> Path | persist.SaveHandle[Path] | None:
-        if not self._lock.held:
+        step = _check_step(step)
+        metrics = _check_metrics(metrics)
+        if self._closed:
             raise errors.CheckpointError(f"checkpointer for {self.root} is closed; create a new one", path=self.root)
+        if not self.writable:
+            raise errors.StorageError(
+                f"cannot save step {step}: run folder {self.root} is not writable by this process (read-only "
+                "mount or another user's run); restore works — to keep training, pass a writable folder "
+                "(e.g. copy the run with `cp -r`)",
+                path=self.root,
+                step=step,
+            )
         final = self.root / layout.step_dir(step)
         if self._last_saved_step == step:
             if blocking:
@@ -451,7 +493,9 @@ class Checkpointer:
         self._persister.wait()  # one save in flight; raises a previous background failure
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
-        skeleton, live = treelib.encode(statelib.capture(state))
+        # Under torch.distributed the state is captured inside the save protocol (every rank
+        # learns of a failure on any rank, docs/distributed.md), not here.
+        skeleton, live = treelib.encode(statelib.capture(state)) if self._save_group is None else (None, {})
         improved_from: float | None | str = "n/a"
         monitor = self.keep.monitor
         if monitor and monitor in clean_metrics and policy.improved(clean_metrics[monitor], self._best, self.keep.mode):
@@ -493,16 +537,15 @@ class Checkpointer:
         outcome: tuple[str, Any] = ("ok", "")
         if self.rank == 0:
             try:
-                self._lock.acquire()
-                outcome = ("ok", self._run_id())
-                self._collect_garbage()
+                outcome = ("ok", (self._open_run(), self.writable))
             except errors.CheckpointError as exc:
                 self._lock.release()
                 outcome = ("fail", exc)
         status, value = group.broadcast(outcome, what=f"opening run folder {self.root}")
         if status != "ok":
             raise value
-        return str(value)
+        run_id, self.writable = value
+        return str(run_id)
 
     def _step_distributed(
         self, state: statelib.TrainState, step: int, metrics: Mapping[str, float] | None, epoch_end: bool
@@ -555,7 +598,15 @@ class Checkpointer:
         group = self._save_group
         assert group is not None
         stage = (lambda t: {k: writer.stage_cpu(v) for k, v in t.items()}) if blocking else self._pool.stage
-        prepared = protocol.prepare(self.rank, state, info, stage)
+        assert self._group is not None
+        try:  # capture + compare + stage on the training thread; a capture failure anywhere raises here
+            prepared = protocol.prepare(self._group, state, info, stage, root=self.root, step=step)
+        except errors.DistributedSaveError:
+            self._index -= 1  # nothing was written: this save does not count
+            if improved_from != "n/a":
+                self._best = improved_from  # type: ignore[assignment]
+            self._last_saved_step = None
+            raise
         t0 = time.perf_counter()
         monitor = self.keep.monitor
 
@@ -580,7 +631,8 @@ class Checkpointer:
         return self._persister.submit(job, step, after=retention)
 
     def _apply_retention(self, *, just_saved: int) -> None:
-        for info in list_run(self.root, self.keep, self.run_id):
+        self._verified.add(str(self.root / layout.step_dir(just_saved)))  # we just wrote it
+        for info in self._retention_plan():
             if info.valid and info.ours and not info.kept_for and info.step != just_saved:
                 try:
                     trash = local.move_to_trash(info.path, f"{layout.TMP_PREFIX}deleted-{info.path.name}-{uuid.uuid4().hex[:8]}")
@@ -591,6 +643,28 @@ class Checkpointer:
                 # the run, so the bytes are freed off the save path (close() waits for it).
                 self._deleter.submit(shutil.rmtree, trash, ignore_errors=True)
                 log.info("deleted %s (not kept by %s)", info.path.name, self.keep)
+
+    def _open_run(self) -> str:
+        """Rank 0 / one process: take the lock, read (or create) run.json, remove leftovers.
+
+        A folder this process may read but not write (permissions, a read-only mount) opens
+        read-only: restore works, saves raise :class:`StorageError`."""
+        try:
+            self._lock.acquire()
+        except errors.StorageError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise
+            self.writable = False
+            log.info("run folder %s is not writable by this process (%s): opened read-only", self.root, cause)
+            record = read_run_file(self.root)
+            return str(record["run_id"]) if record else ""
+        run_id = self._run_id()
+        self._collect_garbage()
+        return run_id
+
+    def _retention_plan(self) -> list[CheckpointInfo]:
+        return plan_retention(self.root, self.keep, self.run_id, verified=self._verified)
 
     def _run_id(self) -> str:
         """The run family's id from ``run.json`` (created on first use). The file also records
@@ -633,6 +707,28 @@ class Checkpointer:
             errors.CorruptCheckpointWarning,
             stacklevel=3,
         )
+        self._suspects.append((path, exc))
+
+    def _set_aside_suspects(self) -> None:
+        """Set aside the checkpoints restore skipped, once they are proven damaged (issue 9.8).
+
+        A damaged newest checkpoint left in place would collide with the next save of its step
+        and be counted by retention forever. Only the lock holder (one process / rank 0) moves
+        anything, after every rank finished reading; a checkpoint skipped for a reason that is not
+        damage (a newer format version, a storage error that does not recur) stays."""
+        suspects, self._suspects = self._suspects, []
+        if self.rank != 0 or not self.writable or self._closed:
+            return
+        for path, exc in suspects:
+            if isinstance(exc, errors.UnsupportedFormatError) or not path.is_dir():
+                continue
+            step = layout.parse_step_dir(path.name)
+            if step is None:
+                continue
+            problems = _damage(path)
+            if problems:
+                with contextlib.suppress(OSError):
+                    writer.set_aside_damaged(path, step, problems[0])
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -660,10 +756,18 @@ class _RankLock:
         self.held = False
 
 
-def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_id: str | None = None) -> list[CheckpointInfo]:
+def list_run(
+    root: str | os.PathLike[str],
+    keep: policy.Keep | None = None,
+    run_id: str | None = None,
+    *,
+    aside: bool = False,
+) -> list[CheckpointInfo]:
     """Checkpoints of a run folder with validity (manifest level) and retention reasons.
 
     ``run_id`` and ``keep`` default to the folder's ``run.json`` (written by the Checkpointer).
+    With ``aside=True`` (``savegame ls``), damaged checkpoints set aside and leftover temp
+    folders follow, with ``kind`` "damaged" / "leftover" (never retention candidates).
     """
     root = Path(root)
     record = read_run_file(root)
@@ -693,7 +797,8 @@ def list_run(root: str | os.PathLike[str], keep: policy.Keep | None = None, run_
                 error=str(r.error) if r.error else None,
             )
         )
-    out.extend(_set_aside(root))
+    if aside:
+        out.extend(_set_aside(root))
     return out
 
 
@@ -726,12 +831,47 @@ def _set_aside(root: Path) -> list[CheckpointInfo]:
     return out
 
 
+def plan_retention(
+    root: str | os.PathLike[str], keep: policy.Keep | None, run_id: str | None, *, verified: set[str]
+) -> list[CheckpointInfo]:
+    """The run's checkpoints with retention reasons, made safe to act on: nothing is deleted
+    while a checkpoint kept in its place is damaged (issue 9.8). Used by the Checkpointer and
+    ``savegame prune``; the caller holds the run folder's lock.
+
+    Before a valid checkpoint may be deleted, every checkpoint retention keeps instead is
+    verified once (``verified`` holds the folders already known intact, e.g. written or
+    restored by this process, and is updated): a damaged one is set aside and the plan made
+    again. This reads each older kept checkpoint once per process — on the save's thread, the
+    persist worker for async saves.
+    """
+    while True:
+        infos = list_run(root, keep, run_id)
+        if not any(i.valid and i.ours and not i.kept_for for i in infos):
+            return infos
+        damaged = False
+        for i in infos:
+            if not (i.valid and i.ours and i.kept_for) or str(i.path) in verified:
+                continue
+            problems = _damage(i.path)
+            if not problems:
+                verified.add(str(i.path))
+                continue
+            try:
+                writer.set_aside_damaged(i.path, i.step, problems[0])
+            except OSError as exc:  # cannot move it: delete nothing this time
+                log.warning("could not set aside damaged %s: %s; retention deletes nothing", i.path, exc)
+                return [dataclasses.replace(x, kept_for=x.kept_for or ("damaged kept",)) for x in infos]
+            damaged = True
+        if not damaged:
+            return infos
+
+
 def _live_destinations(state: statelib.TrainState) -> Any:
     """Map checkpoint tensors onto the live tensors they will end up in (parameters, existing
     optimizer moments), so restore copies once instead of allocating and copying again.
     The reader only writes into them after every hash verified."""
     try:
-        _, live = treelib.encode(statelib.capture(state))
+        _, live = treelib.encode(statelib.capture(state, loaders=False))
     except errors.EncodeError:
         return None
 
@@ -775,3 +915,45 @@ def _fmt(v: float | None, mode: str) -> str:
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
     return f"{v:.4f}"
+
+
+def _check_step(step: object) -> int:
+    """The step as an int, or a TypeError/ValueError that says what a step is (issue 9.11)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"step must be an int (the number of completed optimizer steps), got {type(step).__name__} {step!r}"
+        )
+    value = int(step)
+    if not 0 <= value < 10**12:
+        raise ValueError(f"step must be in [0, 10**12), got {value}")
+    return value
+
+
+def _check_metrics(metrics: object) -> dict[str, float] | None:
+    """Metrics as ``{str: float}``; numbers, 0-d tensors and numpy scalars are accepted."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise TypeError(f"metric names must be str, got {type(k).__name__} {k!r}")
+        if isinstance(v, (str, bytes)):
+            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}")
+        try:
+            out[k] = float(v)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}") from exc
+    return out
+
+
+def _damage(path: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: intact); a newer format is not damage."""
+    try:
+        reader.read_manifest(path)
+    except errors.UnsupportedFormatError:
+        return []
+    except errors.CheckpointError as exc:
+        return [str(exc)]
+    return reader.verify(path)

@@ -140,7 +140,11 @@ class RestoreError(CheckpointError):
 
 
 class DistributedSaveError(CheckpointError):
-    """A distributed save failed on one or more ranks; nothing was committed.
+    """A distributed save failed on one or more ranks.
+
+    The message says what is on disk: almost always nothing was committed and earlier
+    checkpoints are intact; if a rank died after every rank reported and the coordinator had
+    already committed, the message says that the step *is* committed (and verifies).
 
     Attributes:
         failures: Rank -> description of what failed on that rank.

@@ -28,7 +28,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(scenario: str, world: int, args: dict[str, Any], *, expect_ok: bool = True) -> list[int]:
+def launch(
+    scenario: str,
+    world: int,
+    args: dict[str, Any],
+    *,
+    expect_ok: bool = True,
+    worker: Path = WORKER,
+) -> list[int]:
     """Run ``world`` ranks; returns their exit codes (asserting 0 unless ``expect_ok`` is False).
 
     One interpreter imports torch, then forks the ranks (``_worker.fork_ranks``); it runs in its
@@ -44,7 +51,7 @@ def launch(scenario: str, world: int, args: dict[str, Any], *, expect_ok: bool =
         PYTHONWARNINGS="ignore",
     )
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), scenario, json.dumps(args), str(world)],
+        [sys.executable, str(worker), scenario, json.dumps(args), str(world)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

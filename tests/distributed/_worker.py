@@ -37,7 +37,11 @@ def build(kind: str, world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer
         torch.nn.Linear(13, 3),
     )
     if kind == "ddp" and world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        # On more than 2 ranks DDP's bucket rebuild after the first iteration changes the
+        # all-reduce summation order, so a resumed run (whose first iteration uses the initial
+        # buckets) differs in the last bits; find_unused_parameters=True keeps the initial
+        # buckets (docs/distributed.md, "Bit-exact DDP on more than 2 ranks").
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=world > 2)
     elif kind == "fsdp" and world > 1:
         for layer in (model[0], model[3]):
             fully_shard(layer)
@@ -78,10 +82,11 @@ def main() -> None:
             timeout=timedelta(seconds=60),
         )
     rank = dist.get_rank() if world > 1 else 0
-    torch.manual_seed(0)
-    torch.manual_seed(1000 + rank)
     out = Path(args["out"])
     model, opt = build(args.get("kind", "ddp"), world)
+    # After build() (which seeds 0 for equal initial weights): each rank draws its own batches
+    # and dropout masks, so the RNG streams differ and are kept per rank.
+    torch.manual_seed(1000 + rank)
     extras: dict[str, Any] = {"epoch": 0}
     state = sg.TrainState(model=model, optimizer=opt, extras=extras)
     ckpt = sg.Checkpointer(
@@ -145,7 +150,7 @@ def main() -> None:
         dist.destroy_process_group()
 
 
-def fork_ranks(world: int) -> None:
+def fork_ranks(world: int, entry: Any = None) -> None:
     """Start ``world`` ranks by fork from this already-imported interpreter (importing torch
     once instead of once per rank: it dominates a launch on a 2-core CI machine) and print
     their exit codes as one JSON line. Nothing has started threads yet, so forking is safe."""
@@ -159,7 +164,7 @@ def fork_ranks(world: int) -> None:
                     os.environ.pop(k)
             code = 0
             try:
-                main()
+                (entry or main)()
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if exc.code not in (None, 0):

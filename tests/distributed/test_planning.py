@@ -25,11 +25,14 @@ def _encoded(rank: int) -> tuple[object, dict[str, torch.Tensor]]:
     )
 
 
+MODEL = {"model/w", "model/b"}  # equal on every rank (planning.shared_keys)
+
+
 def test_replicated_written_once_by_rank_0_per_rank_everywhere() -> None:
     plans = []
     for rank in range(3):
         skel, live = _encoded(rank)
-        plans.append(planning.plan_save(rank, skel, list(live), replicated={"model"}, shards={}))
+        plans.append(planning.plan_save(rank, skel, list(live), shared=MODEL, shards={}))
     assert set(plans[0].sources) == {"model/w", "model/b", "@rank00000/loader/seed"}
     assert set(plans[1].sources) == {"@rank00001/loader/seed"}
     assert plans[2].sources["@rank00002/loader/seed"] == "loader/seed"
@@ -49,9 +52,9 @@ def test_sharded_pieces_written_by_owners_with_offsets_replicas_skipped() -> Non
     skel, live = treelib.encode({"model": {"w": torch.ones(2, 2)}})
     own = planning.ShardInfo((4, 2), (2, 0), (2, 2), writer=True)
     replica = planning.ShardInfo((4, 2), (2, 0), (2, 2), writer=False)
-    p = planning.plan_save(1, skel, list(live), replicated={"model"}, shards={"model/w": own})
+    p = planning.plan_save(1, skel, list(live), shared=set(), shards={"model/w": own})
     assert p.sources == {"model/w": "model/w"} and p.chunk_meta == {"model/w": ((4, 2), (2, 0))}
-    p = planning.plan_save(3, skel, list(live), replicated={"model"}, shards={"model/w": replica})
+    p = planning.plan_save(3, skel, list(live), shared=set(), shards={"model/w": replica})
     assert p.sources == {}
 
 
@@ -59,9 +62,7 @@ def test_restore_plan_same_world_gets_own_tree_other_world_follows_rule() -> Non
     trees = []
     for rank in range(4):
         skel, live = _encoded(rank)
-        trees.append(
-            planning.plan_save(rank, skel, list(live), replicated={"model"}, shards={}).skeleton
-        )
+        trees.append(planning.plan_save(rank, skel, list(live), shared=MODEL, shards={}).skeleton)
     same = planning.plan_restore(
         trees,
         rank=2,

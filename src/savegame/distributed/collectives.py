@@ -136,8 +136,8 @@ class Group:
             failures = self._missing(seq, exc)
             raise errors.DistributedSaveError(
                 f"{what}: rank(s) {sorted(failures)} did not report within the coordination timeout "
-                f"({self.timeout:g}s, SAVEGAME_DIST_TIMEOUT_S) or died; nothing was committed, earlier "
-                f"checkpoints are intact. Restart the job (torchrun restarts all ranks) to resume. "
+                f"({self.timeout:g}s, SAVEGAME_DIST_TIMEOUT_S) or died. Restart the job (torchrun "
+                f"restarts all ranks) to resume from the newest complete checkpoint. "
                 f"Cause on rank {self.rank}: {type(exc).__name__}: {exc}",
                 failures=failures,
             ) from exc

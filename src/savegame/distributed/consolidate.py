@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from savegame import errors
+from savegame import tree as treelib
 from savegame.distributed import planning
 from savegame.engine import reader, writer
 
@@ -21,7 +22,8 @@ def consolidate(src_ckpt: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     """Write the checkpoint folder ``src_ckpt`` (any world size) as one single-rank folder ``dst``.
 
     Replicated and sharded state (model, optimizer, scheduler) comes out whole, under the same
-    keys, so ``savegame.load(dst)["model"]`` is a plain ``state_dict`` for inference. Per-rank
+    keys, so ``savegame.load(dst)["model"]`` is a plain ``state_dict`` for inference (keys of a
+    model saved through ``DistributedDataParallel`` lose its ``module.`` prefix). Per-rank
     state (RNG, loader position, extras) is taken from rank 0 and the source world size is
     recorded in ``info["consolidated_from"]``; to *continue training* on another number of
     ranks, restore the original checkpoint instead (it reshards, see docs/distributed.md).
@@ -42,9 +44,24 @@ def consolidate(src_ckpt: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     if out.exists():
         raise errors.StepExistsError(f"{out} already exists; choose a new path", path=out)
     m = reader.read_manifest(src)
-    tree = m.trees[0]
+    tree = dict(m.trees[0])
     keys = list(dict.fromkeys(planning.tensor_refs(tree)))
     renames = {k: planning.source_key(k) for k in keys if planning.source_key(k) != k}
+    # Models saved through DDP before savegame unwrapped it have "module."-prefixed keys: give
+    # the bare module's keys, which is what an inference user loads into.
+    dinfo = m.info.get("distributed")
+    replicated = dinfo.get("replicated", []) if isinstance(dinfo, dict) else []
+    for name in replicated if isinstance(replicated, list) else []:
+        sub = tree.get(name)
+        bare = planning.strip_wrapper_prefix(sub)
+        if bare is sub:
+            continue
+        tree[name] = bare
+        old = treelib.join_key([name, planning.WRAPPER_PREFIX])
+        for k in planning.tensor_refs(sub):
+            src_key = renames.get(k, k)
+            if src_key.startswith(old):
+                renames[k] = treelib.join_key([name]) + "/" + src_key[len(old) :]
     loaded = reader.load_tensors(src, m, keys)
     staged = {renames.get(k, k): t for k, t in loaded.items()}
     info = {k: v for k, v in m.info.items() if k != "distributed"}

@@ -1,22 +1,28 @@
 """Who writes what, and who reads what: pure functions over plain data, no collectives.
 
-Save rule (every rank plans for itself, no communication needed):
+Save rule ("written once" is decided by content, not by type):
 
 * **Sharded** tensors (DTensor, e.g. FSDP2 parameters and their optimizer moments) are written
   by the ranks that own a piece, as chunks of one manifest entry with their global offsets.
   A piece replicated over a mesh dimension (HSDP) is written by coordinate 0 of that dimension.
-* **Replicated** objects (``torch.nn.Module``, optimizers, LR schedulers, grad scalers: what
-  DDP keeps identical on every rank) have their plain tensors written **once, by rank 0**.
-* **Per-rank** state (the RNGs, data loaders, custom ``Stateful`` objects, extras dicts) is
-  written by every rank under the key prefix ``@rankNNNNN/``; each rank's manifest tree points
-  at its own keys.
+* Every other tensor whose bytes (dtype, shape and content hash) are **equal on every rank** is
+  written **once, by rank 0**, under its plain key (DDP parameters, optimizer moments, an RNG
+  state seeded alike); the ranks agree on that set before anything is written
+  (:func:`shared_keys` over the gathered digests).
+* A tensor that **differs** between ranks (BatchNorm running statistics under DDP, per-rank RNG
+  streams, loader positions) is written by every rank under the key prefix ``@rankNNNNN/``; each
+  rank's manifest tree points at its own keys.
 
-Restore rule: on the same world size every rank gets back its own tree. On a different world
-size, sharded and replicated state is resharded from the chunks' offsets; an extras dict that
-was equal on every saved rank and holds no tensors restores everywhere; any other per-rank
-state cannot be mapped (4 loader positions do not describe 2 ranks' data) and raises
-:class:`~savegame.errors.RestoreError`, unless the caller passes ``per_rank="fresh"``: then it
-is left as the program constructed it on the new world size (and a warning names it).
+Restore rule: on the same world size every rank gets back its own tree (its own per-rank
+tensors, the shared ones, its pieces). On a different world size, sharded and shared state is
+resharded from the chunks' offsets; an extras dict that was equal on every saved rank restores
+everywhere; per-rank state cannot be mapped (4 loader positions do not describe 2 ranks' data,
+4 sets of BatchNorm statistics are not one) and raises :class:`~savegame.errors.RestoreError`,
+unless the caller passes ``per_rank="fresh"``: per-rank *objects* (RNG, loaders, custom
+``Stateful``) are then left as the program constructed them, and per-rank *tensors inside* a
+model, optimizer, scheduler or scaler are taken from rank 0 (a module must be loaded whole; any
+rank's statistics are a valid estimate, and DDP itself broadcasts rank 0's buffers); a warning
+names both.
 """
 
 from __future__ import annotations
@@ -40,12 +46,16 @@ __all__ = [
     "plan_save",
     "rank_key",
     "rename_tensors",
+    "shared_keys",
     "source_key",
+    "strip_wrapper_prefix",
     "tensor_refs",
     "unwritten_keys",
 ]
 
 RANK_PREFIX = "@rank"
+#: The key prefix ``DistributedDataParallel.state_dict()`` adds to its module's keys.
+WRAPPER_PREFIX = "module."
 PerRankMode = Literal["strict", "fresh"]
 
 
@@ -86,11 +96,14 @@ class RestorePlan:
         skeleton: The tree to decode: ``{name: subtree}`` for the names restored.
         keys: Manifest tensor keys the skeleton refers to.
         fresh: Names left as constructed (``per_rank="fresh"`` on a world-size change).
+        from_rank0: Per-rank tensors inside replicated objects (state keys) read from rank 0's
+            share (``per_rank="fresh"`` on a world-size change).
     """
 
     skeleton: dict[str, Any]
     keys: tuple[str, ...]
     fresh: tuple[str, ...]
+    from_rank0: tuple[str, ...] = ()
 
 
 def rank_key(rank: int, key: str) -> str:
@@ -109,12 +122,23 @@ def top_name(key: str) -> str:
     return treelib.split_key(key)[0]
 
 
+def shared_keys(digests: Sequence[Mapping[str, str]]) -> set[str]:
+    """Keys whose digest is the same on every rank (written once); ``digests`` by rank.
+
+    A key missing on some rank (e.g. optimizer state created on one rank only) is not shared.
+    """
+    if not digests:
+        return set()
+    first, rest = digests[0], digests[1:]
+    return {k for k, d in first.items() if all(other.get(k) == d for other in rest)}
+
+
 def plan_save(
     rank: int,
     skeleton: Any,
     keys: Sequence[str],
     *,
-    replicated: Collection[str],
+    shared: Collection[str],
     shards: Mapping[str, ShardInfo],
 ) -> SavePlan:
     """Which of this rank's encoded tensors it writes, under which manifest keys.
@@ -123,7 +147,8 @@ def plan_save(
         rank: This rank.
         skeleton: Its encoded state tree (:func:`savegame.tree.encode`).
         keys: Keys of its encoded tensors.
-        replicated: Top-level names of replicated objects.
+        shared: Keys equal on every rank (:func:`shared_keys`; the same set on every rank):
+            written once, by rank 0. Every other non-sharded key is written per rank.
         shards: For sharded (DTensor) keys, this rank's piece.
     """
     sources: dict[str, str] = {}
@@ -135,7 +160,7 @@ def plan_save(
             if info.writer:
                 sources[key] = key
                 chunk_meta[key] = (info.global_shape, info.start)
-        elif top_name(key) in replicated:
+        elif key in shared:
             if rank == 0:
                 sources[key] = key
         else:
@@ -212,26 +237,60 @@ def plan_restore(
     base = trees[0]
     skeleton: dict[str, Any] = {}
     blocked: list[str] = []
+    mixed: list[str] = []  # per-rank tensors inside replicated objects (state keys)
     for name, sub in base.items():
         if name in replicated:
             skeleton[name] = sub
-        elif (
-            name in extras and not tensor_refs(sub) and all(_same(t.get(name), sub) for t in trees)
-        ):
+            mixed += [source_key(k) for k in tensor_refs(sub) if k.startswith(RANK_PREFIX)]
+        elif name in extras and all(_same(t.get(name), sub) for t in trees):
+            # Equal skeletons on every rank: any tensor in it is shared (a per-rank key would
+            # differ by its rank prefix), so it restores anywhere.
             skeleton[name] = sub
         else:
             blocked.append(name)
-    if blocked and per_rank == "strict":
+    mixed = sorted(set(mixed))
+    if (blocked or mixed) and per_rank == "strict":
+        parts = []
+        if blocked:
+            parts.append(
+                f"per-rank state {blocked} (RNG streams, data-loader positions, custom Stateful "
+                "objects, extras that differ per rank)"
+            )
+        if mixed:
+            shown = ", ".join(mixed[:5]) + (f" and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+            parts.append(
+                f"{len(mixed)} tensor(s) that differed between the saved ranks ({shown}; e.g. "
+                "BatchNorm running statistics under DDP)"
+            )
         raise errors.RestoreError(
-            f"{where} was saved by {saved_world} ranks and this job has {world}: per-rank state "
-            f"{blocked} (RNG streams, data-loader positions, custom Stateful objects, extras that "
-            "differ per rank) cannot be mapped onto a different number of ranks. Restore with the "
-            f"original world size ({saved_world}), or pass per_rank='fresh' to restore the model, "
-            "optimizer, scheduler and equal extras and leave those objects as your program "
-            "constructed them (re-seed and rebuild loaders for the new world size).",
+            f"{where} was saved by {saved_world} ranks and this job has {world}: "
+            + " and ".join(parts)
+            + " cannot be mapped onto a different number of ranks. Restore with the original "
+            f"world size ({saved_world}), or pass per_rank='fresh' to restore the model, optimizer, "
+            "scheduler and equal extras (tensors that differed per rank taken from rank 0) and "
+            "leave per-rank objects as your program constructed them (re-seed and rebuild "
+            "loaders for the new world size).",
             path=where,
         )
-    return RestorePlan(skeleton, tuple(dict.fromkeys(tensor_refs(skeleton))), tuple(blocked))
+    return RestorePlan(
+        skeleton, tuple(dict.fromkeys(tensor_refs(skeleton))), tuple(blocked), tuple(mixed)
+    )
+
+
+def strip_wrapper_prefix(sub: Any, prefix: str = WRAPPER_PREFIX) -> Any:
+    """A module state tree saved through a wrapper (DDP's ``module.``) as the bare module's.
+
+    ``sub`` is a skeleton (or state dict) of one object; when it is a dict whose keys *all*
+    start with ``prefix`` the prefix is removed, otherwise it is returned unchanged (an
+    optimizer's ``state``/``param_groups`` never match).
+    """
+    if (
+        isinstance(sub, dict)
+        and sub
+        and all(isinstance(k, str) and k.startswith(prefix) for k in sub)
+    ):
+        return {k[len(prefix) :]: v for k, v in sub.items()}
+    return sub
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -3,15 +3,27 @@
 
 Save, every rank, in lock step (DESIGN.md §3, §4)::
 
-    rank 0 creates <run>/.tmp-step-…-<id>/      -> broadcast of its name   (coordination group)
+    every rank captures + encodes its state, hashes its tensors  (prepare, training thread)
+    gather of (tensor digests | capture failure) from every rank           (training group)
+      any failure -> every rank raises DistributedSaveError now; nothing was created
+      else: equal on every rank -> written once by rank 0; different -> per rank (planning)
+    rank 0 creates <run>/.tmp-step-…-<id>/      -> broadcast of its name   (persist: maybe a thread)
     every rank writes rank-NNNNN.safetensors     (its plan: planning.plan_save), fsyncs it
-    gather of (result | failure) from every rank                          (coordination group)
+    gather of (result | failure) from every rank
     rank 0: all succeeded -> write manifest.json last, rename into place; else delete the temp
     broadcast of the decision -> every rank returns the path or raises DistributedSaveError
 
 Invariant: ``manifest.json`` is written only after the gather showed a success from every rank,
 so a failed or dead rank can never produce a listed checkpoint; earlier checkpoints are never
-touched by a failed save. Every wait is bounded by :func:`collectives.timeout_s`.
+touched by a failed save. Every wait is bounded by :func:`collectives.timeout_s`. An error on
+any rank, from capturing its state to writing its file, reaches every rank as a
+:class:`~savegame.errors.DistributedSaveError` naming it, and the ranks stay in step; the
+message of an error raised after the commit started says what is on disk (checked, not assumed).
+
+Wrappers: a ``DistributedDataParallel`` model is saved and restored through its inner module,
+so checkpoint keys are the bare module's (no ``module.`` prefix) and restore into a bare model
+in a plain process; checkpoints written with the prefix (before this rule) are stripped of it
+on restore when the live model's keys call for it.
 """
 
 from __future__ import annotations
@@ -32,16 +44,18 @@ from savegame import state as statelib
 from savegame import tree as treelib
 from savegame.distributed import collectives, planning
 from savegame.engine import reader, writer
-from savegame.format import manifest
+from savegame.format import hashing, layout, manifest
 
 __all__ = [
     "Prepared",
     "extras_names",
     "load_state",
+    "match_wrapper_keys",
     "persist",
     "prepare",
     "replicated_names",
     "restore",
+    "unwrapped",
 ]
 
 INFO_KEY = "distributed"
@@ -66,6 +80,54 @@ def extras_names(state: statelib.TrainState) -> list[str]:
     return [name for name in state if isinstance(state[name], MutableMapping)]
 
 
+def _unwrap(obj: Any) -> Any:
+    """The module inside a ``DistributedDataParallel`` wrapper; anything else unchanged."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    while isinstance(ddp, type) and isinstance(obj, ddp):
+        obj = obj.module
+    return obj
+
+
+class _View:
+    """Named objects as :func:`statelib.capture` / :func:`statelib.apply` read them (iteration,
+    ``[name]``, ``.rng``), without building a new :class:`TrainState` (which prepares loaders)."""
+
+    def __init__(self, objects: Mapping[str, Any], rng: bool) -> None:
+        self._objects = dict(objects)
+        self.rng = rng
+
+    def __iter__(self) -> Any:
+        return iter(self._objects)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._objects[name]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+def unwrapped(state: statelib.TrainState) -> Any:
+    """``state`` with DDP-wrapped modules replaced by their inner modules (same objects
+    otherwise): what is captured on save and loaded on restore, so keys carry no ``module.``."""
+    return _View({n: _unwrap(state[n]) for n in state}, state.rng)
+
+
+def match_wrapper_keys(state: Any, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` (a state tree or skeleton by object name) with DDP's ``module.`` prefix removed
+    from a module's keys where the live (unwrapped) module has exactly the bare keys: a
+    checkpoint saved through the wrapper before savegame unwrapped it, restored into a bare or
+    wrapped model now. Other objects and matching keys are left alone."""
+    out = dict(tree)
+    for name in state:
+        obj, sub = _unwrap(state[name]), out.get(name)
+        if isinstance(obj, torch.nn.Module) and isinstance(sub, dict):
+            live = set(obj.state_dict())
+            bare = planning.strip_wrapper_prefix(sub)
+            if set(sub) != live and set(bare) == live:
+                out[name] = bare
+    return out
+
+
 @dataclass(slots=True)
 class Prepared:
     """One rank's encoded, planned and staged share of a save (from :func:`prepare`)."""
@@ -77,27 +139,89 @@ class Prepared:
     error: str | None = None
 
 
+def content_digest(t: torch.Tensor) -> str:
+    """xxh3-128 over a tensor's dtype, shape and bytes: equal digests on two ranks mean the
+    tensor is written once. Non-CPU tensors are copied to the host for it (one transient copy)."""
+    if t.layout != torch.strided:
+        raise errors.EncodeError(
+            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
+        )
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    h = hashing.new()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        flat = t.reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def prepare(
-    rank: int,
+    group: collectives.Group,
     state: statelib.TrainState,
     info: Mapping[str, Any],
     stage: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
+    *,
+    root: Path,
+    step: int,
 ) -> Prepared:
-    """Capture, plan and stage this rank's share (every rank, on the training thread).
+    """Capture, compare, plan and stage this rank's share. Every rank, on the training thread,
+    with the training-thread coordination group (one gather of per-tensor digests).
 
-    Never raises: a failure is carried to :func:`persist`, so this rank still takes part in
-    the collectives and the coordinator learns what went wrong (no rank is left waiting).
+    Capturing happens here, inside the protocol: a ``state_dict()`` that raises or an
+    unsupported leaf (:class:`~savegame.errors.EncodeError`) on any rank is reported to every
+    rank by the gather, and every rank raises the same error at once, nothing created on disk;
+    the ranks stay in step, so the next save works. A failure while staging is carried to
+    :func:`persist` (reported to the coordinator there).
+
+    Raises:
+        DistributedSaveError: capturing the state failed on some rank (``.failures`` names it
+            with its error), or a rank died or hung (timeout).
     """
+    rank = group.rank
+    where = f"distributed save of step {step} in {root}"
     full_info = dict(info)
     full_info[INFO_KEY] = {"replicated": replicated_names(state), "extras": extras_names(state)}
+    own_exc: BaseException | None = None
     try:
-        skeleton, live = treelib.encode(statelib.capture(state))
+        skeleton, live = treelib.encode(statelib.capture(unwrapped(state)))
         shards = {
             k: collectives.shard_info(t) for k, t in live.items() if collectives.is_dtensor(t)
         }
-        plan = planning.plan_save(
-            rank, skeleton, list(live), replicated=full_info[INFO_KEY]["replicated"], shards=shards
-        )
+        digests = {k: content_digest(t) for k, t in live.items() if k not in shards}
+        mine: tuple[str, Any] = ("ok", digests)
+    except Exception as exc:  # noqa: BLE001 - any capture failure must reach every rank
+        own_exc = exc
+        mine = ("fail", f"{type(exc).__name__}: {exc}")
+    try:
+        reports = group.gather(mine, what=where)
+    except errors.DistributedSaveError as exc:
+        raise errors.DistributedSaveError(
+            f"{exc.message}. Nothing was written for step {step}; earlier checkpoints are intact.",
+            failures=exc.failures,
+            path=root,
+            step=step,
+        ) from exc
+    failures = {r: str(msg) for r, (status, msg) in enumerate(reports) if status != "ok"}
+    if failures:
+        raise errors.DistributedSaveError(
+            f"{where} failed while capturing the state on rank(s) {sorted(failures)}: "
+            + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+            + " — nothing was written or committed (no temp folder), earlier checkpoints are "
+            "intact, and every rank is still in step: fix the cause and save again.",
+            failures=failures,
+            path=root,
+            step=step,
+        ) from own_exc
+    shared = planning.shared_keys([digests for _, digests in reports])
+    try:
+        plan = planning.plan_save(rank, skeleton, list(live), shared=shared, shards=shards)
         local = {
             key: collectives.local_tensor(live[src]) if src in shards else live[src]
             for key, src in plan.sources.items()
@@ -105,6 +229,27 @@ def prepare(
         return Prepared(plan.skeleton, stage(local), plan.chunk_meta, full_info)
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator by persist()
         return Prepared(None, {}, {}, full_info, f"{type(exc).__name__}: {exc}")
+
+
+def on_disk(root: Path, step: int, run_id: str) -> Path | None:
+    """The committed checkpoint of ``step`` of this run if its manifest is on disk and valid."""
+    final = root / layout.step_dir(step)
+    try:
+        m = reader.read_manifest(final)
+    except (errors.CheckpointError, OSError):
+        return None
+    return final if m.step == step and m.run_id == run_id else None
+
+
+def _disk_status(root: Path, step: int, run_id: str) -> str:
+    """What a failed save left, read from the disk (not assumed from where it failed)."""
+    final = on_disk(root, step, run_id)
+    if final is not None:
+        return (
+            f"step {step} IS committed at {final} (its manifest is on disk and valid; "
+            f"`savegame verify {final}` checks every byte) and a restart resumes from it"
+        )
+    return f"nothing was committed for step {step}; earlier checkpoints are intact"
 
 
 def persist(
@@ -134,7 +279,12 @@ def persist(
             opened = ("ok", writer.new_tmp_dir(root, step).name)
         except OSError as exc:
             opened = ("fail", f"could not create the temp folder in {root}: {exc}")
-    status, name = group.broadcast(opened, what=where)
+    try:
+        status, name = group.broadcast(opened, what=where)
+    except errors.DistributedSaveError as exc:
+        if rank == 0 and opened[0] == "ok":
+            shutil.rmtree(root / opened[1], ignore_errors=True)
+        raise _with_disk_status(exc, root, step, run_id) from exc
     if status != "ok":
         raise errors.DistributedSaveError(
             f"{where} failed on rank 0: {name}", failures={0: name}, path=root, step=step
@@ -156,23 +306,38 @@ def persist(
     except errors.DistributedSaveError as exc:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        exc.path, exc.step = str(root), step
-        raise
+        raise _with_disk_status(exc, root, step, run_id) from exc
     failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
     decision: tuple[str, Any] = ("ok", "")
     if rank == 0:
         decision = _commit(
             root, tmp, step, reports, failures, run_id=run_id, metrics=metrics, info=prepared.info
         )
-    status, payload = group.broadcast(decision, what=where)
+    try:
+        status, payload = group.broadcast(decision, what=where)
+    except errors.DistributedSaveError as exc:
+        # A rank died after reporting, while rank 0 committed: the step may well be on disk.
+        raise _with_disk_status(exc, root, step, run_id) from exc
     if status == "ok":
         return Path(payload)
     failed: dict[int, str] = dict(payload)
     raise errors.DistributedSaveError(
         f"{where} failed on rank(s) {sorted(failed)}: "
         + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
-        + " — nothing was committed; earlier checkpoints are intact. Fix the cause and save again.",
+        + f" — {_disk_status(root, step, run_id)}. Fix the cause and save again.",
         failures=failed,
+        path=root,
+        step=step,
+    )
+
+
+def _with_disk_status(
+    exc: errors.DistributedSaveError, root: Path, step: int, run_id: str
+) -> errors.DistributedSaveError:
+    """``exc`` (a lost or hung rank) re-worded with what the disk holds for ``step``."""
+    return errors.DistributedSaveError(
+        f"{exc.message}. On disk: {_disk_status(root, step, run_id)}.",
+        failures=exc.failures,
         path=root,
         step=step,
     )
@@ -230,7 +395,7 @@ def load_state(
     world: int,
     per_rank: planning.PerRankMode,
     before_copy: Callable[[], None] | None = None,
-) -> Callable[[], tuple[str, ...]]:
+) -> Callable[[], planning.RestorePlan]:
     """Read and verify this rank's share of a checkpoint; returns a function that applies it.
 
     ``before_copy`` runs once this rank's share is verified and before any byte is copied
@@ -254,10 +419,12 @@ def load_state(
         where=str(path),
     )
     names = [n for n in state if n in plan.skeleton]
-    sub = statelib.TrainState(
-        rng=state.rng and statelib.RNG_KEY in plan.skeleton, **{n: state[n] for n in names}
+    sub: Any = _View(
+        {n: _unwrap(state[n]) for n in names}, state.rng and statelib.RNG_KEY in plan.skeleton
     )
-    _, live = treelib.encode(statelib.capture(sub))
+    captured = statelib.capture(sub)
+    skeleton = match_wrapper_keys(sub, plan.skeleton)
+    _, live = treelib.encode(captured)
     regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     templates: dict[str, Any] = {}
     for key in plan.keys:
@@ -301,11 +468,11 @@ def load_state(
             tensors[key] = template  # filled in place: loading it is a copy onto itself (no-op)
         else:
             tensors[key] = collectives.dtensor_like(template, tensors[key])
-    tree = treelib.decode(plan.skeleton, tensors)
+    tree = treelib.decode(skeleton, tensors)
 
-    def apply() -> tuple[str, ...]:
+    def apply() -> planning.RestorePlan:
         statelib.apply(sub, tree, where=str(path))
-        return plan.fresh
+        return plan
 
     return apply
 
@@ -337,7 +504,7 @@ def restore(
                 skip(ref.path, ref.error)
                 continue
             outcome: tuple[str, str] = ("ok", "")
-            apply: Callable[[], tuple[str, ...]] | None = None
+            apply: Callable[[], planning.RestorePlan] | None = None
             what = f"restore of {ref.path}"
             # Exactly one agreement per candidate on every rank: inside the reader (after this
             # rank verified its share, before it copies anything) or, if it failed before
@@ -383,12 +550,22 @@ def restore(
                 skip(ref.path, errors.FormatError(f"rank {r}: {msg}", path=ref.path))
                 continue
             assert apply is not None
-            fresh = apply()
+            plan = apply()
             initialized = []
-            if fresh:
+            if plan.fresh or plan.from_rank0:
+                said = []
+                if plan.fresh:
+                    said.append(f"{list(plan.fresh)} left as constructed (not restored)")
+                if plan.from_rank0:
+                    shown = list(plan.from_rank0[:5])
+                    more = len(plan.from_rank0) - len(shown)
+                    said.append(
+                        f"{len(plan.from_rank0)} tensor(s) that differed between the saved ranks "
+                        f"taken from rank 0: {shown}{f' and {more} more' if more else ''}"
+                    )
                 warnings.warn(
                     f"restored {ref.path} (saved by {ref.manifest.world_size} ranks) on {world} rank(s) with "
-                    f"per_rank='fresh': {list(fresh)} left as constructed (not restored)",
+                    f"per_rank='fresh': {'; '.join(said)}",
                     UserWarning,
                     stacklevel=3,
                 )

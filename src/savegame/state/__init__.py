@@ -94,13 +94,21 @@ class TrainState:
         return len(self._objects)
 
 
-def capture(state: TrainState) -> dict[str, Any]:
-    """The state tree of every object (tensors still live; stage before mutating them)."""
+def capture(state: TrainState, *, loaders: bool = True) -> dict[str, Any]:
+    """The state tree of every object (tensors still live; stage before mutating them).
+
+    ``loaders=False`` leaves out the data loaders and the RNGs: what restore needs to find the
+    live tensors a checkpoint is read into, without building a fresh loader's iterator (which
+    would start its worker processes only to throw them away).
+    """
     tree: dict[str, Any] = {}
     for name in state:
         obj = state[name]
-        tree[name] = dict(obj) if isinstance(obj, MutableMapping) else loaderlib.state_dict(obj)
-    if state.rng:
+        if isinstance(obj, MutableMapping):
+            tree[name] = dict(obj)
+        elif loaders or not loaderlib.is_loader(obj):
+            tree[name] = loaderlib.state_dict(obj)
+    if state.rng and loaders:
         tree[RNG_KEY] = rng.capture()
     return tree
 

@@ -60,6 +60,15 @@ def _is_stateful_loader(obj: Any) -> bool:
     )
 
 
+def is_loader(obj: Any) -> bool:
+    """Whether ``obj`` is a data loader (torchdata's ``StatefulDataLoader`` or any
+    ``torch.utils.data.DataLoader`` subclass with a state): its state holds positions, not
+    tensors a checkpoint is read into."""
+    from torch.utils.data import DataLoader
+
+    return _is_stateful_loader(obj) or isinstance(obj, DataLoader)
+
+
 def _epoch_sampler(loader: Any) -> Any:
     """The sampler whose ``set_epoch`` decides the loader's order, or None."""
     batch_sampler = getattr(loader, "batch_sampler", None)
