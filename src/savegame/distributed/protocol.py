@@ -422,7 +422,7 @@ def load_state(
     sub: Any = _View(
         {n: _unwrap(state[n]) for n in names}, state.rng and statelib.RNG_KEY in plan.skeleton
     )
-    captured = statelib.capture(sub)
+    captured = statelib.capture(sub, loaders=False)  # live tensors only: no loader iterator built
     skeleton = match_wrapper_keys(sub, plan.skeleton)
     _, live = treelib.encode(captured)
     regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
