@@ -7,6 +7,13 @@ torch checkpoint, a TF1 checkpoint), plus a Keras ``.h5`` file read with and wit
 isolation child. Samples are interleaved (one of each per round) so a disturbance hits every
 row alike; the table gives the median and the best, and each row minus the floor's median.
 
+Bytecode: savegame's modules are compiled once and their ``.pyc`` files reused, as for an
+installed package (pip compiles at install; an editable checkout writes ``__pycache__`` on first
+run). An environment with ``PYTHONDONTWRITEBYTECODE=1`` would otherwise recompile them in every
+sample (about 30 ms more per savegame row); the children get ``PYTHONPYCACHEPREFIX=
+bench-out/pycache`` instead, so nothing is written into the source tree. ``--no-pyc`` measures
+without it (the environment as given).
+
 Writes ``bench-out/cli.jsonl`` and the ``cli`` section of ``docs/benchmarks.md``.
 
     python benchmarks/bench_cli.py --rounds 15
@@ -71,9 +78,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--no-pyc", action="store_true", help="keep the environment's bytecode settings")
     args = ap.parse_args()
     runs = cases()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if not args.no_pyc:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(ROOT / "bench-out" / "pycache")
+    load_before = os.getloadavg()
     for argv in runs.values():  # warm the page cache and pyc files once
         subprocess.run(argv, capture_output=True, env=env, check=False)
     samples: dict[str, list[float]] = {k: [] for k in runs}
@@ -85,12 +97,24 @@ def main() -> None:
             samples[name].append(time.perf_counter() - t0)
             if out.returncode != 0:
                 failures[name] = (out.stderr or out.stdout)[-300:]
+    load_after = os.getloadavg()
     med = {k: statistics.median(v) for k, v in samples.items()}
     floor = med["python -c pass (floor)"]
     out_dir = ROOT / "bench-out"
     out_dir.mkdir(exist_ok=True)
     with open(out_dir / "cli.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.time(), "samples": samples, "failures": failures}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "samples": samples,
+                    "failures": failures,
+                    "pyc": not args.no_pyc,
+                    "load": [load_before, load_after],
+                }
+            )
+            + "\n"
+        )
     lines = [
         "<!-- cli:begin -->",
         "### Inspection speed of the command line (issue 9.18)",
@@ -98,9 +122,12 @@ def main() -> None:
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine {platform.machine()} "
         f"{os.cpu_count()} CPU cores, {platform.platform()}; Python {platform.python_version()}. "
         f"{args.rounds} rounds, each one fresh process per row, rows interleaved within a round; "
-        "files are the golden files of tests/golden/foreign (written by the real tools).",
+        "files are the golden files of tests/golden/foreign (written by the real tools). "
+        + ("Bytecode cached, as installed. " if not args.no_pyc else "No bytecode cache (`--no-pyc`). ")
+        + f"Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after: the machine "
+        "was shared, so the best-of column is the less disturbed figure.",
         "",
-        f"Command: `python benchmarks/bench_cli.py --rounds {args.rounds}`",
+        f"Command: `python benchmarks/bench_cli.py --rounds {args.rounds}{' --no-pyc' if args.no_pyc else ''}`",
         "",
         "| command | median s | best s | median over the floor s | bar over the floor s | met |",
         "|---|---:|---:|---:|---:|---|",
@@ -115,7 +142,14 @@ def main() -> None:
         if name in failures:
             met = "**failed**"
         lines.append(f"| `{name}` | {med[name]:.3f} | {min(samples[name]):.3f} | {over:+.3f} | {bar_s} | {met} |")
-    lines += [""]
+    lines += [
+        "",
+        "None of these commands imports torch (tests/cli/test_cli_speed.py checks every foreign "
+        "format in a fresh process); listing and verifying safetensors, torch and TF files need no "
+        "numpy either (only reading values does), Keras files need numpy and h5py (h5py in the "
+        "child process when isolated). `--version` imports neither rich nor the readers.",
+        "",
+    ]
     if failures:
         lines += ["Failures: " + "; ".join(f"`{k}`: {v!r}" for k, v in failures.items()), ""]
     lines += ["<!-- cli:end -->"]

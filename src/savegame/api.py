@@ -14,17 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from savegame import errors
-from savegame import tree as treelib
-from savegame.engine import reader, writer
-from savegame.format import manifest
 from savegame.interop import base
-from savegame.storage import local
 
 if TYPE_CHECKING:
+    import torch
+
+    from savegame.format import manifest
     from savegame.interop.diff import DiffResult
+
+# The modules for savegame's own folders (engine.reader and the manifest code, storage; tree and
+# engine.writer, which import torch) are imported by the functions that use them, so that
+# ``open`` of a foreign file, its listing and ``verify()`` import neither them nor torch
+# (issue 9.18).
 
 __all__ = ["SavegameReader", "convert", "diff", "load", "open", "save"]
 
@@ -44,6 +46,8 @@ def save(
         StepExistsError: ``path`` already exists.
         EncodeError: a leaf cannot be stored without pickle (the message names its path).
     """
+    from savegame.engine import writer
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -61,6 +65,9 @@ def save(
 
 def load(path: str | os.PathLike[str], *, rank: int = 0) -> Any:
     """Read a whole savegame checkpoint folder back as a state tree of CPU tensors (verified)."""
+    from savegame import tree as treelib
+    from savegame.engine import reader
+
     m = reader.read_manifest(path)
     if not 0 <= rank < m.world_size:
         raise errors.CheckpointNotFoundError(f"{path} has ranks 0..{m.world_size - 1}, not {rank}", path=path)
@@ -73,6 +80,8 @@ class SavegameReader:
     format = "savegame"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        from savegame.engine import reader
+
         self.path = os.fspath(path)
         self.manifest = reader.read_manifest(path)
 
@@ -84,10 +93,14 @@ class SavegameReader:
         return base.TensorInfo(name, e.dtype, e.shape, sum(c.length for c in e.chunks))
 
     def read(self, name: str) -> torch.Tensor:
+        from savegame.engine import reader
+
         self._entry(name)
         return reader.load_tensors(self.path, self.manifest, [name])[name]
 
     def tree(self) -> Any:
+        from savegame import tree as treelib
+
         refs = {k: base.TensorRef(k) for k in self.manifest.tensors}
         return treelib.decode(self.manifest.trees[0], refs, path=self.path)  # type: ignore[arg-type]
 
@@ -104,6 +117,8 @@ class SavegameReader:
         }
 
     def verify(self) -> list[str]:
+        from savegame.engine import reader
+
         return reader.verify(self.path)
 
     def close(self) -> None:
@@ -137,7 +152,7 @@ def open(path: str | os.PathLike[str], **options: Any) -> Any:  # noqa: A001 - t
         UnsupportedFormatError: the format is not recognised (the message lists those that are).
         FormatError: the file is damaged (or, isolated, crashed or hung libhdf5).
     """
-    if reader.is_checkpoint_dir(path):
+    if _is_checkpoint_dir(path):
         return SavegameReader(path)
     from savegame.interop import detect
 
@@ -145,8 +160,20 @@ def open(path: str | os.PathLike[str], **options: Any) -> Any:  # noqa: A001 - t
 
 
 
+def _is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    """``reader.is_checkpoint_dir``; the manifest code is imported for folders only (a file is
+    never a checkpoint folder)."""
+    if not os.path.isdir(path):
+        return False
+    from savegame.engine import reader
+
+    return reader.is_checkpoint_dir(path)
+
+
 def _candidates(path: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
     """A run folder stands for its valid checkpoints, newest first; anything else for itself."""
+    from savegame.engine import reader
+
     p = Path(path)
     if not p.is_dir() or reader.is_checkpoint_dir(p) or (p / "checkpoint").is_file():
         return [path]
@@ -209,6 +236,7 @@ def convert(
 def _convert_one(
     src: str | os.PathLike[str], out: Path, *, to: str, cfg: Any, partial: bool, overwrite: bool, isolate: bool
 ) -> Path:
+    from savegame.engine import reader
     from savegame.interop import convert as interop_convert
 
     if not (reader.is_checkpoint_dir(src) and reader.read_manifest(src).world_size > 1):
@@ -216,6 +244,7 @@ def _convert_one(
     import tempfile
 
     from savegame.distributed import consolidate
+    from savegame.storage import local
 
     if out.exists() and not overwrite:
         raise errors.StepExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out)

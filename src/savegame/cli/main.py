@@ -18,465 +18,28 @@ as rich markup, with control characters made visible (issue 9.12).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
+from typing import TYPE_CHECKING, Any, TextIO
 
 import savegame as sg
-from savegame import errors, policy
-from savegame.checkpointer import CheckpointInfo, list_run, read_run_file
-from savegame.cli._text import clean, lit, text
-from savegame.engine import reader
-from savegame.format import layout
-from savegame.interop import base
+from savegame import errors
+
+if TYPE_CHECKING:
+    import logging
+
+    from rich.console import Console
+
+    console: Console
+    err_console: Console
 
 __all__ = ["main"]
 
-# emoji=False: ":cat:" in a tensor name stays ":cat:" (markup is escaped by _text.lit/text).
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
-
-
-def _size(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if v < 1024 or unit == "TB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{n} B"
-
-
-def _is_run(path: Path) -> bool:
-    """A run folder: has ``run.json``, or step / set-aside / temp checkpoint folders (a run
-    whose first save never committed is still a run: "no checkpoints yet")."""
-    if not path.is_dir() or reader.is_checkpoint_dir(path):
-        return False
-    if (path / layout.RUN_FILE).exists():
-        return True
-    return any(
-        p.name.startswith(("step-", layout.DAMAGED_PREFIX + "step-", layout.TMP_PREFIX + "step-"))
-        for p in path.iterdir()
-    )
-
-
-def _run_file_problem(root: Path) -> str | None:
-    """Why ``run.json`` makes the Checkpointer refuse this run, or None if it is fine/absent."""
-    path = root / layout.RUN_FILE
-    if path.exists() and read_run_file(root) is None:
-        return (
-            f"{path} is damaged (not a JSON object with a run_id): the Checkpointer refuses this "
-            "run folder and retention cannot tell this run's checkpoints from others'; restore "
-            "it from a backup, or start a new run folder"
-        )
-    return None
-
-
-def _options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    """Reader options for a file given on the command line: the darknet cfg and --partial, and
-    Keras/HDF5 files read in a child process first (libhdf5 can crash or hang on hostile
-    files), unless --no-isolate. Each reader ignores the options meant for other formats."""
-    opts: dict[str, Any] = {"isolate": not args.no_isolate, **extra}
-    if args.cfg:
-        opts["cfg"] = args.cfg
-    opts.setdefault("partial", getattr(args, "partial", False))
-    return opts
-
-
-def _when(ts: float | None) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _metrics(m: Any) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or "-"
-
-
-# ---- ls ----------------------------------------------------------------------------------------
-def cmd_ls(args: argparse.Namespace) -> int:
-    root = Path(args.run)
-    if reader.is_checkpoint_dir(root):
-        raise errors.CheckpointNotFoundError(
-            f"{root} is one checkpoint, not a run folder; see it with `savegame show {root}`, "
-            f"or list its run with `savegame ls {root.parent}`",
-            path=root,
-        )
-    infos = list_run(root, _keep_from_args(args), aside=True)
-    ckpts = [i for i in infos if i.kind == "checkpoint"]
-    aside = [i for i in infos if i.kind == "damaged"]
-    leftovers = [i for i in infos if i.kind == "leftover"]
-    run_problem = _run_file_problem(root)
-    problems: dict[Path, list[str]] = {}
-    if args.verify:
-        problems = {i.path: reader.verify(i.path) for i in ckpts if i.valid}
-    title = f"{root}  ({len(ckpts)} checkpoints"
-    if aside:
-        title += f", {len(aside)} damaged set aside"
-    if leftovers:
-        title += f", {len(leftovers)} leftover temp folder{'s' if len(leftovers) > 1 else ''}"
-    table = Table(title=text(title + ")"))
-    for col in ("step", "time", "size", "metrics", "kept because", "valid"):
-        table.add_column(col, justify="right" if col in ("step", "size") else "left")
-    notes: list[str] = []
-    bad = 0
-    for i in ckpts:
-        found = ([i.error] if i.error else []) + problems.get(i.path, [])
-        notes.extend(f"step {i.step}: {p}" for p in found)
-        if found:
-            bad += 1
-        why = _why_kept(i, found, run_problem is not None)
-        ok = Text("NO", style="red") if found else Text("yes", style="green")
-        table.add_row(
-            str(i.step), _when(i.created), _size(i.size), text(_metrics(i.metrics)), why, ok
-        )
-    for i in aside:
-        table.add_row(
-            str(i.step), _when(i.created), _size(i.size), "-",
-            Text("damaged, set aside (never restored or counted)", style="red"), Text("NO", style="red"),
-        )  # fmt: skip
-        notes.append(f"{i.path.name}: {i.error}")
-    for i in leftovers:
-        table.add_row(
-            "-", _when(i.created), _size(i.size), "-",
-            Text("temp folder (save in progress or interrupted)", style="yellow"), Text("-"),
-        )  # fmt: skip
-        notes.append(f"{i.path.name}: {i.error}")
-    console.print(table)
-    if not infos:
-        console.print("no checkpoints yet")
-    if run_problem:
-        notes.insert(0, run_problem)
-    for note in notes:
-        console.print(text(note), soft_wrap=True)
-    if not args.verify:
-        console.print("[dim]valid = manifest checked; add --verify to check every tensor hash[/]")
-    return 1 if args.verify and (bad or run_problem) else 0
-
-
-def _why_kept(i: CheckpointInfo, found: list[str], run_file_damaged: bool) -> Text:
-    """The "kept because" cell: a damaged checkpoint of this run is "damaged", not "not ours"."""
-    if not i.valid:  # the manifest does not parse: no run id to compare, and never restorable
-        return Text("damaged (not restorable, not counted by retention)", style="red")
-    if found:
-        return Text(
-            "damaged" + (f" ({', '.join(i.kept_for)})" if i.kept_for and i.ours else ""),
-            style="red",
-        )
-    if not i.ours:
-        return Text("unknown: run.json damaged" if run_file_damaged else "not ours", style="yellow")
-    if i.kept_for:
-        return text(", ".join(i.kept_for))
-    return Text("would be pruned", style="dim")
-
-
-# ---- show --------------------------------------------------------------------------------------
-def cmd_show(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if _is_run(path):
-        refs = [r for r in reader.list_checkpoints(path) if r.valid]
-        if not refs:
-            raise errors.CheckpointNotFoundError(_no_valid(path), path=path)
-        path = refs[-1].path
-    # Listing is harmless: unknown pickled objects are listed as opaque (never built), and a
-    # partial darknet file is opened and said to be partial.
-    with sg.open(path, **_options(args, listing=True, partial=True)) as r:
-        meta = r.metadata()
-        title = Text.assemble((clean(path), "bold"), f" ({clean(r.format)})")
-        if "step" in meta:
-            title.append(f"  step {clean(meta['step'])}")
-        if meta.get("metrics"):
-            title.append("  " + clean(_metrics(meta["metrics"])))
-        root = Tree(title)
-        infos = {k: r.info(k) for k in r.keys()}
-        _render(root, r.tree(), infos, depth=0, max_items=args.max_items)
-        console.print(root)
-        total = sum(i.nbytes for i in infos.values())
-        console.print(f"{len(infos)} tensors, {_size(total)}")
-        cover = getattr(r, "coverage", None)
-        if cover is not None:
-            style = "" if cover.complete else "yellow"
-            note = "" if cover.complete else " (a partial file: the other layers are not in it)"
-            console.print(Text(f"{cover}{note}", style=style))
-    return 0
-
-
-def _no_valid(root: Path) -> str:
-    if not reader.list_checkpoints(root):
-        return f"{root}: no checkpoints yet (nothing has been committed in this run folder)"
-    return f"{root} holds no valid checkpoint; run `savegame ls {root}` to see why"
-
-
-def _leaf_text(v: Any) -> str:
-    t = repr(v)
-    return t if len(t) <= 80 else t[:77] + "..."
-
-
-def _render(
-    node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int, max_items: int
-) -> None:
-    if isinstance(obj, dict):
-        items = list(obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = list(enumerate(obj))
-    else:
-        node.add(_describe(obj, infos))
-        return
-    for i, (k, v) in enumerate(items):
-        if i >= max_items:
-            node.add(Text(f"... {len(items) - max_items} more", style="dim"))
-            break
-        if (
-            isinstance(v, (list, tuple))
-            and len(v) > 8
-            and all(isinstance(x, (int, float)) for x in v)
-        ):
-            node.add(text(f"{k}: {type(v).__name__} of {len(v)} numbers"))
-        elif isinstance(v, (dict, list, tuple)) and v and not _is_flat(v):
-            child = node.add(text(k, style="bold"))
-            _render(child, v, infos, depth + 1, max_items)
-        else:
-            node.add(Text.assemble(clean(k), ": ", _describe(v, infos)))
-
-
-def _is_flat(v: Any) -> bool:
-    seq = v.values() if isinstance(v, dict) else v
-    return len(v) <= 8 and all(isinstance(x, (int, float, str, bool, type(None))) for x in seq)
-
-
-def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> Text:
-    if isinstance(v, base.TensorRef):
-        i = infos.get(v.name)
-        if i is None:
-            return text(f"tensor {v.name}", style="cyan")
-        return Text.assemble((clean(f"{i.dtype}{list(i.shape)}"), "cyan"), f" {_size(i.nbytes)}")
-    if isinstance(v, base.Opaque):
-        return text(f"<opaque {v.module}.{v.qualname}>", style="magenta")
-    return text(_leaf_text(v))
-
-
-# ---- verify ------------------------------------------------------------------------------------
-def cmd_verify(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if _is_run(path):
-        return _verify_run(path)
-    if (
-        reader.is_checkpoint_dir(path)
-        or layout.parse_step_dir(path.name) is not None
-        or layout.parse_damaged_dir(path.name) is not None
-    ):
-        problems = reader.verify(path)
-    else:
-        with sg.open(path, **_options(args, partial=True)) as r:
-            problems = r.verify()
-            cover = getattr(r, "coverage", None)
-            if cover is not None:
-                console.print(text(f"{path}: {cover}"))
-                if not cover.complete and not args.partial:
-                    problems = [
-                        f"the file holds {cover.present} of the {cover.total} layers with "
-                        "weights that its cfg describes: a cut file or the wrong cfg; if it is "
-                        "partial on purpose (a backbone), add --partial",
-                        *problems,
-                    ]
-    _report(path, problems)
-    return 1 if problems else 0
-
-
-def _report(path: Path, problems: list[str]) -> None:
-    if problems:
-        console.print(f"[red]FAIL[/] {lit(path)}", soft_wrap=True)
-        for p in problems:
-            console.print(text(f"     {p}"), soft_wrap=True)
-    else:
-        console.print(f"[green]ok[/]   {lit(path)}", soft_wrap=True)
-
-
-def _verify_run(root: Path) -> int:
-    """Every checkpoint of a run, plus its ``run.json``; damaged checkpoints already set aside
-    and leftover temp folders are listed, not counted: restore never uses them."""
-    infos = list_run(root, aside=True)
-    ckpts = [i for i in infos if i.kind == "checkpoint"]
-    bad = 0
-    run_problem = _run_file_problem(root)
-    if run_problem:
-        _report(root / layout.RUN_FILE, [run_problem])
-    for i in ckpts:
-        problems = reader.verify(i.path)
-        bad += bool(problems)
-        _report(i.path, problems)
-    for i in infos:
-        if i.kind != "checkpoint":
-            label = "[red]set aside[/]" if i.kind == "damaged" else "[yellow]leftover[/]"
-            console.print(f"{label} {lit(i.path)}", soft_wrap=True)
-            console.print(text(f"     {i.error}"), soft_wrap=True)
-    if not ckpts:
-        console.print(text(f"no checkpoints yet in {root}"), soft_wrap=True)
-    if bad or run_problem:
-        said = [f"{bad} of {len(ckpts)} checkpoints have problems"] if bad else []
-        said += ["run.json is damaged"] if run_problem else []
-        console.print(f"[red]{'; '.join(said)}[/]")
-        return 1
-    if ckpts:
-        console.print(f"[green]all {len(ckpts)} verified[/]")
-    return 0
-
-
-# ---- convert, diff -----------------------------------------------------------------------------
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = sg.convert(
-        args.src, args.dst, to=args.to, cfg=args.cfg, partial=args.partial, overwrite=args.overwrite,
-        isolate=not args.no_isolate,
-    )  # fmt: skip
-    with sg.open(out) as r:
-        n, total = len(r.keys()), sum(r.info(k).nbytes for k in r.keys())
-    console.print(
-        f"[green]wrote[/] {lit(out)} ({args.to}, {n} tensors, {_size(total)})", soft_wrap=True
-    )
-    if args.cfg:  # darknet: say how much of the network the file held (cheap: no data read)
-        with sg.open(args.src, cfg=args.cfg, partial=True) as src:
-            cover = getattr(src, "coverage", None)
-        if cover is not None:
-            console.print(text(f"{args.src}: {cover}"), soft_wrap=True)
-    return 0
-
-
-def cmd_diff(args: argparse.Namespace) -> int:
-    res = sg.diff(
-        args.a,
-        args.b,
-        cfg_a=args.cfg_a,
-        cfg_b=args.cfg_b,
-        partial=args.partial,
-        isolate=not args.no_isolate,
-    )
-    table = Table(title=text(f"{args.a}  vs  {args.b}"))
-    for col in ("tensor", "difference"):
-        table.add_column(col)
-    for name in res.removed:
-        table.add_row(text(name), Text("only in A", style="red"))
-    for name in res.added:
-        table.add_row(text(name), Text("only in B", style="green"))
-    for name, (ia, ib) in sorted(res.changed.items()):
-        table.add_row(
-            text(name),
-            text(f"{ia.dtype}{list(ia.shape)} -> {ib.dtype}{list(ib.shape)}", style="yellow"),
-        )
-    identical = set(res.identical)
-    differing = sorted(
-        (n for n in res.max_abs_diff if n not in identical),
-        key=lambda n: -_order(res.max_abs_diff[n]),
-    )
-    for name in differing:
-        table.add_row(text(name), f"max |a-b| = {res.max_abs_diff[name]:.6g}")
-    if args.all:
-        for name in res.identical:
-            table.add_row(text(name), Text("identical", style="dim"))
-    if table.row_count:
-        console.print(table)
-    console.print(
-        f"{len(res.identical)} identical, {len(differing)} differ in value, {len(res.changed)} differ "
-        f"in dtype/shape, {len(res.removed)} only in A, {len(res.added)} only in B"
-    )
-    return 0 if res.equal else 1
-
-
-def _order(x: float) -> float:
-    return float("inf") if x != x else x  # NaN sorts first: it is the worst difference
-
-
-# ---- prune -------------------------------------------------------------------------------------
-def _keep_from_args(args: argparse.Namespace) -> policy.Keep | None:
-    """The rule given on the command line, or None to use the run's own (from run.json)."""
-    given = {
-        "last": args.keep_last,
-        "best": args.keep_best,
-        "monitor": args.monitor,
-        "mode": args.mode,
-        "every": args.keep_every,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if not given:
-        return None
-    return policy.Keep(**given)
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    """Apply retention to the run's ``step-…`` checkpoints only: folders set aside as damaged
-    and temp folders are never touched, and nothing is deleted while a checkpoint retention
-    would keep in its place is damaged (issue 9.8)."""
-    from savegame.storage import local
-
-    root = Path(args.run)
-    keep = _keep_from_args(args)
-    if not root.is_dir():
-        raise errors.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
-    run_problem = _run_file_problem(root)
-    if run_problem:
-        raise errors.FormatError(
-            run_problem + "; prune deletes nothing meanwhile", path=root / layout.RUN_FILE
-        )
-    lock = local.RunLock(root)
-    if not args.dry_run:
-        lock.acquire()  # never prune under a live training run
-    try:
-        infos = list_run(root, keep)
-        newest = max((i.step for i in infos if i.valid and i.ours), default=None)
-        doomed = [i for i in infos if i.valid and i.ours and not i.kept_for and i.step != newest]
-        # Deleting a valid checkpoint is safe only if those kept in its place are intact: read
-        # them (only when something would be deleted).
-        damaged = {}
-        if doomed:
-            for i in infos:
-                if i.valid and i.ours and i not in doomed:
-                    problems = reader.verify(i.path)
-                    if problems:
-                        damaged[i.path] = problems[0]
-        for i in infos:
-            action = "delete" if i in doomed and not damaged else "keep"
-            if not i.valid:
-                reason = "damaged: left alone (not counted by retention)"
-            elif i.path in damaged:
-                reason = f"DAMAGED: {damaged[i.path]}"
-            else:
-                reason = (
-                    ", ".join(i.kept_for) if i.kept_for else ("newest" if i.step == newest else "")
-                )
-            colour = "red" if action == "delete" or i.path in damaged or not i.valid else "green"
-            console.print(
-                f"[{colour}]{action:<6}[/] {lit(i.path.name)}  {lit(reason)}", soft_wrap=True
-            )
-        if damaged:
-            console.print(
-                f"[red]deleted nothing:[/] {len(damaged)} checkpoint(s) that retention would keep "
-                "instead are damaged; inspect them (`savegame verify`), delete or move them away, "
-                "and prune again"
-            )
-            return 1
-        if args.dry_run:
-            console.print(f"[dim]dry run: {len(doomed)} would be deleted[/]")
-            return 0
-        import uuid
-
-        for i in doomed:
-            local.remove_tree(i.path, f".tmp-deleted-{i.path.name}-{uuid.uuid4().hex[:8]}")
-        console.print(f"deleted {len(doomed)} checkpoints")
-        return 0
-    finally:
-        lock.release()
-
-
-# ---- demo --------------------------------------------------------------------------------------
-def cmd_demo(args: argparse.Namespace) -> int:
-    from savegame import demo
-
-    return demo.main(args.dir)
+# This module parses the command line only: the commands (savegame.cli.commands: rich, the
+# readers, numpy) are imported once a command runs, so `savegame --version` and `--help` stay
+# at interpreter start-up plus argparse (issue 9.18). No command imports torch unless it needs
+# tensors (convert, diff, demo, and the commands that read savegame's own run folders).
 
 
 # ---- wiring ------------------------------------------------------------------------------------
@@ -495,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="check every tensor hash (reads everything)"
     )
     _retention_args(ls)
-    ls.set_defaults(func=cmd_ls)
+    ls.set_defaults(func="cmd_ls")
 
     show = sub.add_parser("show", help="show the state tree of a checkpoint (any format)")
     show.add_argument("path")
     show.add_argument("--cfg", help="darknet .cfg for a .weights file")
     show.add_argument("--max-items", type=int, default=40, help="entries shown per container")
     _isolate_arg(show)
-    show.set_defaults(func=cmd_show)
+    show.set_defaults(func="cmd_show")
 
     verify = sub.add_parser(
         "verify", help="check every hash of a run, a checkpoint or a foreign file"
@@ -511,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--cfg", help="darknet .cfg for a .weights file")
     _partial_arg(verify)
     _isolate_arg(verify)
-    verify.set_defaults(func=cmd_verify)
+    verify.set_defaults(func="cmd_verify")
 
     convert = sub.add_parser(
         "convert",
@@ -526,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _partial_arg(convert)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     _isolate_arg(convert)
-    convert.set_defaults(func=cmd_convert)
+    convert.set_defaults(func="cmd_convert")
 
     diff = sub.add_parser(
         "diff",
@@ -539,17 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     _partial_arg(diff)
     diff.add_argument("--all", action="store_true", help="list identical tensors too")
     _isolate_arg(diff)
-    diff.set_defaults(func=cmd_diff)
+    diff.set_defaults(func="cmd_diff")
 
     prune = sub.add_parser("prune", help="apply a retention rule to a run folder")
     prune.add_argument("run")
     prune.add_argument("--dry-run", action="store_true")
     _retention_args(prune)
-    prune.set_defaults(func=cmd_prune)
+    prune.set_defaults(func="cmd_prune")
 
     demo = sub.add_parser("demo", help="train, SIGKILL, resume, and prove the result is identical")
     demo.add_argument("--dir", help="where to put the demo's run folders (default: a temp folder)")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func="cmd_demo")
     return p
 
 
@@ -588,9 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:  # log lines quote paths too: printed literally, like everything else
+        import logging
+
         handler = logging.StreamHandler()
-        handler.setFormatter(_CleanFormatter("%(message)s"))
+        handler.setFormatter(_clean_formatter("%(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler])
+    from savegame.cli import commands  # rich and the readers: only once a command runs
+    from savegame.cli._text import lit
+
     with warnings.catch_warnings():
         # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
         # part of the command's output: always shown, through the same literal printing.
@@ -598,23 +166,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", errors.LossyConversionWarning)
         warnings.showwarning = _show_warning
         try:
-            return int(args.func(args))
+            return int(getattr(commands, args.func)(args))
         except errors.CheckpointError as exc:
-            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
         except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
-            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
         except OSError as exc:  # a path the OS refuses (permissions, a file where a folder is)
-            err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
         except KeyboardInterrupt:
             return 130
 
 
-class _CleanFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return clean(super().format(record))
+def __getattr__(name: str) -> Any:
+    """``console`` and ``err_console`` (rich) are made on first use (PEP 562), so that
+    ``--version`` and ``--help`` do not import rich. Replace them (e.g. with a wider Console)
+    by assigning the module attribute."""
+    if name in ("console", "err_console"):
+        from rich.console import Console
+
+        # emoji=False: ":cat:" in a tensor name stays ":cat:" (markup is escaped by _text).
+        value = Console(stderr=name == "err_console", emoji=False)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _err_console() -> Console:
+    return sys.modules[__name__].err_console  # type: ignore[no-any-return]
+
+
+def _clean_formatter(fmt: str) -> logging.Formatter:
+    """A log formatter printing records literally (imported with logging, only for -v)."""
+    import logging
+
+    from savegame.cli._text import clean
+
+    class _CleanFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return clean(super().format(record))
+
+    return _CleanFormatter(fmt)
 
 
 def _show_warning(
@@ -622,7 +216,9 @@ def _show_warning(
     line: str | None = None,
 ) -> None:  # fmt: skip
     """Print a warning raised during a command as one literal line on stderr."""
-    err_console.print(f"[yellow]warning:[/] {lit(message)}", soft_wrap=True)
+    from savegame.cli._text import lit
+
+    _err_console().print(f"[yellow]warning:[/] {lit(message)}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
+
+if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
+    import torch
 
 __all__ = ["CheckpointRef", "list_checkpoints", "load_tensors", "read_manifest", "verify"]
 
@@ -166,6 +168,8 @@ def load_tensors(
     Raises:
         IntegrityError: a file is missing, has the wrong size, or a hash does not match.
     """
+    import torch
+
     ckpt = Path(ckpt)
     wanted = list(m.tensors) if keys is None else list(keys)
     for key in wanted:
@@ -294,6 +298,8 @@ def _read_region(
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The box ``region`` of a (possibly chunked) tensor, from verified mapped bytes."""
+    import torch
+
     start, shape = region
     dtype = tensors.dtype_from_name(entry.dtype)
     if into is not None and (tuple(into.shape) != tuple(shape) or into.dtype != dtype or into.device.type != "cpu"):
@@ -325,6 +331,8 @@ def _hash_threads() -> int:
 
 def _copy_chunk(target: torch.Tensor, entry: manifest.TensorEntry, c: manifest.Chunk, src: torch.Tensor) -> None:
     """Copy chunk ``c``'s verified bytes ``src`` into its region of ``target``."""
+    import torch
+
     region = target
     if c.shape != entry.shape:
         for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
@@ -340,6 +348,8 @@ def _copy_chunk(target: torch.Tensor, entry: manifest.TensorEntry, c: manifest.C
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     flat = t.reshape(-1)
     if t.dtype in (torch.complex128, torch.complex64, torch.complex32):
         flat = torch.view_as_real(flat).reshape(-1)

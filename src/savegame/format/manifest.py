@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from savegame import errors
-from savegame import tree as treelib
 from savegame.format import hashing, tensors
 
 FORMAT_NAME = "savegame"
@@ -235,6 +234,8 @@ class Manifest:
             raise c.error(f"manifest field 'trees' must be a list, got {type(trees).__name__}")
         if len(trees) != world:
             raise c.error(f"{len(trees)} state trees for world size {world}")
+        from savegame import tree as treelib  # imports torch (tree.py): here, not at import time
+
         for rank, skeleton in enumerate(trees):
             try:
                 treelib.check(skeleton, {k: e.dtype for k, e in entries.items()}, path=c.path)

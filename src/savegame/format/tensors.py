@@ -18,12 +18,13 @@ import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from savegame import errors
 from savegame.format import hashing
+
+if TYPE_CHECKING:  # torch is imported by the functions that need tensors (issue 9.18)
+    import torch
 
 __all__ = ["DTYPES", "WrittenTensor", "byte_view", "dtype_from_name", "read_into", "write_all", "write_tensor_file"]
 
@@ -69,6 +70,8 @@ def dtype_from_name(name: str) -> torch.dtype:
     """torch dtype for a manifest dtype name; FormatError if unknown."""
     if name not in DTYPES:
         raise errors.FormatError(f"unknown tensor dtype {name!r} in manifest")
+    import torch
+
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
         raise errors.UnsupportedFormatError(
@@ -79,6 +82,8 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying."""
+    import torch
+
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # readers list and verify with numpy/bytes; only read() imports torch
+    import numpy as np
+    import torch
 
 __all__ = ["ForeignReader", "Opaque", "TensorInfo", "TensorRef", "LIMITS", "json_depth_ok"]
 

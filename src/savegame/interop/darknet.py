@@ -48,13 +48,15 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from savegame import errors
 from savegame.interop import base
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CfgSection",
@@ -770,6 +772,12 @@ class DarknetReader:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor (float32, PyTorch layout) into a CPU tensor owning its memory."""
+        import torch  # only here: listing and verify() need numpy alone (issue 9.18)
+
+        return torch.from_numpy(self._read_numpy(name))
+
+    def _read_numpy(self, name: str) -> np.ndarray:
+        """One tensor as a float32 C-order numpy array owning its memory."""
         slot = self._slot(name)
         if self._raw.closed:
             raise errors.FormatError(f"reader for {self.path} is closed", path=self.path)
@@ -783,7 +791,7 @@ class DarknetReader:
         arr = np.frombuffer(data, dtype="<f4").reshape(slot.stored_shape)
         if slot.transpose:
             arr = arr.T.reshape(slot.info.shape)
-        return torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
+        return np.array(arr, dtype=np.float32, order="C")
 
     def tree(self) -> dict[str, Any]:
         """``{name: TensorRef(name)}`` in file order (darknet files have no structure)."""
@@ -808,7 +816,7 @@ class DarknetReader:
         problems = list(self._problems)
         for name in self._slots:
             try:
-                self.read(name)
+                self._read_numpy(name)
             except errors.CheckpointError as exc:
                 problems.append(f"{name}: {exc}")
         return problems

@@ -53,13 +53,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from savegame import errors
 from savegame.interop import _h5index, _zip, base
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_ISOLATE_TIMEOUT", "KerasReader", "open_keras"]
 
@@ -225,6 +227,8 @@ class KerasReader:
         self._check_open()
         entry = self._entry(name)
         arr = self._array(entry)
+        import torch  # only here: listing and verify() need numpy alone (issue 9.18)
+
         if entry["bf16"]:
             return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
         # The array is new, C-contiguous and owned (0-d stays 0-d).
@@ -266,7 +270,8 @@ class KerasReader:
         problems: list[str] = []
         for name in self._entries:
             try:
-                self.read(name)
+                self._check_open()
+                self._array(self._entry(name))  # numpy: every byte and checksum, no torch
             except errors.CheckpointError as exc:
                 problems.append(f"{name}: {exc}")
         return problems

@@ -14,13 +14,15 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
 from savegame import errors
 from savegame.interop import _bounds, _zip, base
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["NumpyReader", "open_numpy"]
 
@@ -29,21 +31,21 @@ MAX_HEADER_CHARS = 10_000  # numpy's own default cap (lib/_format_impl.py)
 
 # numpy kind -> supported as a plain tensor. Anything else (objects, strings, structured,
 # datetimes) is refused or reported as unsupported.
-_TORCH_FROM_NP: dict[str, torch.dtype] = {
-    "b1": torch.bool,
-    "u1": torch.uint8,
-    "i1": torch.int8,
-    "i2": torch.int16,
-    "u2": torch.uint16,
-    "i4": torch.int32,
-    "u4": torch.uint32,
-    "i8": torch.int64,
-    "u8": torch.uint64,
-    "f2": torch.float16,
-    "f4": torch.float32,
-    "f8": torch.float64,
-    "c8": torch.complex64,
-    "c16": torch.complex128,
+_TORCH_FROM_NP: dict[str, str] = {  # numpy kind+itemsize -> torch dtype name
+    "b1": "bool",
+    "u1": "uint8",
+    "i1": "int8",
+    "i2": "int16",
+    "u2": "uint16",
+    "i4": "int32",
+    "u4": "uint32",
+    "i8": "int64",
+    "u8": "uint64",
+    "f2": "float16",
+    "f4": "float32",
+    "f8": "float64",
+    "c8": "complex64",
+    "c16": "complex128",
 }
 
 
@@ -154,12 +156,14 @@ def _to_torch(arr: np.ndarray, path: str, key: str) -> torch.Tensor | np.ndarray
         return arr  # strings, datetimes: returned as numpy (never objects, checked at parse)
     # Native byte order, C order, owned and writable: torch.from_numpy shares memory otherwise.
     data = np.array(arr.astype(arr.dtype.newbyteorder("="), copy=False), order="C", copy=True)
+    import torch  # only here: listing and verify() need numpy alone (issue 9.18)
+
     return torch.from_numpy(data)
 
 
 def _torch_name(dtype: np.dtype[Any]) -> str:
     tdt = _TORCH_FROM_NP.get(f"{dtype.kind}{dtype.itemsize}")
-    return str(tdt).removeprefix("torch.") if tdt is not None else dtype.str
+    return tdt if tdt is not None else dtype.str
 
 
 class NumpyReader:

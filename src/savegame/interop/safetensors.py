@@ -12,37 +12,38 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any, BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from savegame import errors
 from savegame.interop import _bounds, base
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["DTYPES", "SafetensorsReader", "open_safetensors"]
 
-# safetensors dtype -> (torch dtype or None when torch lacks it, bits per element).
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8),
-    "U8": (torch.uint8, 8),
-    "I8": (torch.int8, 8),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 8),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 8),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
-    "F8_E4M3FNUZ": (getattr(torch, "float8_e4m3fnuz", None), 8),
-    "F8_E5M2FNUZ": (getattr(torch, "float8_e5m2fnuz", None), 8),
-    "I16": (torch.int16, 16),
-    "U16": (torch.uint16, 16),
-    "F16": (torch.float16, 16),
-    "BF16": (torch.bfloat16, 16),
-    "I32": (torch.int32, 32),
-    "U32": (torch.uint32, 32),
-    "F32": (torch.float32, 32),
-    "F64": (torch.float64, 64),
-    "C64": (torch.complex64, 64),
-    "I64": (torch.int64, 64),
-    "U64": (torch.uint64, 64),
+# safetensors dtype -> (torch dtype name or None when torch has no such dtype, bits per
+# element). Names, not torch objects: listing and verifying need no torch (issue 9.18).
+DTYPES: dict[str, tuple[str | None, int]] = {
+    "BOOL": ("bool", 8),
+    "U8": ("uint8", 8),
+    "I8": ("int8", 8),
+    "F8_E5M2": ("float8_e5m2", 8),
+    "F8_E4M3": ("float8_e4m3fn", 8),
+    "F8_E8M0": ("float8_e8m0fnu", 8),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
+    "I16": ("int16", 16),
+    "U16": ("uint16", 16),
+    "F16": ("float16", 16),
+    "BF16": ("bfloat16", 16),
+    "I32": ("int32", 32),
+    "U32": ("uint32", 32),
+    "F32": ("float32", 32),
+    "F64": ("float64", 64),
+    "C64": ("complex64", 64),
+    "I64": ("int64", 64),
+    "U64": ("uint64", 64),
     "F4": (None, 4),
     "F6_E2M3": (None, 6),
     "F6_E3M2": (None, 6),
@@ -192,13 +193,10 @@ class SafetensorsReader:
     def info(self, name: str) -> base.TensorInfo:
         """Dtype (torch name), shape and byte size of one tensor."""
         begin, end, dt, shape = self._entry(name)
-        tdt = DTYPES[dt][0]
-        return base.TensorInfo(
-            name, str(tdt).removeprefix("torch.") if tdt else dt.lower(), shape, end - begin
-        )
+        return base.TensorInfo(name, DTYPES[dt][0] or dt.lower(), shape, end - begin)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor (reads only its byte range)."""
+    def _raw(self, name: str) -> tuple[str, tuple[int, ...], bytes]:
+        """(torch dtype name, shape, the tensor's bytes): numpy/bytes only, for verify()."""
         begin, end, dt, shape = self._entry(name)
         tdt = DTYPES[dt][0]
         if tdt is None:
@@ -211,9 +209,25 @@ class SafetensorsReader:
         raw = self._f.read(end - begin)
         if len(raw) != end - begin:
             raise self._bad(f"tensor {name!r} is truncated (file changed?)", name)
+        return tdt, shape, raw
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor (reads only its byte range)."""
+        tdt, shape, raw = self._raw(name)
+        import numpy as np
+        import torch
+
+        dtype = getattr(torch, tdt, None)
+        if not isinstance(dtype, torch.dtype):
+            raise errors.UnsupportedFormatError(
+                f"{self.path}: tensor {name!r} has dtype {tdt}, which this torch "
+                f"({torch.__version__}) cannot represent; upgrade torch",
+                path=self.path,
+                key=name,
+            )
         if not raw:
-            return torch.empty(shape, dtype=tdt)
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(tdt).reshape(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtype).reshape(shape)
 
     def tree(self) -> dict[str, base.TensorRef]:
         """Flat ``{name: TensorRef(name)}`` (safetensors has no structure)."""
@@ -228,7 +242,7 @@ class SafetensorsReader:
         problems = []
         for k in self._order:
             try:
-                self.read(k)
+                self._raw(k)  # every byte present; no torch needed
             except errors.CheckpointError as exc:
                 problems.append(f"{k}: {exc}")
         return problems

@@ -40,14 +40,20 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c
-import numpy as np
-import torch
 
 from savegame import errors
 from savegame.interop import _tfproto, base
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# numpy is imported where tensor values are built or checked (read(), bool/byte-order checks,
+# partitioned variables) and torch only by read(): opening, listing and verifying a bundle of
+# plain tensors check CRCs on bytes alone (issue 9.18).
 
 __all__ = ["INDEX_MAGIC", "TensorFlowReader", "is_index_tail", "open_tensorflow", "sniff"]
 
@@ -73,28 +79,29 @@ _MAX_PATH_DEPTH = 256
 _MAX_PATH_TEXT = 64 << 20
 _SHARD_RE = re.compile(r"\.data-\d{5,}-of-\d{5,}$")
 
-# DataType enum (tensorflow/core/framework/types.proto, FORMATS.md §3.3) -> torch dtype,
-# item size and byte-swap unit (complex types swap each component).
-_DTYPES: dict[int, tuple[torch.dtype, int, int]] = {
-    1: (torch.float32, 4, 4),
-    2: (torch.float64, 8, 8),
-    3: (torch.int32, 4, 4),
-    4: (torch.uint8, 1, 1),
-    5: (torch.int16, 2, 2),
-    6: (torch.int8, 1, 1),
-    8: (torch.complex64, 8, 4),
-    9: (torch.int64, 8, 8),
-    10: (torch.bool, 1, 1),
-    14: (torch.bfloat16, 2, 2),
-    17: (torch.uint16, 2, 2),
-    18: (torch.complex128, 16, 8),
-    19: (torch.float16, 2, 2),
-    22: (torch.uint32, 4, 4),
-    23: (torch.uint64, 8, 8),
-    24: (torch.float8_e5m2, 1, 1),
-    25: (torch.float8_e4m3fn, 1, 1),
-    26: (torch.float8_e4m3fnuz, 1, 1),
-    28: (torch.float8_e5m2fnuz, 1, 1),
+# DataType enum (tensorflow/core/framework/types.proto, FORMATS.md §3.3) -> torch dtype name,
+# item size and byte-swap unit (complex types swap each component). Names, not torch objects:
+# listing and verify() need no torch; read() imports it (issue 9.18).
+_DTYPES: dict[int, tuple[str, int, int]] = {
+    1: ("float32", 4, 4),
+    2: ("float64", 8, 8),
+    3: ("int32", 4, 4),
+    4: ("uint8", 1, 1),
+    5: ("int16", 2, 2),
+    6: ("int8", 1, 1),
+    8: ("complex64", 8, 4),
+    9: ("int64", 8, 8),
+    10: ("bool", 1, 1),
+    14: ("bfloat16", 2, 2),
+    17: ("uint16", 2, 2),
+    18: ("complex128", 16, 8),
+    19: ("float16", 2, 2),
+    22: ("uint32", 4, 4),
+    23: ("uint64", 8, 8),
+    24: ("float8_e5m2", 1, 1),
+    25: ("float8_e4m3fn", 1, 1),
+    26: ("float8_e4m3fnuz", 1, 1),
+    28: ("float8_e5m2fnuz", 1, 1),
 }
 _DT_STRING = 7
 _DT_VARIANT = 21
@@ -119,8 +126,18 @@ _DTYPE_NAMES = {
 
 def _dtype_name(dtype: int) -> str:
     if dtype in _DTYPES:
-        return str(_DTYPES[dtype][0]).removeprefix("torch.")
+        return _DTYPES[dtype][0]
     return _DTYPE_NAMES.get(dtype, f"DataType {dtype}")
+
+
+# verify() checks the slices of a partitioned variable for overlap box against box up to this
+# many slices (no numpy needed); more slices use a mask of the variable, like read().
+_PAIRWISE_MAX_SLICES = 256
+
+
+def _boxes_overlap(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> bool:
+    """Whether two boxes of ``(start, length)`` per dimension share an element."""
+    return all(max(sa, sb) < min(sa + na, sb + nb) for (sa, na), (sb, nb) in zip(a, b, strict=True))
 
 
 def _mask(crc: int) -> int:
@@ -623,9 +640,13 @@ class TensorFlowReader:
         """
         e = self._entry(name)
         if e.parts:
-            return self._read_partitioned(e)
+            whole = self._read_partitioned(e)
+            assert whole is not None  # assemble=True always builds the tensor
+            return whole
         buf = self._read_bytes(e, check_crc=e.dtype != _DT_STRING)
         if e.dtype == _DT_STRING:
+            import numpy as np
+
             flat = self._decode_strings(e, buf)
             width = max((len(s) for s in flat), default=0)
             cap = max(_MAX_STRING_ARRAY_BYTES, 8 * e.size)
@@ -639,19 +660,37 @@ class TensorFlowReader:
             return np.array(flat, dtype=f"S{max(width, 1)}").reshape(e.shape)
         return self._numeric(e, buf, name)
 
-    def _numeric(self, e: _Entry, buf: bytearray, name: str) -> torch.Tensor:
-        tdtype, _itemsize, unit = _DTYPES[e.dtype]
-        if e.numel == 0:
-            return torch.empty(e.shape, dtype=tdtype)
+    def _check_values(self, e: _Entry, buf: bytearray, name: str) -> None:
+        """The value check of :meth:`_check_numeric` on bytes alone (verify: no byte swap)."""
+        if e.dtype == 10 and bytes(buf).translate(None, b"\x00\x01"):
+            raise errors.FormatError(
+                f"bool tensor {name!r} holds bytes other than 0 and 1", path=self.path, key=name
+            )
+
+    def _check_numeric(self, e: _Entry, buf: bytearray, name: str) -> None:
+        """Byte-swap ``buf`` in place for a big-endian bundle and check bool bytes (numpy)."""
+        import numpy as np
+
+        unit = _DTYPES[e.dtype][2]
         if self._header.big_endian and unit > 1:
             np.frombuffer(buf, dtype=f"u{unit}").byteswap(inplace=True)
         if e.dtype == 10 and int(np.frombuffer(buf, dtype=np.uint8).max()) > 1:
             raise errors.FormatError(
                 f"bool tensor {name!r} holds bytes other than 0 and 1", path=self.path, key=name
             )
+
+    def _numeric(self, e: _Entry, buf: bytearray, name: str) -> torch.Tensor:
+        import torch
+
+        tdtype = getattr(torch, _DTYPES[e.dtype][0])
+        if e.numel == 0:
+            return torch.empty(e.shape, dtype=tdtype)
+        self._check_numeric(e, buf, name)
         return torch.frombuffer(buf, dtype=tdtype).reshape(e.shape)
 
-    def _read_partitioned(self, e: _Entry) -> torch.Tensor:
+    def _read_partitioned(self, e: _Entry, *, assemble: bool = True) -> torch.Tensor | None:
+        """The whole variable from its slices; ``assemble=False`` (verify) checks the same
+        bounds, overlaps, CRCs and values with numpy alone and returns None."""
         # Every slice range must lie in its shard, and all slices together may not claim more
         # bytes than their shards hold (slices could all point at the same bytes), before the
         # full tensor is allocated: the allocation is bounded by real bytes (FORMATS.md §7).
@@ -685,16 +724,35 @@ class TensorFlowReader:
                 path=self.path,
                 key=e.key,
             )
-        out = torch.empty(e.shape, dtype=_DTYPES[e.dtype][0])
-        seen = torch.zeros(e.shape, dtype=torch.bool)
-        for part, box in e.parts:
+        out = None
+        if assemble:
+            import torch
+
+            out = torch.empty(e.shape, dtype=getattr(torch, _DTYPES[e.dtype][0]))
+        # Overlap: a mask of the variable, or (verify, few slices) box against box, which finds
+        # the same first overlap without numpy.
+        pairwise = out is None and len(e.parts) <= _PAIRWISE_MAX_SLICES
+        seen = None
+        if not pairwise:
+            import numpy as np
+
+            seen = np.zeros(e.shape, dtype=np.bool_)
+        for j, (part, box) in enumerate(e.parts):
             region = tuple(slice(s, s + n) for s, n in box)
-            if bool(seen[region].any()):
+            if seen is not None:
+                overlap = bool(seen[region].any())
+                seen[region] = True
+            else:
+                overlap = any(_boxes_overlap(box, other) for _, other in e.parts[:j])
+            if overlap:
                 raise errors.FormatError(
                     f"{self.path}: slices of {e.key!r} overlap", path=self.path, key=e.key
                 )
-            seen[region] = True
-            out[region] = self._numeric(part, self._read_bytes(part, check_crc=True), e.key)
+            buf = self._read_bytes(part, check_crc=True)
+            if out is not None:
+                out[region] = self._numeric(part, buf, e.key)
+            elif part.numel:
+                self._check_values(part, buf, e.key)
         return out
 
     def read_strings(self, name: str) -> Any:
@@ -809,7 +867,7 @@ class TensorFlowReader:
         for e in [*self._entries.values(), *self._other]:
             try:
                 if e.parts:
-                    self._read_partitioned(e)  # overlap and bounds; parts' CRCs included
+                    self._read_partitioned(e, assemble=False)  # bounds, overlap, parts' CRCs
                     continue
                 if e.dtype == _DT_STRING:
                     self._decode_strings(e, self._read_bytes(e, check_crc=False))

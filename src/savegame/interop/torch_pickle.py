@@ -18,16 +18,17 @@ import codecs
 import io
 import os
 import struct
+import sys
 import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from savegame import errors
 from savegame.interop import _bounds, _zip, base
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TorchReader", "load", "open_torch"]
 
@@ -37,37 +38,41 @@ _MAX_TREE_DEPTH = 200  # container nesting walked by keys()/tree(); real checkpo
 _MAX_LONG_BYTES = 1024  # LONG1/LONG4 payloads: bigger ints have no business in a checkpoint
 _MAX_PKL_BYTES = 1 << 30  # data.pkl itself (it holds structure only, never tensor data)
 
-# FORMATS.md §1.2: storage class -> dtype.
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
-    "UntypedStorage": torch.uint8,
+# FORMATS.md §1.2: storage class -> dtype name. Dtypes are kept as names (str) and torch is
+# imported only by read()/load() and for the few torch value objects a pickle may hold
+# (torch.Size, torch.device, dtype constants, layouts): listing and verifying a file of plain
+# tensors needs numpy only (issue 9.18).
+_STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+    "UntypedStorage": "uint8",
 }
-_DTYPE_NAMES = (
-    "float64 float32 float16 bfloat16 int64 int32 int16 int8 uint8 bool complex32 complex64 "
-    "complex128 uint16 uint32 uint64 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz "
-    "float8_e8m0fnu"
-).split()
-_DTYPES: dict[str, torch.dtype] = {
-    n: d for n in _DTYPE_NAMES if isinstance(d := getattr(torch, n, None), torch.dtype)
-}
+# Tensor dtype name -> element size in bytes (torch's element_size()).
+_ITEMSIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+    "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "complex32": 4, "complex64": 8,
+    "complex128": 16, "uint16": 2, "uint32": 4, "uint64": 8, "float8_e4m3fn": 1,
+    "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+}  # fmt: skip
+_DTYPE_NAMES = tuple(_ITEMSIZES)
+_DTYPES = frozenset(_DTYPE_NAMES)
 # Inert constants torch's weights_only unpickler also accepts as plain values (torch 2.13
 # torch/_weights_only_unpickler.py `_get_allowed_globals`): every dtype it lists (quantized,
 # bit and sub-byte ones included; tensors of these are still refused), and the qschemes.
-# They come back as the real torch objects: comparing or printing them runs no file code.
-_VALUE_CONSTANTS: dict[str, Any] = {
-    n: c
-    for n in [
+# They come back as the real torch objects (resolved by _constant, which imports torch only
+# when a file holds one): comparing or printing them runs no file code.
+_VALUE_CONSTANTS: frozenset[str] = frozenset(
+    [
         *_DTYPE_NAMES,
         *(f"uint{i}" for i in range(1, 8)),
         *(f"int{i}" for i in range(1, 8)),
@@ -76,14 +81,54 @@ _VALUE_CONSTANTS: dict[str, Any] = {
         *"per_tensor_affine per_tensor_symmetric per_channel_affine per_channel_symmetric".split(),
         "per_channel_affine_float_qparams",
     ]
-    if isinstance(c := getattr(torch, n, None), (torch.dtype, torch.qscheme))
-}
+)
 # Layouts named by torch.serialization._get_layout("torch.<name>").
-_LAYOUTS: dict[str, Any] = {
-    f"torch.{n}": c
+_LAYOUTS: frozenset[str] = frozenset(
+    f"torch.{n}"
     for n in "strided sparse_coo sparse_csr sparse_csc sparse_bsr sparse_bsc _mkldnn jagged".split()
-    if isinstance(c := getattr(torch, n, None), torch.layout)
-}
+)
+
+
+def _torch() -> Any:
+    """torch, imported on first need (a tensor read, or a torch value object in the pickle)."""
+    import torch
+
+    return torch
+
+
+def _constant(name: str) -> Any:
+    """The torch dtype/qscheme constant ``torch.<name>``, or None if this torch lacks it."""
+    torch = _torch()
+    c = getattr(torch, name, None)
+    return c if isinstance(c, (torch.dtype, torch.qscheme)) else None
+
+
+def _layout(name: str) -> Any:
+    """The torch layout named ``"torch.<name>"``, or None if this torch lacks it."""
+    torch = _torch()
+    c = getattr(torch, name.removeprefix("torch."), None)
+    return c if isinstance(c, torch.layout) else None
+
+
+def _torch_dtype(name: str, path: str) -> Any:
+    """The torch dtype for a dtype name from the file (read time)."""
+    torch = _torch()
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise errors.UnsupportedFormatError(
+            f"{path}: dtype {name!r} is not available in this torch ({torch.__version__}); "
+            "upgrade torch",
+            path=path,
+        )
+    return dt
+
+
+def _is_size(v: Any) -> bool:
+    """Whether ``v`` is a torch.Size (only possible once torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Size)
+
+
 # Torch globals we recognise but do not rebuild (quantized, sparse, nested, meta, subclasses).
 _UNSUPPORTED = {
     ("torch._utils", n)
@@ -110,8 +155,8 @@ _UNSUPPORTED = {
 }
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
+def dtype_name(dtype: Any) -> str:
+    """``torch.float32`` (or ``"float32"``) -> ``"float32"``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -131,7 +176,7 @@ class _Global:
 @dataclass(eq=False, slots=True)
 class _Storage:
     key: str
-    dtype: torch.dtype
+    dtype: str  # torch dtype name ("float32")
     numel: int
     location: str
     elem_offset: int = 0  # legacy view_metadata: view into a root storage
@@ -140,7 +185,7 @@ class _Storage:
 @dataclass(eq=False, slots=True)
 class _TensorSpec:
     storage: _Storage
-    dtype: torch.dtype
+    dtype: str  # torch dtype name ("float32")
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
@@ -293,18 +338,19 @@ class _Unpickler:
             dims = tuple(*args)
             if not all(type(d) is int for d in dims):
                 raise self._err("torch.Size with non-integer dimensions")
-            return torch.Size(dims)
+            return _torch().Size(dims)
         if (m, n) == ("torch", "device"):
             if not all(isinstance(a, (str, int)) for a in args):
                 raise self._err("torch.device with unexpected arguments")
             try:
-                return torch.device(*args)  # a plain descriptor: 'cuda:0' needs no GPU
+                return _torch().device(*args)  # a plain descriptor: 'cuda:0' needs no GPU
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise self._err(f"names an invalid device {args!r}") from exc
         if (m, n) == ("torch.serialization", "_get_layout"):
-            if len(args) != 1 or args[0] not in _LAYOUTS:
+            layout = _layout(args[0]) if len(args) == 1 and args[0] in _LAYOUTS else None
+            if layout is None:
                 raise self._err(f"_get_layout of an unknown layout {args!r:.80}")
-            return _LAYOUTS[args[0]]
+            return layout
         if n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3"):
             return self._rebuild_tensor(n, args)
         if n in ("_rebuild_parameter", "_rebuild_parameter_with_state") or (m, n) == (
@@ -342,7 +388,7 @@ class _Unpickler:
             dt = args[6]
             if not (isinstance(dt, _Global) and dt.module == "torch" and dt.name in _DTYPES):
                 raise self._err(f"{n} with an unknown dtype")
-            dtype = _DTYPES[dt.name]
+            dtype = dt.name
         else:
             dtype = storage.dtype
         ints = (
@@ -373,7 +419,7 @@ class _Unpickler:
         _, stype, key, location, numel = pid[:5]
         if not isinstance(stype, _Global) or stype.name not in _STORAGE_DTYPES:
             if isinstance(stype, _Global) and stype.name in _DTYPES:
-                dtype = _DTYPES[stype.name]  # newer writers may pass a dtype
+                dtype = stype.name  # newer writers may pass a dtype
             else:
                 raise self._err("storage of an unknown type")
         else:
@@ -678,8 +724,8 @@ def _check_view(spec: _TensorSpec, path: str) -> None:
             )
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +751,7 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, _TensorSpec]]:
             raise errors.FormatError(
                 f"{path}: containers nest deeper than {_MAX_TREE_DEPTH}", path=path
             )
-        if isinstance(v, torch.Size):
+        if _is_size(v):
             return v
         if isinstance(v, _TensorSpec):
             if name in tensors:
@@ -741,7 +787,9 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, _TensorSpec]]:
                 active.discard(id(v))
         if isinstance(v, _Global):
             if v.module == "torch" and v.name in _VALUE_CONSTANTS:
-                return _VALUE_CONSTANTS[v.name]
+                c = _constant(v.name)
+                if c is not None:
+                    return c
             return base.Opaque(v.module, v.name)
         if isinstance(v, _Storage):
             return base.Opaque("torch", "UntypedStorage")
@@ -937,15 +985,15 @@ class TorchReader:
             n *= d
         return base.TensorInfo(name, dtype_name(s.dtype), tuple(s.size), n * _itemsize(s.dtype))
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor on CPU (owning its memory); reads only the bytes its view covers."""
+    def _raw(self, name: str) -> tuple[_TensorSpec, int, bytes]:
+        """The spec, numel and the bytes its view covers (numpy/bytes only: verify() uses it)."""
         s = self._spec(name)
         itemsize = _itemsize(s.dtype)
         numel = 1
         for d in s.size:
             numel *= d
         if numel == 0:
-            return torch.empty(s.size, dtype=s.dtype)
+            return s, 0, b""
         lo = s.offset
         hi = s.offset + sum((d - 1) * st for d, st in zip(s.size, s.stride, strict=False)) + 1
         start, nbytes = self._ranges[s.storage.key]
@@ -956,11 +1004,23 @@ class TorchReader:
             raise errors.FormatError(
                 f"{self.path}: storage of {name!r} is truncated", path=self.path, key=name
             )
+        return s, numel, raw
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor on CPU (owning its memory); reads only the bytes its view covers."""
+        s, numel, raw = self._raw(name)
+        torch = _torch()
+        dtype = _torch_dtype(s.dtype, self.path)
+        itemsize = _itemsize(s.dtype)
+        if numel == 0:
+            return torch.empty(s.size, dtype=dtype)
+        import numpy as np
+
         buf = np.frombuffer(raw, dtype=np.uint8)
         if self._byteorder == "big" and itemsize > 1:
-            unit = itemsize // 2 if s.dtype.is_complex else itemsize
+            unit = itemsize // 2 if s.dtype.startswith("complex") else itemsize
             buf = buf.reshape(-1, unit)[:, ::-1].reshape(-1)
-        flat = torch.from_numpy(buf.copy()).view(s.dtype)
+        flat = torch.from_numpy(buf.copy()).view(dtype)
         view = torch.as_strided(flat, s.size, s.stride, 0)
         if numel * itemsize > len(raw):
             # Overlapping/expanded view (e.g. stride 0): return it as a view of its own small
@@ -995,7 +1055,7 @@ class TorchReader:
                 problems.append(f"storage {key!r}: CRC-32 mismatch (corrupt data)")
         for name in self.keys():
             try:
-                self.read(name)
+                self._raw(name)  # every byte each view covers is present (no torch needed)
             except errors.CheckpointError as exc:
                 problems.append(f"{name}: {exc}")
         return problems
@@ -1076,9 +1136,9 @@ def _materialize(v: Any, r: TorchReader) -> Any:
         # Only float/complex tensors can require grad; a file claiming otherwise is ignored.
         grad = spec.requires_grad and (t.is_floating_point() or t.is_complex())
         if spec.parameter:
-            return torch.nn.Parameter(t, requires_grad=grad)
+            return _torch().nn.Parameter(t, requires_grad=grad)
         return t.requires_grad_(True) if grad else t
-    if isinstance(v, torch.Size):
+    if _is_size(v):
         return v
     if isinstance(v, dict):
         return type(v)({k: _materialize(x, r) for k, x in v.items()})  # Counter counts pairs
