@@ -254,3 +254,47 @@ def test_restore_reads_into_the_live_parameters_without_building_the_loader(tmp_
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs  # copied in place
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert getattr(fresh, "_iterator", None) is None  # built by the first iter(), not by restore
+
+
+def test_a_failed_open_releases_the_lock_so_a_retry_in_the_same_process_works(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _save_steps(root, [1])
+    good = (root / layout.RUN_FILE).read_bytes()
+    (root / layout.RUN_FILE).write_text("{damaged")
+    with pytest.raises(sg.FormatError):
+        sg.Checkpointer(root, handle_signals=False)
+    (root / layout.RUN_FILE).write_bytes(good)  # the user repairs it and tries again
+    with sg.Checkpointer(root, handle_signals=False) as ckpt:
+        assert ckpt.restore(_state()[0]) == 1
+
+
+def test_a_full_disk_does_not_stop_a_run_from_resuming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    root = tmp_path / "run"
+    _save_steps(root, [1])
+
+    def full(*_a: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # the lock's holder record cannot be written
+    state, holder = _state()
+    with sg.Checkpointer(root, handle_signals=False) as ckpt:
+        assert ckpt.restore(state) == 1
+    assert torch.equal(holder["w"], torch.full((256,), 1.0))
+
+
+def test_a_metric_too_large_for_a_float_is_a_value_error(tmp_path: Path) -> None:
+    with sg.Checkpointer(tmp_path / "run", handle_signals=False) as ckpt:
+        with pytest.raises(ValueError, match="does not fit a float"):
+            ckpt.save(_state()[0], 1, metrics={"loss": 10**400})
+
+
+def test_an_older_checkpoint_with_a_damaged_manifest_is_set_aside_after_restore(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _save_steps(root, [1, 2, 3])
+    (root / layout.step_dir(1) / layout.MANIFEST).write_text("{not json")  # restore never reaches it
+    with sg.Checkpointer(root, handle_signals=False) as ckpt:
+        assert ckpt.restore(_state()[0]) == 3
+    assert _set_aside(root) == [1]
+    assert _steps(root) == [2, 3]

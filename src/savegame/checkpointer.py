@@ -26,6 +26,7 @@ import numbers
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -152,20 +153,26 @@ class Checkpointer:
         self.writable = True
         self._suspects: list[tuple[Path, BaseException | None]] = []  # skipped by restore
         self._verified: set[str] = set()  # checkpoint folders known intact in this process
-        if self._group is None:
-            self.run_id = self._open_run()
-        else:
-            self.run_id = self._setup_ranks(self._group)
-        self._epochs_completed = 0
-        self._index = self._next_index()
-        self._last_save_time = time.monotonic()
-        self._last_saved_step: int | None = None
-        self._best: float | None = self._best_on_disk()
-        self._signal: int | None = None
-        self.preempted = False
         self._old_handlers: dict[int, Any] = {}
-        if handle_signals:
-            self._install_signal_handlers()
+        try:
+            if self._group is None:
+                self.run_id = self._open_run()
+            else:
+                self.run_id = self._setup_ranks(self._group)
+            self._epochs_completed = 0
+            self._index = self._next_index()
+            self._last_save_time = time.monotonic()
+            self._last_saved_step: int | None = None
+            self._best: float | None = self._best_on_disk()
+            self._signal: int | None = None
+            self.preempted = False
+            if handle_signals:
+                self._install_signal_handlers()
+        except BaseException:
+            # A failed constructor must not keep the run folder locked: a retry in this process
+            # would otherwise get LockedError naming itself.
+            self._close_quietly()
+            raise
 
     # ---- public API ---------------------------------------------------------------------------
     def restore(
@@ -475,8 +482,9 @@ class Checkpointer:
             raise errors.CheckpointError(f"checkpointer for {self.root} is closed; create a new one", path=self.root)
         if not self.writable:
             raise errors.StorageError(
-                f"cannot save step {step}: run folder {self.root} is not writable by this process (read-only "
-                "mount or another user's run); restore works — to keep training, pass a writable folder "
+                f"cannot save step {step}: run folder {self.root} (or its lock file {layout.LOCK}) is not writable "
+                "by this process (read-only mount or another user's run); restore works — to keep training, pass "
+                "a writable folder "
                 "(e.g. copy the run with `cp -r`)",
                 path=self.root,
                 step=step,
@@ -641,7 +649,7 @@ class Checkpointer:
                     continue
                 # Unlinking a multi-GB file takes 0.1-0.4 s; the checkpoint is already gone from
                 # the run, so the bytes are freed off the save path (close() waits for it).
-                self._deleter.submit(shutil.rmtree, trash, ignore_errors=True)
+                self._deleter.submit(_free, trash)
                 log.info("deleted %s (not kept by %s)", info.path.name, self.keep)
 
     def _open_run(self) -> str:
@@ -656,7 +664,9 @@ class Checkpointer:
             if not (isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
                 raise
             self.writable = False
-            log.info("run folder %s is not writable by this process (%s): opened read-only", self.root, cause)
+            log.info(
+                "run folder %s (or its lock file) is not writable by this process (%s): opened read-only", self.root, cause
+            )
             record = read_run_file(self.root)
             return str(record["run_id"]) if record else ""
         run_id = self._run_id()
@@ -681,11 +691,12 @@ class Checkpointer:
         return run_id
 
     def _collect_garbage(self) -> None:
-        # We hold the lock, so every temp folder belongs to a dead writer (kill -9, power cut).
+        # We hold the lock, so every temp folder belongs to a dead writer (kill -9, power cut)
+        # or to a deletion that did not finish.
         for entry in os.scandir(self.root):
             if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir():
-                log.info("removing leftover %s from an interrupted save", entry.name)
-                shutil.rmtree(entry.path, ignore_errors=True)
+                log.info("removing leftover %s from an interrupted save or deletion", entry.name)
+                _free(entry.path)
 
     def _ours(self) -> list[reader.CheckpointRef]:
         return [
@@ -719,6 +730,12 @@ class Checkpointer:
         suspects, self._suspects = self._suspects, []
         if self.rank != 0 or not self.writable or self._closed:
             return
+        # Older step folders whose manifest is damaged were not reached by restore: never
+        # restorable either, so they are set aside too (listed as damaged, out of the way).
+        seen = {p for p, _ in suspects}
+        with contextlib.suppress(errors.CheckpointError):
+            suspects += [(r.path, r.error) for r in reader.list_checkpoints(self.root)
+                         if isinstance(r.error, errors.FormatError) and r.path not in seen]  # fmt: skip
         for path, exc in suspects:
             if isinstance(exc, errors.UnsupportedFormatError) or not path.is_dir():
                 continue
@@ -917,6 +934,24 @@ def _fmt(v: float | None, mode: str) -> str:
     return f"{v:.4f}"
 
 
+def _free(path: str | os.PathLike[str]) -> None:
+    """Delete a folder taken out of the run; warn (never fail) if bytes cannot be freed."""
+    failures: list[str] = []
+
+    def note(_func: object, where: str, exc: object) -> None:
+        failures.append(f"{where}: {exc[1] if isinstance(exc, tuple) else exc}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=note)
+    else:  # onexc is new in 3.12 (onerror is deprecated there)
+        shutil.rmtree(path, onerror=note)
+    if failures:
+        log.warning(
+            "could not delete %s (%d errors, first: %s); its disk space is not freed — delete it by hand",
+            path, len(failures), failures[0],
+        )  # fmt: skip
+
+
 def _check_step(step: object) -> int:
     """The step as an int, or a TypeError/ValueError that says what a step is (issue 9.11)."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
@@ -943,6 +978,8 @@ def _check_metrics(metrics: object) -> dict[str, float] | None:
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}")
         try:
             out[k] = float(v)  # type: ignore[arg-type]
+        except OverflowError as exc:  # an int too large for a float (10**400)
+            raise ValueError(f"metric {k!r} = {v!r} does not fit a float") from exc
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}") from exc
     return out

@@ -42,7 +42,7 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report["restored"] = ckpt.restore(state)
-        report["warned"] = any(issubclass(w.category, sg.CorruptCheckpointWarning) for w in caught)
+        report["warnings"] = [str(w.message) for w in caught if issubclass(w.category, sg.CorruptCheckpointWarning)]
         report["w"] = float(extras["w"][0])
         report["rank_only"] = float(extras["rank_only"][0])
         extras["w"].fill_(2.0)

@@ -477,6 +477,9 @@ def load_state(
     return apply
 
 
+_OTHER_RANK = "another rank could not use its share of this checkpoint"
+
+
 def restore(
     group: collectives.Group | None,
     refs: Sequence[reader.CheckpointRef],
@@ -514,9 +517,7 @@ def restore(
             def agree(code: int = 0, what: str = what, box: list[int] = agreed) -> None:
                 box.append(group.max_int(code, what=what) if group is not None else code)
                 if box[0]:
-                    raise errors.FormatError(
-                        "another rank could not use its share of this checkpoint"
-                    )
+                    raise errors.FormatError(_OTHER_RANK)
 
             try:
                 apply = load_state(
@@ -546,7 +547,8 @@ def restore(
                 )
             bad = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind != "ok"}
             if bad:
-                r, msg = min(bad.items())
+                # name the rank that found the damage, not one that only heard of it
+                r, msg = min(bad.items(), key=lambda kv: (kv[1] == _OTHER_RANK, kv[0]))
                 skip(ref.path, errors.FormatError(f"rank {r}: {msg}", path=ref.path))
                 continue
             assert apply is not None

@@ -128,8 +128,11 @@ class RunLock:
                 ) from exc
             raise errors.StorageError(f"could not lock {self.path}: {exc}", path=self.path) from exc
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        # Who holds the lock is only for the message another writer gets: on a full disk the
+        # write fails (ENOSPC), and that must not stop a run from resuming from its checkpoints.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
         self._fd = fd
         _HELD_FDS.add(fd)
 
