@@ -209,6 +209,9 @@ class Checkpointer:
         if step is not None:
             step = _check_step(step)
         refs = reader.list_checkpoints(self.root)
+        # Older step folders whose manifest is damaged are never reached by the loop below and
+        # never restorable either: set them aside too (listed as damaged, out of the way).
+        self._suspects += [(r.path, r.error) for r in refs if isinstance(r.error, errors.FormatError)]
         if step is not None:
             refs = [r for r in refs if r.step == step]
             if not refs:
@@ -730,19 +733,17 @@ class Checkpointer:
         suspects, self._suspects = self._suspects, []
         if self.rank != 0 or not self.writable or self._closed:
             return
-        # Older step folders whose manifest is damaged were not reached by restore: never
-        # restorable either, so they are set aside too (listed as damaged, out of the way).
-        seen = {p for p, _ in suspects}
-        with contextlib.suppress(errors.CheckpointError):
-            suspects += [(r.path, r.error) for r in reader.list_checkpoints(self.root)
-                         if isinstance(r.error, errors.FormatError) and r.path not in seen]  # fmt: skip
+        seen: set[Path] = set()
         for path, exc in suspects:
+            if path in seen:
+                continue
+            seen.add(path)
             if isinstance(exc, errors.UnsupportedFormatError) or not path.is_dir():
                 continue
             step = layout.parse_step_dir(path.name)
             if step is None:
                 continue
-            problems = _damage(path)
+            problems = reader.damage(path)
             if problems:
                 with contextlib.suppress(OSError):
                     writer.set_aside_damaged(path, step, problems[0])
@@ -869,7 +870,7 @@ def plan_retention(
         for i in infos:
             if not (i.valid and i.ours and i.kept_for) or str(i.path) in verified:
                 continue
-            problems = _damage(i.path)
+            problems = reader.damage(i.path)
             if not problems:
                 verified.add(str(i.path))
                 continue
@@ -983,14 +984,3 @@ def _check_metrics(metrics: object) -> dict[str, float] | None:
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}") from exc
     return out
-
-
-def _damage(path: Path) -> list[str]:
-    """What is wrong with a checkpoint folder (empty: intact); a newer format is not damage."""
-    try:
-        reader.read_manifest(path)
-    except errors.UnsupportedFormatError:
-        return []
-    except errors.CheckpointError as exc:
-        return [str(exc)]
-    return reader.verify(path)

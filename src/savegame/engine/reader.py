@@ -22,7 +22,7 @@ from savegame.format import hashing, layout, manifest, tensors
 if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
     import torch
 
-__all__ = ["CheckpointRef", "list_checkpoints", "load_tensors", "read_manifest", "verify"]
+__all__ = ["CheckpointRef", "damage", "list_checkpoints", "load_tensors", "read_manifest", "verify"]
 
 
 @dataclass(slots=True)
@@ -398,6 +398,19 @@ def verify(ckpt: str | os.PathLike[str], *, chunk_bytes: int = 64 << 20) -> list
     for extra in sorted(p.name for p in ckpt.iterdir() if p.name not in listed):
         problems.append(f"{ckpt / extra}: file not listed in the manifest")
     return problems
+
+
+def damage(ckpt: str | os.PathLike[str]) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: intact), reading every byte like
+    :func:`verify` — except that a checkpoint of a newer format version is not damage (it is
+    refused elsewhere, never set aside or replaced)."""
+    try:
+        read_manifest(ckpt)
+    except errors.UnsupportedFormatError:
+        return []
+    except errors.CheckpointError as exc:
+        return [str(exc)]
+    return verify(ckpt)
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:

@@ -173,13 +173,11 @@ def commit(
 
 def _move_aside_if_invalid(final: Path, step: int) -> None:
     """A committed folder is in the way of a new save of ``step``: set it aside if it is damaged
-    (it is kept, renamed, for inspection), refuse if it is a valid checkpoint."""
+    (it is kept, renamed, for inspection), refuse if it is a valid checkpoint (or one of a
+    newer format version)."""
     from savegame.engine import reader  # reader imports nothing from here; avoid a cycle at import
 
-    try:
-        problems = reader.verify(final) if _manifest_readable(final) else ["manifest is damaged"]
-    except errors.UnsupportedFormatError:
-        problems = []  # written by a newer savegame: not damaged, and not ours to replace
+    problems = reader.damage(final)
     if problems:
         set_aside_damaged(final, step, problems[0])
         return
@@ -189,18 +187,6 @@ def _move_aside_if_invalid(final: Path, step: int) -> None:
         path=final,
         step=step,
     )
-
-
-def _manifest_readable(ckpt: Path) -> bool:
-    from savegame.engine import reader
-
-    try:
-        reader.read_manifest(ckpt)
-    except errors.UnsupportedFormatError:
-        raise
-    except errors.FormatError:
-        return False
-    return True
 
 
 def set_aside_damaged(path: Path, step: int, why: object) -> Path:
