@@ -38,6 +38,7 @@ __all__ = [
     "LockedError",
     "LossyConversionWarning",
     "MissingDependencyError",
+    "ReaderClosedError",
     "RestoreError",
     "StepExistsError",
     "StorageError",
@@ -117,6 +118,10 @@ class UnsupportedFormatError(FormatError):
 class UnsafeContentError(FormatError):
     """The file asks for something savegame refuses to do: a pickle global outside the
     allow-list, an HDF5 external link or plugin filter, a zip bomb. Nothing was executed."""
+
+
+class ReaderClosedError(CheckpointError, ValueError):
+    """A reader was used after ``close()`` (like I/O on a closed file, a ValueError)."""
 
 
 class EncodeError(CheckpointError, TypeError):

@@ -11,15 +11,18 @@ tensor) or ``verify`` (everything) -> ``close``. Readers are context managers.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from savegame import errors
 
 if TYPE_CHECKING:  # readers list and verify with numpy/bytes; only read() imports torch
     import numpy as np
     import torch
 
-__all__ = ["ForeignReader", "Opaque", "TensorInfo", "TensorRef", "LIMITS", "json_depth_ok"]
+__all__ = ["ForeignReader", "Reader", "Opaque", "TensorInfo", "TensorRef", "LIMITS", "json_depth_ok"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,76 @@ class ForeignReader(Protocol):
     def __enter__(self) -> ForeignReader: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class Reader(abc.ABC):
+    """Base class of every reader (foreign formats and savegame's own): the shared lifecycle.
+
+    Subclasses set ``path`` and ``format`` in ``__init__``, call :meth:`_check_open` first in
+    every public method, and free what they hold in :meth:`_release`. ``close()`` may be called
+    any number of times; any use after it raises :class:`~savegame.errors.ReaderClosedError`
+    (a ``ValueError``, like I/O on a closed file). The reader conformance suite
+    (``tests/conformance/test_readers.py``) holds every format to this.
+    """
+
+    path: str
+    format: str
+    _closed: bool = False
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """Tensor names in file order. Reads no tensor data."""
+
+    @abc.abstractmethod
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and size of one tensor; ``CheckpointNotFoundError`` for an unknown name."""
+
+    @abc.abstractmethod
+    def read(self, name: str) -> torch.Tensor | np.ndarray:
+        """One tensor as a CPU torch tensor owning its memory (numpy bytes array for strings)."""
+
+    @abc.abstractmethod
+    def tree(self) -> Any:
+        """The object structure with tensors as :class:`TensorRef`, unknown objects as :class:`Opaque`."""
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """JSON-compatible facts about the file."""
+
+    @abc.abstractmethod
+    def verify(self) -> list[str]:
+        """Read everything and check every checksum and bound; returns problems (empty = OK)."""
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release the file(s); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        """Free held resources (open files, maps, child processes). Called once by close()."""
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.ReaderClosedError(
+                f"reader for {self.path} is closed; open the file again", path=getattr(self, "path", None)
+            )
+
+    def __enter__(self) -> Reader:  # -> Self (3.11)
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self.format} {getattr(self, 'path', '?')!r} ({state})>"
 
 
 @dataclass(frozen=True, slots=True)
