@@ -23,6 +23,7 @@ import torch
 import savegame as sg
 from savegame.engine import reader, writer
 from savegame.format import layout, tensors
+from savegame.storage import local
 
 NUMEL = 1 << 20  # 4 MB of float32 per save
 
@@ -176,7 +177,7 @@ FAULTS = {
     "mid_tensor_write": _mid_tensor_write,
     "tensor_fsync": lambda mp: _fail_nth(mp, os, "fsync", 1),
     "before_manifest_durable": lambda mp: _fail_nth(mp, os, "fsync", 2),
-    "before_rename": lambda mp: _fail_nth(mp, writer.local, "fsync_dir", 1),
+    "before_rename": lambda mp: _fail_nth(mp, local, "fsync_dir", 1),
     "rename": lambda mp: _fail_nth(mp, os, "rename", 1),
 }
 

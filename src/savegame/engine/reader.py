@@ -8,16 +8,16 @@ the file, tensor and step.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
+from savegame.storage import Blob, Location, Store, as_store, locate
 
 if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
     import torch
@@ -30,17 +30,22 @@ class CheckpointRef:
     """A step folder in a run, with its manifest if it parsed (``error`` says why not)."""
 
     step: int
-    path: Path
+    path: Path | Location  # a Path for local runs (what users and the CLI get), else the Location
     manifest: manifest.Manifest | None = None
     error: errors.CheckpointError | None = None
     problems: list[str] = field(default_factory=list)
+    loc: Location | None = None
+
+    @property
+    def location(self) -> Location:
+        return self.loc if self.loc is not None else locate(self.path)
 
     @property
     def valid(self) -> bool:
         return self.manifest is not None and self.error is None
 
 
-def read_manifest(ckpt: str | os.PathLike[str]) -> manifest.Manifest:
+def read_manifest(ckpt: str | os.PathLike[str] | Location) -> manifest.Manifest:
     """Parse and validate ``<ckpt>/manifest.json``.
 
     Raises:
@@ -48,55 +53,66 @@ def read_manifest(ckpt: str | os.PathLike[str]) -> manifest.Manifest:
         IncompleteCheckpointError: the folder has no manifest (an interrupted save).
         FormatError: the manifest is damaged, lies, or is of an unsupported version.
     """
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise errors.CheckpointNotFoundError(
-            f"{ckpt} is not a checkpoint folder (expected a folder like step-000000001200 holding manifest.json)",
-            path=ckpt,
-        )
-    mpath = ckpt / layout.MANIFEST
+    loc = locate(ckpt)
+    store = loc.store
     try:
-        with open(mpath, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > manifest.MAX_MANIFEST_BYTES:  # refuse before reading (and allocating) it
+        is_dir = store.is_dir(loc.key)
+    except OSError as exc:
+        raise errors.StorageError(f"could not read {loc}: {exc}", path=str(loc)) from exc
+    if not is_dir:
+        raise errors.CheckpointNotFoundError(
+            f"{loc} is not a checkpoint folder (expected a folder like step-000000001200 holding manifest.json)",
+            path=str(loc),
+        )
+    mkey = loc.sub(layout.MANIFEST)
+    mpath = store.describe(mkey)
+    try:
+        with store.open(mkey) as blob:
+            if blob.size > manifest.MAX_MANIFEST_BYTES:  # refuse before reading (and allocating) it
                 raise errors.FormatError(
-                    f"{mpath}: manifest is {size} bytes, over the {manifest.MAX_MANIFEST_BYTES} limit; "
+                    f"{mpath}: manifest is {blob.size} bytes, over the {manifest.MAX_MANIFEST_BYTES} limit; "
                     "the checkpoint is damaged — restore an earlier step",
                     path=mpath,
                 )
-            raw = f.read(manifest.MAX_MANIFEST_BYTES + 1)
+            raw = blob.read(0, blob.size)
     except FileNotFoundError as exc:
         raise errors.IncompleteCheckpointError(
-            f"{ckpt} has no manifest.json (interrupted save?); it was never committed — restore an earlier step",
-            path=ckpt,
+            f"{loc} has no manifest.json (interrupted save?); it was never committed — restore an earlier step",
+            path=str(loc),
         ) from exc
-    except OSError as exc:
+    except (OSError, EOFError) as exc:
         raise errors.StorageError(f"could not read {mpath}: {exc}", path=mpath) from exc
     m = manifest.Manifest.from_bytes(raw, mpath)
-    step = layout.parse_step_dir(ckpt.name)
+    step = layout.parse_step_dir(loc.name)
     if step is not None and step != m.step:
         raise errors.FormatError(
-            f"{ckpt}: folder name says step {step} but the manifest says {m.step}", path=ckpt, step=step
+            f"{loc}: folder name says step {step} but the manifest says {m.step}", path=str(loc), step=step
         )
     return m
 
 
-def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointRef]:
-    """Every ``step-*`` folder under ``root``, oldest first, each with its parsed manifest or error.
+def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef]:
+    """Every ``step-*`` folder of a run (a folder or a store), oldest first, each with its
+    parsed manifest or error.
 
     Only manifests are read (cheap); tensor data is checked by :func:`verify` / on load.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise errors.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+    store = as_store(root)
+    try:
+        entries = store.list("")
+    except FileNotFoundError as exc:
+        raise errors.CheckpointNotFoundError(f"run folder {store.describe()} does not exist", path=store.describe()) from exc
+    except NotADirectoryError as exc:
+        raise errors.CheckpointNotFoundError(f"run folder {store.describe()} does not exist", path=store.describe()) from exc
     refs = []
-    for entry in os.scandir(root):
+    for entry in entries:
         step = layout.parse_step_dir(entry.name)
-        if step is None or not entry.is_dir():
+        if step is None or not entry.is_dir:
             continue
-        ref = CheckpointRef(step, Path(entry.path))
+        loc = Location(store, entry.name)
+        ref = CheckpointRef(step, store.local_path(entry.name) or loc, loc=loc)
         try:
-            ref.manifest = read_manifest(entry.path)
+            ref.manifest = read_manifest(loc)
         except errors.CheckpointError as exc:
             ref.error = exc
         refs.append(ref)
@@ -104,16 +120,16 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointRef]:
     return refs
 
 
-def _check_file(ckpt: Path, name: str, entry: manifest.FileEntry, m: manifest.Manifest, fd: int) -> None:
-    path = ckpt / name
-    size = os.fstat(fd).st_size
+def _check_file(loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob) -> None:
+    path = loc.store.describe(loc.sub(name))
+    size = blob.size
     if size != entry.size:
         raise errors.IntegrityError(
             f"{path}: file is {size} bytes but the manifest says {entry.size} (truncated or replaced)",
             path=path,
             step=m.step,
         )
-    header = os.pread(fd, entry.header_length, 0)
+    header = blob.read(0, entry.header_length)
     # File order = offset order; an empty tensor shares its offset with the next one and comes
     # first (it was written first), hence length before hash in the key.
     digests = sorted(
@@ -123,17 +139,27 @@ def _check_file(ckpt: Path, name: str, entry: manifest.FileEntry, m: manifest.Ma
         raise errors.IntegrityError(f"{path}: header or tensor list does not match its hash", path=path, step=m.step)
 
 
-def _open(ckpt: Path, name: str, step: int) -> int:
+def _open(loc: Location, name: str, step: int) -> Blob:
+    where = loc.store.describe(loc.sub(name))
     try:
-        return os.open(ckpt / name, os.O_RDONLY)
+        return loc.store.open(loc.sub(name))
     except FileNotFoundError as exc:
-        raise errors.IntegrityError(f"{ckpt / name}: tensor file is missing", path=ckpt / name, step=step) from exc
+        raise errors.IntegrityError(f"{where}: tensor file is missing", path=where, step=step) from exc
     except OSError as exc:
-        raise errors.StorageError(f"could not open {ckpt / name}: {exc}", path=ckpt / name, step=step) from exc
+        raise errors.StorageError(f"could not open {where}: {exc}", path=where, step=step) from exc
+
+
+def _read_into(blob: Blob, offset: int, dest: memoryview, where: str) -> None:
+    try:
+        blob.readinto(offset, dest)
+    except EOFError as exc:
+        raise errors.IntegrityError(f"{where}: file {exc} (truncated?)", path=where) from exc
+    except OSError as exc:
+        raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
 
 
 def load_tensors(
-    ckpt: str | os.PathLike[str],
+    ckpt: str | os.PathLike[str] | Location,
     m: manifest.Manifest,
     keys: Iterable[str] | None = None,
     *,
@@ -170,11 +196,11 @@ def load_tensors(
     """
     import torch
 
-    ckpt = Path(ckpt)
+    loc = locate(ckpt)
     wanted = list(m.tensors) if keys is None else list(keys)
     for key in wanted:
         if key not in m.tensors:
-            raise errors.CheckpointNotFoundError(f"{ckpt}: no tensor {key!r} in step {m.step}", path=ckpt, key=key)
+            raise errors.CheckpointNotFoundError(f"{loc}: no tensor {key!r} in step {m.step}", path=str(loc), key=key)
     regions = regions or {}
 
     def needed(key: str) -> list[manifest.Chunk]:
@@ -185,8 +211,8 @@ def load_tensors(
         return [c for c in chunks if overlap(c.start, c.shape, start, shape) is not None]
 
     files = sorted({c.file for key in wanted for c in needed(key)})
-    maps: dict[str, tuple[mmap.mmap | None, memoryview, torch.Tensor]] = {}
-    fds: dict[str, int] = {}
+    maps: dict[str, tuple[Any, memoryview, torch.Tensor]] = {}
+    blobs: dict[str, Blob] = {}
     try:
         # A whole tensor in one chunk with no destination gets fresh memory: its bytes are read
         # straight into it and hashed there (one kernel copy, page faults taken in the kernel)
@@ -203,22 +229,21 @@ def load_tensors(
         direct_files = {m.tensors[k].chunks[0].file for k in fresh}
         # Phase 1: map and verify everything.
         for name in files:
-            fd = _open(ckpt, name, m.step)
+            blob = _open(loc, name, m.step)
             try:
-                _check_file(ckpt, name, m.files[name], m, fd)
-                size = m.files[name].size
-                # Private + writable only so torch can wrap it without a read-only warning;
-                # nothing ever writes to it, so no page is ever copied.
-                mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+                _check_file(loc, name, m.files[name], m, blob)
+                mm = blob.map() if m.files[name].size else None
+                if mm is None and m.files[name].size:  # a store that cannot map: read it whole
+                    mm = bytearray(blob.size)
+                    _read_into(blob, 0, memoryview(mm), loc.store.describe(loc.sub(name)))
             finally:
                 if name in direct_files:
-                    fds[name] = fd  # the fd that was checked: read the same file, not a replacement
+                    blobs[name] = blob  # the blob that was checked: read the same file, not a replacement
                 else:
-                    os.close(fd)
-            if mm is None:
+                    blob.close()
+            if mm is None or len(mm) == 0:
                 maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
                 continue
-            mm.madvise(mmap.MADV_SEQUENTIAL)
             maps[name] = (mm, memoryview(mm), torch.frombuffer(mm, dtype=torch.uint8))
         work = [(key, i, c) for key in wanted for i, c in enumerate(needed(key))]
         work.sort(key=lambda w: (w[2].file, w[2].offset))
@@ -227,7 +252,7 @@ def load_tensors(
             key, _, c = w
             if key in fresh:
                 view = tensors.byte_view(fresh[key])
-                tensors.read_into(fds[c.file], c.offset, view, ckpt / c.file)
+                _read_into(blobs[c.file], c.offset, view, loc.store.describe(loc.sub(c.file)))
             else:
                 view = maps[c.file][1][c.offset : c.offset + c.length]
             try:
@@ -239,9 +264,10 @@ def load_tensors(
         with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
             for (key, _, c), bad in zip(work, pool.map(check, work), strict=True):
                 if bad is not None:
+                    where = loc.store.describe(loc.sub(c.file))
                     raise errors.IntegrityError(
-                        f"{ckpt / c.file}: tensor {key!r} does not match its hash (corrupted data) in step {m.step}",
-                        path=ckpt / c.file,
+                        f"{where}: tensor {key!r} does not match its hash (corrupted data) in step {m.step}",
+                        path=where,
                         step=m.step,
                         key=key,
                     )
@@ -267,12 +293,12 @@ def load_tensors(
             out[key] = target
         return out
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for blob in blobs.values():
+            blob.close()
         for mm, view, t in maps.values():
             del t
             view.release()
-            if mm is not None:
+            if mm is not None and hasattr(mm, "close"):
                 try:
                     mm.close()
                 except BufferError:  # a tensor view is still referenced; GC closes it
@@ -294,7 +320,7 @@ def _read_region(
     entry: manifest.TensorEntry,
     region: tuple[tuple[int, ...], tuple[int, ...]],
     chunks: Sequence[manifest.Chunk],
-    maps: Mapping[str, tuple[mmap.mmap | None, memoryview, torch.Tensor]],
+    maps: Mapping[str, tuple[Any, memoryview, torch.Tensor]],
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The box ``region`` of a (possibly chunked) tensor, from verified mapped bytes."""
@@ -356,25 +382,26 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
-def verify(ckpt: str | os.PathLike[str], *, chunk_bytes: int = 64 << 20) -> list[str]:
+def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 20) -> list[str]:
     """Check everything about one checkpoint; returns problems (empty = valid).
 
     Reads every byte once with bounded memory (``chunk_bytes`` at a time).
     """
-    ckpt = Path(ckpt)
+    loc = locate(ckpt)
     try:
-        m = read_manifest(ckpt)
+        m = read_manifest(loc)
     except errors.CheckpointError as exc:
         return [str(exc)]
     problems = []
     for name, fentry in m.files.items():
+        where = loc.store.describe(loc.sub(name))
         try:
-            fd = _open(ckpt, name, m.step)
+            blob = _open(loc, name, m.step)
         except errors.CheckpointError as exc:
             problems.append(str(exc))
             continue
         try:
-            _check_file(ckpt, name, fentry, m, fd)
+            _check_file(loc, name, fentry, m, blob)
             for key, t in m.tensors.items():
                 for c in t.chunks:
                     if c.file != name:
@@ -385,22 +412,27 @@ def verify(ckpt: str | os.PathLike[str], *, chunk_bytes: int = 64 << 20) -> list
                     while done < c.length:
                         n = min(len(buf), c.length - done)
                         view = memoryview(buf)[:n]
-                        tensors.read_into(fd, c.offset + done, view, ckpt / name)
+                        _read_into(blob, c.offset + done, view, where)
                         h.update(view)
                         done += n
                     if h.hexdigest() != c.hash:
-                        problems.append(f"{ckpt / name}: tensor {key!r} does not match its hash (corrupted data)")
+                        problems.append(f"{where}: tensor {key!r} does not match its hash (corrupted data)")
         except errors.CheckpointError as exc:
             problems.append(str(exc))
         finally:
-            os.close(fd)
+            blob.close()
     listed = set(m.files) | {layout.MANIFEST}
-    for extra in sorted(p.name for p in ckpt.iterdir() if p.name not in listed):
-        problems.append(f"{ckpt / extra}: file not listed in the manifest")
+    try:
+        names = sorted(e.name for e in loc.store.list(loc.key))
+    except OSError as exc:
+        return [*problems, f"could not list {loc}: {exc}"]
+    for extra in names:
+        if extra not in listed:
+            problems.append(f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest")
     return problems
 
 
-def damage(ckpt: str | os.PathLike[str]) -> list[str]:
+def damage(ckpt: str | os.PathLike[str] | Location) -> list[str]:
     """What is wrong with a checkpoint folder (empty: intact), reading every byte like
     :func:`verify` — except that a checkpoint of a newer format version is not damage (it is
     refused elsewhere, never set aside or replaced)."""
@@ -413,8 +445,13 @@ def damage(ckpt: str | os.PathLike[str]) -> list[str]:
     return verify(ckpt)
 
 
-def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / layout.MANIFEST).is_file()
+def is_checkpoint_dir(path: str | os.PathLike[str] | Location) -> bool:
+    loc = locate(path)
+    key = loc.sub(layout.MANIFEST)
+    try:
+        return loc.store.exists(key) and not loc.store.is_dir(key)
+    except OSError:
+        return False
 
 
 def total_bytes(m: manifest.Manifest) -> int:

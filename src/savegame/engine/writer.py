@@ -6,6 +6,11 @@ fsyncs it; (2) the coordinator writes ``manifest.json`` last and fsyncs it and t
 leaves only a ``.tmp-`` folder, which no reader lists; after (3) the checkpoint is complete.
 The manifest is the commit point; ``LATEST`` is written afterwards as a hint only.
 
+The steps above are the local store's; how a checkpoint is made to appear at once belongs to
+the store (:class:`savegame.storage.Staging`): this module decides *what* is written and in
+which order, the store *how*. Every function takes a run folder path or a
+:class:`~savegame.storage.Store`.
+
 Single process = world size 1 through the same functions :func:`write_rank_files` (every rank)
 and :func:`commit` (coordinator only).
 """
@@ -16,7 +21,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -28,9 +32,20 @@ import torch
 
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
-from savegame.storage import local
+from savegame.storage import Location, Staging, Store, as_store, locate
 
-__all__ = ["RankResult", "commit", "new_tmp_dir", "set_aside_damaged", "write_checkpoint", "write_rank_files"]
+__all__ = [
+    "RankResult",
+    "begin",
+    "commit",
+    "join",
+    "new_tmp_dir",
+    "set_aside_damaged",
+    "write_checkpoint",
+    "write_rank_files",
+]
+
+Where = str | os.PathLike[str] | Store
 
 log = logging.getLogger("savegame")
 
@@ -44,35 +59,50 @@ class RankResult:
     tensors: dict[str, manifest.TensorEntry]
 
 
+def begin(root: Where, step: int) -> Staging:
+    """Coordinator: create the staging area of a new save of ``step`` (a temp name no reader lists)."""
+    return as_store(root).begin(layout.tmp_dir(step, uuid.uuid4().hex[:12]))
+
+
+def join(root: Where, name: str) -> Staging:
+    """Every other rank: the staging area the coordinator created (its name was broadcast)."""
+    return as_store(root).staging(name)
+
+
 def new_tmp_dir(root: Path, step: int) -> Path:
-    tmp = root / layout.tmp_dir(step, uuid.uuid4().hex[:12])
-    tmp.mkdir()
-    return tmp
+    """The local staging folder of a new save (kept for callers that work with paths)."""
+    st = begin(root, step)
+    return Path(st.describe())
+
+
+def _staging(tmp: Path | Staging) -> Staging:
+    if isinstance(tmp, Staging):
+        return tmp
+    tmp = Path(tmp)
+    return join(tmp.parent, tmp.name)
 
 
 def write_rank_files(
-    tmp: Path,
+    tmp: Path | Staging,
     rank: int,
     items: Mapping[str, torch.Tensor],
     *,
     chunk_meta: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
 ) -> RankResult:
-    """Write this rank's tensors (contiguous CPU) into one safetensors-layout file and fsync it.
+    """Write this rank's tensors (contiguous CPU) into one safetensors-layout file, durably.
 
     Args:
-        tmp: The save's temp folder (shared by all ranks).
+        tmp: The save's staging area (shared by all ranks), or its local temp folder.
         rank: This process's rank.
         items: key -> tensor. Keys are unique across ranks, except chunks of one sharded tensor.
         chunk_meta: For sharded tensors, key -> (global shape, start offsets of this chunk).
     """
     name = layout.tensor_file(rank)
-    path = tmp / name
+    staging = _staging(tmp)
+    path = staging.describe(name)
     ordered = tensors.order_for_file(items.items())
     try:
-        with open(path, "wb", buffering=0) as f:
-            header, written = tensors.write_tensor_file(f, ordered)
-            os.fsync(f.fileno())
-            size = os.fstat(f.fileno()).st_size
+        (header, written), size = staging.write(name, lambda f: tensors.write_tensor_file(f, ordered))
     except OSError as exc:
         hint = {
             errno.ENOSPC: "the disk is full; free space or save elsewhere",
@@ -105,8 +135,8 @@ def write_rank_files(
 
 
 def commit(
-    root: Path,
-    tmp: Path,
+    root: Where,
+    tmp: Path | Staging,
     step: int,
     results: Sequence[RankResult],
     *,
@@ -114,16 +144,20 @@ def commit(
     run_id: str,
     metrics: Mapping[str, float] | None = None,
     info: Mapping[str, Any] | None = None,
-    final: Path | None = None,
-) -> Path:
-    """Coordinator only: write the manifest last, then rename the temp folder into place.
+    final: str | os.PathLike[str] | None = None,
+) -> Path | Location:
+    """Coordinator only: write the manifest last, then publish the checkpoint (the store's commit).
 
-    ``final`` defaults to ``root/step-…``; :func:`savegame.save` passes its own folder name.
+    ``final`` is the checkpoint's key in the store, default ``step-…`` of the run;
+    :func:`savegame.save` passes its own folder name. Returns the checkpoint: its local path
+    for a local store, else its :class:`~savegame.storage.Location`.
 
     Raises:
         StepExistsError: a valid checkpoint for ``step`` is already committed (an invalid one is
             set aside as ``damaged-step-…`` and replaced).
     """
+    store = as_store(root)
+    staging = _staging(tmp)
     files: dict[str, manifest.FileEntry] = {}
     entries: dict[str, manifest.TensorEntry] = {}
     for r in sorted(results, key=lambda r: r.rank):
@@ -148,30 +182,29 @@ def commit(
     )
     raw = m.to_bytes()
     in_run = final is None
-    final = root / layout.step_dir(step) if final is None else final
+    # A path names a folder in the store's root (the callers pass its parent as ``root``).
+    key = layout.step_dir(step) if final is None else final if isinstance(final, str) else Path(final).name
+    where = store.describe(key)
     try:
-        with open(tmp / layout.MANIFEST, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        local.fsync_dir(tmp)
-        if final.exists():
+        staging.seal(layout.MANIFEST, raw)
+        if store.exists(key):
             if not in_run:
-                raise errors.StepExistsError(f"{final} already exists; choose a new path", path=final, step=step)
-            _move_aside_if_invalid(final, step)
-        os.rename(tmp, final)
-        local.fsync_dir(root)
+                raise errors.StepExistsError(f"{where} already exists; choose a new path", path=where, step=step)
+            _move_aside_if_invalid(Location(store, key), step)
+        staging.publish(key)
     except errors.CheckpointError:
         raise
+    except FileExistsError as exc:  # appeared between the check and the publish
+        raise errors.StepExistsError(f"{where} already exists; choose a new path", path=where, step=step) from exc
     except OSError as exc:
-        raise errors.StorageError(f"could not commit step {step} in {root}: {exc}", path=final, step=step) from exc
+        raise errors.StorageError(f"could not commit step {step} in {store.describe()}: {exc}", path=where, step=step) from exc
     if in_run:
-        with contextlib.suppress(errors.StorageError):
-            local.atomic_write(root / layout.LATEST, f"{layout.step_dir(step)}\n".encode())
-    return final
+        with contextlib.suppress(OSError):
+            store.put(layout.LATEST, f"{layout.step_dir(step)}\n".encode())
+    return store.local_path(key) or Location(store, key)
 
 
-def _move_aside_if_invalid(final: Path, step: int) -> None:
+def _move_aside_if_invalid(final: Location, step: int) -> None:
     """A committed folder is in the way of a new save of ``step``: set it aside if it is damaged
     (it is kept, renamed, for inspection), refuse if it is a valid checkpoint (or one of a
     newer format version)."""
@@ -184,24 +217,28 @@ def _move_aside_if_invalid(final: Path, step: int) -> None:
     raise errors.StepExistsError(
         f"step {step} is already committed at {final}; refusing to overwrite it — delete it first "
         "or save under a new step",
-        path=final,
+        path=str(final),
         step=step,
     )
 
 
-def set_aside_damaged(path: Path, step: int, why: object) -> Path:
+def set_aside_damaged(path: Path | Location, step: int, why: object) -> Path | Location:
     """Rename a damaged checkpoint folder to ``damaged-step-…-<id>`` in the same run folder.
 
     Its bytes are kept for inspection, but under that name no reader lists it, retention never
     counts it, and a new save of its step is never in its way (issue 9.8). Only the writer that
     holds the run folder's lock calls this.
     """
-    dest = local.move_to_trash(path, layout.damaged_dir(step, uuid.uuid4().hex[:8]))
+    loc = locate(path)
+    name = layout.damaged_dir(step, uuid.uuid4().hex[:8])
+    parent = loc.key.rsplit("/", 1)[0] if "/" in loc.key else ""
+    dest = Location(loc.store, f"{parent}/{name}" if parent else name)
+    loc.store.rename(loc.key, dest.key)
     log.warning(
         "set aside damaged checkpoint %s as %s (%s); it is kept for inspection — delete it when done",
-        path, dest.name, why,
+        loc, name, why,
     )  # fmt: skip
-    return dest
+    return dest.local or dest
 
 
 def write_checkpoint(
@@ -212,8 +249,8 @@ def write_checkpoint(
     run_id: str,
     metrics: Mapping[str, float] | None = None,
     info: Mapping[str, Any] | None = None,
-    final: Path | None = None,
-) -> Path:
+    final: str | os.PathLike[str] | None = None,
+) -> Path | Location:
     """World-size-1 save of a state tree: encode, stage to CPU, write, commit."""
     from savegame import tree as treelib
 
@@ -223,7 +260,7 @@ def write_checkpoint(
 
 
 def write_staged(
-    root: str | os.PathLike[str],
+    root: Where,
     step: int,
     skeleton: Any,
     staged: Mapping[str, torch.Tensor],
@@ -231,18 +268,26 @@ def write_staged(
     run_id: str,
     metrics: Mapping[str, float] | None = None,
     info: Mapping[str, Any] | None = None,
-    final: Path | None = None,
-) -> Path:
+    final: str | os.PathLike[str] | None = None,
+) -> Path | Location:
     """World-size-1 write + commit of an encoded, staged state (may run on a background thread)."""
-    root = Path(root)
-    tmp = new_tmp_dir(root, step)
+    store = as_store(root)
     try:
-        result = write_rank_files(tmp, 0, staged)
+        staging = begin(store, step)
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not start saving step {step} in {store.describe()}: {exc}; nothing was committed, earlier "
+            "checkpoints are intact",
+            path=store.describe(),
+            step=step,
+        ) from exc
+    try:
+        result = write_rank_files(staging, 0, staged)
         return commit(
-            root, tmp, step, [result], trees=[skeleton], run_id=run_id, metrics=metrics, info=info, final=final
+            store, staging, step, [result], trees=[skeleton], run_id=run_id, metrics=metrics, info=info, final=final
         )
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.abort()
         raise
 
 

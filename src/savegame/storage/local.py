@@ -1,4 +1,4 @@
-"""Local POSIX storage primitives: durable writes, atomic renames, and the writer lock.
+"""Local POSIX storage: :class:`LocalStore` (a folder), its primitives, and the writer lock.
 
 Invariant: a rename is only trusted after the parent directory is fsynced, and a file is only
 renamed into place after its own bytes are fsynced — the order that makes a power cut leave
@@ -11,16 +11,23 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 from savegame import errors
+from savegame.storage import base
 
-__all__ = ["RunLock", "atomic_write", "fsync_dir", "move_to_trash", "remove_tree"]
+__all__ = ["LocalStore", "RunLock", "atomic_write", "fsync_dir", "free_tree", "move_to_trash", "remove_tree"]
+
+T = TypeVar("T")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -64,6 +71,215 @@ def remove_tree(path: str | os.PathLike[str], trash_name: str) -> None:
     """Delete a checkpoint folder so that a crash mid-way never leaves a half-deleted folder
     under its real name: rename it to a temp name first (atomic), then delete."""
     shutil.rmtree(move_to_trash(path, trash_name), ignore_errors=True)
+
+
+def free_tree(path: str | os.PathLike[str]) -> list[str]:
+    """Delete a folder (or file) already out of view; returns the errors met (never raises):
+    a file that cannot be unlinked must not stop the others from being freed."""
+    failures: list[str] = []
+
+    def note(_func: object, where: str, exc: object) -> None:
+        failures.append(f"{where}: {exc[1] if isinstance(exc, tuple) else exc}")  # type: ignore[index]
+
+    if not os.path.isdir(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failures.append(f"{path}: {exc}")
+        return failures
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=note)
+    else:  # onexc is new in 3.12 (onerror is deprecated there)
+        shutil.rmtree(path, onerror=note)
+    return failures
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - the OS raises instead
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
+
+
+class _LocalBlob(base.Blob):
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self.size = os.fstat(fd).st_size
+
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        done, total = 0, len(dest)
+        while done < total:
+            # Linux caps one read at 0x7ffff000 bytes; positional: threads may share the fd.
+            n = os.preadv(self._fd, [dest[done : done + 0x40000000]], offset + done)
+            if n == 0:
+                raise EOFError(f"ends at byte {offset + done}, expected {offset + total}")
+            done += n
+
+    def map(self) -> Any | None:
+        if self.size == 0:
+            return bytearray()
+        # Private + writable only so torch can wrap it without a read-only warning; nothing
+        # ever writes to it, so no page is ever copied.
+        mm = mmap.mmap(self._fd, self.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        return mm
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _LocalStaging(base.Staging):
+    """A temp folder in the run folder; committed by a rename (DESIGN.md §3)."""
+
+    def __init__(self, store: LocalStore, name: str) -> None:
+        self.name = name
+        self._store = store
+        self.path = store.root / name
+
+    def describe(self, fname: str = "") -> str:
+        return str(self.path / fname) if fname else str(self.path)
+
+    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+        path = self.path / base.check_key(fname)
+        with open(path, "wb", buffering=0) as f:
+            out = produce(f)  # type: ignore[arg-type]
+            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+        return out, size
+
+    # Order: manifest durable, its folder entry durable, then the rename, then the rename
+    # durable (the parent folder). A power cut before the rename leaves a temp folder no
+    # reader lists; after it, a complete checkpoint.
+    def seal(self, manifest_name: str, manifest: bytes) -> None:
+        fd = os.open(self.path / base.check_key(manifest_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, manifest)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.path)
+
+    def publish(self, final: str) -> None:
+        dest = self._store.root / base.check_key(final)
+        if os.path.lexists(dest):  # rename(2) would silently replace an empty folder
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest))
+        os.rename(self.path, dest)
+        fsync_dir(dest.parent)
+
+    def abort(self) -> None:
+        free_tree(self.path)
+
+
+class LocalStore(base.Store):
+    """A folder on the local file system: fsync for durability, rename for atomicity, flock
+    for the writer lock."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    def _p(self, key: str) -> Path:
+        return self.root / base.check_key(key) if key else self.root
+
+    def describe(self, key: str = "") -> str:
+        return str(self._p(key))
+
+    def local_path(self, key: str = "") -> Path | None:
+        return self._p(key)
+
+    def list(self, prefix: str = "") -> list[base.Entry]:
+        with os.scandir(self._p(prefix)) as it:
+            return [base.Entry(e.name, e.is_dir()) for e in it]
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).exists()
+
+    def is_dir(self, key: str) -> bool:
+        return self._p(key).is_dir()
+
+    def size(self, key: str) -> int:
+        return self._p(key).stat().st_size
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            return self._p(key).stat().st_mtime
+        except OSError:
+            return None
+
+    def du(self, key: str) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self._p(key)):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.path.getsize(os.path.join(dirpath, f))
+        return total
+
+    def open(self, key: str) -> base.Blob:
+        path = self._p(key)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return _LocalBlob(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        atomic_write(self._p(key), data)
+
+    def create(self, key: str, data: bytes) -> None:
+        # Write a temp file, then link(2) it to the key: link fails with EEXIST when the key
+        # exists, so exactly one creator wins and the key never holds a partial blob.
+        path = self._p(key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        fsync_dir(path.parent)
+
+    def makedirs(self, key: str = "") -> None:
+        self._p(key).mkdir(parents=True, exist_ok=True)
+
+    def detach(self, key: str, trash: str) -> Callable[[], list[str]]:
+        moved = move_to_trash(self._p(key), base.check_key(trash))
+        return lambda: free_tree(moved)
+
+    def rename(self, key: str, new_key: str) -> None:
+        src, dest = self._p(key), self._p(new_key)
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "already exists", str(dest))
+        os.rename(src, dest)
+        fsync_dir(dest.parent)
+
+    def begin(self, name: str) -> base.Staging:
+        (self.root / base.check_key(name)).mkdir()
+        return _LocalStaging(self, name)
+
+    def staging(self, name: str) -> base.Staging:
+        staging = _LocalStaging(self, base.check_key(name))
+        if not staging.path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such staging folder", str(staging.path))
+        return staging
+
+    def lock(self, name: str) -> RunLock:
+        return RunLock(self.root, name)
 
 
 # fds of held locks. A forked child (a DataLoader worker) shares the parent's open file

@@ -1,0 +1,222 @@
+"""The store contract (storage/base.py), run against every store: a backend opts in with a
+one-line class (fsspec's ``tests/abstract`` style). Crash-safety of the commit starts here."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from savegame import errors
+from savegame.storage import Store, faulty
+from savegame.storage.local import LocalStore
+from savegame.storage.memory import MemoryStore
+
+
+class StoreContract:
+    """Every test takes ``store``: an empty store for this test."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        raise NotImplementedError
+
+    # ---- put / create / read -------------------------------------------------------------
+    def test_put_replaces_atomically_and_reads_back(self, store: Store) -> None:
+        store.put("a", b"one")
+        store.put("a", b"two!")
+        assert store.read("a") == b"two!"
+        assert store.size("a") == 4
+        assert store.exists("a") and not store.is_dir("a")
+        assert [(e.name, e.is_dir) for e in store.list("")] == [("a", False)]
+
+    def test_ranged_reads(self, store: Store) -> None:
+        store.put("r", bytes(range(100)))
+        assert store.read("r", 10, 5) == bytes(range(10, 15))
+        assert store.read("r", 95) == bytes(range(95, 100))
+        with store.open("r") as blob:
+            assert blob.size == 100
+            buf = bytearray(3)
+            blob.readinto(50, memoryview(buf))
+            assert bytes(buf) == bytes([50, 51, 52])
+            with pytest.raises(EOFError):
+                blob.readinto(99, memoryview(bytearray(2)))
+            mapped = blob.map()
+            if mapped is not None:
+                assert bytes(memoryview(mapped)[:4]) == bytes(range(4))
+                if hasattr(mapped, "close"):
+                    mapped.close()
+
+    def test_create_has_exactly_one_winner(self, store: Store) -> None:
+        store.create("lease", b"first")
+        with pytest.raises(FileExistsError):
+            store.create("lease", b"second")
+        assert store.read("lease") == b"first"
+
+    def test_create_races_have_one_winner(self, store: Store) -> None:
+        wins: list[int] = []
+
+        def go(i: int) -> None:
+            try:
+                store.create("race", str(i).encode())
+                wins.append(i)
+            except FileExistsError:
+                pass
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and store.read("race") == str(wins[0]).encode()
+
+    def test_missing_keys_are_file_not_found(self, store: Store) -> None:
+        for call in (lambda: store.size("nope"), lambda: store.open("nope"), lambda: store.read("nope"),
+                     lambda: store.list("nope"), lambda: store.rename("nope", "x")):  # fmt: skip
+            with pytest.raises(FileNotFoundError):
+                call()
+        assert not store.exists("nope") and not store.is_dir("nope")
+
+    @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "a\\b", "a/..", "x\x00"])
+    def test_hostile_keys_are_refused(self, store: Store, key: str) -> None:
+        with pytest.raises(ValueError, match="invalid storage key"):
+            store.put(key, b"x")
+
+    # ---- folders, rename, detach -----------------------------------------------------------
+    def test_folders_list_and_rename_refuses_to_overwrite(self, store: Store) -> None:
+        store.makedirs("d/e")
+        store.put("d/e/f", b"1")
+        store.put("d/g", b"2")
+        assert sorted((e.name, e.is_dir) for e in store.list("d")) == [("e", True), ("g", False)]
+        store.makedirs("other")
+        with pytest.raises(FileExistsError):
+            store.rename("d", "other")
+        store.rename("d", "moved")
+        assert not store.exists("d")
+        assert store.read("moved/e/f") == b"1"
+        assert store.du("moved") == 2
+
+    def test_detach_hides_at_once_and_frees_later(self, store: Store) -> None:
+        store.makedirs("step-1")
+        store.put("step-1/x", b"abc")
+        free = store.detach("step-1", ".tmp-deleted-step-1-0")
+        assert not store.exists("step-1")
+        assert free() == []
+        assert [e.name for e in store.list("")] == []
+        store.put("y", b"1")
+        assert store.delete("y", ".tmp-deleted-y") == [] and not store.exists("y")
+
+    # ---- the commit ------------------------------------------------------------------------
+    def _stage(self, store: Store, name: str = ".tmp-s") -> Any:
+        st = store.begin(name)
+        (out, size) = st.write("data.bin", lambda f: f.write(b"payload"))
+        assert (out, size) == (7, 7)
+        return st
+
+    def test_staged_files_are_invisible_until_commit(self, store: Store) -> None:
+        st = self._stage(store)
+        assert not store.exists("step-1")
+        joined = store.staging(st.name)  # another rank joins by name
+        joined.write("rank1.bin", lambda f: f.write(b"xy"))
+        st.commit("step-1", "manifest.json", b"{}")
+        assert store.read("step-1/data.bin") == b"payload"
+        assert store.read("step-1/rank1.bin") == b"xy"
+        assert store.read("step-1/manifest.json") == b"{}"
+        assert not store.exists(st.name)
+
+    def test_commit_onto_an_existing_checkpoint_is_refused(self, store: Store) -> None:
+        store.makedirs("step-1")
+        store.put("step-1/manifest.json", b"old")
+        st = self._stage(store)
+        with pytest.raises(FileExistsError):
+            st.commit("step-1", "manifest.json", b"new")
+        assert store.read("step-1/manifest.json") == b"old"
+        st.abort()
+        assert not store.exists(st.name)
+
+    def test_abort_removes_everything_and_never_raises(self, store: Store) -> None:
+        st = self._stage(store)
+        st.abort()
+        st.abort()
+        assert [e.name for e in store.list("")] == []
+
+    def test_joining_a_missing_staging_area_fails(self, store: Store) -> None:
+        with pytest.raises(FileNotFoundError):
+            store.staging(".tmp-nothing")
+
+    # ---- the lock --------------------------------------------------------------------------
+    def test_lock_has_one_holder(self, store: Store) -> None:
+        a, b = store.lock(".lock"), store.lock(".lock")
+        a.acquire()
+        try:
+            assert a.held
+            with pytest.raises(errors.LockedError):
+                b.acquire()
+        finally:
+            a.release()
+        b.acquire()
+        b.release()
+        assert not b.held
+
+
+class TestLocalStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        return LocalStore(tmp_path)
+
+
+class TestMemoryStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        return MemoryStore()
+
+
+class TestFaultyStoreWithoutFaults(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        return faulty.FaultyStore(MemoryStore())
+
+
+# ---- the fault-injecting store itself ----------------------------------------------------------
+@pytest.mark.parametrize("inner", ["local", "memory"])
+@pytest.mark.parametrize("point", ["stage.write", "stage.sync", "commit.seal", "commit.publish"])
+def test_a_fault_before_publish_leaves_nothing_under_the_final_name(tmp_path: Path, inner: str, point: str) -> None:
+    base_store: Store = LocalStore(tmp_path) if inner == "local" else MemoryStore()
+    store = faulty.FaultyStore(base_store, {point: 1})
+    st = store.begin(".tmp-x")
+    with pytest.raises(OSError) as info:
+        st.write("f", lambda f: (f.write(b"a" * 10), f.write(b"b" * 10)))
+        st.commit("step-1", "manifest.json", b"{}")
+    assert info.value.errno == errno.ENOSPC and store.fired == [point]
+    assert not base_store.exists("step-1")
+    st.abort()
+    assert [e.name for e in base_store.list("")] == []
+
+
+def test_a_crash_leaves_the_staging_area_and_kills_the_store(tmp_path: Path) -> None:
+    inner = LocalStore(tmp_path)
+    store = faulty.FaultyStore(inner, {"commit.publish": 1}, crash=True)
+    st = store.begin(".tmp-x")
+    st.write("f", lambda f: f.write(b"abc"))
+    with pytest.raises(OSError):
+        st.commit("step-1", "manifest.json", b"{}")
+    st.abort()  # a dead writer cleans nothing up
+    assert store.dead and inner.read(".tmp-x/manifest.json") == b"{}" and not inner.exists("step-1")
+    with pytest.raises(OSError, match="simulated crash"):
+        store.put("x", b"1")
+
+
+def test_commit_done_fault_happens_after_the_checkpoint_is_published(tmp_path: Path) -> None:
+    inner = MemoryStore()
+    store = faulty.FaultyStore(inner, {"commit.done": 1})
+    st = store.begin(".tmp-x")
+    with pytest.raises(OSError):
+        st.commit("step-1", "manifest.json", b"{}")
+    assert inner.read("step-1/manifest.json") == b"{}"
+
+
+def test_unknown_fault_point_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown fault points"):
+        faulty.FaultyStore(MemoryStore(), {"fsync": 1})
