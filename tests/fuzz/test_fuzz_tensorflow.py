@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from savegame import errors
 from savegame.interop import tensorflow
+from savegame.interop.tensorflow import proto, table
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "tensorflow"
 REGRESSIONS = Path(__file__).resolve().parent / "regressions" / "tensorflow"
@@ -59,7 +60,7 @@ ORIGINAL = {
     )
     for name, p in PREFIXES.items()
 }
-ROWS = {name: tensorflow._Table(index, name).read() for name, (index, _shard) in ORIGINAL.items()}
+ROWS = {name: table.Table(index, name).read() for name, (index, _shard) in ORIGINAL.items()}
 
 
 def exercise(target: Path) -> None:
@@ -203,7 +204,7 @@ def _replace_tensor(
     rows = []
     for k, v in ROWS[name]:
         if k == key:
-            e = tensorflow._tfproto.decode_entry(v)
+            e = proto.decode_entry(v)
             v = bw.entry(
                 e.dtype if dtype is None else dtype,
                 e.shape if shape is None else shape,
@@ -240,7 +241,7 @@ ITEMSIZE = {1: 4, 3: 4, 9: 8, 10: 1, 14: 2, 19: 2, 18: 16}
 
 
 def _numeric_case(tmp: Path, name: str, which: int, dtype: int, payload: bytes) -> None:
-    keys = [k for k, v in ROWS[name][1:] if tensorflow._tfproto.decode_entry(v).dtype != 7]
+    keys = [k for k, v in ROWS[name][1:] if proto.decode_entry(v).dtype != 7]
     key = keys[which % len(keys)]
     size = ITEMSIZE.get(dtype, 1)
     payload = payload[: len(payload) - len(payload) % size]

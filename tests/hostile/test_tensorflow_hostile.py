@@ -22,6 +22,7 @@ import pytest
 
 from savegame import errors
 from savegame.interop import tensorflow
+from savegame.interop.tensorflow import proto
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "tensorflow"
 
@@ -762,7 +763,7 @@ def test_many_index_entries_pointing_at_one_big_block_fail_fast(tmp_path: Path) 
 def test_dense_object_graph_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Many empty child references in few bytes: refused before they are all materialised. The
     # real cap (1M fields, ~2 s and ~66 MB untraced) is scaled down so the test stays fast.
-    monkeypatch.setattr(tensorflow._tfproto, "_MAX_FIELDS", 10_000)
+    monkeypatch.setattr(proto, "_MAX_FIELDS", 10_000)
     graph = bw.f_bytes(1, b"\x0a\x00" * 11_000)
     prefix = graph_bundle(tmp_path, graph, {"w": np.ones(2, np.float32)})
     with tensorflow.open_tensorflow(prefix) as r, bounded(seconds=5, megabytes=8):

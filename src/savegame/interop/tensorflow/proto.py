@@ -10,7 +10,8 @@ just a handful of tiny messages (``BundleHeaderProto``, ``BundleEntryProto`` wit
 Key invariant: every decoder works on an in-memory ``bytes`` object and never reads past its
 end; every varint is at most 10 bytes (5 for 32-bit fields) and every length is checked against
 the bytes that remain before it is used (FORMATS.md §3.6). Problems raise :class:`ProtoError`,
-which the reader turns into a :class:`savegame.errors.FormatError` carrying the path.
+which the table, bundle, graph and locate modules turn into a
+:class:`savegame.errors.FormatError` carrying the path.
 
 Field numbers follow tensorflow/core/protobuf/tensor_bundle.proto,
 tensorflow/core/framework/tensor_shape.proto, tensor_slice.proto, versions.proto and
