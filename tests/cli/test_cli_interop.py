@@ -131,11 +131,11 @@ def test_keras_files_are_read_in_a_child_process_unless_trusted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("h5py")
-    from savegame.interop import keras
+    from savegame.interop.keras import isolation
 
     calls: list[str] = []
-    real = keras._isolated_index
-    monkeypatch.setattr(keras, "_isolated_index", lambda path, *a: (calls.append(path), real(path, *a))[1])
+    real = isolation.isolated_index
+    monkeypatch.setattr(isolation, "isolated_index", lambda path, *a: (calls.append(path), real(path, *a))[1])
     src = GOLDEN / "keras" / "cnn.weights.h5"
     assert main(["show", str(src)]) == 0
     assert calls == [str(src)]

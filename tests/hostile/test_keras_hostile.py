@@ -27,6 +27,7 @@ from h5py import h5d, h5p, h5s, h5t, h5z
 
 from savegame import errors
 from savegame.interop import keras
+from savegame.interop.keras import h5index, keras3
 
 FIXTURES = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "keras"
 
@@ -174,7 +175,7 @@ def test_deep_nesting_is_refused(tmp_path: Path) -> None:
 def test_huge_attribute_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "attr.h5"
     with h5py.File(path, "w", libver="latest") as f:
-        f.attrs["layer_names"] = np.zeros(keras._MAX_ATTR_ELEMENTS + 1, dtype="S1")
+        f.attrs["layer_names"] = np.zeros(h5index.MAX_ATTR_ELEMENTS + 1, dtype="S1")
     _refused(path, match="huge")
 
 
@@ -409,7 +410,7 @@ def test_config_check_accepts_every_real_fixture() -> None:
         },
     }
     with pytest.raises(errors.FormatError, match=r"\(144, 6\) but config.json implies \(144, 5\)"):
-        keras._check_config_shapes("x.keras", index)  # no layer_names: snake_case fallback
+        keras3.check_config_shapes("x.keras", index)  # no layer_names: snake_case fallback
 
 
 # ---- process isolation -----------------------------------------------------------------------
@@ -532,9 +533,7 @@ def test_isolated_reads_equal_in_process_reads(tmp_path: Path) -> None:
 def test_isolation_child_imports_neither_torch_nor_savegame() -> None:
     import ast
 
-    from savegame.interop import _h5index
-
-    tree = ast.parse(Path(_h5index.__file__).read_text())
+    tree = ast.parse(Path(h5index.__file__).read_text())
     imported = {
         (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
         for node in ast.walk(tree)

@@ -3,11 +3,16 @@ else (no savegame, no torch), so that it can run as a small isolation child.
 
 Key invariant: this module is the only code that hands bytes from a Keras file to libhdf5, and
 it runs in one of two places. With ``open_keras(..., isolate=True)`` (the default) it runs in a
-child Python started by :func:`run_isolated` that imports only this file, numpy and h5py (about
-0.2 s), dies with its parent (``PR_SET_PDEATHSIG`` on Linux, plus a parent-pid check) and is
-killed on timeout; the parent receives plain data (JSON plus the bytes of the few datasets it
-cannot read itself) and never calls libhdf5, so a crash or hang inside libhdf5 on a malformed
-file costs only the child. With ``isolate=False`` (trusted files) the same code runs in-process.
+child Python started by :func:`savegame.interop.keras.isolation.isolated_index` that imports
+only this file, numpy and h5py (about 0.2 s), dies with its parent (``PR_SET_PDEATHSIG`` on
+Linux, plus a parent-pid check) and is killed on timeout; the parent receives plain data (JSON
+plus the bytes of the few datasets it cannot read itself) and never calls libhdf5, so a crash
+or hang inside libhdf5 on a malformed file costs only the child. With ``isolate=False``
+(trusted files) the same code runs in-process.
+
+It is one file on purpose, longer than the house's ~600 lines: the child loads exactly this
+file by path, so the test of the child's imports (``tests/hostile/test_keras_hostile.py``)
+covers everything that runs beside libhdf5; a split would need a multi-file loader there.
 
 The child reads the file through the file descriptor the parent opened (``pass_fds``), so both
 see the same file even if the path is replaced in between; the parent compares ``fstat`` before
@@ -17,7 +22,8 @@ Checks (FORMATS.md §4.4): every link is a hard link visited once; no external r
 virtual datasets or non-builtin filters (so libhdf5 never searches for a plugin); declared sizes
 are bounded against the stored bytes; attributes are bounded before they are read; JSON
 attributes are parsed as data. Errors are :class:`Problem` (kind ``format``, ``unsafe`` or
-``unsupported``), which ``keras.py`` turns into savegame's typed errors.
+``unsupported``), which :mod:`savegame.interop.keras.isolation` turns into savegame's typed
+errors.
 """
 
 from __future__ import annotations
