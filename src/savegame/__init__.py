@@ -16,6 +16,7 @@ from savegame.errors import (
     LockedError,
     LossyConversionWarning,
     MissingDependencyError,
+    ReaderClosedError,
     RestoreError,
     StepExistsError,
     StorageError,
@@ -26,23 +27,36 @@ from savegame.policy import Every, Keep, regime
 
 if _typing.TYPE_CHECKING:
     from savegame import data
-    from savegame.api import convert, diff, load, open, save
+    from savegame.api import load, open, save
     from savegame.checkpointer import EXIT_PREEMPTED, Checkpointer, CheckpointInfo
+    from savegame.engine.persist import SaveHandle
+    from savegame.interop.base import Reader, TensorInfo
+    from savegame.interop.detect import register_format
     from savegame.state import Stateful, TrainState
+    from savegame.tools.convert import convert
+    from savegame.tools.diff import DiffResult, diff
 
 # Names whose modules import torch are loaded on first use (PEP 562), so that `import savegame`,
 # `savegame --version` and the readers of foreign files (numpy only) do not pay torch's ~1 s
-# import (issue 9.18). `from savegame import *` and attribute access behave as before.
+# import (issue 9.18). `from savegame import *` and attribute access behave as before. The
+# types public calls return (Reader, TensorInfo, SaveHandle, DiffResult) and register_format
+# are lazy too: their modules are cheap, but `import savegame` then reads no module it does
+# not need.
 _LAZY = {
     "EXIT_PREEMPTED": "savegame.checkpointer",
     "CheckpointInfo": "savegame.checkpointer",
     "Checkpointer": "savegame.checkpointer",
+    "DiffResult": "savegame.tools.diff",
+    "Reader": "savegame.interop.base",
+    "SaveHandle": "savegame.engine.persist",
     "Stateful": "savegame.state",
+    "TensorInfo": "savegame.interop.base",
     "TrainState": "savegame.state",
-    "convert": "savegame.api",
-    "diff": "savegame.api",
+    "convert": "savegame.tools.convert",
+    "diff": "savegame.tools.diff",
     "load": "savegame.api",
     "open": "savegame.api",
+    "register_format": "savegame.interop.detect",
     "save": "savegame.api",
 }
 
@@ -71,6 +85,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "Checkpointer",
     "CorruptCheckpointWarning",
+    "DiffResult",
     "DistributedSaveError",
     "EncodeError",
     "Every",
@@ -81,10 +96,14 @@ __all__ = [
     "LockedError",
     "LossyConversionWarning",
     "MissingDependencyError",
+    "Reader",
+    "ReaderClosedError",
     "RestoreError",
+    "SaveHandle",
     "Stateful",
     "StepExistsError",
     "StorageError",
+    "TensorInfo",
     "TrainState",
     "UnsafeContentError",
     "UnsupportedFormatError",
@@ -95,5 +114,6 @@ __all__ = [
     "load",
     "open",
     "regime",
+    "register_format",
     "save",
 ]

@@ -41,7 +41,8 @@ from hypothesis import strategies as st
 
 import savegame as sg
 from savegame import errors
-from savegame.interop import darknet, darknet_torch, keras
+from savegame.adapters import darknet_torch
+from savegame.interop import darknet, keras
 
 ROOT = Path(__file__).resolve().parents[1]
 KERAS_FIXTURES = ROOT / "golden" / "foreign" / "keras"

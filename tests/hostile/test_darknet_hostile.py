@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from savegame import errors
-from savegame.interop import darknet, darknet_torch, detect
+from savegame.adapters import darknet_torch
+from savegame.interop import darknet, detect
 
 NET = "[net]\nwidth=16\nheight=16\nchannels=3\n"
 CONV = "[convolutional]\nfilters=4\nsize=3\npad=1\nactivation=leaky\n"

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from savegame import errors
-from savegame.interop import base, darknet, darknet_torch
+from savegame.adapters import darknet_torch
+from savegame.interop import base, darknet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "darknet"
 FULL_CFG = FIXTURES / "yolov3-tiny.cfg"

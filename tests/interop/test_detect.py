@@ -134,8 +134,9 @@ def test_missing_reader_module_is_unsupported(
 ) -> None:
     p = tmp_path / "a.safetensors"
     save_file({"w": torch.ones(1)}, p)
+    # FORMATS is read-only; the registry behind it is what register_format(clobber=True) edits.
     monkeypatch.setitem(
-        detect.FORMATS, "safetensors", ("savegame.interop._no_such_reader", "open_x")
+        detect._REGISTRY, "safetensors", ("savegame.interop._no_such_reader", "open_x")
     )
     monkeypatch.delitem(sys.modules, "savegame.interop._no_such_reader", raising=False)
     with pytest.raises(errors.UnsupportedFormatError, match="missing"):

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from savegame import errors
-from savegame.interop import base, keras, mapping
+from savegame.adapters import mapping
+from savegame.interop import base, keras
 
 FIXTURES = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "keras"
 EXPECTED = np.load(FIXTURES / "expected.npz")
@@ -254,7 +255,7 @@ def test_keras_cnn_in_pytorch_gives_keras_outputs(fixture: str, tmp_path: Path) 
     with keras.open_keras(_copy(fixture, tmp_path)) as r:
         order = LEGACY_ORDER if r.layout == "legacy" else list(KERAS3_NAMES)
         names = dict(zip(ROLES, order, strict=True))
-        # Through savegame.interop.mapping, reading straight from the reader.
+        # Through savegame.adapters.mapping, reading straight from the reader.
         model = _torch_cnn()
         mappings = (
             mapping.conv2d("0", kernel=names["kernel_c"], bias=names["bias_c"])

@@ -73,3 +73,23 @@ def test_object_dtype_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.UnsafeContentError) as ei:
         npr.open_numpy(p)
     assert ei.value.path == str(p)
+
+
+def test_closed_reader_raises_reader_closed_error(tmp_path: Path) -> None:
+    p = tmp_path / "a.npz"
+    np.savez(p, w=np.ones(2, np.float32))
+    r = npr.open_numpy(p)
+    assert isinstance(r, base.Reader)
+    with r:
+        assert r.keys() == ["w"]
+    r.close()  # idempotent
+    for call in (
+        r.keys,
+        r.tree,
+        r.metadata,
+        r.verify,
+        lambda: r.read("w"),
+        lambda: r.read_numpy("w"),
+    ):
+        with pytest.raises(errors.ReaderClosedError):
+            call()

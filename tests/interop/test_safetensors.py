@@ -108,3 +108,27 @@ def test_leading_space_and_extra_fields_rejected(tmp_path: Path) -> None:
 def test_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(errors.CheckpointNotFoundError):
         st.open_safetensors(tmp_path / "nope.safetensors")
+
+
+def test_closed_reader_raises_reader_closed_error(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, p)
+    r = st.open_safetensors(p)
+    assert isinstance(r, base.Reader)
+    with r:
+        assert r.keys() == ["w"]
+    r.close()  # idempotent
+    assert r.closed
+    for call in (r.keys, r.tree, r.metadata, r.verify, lambda: r.read("w"), lambda: r.info("w")):
+        with pytest.raises(errors.ReaderClosedError):
+            call()
+
+
+def test_dtype_table_is_the_one_in_format_tensors() -> None:
+    from savegame.format import tensors
+
+    assert st.DTYPES is tensors.SAFETENSORS_DTYPES
+    for code, (name, bits) in st.DTYPES.items():
+        if name is not None:
+            assert tensors.TO_SAFETENSORS[name] == code
+            assert tensors.DTYPES[name][:2] == (code, bits // 8)

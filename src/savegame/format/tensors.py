@@ -6,17 +6,22 @@ element size first so every tensor is naturally aligned. ``safetensors.safe_open
 
 Invariant: the writer computes each tensor's digest from the very buffer it hands to the OS, so
 a digest can never describe bytes other than the ones written.
+
+This module holds savegame's one dtype table (``TABLE``: torch, safetensors and numpy names of
+every dtype, by name, so importing it needs no torch) and its one safetensors writer
+(:func:`write_tensor_stream`), which ``savegame.tools.convert`` also writes through.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import struct
 import sys
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -26,36 +31,76 @@ from savegame.format import hashing
 if TYPE_CHECKING:  # torch is imported by the functions that need tensors (issue 9.18)
     import torch
 
-__all__ = ["DTYPES", "WrittenTensor", "byte_view", "dtype_from_name", "read_into", "write_all", "write_tensor_file"]
+__all__ = [
+    "DTYPES",
+    "FROM_NUMPY",
+    "SAFETENSORS_DTYPES",
+    "TABLE",
+    "TO_SAFETENSORS",
+    "TensorSpec",
+    "WrittenTensor",
+    "byte_view",
+    "dtype_from_name",
+    "read_into",
+    "write_all",
+    "write_tensor_file",
+    "write_tensor_stream",
+]
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
     raise ImportError("savegame supports little-endian hosts only")
 
-# torch dtype name -> (safetensors dtype, element size, trailing dims added in the file).
-# complex128/complex32 have no safetensors dtype: stored as their real parts' dtype with a
-# trailing dimension of 2 (what torch.view_as_real gives); the manifest keeps the true dtype.
+# The one dtype table (issue 10): every dtype a tensor file, a safetensors file or a numpy file
+# may hold, as (torch dtype name, safetensors dtype code, numpy kind + itemsize, bits per
+# element). Names, not torch or numpy objects, so that listing and verifying foreign files need
+# neither (issue 9.18). ``None``: that library has no such dtype — torch lacks the sub-byte
+# floats, numpy lacks bfloat16 and the float8s, safetensors lacks complex128 and complex32.
+TABLE: tuple[tuple[str | None, str | None, str | None, int], ...] = (
+    ("float64", "F64", "f8", 64),
+    ("float32", "F32", "f4", 32),
+    ("float16", "F16", "f2", 16),
+    ("bfloat16", "BF16", None, 16),
+    ("int64", "I64", "i8", 64),
+    ("int32", "I32", "i4", 32),
+    ("int16", "I16", "i2", 16),
+    ("int8", "I8", "i1", 8),
+    ("uint8", "U8", "u1", 8),
+    ("uint16", "U16", "u2", 16),
+    ("uint32", "U32", "u4", 32),
+    ("uint64", "U64", "u8", 64),
+    ("bool", "BOOL", "b1", 8),
+    ("complex64", "C64", "c8", 64),
+    ("complex128", None, "c16", 128),
+    ("complex32", None, None, 32),
+    ("float8_e4m3fn", "F8_E4M3", None, 8),
+    ("float8_e5m2", "F8_E5M2", None, 8),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ", None, 8),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ", None, 8),
+    ("float8_e8m0fnu", "F8_E8M0", None, 8),
+    (None, "F4", None, 4),
+    (None, "F6_E2M3", None, 6),
+    (None, "F6_E3M2", None, 6),
+)
+
+#: safetensors dtype code -> (torch dtype name, or None when torch has no such dtype; bits per
+#: element). What a safetensors reader accepts.
+SAFETENSORS_DTYPES: dict[str, tuple[str | None, int]] = {
+    st: (name, bits) for name, st, _, bits in TABLE if st is not None
+}
+#: torch dtype name -> safetensors dtype code, for dtypes safetensors holds exactly.
+TO_SAFETENSORS: dict[str, str] = {name: st for name, st, _, _ in TABLE if name and st}
+#: numpy kind + itemsize ("f4", "c16", "b1") -> torch dtype name.
+FROM_NUMPY: dict[str, str] = {np_code: name for name, _, np_code, _ in TABLE if name and np_code}
+
+# What savegame's own tensor files store: torch dtype name -> (safetensors dtype, element size,
+# trailing dims added in the file). complex128/complex32 have no safetensors dtype: stored as
+# their real parts' dtype with a trailing dimension of 2 (what torch.view_as_real gives); the
+# manifest keeps the true dtype.
+_AS_REAL_PAIRS = {"complex128": "float64", "complex32": "float16"}
 DTYPES: dict[str, tuple[str, int, int]] = {
-    "float64": ("F64", 8, 0),
-    "float32": ("F32", 4, 0),
-    "float16": ("F16", 2, 0),
-    "bfloat16": ("BF16", 2, 0),
-    "int64": ("I64", 8, 0),
-    "int32": ("I32", 4, 0),
-    "int16": ("I16", 2, 0),
-    "int8": ("I8", 1, 0),
-    "uint8": ("U8", 1, 0),
-    "uint16": ("U16", 2, 0),
-    "uint32": ("U32", 4, 0),
-    "uint64": ("U64", 8, 0),
-    "bool": ("BOOL", 1, 0),
-    "complex64": ("C64", 8, 0),
-    "complex128": ("F64", 16, 1),
-    "complex32": ("F16", 4, 1),
-    "float8_e4m3fn": ("F8_E4M3", 1, 0),
-    "float8_e5m2": ("F8_E5M2", 1, 0),
-    "float8_e4m3fnuz": ("F8_E4M3FNUZ", 1, 0),
-    "float8_e5m2fnuz": ("F8_E5M2FNUZ", 1, 0),
-    "float8_e8m0fnu": ("F8_E8M0", 1, 0),
+    name: (TO_SAFETENSORS[_AS_REAL_PAIRS.get(name, name)], bits // 8, int(name in _AS_REAL_PAIRS))
+    for name, _, _, bits in TABLE
+    if name is not None
 }
 
 ALIGN = 64
@@ -100,6 +145,19 @@ def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A tensor's header entry, known before its data is read: key, torch dtype name, shape."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, key: str, t: torch.Tensor) -> TensorSpec:
+        return cls(key, dtype_name(t.dtype), tuple(t.shape))
+
+
+@dataclass(frozen=True, slots=True)
 class WrittenTensor:
     key: str
     offset: int  # absolute, in the file
@@ -107,19 +165,21 @@ class WrittenTensor:
     hash: str
 
 
-def _header(items: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+def _header(
+    specs: Sequence[TensorSpec], metadata: dict[str, str], align: int
+) -> tuple[bytes, list[int]]:
     header: dict[str, object] = {"__metadata__": metadata}
     begin = 0
     begins = []
-    for key, t in items:
-        st_dtype, size, extra = DTYPES[dtype_name(t.dtype)]
-        shape = list(t.shape) + ([2] if extra else [])
-        length = t.numel() * size
-        header[key] = {"dtype": st_dtype, "shape": shape, "data_offsets": [begin, begin + length]}
+    for s in specs:
+        st_dtype, size, extra = DTYPES[s.dtype]
+        shape = list(s.shape) + ([2] if extra else [])
+        length = math.prod(s.shape) * size
+        header[s.key] = {"dtype": st_dtype, "shape": shape, "data_offsets": [begin, begin + length]}
         begins.append(begin)
         begin += length
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    pad = (-(8 + len(raw))) % ALIGN
+    pad = (-(8 + len(raw))) % align
     raw += b" " * pad
     return struct.pack("<Q", len(raw)) + raw, begins
 
@@ -153,13 +213,17 @@ def write_all(f: BinaryIO, data: memoryview) -> None:
         n = f.write(view[done : done + MAX_WRITE])
         if not n:  # None (non-blocking file) or 0: no progress; never loop forever
             raise OSError(
-                errno.EIO, f"write made no progress after {done} of {total} bytes (disk full or file-size limit?)"
+                errno.EIO,
+                f"write made no progress after {done} of {total} bytes (disk full or file-size limit?)",
             )
         done += n
 
 
 def write_tensor_file(
-    f: BinaryIO, items: Sequence[tuple[str, torch.Tensor]], *, metadata: dict[str, str] | None = None
+    f: BinaryIO,
+    items: Sequence[tuple[str, torch.Tensor]],
+    *,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[bytes, list[WrittenTensor]]:
     """Write ``items`` (contiguous CPU tensors, already in file order) to ``f``.
 
@@ -167,26 +231,70 @@ def write_tensor_file(
     """
     for key, t in items:
         if dtype_name(t.dtype) not in DTYPES:
-            raise errors.EncodeError(f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key)
+            raise errors.EncodeError(
+                f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key
+            )
         if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"internal: tensor {key!r} must be staged to contiguous CPU memory first")
-    header, begins = _header(items, {"format": "pt", **(metadata or {})})
+            raise ValueError(
+                f"internal: tensor {key!r} must be staged to contiguous CPU memory first"
+            )
+    return write_tensor_stream(
+        f, [TensorSpec.of(k, t) for k, t in items], (t for _, t in items), metadata=metadata
+    )
+
+
+def write_tensor_stream(
+    f: BinaryIO,
+    specs: Sequence[TensorSpec],
+    tensors: Iterable[torch.Tensor],
+    *,
+    metadata: dict[str, str] | None = None,
+    align: int = ALIGN,
+) -> tuple[bytes, list[WrittenTensor]]:
+    """Write a tensor file whose header is ``specs`` and whose data is ``tensors``, taken one at a
+    time in the same order (a generator keeps one tensor in memory: ``convert`` streams with it).
+
+    The one safetensors writer: savegame's own tensor files (through :func:`write_tensor_file`)
+    and ``convert``'s output. ``align``: the data section starts at a multiple of it (64 for
+    savegame; 8, the reference writer's padding, for ``convert``). Every tensor must be
+    contiguous, on the CPU and match its spec. Returns the header bytes and where each tensor
+    landed with its digest. The caller fsyncs.
+
+    Raises:
+        ValueError: a tensor does not match its spec, or there are more or fewer tensors than
+            specs (the file would not match its header).
+        OSError: the write failed.
+    """
+    header, begins = _header(specs, {"format": "pt", **(metadata or {})}, align)
     write_all(f, memoryview(header))
     base = len(header)
-    views = [byte_view(t) for _, t in items]
+    written: list[tuple[TensorSpec, int, int, Future[str]]] = []
     # Hash on a second thread while this one writes: both release the GIL, so the hash (about
     # 8 % of a save's time when done in line) leaves the critical path.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-hash") as pool:
-        digests = [pool.submit(hashing.digest, view) for view in views]
-        for view in views:
+        for spec, begin, t in zip(specs, begins, tensors, strict=True):
+            if (
+                dtype_name(t.dtype) != spec.dtype
+                or tuple(t.shape) != spec.shape
+                or t.device.type != "cpu"
+                or not t.is_contiguous()
+            ):
+                raise ValueError(
+                    f"internal: tensor {spec.key!r} is not the contiguous CPU {spec} its header names"
+                )
+            view = byte_view(t)
+            digest = pool.submit(hashing.digest, view)
             write_all(f, view)
+            written.append((spec, begin, len(view), digest))
+            del t, view  # streamed: let the tensor go once it is written and hashed
         return header, [
-            WrittenTensor(key, base + begin, len(view), d.result())
-            for (key, _), begin, view, d in zip(items, begins, views, digests, strict=True)
+            WrittenTensor(s.key, base + begin, n, d.result()) for s, begin, n, d in written
         ]
 
 
-def read_header(f: BinaryIO, path: str | os.PathLike[str], file_size: int) -> tuple[bytes, dict[str, dict[str, object]]]:
+def read_header(
+    f: BinaryIO, path: str | os.PathLike[str], file_size: int
+) -> tuple[bytes, dict[str, dict[str, object]]]:
     """Read and validate a tensor file's header; returns its raw bytes and parsed entries."""
     head = f.read(8)
     if len(head) != 8:
@@ -198,11 +306,20 @@ def read_header(f: BinaryIO, path: str | os.PathLike[str], file_size: int) -> tu
         )
     raw = f.read(n)
     if len(raw) != n:
-        raise errors.IntegrityError(f"{path}: tensor file is truncated inside its {n}-byte header", path=path)
+        raise errors.IntegrityError(
+            f"{path}: tensor file is truncated inside its {n}-byte header", path=path
+        )
     try:
         parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:  # ValueError: >4300-digit ints
-        raise errors.IntegrityError(f"{path}: tensor file header is not valid JSON ({exc})", path=path) from exc
+    except (
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        RecursionError,
+        ValueError,
+    ) as exc:  # ValueError: >4300-digit ints
+        raise errors.IntegrityError(
+            f"{path}: tensor file header is not valid JSON ({exc})", path=path
+        ) from exc
     if not isinstance(parsed, dict):
         raise errors.IntegrityError(f"{path}: tensor file header is not a JSON object", path=path)
     parsed.pop("__metadata__", None)

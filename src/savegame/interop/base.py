@@ -12,7 +12,7 @@ tensor) or ``verify`` (everything) -> ``close``. Readers are context managers.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,7 +22,16 @@ if TYPE_CHECKING:  # readers list and verify with numpy/bytes; only read() impor
     import numpy as np
     import torch
 
-__all__ = ["ForeignReader", "Reader", "Opaque", "TensorInfo", "TensorRef", "LIMITS", "json_depth_ok"]
+__all__ = [
+    "ForeignReader",
+    "Reader",
+    "Opaque",
+    "TensorInfo",
+    "TensorRef",
+    "LIMITS",
+    "json_depth_ok",
+    "materialize",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +159,7 @@ class Reader(abc.ABC):
         self._closed = True
         self._release()
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - an optional hook
         """Free held resources (open files, maps, child processes). Called once by close()."""
 
     def _check_open(self) -> None:
@@ -219,3 +228,30 @@ def iter_tensors(reader: ForeignReader) -> Iterator[tuple[str, torch.Tensor | np
     """Yield ``(name, tensor)`` one at a time, so memory stays at one tensor."""
     for name in reader.keys():
         yield name, reader.read(name)
+
+
+def materialize(
+    tree: Any, reader: ForeignReader, *, read: Callable[[str], Any] | None = None
+) -> Any:
+    """``tree`` (from ``reader.tree()``) with every :class:`TensorRef` replaced by its tensor.
+
+    The one place that turns references into data (``convert`` to savegame, ``adopt``):
+    mappings (rebuilt as dicts), lists and tuples are walked; every other leaf, :class:`Opaque`
+    included, is kept as it is. Tensors are read one at a time, in tree order, with
+    ``read(name)`` — ``reader.read`` unless given (e.g. to refuse strings or make tensors
+    contiguous) — so the result holds every tensor the tree names.
+    """
+    get = reader.read if read is None else read
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, TensorRef):
+            return get(v.name)
+        if isinstance(v, Mapping):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(walk(x) for x in v)
+        return v
+
+    return walk(tree)

@@ -4,6 +4,13 @@ Key invariant: the format is decided by magic bytes and container structure (FOR
 never by the file name — except Darknet ``.weights``, which has no magic and is recognised by
 its suffix (or an explicit ``cfg=``). Readers are imported lazily, so a broken or missing
 reader module only affects its own format.
+
+The format registry (:data:`FORMATS`, read-only to callers like fsspec's
+``known_implementations``) maps each format name to the ``(module, opener)`` that opens it.
+:func:`register_format` adds a format (or, with ``clobber=True``, replaces one) without
+importing anything; ``open(path, format=name)`` skips detection and opens with that entry.
+Detection itself only ever names the built-in formats: a registered format has no magic bytes
+savegame knows of, so it is opened by name.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ import importlib
 import os
 import re
 import struct
+import types
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from savegame import errors
 from savegame.interop import _zip, base
 
-__all__ = ["FORMATS", "detect", "open"]
+__all__ = ["FORMATS", "detect", "open", "register_format"]
 
-# format -> (module, opener). Read-only to callers; keys are what detect() returns.
-FORMATS: dict[str, tuple[str, str]] = {
+# format -> (module, opener); keys are what detect() returns. Mutated only by register_format.
+_REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("savegame.interop.torch_pickle", "open_torch"),
     "safetensors": ("savegame.interop.safetensors", "open_safetensors"),
     "numpy": ("savegame.interop.numpy", "open_numpy"),
@@ -30,13 +39,22 @@ FORMATS: dict[str, tuple[str, str]] = {
     "keras3": ("savegame.interop.keras", "open_keras"),
     "darknet": ("savegame.interop.darknet", "open_darknet"),
 }
-_FORMAT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "cfg": ("darknet",),
-    "partial": ("darknet",),
-    "listing": ("torch",),
-    "isolate": ("keras-h5", "keras3"),
-    "isolate_timeout": ("keras-h5", "keras3"),
+#: The registered formats, read-only: ``{format: (module, opener)}``. Add with
+#: :func:`register_format`.
+FORMATS: Mapping[str, tuple[str, str]] = types.MappingProxyType(_REGISTRY)
+# format -> the keyword options its opener takes. An option some format takes is dropped for the
+# formats that do not, so a caller (the CLI) can pass what it wants for any file.
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "torch": ("listing",),
+    "darknet": ("cfg", "partial"),
+    "keras-h5": ("isolate", "isolate_timeout"),
+    "keras3": ("isolate", "isolate_timeout"),
 }
+_BUILTIN = frozenset(_REGISTRY)
+# Names detect() returns that no reader opens (savegame.open reads its own folders; TorchScript
+# holds code and is refused), so they cannot be registered.
+_RESERVED = frozenset({"savegame", "torchscript"})
+_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _SUPPORTED = (
     "torch (.pt/.pth/.bin, zip or legacy), safetensors, numpy (.npy/.npz), TensorFlow "
     "(prefix, .index, .data-NNNNN-of-NNNNN or folder with a 'checkpoint' file), Keras "
@@ -51,10 +69,78 @@ NPY_MAGIC = b"\x93NUMPY"
 TF_SHARD_RE = re.compile(r"\.data-\d{5,}-of-\d{5,}$")
 
 
+def register_format(
+    name: str, module: str, opener: str, *, options: Iterable[str] = (), clobber: bool = False
+) -> None:
+    """Register the reader of a format, to be opened with ``savegame.open(path, format=name)``.
+
+    Nothing is imported here: ``module`` is imported, and ``module.opener(path, **options)``
+    called, on the first open of a file of this format, so a registration costs nothing until
+    it is used and a broken module only affects its own format. The opener must return a
+    :class:`savegame.Reader`.
+
+    Args:
+        name: The format's name: lower case, starting with a letter, then letters, digits,
+            ``-`` or ``_`` (at most 64). ``"savegame"`` and ``"torchscript"`` are reserved.
+        module: The dotted module path holding the opener (``"mypkg.reader"``).
+        opener: The name of the function in ``module`` that opens a path (``"open_mine"``).
+        options: Keyword options the opener takes. Options that other formats take (``cfg=``,
+            ``listing=``, ``isolate=``, ...) are dropped before calling it unless named here.
+        clobber: Replace an existing registration of ``name`` (a built-in format included).
+
+    Raises:
+        TypeError: an argument is not a string.
+        ValueError: ``name`` is malformed or reserved, ``module``/``opener``/an option is not
+            a valid Python name, or ``name`` is registered already and ``clobber`` is False.
+
+    Example:
+        >>> register_format("myfmt", "mypkg.reader", "open_mine", options=("strict",))
+        >>> FORMATS["myfmt"]
+        ('mypkg.reader', 'open_mine')
+    """
+    opts = (options,) if isinstance(options, str) else tuple(options)
+    for what, value in (("name", name), ("module", module), ("opener", opener)):
+        if not isinstance(value, str):
+            raise TypeError(f"register_format: {what} must be a str, not {type(value).__name__}")
+    for opt in opts:
+        if not isinstance(opt, str):
+            raise TypeError(f"register_format: options must be str, not {type(opt).__name__}")
+    if name in _RESERVED:
+        raise ValueError(f"format name {name!r} is reserved (savegame's own folders / TorchScript)")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"format name {name!r} is not valid: use lower case letters, digits, '-' and '_', "
+            "starting with a letter (at most 64 characters)"
+        )
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(f"format {name!r}: module {module!r} is not a dotted Python module path")
+    if not opener.isidentifier():
+        raise ValueError(f"format {name!r}: opener {opener!r} is not a Python function name")
+    bad = [o for o in opts if not o.isidentifier()]
+    if bad:
+        raise ValueError(f"format {name!r}: options {bad} are not valid keyword names")
+    if name in _REGISTRY and not clobber:
+        raise ValueError(
+            f"format {name!r} is already registered ({_REGISTRY[name][0]}.{_REGISTRY[name][1]}); "
+            "pass clobber=True to replace it"
+        )
+    _REGISTRY[name] = (module, opener)
+    _OPTIONS[name] = opts
+
+
 def _unknown(path: str, why: str = "") -> errors.UnsupportedFormatError:
     return errors.UnsupportedFormatError(
-        f"{path}: unrecognised checkpoint format{why}. Supported: {_SUPPORTED}", path=path
+        f"{path}: unrecognised checkpoint format{why}. Supported: {_SUPPORTED}{_registered()}",
+        path=path,
     )
+
+
+def _registered() -> str:
+    """The formats registered beyond the built-in ones, for error messages."""
+    extra = sorted(set(_REGISTRY) - _BUILTIN)
+    if not extra:
+        return ""
+    return f"; registered (open with format=...): {', '.join(extra)}"
 
 
 def _zip_format(f: Any, path: str, size: int) -> str:
@@ -152,27 +238,41 @@ def detect(path: str | os.PathLike[str]) -> str:
     raise _unknown(p)
 
 
-def open(path: str | os.PathLike[str], **options: Any) -> base.ForeignReader:  # noqa: A001
-    """Detect the format of ``path`` and open it with its reader.
+def open(  # noqa: A001 - the module's verb, like savegame.open
+    path: str | os.PathLike[str], *, format: str | None = None, **options: Any
+) -> base.Reader:
+    """Detect the format of ``path`` (or take ``format``) and open it with its reader.
 
     Args:
         path: As for :func:`detect`.
+        format: A name in :data:`FORMATS`: open ``path`` as that format and skip detection
+            (how a format added with :func:`register_format` is opened).
         **options: Passed to the reader's ``open_*`` function (``cfg=`` for Darknet,
             ``listing=True`` for torch files with unknown globals, ``isolate=True`` to read a
             Keras/HDF5 file in a child process first; each is ignored by other formats).
 
     Raises:
-        UnsupportedFormatError: unknown format, TorchScript, a savegame folder (use
-            ``savegame.open``), Darknet without ``cfg=``, or a reader module that is missing.
+        UnsupportedFormatError: unknown format (detected or named), TorchScript, a savegame
+            folder (use ``savegame.open``), Darknet without ``cfg=``, or a reader module that
+            is missing.
     """
     p = os.fspath(path)
     cfg = options.get("cfg")
-    try:
-        fmt = detect(p)
-    except errors.UnsupportedFormatError:
-        if cfg is None:
-            raise
-        fmt = "darknet"  # Darknet has no magic: an explicit cfg= is the signal
+    if format is not None:
+        fmt = format
+        if fmt not in _REGISTRY and fmt not in _RESERVED:
+            raise errors.UnsupportedFormatError(
+                f"{p}: no reader is registered for format {fmt!r}; registered: "
+                f"{', '.join(sorted(_REGISTRY))} (and 'savegame' through savegame.open)",
+                path=p,
+            )
+    else:
+        try:
+            fmt = detect(p)
+        except errors.UnsupportedFormatError:
+            if cfg is None:
+                raise
+            fmt = "darknet"  # Darknet has no magic: an explicit cfg= is the signal
     if fmt == "savegame":
         raise errors.UnsupportedFormatError(
             f"{p} is a savegame checkpoint folder; open it with savegame.open()", path=p
@@ -191,17 +291,22 @@ def open(path: str | os.PathLike[str], **options: Any) -> base.ForeignReader:  #
         )
     # Options meant for one format are dropped for the others, so a caller (the CLI) can pass
     # what it wants for any file: cfg= (darknet), listing= (torch), isolate= (Keras/libhdf5).
-    for option, formats in _FORMAT_OPTIONS.items():
-        if fmt not in formats:
-            options.pop(option, None)
-    module, func = FORMATS[fmt]
+    own = _OPTIONS.get(fmt, ())
+    for option in {o for opts in _OPTIONS.values() for o in opts} - set(own):
+        options.pop(option, None)
+    module, func = _REGISTRY[fmt]
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name != module:
+            extra = fmt.split("-")[0].replace("keras3", "keras")
+            how = (
+                f"pip install 'savegame[{extra}]'"
+                if module.startswith("savegame.")
+                else "pip install it"
+            )
             raise errors.MissingDependencyError(
-                f"reading {fmt} files needs the package {exc.name!r}; install it (pip install "
-                f"'savegame[{fmt.split('-')[0].replace('keras3', 'keras')}]')",
+                f"reading {fmt} files needs the package {exc.name!r}; install it ({how})",
                 path=p,
             ) from exc
         raise errors.UnsupportedFormatError(
@@ -214,5 +319,5 @@ def open(path: str | os.PathLike[str], **options: Any) -> base.ForeignReader:  #
             f"{p} is a {fmt} file but {module} has no {func}(); the {fmt} reader is incomplete",
             path=p,
         )
-    reader: base.ForeignReader = opener(p, **options)
+    reader: base.Reader = opener(p, **options)
     return reader

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from savegame import errors
+from savegame.format import tensors
 from savegame.interop import _bounds, _zip, base
 
 if TYPE_CHECKING:
@@ -28,25 +29,6 @@ __all__ = ["NumpyReader", "open_numpy"]
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_CHARS = 10_000  # numpy's own default cap (lib/_format_impl.py)
-
-# numpy kind -> supported as a plain tensor. Anything else (objects, strings, structured,
-# datetimes) is refused or reported as unsupported.
-_TORCH_FROM_NP: dict[str, str] = {  # numpy kind+itemsize -> torch dtype name
-    "b1": "bool",
-    "u1": "uint8",
-    "i1": "int8",
-    "i2": "int16",
-    "u2": "uint16",
-    "i4": "int32",
-    "u4": "uint32",
-    "i8": "int64",
-    "u8": "uint64",
-    "f2": "float16",
-    "f4": "float32",
-    "f8": "float64",
-    "c8": "complex64",
-    "c16": "complex128",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +133,7 @@ def parse_header(head: bytes, path: str, key: str | None = None) -> tuple[_Array
 
 def _to_torch(arr: np.ndarray, path: str, key: str) -> torch.Tensor | np.ndarray:
     code = f"{arr.dtype.kind}{arr.dtype.itemsize}"
-    tdt = _TORCH_FROM_NP.get(code)
+    tdt = tensors.FROM_NUMPY.get(code)
     if tdt is None:
         return arr  # strings, datetimes: returned as numpy (never objects, checked at parse)
     # Native byte order, C order, owned and writable: torch.from_numpy shares memory otherwise.
@@ -162,11 +144,11 @@ def _to_torch(arr: np.ndarray, path: str, key: str) -> torch.Tensor | np.ndarray
 
 
 def _torch_name(dtype: np.dtype[Any]) -> str:
-    tdt = _TORCH_FROM_NP.get(f"{dtype.kind}{dtype.itemsize}")
+    tdt = tensors.FROM_NUMPY.get(f"{dtype.kind}{dtype.itemsize}")
     return tdt if tdt is not None else dtype.str
 
 
-class NumpyReader:
+class NumpyReader(base.Reader):
     """Lazy reader of one ``.npy`` (one tensor named ``"array"`` … see :func:`open_numpy`) or
     ``.npz`` (one tensor per member, named without ``.npy``)."""
 
@@ -226,6 +208,7 @@ class NumpyReader:
 
     def keys(self) -> list[str]:
         """``["array"]`` for ``.npy``; member names without ``.npy`` for ``.npz``."""
+        self._check_open()
         return list(self._arrays)
 
     def _arr(self, name: str) -> _Array:
@@ -238,11 +221,13 @@ class NumpyReader:
 
     def info(self, name: str) -> base.TensorInfo:
         """Dtype, shape and byte size of one array."""
+        self._check_open()
         a = self._arr(name)
         return base.TensorInfo(name, _torch_name(a.dtype), a.shape, a.nbytes)
 
     def read_numpy(self, name: str) -> np.ndarray:
         """One array as numpy (C or Fortran order as stored, native values)."""
+        self._check_open()
         a = self._arr(name)
         if self.kind == "npy":
             self._f.seek(a.offset)
@@ -263,18 +248,22 @@ class NumpyReader:
 
     def read(self, name: str) -> torch.Tensor | np.ndarray:
         """One array as a CPU torch tensor in C order (numpy array for dtypes torch lacks)."""
+        self._check_open()
         return _to_torch(self.read_numpy(name), self.path, name)
 
     def tree(self) -> dict[str, base.TensorRef]:
         """Flat ``{name: TensorRef(name)}``."""
+        self._check_open()
         return {k: base.TensorRef(k) for k in self._arrays}
 
     def metadata(self) -> dict[str, Any]:
         """``{"kind": "npy"|"npz", "fortran_order": {name: bool}}``."""
+        self._check_open()
         return {"kind": self.kind, "fortran_order": {k: a.fortran for k, a in self._arrays.items()}}
 
     def verify(self) -> list[str]:
         """Read every array (inflating and CRC-checking compressed members)."""
+        self._check_open()
         problems = []
         for k in self._arrays:
             try:
@@ -285,14 +274,8 @@ class NumpyReader:
                 problems.append(f"{k}: {exc}")
         return problems
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._f.close()
-
-    def __enter__(self) -> NumpyReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_numpy(path: str | os.PathLike[str]) -> NumpyReader:

@@ -15,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from savegame import errors
+from savegame.format import tensors
 from savegame.interop import _bounds, base
 
 if TYPE_CHECKING:
@@ -23,31 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["DTYPES", "SafetensorsReader", "open_safetensors"]
 
 # safetensors dtype -> (torch dtype name or None when torch has no such dtype, bits per
-# element). Names, not torch objects: listing and verifying need no torch (issue 9.18).
-DTYPES: dict[str, tuple[str | None, int]] = {
-    "BOOL": ("bool", 8),
-    "U8": ("uint8", 8),
-    "I8": ("int8", 8),
-    "F8_E5M2": ("float8_e5m2", 8),
-    "F8_E4M3": ("float8_e4m3fn", 8),
-    "F8_E8M0": ("float8_e8m0fnu", 8),
-    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 8),
-    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 8),
-    "I16": ("int16", 16),
-    "U16": ("uint16", 16),
-    "F16": ("float16", 16),
-    "BF16": ("bfloat16", 16),
-    "I32": ("int32", 32),
-    "U32": ("uint32", 32),
-    "F32": ("float32", 32),
-    "F64": ("float64", 64),
-    "C64": ("complex64", 64),
-    "I64": ("int64", 64),
-    "U64": ("uint64", 64),
-    "F4": (None, 4),
-    "F6_E2M3": (None, 6),
-    "F6_E3M2": (None, 6),
-}
+# element): format.tensors' one dtype table. Names, not torch objects: listing and verifying
+# need no torch (issue 9.18).
+DTYPES = tensors.SAFETENSORS_DTYPES
 _ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
@@ -66,7 +45,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class SafetensorsReader:
+class SafetensorsReader(base.Reader):
     """Lazy reader of one safetensors file; open with :func:`open_safetensors`."""
 
     format = "safetensors"
@@ -180,6 +159,7 @@ class SafetensorsReader:
 
     def keys(self) -> list[str]:
         """Tensor names in header order."""
+        self._check_open()
         return list(self._order)
 
     def _entry(self, name: str) -> tuple[int, int, str, tuple[int, ...]]:
@@ -192,6 +172,7 @@ class SafetensorsReader:
 
     def info(self, name: str) -> base.TensorInfo:
         """Dtype (torch name), shape and byte size of one tensor."""
+        self._check_open()
         begin, end, dt, shape = self._entry(name)
         return base.TensorInfo(name, DTYPES[dt][0] or dt.lower(), shape, end - begin)
 
@@ -213,6 +194,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor (reads only its byte range)."""
+        self._check_open()
         tdt, shape, raw = self._raw(name)
         import numpy as np
         import torch
@@ -227,18 +209,23 @@ class SafetensorsReader:
             )
         if not raw:
             return torch.empty(shape, dtype=dtype)
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtype).reshape(shape)
+        return (
+            torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtype).reshape(shape)
+        )
 
     def tree(self) -> dict[str, base.TensorRef]:
         """Flat ``{name: TensorRef(name)}`` (safetensors has no structure)."""
+        self._check_open()
         return {k: base.TensorRef(k) for k in self._order}
 
     def metadata(self) -> dict[str, Any]:
         """The ``__metadata__`` string map."""
+        self._check_open()
         return {"__metadata__": dict(self._meta)}
 
     def verify(self) -> list[str]:
         """Read every tensor; structure was already checked at open."""
+        self._check_open()
         problems = []
         for k in self._order:
             try:
@@ -247,14 +234,8 @@ class SafetensorsReader:
                 problems.append(f"{k}: {exc}")
         return problems
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._f.close()
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> SafetensorsReader:

@@ -9,7 +9,7 @@ A ``.weights`` file is a 12-byte header (``major, minor, revision`` as int32 LE)
 counter (8 bytes if ``major*10 + minor >= 2`` and both are < 1000, else 4), then raw float32 LE
 values, layer after layer in cfg order, with no names (FORMATS.md §5).
 
-Tensor names (PyTorch style, matching :mod:`savegame.interop.darknet_torch`), ``i`` = the
+Tensor names (PyTorch style, matching :mod:`savegame.adapters.darknet_torch`), ``i`` = the
 layer's index after ``[net]`` (the index ``[route] layers=`` uses), in file order:
 
 =====================  =========================================================================

@@ -31,7 +31,7 @@ Two conversion traps the helpers cannot hide:
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from savegame.interop import mapping
+    >>> from savegame.adapters import mapping
     >>> keras_like = {"d/kernel": torch.ones(3, 2), "d/bias": torch.zeros(2)}
     >>> lin = nn.Linear(3, 2)
     >>> mapping.apply_mappings(lin, mapping.dense("", kernel="d/kernel", bias="d/bias"), keras_like)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from savegame import errors
-from savegame.interop import base, convert
+from savegame.interop import base
+from savegame.tools._source import candidates, open_any
 
 __all__ = ["DiffResult", "diff"]
 
@@ -78,9 +79,13 @@ def diff(
     cfg_a: str | os.PathLike[str] | None = None,
     cfg_b: str | os.PathLike[str] | None = None,
     partial: bool = False,
-    isolate: bool = False,
+    isolate: bool = True,
 ) -> DiffResult:
-    """Compare two checkpoints (any supported formats, including savegame folders).
+    """Compare the tensors of two checkpoints of any formats (run folders: newest valid manifest).
+
+    Returns a :class:`DiffResult`: names added and removed, dtype/shape changes, the max
+    absolute difference per common tensor, and which are bitwise identical; names are sorted
+    within each list. Memory holds one tensor pair at a time.
 
     Args:
         a: The reference checkpoint.
@@ -89,17 +94,16 @@ def diff(
         cfg_b: Same for ``b``.
         partial: Accept darknet ``.weights`` files that hold fewer layers than their cfg
             (backbones); only the layers present are compared.
-        isolate: Read Keras/HDF5 files in a child process first (untrusted files).
-
-    Returns:
-        A :class:`DiffResult`; names are sorted within each list.
+        isolate: Read Keras/HDF5 files in a child process first (untrusted files; ``False``
+            for trusted files only).
 
     Raises:
         The errors of the readers involved (FormatError, UnsupportedFormatError, ...).
     """
+    a, b = candidates(a)[0], candidates(b)[0]
     with (
-        convert.open_any(a, cfg_a, isolate=isolate, partial=partial) as ra,
-        convert.open_any(b, cfg_b, isolate=isolate, partial=partial) as rb,
+        open_any(a, cfg_a, isolate=isolate, partial=partial) as ra,
+        open_any(b, cfg_b, isolate=isolate, partial=partial) as rb,
     ):
         ka, kb = ra.keys(), rb.keys()
         sa, sb = set(ka), set(kb)

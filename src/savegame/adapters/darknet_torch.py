@@ -24,7 +24,7 @@ The difference is tiny unless a running variance is near zero. Batch norm always
 running statistics (inference); fine-tune with your own modules if you need training-mode BN.
 
 Example:
-    >>> from savegame.interop import darknet_torch
+    >>> from savegame.adapters import darknet_torch
     >>> model = darknet_torch.load_darknet(  # doctest: +SKIP
     ...     "yolov3-tiny.cfg", "yolov3-tiny.weights", bn="pjreddie"
     ... )

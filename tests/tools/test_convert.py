@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from savegame import errors
-from savegame.interop import convert, detect
+from savegame.interop import detect
+from savegame.tools import convert
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -280,3 +281,19 @@ def test_failed_conversion_keeps_a_created_folder_that_someone_filled(
     with pytest.raises(OSError, match="disk full"):
         convert.convert(src, dst, to="safetensors")
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["other-file"]
+
+
+def test_materialize_reads_every_ref_and_keeps_everything_else(tmp_path: Path) -> None:
+    from savegame.interop import base
+
+    p = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2), "b": torch.zeros(1)}, p)
+    opaque = base.Opaque("m", "C")
+    tree = {"x": [base.TensorRef("w"), (base.TensorRef("b"), 3)], "o": opaque, "n": None}
+    with detect.open(p) as r:
+        got = base.materialize(tree, r)
+        assert torch.equal(got["x"][0], torch.ones(2)) and torch.equal(
+            got["x"][1][0], torch.zeros(1)
+        )
+        assert got["x"][1][1] == 3 and got["o"] is opaque and got["n"] is None
+        assert base.materialize(tree, r, read=lambda name: name)["x"] == ["w", ("b", 3)]

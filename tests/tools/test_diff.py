@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from savegame.interop import diff
+from savegame.tools import diff
 
 
 def test_diff_torch_vs_safetensors(tmp_path: Path) -> None:

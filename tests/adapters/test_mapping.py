@@ -1,4 +1,4 @@
-"""savegame.interop.mapping: Keras layouts -> PyTorch modules.
+"""savegame.adapters.mapping: Keras layouts -> PyTorch modules.
 
 The end-to-end tests load the real Keras CNNs saved by TensorFlow (tests/golden/foreign/
 tensorflow) into the equivalent PyTorch CNN and compare outputs with the ones Keras computed.
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from savegame import errors
-from savegame.interop import mapping, tensorflow
+from savegame.adapters import mapping
+from savegame.interop import tensorflow
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "foreign" / "tensorflow"
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
