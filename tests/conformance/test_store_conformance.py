@@ -182,7 +182,9 @@ class TestFaultyStoreWithoutFaults(StoreContract):
 # ---- the fault-injecting store itself ----------------------------------------------------------
 @pytest.mark.parametrize("inner", ["local", "memory"])
 @pytest.mark.parametrize("point", ["stage.write", "stage.sync", "commit.seal", "commit.publish"])
-def test_a_fault_before_publish_leaves_nothing_under_the_final_name(tmp_path: Path, inner: str, point: str) -> None:
+def test_a_fault_before_publish_leaves_nothing_under_the_final_name(
+    tmp_path: Path, inner: str, point: str
+) -> None:
     base_store: Store = LocalStore(tmp_path) if inner == "local" else MemoryStore()
     store = faulty.FaultyStore(base_store, {point: 1})
     st = store.begin(".tmp-x")

@@ -86,7 +86,9 @@ def read_manifest(ckpt: str | os.PathLike[str] | Location) -> manifest.Manifest:
     step = layout.parse_step_dir(loc.name)
     if step is not None and step != m.step:
         raise errors.FormatError(
-            f"{loc}: folder name says step {step} but the manifest says {m.step}", path=str(loc), step=step
+            f"{loc}: folder name says step {step} but the manifest says {m.step}",
+            path=str(loc),
+            step=step,
         )
     return m
 
@@ -101,9 +103,13 @@ def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef
     try:
         entries = store.list("")
     except FileNotFoundError as exc:
-        raise errors.CheckpointNotFoundError(f"run folder {store.describe()} does not exist", path=store.describe()) from exc
+        raise errors.CheckpointNotFoundError(
+            f"run folder {store.describe()} does not exist", path=store.describe()
+        ) from exc
     except NotADirectoryError as exc:
-        raise errors.CheckpointNotFoundError(f"run folder {store.describe()} does not exist", path=store.describe()) from exc
+        raise errors.CheckpointNotFoundError(
+            f"run folder {store.describe()} does not exist", path=store.describe()
+        ) from exc
     refs = []
     for entry in entries:
         step = layout.parse_step_dir(entry.name)
@@ -120,7 +126,9 @@ def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef
     return refs
 
 
-def _check_file(loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob) -> None:
+def _check_file(
+    loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
+) -> None:
     path = loc.store.describe(loc.sub(name))
     size = blob.size
     if size != entry.size:
@@ -136,7 +144,9 @@ def _check_file(loc: Location, name: str, entry: manifest.FileEntry, m: manifest
         (c.offset, c.length, c.hash) for t in m.tensors.values() for c in t.chunks if c.file == name
     )
     if hashing.file_hash(header, [h for _, _, h in digests], path=path) != entry.hash:
-        raise errors.IntegrityError(f"{path}: header or tensor list does not match its hash", path=path, step=m.step)
+        raise errors.IntegrityError(
+            f"{path}: header or tensor list does not match its hash", path=path, step=m.step
+        )
 
 
 def _open(loc: Location, name: str, step: int) -> Blob:
@@ -144,7 +154,9 @@ def _open(loc: Location, name: str, step: int) -> Blob:
     try:
         return loc.store.open(loc.sub(name))
     except FileNotFoundError as exc:
-        raise errors.IntegrityError(f"{where}: tensor file is missing", path=where, step=step) from exc
+        raise errors.IntegrityError(
+            f"{where}: tensor file is missing", path=where, step=step
+        ) from exc
     except OSError as exc:
         raise errors.StorageError(f"could not open {where}: {exc}", path=where, step=step) from exc
 
@@ -200,7 +212,9 @@ def load_tensors(
     wanted = list(m.tensors) if keys is None else list(keys)
     for key in wanted:
         if key not in m.tensors:
-            raise errors.CheckpointNotFoundError(f"{loc}: no tensor {key!r} in step {m.step}", path=str(loc), key=key)
+            raise errors.CheckpointNotFoundError(
+                f"{loc}: no tensor {key!r} in step {m.step}", path=str(loc), key=key
+            )
     regions = regions or {}
 
     def needed(key: str) -> list[manifest.Chunk]:
@@ -223,9 +237,15 @@ def load_tensors(
         fresh: dict[str, torch.Tensor] = {}
         for key in wanted:
             entry = m.tensors[key]
-            if key not in regions and len(entry.chunks) == 1 and entry.chunks[0].shape == entry.shape:
+            if (
+                key not in regions
+                and len(entry.chunks) == 1
+                and entry.chunks[0].shape == entry.shape
+            ):
                 if dest is None or dest(key, entry) is None:
-                    fresh[key] = torch.empty(entry.shape, dtype=tensors.dtype_from_name(entry.dtype))
+                    fresh[key] = torch.empty(
+                        entry.shape, dtype=tensors.dtype_from_name(entry.dtype)
+                    )
         direct_files = {m.tensors[k].chunks[0].file for k in fresh}
         # Phase 1: map and verify everything.
         for name in files:
@@ -238,7 +258,9 @@ def load_tensors(
                     _read_into(blob, 0, memoryview(mm), loc.store.describe(loc.sub(name)))
             finally:
                 if name in direct_files:
-                    blobs[name] = blob  # the blob that was checked: read the same file, not a replacement
+                    blobs[name] = (
+                        blob  # the blob that was checked: read the same file, not a replacement
+                    )
                 else:
                     blob.close()
             if mm is None or len(mm) == 0:
@@ -310,7 +332,9 @@ def overlap(
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Intersection (global start, shape) of two boxes, or None if they do not overlap."""
     lo = tuple(max(a, b) for a, b in zip(start_a, start_b, strict=True))
-    hi = tuple(min(a + n, b + k) for a, n, b, k in zip(start_a, shape_a, start_b, shape_b, strict=True))
+    hi = tuple(
+        min(a + n, b + k) for a, n, b, k in zip(start_a, shape_a, start_b, shape_b, strict=True)
+    )
     if any(h <= a for a, h in zip(lo, hi, strict=True)):
         return None
     return lo, tuple(h - a for a, h in zip(lo, hi, strict=True))
@@ -328,7 +352,9 @@ def _read_region(
 
     start, shape = region
     dtype = tensors.dtype_from_name(entry.dtype)
-    if into is not None and (tuple(into.shape) != tuple(shape) or into.dtype != dtype or into.device.type != "cpu"):
+    if into is not None and (
+        tuple(into.shape) != tuple(shape) or into.dtype != dtype or into.device.type != "cpu"
+    ):
         into = None
     target = torch.empty(shape, dtype=dtype) if into is None else into
     for c in chunks:
@@ -355,7 +381,9 @@ def _hash_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _copy_chunk(target: torch.Tensor, entry: manifest.TensorEntry, c: manifest.Chunk, src: torch.Tensor) -> None:
+def _copy_chunk(
+    target: torch.Tensor, entry: manifest.TensorEntry, c: manifest.Chunk, src: torch.Tensor
+) -> None:
     """Copy chunk ``c``'s verified bytes ``src`` into its region of ``target``."""
     import torch
 
@@ -416,7 +444,9 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
                         h.update(view)
                         done += n
                     if h.hexdigest() != c.hash:
-                        problems.append(f"{where}: tensor {key!r} does not match its hash (corrupted data)")
+                        problems.append(
+                            f"{where}: tensor {key!r} does not match its hash (corrupted data)"
+                        )
         except errors.CheckpointError as exc:
             problems.append(str(exc))
         finally:
@@ -428,7 +458,9 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
         return [*problems, f"could not list {loc}: {exc}"]
     for extra in names:
         if extra not in listed:
-            problems.append(f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest")
+            problems.append(
+                f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest"
+            )
     return problems
 
 
@@ -456,4 +488,3 @@ def is_checkpoint_dir(path: str | os.PathLike[str] | Location) -> bool:
 
 def total_bytes(m: manifest.Manifest) -> int:
     return sum(f.size for f in m.files.values())
-

@@ -102,7 +102,9 @@ def write_rank_files(
     path = staging.describe(name)
     ordered = tensors.order_for_file(items.items())
     try:
-        (header, written), size = staging.write(name, lambda f: tensors.write_tensor_file(f, ordered))
+        (header, written), size = staging.write(
+            name, lambda f: tensors.write_tensor_file(f, ordered)
+        )
     except OSError as exc:
         hint = {
             errno.ENOSPC: "the disk is full; free space or save elsewhere",
@@ -183,21 +185,33 @@ def commit(
     raw = m.to_bytes()
     in_run = final is None
     # A path names a folder in the store's root (the callers pass its parent as ``root``).
-    key = layout.step_dir(step) if final is None else final if isinstance(final, str) else Path(final).name
+    key = (
+        layout.step_dir(step)
+        if final is None
+        else final
+        if isinstance(final, str)
+        else Path(final).name
+    )
     where = store.describe(key)
     try:
         staging.seal(layout.MANIFEST, raw)
         if store.exists(key):
             if not in_run:
-                raise errors.StepExistsError(f"{where} already exists; choose a new path", path=where, step=step)
+                raise errors.StepExistsError(
+                    f"{where} already exists; choose a new path", path=where, step=step
+                )
             _move_aside_if_invalid(Location(store, key), step)
         staging.publish(key)
     except errors.CheckpointError:
         raise
     except FileExistsError as exc:  # appeared between the check and the publish
-        raise errors.StepExistsError(f"{where} already exists; choose a new path", path=where, step=step) from exc
+        raise errors.StepExistsError(
+            f"{where} already exists; choose a new path", path=where, step=step
+        ) from exc
     except OSError as exc:
-        raise errors.StorageError(f"could not commit step {step} in {store.describe()}: {exc}", path=where, step=step) from exc
+        raise errors.StorageError(
+            f"could not commit step {step} in {store.describe()}: {exc}", path=where, step=step
+        ) from exc
     if in_run:
         with contextlib.suppress(OSError):
             store.put(layout.LATEST, f"{layout.step_dir(step)}\n".encode())
@@ -256,7 +270,9 @@ def write_checkpoint(
 
     skeleton, tensors_by_key = treelib.encode(tree)
     staged = {k: stage_cpu(t) for k, t in tensors_by_key.items()}
-    return write_staged(root, step, skeleton, staged, run_id=run_id, metrics=metrics, info=info, final=final)
+    return write_staged(
+        root, step, skeleton, staged, run_id=run_id, metrics=metrics, info=info, final=final
+    )
 
 
 def write_staged(
@@ -284,7 +300,15 @@ def write_staged(
     try:
         result = write_rank_files(staging, 0, staged)
         return commit(
-            store, staging, step, [result], trees=[skeleton], run_id=run_id, metrics=metrics, info=info, final=final
+            store,
+            staging,
+            step,
+            [result],
+            trees=[skeleton],
+            run_id=run_id,
+            metrics=metrics,
+            info=info,
+            final=final,
         )
     except BaseException:
         staging.abort()
@@ -295,7 +319,9 @@ def stage_cpu(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor with ``t``'s values (no copy if it already is one)."""
     t = t.detach()
     if t.is_sparse or t.layout != torch.strided:
-        raise errors.EncodeError(f"sparse/non-strided tensors ({t.layout}) are not supported; densify first")
+        raise errors.EncodeError(
+            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
+        )
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t.contiguous()

@@ -45,8 +45,15 @@ def check_key(key: str) -> str:
     if key == "":
         return key
     parts = key.split("/")
-    if key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in key or "\\" in key:
-        raise ValueError(f"invalid storage key {key!r}: keys are relative, '/'-separated, without '..'")
+    if (
+        key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\x00" in key
+        or "\\" in key
+    ):
+        raise ValueError(
+            f"invalid storage key {key!r}: keys are relative, '/'-separated, without '..'"
+        )
     return key
 
 

@@ -25,7 +25,15 @@ from typing import Any, BinaryIO, TypeVar
 from savegame import errors
 from savegame.storage import base
 
-__all__ = ["LocalStore", "RunLock", "atomic_write", "fsync_dir", "free_tree", "move_to_trash", "remove_tree"]
+__all__ = [
+    "LocalStore",
+    "RunLock",
+    "atomic_write",
+    "fsync_dir",
+    "free_tree",
+    "move_to_trash",
+    "remove_tree",
+]
 
 T = TypeVar("T")
 
@@ -158,7 +166,9 @@ class _LocalStaging(base.Staging):
     # durable (the parent folder). A power cut before the rename leaves a temp folder no
     # reader lists; after it, a complete checkpoint.
     def seal(self, manifest_name: str, manifest: bytes) -> None:
-        fd = os.open(self.path / base.check_key(manifest_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(
+            self.path / base.check_key(manifest_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
+        )
         try:
             _write_all(fd, manifest)
             os.fsync(fd)

@@ -150,7 +150,9 @@ class MemoryStore(base.Store):
 
     def _under(self, key: str) -> tuple[list[str], list[str]]:
         pre = key + "/"
-        return [k for k in self._files if k.startswith(pre)], [d for d in self._dirs if d.startswith(pre)]
+        return [k for k in self._files if k.startswith(pre)], [
+            d for d in self._dirs if d.startswith(pre)
+        ]
 
     def _move(self, key: str, new: str) -> None:
         self._parent_dir(new)
