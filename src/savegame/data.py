@@ -11,6 +11,10 @@ the worker-local torch, numpy and python generator states.
 Rule for your own datasets: if ``__getitem__`` draws random numbers, either wrap the dataset with
 :func:`resumable`, or give it ``state_dict()``/``load_state_dict()`` that save and restore every
 generator it draws from (including its own ``torch.Generator``/``np.random.Generator``).
+
+That state belongs to each worker process: a loader restored *mid-epoch* with another
+``num_workers`` cannot split it over the new workers and is refused with ``RestoreError``
+(another batch size is fine; docs/resume.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,9 @@ class TrainState:
 
     def __init__(self, *, rng: bool = True, **objects: Stateful | MutableMapping[str, Any]) -> None:
         if RNG_KEY in objects or not isinstance(rng, bool):
-            raise TypeError(f"{RNG_KEY!r} is reserved for the random generators (rng=True/False); pick another name")
+            raise TypeError(
+                f"{RNG_KEY!r} is reserved for the random generators (rng=True/False); pick another name"
+            )
         for name, obj in objects.items():
             if isinstance(obj, MutableMapping):
                 continue
@@ -145,7 +147,9 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
             raise
         except Exception as exc:  # user objects may raise anything; translate at this boundary
             raise errors.RestoreError(
-                f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}", path=where, key=name
+                f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}",
+                path=where,
+                key=name,
             ) from exc
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])

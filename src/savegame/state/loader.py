@@ -9,6 +9,9 @@ Invariants:
 - A sampler with ``set_epoch`` (``DistributedSampler`` and look-alikes) gets back the epoch it had
   when the checkpoint was saved; resuming *mid-epoch* under another epoch would draw the rest of
   the epoch from another permutation, and is refused with :class:`RestoreError`.
+- A loader restored with the batch size and number of workers it was saved with gets torchdata's
+  own state untouched (bit-exact); with others, the position is carried over in samples of the
+  same epoch order or refused (:mod:`savegame.state.position`).
 - Worker processes of a loader in a ``TrainState`` (or passed to
   :func:`savegame.data.quiet_workers`) never act on SIGTERM / SIGUSR1 / SIGINT sent by anyone but
   their own loader's process: the main process decides (it saves at the next step boundary and
@@ -30,14 +33,17 @@ from typing import Any
 import torch
 
 from savegame import errors
+from savegame.state import position
 
-__all__ = ["GENERATOR_KEY", "SAMPLER_EPOCH_KEY", "guard", "load", "state_dict"]
+__all__ = ["BATCH_SIZE_KEY", "GENERATOR_KEY", "SAMPLER_EPOCH_KEY", "guard", "load", "state_dict"]
 
-#: Keys added to a loader's state tree: the epoch of its sampler, and the state of the loader's
-#: own ``generator=``, when saved. torchdata's own keys start with ``_`` too; the ``savegame``
-#: prefix keeps them apart.
+#: Keys added to a loader's state tree: the epoch of its sampler, the state of the loader's own
+#: ``generator=``, and its batch size (what its batch counts are counted in), when saved.
+#: torchdata's own keys start with ``_`` too; the ``savegame`` prefix keeps them apart.
 SAMPLER_EPOCH_KEY = "_savegame_sampler_epoch"
 GENERATOR_KEY = "_savegame_generator"
+BATCH_SIZE_KEY = "_savegame_batch_size"
+_OURS = (SAMPLER_EPOCH_KEY, GENERATOR_KEY, BATCH_SIZE_KEY)
 
 #: The signals a scheduler sends to a whole job (``scancel``, ``kill -TERM -PGID``, torchrun's
 #: forwarding, Ctrl-C): the same set the Checkpointer handles in the main process.
@@ -85,9 +91,13 @@ def _epoch_sampler(loader: Any) -> Any:
 
 
 def state_dict(obj: Any) -> Any:
-    """``obj.state_dict()``, plus the sampler epoch for a loader whose sampler has one."""
+    """``obj.state_dict()``; for a ``StatefulDataLoader`` plus its batch size, the sampler
+    epoch when its sampler has one, and its ``generator=``'s state when given one."""
     sd = obj.state_dict()
     if _is_stateful_loader(obj) and isinstance(sd, dict):
+        # None (a custom batch_sampler without a batch_size) is kept too: "not known" is what
+        # lets a change to or from one be refused instead of resumed at the wrong sample.
+        sd = {**sd, BATCH_SIZE_KEY: position.batch_size_of(obj)}
         sampler = _epoch_sampler(obj)
         if sampler is not None:
             sd = {**sd, SAMPLER_EPOCH_KEY: int(sampler.epoch)}
@@ -102,12 +112,16 @@ def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
     and arm the lazy, RNG-neutral build of the restored iterator (see :class:`_IteratorGuard`)."""
     epoch: int | None = None
     generator_state: torch.Tensor | None = None
-    if isinstance(sd, dict) and (SAMPLER_EPOCH_KEY in sd or GENERATOR_KEY in sd):
+    batch_size: int | None | position.Unsaved = position.UNSAVED
+    if isinstance(sd, dict) and any(k in sd for k in _OURS):
         sd = dict(sd)
         saved = sd.pop(SAMPLER_EPOCH_KEY, None)
         epoch = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
         saved = sd.pop(GENERATOR_KEY, None)
         generator_state = saved if isinstance(saved, torch.Tensor) else None
+        if BATCH_SIZE_KEY in sd:  # absent: saved by an older savegame, batch size unknown
+            saved = sd.pop(BATCH_SIZE_KEY)
+            batch_size = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
     obj.load_state_dict(sd)
     if not _is_stateful_loader(obj):
         return
@@ -117,7 +131,7 @@ def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
         # iterator was drawn from, so restore -> iterate (no set_epoch) is exact too.
         sampler.set_epoch(epoch)
     if obj.next_iter_state is not None:
-        _guard_of(obj).arm(name, where, obj.next_iter_state, epoch, generator_state)
+        _guard_of(obj).arm(name, where, obj.next_iter_state, epoch, generator_state, batch_size)
 
 
 # ---- the iterator guard (main process) -----------------------------------------------------
@@ -134,7 +148,10 @@ class _IteratorGuard:
        without the guard dropout etc. diverged right after resume (tests/test_exact_resume.py).
        Building it lazily, not inside ``restore()``, is what lets a ``set_epoch`` called after
        ``restore()`` decide the permutation, as with plain torchdata. Only that one build is
-       guarded: a fresh epoch's iterator draws as it did in the uninterrupted run.
+       guarded: a fresh epoch's iterator draws as it did in the uninterrupted run. Before it,
+       the saved state is re-expressed for the loader's batch size and number of workers now
+       (:func:`savegame.state.position.translate`: the same object when neither changed), here
+       and not in ``restore()`` because ``num_workers`` may still be set in between.
     2. Every build that starts worker processes runs with the group signals blocked in the
        calling thread. Children inherit the mask through fork *and* exec, so a worker (or the
        forkserver / resource tracker that multiprocessing starts on the way) cannot die of a
@@ -148,6 +165,8 @@ class _IteratorGuard:
         self._name = self._where = ""
         self._epoch: int | None = None
         self._generator_state: torch.Tensor | None = None
+        self._batch_size: int | None | position.Unsaved = position.UNSAVED
+        self._translated = False
 
     def arm(
         self,
@@ -156,9 +175,11 @@ class _IteratorGuard:
         pending: Any,
         epoch: int | None,
         generator_state: torch.Tensor | None,
+        batch_size: int | None | position.Unsaved = position.UNSAVED,
     ) -> None:
         self._name, self._where, self._pending, self._epoch = name, where, pending, epoch
-        self._generator_state = generator_state
+        self._generator_state, self._batch_size = generator_state, batch_size
+        self._translated = False
 
     def __call__(self) -> Any:
         loader = self._loader()
@@ -167,6 +188,16 @@ class _IteratorGuard:
         build = type(loader)._get_iterator
         restoring = self._pending is not None and loader.next_iter_state is self._pending
         if restoring:
+            if not self._translated:  # once: a refused set_epoch below may be fixed and retried
+                self._pending = loader.next_iter_state = position.translate(
+                    self._pending,
+                    self._batch_size,
+                    position.batching(loader),
+                    name=self._name,
+                    where=self._where,
+                    draw_seed=self._draw_seed,
+                )
+                self._translated = True
             self._check_epoch(loader)
         block = _CAN_MASK and getattr(loader, "num_workers", 0) > 0
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS) if block else None
@@ -199,11 +230,26 @@ class _IteratorGuard:
             if old_mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
+    def _draw_seed(self) -> int:
+        """The workers' base seed for a single-process state resumed with workers: drawn as
+        torch draws a fresh iterator's, from the saved ``generator=`` state or the global RNG,
+        and without moving either (restoring draws nothing)."""
+        generator = None
+        if self._generator_state is not None:
+            generator = torch.Generator()
+            generator.set_state(self._generator_state)
+        rng = torch.get_rng_state()
+        try:
+            return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+        finally:
+            torch.set_rng_state(rng)
+
     def _check_epoch(self, loader: Any) -> None:
         sampler = _epoch_sampler(loader)
         if self._epoch is None or sampler is None or sampler.epoch == self._epoch:
             return
-        done, finished = _position(self._pending)
+        pos = position.read(self._pending)
+        done, finished = (None, False) if pos is None else (pos.batches, pos.finished)
         try:
             total: int | None = len(loader)
         except TypeError:
@@ -234,19 +280,6 @@ def _start_method(loader: Any) -> str:
         multiprocessing.get_start_method(allow_none=True)
         or multiprocessing.get_all_start_methods()[0]
     )
-
-
-def _position(sd: Any) -> tuple[int | None, bool]:
-    """Batches a torchdata iterator state has yielded, and whether it is finished."""
-    if not isinstance(sd, dict):
-        return None, False
-    finished = bool(sd.get("_iterator_finished", False))
-    if isinstance(sd.get("_num_yielded"), int):  # single-process iterator
-        return sd["_num_yielded"], finished
-    snap = sd.get("_snapshot")
-    if isinstance(snap, dict) and isinstance(snap.get("_snapshot_step"), int):
-        return snap["_snapshot_step"] + int(sd.get("_steps_since_snapshot", 0)), finished
-    return None, finished
 
 
 def _guard_of(loader: Any) -> _IteratorGuard:
