@@ -1,7 +1,14 @@
 """The ``savegame`` commands: each ``cmd_*`` takes the parsed arguments and returns the exit
 status (see :mod:`savegame.cli.main` for the exit codes). Imported by ``main`` only once a
 command runs, so that ``savegame --version`` and ``--help`` import neither rich nor the readers
-(issue 9.18)."""
+(issue 9.18).
+
+Invariant: the commands use the public API only — ``savegame`` (``sg.open``, ``sg.convert``,
+``sg.diff``, ``sg.Keep``, the errors) and the run-folder functions of
+:mod:`savegame.checkpointer` (``list_run``, retention's ``find_damage``/``delete_unkept``,
+``run.json``, ``verify_checkpoint``), none of which imports torch — plus the reader's node types
+(:mod:`savegame.interop.base`). ``prune`` applies the same retention code as the Checkpointer.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +23,9 @@ from rich.text import Text
 from rich.tree import Tree
 
 import savegame as sg
-from savegame import errors, policy
 from savegame.cli import main
 from savegame.cli._text import clean, lit, text
-from savegame.format import layout
-from savegame.interop import base
+from savegame.interop.base import Opaque, TensorRef
 
 if TYPE_CHECKING:
     from savegame.checkpointer import CheckpointInfo
@@ -36,8 +41,15 @@ __all__ = [
 ]
 
 # Imports are per command (issue 9.18): `show`/`verify` of a foreign file need neither torch nor
-# the training side (savegame.checkpointer imports torch); the commands on run folders and
-# convert/diff/demo import what they use.
+# the run-folder code; convert/diff/demo import torch when they run.
+
+
+def _runs() -> Any:
+    """:mod:`savegame.checkpointer`, the public run-folder functions (``list_run``, retention,
+    ``run.json``, ``verify_checkpoint``; none imports torch), imported on use."""
+    from savegame import checkpointer
+
+    return checkpointer
 
 
 def _console() -> Console:
@@ -53,45 +65,6 @@ def _size(n: int) -> str:
             return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
         v /= 1024
     return f"{n} B"
-
-
-def _is_checkpoint_dir(path: Path) -> bool:
-    """``reader.is_checkpoint_dir``; the manifest code is imported for folders only (a file is
-    never a checkpoint folder), so `show`/`verify` of a foreign file skip it (issue 9.18)."""
-    if not path.is_dir():
-        return False
-    from savegame.engine import reader
-
-    return reader.is_checkpoint_dir(path)
-
-
-def _is_run(path: Path) -> bool:
-    """A run folder: has ``run.json``, or step / set-aside / temp checkpoint folders (a run
-    whose first save never committed is still a run: "no checkpoints yet")."""
-    if not path.is_dir() or _is_checkpoint_dir(path):
-        return False
-    if (path / layout.RUN_FILE).exists():
-        return True
-    return any(
-        p.name.startswith(("step-", layout.DAMAGED_PREFIX + "step-", layout.TMP_PREFIX + "step-"))
-        for p in path.iterdir()
-    )
-
-
-def _run_file_problem(root: Path) -> str | None:
-    """Why ``run.json`` makes the Checkpointer refuse this run, or None if it is fine/absent."""
-    path = root / layout.RUN_FILE
-    if not path.exists():
-        return None
-    from savegame.checkpointer import read_run_file
-
-    if read_run_file(root) is None:
-        return (
-            f"{path} is damaged (not a JSON object with a run_id): the Checkpointer refuses this "
-            "run folder and retention cannot tell this run's checkpoints from others'; restore "
-            "it from a backup, or start a new run folder"
-        )
-    return None
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -115,24 +88,22 @@ def _metrics(m: Any) -> str:
 
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
-    from savegame.checkpointer import list_run
-    from savegame.engine import reader
-
+    runs = _runs()
     root = Path(args.run)
-    if _is_checkpoint_dir(root):
-        raise errors.CheckpointNotFoundError(
+    if runs.is_checkpoint(root):
+        raise sg.CheckpointNotFoundError(
             f"{root} is one checkpoint, not a run folder; see it with `savegame show {root}`, "
             f"or list its run with `savegame ls {root.parent}`",
             path=root,
         )
-    infos = list_run(root, _keep_from_args(args), aside=True)
+    infos = runs.list_run(root, _keep_from_args(args), aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
     leftovers = [i for i in infos if i.kind == "leftover"]
-    run_problem = _run_file_problem(root)
+    run_problem = runs.run_file_problem(root)
     problems: dict[Path, list[str]] = {}
     if args.verify:
-        problems = {i.path: reader.verify(i.path) for i in ckpts if i.valid}
+        problems = {i.path: runs.verify_checkpoint(i.path) for i in ckpts if i.valid}
     title = f"{root}  ({len(ckpts)} checkpoints"
     if aside:
         title += f", {len(aside)} damaged set aside"
@@ -173,7 +144,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for note in notes:
         _console().print(text(note), soft_wrap=True)
     if not args.verify:
-        _console().print("[dim]valid = manifest checked; add --verify to check every tensor hash[/]")
+        _console().print(
+            "[dim]valid = manifest checked; add --verify to check every tensor hash[/]"
+        )
     return 1 if args.verify and (bad or run_problem) else 0
 
 
@@ -196,13 +169,14 @@ def _why_kept(i: CheckpointInfo, found: list[str], run_file_damaged: bool) -> Te
 # ---- show --------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if _is_run(path):
-        from savegame.engine import reader
-
-        refs = [r for r in reader.list_checkpoints(path) if r.valid]
-        if not refs:
-            raise errors.CheckpointNotFoundError(_no_valid(path), path=path)
-        path = refs[-1].path
+    runs = _runs() if path.is_dir() else None  # a file is never a run: no run-folder code
+    if runs is not None and runs.is_run(path):
+        # Any rule will do: only the checkpoints and their validity are used (not run.json's).
+        infos = runs.list_run(path, sg.Keep())
+        valid = [i for i in infos if i.valid]
+        if not valid:
+            raise sg.CheckpointNotFoundError(_no_valid(path, bool(infos)), path=path)
+        path = valid[-1].path
     # Listing is harmless: unknown pickled objects are listed as opaque (never built), and a
     # partial darknet file is opened and said to be partial.
     with sg.open(path, **_options(args, listing=True, partial=True)) as r:
@@ -226,10 +200,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_valid(root: Path) -> str:
-    from savegame.engine import reader
-
-    if not reader.list_checkpoints(root):
+def _no_valid(root: Path, any_checkpoint: bool) -> str:
+    if not any_checkpoint:
         return f"{root}: no checkpoints yet (nothing has been committed in this run folder)"
     return f"{root} holds no valid checkpoint; run `savegame ls {root}` to see why"
 
@@ -240,7 +212,7 @@ def _leaf_text(v: Any) -> str:
 
 
 def _render(
-    node: Tree, obj: Any, infos: dict[str, base.TensorInfo], depth: int, max_items: int
+    node: Tree, obj: Any, infos: dict[str, sg.TensorInfo], depth: int, max_items: int
 ) -> None:
     if isinstance(obj, dict):
         items = list(obj.items())
@@ -271,13 +243,13 @@ def _is_flat(v: Any) -> bool:
     return len(v) <= 8 and all(isinstance(x, (int, float, str, bool, type(None))) for x in seq)
 
 
-def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> Text:
-    if isinstance(v, base.TensorRef):
+def _describe(v: Any, infos: dict[str, sg.TensorInfo]) -> Text:
+    if isinstance(v, TensorRef):
         i = infos.get(v.name)
         if i is None:
             return text(f"tensor {v.name}", style="cyan")
         return Text.assemble((clean(f"{i.dtype}{list(i.shape)}"), "cyan"), f" {_size(i.nbytes)}")
-    if isinstance(v, base.Opaque):
+    if isinstance(v, Opaque):
         return text(f"<opaque {v.module}.{v.qualname}>", style="magenta")
     return text(_leaf_text(v))
 
@@ -285,16 +257,11 @@ def _describe(v: Any, infos: dict[str, base.TensorInfo]) -> Text:
 # ---- verify ------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if _is_run(path):
+    runs = _runs()
+    if runs.is_run(path):
         return _verify_run(path)
-    if (
-        _is_checkpoint_dir(path)
-        or layout.parse_step_dir(path.name) is not None
-        or layout.parse_damaged_dir(path.name) is not None
-    ):
-        from savegame.engine import reader
-
-        problems = reader.verify(path)
+    if runs.looks_like_checkpoint(path):
+        problems = runs.verify_checkpoint(path)
     else:
         with sg.open(path, **_options(args, partial=True)) as r:
             problems = r.verify()
@@ -324,17 +291,15 @@ def _report(path: Path, problems: list[str]) -> None:
 def _verify_run(root: Path) -> int:
     """Every checkpoint of a run, plus its ``run.json``; damaged checkpoints already set aside
     and leftover temp folders are listed, not counted: restore never uses them."""
-    from savegame.checkpointer import list_run
-    from savegame.engine import reader
-
-    infos = list_run(root, aside=True)
+    runs = _runs()
+    infos = runs.list_run(root, aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     bad = 0
-    run_problem = _run_file_problem(root)
+    run_problem = runs.run_file_problem(root)
     if run_problem:
-        _report(root / layout.RUN_FILE, [run_problem])
+        _report(runs.run_file(root), [run_problem])
     for i in ckpts:
-        problems = reader.verify(i.path)
+        problems = runs.verify_checkpoint(i.path)
         bad += bool(problems)
         _report(i.path, problems)
     for i in infos:
@@ -418,7 +383,7 @@ def _order(x: float) -> float:
 
 
 # ---- prune -------------------------------------------------------------------------------------
-def _keep_from_args(args: argparse.Namespace) -> policy.Keep | None:
+def _keep_from_args(args: argparse.Namespace) -> sg.Keep | None:
     """The rule given on the command line, or None to use the run's own (from run.json)."""
     given = {
         "last": args.keep_last,
@@ -430,42 +395,38 @@ def _keep_from_args(args: argparse.Namespace) -> policy.Keep | None:
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return None
-    return policy.Keep(**given)
+    return sg.Keep(**given)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Apply retention to the run's ``step-…`` checkpoints only: folders set aside as damaged
     and temp folders are never touched, and nothing is deleted while a checkpoint retention
-    would keep in its place is damaged (issue 9.8)."""
-    from savegame.checkpointer import list_run
-    from savegame.engine import reader
-    from savegame.storage import local
+    would keep in its place is damaged (issue 9.8).
 
+    The plan, the damage check and the deletion are the Checkpointer's own
+    (:mod:`savegame.checkpointer.retention`); what differs stays here: ``--dry-run``, the
+    listing, and the answer to a damaged kept checkpoint — the Checkpointer sets it aside and
+    plans again, ``prune`` refuses and deletes nothing (exit 1): a person is there to look."""
+    runs = _runs()
     root = Path(args.run)
     keep = _keep_from_args(args)
     if not root.is_dir():
-        raise errors.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
-    run_problem = _run_file_problem(root)
+        raise sg.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+    run_problem = runs.run_file_problem(root)
     if run_problem:
-        raise errors.FormatError(
-            run_problem + "; prune deletes nothing meanwhile", path=root / layout.RUN_FILE
+        raise sg.FormatError(
+            run_problem + "; prune deletes nothing meanwhile", path=runs.run_file(root)
         )
-    lock = local.RunLock(root)
+    lock = runs.run_lock(root)
     if not args.dry_run:
         lock.acquire()  # never prune under a live training run
     try:
-        infos = list_run(root, keep)
+        infos = runs.list_run(root, keep)
         newest = max((i.step for i in infos if i.valid and i.ours), default=None)
-        doomed = [i for i in infos if i.valid and i.ours and not i.kept_for and i.step != newest]
+        doomed = runs.unkept(infos, spare=newest)
         # Deleting a valid checkpoint is safe only if those kept in its place are intact: read
         # them (only when something would be deleted).
-        damaged = {}
-        if doomed:
-            for i in infos:
-                if i.valid and i.ours and i not in doomed:
-                    problems = reader.verify(i.path)
-                    if problems:
-                        damaged[i.path] = problems[0]
+        damaged = runs.find_damage(infos, spare=newest, verified=set())
         for i in infos:
             action = "delete" if i in doomed and not damaged else "keep"
             if not i.valid:
@@ -490,11 +451,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.dry_run:
             _console().print(f"[dim]dry run: {len(doomed)} would be deleted[/]")
             return 0
-        import uuid
-
-        for i in doomed:
-            local.remove_tree(i.path, f".tmp-deleted-{i.path.name}-{uuid.uuid4().hex[:8]}")
-        _console().print(f"deleted {len(doomed)} checkpoints")
+        deleted = runs.delete_unkept(infos, spare=newest, keep=keep, strict=True)
+        _console().print(f"deleted {len(deleted)} checkpoints")
         return 0
     finally:
         lock.release()
@@ -505,5 +463,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from savegame import demo
 
     return demo.main(args.dir)
-
-

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 import savegame as sg
-from savegame import errors
 
 if TYPE_CHECKING:
     import logging
@@ -162,12 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
         # part of the command's output: always shown, through the same literal printing.
-        warnings.simplefilter("always", errors.CorruptCheckpointWarning)
-        warnings.simplefilter("always", errors.LossyConversionWarning)
+        warnings.simplefilter("always", sg.CorruptCheckpointWarning)
+        warnings.simplefilter("always", sg.LossyConversionWarning)
         warnings.showwarning = _show_warning
         try:
             return int(getattr(commands, args.func)(args))
-        except errors.CheckpointError as exc:
+        except sg.CheckpointError as exc:
             _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
         except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)

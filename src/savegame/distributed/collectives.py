@@ -8,6 +8,10 @@ no coordination step waits longer than that timeout. When a collective fails bec
 died or hung, the surviving ranks learn which ranks reported in through the rendezvous store
 and raise :class:`~savegame.errors.DistributedSaveError` naming the others.
 
+One process without ``torch.distributed`` runs the same save protocol over :class:`LocalGroup`,
+the no-op group of world size 1 (a broadcast or gather returns its input), so a single process
+and many take one code path.
+
 Objects sent between ranks (write results, failure messages) travel with
 ``all_gather_object`` / ``broadcast_object_list``: process-to-process messages within one job,
 never written to a file.
@@ -16,6 +20,7 @@ never written to a file.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -29,7 +34,9 @@ from savegame.distributed import planning
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "Group",
+    "LocalGroup",
     "dtensor_like",
+    "group",
     "init_optimizer_state",
     "initialized",
     "is_dtensor",
@@ -86,6 +93,8 @@ class Group:
     """
 
     _created = 0
+    #: Backed by a torch.distributed process group (False only for :class:`LocalGroup`).
+    distributed = True
 
     def __init__(self, timeout: float | None = None) -> None:
         self.rank, self.world = rank_and_world()
@@ -177,8 +186,47 @@ class Group:
             pass
 
 
+class LocalGroup:
+    """The no-op coordination group of a process without torch.distributed (world size 1).
+
+    It has :class:`Group`'s methods, each returning what this one rank contributed, so one
+    process runs the distributed save protocol unchanged: nothing to wait for, nothing that can
+    time out. The protocol raises a failure here as it is (there is no other rank to tell).
+    """
+
+    distributed = False
+    rank = 0
+    world = 1
+    timeout = 0.0
+
+    def broadcast(self, obj: Any, *, what: str) -> Any:
+        return obj
+
+    def gather(self, obj: Any, *, what: str) -> list[Any]:
+        return [obj]
+
+    def broadcast_ints(self, values: list[int], *, what: str) -> list[int]:
+        return [int(v) for v in values]
+
+    def max_int(self, value: int, *, what: str) -> int:
+        return int(value)
+
+    def destroy(self) -> None:
+        pass
+
+
+def group() -> Group | LocalGroup:
+    """A coordination group: :class:`Group` under torch.distributed (a collective: every rank
+    calls it at the same point), else :class:`LocalGroup`."""
+    return Group() if initialized() else LocalGroup()
+
+
 # ---- DTensor / FSDP2 -----------------------------------------------------------------------------
 def is_dtensor(t: Any) -> bool:
+    # No DTensor can exist before its module was imported: a plain process never pays that
+    # import (or the isinstance) on its save path.
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed

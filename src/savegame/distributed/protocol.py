@@ -20,19 +20,21 @@ any rank, from capturing its state to writing its file, reaches every rank as a
 :class:`~savegame.errors.DistributedSaveError` naming it, and the ranks stay in step; the
 message of an error raised after the commit started says what is on disk (checked, not assumed).
 
-Wrappers: a ``DistributedDataParallel`` model is saved and restored through its inner module,
-so checkpoint keys are the bare module's (no ``module.`` prefix) and restore into a bare model
-in a plain process; checkpoints written with the prefix (before this rule) are stripped of it
-on restore when the live model's keys call for it.
+One process without torch.distributed runs this same protocol over the no-op
+:class:`~savegame.distributed.collectives.LocalGroup` (world size 1: no digests to compare, every
+collective returns its input), and a failure there is raised as the process's own error
+(``EncodeError``, ``StorageError``, ``OSError``…), never a ``DistributedSaveError``.
+
+Wrappers (:mod:`.wrappers`): a ``DistributedDataParallel`` model is saved and restored through
+its inner module, so checkpoint keys are the bare module's (no ``module.`` prefix).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import shutil
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,20 @@ import torch
 from savegame import errors
 from savegame import state as statelib
 from savegame import tree as treelib
-from savegame.distributed import collectives, planning
+from savegame.distributed import collectives, planning, wrappers
+from savegame.distributed.wrappers import (
+    extras_names,
+    match_wrapper_keys,
+    replicated_names,
+    unwrapped,
+)
 from savegame.engine import reader, writer
 from savegame.format import hashing, layout, manifest
+from savegame.storage import local
 
 __all__ = [
     "Prepared",
+    "content_digest",
     "extras_names",
     "load_state",
     "match_wrapper_keys",
@@ -61,73 +71,6 @@ __all__ = [
 INFO_KEY = "distributed"
 
 
-def replicated_names(state: statelib.TrainState) -> list[str]:
-    """Names of the objects DDP keeps identical on every rank (written once, by rank 0):
-    modules, optimizers, LR schedulers and grad scalers. Their DTensors are sharded instead."""
-    kinds: tuple[type, ...] = (
-        torch.nn.Module,
-        torch.optim.Optimizer,
-        torch.optim.lr_scheduler.LRScheduler,
-    )
-    scaler = getattr(getattr(torch, "amp", None), "GradScaler", None)
-    if isinstance(scaler, type):
-        kinds += (scaler,)
-    return [name for name in state if isinstance(state[name], kinds)]
-
-
-def extras_names(state: statelib.TrainState) -> list[str]:
-    """Names of the plain-dict extras (per rank; restorable anywhere when equal on all ranks)."""
-    return [name for name in state if isinstance(state[name], MutableMapping)]
-
-
-def _unwrap(obj: Any) -> Any:
-    """The module inside a ``DistributedDataParallel`` wrapper; anything else unchanged."""
-    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-    while isinstance(ddp, type) and isinstance(obj, ddp):
-        obj = obj.module
-    return obj
-
-
-class _View:
-    """Named objects as :func:`statelib.capture` / :func:`statelib.apply` read them (iteration,
-    ``[name]``, ``.rng``), without building a new :class:`TrainState` (which prepares loaders)."""
-
-    def __init__(self, objects: Mapping[str, Any], rng: bool) -> None:
-        self._objects = dict(objects)
-        self.rng = rng
-
-    def __iter__(self) -> Any:
-        return iter(self._objects)
-
-    def __getitem__(self, name: str) -> Any:
-        return self._objects[name]
-
-    def __len__(self) -> int:
-        return len(self._objects)
-
-
-def unwrapped(state: statelib.TrainState) -> Any:
-    """``state`` with DDP-wrapped modules replaced by their inner modules (same objects
-    otherwise): what is captured on save and loaded on restore, so keys carry no ``module.``."""
-    return _View({n: _unwrap(state[n]) for n in state}, state.rng)
-
-
-def match_wrapper_keys(state: Any, tree: Mapping[str, Any]) -> dict[str, Any]:
-    """``tree`` (a state tree or skeleton by object name) with DDP's ``module.`` prefix removed
-    from a module's keys where the live (unwrapped) module has exactly the bare keys: a
-    checkpoint saved through the wrapper before savegame unwrapped it, restored into a bare or
-    wrapped model now. Other objects and matching keys are left alone."""
-    out = dict(tree)
-    for name in state:
-        obj, sub = _unwrap(state[name]), out.get(name)
-        if isinstance(obj, torch.nn.Module) and isinstance(sub, dict):
-            live = set(obj.state_dict())
-            bare = planning.strip_wrapper_prefix(sub)
-            if set(sub) != live and set(bare) == live:
-                out[name] = bare
-    return out
-
-
 @dataclass(slots=True)
 class Prepared:
     """One rank's encoded, planned and staged share of a save (from :func:`prepare`)."""
@@ -137,15 +80,20 @@ class Prepared:
     chunk_meta: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
     info: dict[str, Any]
     error: str | None = None
+    exc: BaseException | None = None  # the error itself (raised as it is by a single process)
+
+
+def _check_layout(t: torch.Tensor) -> None:
+    if t.layout != torch.strided:
+        raise errors.EncodeError(
+            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
+        )
 
 
 def content_digest(t: torch.Tensor) -> str:
     """xxh3-128 over a tensor's dtype, shape and bytes: equal digests on two ranks mean the
     tensor is written once. Non-CPU tensors are copied to the host for it (one transient copy)."""
-    if t.layout != torch.strided:
-        raise errors.EncodeError(
-            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
-        )
+    _check_layout(t)
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
@@ -162,8 +110,19 @@ def content_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _raise_alone(
+    group: collectives.Group | collectives.LocalGroup, exc: BaseException | None
+) -> None:
+    """In a process without torch.distributed (:class:`~collectives.LocalGroup`) a failure is
+    this process's own and no other rank must hear of it: raise it as it is (an
+    ``EncodeError``, a ``StorageError``, the ``OSError``...), as a plain function call would,
+    not wrapped in a :class:`~savegame.errors.DistributedSaveError`."""
+    if exc is not None and not group.distributed:
+        raise exc
+
+
 def prepare(
-    group: collectives.Group,
+    group: collectives.Group | collectives.LocalGroup,
     state: statelib.TrainState,
     info: Mapping[str, Any],
     stage: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]],
@@ -180,23 +139,35 @@ def prepare(
     the ranks stay in step, so the next save works. A failure while staging is carried to
     :func:`persist` (reported to the coordinator there).
 
+    World size 1 compares nothing, so it computes no digests (every tensor is written, once).
+    A single process (:class:`~collectives.LocalGroup`) raises its own error, whatever it is.
+
     Raises:
         DistributedSaveError: capturing the state failed on some rank (``.failures`` names it
             with its error), or a rank died or hung (timeout).
     """
-    rank = group.rank
+    rank, alone = group.rank, group.world == 1
     where = f"distributed save of step {step} in {root}"
     full_info = dict(info)
-    full_info[INFO_KEY] = {"replicated": replicated_names(state), "extras": extras_names(state)}
+    if group.distributed:
+        full_info[INFO_KEY] = {"replicated": replicated_names(state), "extras": extras_names(state)}
     own_exc: BaseException | None = None
     try:
         skeleton, live = treelib.encode(statelib.capture(unwrapped(state)))
         shards = {
             k: collectives.shard_info(t) for k, t in live.items() if collectives.is_dtensor(t)
         }
-        digests = {k: content_digest(t) for k, t in live.items() if k not in shards}
+        if alone:  # nothing to compare: every tensor is "shared" (written once, by rank 0)
+            for k, t in live.items():
+                if k not in shards:
+                    _check_layout(t)
+            digests: dict[str, str] = {}
+            shared: set[str] = {k for k in live if k not in shards}
+        else:
+            digests = {k: content_digest(t) for k, t in live.items() if k not in shards}
         mine: tuple[str, Any] = ("ok", digests)
     except Exception as exc:  # noqa: BLE001 - any capture failure must reach every rank
+        _raise_alone(group, exc)
         own_exc = exc
         mine = ("fail", f"{type(exc).__name__}: {exc}")
     try:
@@ -219,7 +190,8 @@ def prepare(
             path=root,
             step=step,
         ) from own_exc
-    shared = planning.shared_keys([digests for _, digests in reports])
+    if not alone:
+        shared = planning.shared_keys([digests for _, digests in reports])
     try:
         plan = planning.plan_save(rank, skeleton, list(live), shared=shared, shards=shards)
         local = {
@@ -228,7 +200,8 @@ def prepare(
         }
         return Prepared(plan.skeleton, stage(local), plan.chunk_meta, full_info)
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator by persist()
-        return Prepared(None, {}, {}, full_info, f"{type(exc).__name__}: {exc}")
+        _raise_alone(group, exc)  # one process: staged on this thread, raised here as before
+        return Prepared(None, {}, {}, full_info, f"{type(exc).__name__}: {exc}", exc)
 
 
 def on_disk(root: Path, step: int, run_id: str) -> Path | None:
@@ -252,8 +225,14 @@ def _disk_status(root: Path, step: int, run_id: str) -> str:
     return f"nothing was committed for step {step}; earlier checkpoints are intact"
 
 
+def _discard(tmp: Path) -> None:
+    """Remove an uncommitted temp folder, best effort (never listed: a leftover is collected by
+    the next writer anyway). The protocol's only deletion."""
+    local.free_tree(tmp)
+
+
 def persist(
-    group: collectives.Group,
+    group: collectives.Group | collectives.LocalGroup,
     root: Path,
     step: int,
     prepared: Prepared,
@@ -270,6 +249,8 @@ def persist(
     Raises:
         DistributedSaveError: some rank failed or died (``.failures`` names them); nothing
             was committed and the temp folder was removed (by rank 0, if it survived).
+            A single process (:class:`~collectives.LocalGroup`) raises its own error instead
+            (``StorageError``, ``StepExistsError``, ``OSError``...), after the same clean-up.
     """
     rank = group.rank
     where = f"distributed save of step {step} in {root}"
@@ -278,19 +259,41 @@ def persist(
         try:
             opened = ("ok", writer.new_tmp_dir(root, step).name)
         except OSError as exc:
+            _raise_alone(group, exc)
             opened = ("fail", f"could not create the temp folder in {root}: {exc}")
     try:
         status, name = group.broadcast(opened, what=where)
     except errors.DistributedSaveError as exc:
         if rank == 0 and opened[0] == "ok":
-            shutil.rmtree(root / opened[1], ignore_errors=True)
+            _discard(root / opened[1])
         raise _with_disk_status(exc, root, step, run_id) from exc
     if status != "ok":
         raise errors.DistributedSaveError(
             f"{where} failed on rank 0: {name}", failures={0: name}, path=root, step=step
         )
     tmp = root / name
+    try:
+        return _write_and_commit(group, root, tmp, step, prepared, run_id=run_id, metrics=metrics)
+    except BaseException:
+        if rank == 0:  # an interrupt (or a bug) mid-save: no temp folder stays behind
+            _discard(tmp)
+        raise
+
+
+def _write_and_commit(
+    group: collectives.Group | collectives.LocalGroup,
+    root: Path,
+    tmp: Path,
+    step: int,
+    prepared: Prepared,
+    *,
+    run_id: str,
+    metrics: Mapping[str, float],
+) -> Path:
+    rank = group.rank
+    where = f"distributed save of step {step} in {root}"
     report: tuple[str, Any, Any]
+    own_exc = prepared.exc
     if prepared.error is not None:
         report = ("fail", prepared.error, None)
     else:
@@ -300,19 +303,21 @@ def persist(
             )
             report = ("ok", result, prepared.skeleton)
         except Exception as exc:  # noqa: BLE001 - any failure on this rank must reach the coordinator
+            own_exc = exc
             report = ("fail", f"{type(exc).__name__}: {exc}", None)
     try:
         reports = group.gather(report, what=where)
     except errors.DistributedSaveError as exc:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp)
         raise _with_disk_status(exc, root, step, run_id) from exc
     failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
     decision: tuple[str, Any] = ("ok", "")
     if rank == 0:
-        decision = _commit(
+        decision, commit_exc = _commit(
             root, tmp, step, reports, failures, run_id=run_id, metrics=metrics, info=prepared.info
         )
+        own_exc = own_exc or commit_exc
     try:
         status, payload = group.broadcast(decision, what=where)
     except errors.DistributedSaveError as exc:
@@ -320,6 +325,7 @@ def persist(
         raise _with_disk_status(exc, root, step, run_id) from exc
     if status == "ok":
         return Path(payload)
+    _raise_alone(group, own_exc)
     failed: dict[int, str] = dict(payload)
     raise errors.DistributedSaveError(
         f"{where} failed on rank(s) {sorted(failed)}: "
@@ -353,8 +359,10 @@ def _commit(
     run_id: str,
     metrics: Mapping[str, float],
     info: Mapping[str, Any],
-) -> tuple[str, Any]:
-    """Rank 0 only: commit if every rank succeeded, else remove the temp folder."""
+) -> tuple[tuple[str, Any], errors.CheckpointError | None]:
+    """Rank 0 only: commit if every rank succeeded, else remove the temp folder. Returns the
+    decision to broadcast and the commit's own error, if it failed."""
+    commit_exc: errors.CheckpointError | None = None
     if not failures:
         results = [rep[1] for rep in reports]
         trees = [rep[2] for rep in reports]
@@ -365,25 +373,15 @@ def _commit(
             )
     if not failures:
         try:
-            return (
-                "ok",
-                str(
-                    writer.commit(
-                        root,
-                        tmp,
-                        step,
-                        results,
-                        trees=trees,
-                        run_id=run_id,
-                        metrics=metrics,
-                        info=info,
-                    )
-                ),
+            final = writer.commit(
+                root, tmp, step, results, trees=trees, run_id=run_id, metrics=metrics, info=info
             )
+            return ("ok", str(final)), None
         except errors.CheckpointError as exc:
+            commit_exc = exc
             failures[0] = f"commit failed: {exc}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return ("fail", failures)
+    _discard(tmp)
+    return ("fail", failures), commit_exc
 
 
 def load_state(
@@ -419,8 +417,9 @@ def load_state(
         where=str(path),
     )
     names = [n for n in state if n in plan.skeleton]
-    sub: Any = _View(
-        {n: _unwrap(state[n]) for n in names}, state.rng and statelib.RNG_KEY in plan.skeleton
+    sub: Any = wrappers.View(
+        {n: wrappers.unwrap(state[n]) for n in names},
+        state.rng and statelib.RNG_KEY in plan.skeleton,
     )
     captured = statelib.capture(sub, loaders=False)  # live tensors only: no loader iterator built
     skeleton = match_wrapper_keys(sub, plan.skeleton)
@@ -481,7 +480,7 @@ _OTHER_RANK = "another rank could not use its share of this checkpoint"
 
 
 def restore(
-    group: collectives.Group | None,
+    group: collectives.Group | collectives.LocalGroup | None,
     refs: Sequence[reader.CheckpointRef],
     state: statelib.TrainState,
     *,

@@ -1,0 +1,57 @@
+"""Argument checks of the Checkpointer's public calls (issue 9.11), and metric formatting.
+
+Invariant: a bad ``step`` or metric is refused with a ``TypeError``/``ValueError`` that says what
+was expected, before anything is saved or any state changes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+__all__ = ["check_metrics", "check_step", "fmt_metric"]
+
+
+def check_step(step: object) -> int:
+    """The step as an int, or a TypeError/ValueError that says what a step is (issue 9.11)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"step must be an int (the number of completed optimizer steps), got {type(step).__name__} {step!r}"
+        )
+    value = int(step)
+    if not 0 <= value < 10**12:
+        raise ValueError(f"step must be in [0, 10**12), got {value}")
+    return value
+
+
+def check_metrics(metrics: object) -> dict[str, float] | None:
+    """Metrics as ``{str: float}``; numbers, 0-d tensors and numpy scalars are accepted."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics must be a mapping of name -> number, got {type(metrics).__name__}"
+        )
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise TypeError(f"metric names must be str, got {type(k).__name__} {k!r}")
+        if isinstance(v, (str, bytes)):
+            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}")
+        try:
+            out[k] = float(v)  # type: ignore[arg-type]
+        except OverflowError as exc:  # an int too large for a float (10**400)
+            raise ValueError(f"metric {k!r} = {v!r} does not fit a float") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}") from exc
+    return out
+
+
+def fmt_metric(v: float | None, mode: str) -> str:
+    """A monitored value for the log; None (nothing yet) prints as the starting point."""
+    if v is None:  # Keras prints the starting point as -inf / inf too
+        return "-inf" if mode == "max" else "inf"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4f}"

@@ -1,0 +1,582 @@
+"""The facade: one object that saves a training run on a strategy and resumes it exactly.
+
+Call order (one process, or every rank)::
+
+    ckpt = Checkpointer(root, save=Every(...), keep=Keep(...))   # takes the run folder's lock
+    step = ckpt.restore(state)                                   # newest valid checkpoint, or 0
+    for ...:                                                     # your loop
+        ckpt.step(state, step, metrics=...)                      # after the step is complete
+    ckpt.close()                                                 # releases the lock
+
+Invariants: a checkpoint is only ever listed once committed (see :mod:`savegame.engine.writer`);
+retention deletes only checkpoints of this run family (``run.json``), never the newest, and
+ranks "best" from the manifests on disk, so it survives restarts; a signal (SIGTERM, SIGUSR1,
+SIGINT) never interrupts a save half-way — it is acted on at the next step boundary.
+
+One process and many take one path: the save decision is made once (by rank 0, broadcast) and
+every save goes through :mod:`savegame.distributed.protocol` (prepare → persist → commit); a
+process without torch.distributed runs it over the no-op
+:class:`~savegame.distributed.collectives.LocalGroup` and gets its own errors back unwrapped.
+The parts: :mod:`.signals`, :mod:`.runfile` (lock, ``run.json``), :mod:`.retention` (shared with
+``savegame prune``), :mod:`.restoring` (one process's restore), :mod:`.checks`, :mod:`.adopt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from savegame import errors, policy
+from savegame import state as statelib
+from savegame.checkpointer import adopt as adoptlib
+from savegame.checkpointer import checks, restoring, retention, runfile, signals
+from savegame.checkpointer.retention import CheckpointInfo
+from savegame.checkpointer.signals import EXIT_PREEMPTED
+from savegame.distributed import collectives, protocol
+from savegame.engine import persist, reader, staging, writer
+from savegame.format import layout
+
+log = logging.getLogger("savegame")
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """Saves a training run on a strategy and resumes it exactly.
+
+    Args:
+        root: The run folder (created if missing). One writer per folder: a second live
+            writer gets :class:`~savegame.errors.LockedError`.
+        save: When to save (default ``Every(seconds=1800)``). See :func:`savegame.regime`.
+        keep: What to keep (default ``Keep(last=3)``).
+        handle_signals: Save at the next step boundary on SIGTERM / SIGUSR1 / SIGINT.
+        exit_on_signal: After that save, exit the process with :data:`EXIT_PREEMPTED` (75).
+            If False, :attr:`preempted` becomes True and your loop decides.
+        async_save: Scheduled saves (``step``) snapshot the state into a reusable pool of host
+            buffers (pinned, on a side CUDA stream, for GPU tensors) and persist in a background
+            thread; training continues once the snapshot is taken. ``save()`` always blocks.
+        when_busy: With ``async_save``, what a save does while the previous one is still
+            persisting: ``"wait"`` for it, or ``"skip"`` this save (logged).
+
+    Under torch.distributed (an initialized process group, e.g. ``torchrun``) every rank
+    constructs it at the same point (it creates the coordination groups: a collective) and
+    calls every method; rank 0 only holds the lock, writes ``run.json``, commits and applies
+    retention. See docs/distributed.md.
+
+    A folder this process can read but not write (a read-only mount, another user's run) opens
+    read-only: :attr:`writable` is False, ``restore`` works, and a save raises
+    :class:`~savegame.errors.StorageError`.
+
+    Raises:
+        LockedError: another live process writes this run folder (every rank raises it).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        save: policy.Every | None = None,
+        keep: policy.Keep | None = None,
+        handle_signals: bool = True,
+        exit_on_signal: bool = True,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
+    ) -> None:
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self._persister = persist.Persister()
+        self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
+        self._pool = staging.HostPool()
+        self.root = Path(root)
+        self.save_policy = save if save is not None else policy.Every(seconds=1800)
+        self.keep = keep if keep is not None else policy.Keep(last=3)
+        self.exit_on_signal = exit_on_signal
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.StorageError(
+                f"cannot create run folder {self.root}: {exc}; pass a folder path (a run folder holds one "
+                "step-… folder per checkpoint)",
+                path=self.root,
+            ) from exc
+        # Under torchrun (an initialized process group) every rank builds its Checkpointer here;
+        # rank 0 alone holds the lock, owns run.json and collects garbage (docs/distributed.md).
+        # (A process group of size 1 takes this path too: its state may hold DTensors.) Without
+        # one, the groups are no-op LocalGroups: the same code, with nothing to wait for.
+        self._group = collectives.group()
+        self._save_group = collectives.group()  # persist thread only
+        self.rank = self._group.rank
+        self._lock = runfile.run_lock(self.root, self.rank)
+        self._closed = False
+        #: False when this process cannot write the run folder (a read-only mount, another user's
+        #: run): restore works, a save raises StorageError (issue 9.9).
+        self.writable = True
+        self._suspects: list[tuple[Path, BaseException | None]] = []  # skipped by restore
+        self._verified: set[str] = set()  # checkpoint folders known intact in this process
+        self._signals = signals.PreemptionSignals()
+        try:
+            self.run_id = self._setup_ranks()
+            self._epochs_completed = 0
+            self._index = self._next_index()
+            self._last_save_time = time.monotonic()
+            self._last_saved_step: int | None = None
+            self._best: float | None = self._best_on_disk()
+            self.preempted = False
+            if handle_signals:
+                self._signals.install()
+        except BaseException:
+            # A failed constructor must not keep the run folder locked: a retry in this process
+            # would otherwise get LockedError naming itself.
+            self._close_quietly()
+            raise
+
+    # ---- public API ---------------------------------------------------------------------------
+    def restore(
+        self,
+        state: statelib.TrainState,
+        *,
+        step: int | None = None,
+        per_rank: Literal["strict", "fresh"] = "strict",
+    ) -> int:
+        """Restore ``state`` from the newest valid checkpoint (or ``step``) and return its step.
+
+        Corrupt or incomplete checkpoints are skipped with a :class:`CorruptCheckpointWarning`
+        naming them. Nothing is applied to ``state`` until a checkpoint has been read and every
+        hash verified, so a corrupt checkpoint never leaves the objects half-restored.
+
+        Under torch.distributed every rank calls it; each reads only its share (its shards,
+        the replicated tensors, its per-rank state) and nothing is applied until every rank
+        verified its share. A checkpoint of another world size is resharded; per-rank state
+        (RNG, loader positions) cannot be, and ``per_rank`` says what happens to it:
+        ``"strict"`` raises :class:`RestoreError`, ``"fresh"`` leaves those objects as
+        constructed (docs/distributed.md, "Resharding").
+
+        Returns:
+            The number of completed steps to continue from; 0 on a fresh run.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` was given and does not exist.
+            RestoreError: a checkpoint is valid but does not fit ``state`` (different objects,
+                or per-rank state on a different world size with ``per_rank="strict"``).
+        """
+        self._persister.wait()
+        try:
+            return self._restore(state, step, per_rank)
+        finally:
+            self._set_aside_suspects()
+
+    def _restore(
+        self, state: statelib.TrainState, step: int | None, per_rank: Literal["strict", "fresh"]
+    ) -> int:
+        if step is not None:
+            step = checks.check_step(step)
+        refs = reader.list_checkpoints(self.root)
+        # Older step folders whose manifest is damaged are never reached by the loop below and
+        # never restorable either: set them aside too (listed as damaged, out of the way).
+        self._suspects += [
+            (r.path, r.error) for r in refs if isinstance(r.error, errors.FormatError)
+        ]
+        if step is not None:
+            refs = [r for r in refs if r.step == step]
+            if not refs:
+                raise errors.CheckpointNotFoundError(
+                    f"no checkpoint for step {step} in {self.root}", path=self.root, step=step
+                )
+        sharded = self._group.distributed or any(
+            r.manifest is not None and r.manifest.world_size > 1 for r in refs
+        )
+        if sharded:
+            done = protocol.restore(
+                self._group, refs, state, per_rank=per_rank, skip=self._warn_skip
+            )
+        else:
+            done = restoring.restore_whole(refs, state, skip=self._warn_skip)
+        if done is not None and done.manifest is not None:
+            self._epochs_completed = int(done.manifest.info.get("epochs_completed", 0))
+            self._last_save_time = time.monotonic()
+            self._last_saved_step = done.step
+            self._verified.add(str(done.path))
+            if sharded:
+                log.info("restored step %d from %s (rank %d)", done.step, done.path, self.rank)
+            else:
+                log.info("restored step %d from %s", done.step, done.path)
+            return done.step
+        if refs and step is not None:
+            raise errors.RestoreError(
+                f"checkpoint {refs[0].path} is corrupt; see the warning above",
+                path=refs[0].path,
+                step=step,
+            )
+        if refs:
+            warnings.warn(
+                f"no valid checkpoint in {self.root} ({len(refs)} found, all corrupt or incomplete); starting from step 0",
+                errors.CorruptCheckpointWarning,
+                stacklevel=2,
+            )
+        return 0
+
+    def step(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch_end: bool = False,
+    ) -> bool:
+        """Tell the checkpointer that ``step`` optimizer steps are complete; saves when due.
+
+        Call it *after* the optimizer step, with the number of completed steps, so a checkpoint
+        never holds a half-done step (ANCHORS #2). If the monitored metric is in ``metrics`` and
+        improved, a checkpoint is saved now even if the schedule is not due, so the best model is
+        always on disk.
+
+        Returns:
+            True if a checkpoint was saved.
+
+        Raises:
+            StorageError: a background save (``async_save``) failed since the last call; its
+                checkpoint was not committed, earlier ones are intact. Also: a save is due and
+                the run folder is read-only.
+            TypeError: ``step`` is not an int, or a metric is not a number.
+            ValueError: ``step`` is negative or ≥ 10**12.
+        """
+        step = checks.check_step(step)
+        metrics = checks.check_metrics(metrics)
+        # Every step, not only saving ones: a background failure surfaces at the very next call
+        # (never only logged). Non-blocking: it only looks at a finished save.
+        self._persister.raise_failure()
+        if epoch_end:
+            self._epochs_completed += 1
+        # Rank 0 decides (preemption signal, schedule, best metric) and broadcasts, so ranks
+        # never disagree on whether to save (a time-based schedule or a signal seen by one rank
+        # only would otherwise deadlock). One process: the broadcast returns its input.
+        pending = self._signals.pending
+        due = better = False
+        if self.rank == 0 and not pending:
+            due, better = self._due(step, metrics, epoch_end)
+        signum, due_i, better_i = self._group.broadcast_ints(
+            [pending or 0, int(due), int(better)], what=f"step {step} save decision"
+        )
+        if signum:
+            name = signals.signal_name(signum)
+            self._save(state, step, metrics, reason=f"signal {name}", blocking=True)
+            if self.exit_on_signal:
+                if self.rank == 0:
+                    log.warning(
+                        "saved step %d after %s; exiting with status %d", step, name, EXIT_PREEMPTED
+                    )
+                self.close()
+                raise SystemExit(EXIT_PREEMPTED)
+            self.preempted = True
+            self._signals.clear()
+            return True
+        if not (due_i or better_i):
+            return False
+        reason = "best" if better_i and not due_i else "schedule"
+        return (
+            self._save(state, step, metrics, reason=reason, blocking=not self.async_save)
+            is not None
+        )
+
+    def _due(
+        self, step: int, metrics: Mapping[str, float] | None, epoch_end: bool
+    ) -> tuple[bool, bool]:
+        """(the schedule is due, the monitored metric improved and best-K is on)."""
+        due = self.save_policy.due(
+            step=step,
+            epoch_end=epoch_end,
+            epochs_completed=self._epochs_completed,
+            seconds_since_save=time.monotonic() - self._last_save_time,
+        )
+        better = False
+        monitor = self.keep.monitor
+        if monitor and metrics is not None and monitor in metrics:
+            is_better = policy.improved(float(metrics[monitor]), self._best, self.keep.mode)
+            better = is_better and self.keep.best > 0
+            if not is_better:
+                log.info(
+                    "step %d: %s did not improve from %s",
+                    step,
+                    monitor,
+                    checks.fmt_metric(self._best, self.keep.mode),
+                )
+        return due, better
+
+    def save(
+        self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
+    ) -> Path:
+        """Save now, whatever the schedule says (e.g. at the end of training); blocks until the
+        checkpoint is committed. Returns its folder."""
+        path = self._save(state, step, metrics, reason="explicit", blocking=True)
+        assert isinstance(path, Path)
+        return path
+
+    def save_async(
+        self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
+    ) -> persist.SaveHandle[Path] | None:
+        """Snapshot the state into host buffers and persist it in the background.
+
+        Returns once the snapshot is consistent: mutating the model afterwards cannot change the
+        checkpoint. If a save is still persisting, waits for it (``when_busy="wait"``) or skips
+        this one and returns None (``when_busy="skip"``). A background failure is raised by the
+        next ``save``/``save_async``/``step``/``wait``/``close`` call.
+        """
+        handle = self._save(state, step, metrics, reason="explicit", blocking=False)
+        assert handle is None or isinstance(handle, persist.SaveHandle)
+        return handle
+
+    def adopt(
+        self,
+        source: str | os.PathLike[str],
+        state: statelib.TrainState,
+        *,
+        step: int,
+        mapping: Mapping[str, str],
+        metrics: Mapping[str, str] | None = None,
+        cfg: str | None = None,
+        partial: bool = False,
+    ) -> Path:
+        """Import a checkpoint written by another tool into this run, then save it here.
+
+        Reads ``source`` safely (any format :func:`savegame.open` reads; torch files through
+        the restricted unpickler, GPU-saved files onto the CPU), loads the mapped parts into the
+        live objects, and commits them as step ``step`` of this run, so training continues
+        there and later restarts resume normally.
+
+        Args:
+            source: The foreign checkpoint file.
+            state: The live objects to load into (and save).
+            step: The step the imported state stands for (e.g. ``epoch * steps_per_epoch``).
+            mapping: Destination -> source path ("/"-separated). A destination naming a
+                Stateful object gets ``load_state_dict`` of that subtree; ``"dict/key"`` sets
+                one entry of a dict in the state.
+            metrics: Metric name -> source path, recorded so best-K knows the imported value.
+            cfg: Darknet ``.cfg`` for a ``.weights`` source.
+            partial: Accept a darknet ``.weights`` file that holds fewer layers than its cfg
+                (a backbone-only file such as ``darknet53.conv.74``); the rest stay as built.
+
+        Example (the classic PyTorch tutorial checkpoint)::
+
+            ckpt.adopt("checkpoint.pth.tar", state, step=epoch * steps_per_epoch,
+                       mapping={"model": "state_dict", "optimizer": "optimizer",
+                                "extras/epoch": "epoch", "extras/best_acc": "best_accuracy"},
+                       metrics={"val_acc": "best_accuracy"})
+
+        Raises:
+            CheckpointNotFoundError: a source path in ``mapping`` does not exist in the file.
+            RestoreError: an object refuses the imported state.
+        """
+        values = adoptlib.load_foreign(
+            source, state, mapping=mapping, metrics=metrics, cfg=cfg, partial=partial
+        )
+        path = self._save(
+            state, step, values, reason=f"adopted from {os.fspath(source)}", blocking=True
+        )
+        assert isinstance(path, Path)
+        return path
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        self._persister.wait()
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint folder of the run with its validity and why retention keeps it."""
+        return retention.list_run(self.root, self.keep, self.run_id)
+
+    def close(self) -> None:
+        """Wait for the save in flight, restore the previous signal handlers and release the
+        run folder's lock. Raises the in-flight save's error, if any (after cleaning up)."""
+        try:
+            self._persister.wait()
+        finally:
+            self._closed = True
+            self._deleter.shutdown(wait=True)
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        self._signals.restore()
+        self._lock.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _save(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        metrics: Mapping[str, float] | None,
+        *,
+        reason: str,
+        blocking: bool,
+    ) -> Path | persist.SaveHandle[Path] | None:
+        """Every rank: capture and stage this rank's share now (a capture failure raises here,
+        on every rank, nothing written); write + commit (rank 0) now or on the persist thread.
+        Retention runs on rank 0 only, after the commit."""
+        step = checks.check_step(step)
+        metrics = checks.check_metrics(metrics)
+        if self._closed:
+            raise errors.CheckpointError(
+                f"checkpointer for {self.root} is closed; create a new one", path=self.root
+            )
+        if not self.writable:
+            raise errors.StorageError(
+                f"cannot save step {step}: run folder {self.root} (or its lock file {layout.LOCK}) is not writable "
+                "by this process (read-only mount or another user's run); restore works — to keep training, pass "
+                "a writable folder "
+                "(e.g. copy the run with `cp -r`)",
+                path=self.root,
+                step=step,
+            )
+        final = self.root / layout.step_dir(step)
+        if self._last_saved_step == step:
+            if blocking:
+                self._persister.wait()
+            if final.exists():  # already saved this step in this process (e.g. schedule + explicit)
+                return final
+        if self._persister.busy and not blocking and self.when_busy == "skip":
+            log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
+            return None
+        self._persister.wait()  # one save in flight; raises a previous background failure
+        clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
+        t0 = time.perf_counter()
+        stage = _stage_now if blocking else self._pool.stage
+        # Capture + stage on the training thread, inside the protocol: a failure on any rank
+        # raises here on every rank (one process: its own error), before this save counts.
+        prepared = protocol.prepare(self._group, state, info, stage, root=self.root, step=step)
+        improved_from: float | None | str = "n/a"
+        monitor = self.keep.monitor
+        if (
+            monitor
+            and monitor in clean_metrics
+            and policy.improved(clean_metrics[monitor], self._best, self.keep.mode)
+        ):
+            improved_from, self._best = self._best, clean_metrics[monitor]
+        self._index += 1
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+        group, distributed = self._save_group, self._save_group.distributed
+
+        def job() -> Path:
+            path = protocol.persist(
+                group, self.root, step, prepared, run_id=self.run_id, metrics=clean_metrics
+            )
+            if self.rank == 0:
+                if improved_from != "n/a" and monitor:
+                    log.info(
+                        "step %d: %s improved from %s to %.4f, saved %s",
+                        step, monitor, checks.fmt_metric(improved_from, self.keep.mode), clean_metrics[monitor], path.name,  # type: ignore[arg-type]
+                    )  # fmt: skip
+                else:
+                    log.info(
+                        "step %d: saved %s%s (%s, %.2fs)",
+                        step, path.name, " on all ranks" if distributed else "", reason, time.perf_counter() - t0,
+                    )  # fmt: skip
+            return path
+
+        def after() -> None:
+            if self.rank == 0:
+                self._apply_retention(just_saved=step)
+
+        if blocking:
+            path = job()
+            after()
+            return path
+        # The handle resolves at commit; retention runs right after on the same worker (still
+        # "in flight" for wait()/close()/the next save), so deleting old checkpoints does not
+        # delay "committed" (it was ~25% of a 0.2 GB async save on the CI VM).
+        return self._persister.submit(job, step, after=after)
+
+    def _apply_retention(self, *, just_saved: int) -> None:
+        self._verified.add(str(self.root / layout.step_dir(just_saved)))  # we just wrote it
+        plan = retention.plan_retention(
+            self.root, self.keep, self.run_id, verified=self._verified, spare=just_saved
+        )
+        # Unlinking a multi-GB file takes 0.1-0.4 s; the checkpoint is already gone from the run
+        # (renamed away), so the bytes are freed off the save path (close() waits for it).
+        retention.delete_unkept(
+            plan,
+            spare=just_saved,
+            keep=self.keep,
+            release=lambda p: self._deleter.submit(retention.free, p),
+        )
+
+    # ---- opening the run (every rank; rank 0 holds the lock) --------------------------------------
+    def _setup_ranks(self) -> str:
+        """Every rank: rank 0 takes the lock, reads/creates run.json and collects garbage, then
+        tells the others the run id (or the error, which every rank raises)."""
+        outcome: tuple[str, Any] = ("ok", "")
+        if self.rank == 0:
+            try:
+                outcome = ("ok", (self._open_run(), self.writable))
+            except errors.CheckpointError as exc:
+                self._lock.release()
+                outcome = ("fail", exc)
+        status, value = self._group.broadcast(outcome, what=f"opening run folder {self.root}")
+        if status != "ok":
+            raise value
+        run_id, self.writable = value
+        return str(run_id)
+
+    def _open_run(self) -> str:
+        """Rank 0 / one process: take the lock, read (or create) run.json, remove leftovers."""
+        run_id, self.writable = runfile.open_run(self.root, self.keep, self._lock)
+        if self.writable:
+            retention.collect_garbage(self.root)
+        return run_id
+
+    def _ours(self) -> list[reader.CheckpointRef]:
+        return [
+            r
+            for r in reader.list_checkpoints(self.root)
+            if r.manifest is not None and r.manifest.run_id == self.run_id
+        ]
+
+    def _next_index(self) -> int:
+        return (
+            max(
+                (int(r.manifest.info.get("index", -1)) for r in self._ours() if r.manifest),
+                default=-1,
+            )
+            + 1
+        )
+
+    def _best_on_disk(self) -> float | None:
+        if not self.keep.monitor:
+            return None
+        cands = [
+            policy.Candidate(r.step, 0, r.manifest.metrics) for r in self._ours() if r.manifest
+        ]
+        return policy.best_value(cands, self.keep.monitor, self.keep.mode)
+
+    # ---- restore's skipped checkpoints --------------------------------------------------------
+    def _warn_skip(self, path: Path, exc: BaseException | None) -> None:
+        warnings.warn(
+            f"skipping checkpoint {path}: {exc}; falling back to an earlier one",
+            errors.CorruptCheckpointWarning,
+            stacklevel=3,
+        )
+        self._suspects.append((path, exc))
+
+    def _set_aside_suspects(self) -> None:
+        """The lock holder sets aside what restore skipped, once proven damaged (issue 9.8)."""
+        suspects, self._suspects = self._suspects, []
+        if self.rank == 0 and self.writable and not self._closed:
+            restoring.set_aside_damaged(suspects)
+
+
+def _stage_now(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A blocking save's staging: contiguous CPU tensors (no copy for those that already are)."""
+    return {k: writer.stage_cpu(t) for k, t in tensors.items()}

@@ -1,0 +1,287 @@
+"""Retention: which checkpoints of a run are kept, and deleting the others. One copy, used by
+the :class:`~savegame.Checkpointer` after each save and by ``savegame prune``.
+
+Invariants: only valid checkpoints of this run family (the manifest's run id is the one in
+``run.json``) are ever deleted, never the one the caller spares (the newest / the one just
+written); damaged checkpoints set aside and temp folders are never retention candidates;
+"best" is ranked from the manifests on disk, so it survives restarts; nothing is deleted while
+a checkpoint kept in its place is damaged (issue 9.8). A deleted checkpoint first leaves the run
+atomically (renamed to a temp name), so a crash never leaves a half-deleted ``step-…`` folder.
+
+Imports no torch (``savegame ls``/``prune``); setting a damaged checkpoint aside imports the
+writer on use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from savegame import policy
+from savegame.checkpointer.runfile import read_run_file
+from savegame.engine import reader
+from savegame.format import layout
+from savegame.storage import local
+
+log = logging.getLogger("savegame")
+
+__all__ = [
+    "CheckpointInfo",
+    "collect_garbage",
+    "delete_unkept",
+    "find_damage",
+    "free",
+    "list_run",
+    "plan_retention",
+    "unkept",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """One checkpoint of a run, as listed by :meth:`Checkpointer.list` and ``savegame ls``."""
+
+    step: int
+    path: Path
+    valid: bool
+    created: float | None
+    size: int
+    metrics: Mapping[str, float]
+    ours: bool  # written by this run family (run.json); only those are ever deleted
+    kept_for: tuple[str, ...]  # retention reasons; () = would be pruned
+    error: str | None
+    #: "checkpoint" (a step-… folder), "damaged" (set aside after failing verification: kept for
+    #: inspection, never restored or counted by retention) or "leftover" (a ``.tmp-`` folder: a
+    #: save in progress, or garbage from an interrupted one that the next writer removes).
+    kind: Literal["checkpoint", "damaged", "leftover"] = "checkpoint"
+
+
+def list_run(
+    root: str | os.PathLike[str],
+    keep: policy.Keep | None = None,
+    run_id: str | None = None,
+    *,
+    aside: bool = False,
+) -> list[CheckpointInfo]:
+    """Checkpoints of a run folder with validity (manifest level) and retention reasons.
+
+    ``run_id`` and ``keep`` default to the folder's ``run.json`` (written by the Checkpointer).
+    With ``aside=True`` (``savegame ls``), damaged checkpoints set aside and leftover temp
+    folders follow, with ``kind`` "damaged" / "leftover" (never retention candidates).
+    """
+    root = Path(root)
+    record = read_run_file(root)
+    if run_id is None and record is not None:
+        run_id = str(record["run_id"])
+    if keep is None:
+        keep = (
+            policy.Keep(**record["keep"])
+            if record and isinstance(record.get("keep"), dict)
+            else policy.Keep(last=3)
+        )
+    refs = reader.list_checkpoints(root)
+    ours = [r for r in refs if r.manifest is not None and r.manifest.run_id == run_id]
+    cands = [
+        policy.Candidate(r.step, int(r.manifest.info.get("index", 0)), r.manifest.metrics)
+        for r in ours
+        if r.manifest
+    ]
+    kept = policy.retain(cands, keep)
+    out = []
+    for r in refs:
+        m = r.manifest
+        size = sum(f.size for f in m.files.values()) if m else _du(r.path)
+        mine = m is not None and m.run_id == run_id
+        out.append(
+            CheckpointInfo(
+                step=r.step,
+                path=r.path,
+                valid=r.valid,
+                created=m.created if m else None,
+                size=size,
+                metrics=dict(m.metrics) if m else {},
+                ours=mine,
+                kept_for=tuple(kept.get(r.step, ())) if mine else ("not ours",),
+                error=str(r.error) if r.error else None,
+            )
+        )
+    if aside:
+        out.extend(_aside(root))
+    return out
+
+
+def _aside(root: Path) -> list[CheckpointInfo]:
+    """Damaged checkpoints set aside and temp folders, for ``ls``: never retention candidates."""
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            step = layout.parse_damaged_dir(entry.name)
+            if step is not None:
+                kind: Literal["damaged", "leftover"] = "damaged"
+                why = "set aside: failed verification (kept for inspection; delete it when done)"
+            elif entry.name.startswith(layout.TMP_PREFIX):
+                kind, step = "leftover", -1
+                why = "temp folder: a save in progress, or left by an interrupted save (the next writer removes it)"
+            else:
+                continue
+            created: float | None = None
+            with contextlib.suppress(OSError):
+                created = entry.stat().st_mtime
+            out.append(
+                CheckpointInfo(
+                    step=step,
+                    path=path,
+                    valid=False,
+                    created=created,
+                    size=_du(path),
+                    metrics={},
+                    ours=False,
+                    kept_for=(),
+                    error=why,
+                    kind=kind,
+                )  # fmt: skip
+            )
+    return out
+
+
+def unkept(plan: list[CheckpointInfo], *, spare: int | None) -> list[CheckpointInfo]:
+    """What ``plan`` deletes: valid checkpoints of this run that no rule keeps, except step
+    ``spare`` (the newest, or the one just written)."""
+    return [i for i in plan if i.valid and i.ours and not i.kept_for and i.step != spare]
+
+
+def find_damage(
+    plan: list[CheckpointInfo], *, spare: int | None, verified: set[str]
+) -> dict[Path, str]:
+    """Damage in the checkpoints kept in place of those ``plan`` deletes: ``{path: first
+    problem}``, empty if they are intact or nothing would be deleted (then nothing is read).
+
+    Each kept checkpoint is read in full once per process: ``verified`` holds the folders known
+    intact (written or restored by this process, or checked before) and is updated.
+    """
+    if not unkept(plan, spare=spare):
+        return {}
+    found: dict[Path, str] = {}
+    for i in plan:
+        if not (i.valid and i.ours and (i.kept_for or i.step == spare)) or str(i.path) in verified:
+            continue
+        problems = reader.damage(i.path)
+        if problems:
+            found[i.path] = problems[0]
+        else:
+            verified.add(str(i.path))
+    return found
+
+
+def plan_retention(
+    root: str | os.PathLike[str],
+    keep: policy.Keep | None,
+    run_id: str | None,
+    *,
+    verified: set[str],
+    spare: int | None = None,
+) -> list[CheckpointInfo]:
+    """The run's checkpoints with retention reasons, made safe to act on: nothing is deleted
+    while a checkpoint kept in its place is damaged (issue 9.8). The caller holds the run
+    folder's lock.
+
+    Before a valid checkpoint may be deleted, every checkpoint retention keeps instead is
+    verified once (:func:`find_damage`): a damaged one is set aside (``damaged-step-…``, kept
+    for inspection) and the plan made again. This reads each older kept checkpoint once per
+    process — on the save's thread, the persist worker for async saves. If a damaged one
+    cannot be moved, the plan keeps everything.
+    """
+    from savegame.engine import writer  # imports torch: only when something must be set aside
+
+    while True:
+        infos = list_run(root, keep, run_id)
+        damaged = find_damage(infos, spare=spare, verified=verified)
+        if not damaged:
+            return infos
+        for i in infos:
+            if i.path not in damaged:
+                continue
+            try:
+                writer.set_aside_damaged(i.path, i.step, damaged[i.path])
+            except OSError as exc:  # cannot move it: delete nothing this time
+                log.warning(
+                    "could not set aside damaged %s: %s; retention deletes nothing", i.path, exc
+                )
+                return [
+                    dataclasses.replace(x, kept_for=x.kept_for or ("damaged kept",)) for x in infos
+                ]
+
+
+def delete_unkept(
+    plan: list[CheckpointInfo],
+    *,
+    spare: int | None,
+    keep: policy.Keep | None = None,
+    release: Callable[[Path], object] | None = None,
+    strict: bool = False,
+) -> list[CheckpointInfo]:
+    """Delete what ``plan`` does not keep (:func:`unkept`); returns what was deleted.
+
+    Each checkpoint first leaves the run atomically (renamed to a ``.tmp-deleted-…`` name);
+    ``release`` then frees its bytes (default: :func:`free`, now; the Checkpointer frees on a
+    background thread). One that cannot be moved is logged and left in place, or with
+    ``strict`` (``savegame prune``) its ``OSError`` is raised.
+    """
+    deleted = []
+    for info in unkept(plan, spare=spare):
+        try:
+            trash = local.move_to_trash(
+                info.path, f"{layout.TMP_PREFIX}deleted-{info.path.name}-{uuid.uuid4().hex[:8]}"
+            )
+        except OSError as exc:
+            if strict:
+                raise
+            log.warning("could not delete %s: %s", info.path, exc)
+            continue
+        (release or free)(trash)
+        deleted.append(info)
+        log.info(
+            "deleted %s (not kept by %s)",
+            info.path.name,
+            keep if keep is not None else "the run's rule",
+        )
+    return deleted
+
+
+def collect_garbage(root: Path) -> None:
+    """Remove every temp folder of a run. Only the lock holder calls it: every temp folder
+    then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish."""
+    for entry in os.scandir(root):
+        if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir():
+            log.info("removing leftover %s from an interrupted save or deletion", entry.name)
+            free(entry.path)
+
+
+def free(path: str | os.PathLike[str]) -> None:
+    """Delete a folder already taken out of the run (:func:`savegame.storage.local.free_tree`);
+    warn (never fail) if bytes cannot be freed."""
+    failures = local.free_tree(path)
+    if failures:
+        log.warning(
+            "could not delete %s (%d errors, first: %s); its disk space is not freed — delete it by hand",
+            path, len(failures), failures[0],
+        )  # fmt: skip
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, f))
+    return total

@@ -1,0 +1,183 @@
+"""The run folder: its lock, its ``run.json``, and what a run / checkpoint folder looks like.
+
+Invariants: one writer per run folder — the lock holder (one process, or rank 0) is the only
+process that writes ``run.json``, commits, sets aside or deletes; other ranks hold a stand-in
+(:class:`RankLock`). ``run.json`` records the run family's id (retention only ever deletes
+checkpoints whose manifest carries it) and the retention rule in force, and is replaced
+atomically. A folder this process may read but not write opens read-only (restore works, a
+save raises :class:`~savegame.errors.StorageError`).
+
+Imports no torch: ``savegame ls``/``verify``/``prune`` read run folders through it, and
+``show``/``verify`` of a foreign file ask it whether a path is a run (so it imports little:
+storage is imported by the functions that write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from savegame import errors, policy
+from savegame.format import layout
+
+log = logging.getLogger("savegame")
+
+__all__ = [
+    "RankLock",
+    "is_checkpoint",
+    "is_run",
+    "looks_like_checkpoint",
+    "open_run",
+    "read_run_file",
+    "run_file",
+    "run_file_problem",
+    "run_lock",
+    "verify_checkpoint",
+]
+
+
+class Lock(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class RankLock:
+    """Stands in for the run lock on ranks other than 0 (rank 0 holds the real one)."""
+
+    held = True
+
+    def acquire(self) -> None:
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+
+
+def run_lock(root: str | os.PathLike[str], rank: int = 0) -> Lock:
+    """The run folder's lock for this rank (not taken yet): the real one on rank 0 only."""
+    from savegame.storage import local
+
+    return local.RunLock(root, layout.LOCK) if rank == 0 else RankLock()
+
+
+def run_file(root: str | os.PathLike[str]) -> Path:
+    """Where a run folder's ``run.json`` is."""
+    return Path(root) / layout.RUN_FILE
+
+
+def read_run_file(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable."""
+    try:
+        record = json.loads(run_file(root).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "run_id" in record else None
+
+
+def run_file_problem(root: str | os.PathLike[str]) -> str | None:
+    """Why ``run.json`` makes the Checkpointer refuse this run, or None if it is fine/absent."""
+    path = run_file(root)
+    if not path.exists():
+        return None
+    if read_run_file(root) is None:
+        return (
+            f"{path} is damaged (not a JSON object with a run_id): the Checkpointer refuses this "
+            "run folder and retention cannot tell this run's checkpoints from others'; restore "
+            "it from a backup, or start a new run folder"
+        )
+    return None
+
+
+def open_run(root: Path, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
+    """The lock holder opens its run: take the lock, read (or create) ``run.json``.
+
+    Returns:
+        ``(run_id, writable)``. A folder this process may read but not write (permissions, a
+        read-only mount) opens read-only: the run id comes from ``run.json`` ("" if none).
+
+    Raises:
+        LockedError: another live process writes this run folder.
+        FormatError: ``run.json`` is damaged.
+    """
+    try:
+        lock.acquire()
+    except errors.StorageError as exc:
+        cause = exc.__cause__
+        if not (
+            isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        ):
+            raise
+        log.info(
+            "run folder %s (or its lock file) is not writable by this process (%s): opened read-only",
+            root,
+            cause,
+        )
+        record = read_run_file(root)
+        return (str(record["run_id"]) if record else ""), False
+    return _run_id(root, keep), True
+
+
+def _run_id(root: Path, keep: policy.Keep) -> str:
+    """The run family's id from ``run.json`` (created on first use). The file also records
+    the retention rule in force, so ``savegame ls``/``prune`` apply the run's own rule."""
+    path = run_file(root)
+    record = read_run_file(root)
+    if record is None and path.exists():
+        raise errors.FormatError(
+            f"{path} is damaged; restore it or start a new run folder", path=path
+        )
+    run_id = str(record["run_id"]) if record else uuid.uuid4().hex
+    rule = dataclasses.asdict(keep)
+    if record is None or record.get("keep") != rule:
+        from savegame.storage import local
+
+        created = record.get("created", time.time()) if record else time.time()
+        local.atomic_write(
+            path, json.dumps({"run_id": run_id, "created": created, "keep": rule}).encode()
+        )
+    return run_id
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A savegame checkpoint folder (it holds a manifest)."""
+    return (Path(path) / layout.MANIFEST).is_file()
+
+
+def looks_like_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """A checkpoint folder, or a folder named like one (``step-…``, ``damaged-step-…``) whose
+    manifest may be missing: verify reports what is wrong with it."""
+    name = Path(path).name
+    return (
+        is_checkpoint(path)
+        or layout.parse_step_dir(name) is not None
+        or layout.parse_damaged_dir(name) is not None
+    )
+
+
+def is_run(path: str | os.PathLike[str]) -> bool:
+    """A run folder: has ``run.json``, or step / set-aside / temp checkpoint folders (a run
+    whose first save never committed is still a run: "no checkpoints yet")."""
+    path = Path(path)
+    if not path.is_dir() or is_checkpoint(path):
+        return False
+    if run_file(path).exists():
+        return True
+    return any(
+        p.name.startswith(("step-", layout.DAMAGED_PREFIX + "step-", layout.TMP_PREFIX + "step-"))
+        for p in path.iterdir()
+    )
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
+    """Every problem of one savegame checkpoint folder (empty: intact), reading every byte and
+    checking every hash; a folder without a readable manifest is reported, not raised."""
+    from savegame.engine import reader
+
+    return reader.verify(path)

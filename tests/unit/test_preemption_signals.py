@@ -1,0 +1,56 @@
+"""Preemption signal handling apart from the Checkpointer (issue 10): handlers installed and put
+back, the pending signal, and a second Ctrl-C that stops at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from savegame.checkpointer import EXIT_PREEMPTED, PREEMPTION_SIGNALS
+from savegame.checkpointer.signals import PreemptionSignals
+
+
+def test_exit_status_and_signals() -> None:
+    assert EXIT_PREEMPTED == 75
+    assert signal.SIGINT in PREEMPTION_SIGNALS and signal.SIGTERM in PREEMPTION_SIGNALS
+
+
+def test_install_notes_the_signal_and_restore_puts_the_old_handlers_back() -> None:
+    before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+    sigs = PreemptionSignals()
+    sigs.install()
+    try:
+        assert sigs.pending is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert sigs.pending == signal.SIGTERM  # noted, nothing else happens
+        sigs.clear()
+        assert sigs.pending is None
+    finally:
+        sigs.restore()
+        sigs.restore()  # idempotent
+    assert {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS} == before
+
+
+def test_a_second_ctrl_c_while_the_first_is_pending_stops_at_once() -> None:
+    sigs = PreemptionSignals()
+    sigs.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert sigs.pending == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        sigs.restore()
+
+
+def test_outside_the_main_thread_nothing_is_installed() -> None:
+    before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+    sigs = PreemptionSignals()
+    t = threading.Thread(target=sigs.install)
+    t.start()
+    t.join()
+    assert {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS} == before
+    sigs.restore()
