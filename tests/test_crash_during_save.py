@@ -6,7 +6,6 @@ partial one), and at most the checkpoint being written is lost.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import signal
@@ -21,9 +20,10 @@ import pytest
 import torch
 
 import savegame as sg
-from savegame.engine import reader, writer
-from savegame.format import layout, tensors
-from savegame.storage import local
+from savegame.engine import reader
+from savegame.format import layout
+from savegame.storage.faulty import FaultyStore
+from savegame.storage.local import LocalStore
 
 NUMEL = 1 << 20  # 4 MB of float32 per save
 
@@ -146,49 +146,24 @@ def test_sigkill_during_saves_many_trials(tmp_path: Path) -> None:
 
 
 # ---- fault injection: disk full at various points --------------------------------------------
-def _disk_full(*_: object, **__: object) -> Any:
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def _fail_nth(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, n: int) -> None:
-    real = getattr(target, name)
-    calls = {"n": 0}
-
-    def wrapper(*a: Any, **k: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == n:
-            _disk_full()
-        return real(*a, **k)
-
-    monkeypatch.setattr(target, name, wrapper)
-
-
-def _mid_tensor_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = tensors.write_tensor_file
-
-    def half(f: Any, items: Any, **k: Any) -> Any:
-        real(f, items[: len(items) // 2], **k)
-        _disk_full()
-
-    monkeypatch.setattr(writer.tensors, "write_tensor_file", half)
-
-
+# The store fails on purpose (savegame.storage.faulty): no monkeypatching of os. Each point is
+# where a real save can be cut short; a full disk (ENOSPC) raises there and clean-up runs.
 FAULTS = {
-    "mid_tensor_write": _mid_tensor_write,
-    "tensor_fsync": lambda mp: _fail_nth(mp, os, "fsync", 1),
-    "before_manifest_durable": lambda mp: _fail_nth(mp, os, "fsync", 2),
-    "before_rename": lambda mp: _fail_nth(mp, local, "fsync_dir", 1),
-    "rename": lambda mp: _fail_nth(mp, os, "rename", 1),
+    "mid_tensor_write": "stage.write",
+    "tensor_fsync": "stage.sync",
+    "before_manifest_durable": "commit.seal",
+    "rename": "commit.publish",
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_disk_full_during_save_is_storage_error_and_leaves_earlier_checkpoints_intact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+    tmp_path: Path, fault: str
 ) -> None:
     state, holder = _state()
+    store = FaultyStore(LocalStore(tmp_path))
     with sg.Checkpointer(
-        tmp_path, save=sg.Every(steps=1), keep=sg.Keep(last=3), handle_signals=False
+        store, save=sg.Every(steps=1), keep=sg.Keep(last=3), handle_signals=False
     ) as ckpt:
         for step in (1, 2):
             holder["w"] = torch.full((NUMEL,), float(step))
@@ -196,10 +171,10 @@ def test_disk_full_during_save_is_storage_error_and_leaves_earlier_checkpoints_i
             ckpt.step(state, step)
         holder["w"] = torch.full((NUMEL,), 3.0)
         holder["step"] = 3
-        with monkeypatch.context() as mp:
-            FAULTS[fault](mp)
-            with pytest.raises(sg.StorageError, match="No space left") as info:
-                ckpt.step(state, 3)
+        store.faults[FAULTS[fault]] = store.calls[FAULTS[fault]] + 1  # the next one fails
+        with pytest.raises(sg.StorageError, match="No space left") as info:
+            ckpt.step(state, 3)
+        assert store.fired == [FAULTS[fault]]
         assert info.value.step in (3, None)
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(layout.TMP_PREFIX)]
         refs = reader.list_checkpoints(tmp_path)

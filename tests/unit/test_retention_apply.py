@@ -21,6 +21,7 @@ from savegame import checkpointer as runs
 from savegame.checkpointer import retention
 from savegame.engine import reader
 from savegame.format import layout
+from savegame.storage import local
 
 
 def _run(root: Path, steps: int = 4, keep: sg.Keep | None = None) -> Path:
@@ -70,15 +71,18 @@ def test_unkept_spares_the_given_step_and_only_deletes_valid_checkpoints_of_this
 
 def test_delete_unkept_moves_out_then_releases_and_returns_what_it_deleted(tmp_path: Path) -> None:
     root = _run(tmp_path / "run")
-    released: list[Path] = []
+    released: list[tuple[Any, str]] = []
     plan = runs.list_run(root, sg.Keep(last=2))
-    deleted = runs.delete_unkept(plan, spare=4, release=released.append)
+    deleted = runs.delete_unkept(
+        plan, spare=4, release=lambda freer, name: released.append((freer, name))
+    )
     assert [i.step for i in deleted] == [1, 2]
     assert _steps(root) == [3, 4]
-    assert [p.name.startswith(".tmp-deleted-step-") for p in released] == [True, True]
-    assert all(p.is_dir() and p.parent == root for p in released)  # freed by the caller's release
-    for p in released:
-        retention.free(p)
+    assert [name for _, name in released] == [str(root / layout.step_dir(s)) for s in (1, 2)]
+    trash = sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-deleted-step-"))
+    assert len(trash) == 2  # out of the run, bytes still there: freed by the caller's release
+    for freer, name in released:
+        retention.free(freer, name)
     runs.delete_unkept(runs.list_run(root, sg.Keep(last=1)), spare=4)  # default release: now
     assert _steps(root) == [4] and not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
@@ -88,14 +92,14 @@ def test_delete_unkept_logs_and_goes_on_when_a_checkpoint_cannot_be_moved_or_rai
 ) -> None:
     root = _run(tmp_path / "run", steps=3)
     plan = runs.list_run(root, sg.Keep(last=1))
-    real = retention.local.move_to_trash
+    real = local.move_to_trash
 
     def refuse_first(path: Any, name: str) -> Path:
         if Path(path).name == layout.step_dir(1):
             raise PermissionError(13, "Permission denied")
         return real(path, name)
 
-    monkeypatch.setattr(retention.local, "move_to_trash", refuse_first)
+    monkeypatch.setattr(local, "move_to_trash", refuse_first)
     with pytest.raises(PermissionError):
         runs.delete_unkept(plan, spare=3, strict=True)
     assert _steps(root) == [1, 2, 3]
@@ -178,5 +182,6 @@ def test_collect_garbage_and_free_remove_temp_folders_and_warn_about_what_stays(
 
     monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
     with caplog.at_level(logging.WARNING, logger="savegame"):
-        retention.free(tmp_path / "step-000000000002")
+        path = tmp_path / "step-000000000002"
+        retention.free(lambda: local.free_tree(path), str(path))
     assert any("could not delete" in m and "Permission denied" in m for m in caplog.messages)

@@ -41,6 +41,7 @@ from savegame.checkpointer.signals import EXIT_PREEMPTED
 from savegame.distributed import collectives, protocol
 from savegame.engine import persist, reader, staging, writer
 from savegame.format import layout
+from savegame.storage import Location, Store, as_store
 
 log = logging.getLogger("savegame")
 
@@ -79,7 +80,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | Store,
         *,
         save: policy.Every | None = None,
         keep: policy.Keep | None = None,
@@ -95,12 +96,15 @@ class Checkpointer:
         self._persister = persist.Persister()
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
         self._pool = staging.HostPool()
-        self.root = Path(root)
+        #: Where the run lives (docs/storage.md): a path means a local folder.
+        self.store = as_store(root)
+        #: The run folder (a Path for a local run, else the store's URL).
+        self.root: Path | str = self.store.local_path() or self.store.describe()
         self.save_policy = save if save is not None else policy.Every(seconds=1800)
         self.keep = keep if keep is not None else policy.Keep(last=3)
         self.exit_on_signal = exit_on_signal
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.store.makedirs()
         except OSError as exc:
             raise errors.StorageError(
                 f"cannot create run folder {self.root}: {exc}; pass a folder path (a run folder holds one "
@@ -114,7 +118,7 @@ class Checkpointer:
         self._group = collectives.group()
         self._save_group = collectives.group()  # persist thread only
         self.rank = self._group.rank
-        self._lock = runfile.run_lock(self.root, self.rank)
+        self._lock = runfile.run_lock(self.store, self.rank)
         self._closed = False
         #: False when this process cannot write the run folder (a read-only mount, another user's
         #: run): restore works, a save raises StorageError (issue 9.9).
@@ -178,7 +182,7 @@ class Checkpointer:
     ) -> int:
         if step is not None:
             step = checks.check_step(step)
-        refs = reader.list_checkpoints(self.root)
+        refs = reader.list_checkpoints(self.store)
         # Older step folders whose manifest is damaged are never reached by the loop below and
         # never restorable either: set them aside too (listed as damaged, out of the way).
         self._suspects += [
@@ -312,11 +316,11 @@ class Checkpointer:
 
     def save(
         self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
-    ) -> Path:
+    ) -> Path | Location:
         """Save now, whatever the schedule says (e.g. at the end of training); blocks until the
-        checkpoint is committed. Returns its folder."""
+        checkpoint is committed. Returns its folder (a Path in a local run folder)."""
         path = self._save(state, step, metrics, reason="explicit", blocking=True)
-        assert isinstance(path, Path)
+        assert isinstance(path, (Path, Location))
         return path
 
     def save_async(
@@ -380,7 +384,7 @@ class Checkpointer:
         path = self._save(
             state, step, values, reason=f"adopted from {os.fspath(source)}", blocking=True
         )
-        assert isinstance(path, Path)
+        assert isinstance(path, (Path, Location))
         return path
 
     def wait(self) -> None:
@@ -389,7 +393,7 @@ class Checkpointer:
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint folder of the run with its validity and why retention keeps it."""
-        return retention.list_run(self.root, self.keep, self.run_id)
+        return retention.list_run(self.store, self.keep, self.run_id)
 
     def close(self) -> None:
         """Wait for the save in flight, restore the previous signal handlers and release the
@@ -439,12 +443,12 @@ class Checkpointer:
                 path=self.root,
                 step=step,
             )
-        final = self.root / layout.step_dir(step)
+        final = layout.step_dir(step)
         if self._last_saved_step == step:
             if blocking:
                 self._persister.wait()
-            if final.exists():  # already saved this step in this process (e.g. schedule + explicit)
-                return final
+            if self.store.exists(final):  # already saved this step in this process (e.g. schedule + explicit)
+                return self.store.local_path(final) or Location(self.store, final)
         if self._persister.busy and not blocking and self.when_busy == "skip":
             log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
             return None
@@ -471,7 +475,7 @@ class Checkpointer:
 
         def job() -> Path:
             path = protocol.persist(
-                group, self.root, step, prepared, run_id=self.run_id, metrics=clean_metrics
+                group, self.store, step, prepared, run_id=self.run_id, metrics=clean_metrics
             )
             if self.rank == 0:
                 if improved_from != "n/a" and monitor:
@@ -500,9 +504,9 @@ class Checkpointer:
         return self._persister.submit(job, step, after=after)
 
     def _apply_retention(self, *, just_saved: int) -> None:
-        self._verified.add(str(self.root / layout.step_dir(just_saved)))  # we just wrote it
+        self._verified.add(self.store.describe(layout.step_dir(just_saved)))  # we just wrote it
         plan = retention.plan_retention(
-            self.root, self.keep, self.run_id, verified=self._verified, spare=just_saved
+            self.store, self.keep, self.run_id, verified=self._verified, spare=just_saved
         )
         # Unlinking a multi-GB file takes 0.1-0.4 s; the checkpoint is already gone from the run
         # (renamed away), so the bytes are freed off the save path (close() waits for it).
@@ -510,7 +514,7 @@ class Checkpointer:
             plan,
             spare=just_saved,
             keep=self.keep,
-            release=lambda p: self._deleter.submit(retention.free, p),
+            release=lambda freer, name: self._deleter.submit(retention.free, freer, name),
         )
 
     # ---- opening the run (every rank; rank 0 holds the lock) --------------------------------------
@@ -532,15 +536,15 @@ class Checkpointer:
 
     def _open_run(self) -> str:
         """Rank 0 / one process: take the lock, read (or create) run.json, remove leftovers."""
-        run_id, self.writable = runfile.open_run(self.root, self.keep, self._lock)
+        run_id, self.writable = runfile.open_run(self.store, self.keep, self._lock)
         if self.writable:
-            retention.collect_garbage(self.root)
+            retention.collect_garbage(self.store)
         return run_id
 
     def _ours(self) -> list[reader.CheckpointRef]:
         return [
             r
-            for r in reader.list_checkpoints(self.root)
+            for r in reader.list_checkpoints(self.store)
             if r.manifest is not None and r.manifest.run_id == self.run_id
         ]
 

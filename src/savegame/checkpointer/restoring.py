@@ -21,6 +21,7 @@ from savegame import tree as treelib
 from savegame.distributed import protocol
 from savegame.engine import reader, writer
 from savegame.format import layout
+from savegame.storage import locate
 
 __all__ = ["restore_whole", "set_aside_damaged"]
 
@@ -91,9 +92,10 @@ def set_aside_damaged(suspects: Sequence[tuple[Path, BaseException | None]]) -> 
         if path in seen:
             continue
         seen.add(path)
-        if isinstance(exc, errors.UnsupportedFormatError) or not path.is_dir():
+        loc = locate(path)
+        if isinstance(exc, errors.UnsupportedFormatError) or not loc.store.is_dir(loc.key):
             continue
-        step = layout.parse_step_dir(path.name)
+        step = layout.parse_step_dir(loc.name)
         if step is None:
             continue
         problems = reader.damage(path)

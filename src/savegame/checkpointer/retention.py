@@ -28,7 +28,9 @@ from savegame import policy
 from savegame.checkpointer.runfile import read_run_file
 from savegame.engine import reader
 from savegame.format import layout
-from savegame.storage import local
+from savegame.storage import Location, Store, as_store, locate
+
+Root = str | os.PathLike[str] | Store
 
 log = logging.getLogger("savegame")
 
@@ -49,7 +51,7 @@ class CheckpointInfo:
     """One checkpoint of a run, as listed by :meth:`Checkpointer.list` and ``savegame ls``."""
 
     step: int
-    path: Path
+    path: Path | Location  # a Path in a local run folder
     valid: bool
     created: float | None
     size: int
@@ -64,7 +66,7 @@ class CheckpointInfo:
 
 
 def list_run(
-    root: str | os.PathLike[str],
+    root: Root,
     keep: policy.Keep | None = None,
     run_id: str | None = None,
     *,
@@ -76,7 +78,7 @@ def list_run(
     With ``aside=True`` (``savegame ls``), damaged checkpoints set aside and leftover temp
     folders follow, with ``kind`` "damaged" / "leftover" (never retention candidates).
     """
-    root = Path(root)
+    root = as_store(root)
     record = read_run_file(root)
     if run_id is None and record is not None:
         run_id = str(record["run_id"])
@@ -97,7 +99,7 @@ def list_run(
     out = []
     for r in refs:
         m = r.manifest
-        size = sum(f.size for f in m.files.values()) if m else _du(r.path)
+        size = sum(f.size for f in m.files.values()) if m else _du(root, r.location.key)
         mine = m is not None and m.run_id == run_id
         out.append(
             CheckpointInfo(
@@ -117,14 +119,16 @@ def list_run(
     return out
 
 
-def _aside(root: Path) -> list[CheckpointInfo]:
+def _aside(root: Store) -> list[CheckpointInfo]:
     """Damaged checkpoints set aside and temp folders, for ``ls``: never retention candidates."""
     out = []
     with contextlib.suppress(OSError):
-        for entry in sorted(os.scandir(root), key=lambda e: e.name):
-            if not entry.is_dir(follow_symlinks=False):
+        for entry in sorted(root.list(""), key=lambda e: e.name):
+            if not entry.is_dir:
                 continue
-            path = Path(entry.path)
+            path = root.local_path(entry.name) or Location(root, entry.name)
+            if isinstance(path, Path) and path.is_symlink():
+                continue
             step = layout.parse_damaged_dir(entry.name)
             if step is not None:
                 kind: Literal["damaged", "leftover"] = "damaged"
@@ -134,16 +138,14 @@ def _aside(root: Path) -> list[CheckpointInfo]:
                 why = "temp folder: a save in progress, or left by an interrupted save (the next writer removes it)"
             else:
                 continue
-            created: float | None = None
-            with contextlib.suppress(OSError):
-                created = entry.stat().st_mtime
+            created = root.mtime(entry.name)
             out.append(
                 CheckpointInfo(
                     step=step,
                     path=path,
                     valid=False,
                     created=created,
-                    size=_du(path),
+                    size=_du(root, entry.name),
                     metrics={},
                     ours=False,
                     kept_for=(),
@@ -162,7 +164,7 @@ def unkept(plan: list[CheckpointInfo], *, spare: int | None) -> list[CheckpointI
 
 def find_damage(
     plan: list[CheckpointInfo], *, spare: int | None, verified: set[str]
-) -> dict[Path, str]:
+) -> dict[Path | Location, str]:
     """Damage in the checkpoints kept in place of those ``plan`` deletes: ``{path: first
     problem}``, empty if they are intact or nothing would be deleted (then nothing is read).
 
@@ -171,7 +173,7 @@ def find_damage(
     """
     if not unkept(plan, spare=spare):
         return {}
-    found: dict[Path, str] = {}
+    found: dict[Path | Location, str] = {}
     for i in plan:
         if not (i.valid and i.ours and (i.kept_for or i.step == spare)) or str(i.path) in verified:
             continue
@@ -184,7 +186,7 @@ def find_damage(
 
 
 def plan_retention(
-    root: str | os.PathLike[str],
+    root: Root,
     keep: policy.Keep | None,
     run_id: str | None,
     *,
@@ -227,28 +229,29 @@ def delete_unkept(
     *,
     spare: int | None,
     keep: policy.Keep | None = None,
-    release: Callable[[Path], object] | None = None,
+    release: Callable[[Callable[[], list[str]], str], object] | None = None,
     strict: bool = False,
 ) -> list[CheckpointInfo]:
     """Delete what ``plan`` does not keep (:func:`unkept`); returns what was deleted.
 
-    Each checkpoint first leaves the run atomically (renamed to a ``.tmp-deleted-…`` name);
-    ``release`` then frees its bytes (default: :func:`free`, now; the Checkpointer frees on a
-    background thread). One that cannot be moved is logged and left in place, or with
+    Each checkpoint first leaves the run atomically (renamed to a ``.tmp-deleted-…`` name, by
+    the store's ``detach``); ``release(freer, name)`` then frees its bytes (default:
+    :func:`free`, now; the Checkpointer frees on a background thread). One that cannot be moved is logged and left in place, or with
     ``strict`` (``savegame prune``) its ``OSError`` is raised.
     """
     deleted = []
     for info in unkept(plan, spare=spare):
+        loc = locate(info.path)
         try:
-            trash = local.move_to_trash(
-                info.path, f"{layout.TMP_PREFIX}deleted-{info.path.name}-{uuid.uuid4().hex[:8]}"
+            freer = loc.store.detach(
+                loc.key, f"{layout.TMP_PREFIX}deleted-{loc.name}-{uuid.uuid4().hex[:8]}"
             )
         except OSError as exc:
             if strict:
                 raise
             log.warning("could not delete %s: %s", info.path, exc)
             continue
-        (release or free)(trash)
+        (release or free)(freer, str(info.path))
         deleted.append(info)
         log.info(
             "deleted %s (not kept by %s)",
@@ -258,19 +261,20 @@ def delete_unkept(
     return deleted
 
 
-def collect_garbage(root: Path) -> None:
+def collect_garbage(root: Root) -> None:
     """Remove every temp folder of a run. Only the lock holder calls it: every temp folder
     then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish."""
-    for entry in os.scandir(root):
-        if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir():
+    store = as_store(root)
+    for entry in store.list(""):
+        if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir:
             log.info("removing leftover %s from an interrupted save or deletion", entry.name)
-            free(entry.path)
+            free(store.detach(entry.name, None), store.describe(entry.name))
 
 
-def free(path: str | os.PathLike[str]) -> None:
-    """Delete a folder already taken out of the run (:func:`savegame.storage.local.free_tree`);
-    warn (never fail) if bytes cannot be freed."""
-    failures = local.free_tree(path)
+def free(freer: Callable[[], list[str]], path: str) -> None:
+    """Free the bytes of a folder already taken out of the run (``freer`` from the store's
+    ``detach``); warn (never fail) if they cannot be freed."""
+    failures = freer()
     if failures:
         log.warning(
             "could not delete %s (%d errors, first: %s); its disk space is not freed — delete it by hand",
@@ -278,10 +282,8 @@ def free(path: str | os.PathLike[str]) -> None:
         )  # fmt: skip
 
 
-def _du(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(dirpath, f))
-    return total
+def _du(store: Store, key: str) -> int:
+    try:
+        return store.du(key)
+    except OSError:
+        return 0

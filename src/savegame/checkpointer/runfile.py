@@ -26,6 +26,9 @@ from typing import Any, Protocol
 
 from savegame import errors, policy
 from savegame.format import layout
+from savegame.storage import Store, as_store
+
+Root = str | os.PathLike[str] | Store
 
 log = logging.getLogger("savegame")
 
@@ -60,31 +63,30 @@ class RankLock:
         self.held = False
 
 
-def run_lock(root: str | os.PathLike[str], rank: int = 0) -> Lock:
+def run_lock(root: Root, rank: int = 0) -> Lock:
     """The run folder's lock for this rank (not taken yet): the real one on rank 0 only."""
-    from savegame.storage import local
-
-    return local.RunLock(root, layout.LOCK) if rank == 0 else RankLock()
+    return as_store(root).lock(layout.LOCK) if rank == 0 else RankLock()
 
 
-def run_file(root: str | os.PathLike[str]) -> Path:
-    """Where a run folder's ``run.json`` is."""
-    return Path(root) / layout.RUN_FILE
+def run_file(root: Root) -> Path | str:
+    """Where a run folder's ``run.json`` is (a path for a local run)."""
+    store = as_store(root)
+    return store.local_path(layout.RUN_FILE) or store.describe(layout.RUN_FILE)
 
 
-def read_run_file(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_run_file(root: Root) -> dict[str, Any] | None:
     """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable."""
     try:
-        record = json.loads(run_file(root).read_text())
-    except (OSError, ValueError):
+        record = json.loads(as_store(root).read(layout.RUN_FILE))
+    except (OSError, EOFError, ValueError):
         return None
     return record if isinstance(record, dict) and "run_id" in record else None
 
 
-def run_file_problem(root: str | os.PathLike[str]) -> str | None:
+def run_file_problem(root: Root) -> str | None:
     """Why ``run.json`` makes the Checkpointer refuse this run, or None if it is fine/absent."""
     path = run_file(root)
-    if not path.exists():
+    if not as_store(root).exists(layout.RUN_FILE):
         return None
     if read_run_file(root) is None:
         return (
@@ -95,7 +97,7 @@ def run_file_problem(root: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def open_run(root: Path, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
+def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
     """The lock holder opens its run: take the lock, read (or create) ``run.json``.
 
     Returns:
@@ -124,24 +126,27 @@ def open_run(root: Path, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
     return _run_id(root, keep), True
 
 
-def _run_id(root: Path, keep: policy.Keep) -> str:
+def _run_id(root: Root, keep: policy.Keep) -> str:
     """The run family's id from ``run.json`` (created on first use). The file also records
     the retention rule in force, so ``savegame ls``/``prune`` apply the run's own rule."""
-    path = run_file(root)
-    record = read_run_file(root)
-    if record is None and path.exists():
+    store = as_store(root)
+    path = run_file(store)
+    record = read_run_file(store)
+    if record is None and store.exists(layout.RUN_FILE):
         raise errors.FormatError(
             f"{path} is damaged; restore it or start a new run folder", path=path
         )
     run_id = str(record["run_id"]) if record else uuid.uuid4().hex
     rule = dataclasses.asdict(keep)
     if record is None or record.get("keep") != rule:
-        from savegame.storage import local
-
         created = record.get("created", time.time()) if record else time.time()
-        local.atomic_write(
-            path, json.dumps({"run_id": run_id, "created": created, "keep": rule}).encode()
-        )
+        data = json.dumps({"run_id": run_id, "created": created, "keep": rule}).encode()
+        try:
+            store.put(layout.RUN_FILE, data)
+        except errors.StorageError:
+            raise
+        except OSError as exc:
+            raise errors.StorageError(f"could not write {path}: {exc}", path=str(path)) from exc
     return run_id
 
 

@@ -53,7 +53,7 @@ from savegame.distributed.wrappers import (
 )
 from savegame.engine import reader, writer
 from savegame.format import hashing, layout, manifest
-from savegame.storage import local
+from savegame.storage import Location, Staging, Store, as_store
 
 __all__ = [
     "Prepared",
@@ -204,17 +204,18 @@ def prepare(
         return Prepared(None, {}, {}, full_info, f"{type(exc).__name__}: {exc}", exc)
 
 
-def on_disk(root: Path, step: int, run_id: str) -> Path | None:
+def on_disk(root: Path | Store, step: int, run_id: str) -> Path | Location | None:
     """The committed checkpoint of ``step`` of this run if its manifest is on disk and valid."""
-    final = root / layout.step_dir(step)
+    store = as_store(root)
+    final = Location(store, layout.step_dir(step))
     try:
         m = reader.read_manifest(final)
     except (errors.CheckpointError, OSError):
         return None
-    return final if m.step == step and m.run_id == run_id else None
+    return (final.local or final) if m.step == step and m.run_id == run_id else None
 
 
-def _disk_status(root: Path, step: int, run_id: str) -> str:
+def _disk_status(root: Path | Store, step: int, run_id: str) -> str:
     """What a failed save left, read from the disk (not assumed from where it failed)."""
     final = on_disk(root, step, run_id)
     if final is not None:
@@ -225,21 +226,44 @@ def _disk_status(root: Path, step: int, run_id: str) -> str:
     return f"nothing was committed for step {step}; earlier checkpoints are intact"
 
 
-def _discard(tmp: Path) -> None:
-    """Remove an uncommitted temp folder, best effort (never listed: a leftover is collected by
-    the next writer anyway). The protocol's only deletion."""
-    local.free_tree(tmp)
+class _Missing(Staging):
+    """A staging area this rank could not join: writing to it reports the reason."""
+
+    def __init__(self, name: str, exc: OSError) -> None:
+        self.name = name
+        self._exc = exc
+
+    def describe(self, fname: str = "") -> str:
+        return f"{self.name}/{fname}"
+
+    def write(self, fname: str, produce: Any) -> Any:
+        raise self._exc
+
+    def seal(self, manifest_name: str, manifest: bytes) -> None:
+        raise self._exc
+
+    def publish(self, final: str) -> None:
+        raise self._exc
+
+    def abort(self) -> None:
+        pass
+
+
+def _discard(staging: Staging) -> None:
+    """Remove an uncommitted staging area, best effort (never listed: a leftover is collected
+    by the next writer anyway). The protocol's only deletion."""
+    staging.abort()
 
 
 def persist(
     group: collectives.Group | collectives.LocalGroup,
-    root: Path,
+    root: Path | Store,
     step: int,
     prepared: Prepared,
     *,
     run_id: str,
     metrics: Mapping[str, float],
-) -> Path:
+) -> Path | Location:
     """Write this rank's file and take part in the commit. Every rank; may run on a
     background thread (``group`` must then be used by that thread only).
 
@@ -253,45 +277,58 @@ def persist(
             (``StorageError``, ``StepExistsError``, ``OSError``...), after the same clean-up.
     """
     rank = group.rank
-    where = f"distributed save of step {step} in {root}"
+    root = as_store(root)
+    where = f"distributed save of step {step} in {root.describe()}"
     opened: tuple[str, str] = ("ok", "")
+    mine: Staging | None = None
     if rank == 0:
         try:
-            opened = ("ok", writer.new_tmp_dir(root, step).name)
+            mine = writer.begin(root, step)
+            opened = ("ok", mine.name)
         except OSError as exc:
-            _raise_alone(group, exc)
-            opened = ("fail", f"could not create the temp folder in {root}: {exc}")
+            why = f"could not create the temp folder in {root.describe()}: {exc}"
+            err = errors.StorageError(
+                f"{why}; nothing was committed for step {step}, earlier checkpoints are intact",
+                path=root.describe(),
+                step=step,
+            )
+            err.__cause__ = exc
+            _raise_alone(group, err)
+            opened = ("fail", why)
     try:
         status, name = group.broadcast(opened, what=where)
     except errors.DistributedSaveError as exc:
-        if rank == 0 and opened[0] == "ok":
-            _discard(root / opened[1])
+        if mine is not None:
+            _discard(mine)
         raise _with_disk_status(exc, root, step, run_id) from exc
     if status != "ok":
         raise errors.DistributedSaveError(
-            f"{where} failed on rank 0: {name}", failures={0: name}, path=root, step=step
+            f"{where} failed on rank 0: {name}", failures={0: name}, path=root.describe(), step=step
         )
-    tmp = root / name
+    try:
+        tmp = mine if mine is not None else writer.join(root, name)
+    except OSError as exc:  # reported to the coordinator like a failed write
+        tmp = _Missing(name, exc)
     try:
         return _write_and_commit(group, root, tmp, step, prepared, run_id=run_id, metrics=metrics)
     except BaseException:
-        if rank == 0:  # an interrupt (or a bug) mid-save: no temp folder stays behind
-            _discard(tmp)
+        if mine is not None:  # an interrupt (or a bug) mid-save: no temp folder stays behind
+            _discard(mine)
         raise
 
 
 def _write_and_commit(
     group: collectives.Group | collectives.LocalGroup,
-    root: Path,
-    tmp: Path,
+    root: Store,
+    tmp: Staging,
     step: int,
     prepared: Prepared,
     *,
     run_id: str,
     metrics: Mapping[str, float],
-) -> Path:
+) -> Path | Location:
     rank = group.rank
-    where = f"distributed save of step {step} in {root}"
+    where = f"distributed save of step {step} in {root.describe()}"
     report: tuple[str, Any, Any]
     own_exc = prepared.exc
     if prepared.error is not None:
@@ -324,7 +361,7 @@ def _write_and_commit(
         # A rank died after reporting, while rank 0 committed: the step may well be on disk.
         raise _with_disk_status(exc, root, step, run_id) from exc
     if status == "ok":
-        return Path(payload)
+        return root.local_path(payload) or Location(root, payload)
     _raise_alone(group, own_exc)
     failed: dict[int, str] = dict(payload)
     raise errors.DistributedSaveError(
@@ -332,26 +369,26 @@ def _write_and_commit(
         + "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failed.items()))
         + f" — {_disk_status(root, step, run_id)}. Fix the cause and save again.",
         failures=failed,
-        path=root,
+        path=root.describe(),
         step=step,
     )
 
 
 def _with_disk_status(
-    exc: errors.DistributedSaveError, root: Path, step: int, run_id: str
+    exc: errors.DistributedSaveError, root: Store, step: int, run_id: str
 ) -> errors.DistributedSaveError:
     """``exc`` (a lost or hung rank) re-worded with what the disk holds for ``step``."""
     return errors.DistributedSaveError(
         f"{exc.message}. On disk: {_disk_status(root, step, run_id)}.",
         failures=exc.failures,
-        path=root,
+        path=root.describe(),
         step=step,
     )
 
 
 def _commit(
-    root: Path,
-    tmp: Path,
+    root: Store,
+    tmp: Staging,
     step: int,
     reports: Sequence[tuple[str, Any, Any]],
     failures: dict[int, str],
@@ -373,10 +410,10 @@ def _commit(
             )
     if not failures:
         try:
-            final = writer.commit(
+            writer.commit(
                 root, tmp, step, results, trees=trees, run_id=run_id, metrics=metrics, info=info
             )
-            return ("ok", str(final)), None
+            return ("ok", layout.step_dir(step)), None
         except errors.CheckpointError as exc:
             commit_exc = exc
             failures[0] = f"commit failed: {exc}"

@@ -161,6 +161,9 @@ class Store(abc.ABC):
     url: str
 
     # ---- naming --------------------------------------------------------------------------
+    def __str__(self) -> str:
+        return self.describe()
+
     def describe(self, key: str = "") -> str:
         """A human-readable location of ``key`` (a file path for local stores)."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url
@@ -222,12 +225,13 @@ class Store(abc.ABC):
         """Make sure folder ``key`` exists (a no-op where folders are implicit)."""
 
     @abc.abstractmethod
-    def detach(self, key: str, trash: str) -> Callable[[], list[str]]:
+    def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
         """Take ``key`` (a blob or folder) out of view atomically under the temporary name
         ``trash``, and return a function that frees its bytes (it returns the problems it
-        met: freeing may be slow, so callers may run it on another thread)."""
+        met: freeing may be slow, so callers may run it on another thread). ``trash=None``:
+        ``key`` already has a temporary name (a leftover staging area); free it in place."""
 
-    def delete(self, key: str, trash: str) -> list[str]:
+    def delete(self, key: str, trash: str | None) -> list[str]:
         """Remove ``key`` now (via :meth:`detach`); returns problems freeing the bytes."""
         return self.detach(key, trash)()
 
@@ -265,6 +269,10 @@ class Location:
 
     def child(self, name: str) -> Location:
         return Location(self.store, join(self.key, check_key(name)))
+
+    def __truediv__(self, name: str) -> Location:
+        """``loc / "manifest.json"``: the child location (as for a Path)."""
+        return self.child(name)
 
     def sub(self, name: str) -> str:
         """The key of ``name`` inside this location."""

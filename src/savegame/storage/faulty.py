@@ -216,7 +216,7 @@ class FaultyStore(base.Store):
         self._point("makedirs")
         self.inner.makedirs(key)
 
-    def detach(self, key: str, trash: str) -> Callable[[], list[str]]:
+    def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
         self._point("detach")
         return self.inner.detach(key, trash)
 

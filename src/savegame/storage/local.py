@@ -267,7 +267,10 @@ class LocalStore(base.Store):
     def makedirs(self, key: str = "") -> None:
         self._p(key).mkdir(parents=True, exist_ok=True)
 
-    def detach(self, key: str, trash: str) -> Callable[[], list[str]]:
+    def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
+        if trash is None:
+            path = self._p(key)
+            return lambda: free_tree(path)
         moved = move_to_trash(self._p(key), base.check_key(trash))
         return lambda: free_tree(moved)
 

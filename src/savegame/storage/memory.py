@@ -243,7 +243,7 @@ class MemoryStore(base.Store):
                     raise NotADirectoryError(errno.ENOTDIR, "is a file", d)
                 self._dirs.add(d)
 
-    def detach(self, key: str, trash: str) -> Callable[[], list[str]]:
+    def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
         with self._lock:
             if not self._exists(base.check_key(key)):
                 raise _missing(key)
