@@ -35,7 +35,7 @@ import collections
 import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -226,29 +226,6 @@ def _disk_status(root: Path | Store, step: int, run_id: str) -> str:
     return f"nothing was committed for step {step}; earlier checkpoints are intact"
 
 
-class _Missing(Staging):
-    """A staging area this rank could not join: writing to it reports the reason."""
-
-    def __init__(self, name: str, exc: OSError) -> None:
-        self.name = name
-        self._exc = exc
-
-    def describe(self, fname: str = "") -> str:
-        return f"{self.name}/{fname}"
-
-    def write(self, fname: str, produce: Any) -> Any:
-        raise self._exc
-
-    def seal(self, manifest_name: str, manifest: bytes) -> None:
-        raise self._exc
-
-    def publish(self, final: str) -> None:
-        raise self._exc
-
-    def abort(self) -> None:
-        pass
-
-
 def _discard(staging: Staging) -> None:
     """Remove an uncommitted staging area, best effort (never listed: a leftover is collected
     by the next writer anyway). The protocol's only deletion."""
@@ -305,10 +282,12 @@ def persist(
         raise errors.DistributedSaveError(
             f"{where} failed on rank 0: {name}", failures={0: name}, path=root.describe(), step=step
         )
-    try:
-        tmp = mine if mine is not None else writer.join(root, name)
-    except OSError as exc:  # reported to the coordinator like a failed write
-        tmp = _Missing(name, exc)
+    tmp = mine
+    if tmp is None:
+        try:
+            tmp = writer.join(root, name)
+        except OSError as exc:  # reported to the coordinator like a failed write
+            prepared = replace(prepared, error=f"could not join {name}: {exc}", exc=exc)
     try:
         return _write_and_commit(group, root, tmp, step, prepared, run_id=run_id, metrics=metrics)
     except BaseException:
@@ -320,7 +299,7 @@ def persist(
 def _write_and_commit(
     group: collectives.Group | collectives.LocalGroup,
     root: Store,
-    tmp: Staging,
+    tmp: Staging | None,
     step: int,
     prepared: Prepared,
     *,
@@ -331,7 +310,7 @@ def _write_and_commit(
     where = f"distributed save of step {step} in {root.describe()}"
     report: tuple[str, Any, Any]
     own_exc = prepared.exc
-    if prepared.error is not None:
+    if prepared.error is not None or tmp is None:
         report = ("fail", prepared.error, None)
     else:
         try:
@@ -345,12 +324,13 @@ def _write_and_commit(
     try:
         reports = group.gather(report, what=where)
     except errors.DistributedSaveError as exc:
-        if rank == 0:
+        if tmp is not None and rank == 0:
             _discard(tmp)
         raise _with_disk_status(exc, root, step, run_id) from exc
     failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
     decision: tuple[str, Any] = ("ok", "")
     if rank == 0:
+        assert tmp is not None  # rank 0 created it
         decision, commit_exc = _commit(
             root, tmp, step, reports, failures, run_id=run_id, metrics=metrics, info=prepared.info
         )
