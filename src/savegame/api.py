@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from savegame import errors
 from savegame.interop import base
+from savegame.storage import Location  # torch-free: open() accepts a store location
 
 if TYPE_CHECKING:
     import torch
@@ -85,12 +86,14 @@ class SavegameReader(base.Reader):
     The reader holds no open file between calls, so ``close()`` only marks it closed.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str] | Location) -> None:
         from savegame.engine import reader
+        from savegame.storage import locate
 
-        self.path = os.fspath(path)
+        self._loc = locate(path)
+        self.path = str(self._loc)
         self.format = "savegame"
-        self.manifest = reader.read_manifest(path)
+        self.manifest = reader.read_manifest(self._loc)
 
     def keys(self) -> list[str]:
         self._check_open()
@@ -106,7 +109,7 @@ class SavegameReader(base.Reader):
 
         self._check_open()
         self._entry(name)
-        return reader.load_tensors(self.path, self.manifest, [name])[name]
+        return reader.load_tensors(self._loc, self.manifest, [name])[name]
 
     def tree(self) -> Any:
         from savegame import tree as treelib
@@ -132,7 +135,7 @@ class SavegameReader(base.Reader):
         from savegame.engine import reader
 
         self._check_open()
-        return reader.verify(self.path)
+        return reader.verify(self._loc)
 
     def __enter__(self) -> SavegameReader:
         super().__enter__()
@@ -148,7 +151,7 @@ class SavegameReader(base.Reader):
 
 
 def open(  # noqa: A001 - the public verb
-    path: str | os.PathLike[str], *, format: str | None = None, **options: Any
+    path: str | os.PathLike[str] | Location, *, format: str | None = None, **options: Any
 ) -> base.Reader:
     """Open any checkpoint lazily: a savegame checkpoint folder, or a foreign file (torch,
     safetensors, TensorFlow, Keras, darknet — pass ``cfg=`` —, numpy), detected from its bytes.
@@ -176,6 +179,13 @@ def open(  # noqa: A001 - the public verb
             or ``format`` names no registered format.
         FormatError: the file is damaged (or, isolated, crashed or hung libhdf5).
     """
+
+    if isinstance(path, Location):  # e.g. what Checkpointer.save() returns for a non-local store
+        if format not in (None, "savegame"):
+            raise errors.UnsupportedFormatError(
+                f"{path}: only savegame checkpoints are read from a store location", path=str(path)
+            )
+        return SavegameReader(path)
     if format == "savegame" or (format is None and _is_checkpoint_dir(path)):
         return SavegameReader(path)
     from savegame.interop import detect

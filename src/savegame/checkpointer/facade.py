@@ -41,6 +41,7 @@ from savegame.checkpointer.signals import EXIT_PREEMPTED
 from savegame.distributed import collectives, protocol
 from savegame.engine import persist, reader, staging, writer
 from savegame.format import layout
+from savegame.policy import progress
 from savegame.storage import Location, Store, as_store
 
 log = logging.getLogger("savegame")
@@ -126,13 +127,16 @@ class Checkpointer:
         self._suspects: list[tuple[Path, BaseException | None]] = []  # skipped by restore
         self._verified: set[str] = set()  # checkpoint folders known intact in this process
         self._signals = signals.PreemptionSignals()
+        # Sample/token counters and save-cost measurements (docs/policies.md).
+        self._progress = progress.Progress(self.save_policy)
+        self._session_failed = False
         try:
             self.run_id = self._setup_ranks()
             self._epochs_completed = 0
-            self._index = self._next_index()
+            self._index, best = retention.run_position(self.store, self.run_id, self.keep)
             self._last_save_time = time.monotonic()
             self._last_saved_step: int | None = None
-            self._best: float | None = self._best_on_disk()
+            self._best: float | None = best
             self.preempted = False
             if handle_signals:
                 self._signals.install()
@@ -205,6 +209,7 @@ class Checkpointer:
             done = restoring.restore_whole(refs, state, skip=self._warn_skip)
         if done is not None and done.manifest is not None:
             self._epochs_completed = int(done.manifest.info.get("epochs_completed", 0))
+            self._progress.restore(done.manifest.info)
             self._last_save_time = time.monotonic()
             self._last_saved_step = done.step
             self._verified.add(str(done.path))
@@ -234,13 +239,16 @@ class Checkpointer:
         *,
         metrics: Mapping[str, float] | None = None,
         epoch_end: bool = False,
+        samples: int | None = None,
+        tokens: int | None = None,
     ) -> bool:
         """Tell the checkpointer that ``step`` optimizer steps are complete; saves when due.
 
         Call it *after* the optimizer step, with the number of completed steps, so a checkpoint
         never holds a half-done step (ANCHORS #2). If the monitored metric is in ``metrics`` and
         improved, a checkpoint is saved now even if the schedule is not due, so the best model is
-        always on disk.
+        always on disk. ``samples``/``tokens``: what this step consumed, added to the run's
+        counters (:attr:`samples_seen`, kept in the checkpoint) for ``Every(samples=/tokens=)``.
 
         Returns:
             True if a checkpoint was saved.
@@ -249,11 +257,14 @@ class Checkpointer:
             StorageError: a background save (``async_save``) failed since the last call; its
                 checkpoint was not committed, earlier ones are intact. Also: a save is due and
                 the run folder is read-only.
-            TypeError: ``step`` is not an int, or a metric is not a number.
-            ValueError: ``step`` is negative or ≥ 10**12.
+            TypeError: ``step`` is not an int, a metric is not a number, or a count is not
+                an int.
+            ValueError: ``step`` is negative or ≥ 10**12, a count is negative, or the
+                schedule counts samples (tokens) and none were passed.
         """
         step = checks.check_step(step)
         metrics = checks.check_metrics(metrics)
+        self._progress.count(samples=samples, tokens=tokens)
         # Every step, not only saving ones: a background failure surfaces at the very next call
         # (never only logged). Non-blocking: it only looks at a finished save.
         self._persister.raise_failure()
@@ -299,6 +310,7 @@ class Checkpointer:
             epoch_end=epoch_end,
             epochs_completed=self._epochs_completed,
             seconds_since_save=time.monotonic() - self._last_save_time,
+            **self._progress.due_args(time.time()),
         )
         better = False
         monitor = self.keep.monitor
@@ -403,6 +415,8 @@ class Checkpointer:
         finally:
             self._closed = True
             self._deleter.shutdown(wait=True)
+            if self.rank == 0 and self.writable:
+                runfile.end_session(self.store, failed=self._session_failed)
             self._close_quietly()
 
     def _close_quietly(self) -> None:
@@ -413,7 +427,20 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # An exception leaving the block lost the work since the last save: a failure for the
+        # learned MTBF (a SystemExit after a signal's save, or Ctrl-C, is not).
+        self._session_failed = isinstance(exc[1], Exception)
         self.close()
+
+    @property
+    def samples_seen(self) -> int:
+        """The run's sample counter: the sum of ``step(samples=)``, restored by ``restore``."""
+        return self._progress.samples
+
+    @property
+    def tokens_seen(self) -> int:
+        """The run's token counter: the sum of ``step(tokens=)``, restored by ``restore``."""
+        return self._progress.tokens
 
     # ---- internals ----------------------------------------------------------------------------
     def _save(
@@ -428,6 +455,7 @@ class Checkpointer:
         """Every rank: capture and stage this rank's share now (a capture failure raises here,
         on every rank, nothing written); write + commit (rank 0) now or on the persist thread.
         Retention runs on rank 0 only, after the commit."""
+        entered = time.perf_counter()
         step = checks.check_step(step)
         metrics = checks.check_metrics(metrics)
         if self._closed:
@@ -447,7 +475,8 @@ class Checkpointer:
         if self._last_saved_step == step:
             if blocking:
                 self._persister.wait()
-            if self.store.exists(final):  # already saved this step in this process (e.g. schedule + explicit)
+            # already saved this step in this process (e.g. schedule + explicit)
+            if self.store.exists(final):
                 return self.store.local_path(final) or Location(self.store, final)
         if self._persister.busy and not blocking and self.when_busy == "skip":
             log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
@@ -455,6 +484,7 @@ class Checkpointer:
         self._persister.wait()  # one save in flight; raises a previous background failure
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
+        info.update(self._progress.record(time.time()))
         t0 = time.perf_counter()
         stage = _stage_now if blocking else self._pool.stage
         # Capture + stage on the training thread, inside the protocol: a failure on any rank
@@ -477,6 +507,7 @@ class Checkpointer:
             path = protocol.persist(
                 group, self.store, step, prepared, run_id=self.run_id, metrics=clean_metrics
             )
+            self._progress.committed(time.perf_counter() - t0)
             if self.rank == 0:
                 if improved_from != "n/a" and monitor:
                     log.info(
@@ -496,12 +527,26 @@ class Checkpointer:
 
         if blocking:
             path = job()
-            after()
+            try:
+                after()
+            except Exception as exc:  # committed; only the housekeeping failed: say so, typed
+                raise persist.as_checkpoint_error(
+                    exc, step, committed=True, path=self.root
+                ) from exc
+            self._measured(entered)
             return path
         # The handle resolves at commit; retention runs right after on the same worker (still
         # "in flight" for wait()/close()/the next save), so deleting old checkpoints does not
         # delay "committed" (it was ~25% of a 0.2 GB async save on the CI VM).
-        return self._persister.submit(job, step, after=after)
+        handle = self._persister.submit(job, step, after=after, path=self.root)
+        self._measured(entered)
+        return handle
+
+    def _measured(self, entered: float) -> None:
+        """A save gave the training loop back: its stall feeds the interval advice."""
+        news = self._progress.stalled(time.perf_counter() - entered, at=entered, now=time.time())
+        if news is not None and self.rank == 0:
+            log.info("interval advice: %s", news)
 
     def _apply_retention(self, *, just_saved: int) -> None:
         self._verified.add(self.store.describe(layout.step_dir(just_saved)))  # we just wrote it
@@ -539,31 +584,8 @@ class Checkpointer:
         run_id, self.writable = runfile.open_run(self.store, self.keep, self._lock)
         if self.writable:
             retention.collect_garbage(self.store)
+            self._progress.learn(runfile.start_session(self.store, run_id))
         return run_id
-
-    def _ours(self) -> list[reader.CheckpointRef]:
-        return [
-            r
-            for r in reader.list_checkpoints(self.store)
-            if r.manifest is not None and r.manifest.run_id == self.run_id
-        ]
-
-    def _next_index(self) -> int:
-        return (
-            max(
-                (int(r.manifest.info.get("index", -1)) for r in self._ours() if r.manifest),
-                default=-1,
-            )
-            + 1
-        )
-
-    def _best_on_disk(self) -> float | None:
-        if not self.keep.monitor:
-            return None
-        cands = [
-            policy.Candidate(r.step, 0, r.manifest.metrics) for r in self._ours() if r.manifest
-        ]
-        return policy.best_value(cands, self.keep.monitor, self.keep.mode)
 
     # ---- restore's skipped checkpoints --------------------------------------------------------
     def _warn_skip(self, path: Path, exc: BaseException | None) -> None:

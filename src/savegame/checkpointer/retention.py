@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from savegame import policy
+from savegame import errors, policy
 from savegame.checkpointer.runfile import read_run_file
 from savegame.engine import reader
 from savegame.format import layout
@@ -42,6 +42,7 @@ __all__ = [
     "free",
     "list_run",
     "plan_retention",
+    "run_position",
     "unkept",
 ]
 
@@ -156,6 +157,21 @@ def _aside(root: Store) -> list[CheckpointInfo]:
     return out
 
 
+def run_position(root: Root, run_id: str, keep: policy.Keep) -> tuple[int, float | None]:
+    """Where a run stands, from its checkpoints on disk (one listing): the index of the next
+    save, and the best value of the monitored metric so far (None without a monitor)."""
+    ours = [
+        r
+        for r in reader.list_checkpoints(root)
+        if r.manifest is not None and r.manifest.run_id == run_id
+    ]
+    index = max((int(r.manifest.info.get("index", -1)) for r in ours if r.manifest), default=-1)
+    if not keep.monitor:
+        return index + 1, None
+    cands = [policy.Candidate(r.step, 0, r.manifest.metrics) for r in ours if r.manifest]
+    return index + 1, policy.best_value(cands, keep.monitor, keep.mode)
+
+
 def unkept(plan: list[CheckpointInfo], *, spare: int | None) -> list[CheckpointInfo]:
     """What ``plan`` deletes: valid checkpoints of this run that no rule keeps, except step
     ``spare`` (the newest, or the one just written)."""
@@ -265,10 +281,21 @@ def collect_garbage(root: Root) -> None:
     """Remove every temp folder of a run. Only the lock holder calls it: every temp folder
     then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish."""
     store = as_store(root)
-    for entry in store.list(""):
+    try:
+        entries = store.list("")
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not list run folder {store.describe()}: {exc}", path=store.describe()
+        ) from exc
+    for entry in entries:
         if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir:
             log.info("removing leftover %s from an interrupted save or deletion", entry.name)
-            free(store.detach(entry.name, None), store.describe(entry.name))
+            try:
+                freer = store.detach(entry.name, None)
+            except OSError as exc:  # not worth refusing the run for: the next writer tries again
+                log.warning("could not remove leftover %s: %s", entry.name, exc)
+                continue
+            free(freer, store.describe(entry.name))
 
 
 def free(freer: Callable[[], list[str]], path: str) -> None:

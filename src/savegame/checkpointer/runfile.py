@@ -3,7 +3,8 @@
 Invariants: one writer per run folder — the lock holder (one process, or rank 0) is the only
 process that writes ``run.json``, commits, sets aside or deletes; other ranks hold a stand-in
 (:class:`RankLock`). ``run.json`` records the run family's id (retention only ever deletes
-checkpoints whose manifest carries it) and the retention rule in force, and is replaced
+checkpoints whose manifest carries it), the retention rule in force and the sessions that
+opened the run (the interval advice learns the run's failures from them), and is replaced
 atomically. A folder this process may read but not write opens read-only (restore works, a
 save raises :class:`~savegame.errors.StorageError`).
 
@@ -34,6 +35,7 @@ log = logging.getLogger("savegame")
 
 __all__ = [
     "RankLock",
+    "end_session",
     "is_checkpoint",
     "is_run",
     "looks_like_checkpoint",
@@ -42,6 +44,7 @@ __all__ = [
     "run_file",
     "run_file_problem",
     "run_lock",
+    "start_session",
     "verify_checkpoint",
 ]
 
@@ -65,7 +68,16 @@ class RankLock:
 
 def run_lock(root: Root, rank: int = 0) -> Lock:
     """The run folder's lock for this rank (not taken yet): the real one on rank 0 only."""
-    return as_store(root).lock(layout.LOCK) if rank == 0 else RankLock()
+    if rank != 0:
+        return RankLock()
+    store = as_store(root)
+    try:
+        return store.lock(layout.LOCK)
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not open the lock of run folder {store.describe()}: {exc}",
+            path=store.describe(),
+        ) from exc
 
 
 def run_file(root: Root) -> Path | str:
@@ -108,6 +120,13 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
         LockedError: another live process writes this run folder.
         FormatError: ``run.json`` is damaged.
     """
+    store = as_store(root)
+    if store.exists(layout.MANIFEST):  # never write a lock or run.json into a checkpoint
+        raise errors.CheckpointError(
+            f"{store.describe()} is a checkpoint (it holds {layout.MANIFEST}), not a run folder; "
+            "pass the run folder that holds it",
+            path=store.describe(),
+        )
     try:
         lock.acquire()
     except errors.StorageError as exc:
@@ -131,6 +150,12 @@ def _run_id(root: Root, keep: policy.Keep) -> str:
     the retention rule in force, so ``savegame ls``/``prune`` apply the run's own rule."""
     store = as_store(root)
     path = run_file(store)
+    try:  # an I/O error is not damage: never tell the user to abandon an intact run
+        store.read(layout.RUN_FILE)
+    except FileNotFoundError:
+        pass
+    except (OSError, EOFError) as exc:
+        raise errors.StorageError(f"could not read {path}: {exc}", path=str(path)) from exc
     record = read_run_file(store)
     if record is None and store.exists(layout.RUN_FILE):
         raise errors.FormatError(
@@ -140,7 +165,9 @@ def _run_id(root: Root, keep: policy.Keep) -> str:
     rule = dataclasses.asdict(keep)
     if record is None or record.get("keep") != rule:
         created = record.get("created", time.time()) if record else time.time()
-        data = json.dumps({"run_id": run_id, "created": created, "keep": rule}).encode()
+        # Anything else recorded (the sessions) is kept.
+        new = {**(record or {}), "run_id": run_id, "created": created, "keep": rule}
+        data = json.dumps(new).encode()
         try:
             store.put(layout.RUN_FILE, data)
         except errors.StorageError:
@@ -148,6 +175,53 @@ def _run_id(root: Root, keep: policy.Keep) -> str:
         except OSError as exc:
             raise errors.StorageError(f"could not write {path}: {exc}", path=str(path)) from exc
     return run_id
+
+
+def start_session(root: Root, run_id: str) -> list[dict[str, Any]]:
+    """The lock holder records that a Checkpointer opened the run now (``run.json``'s
+    ``sessions``; a previous one still open ended without ``close()``: a failure, taken to
+    end at its newest checkpoint) and returns the sessions, from which the interval advice
+    learns the MTBF (docs/policies.md)."""
+    from savegame.engine import reader
+    from savegame.policy import advice
+
+    store = as_store(root)
+    record = read_run_file(store)
+    if record is None:  # only a read-only run has none here; it records nothing
+        return []
+    times = [
+        r.manifest.created
+        for r in reader.list_checkpoints(store)
+        if r.manifest is not None and r.manifest.run_id == run_id
+    ]
+    record["sessions"] = advice.open_session(record.get("sessions"), time.time(), times)
+    try:
+        store.put(layout.RUN_FILE, json.dumps(record).encode())
+    except (OSError, errors.CheckpointError) as exc:  # a full disk must not stop a resume
+        log.warning("could not record this session in %s: %s", run_file(store), exc)
+    return list(record["sessions"])
+
+
+def end_session(root: Root, *, failed: bool = False) -> None:
+    """The lock holder records that its session ended (``close()``): ``failed`` when an
+    exception ended it. Never raises: a run folder that became unwritable only loses the
+    record (the next session then counts this one as a failure)."""
+    from savegame.policy import advice
+
+    store = as_store(root)
+    record = read_run_file(store)
+    if record is None:
+        return
+    sessions = record.get("sessions")
+    if not (isinstance(sessions, list) and sessions and isinstance(sessions[-1], dict)):
+        return
+    if sessions[-1].get("end") is not None:  # already ended (close() called twice)
+        return
+    record["sessions"] = advice.end_session(sessions, time.time(), failed=failed)
+    try:
+        store.put(layout.RUN_FILE, json.dumps(record).encode())
+    except (OSError, errors.CheckpointError) as exc:
+        log.warning("could not record the end of this session in %s: %s", run_file(store), exc)
 
 
 def is_checkpoint(path: str | os.PathLike[str]) -> bool:

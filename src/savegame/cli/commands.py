@@ -35,6 +35,7 @@ __all__ = [
     "cmd_demo",
     "cmd_diff",
     "cmd_ls",
+    "cmd_plot",
     "cmd_prune",
     "cmd_show",
     "cmd_verify",
@@ -143,11 +144,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
         notes.insert(0, run_problem)
     for note in notes:
         _console().print(text(note), soft_wrap=True)
+    advice = _advice(root, ckpts, args.mtbf)
+    if advice:
+        _console().print(text(advice), soft_wrap=True)
     if not args.verify:
         _console().print(
             "[dim]valid = manifest checked; add --verify to check every tensor hash[/]"
         )
     return 1 if args.verify and (bad or run_problem) else 0
+
+
+def _advice(root: Path, ckpts: list[CheckpointInfo], mtbf: float | None) -> str | None:
+    """The interval advice line from the run's newest valid checkpoint (docs/policies.md)."""
+    import time
+
+    from savegame.policy import advice
+
+    mine = [i for i in ckpts if i.valid and i.ours]
+    if not mine:
+        return None
+    try:
+        with sg.open(max(mine, key=lambda i: i.step).path) as r:
+            record = r.metadata()["info"].get("advice")
+    except sg.CheckpointError:  # damaged since listed: the table already says so
+        return None
+    sessions = (_runs().read_run_file(root) or {}).get("sessions")
+    return advice.summary(record, sessions, time.time(), mtbf=mtbf)  # type: ignore[no-any-return]
 
 
 def _why_kept(i: CheckpointInfo, found: list[str], run_file_damaged: bool) -> Text:
@@ -164,6 +186,14 @@ def _why_kept(i: CheckpointInfo, found: list[str], run_file_damaged: bool) -> Te
     if i.kept_for:
         return text(", ".join(i.kept_for))
     return Text("would be pruned", style="dim")
+
+
+# ---- plot --------------------------------------------------------------------------------------
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``savegame plot``: :mod:`savegame.cli.plot`."""
+    from savegame.cli import plot
+
+    return plot.cmd_plot(args)
 
 
 # ---- show --------------------------------------------------------------------------------------
@@ -412,6 +442,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep = _keep_from_args(args)
     if not root.is_dir():
         raise sg.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+    if runs.looks_like_checkpoint(root):  # never write a lock file into a checkpoint
+        raise sg.CheckpointNotFoundError(
+            f"{root} is a checkpoint, not a run folder; prune its run folder ({root.parent})",
+            path=root,
+        )
     run_problem = runs.run_file_problem(root)
     if run_problem:
         raise sg.FormatError(

@@ -45,7 +45,7 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="savegame",
-        description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, demo.",
+        description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, plot, demo.",
     )
     p.add_argument("--version", action="version", version=f"savegame {sg.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what savegame does")
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("run")
     ls.add_argument(
         "--verify", action="store_true", help="check every tensor hash (reads everything)"
+    )
+    ls.add_argument(
+        "--mtbf",
+        type=float,
+        help="expected seconds between failures, for the interval advice (default: the one the "
+        "run was given, else learned from its recorded failures)",
     )
     _retention_args(ls)
     ls.set_defaults(func="cmd_ls")
@@ -108,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true")
     _retention_args(prune)
     prune.set_defaults(func="cmd_prune")
+
+    plot = sub.add_parser(
+        "plot", help="the monitored metrics over a run's checkpoints, restarts marked"
+    )
+    plot.add_argument("run")
+    plot.add_argument("--metric", action="append", help="plot only this metric (repeat for more)")
+    plot.add_argument("--out", help="also write the plot to this PNG file (needs matplotlib)")
+    plot.set_defaults(func="cmd_plot")
 
     demo = sub.add_parser("demo", help="train, SIGKILL, resume, and prove the result is identical")
     demo.add_argument("--dir", help="where to put the demo's run folders (default: a temp folder)")

@@ -90,13 +90,19 @@ class Persister:
         return not self._idle.is_set()
 
     def submit(
-        self, job: Callable[[], T], step: int, *, after: Callable[[], None] | None = None
+        self,
+        job: Callable[[], T],
+        step: int,
+        *,
+        after: Callable[[], None] | None = None,
+        path: object = None,
     ) -> SaveHandle[T]:
         """Start ``job`` on the background thread.
 
         Args:
             job: The save; its return value (the committed path) resolves the handle.
             step: The step being saved (for messages).
+            path: The run folder (for messages).
             after: Housekeeping to run on the worker once ``job`` succeeded and the handle is
                 resolved (retention: deleting a superseded 200 MB checkpoint took 60-70 ms of a
                 280 ms save on the CI VM; it is not part of "committed"). :attr:`busy` and
@@ -119,7 +125,7 @@ class Persister:
                 try:
                     result = job()
                 except BaseException as exc:  # thread boundary: keep it for the caller
-                    failure = _as_checkpoint_error(exc, step)
+                    failure = as_checkpoint_error(exc, step, path=path)
                     # Store before completing the future: who sees done() also sees the failure.
                     self._failed = failure
                     future.set_exception(failure)
@@ -129,7 +135,7 @@ class Persister:
                     try:
                         after()
                     except BaseException as exc:  # thread boundary
-                        self._failed = _as_checkpoint_error(exc, step, committed=True)
+                        self._failed = as_checkpoint_error(exc, step, committed=True, path=path)
             finally:
                 idle.set()
 
@@ -185,24 +191,28 @@ class Persister:
             raise exc
 
 
-def _as_checkpoint_error(
-    exc: BaseException, step: int, *, committed: bool = False
+def as_checkpoint_error(
+    exc: BaseException, step: int, *, committed: bool = False, path: object = None
 ) -> errors.CheckpointError:
-    """A background failure as the savegame error the caller will get (cause chained)."""
-    if isinstance(exc, errors.CheckpointError):
-        return exc
+    """A save's failure as the savegame error the caller will get (cause chained); with
+    ``committed``, the save itself succeeded and only the work after it (retention) failed."""
+    where = None if path is None else str(path)
     if committed:  # the save itself succeeded; its housekeeping did not
         err = errors.StorageError(
             f"step {step} was committed, but the work after it (retention) failed: "
             f"{type(exc).__name__}: {exc}; old checkpoints may not have been deleted",
             step=step,
+            path=where,
         )
         err.__cause__ = exc
         return err
+    if isinstance(exc, errors.CheckpointError):
+        return exc
     err = errors.StorageError(
         f"background save of step {step} failed: {type(exc).__name__}: {exc}; no checkpoint was committed "
         "for it and earlier checkpoints are intact — fix the cause (disk full? permissions?) and save again",
         step=step,
+        path=where,
     )
     err.__cause__ = exc
     return err

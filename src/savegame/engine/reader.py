@@ -108,7 +108,11 @@ def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef
         ) from exc
     except NotADirectoryError as exc:
         raise errors.CheckpointNotFoundError(
-            f"run folder {store.describe()} does not exist", path=store.describe()
+            f"{store.describe()} is a file, not a run folder", path=store.describe()
+        ) from exc
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not list run folder {store.describe()}: {exc}", path=store.describe()
         ) from exc
     refs = []
     for entry in entries:

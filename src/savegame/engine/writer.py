@@ -209,8 +209,21 @@ def commit(
             f"{where} already exists; choose a new path", path=where, step=step
         ) from exc
     except OSError as exc:
+        published = False
+        with contextlib.suppress(OSError):
+            published = store.exists(key) and store.exists(f"{key}/{layout.MANIFEST}")
+        if published:  # the publish happened; what failed after it (its fsync) may not have
+            raise errors.StorageError(
+                f"step {step} was published at {where}, but the commit did not complete ({exc}); "
+                "it may not survive a power cut — restore verifies it before using it",
+                path=where,
+                step=step,
+            ) from exc
         raise errors.StorageError(
-            f"could not commit step {step} in {store.describe()}: {exc}", path=where, step=step
+            f"could not commit step {step} in {store.describe()}: {exc}; nothing was committed, "
+            "earlier checkpoints are intact",
+            path=where,
+            step=step,
         ) from exc
     if in_run:
         with contextlib.suppress(OSError):

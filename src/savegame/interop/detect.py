@@ -260,7 +260,13 @@ def open(  # noqa: A001 - the module's verb, like savegame.open
     cfg = options.get("cfg")
     if format is not None:
         fmt = format
-        if fmt not in _REGISTRY and fmt not in _RESERVED:
+        if fmt == "torchscript":  # a verdict of detect(), never a reader to open a file with
+            raise errors.UnsupportedFormatError(
+                f"{p}: format='torchscript' cannot be read: TorchScript archives (torch.jit.save) "
+                "contain code and savegame never reads them",
+                path=p,
+            )
+        if fmt not in _REGISTRY and fmt != "savegame":
             raise errors.UnsupportedFormatError(
                 f"{p}: no reader is registered for format {fmt!r}; registered: "
                 f"{', '.join(sorted(_REGISTRY))} (and 'savegame' through savegame.open)",
@@ -319,5 +325,13 @@ def open(  # noqa: A001 - the module's verb, like savegame.open
             f"{p} is a {fmt} file but {module} has no {func}(); the {fmt} reader is incomplete",
             path=p,
         )
-    reader: base.Reader = opener(p, **options)
+    # (A TensorFlow checkpoint is a prefix or a folder: its reader resolves the files itself.)
+    if fmt != "tensorflow" and os.path.isdir(p):  # a file reader would raise IsADirectoryError
+        raise errors.CheckpointNotFoundError(f"{p} is a folder, not a {fmt} file", path=p)
+    reader = opener(p, **options)
+    if not isinstance(reader, base.Reader):  # a registered opener broke the contract
+        raise TypeError(
+            f"the {fmt} opener {module}.{func}() returned {type(reader).__name__}, not a "
+            "savegame.Reader; see savegame.register_format"
+        )
     return reader

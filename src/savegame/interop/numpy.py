@@ -182,7 +182,14 @@ class NumpyReader(base.Reader):
             raise
 
     def _open_npz(self) -> None:
-        for m in _zip.read_directory(self._f, self.path, self._size):
+        members = _zip.read_directory(self._f, self.path, self._size)
+        if members and not any(m.name.endswith(".npy") for m in members):
+            raise errors.UnsupportedFormatError(
+                f"{self.path} is a zip file without .npy members, not a numpy .npz "
+                f"(first member: {members[0].name!r}); open it without format= to detect its format",
+                path=self.path,
+            )
+        for m in members:
             if not m.name.endswith(".npy"):
                 continue  # np.savez writes only .npy members; others are ignored
             name = m.name[:-4]

@@ -1,6 +1,7 @@
 """When to save and what to keep. Pure decisions over plain data: no I/O, no clocks of their own.
 
-* :class:`Every` — save every N steps, every N epochs, or every N seconds (any combination).
+* :class:`Every` — save every N steps, epochs, seconds, samples or tokens (any combination), or
+  on the interval that minimises lost work (``auto``; :mod:`.advice`, Young/Daly).
 * :class:`Keep` — keep the last K, the best K by a monitored metric, and every Nth forever.
 * :func:`regime` — presets for short, normal and long training.
 * :func:`retain` — which checkpoints to keep, and why; the caller deletes the rest, and only
@@ -18,7 +19,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Every", "Keep", "Candidate", "regime", "retain", "improved"]
+__all__ = [
+    "Every",
+    "Keep",
+    "Candidate",
+    "advance",
+    "crossed",
+    "regime",
+    "retain",
+    "improved",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,27 +40,108 @@ class Every:
         epochs: Save at the end of every ``epochs``-th epoch (tell the checkpointer with
             ``step(..., epoch_end=True)``).
         seconds: Save when this many seconds passed since the last save (or since restore).
+        samples: Save when the run's sample counter crosses a multiple of ``samples``. The
+            counter is the sum of ``step(..., samples=n)`` over the run, kept in each checkpoint
+            and restored with it, so it is right across restarts and batch-size changes.
+        tokens: The same with ``step(..., tokens=n)``: save every ``tokens`` tokens.
+        auto: Save on the interval that minimises lost work, from the measured cost of this
+            run's saves and its MTBF (Young/Daly, docs/policies.md), recomputed as the cost
+            estimate changes, within 1 minute .. 6 hours; 30 minutes until it is known.
+        mtbf: The expected seconds between failures, for ``auto`` and the interval advice the
+            checkpointer logs; None = learned from the run's own recorded failures.
     """
 
     steps: int | None = None
     epochs: int | None = None
     seconds: float | None = None
+    samples: int | None = None
+    tokens: int | None = None
+    auto: bool = False
+    mtbf: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "seconds"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"Every({name}={v!r}): must be a positive number")
-        if self.steps is None and self.epochs is None and self.seconds is None:
-            raise ValueError("Every() needs steps=, epochs= or seconds=")
+        for name in ("samples", "tokens"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_count(f"Every({name}=...)", v)
+                if v == 0:
+                    raise ValueError(f"Every({name}=0): must be a positive number of {name}")
+        if type(self.auto) is not bool:
+            raise TypeError(f"Every(auto={self.auto!r}): use True or False")
+        if self.mtbf is not None:
+            if isinstance(self.mtbf, bool) or not isinstance(self.mtbf, int | float):
+                raise TypeError(f"Every(mtbf={self.mtbf!r}): must be a number of seconds")
+            if not (math.isfinite(self.mtbf) and self.mtbf > 0):
+                raise ValueError(f"Every(mtbf={self.mtbf!r}): must be a positive number of seconds")
+        if all(getattr(self, n) is None for n in _UNITS) and not self.auto:
+            raise ValueError(
+                "Every() needs steps=, epochs=, seconds=, samples=, tokens= or auto=True"
+            )
 
-    def due(self, *, step: int, epoch_end: bool, epochs_completed: int, seconds_since_save: float) -> bool:
-        """Whether a save is due now (pure)."""
+    def due(
+        self,
+        *,
+        step: int,
+        epoch_end: bool,
+        epochs_completed: int,
+        seconds_since_save: float,
+        samples: tuple[int, int] = (0, 0),
+        tokens: tuple[int, int] = (0, 0),
+        auto_seconds: float | None = None,
+    ) -> bool:
+        """Whether a save is due now (pure).
+
+        ``samples`` and ``tokens`` are the run's counters ``(before this step, after it)``;
+        ``auto_seconds`` the automatic interval now (:func:`advice.auto_interval`).
+        """
         if self.steps is not None and step % self.steps == 0:
             return True
         if self.epochs is not None and epoch_end and epochs_completed % self.epochs == 0:
             return True
+        if self.samples is not None and crossed(*samples, self.samples):
+            return True
+        if self.tokens is not None and crossed(*tokens, self.tokens):
+            return True
+        if self.auto:
+            from savegame.policy import advice  # (a sibling module: not imported with policy)
+
+            interval = auto_seconds if auto_seconds is not None else advice.AUTO_FALLBACK_SECONDS
+            if seconds_since_save >= interval:
+                return True
         return self.seconds is not None and seconds_since_save >= self.seconds
+
+
+_UNITS = ("steps", "epochs", "seconds", "samples", "tokens")
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a counter going from ``before`` to ``after`` crossed (or reached) a multiple of
+    ``every``: due at the multiples themselves, so saves stay on 10k, 20k, … whatever the
+    batch size, instead of drifting as "``every`` since the last save" would.
+
+    Example:
+        >>> [crossed(b, b + 300, 1000) for b in (600, 700, 900, 1000)]
+        [False, True, True, False]
+    """
+    return after // every > before // every
+
+
+def _check_count(what: str, n: object) -> int:
+    """A count of samples or tokens: an int >= 0 (bool refused: ``True`` is no count)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{what}: must be an int count, got {n!r}")
+    if n < 0:
+        raise ValueError(f"{what}: must be >= 0, got {n}")
+    return n
+
+
+def advance(counter: int, n: object, what: str) -> int:
+    """The counter after a step that consumed ``n`` (checked: an int >= 0)."""
+    return counter + _check_count(what, n)
 
 
 Mode = Literal["min", "max"]
@@ -105,7 +196,11 @@ def improved(new: float, best: float | None, mode: Mode) -> bool:
 
 
 def best_value(cands: Sequence[Candidate], monitor: str, mode: Mode) -> float | None:
-    vals = [c.metrics[monitor] for c in cands if monitor in c.metrics and not math.isnan(c.metrics[monitor])]
+    vals = [
+        c.metrics[monitor]
+        for c in cands
+        if monitor in c.metrics and not math.isnan(c.metrics[monitor])
+    ]
     if not vals:
         return None
     return max(vals) if mode == "max" else min(vals)
@@ -124,7 +219,11 @@ def retain(cands: Sequence[Candidate], keep: Keep) -> dict[int, list[str]]:
     for c in ordered[-keep.last :]:
         out.setdefault(c.step, []).append("last")
     if keep.best and keep.monitor:
-        scored = [c for c in ordered if keep.monitor in c.metrics and not math.isnan(c.metrics[keep.monitor])]
+        scored = [
+            c
+            for c in ordered
+            if keep.monitor in c.metrics and not math.isnan(c.metrics[keep.monitor])
+        ]
         sign = -1.0 if keep.mode == "max" else 1.0
         # Ties: the earlier checkpoint wins (it reached that value first).
         scored.sort(key=lambda c: (sign * c.metrics[keep.monitor], c.step))
@@ -155,9 +254,15 @@ def regime(
     """
     best = 1 if monitor else 0
     if name == "short":
-        return {"save": Every(epochs=1), "keep": Keep(last=1, best=best, monitor=monitor, mode=mode)}
+        return {
+            "save": Every(epochs=1),
+            "keep": Keep(last=1, best=best, monitor=monitor, mode=mode),
+        }
     if name == "normal":
-        return {"save": Every(epochs=epochs), "keep": Keep(last=10, best=best, monitor=monitor, mode=mode)}
+        return {
+            "save": Every(epochs=epochs),
+            "keep": Keep(last=10, best=best, monitor=monitor, mode=mode),
+        }
     if name == "long":
         return {
             "save": Every(seconds=1800),

@@ -32,7 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-__all__ = ["Blob", "Entry", "Location", "Lock", "Staging", "Store", "check_key", "join"]
+__all__ = [
+    "Blob",
+    "Entry",
+    "Location",
+    "Lock",
+    "Staging",
+    "Store",
+    "check_key",
+    "check_name",
+    "join",
+]
 
 T = TypeVar("T")
 
@@ -54,6 +64,14 @@ def check_key(key: str) -> str:
         raise ValueError(
             f"invalid storage key {key!r}: keys are relative, '/'-separated, without '..'"
         )
+    return key
+
+
+def check_name(key: str) -> str:
+    """``key`` if it is a safe, non-empty key: what a rename, detach or lock may name (the
+    empty key is the store itself, which no operation may move or lock by name)."""
+    if check_key(key) == "":
+        raise ValueError("invalid storage key '': name an entry inside the store")
     return key
 
 

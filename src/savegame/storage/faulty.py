@@ -146,6 +146,7 @@ class FaultyStore(base.Store):
         self.dead = False
         self.calls: Counter[str] = Counter()
         self.fired: list[str] = []
+        self._locks: list[base.Lock] = []
 
     def __repr__(self) -> str:
         return f"FaultyStore({self.inner!r}, {self.faults!r}, crash={self.crash})"
@@ -164,6 +165,8 @@ class FaultyStore(base.Store):
         self.fired.append(point)
         if self.crash:
             self.dead = True
+            for lock in self._locks:  # the kernel drops a killed process's flock
+                lock.release()
         raise self.error()
 
     def _point(self, point: str) -> None:
@@ -234,4 +237,6 @@ class FaultyStore(base.Store):
 
     def lock(self, name: str) -> base.Lock:
         self._point("lock")
-        return self.inner.lock(name)
+        lock = self.inner.lock(name)
+        self._locks.append(lock)
+        return lock

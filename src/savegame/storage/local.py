@@ -268,21 +268,22 @@ class LocalStore(base.Store):
         self._p(key).mkdir(parents=True, exist_ok=True)
 
     def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
+        base.check_name(key)
         if trash is None:
             path = self._p(key)
             return lambda: free_tree(path)
-        moved = move_to_trash(self._p(key), base.check_key(trash))
+        moved = move_to_trash(self._p(key), base.check_name(trash))
         return lambda: free_tree(moved)
 
     def rename(self, key: str, new_key: str) -> None:
-        src, dest = self._p(key), self._p(new_key)
+        src, dest = self._p(base.check_name(key)), self._p(base.check_name(new_key))
         if os.path.lexists(dest):
             raise FileExistsError(errno.EEXIST, "already exists", str(dest))
         os.rename(src, dest)
         fsync_dir(dest.parent)
 
     def begin(self, name: str) -> base.Staging:
-        (self.root / base.check_key(name)).mkdir()
+        (self.root / base.check_name(name)).mkdir()
         return _LocalStaging(self, name)
 
     def staging(self, name: str) -> base.Staging:
@@ -292,6 +293,8 @@ class LocalStore(base.Store):
         return staging
 
     def lock(self, name: str) -> RunLock:
+        if "/" in base.check_name(name):
+            raise ValueError(f"invalid lock name {name!r}: a file name in the store's folder")
         return RunLock(self.root, name)
 
 

@@ -245,22 +245,22 @@ class MemoryStore(base.Store):
 
     def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
         with self._lock:
-            if not self._exists(base.check_key(key)):
+            if not self._exists(base.check_name(key)):
                 raise _missing(key)
             self._drop(key)
         return list
 
     def rename(self, key: str, new_key: str) -> None:
         with self._lock:
-            if not self._exists(base.check_key(key)):
+            if not self._exists(base.check_name(key)):
                 raise _missing(key)
-            if self._exists(base.check_key(new_key)):
+            if self._exists(base.check_name(new_key)):
                 raise FileExistsError(errno.EEXIST, "already exists", new_key)
             self._move(key, new_key)
 
     def begin(self, name: str) -> base.Staging:
         with self._lock:
-            if self._exists(base.check_key(name)):
+            if self._exists(base.check_name(name)):
                 raise FileExistsError(errno.EEXIST, "already exists", name)
             self._parent_dir(name)
             self._dirs.add(name)
@@ -273,4 +273,4 @@ class MemoryStore(base.Store):
         return _MemoryStaging(self, name)
 
     def lock(self, name: str) -> _MemoryLock:
-        return _MemoryLock(self, name)
+        return _MemoryLock(self, base.check_name(name))

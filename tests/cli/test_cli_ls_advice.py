@@ -1,0 +1,74 @@
+"""``savegame ls`` prints the interval advice (docs/policies.md) from the newest checkpoint's
+measured save cost and the run's MTBF: given when training, ``--mtbf``, or learned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+import savegame as sg
+from savegame.cli import main as cli
+from savegame.cli.main import main
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "console", Console(width=400, emoji=False))
+    monkeypatch.setattr(cli, "err_console", Console(width=400, stderr=True, emoji=False))
+
+
+def _train(root: Path, last: int, *, mtbf: float | None = None, crash: bool = False) -> None:
+    state = sg.TrainState(model=torch.nn.Linear(2, 1))
+    ck = sg.Checkpointer(root, save=sg.Every(steps=1, mtbf=mtbf), handle_signals=False)
+    for s in range(ck.restore(state) + 1, last + 1):
+        ck.step(state, s)
+    if crash:
+        ck._lock.release()  # died without close()
+    else:
+        ck.close()
+
+
+def _advice(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("interval advice"))
+
+
+def test_ls_shows_the_advice_with_the_mtbf_the_run_was_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "run"
+    _train(root, 3, mtbf=8 * 3600)
+    assert main(["ls", str(root)]) == 0
+    line = _advice(capsys.readouterr().out)
+    assert "a save stalls training" in line and "MTBF of 8.0 h (given)" in line
+    assert main(["ls", str(root), "--mtbf", "86400"]) == 0
+    assert "MTBF of 24.0 h (given)" in _advice(capsys.readouterr().out)
+
+
+def test_ls_without_a_failure_says_what_to_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "run"
+    _train(root, 3)
+    assert main(["ls", str(root)]) == 0
+    line = _advice(capsys.readouterr().out)
+    assert "no failure recorded" in line and "--mtbf SECONDS" in line
+
+
+def test_ls_learns_the_mtbf_from_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "run"
+    _train(root, 3, crash=True)
+    _train(root, 5)
+    assert main(["ls", str(root)]) == 0
+    assert "(learned from 1 failure)" in _advice(capsys.readouterr().out)
+
+
+def test_ls_refuses_a_bad_mtbf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    _train(root, 2)
+    assert main(["ls", str(root), "--mtbf", "-5"]) == 2
+    assert "mtbf" in capsys.readouterr().err
