@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from savegame import errors, policy
+from savegame import policy
 from savegame.checkpointer.runfile import read_run_file
 from savegame.engine import reader
 from savegame.format import layout
@@ -281,13 +281,7 @@ def collect_garbage(root: Root) -> None:
     """Remove every temp folder of a run. Only the lock holder calls it: every temp folder
     then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish."""
     store = as_store(root)
-    try:
-        entries = store.list("")
-    except OSError as exc:
-        raise errors.StorageError(
-            f"could not list run folder {store.describe()}: {exc}", path=store.describe()
-        ) from exc
-    for entry in entries:
+    for entry in reader.list_run_folder(store):
         if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir:
             log.info("removing leftover %s from an interrupted save or deletion", entry.name)
             try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
-from savegame.storage import Blob, Location, Store, as_store, locate
+from savegame.storage import Blob, Entry, Location, Store, as_store, locate
 
 if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
     import torch
@@ -100,22 +100,8 @@ def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef
     Only manifests are read (cheap); tensor data is checked by :func:`verify` / on load.
     """
     store = as_store(root)
-    try:
-        entries = store.list("")
-    except FileNotFoundError as exc:
-        raise errors.CheckpointNotFoundError(
-            f"run folder {store.describe()} does not exist", path=store.describe()
-        ) from exc
-    except NotADirectoryError as exc:
-        raise errors.CheckpointNotFoundError(
-            f"{store.describe()} is a file, not a run folder", path=store.describe()
-        ) from exc
-    except OSError as exc:
-        raise errors.StorageError(
-            f"could not list run folder {store.describe()}: {exc}", path=store.describe()
-        ) from exc
     refs = []
-    for entry in entries:
+    for entry in list_run_folder(store):
         step = layout.parse_step_dir(entry.name)
         if step is None or not entry.is_dir:
             continue
@@ -128,6 +114,24 @@ def list_checkpoints(root: str | os.PathLike[str] | Store) -> list[CheckpointRef
         refs.append(ref)
     refs.sort(key=lambda r: r.step)
     return refs
+
+
+def list_run_folder(store: Store) -> list[Entry]:
+    """The entries of a run folder, or a typed error: no folder, a file, or a storage failure."""
+    try:
+        return store.list("")
+    except FileNotFoundError as exc:
+        raise errors.CheckpointNotFoundError(
+            f"run folder {store.describe()} does not exist", path=store.describe()
+        ) from exc
+    except NotADirectoryError as exc:
+        raise errors.CheckpointNotFoundError(
+            f"{store.describe()} is a file, not a run folder", path=store.describe()
+        ) from exc
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not list run folder {store.describe()}: {exc}", path=store.describe()
+        ) from exc
 
 
 def _check_file(
