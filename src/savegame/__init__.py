@@ -33,6 +33,7 @@ if _typing.TYPE_CHECKING:
     from savegame.interop.base import Reader, TensorInfo
     from savegame.interop.detect import register_format
     from savegame.state import Stateful, TrainState
+    from savegame.state.overrides import RestoreReport
     from savegame.tools.convert import convert
     from savegame.tools.diff import DiffResult, diff
 
@@ -48,6 +49,7 @@ _LAZY = {
     "Checkpointer": "savegame.checkpointer",
     "DiffResult": "savegame.tools.diff",
     "Reader": "savegame.interop.base",
+    "RestoreReport": "savegame.state.overrides",
     "SaveHandle": "savegame.engine.persist",
     "Stateful": "savegame.state",
     "TensorInfo": "savegame.interop.base",
@@ -99,6 +101,7 @@ __all__ = [
     "Reader",
     "ReaderClosedError",
     "RestoreError",
+    "RestoreReport",
     "SaveHandle",
     "Stateful",
     "StepExistsError",

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,8 @@ from savegame.distributed import collectives, protocol
 from savegame.engine import persist, reader, staging, writer
 from savegame.format import layout
 from savegame.policy import progress
+from savegame.state import overrides
+from savegame.state.overrides import RestoreReport
 from savegame.storage import Location, Store, as_store
 
 log = logging.getLogger("savegame")
@@ -147,12 +149,18 @@ class Checkpointer:
             raise
 
     # ---- public API ---------------------------------------------------------------------------
+    #: What the last ``restore`` applied and left as it was (None: it restored nothing).
+    last_restore: RestoreReport | None = None
+
     def restore(
         self,
         state: statelib.TrainState,
         *,
         step: int | None = None,
         per_rank: Literal["strict", "fresh"] = "strict",
+        only: Iterable[str] | None = None,
+        skip: Iterable[str] | None = None,
+        strict: bool = True,
     ) -> int:
         """Restore ``state`` from the newest valid checkpoint (or ``step``) and return its step.
 
@@ -167,22 +175,35 @@ class Checkpointer:
         ``"strict"`` raises :class:`RestoreError`, ``"fresh"`` leaves those objects as
         constructed (docs/distributed.md, "Resharding").
 
+        Resuming with changes (docs/resume.md): ``only=["model"]`` restores just the named parts
+        (weights only, to fine-tune), ``skip=["scheduler"]`` all but them (a ``TrainState``
+        name, ``"rng"``, or a dict entry ``"extras/best"``); the rest is left exactly as it was.
+        ``strict=False`` restores what fits (a model with an added layer) and names the rest in
+        :attr:`last_restore` (a ``RestoreReport``) and the log. Every rank passes the same.
+
         Returns:
             The number of completed steps to continue from; 0 on a fresh run.
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and does not exist.
             RestoreError: a checkpoint is valid but does not fit ``state`` (different objects,
-                or per-rank state on a different world size with ``per_rank="strict"``).
+                or per-rank state on a different world size with ``per_rank="strict"``), or a
+                name in ``only``/``skip`` does not exist (TypeError/ValueError: a bad argument).
         """
+        opts = overrides.options(only=only, skip=skip, strict=strict, state=state)
+        self.last_restore = None
         self._persister.wait()
         try:
-            return self._restore(state, step, per_rank)
+            return self._restore(state, step, per_rank, opts)
         finally:
             self._set_aside_suspects()
 
     def _restore(
-        self, state: statelib.TrainState, step: int | None, per_rank: Literal["strict", "fresh"]
+        self,
+        state: statelib.TrainState,
+        step: int | None,
+        per_rank: Literal["strict", "fresh"],
+        opts: overrides.RestoreOptions,
     ) -> int:
         if step is not None:
             step = checks.check_step(step)
@@ -198,26 +219,17 @@ class Checkpointer:
                 raise errors.CheckpointNotFoundError(
                     f"no checkpoint for step {step} in {self.root}", path=self.root, step=step
                 )
-        sharded = self._group.distributed or any(
-            r.manifest is not None and r.manifest.world_size > 1 for r in refs
+        done = restoring.restore(
+            self._group, refs, state, opts, per_rank=per_rank, skip=self._warn_skip
         )
-        if sharded:
-            done = protocol.restore(
-                self._group, refs, state, per_rank=per_rank, skip=self._warn_skip
-            )
-        else:
-            done = restoring.restore_whole(refs, state, skip=self._warn_skip)
-        if done is not None and done.manifest is not None:
-            self._epochs_completed = int(done.manifest.info.get("epochs_completed", 0))
-            self._progress.restore(done.manifest.info)
+        if done is not None and done[0].manifest is not None:
+            ref, self.last_restore = done
+            self._epochs_completed = int(ref.manifest.info.get("epochs_completed", 0))
+            self._progress.restore(ref.manifest.info)
             self._last_save_time = time.monotonic()
-            self._last_saved_step = done.step
-            self._verified.add(str(done.path))
-            if sharded:
-                log.info("restored step %d from %s (rank %d)", done.step, done.path, self.rank)
-            else:
-                log.info("restored step %d from %s", done.step, done.path)
-            return done.step
+            self._last_saved_step = ref.step
+            self._verified.add(str(ref.path))
+            return ref.step
         if refs and step is not None:
             raise errors.RestoreError(
                 f"checkpoint {refs[0].path} is corrupt; see the warning above",

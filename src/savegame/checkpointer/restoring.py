@@ -4,6 +4,8 @@ Invariants: nothing is applied to the live objects until a checkpoint was read a
 verified (a corrupt one never leaves them half-restored; the next older one is tried); tensors
 are read straight into the live parameters and optimizer moments where they fit (one copy).
 A skipped checkpoint is set aside only once proven damaged, by the lock holder only.
+``only=``/``skip=``/``strict=False`` read and apply the parts :mod:`savegame.state.overrides`
+selects, and nothing is read into a part left alone.
 (Checkpoints written by several ranks, and every restore under torch.distributed, go through
 :func:`savegame.distributed.protocol.restore`.)
 """
@@ -11,19 +13,59 @@ A skipped checkpoint is set aside only once proven damaged, by the lock holder o
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from savegame import errors
 from savegame import state as statelib
 from savegame import tree as treelib
-from savegame.distributed import protocol
+from savegame.distributed import collectives, planning, protocol
 from savegame.engine import reader, writer
 from savegame.format import layout
+from savegame.state import overrides
 from savegame.storage import locate
 
-__all__ = ["restore_whole", "set_aside_damaged"]
+__all__ = ["restore", "restore_whole", "set_aside_damaged"]
+
+log = logging.getLogger("savegame")
+
+
+def restore(
+    group: collectives.Group | collectives.LocalGroup,
+    refs: Sequence[reader.CheckpointRef],
+    state: statelib.TrainState,
+    opts: overrides.RestoreOptions,
+    *,
+    per_rank: Literal["strict", "fresh"],
+    skip: Callable[[Path, BaseException | None], None],
+) -> tuple[reader.CheckpointRef, overrides.RestoreReport] | None:
+    """Restore the newest valid checkpoint of ``refs`` in one process or on every rank; log
+    what it restored and, with ``only=``/``skip=``/``strict=False``, what it left as it was.
+
+    Returns:
+        The checkpoint restored and the report (its step and path filled in), or None.
+    """
+    sharded = group.distributed or any(
+        r.manifest is not None and r.manifest.world_size > 1 for r in refs
+    )
+    if sharded:
+        done = protocol.restore(group, refs, state, per_rank=per_rank, skip=skip, opts=opts)
+    else:
+        done = restore_whole(refs, state, skip=skip, opts=opts)
+    if done is None:
+        return None
+    ref, report = done
+    report = replace(report, step=ref.step, path=str(ref.path))
+    where = f" (rank {group.rank})" if sharded else ""
+    log.info("restored step %d from %s%s", ref.step, ref.path, where)
+    if report.missing or report.unexpected or report.mismatched:
+        log.warning("restore of %s%s left parts as they were: %s", ref.path, where, report)
+    elif report.skipped:
+        log.info("restore of %s%s: %s", ref.path, where, report)
+    return ref, report
 
 
 def restore_whole(
@@ -31,43 +73,53 @@ def restore_whole(
     state: statelib.TrainState,
     *,
     skip: Callable[[Path, BaseException | None], None],
-) -> reader.CheckpointRef | None:
+    opts: overrides.RestoreOptions = overrides.EVERYTHING,
+) -> tuple[reader.CheckpointRef, overrides.RestoreReport] | None:
     """Restore the newest of ``refs`` (single-rank checkpoints) that reads and verifies; each
-    unusable one is passed to ``skip``. Returns it, or None if none was valid.
+    unusable one is passed to ``skip``. Returns it and what was restored, or None if none was
+    valid. Only the parts ``opts`` selects are read (:mod:`savegame.state.overrides`).
 
     Raises:
-        RestoreError: a valid checkpoint does not fit ``state``.
+        RestoreError: a valid checkpoint does not fit ``state``, or ``opts`` names a part that
+            does not exist (checked on the manifest, before anything is read).
     """
     for ref in reversed(refs):
         if ref.error is not None or ref.manifest is None:
             skip(ref.path, ref.error)
             continue
         try:
-            tensors = reader.load_tensors(ref.path, ref.manifest, dest=_live_destinations(state))
-            tree = treelib.decode(ref.manifest.trees[0], tensors, path=ref.path / layout.MANIFEST)
+            stored = ref.manifest.trees[0]
+            sel = overrides.select(opts, state, stored, where=str(ref.path))
+            skeleton = sel.skeleton(stored)
+            keys = None if opts.default else list(dict.fromkeys(planning.tensor_refs(skeleton)))
+            dest = _live_destinations(state, sel)
+            tensors = reader.load_tensors(ref.path, ref.manifest, keys, dest=dest)
+            tree = treelib.decode(skeleton, tensors, path=ref.path / layout.MANIFEST)
         except (errors.FormatError, errors.StorageError) as exc:
             skip(ref.path, exc)
             continue
         # A run saved through DDP before savegame unwrapped it has "module."-prefixed keys.
         tree = protocol.match_wrapper_keys(state, tree)
-        statelib.apply(state, tree, where=str(ref.path))
-        return ref
+        return ref, overrides.apply(state, tree, sel, where=str(ref.path))
     return None
 
 
-def _live_destinations(state: statelib.TrainState) -> Any:
+def _live_destinations(state: statelib.TrainState, sel: overrides.Selection) -> Any:
     """Map checkpoint tensors onto the live tensors they will end up in (parameters, existing
     optimizer moments), so restore copies once instead of allocating and copying again.
-    The reader only writes into them after every hash verified."""
+    The reader only writes into them after every hash verified; never into a part the
+    selection leaves alone (or, with ``strict=False``, may yet find not to fit)."""
     try:
         _, live = treelib.encode(statelib.capture(state, loaders=False))
     except errors.EncodeError:
         return None
+    allowed = {n for n in state if sel.in_place(n, state[n])}
 
     def dest(key: str, entry: Any) -> Any:
         t = live.get(key)
         if (
             t is not None
+            and treelib.split_key(key)[0] in allowed
             and t.device.type == "cpu"
             and t.is_contiguous()
             and tuple(t.shape) == tuple(entry.shape)

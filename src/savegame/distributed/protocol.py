@@ -31,9 +31,6 @@ its inner module, so checkpoint keys are the bare module's (no ``module.`` prefi
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,7 +41,7 @@ import torch
 from savegame import errors
 from savegame import state as statelib
 from savegame import tree as treelib
-from savegame.distributed import collectives, planning, wrappers
+from savegame.distributed import collectives, planning
 from savegame.distributed.wrappers import (
     extras_names,
     match_wrapper_keys,
@@ -52,7 +49,7 @@ from savegame.distributed.wrappers import (
     unwrapped,
 )
 from savegame.engine import reader, writer
-from savegame.format import hashing, layout, manifest
+from savegame.format import hashing, layout
 from savegame.storage import Location, Staging, Store, as_store
 
 __all__ = [
@@ -401,210 +398,4 @@ def _commit(
     return ("fail", failures), commit_exc
 
 
-def load_state(
-    path: Path,
-    m: manifest.Manifest,
-    state: statelib.TrainState,
-    *,
-    rank: int,
-    world: int,
-    per_rank: planning.PerRankMode,
-    before_copy: Callable[[], None] | None = None,
-) -> Callable[[], planning.RestorePlan]:
-    """Read and verify this rank's share of a checkpoint; returns a function that applies it.
-
-    ``before_copy`` runs once this rank's share is verified and before any byte is copied
-    into a live tensor (shards are filled in place): :func:`restore` makes every rank agree
-    there, so a share that fails on one rank never leaves another rank half-restored.
-
-    Raises:
-        FormatError, StorageError: the checkpoint is damaged (try an earlier one).
-        RestoreError: it does not fit ``state`` (world size change with per-rank state, shapes).
-    """
-    dinfo = m.info.get(INFO_KEY) if isinstance(m.info.get(INFO_KEY), dict) else {}
-    replicated = dinfo.get("replicated", replicated_names(state))
-    extras = dinfo.get("extras", extras_names(state))
-    plan = planning.plan_restore(
-        m.trees,
-        rank=rank,
-        world=world,
-        replicated=replicated,
-        extras=extras,
-        per_rank=per_rank,
-        where=str(path),
-    )
-    names = [n for n in state if n in plan.skeleton]
-    sub: Any = wrappers.View(
-        {n: wrappers.unwrap(state[n]) for n in names},
-        state.rng and statelib.RNG_KEY in plan.skeleton,
-    )
-    captured = statelib.capture(sub, loaders=False)  # live tensors only: no loader iterator built
-    skeleton = match_wrapper_keys(sub, plan.skeleton)
-    _, live = treelib.encode(captured)
-    regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    templates: dict[str, Any] = {}
-    for key in plan.keys:
-        t = live.get(planning.source_key(key))
-        if t is None or not collectives.is_dtensor(t):
-            continue
-        info = collectives.shard_info(t)
-        stored = m.tensors[key].shape if key in m.tensors else None
-        if stored is not None and tuple(stored) != info.global_shape:
-            raise errors.RestoreError(
-                f"{path}: tensor {key!r} is {list(stored)} in the checkpoint but {list(info.global_shape)} "
-                "in this model; build the same model before restoring",
-                path=path,
-                key=key,
-            )
-        regions[key] = (info.start, info.shape)
-        templates[key] = t
-
-    def dest(key: str, entry: manifest.TensorEntry) -> torch.Tensor | None:
-        t = live.get(planning.source_key(key))
-        if key in templates:  # this rank's shard: read straight into the live local tensor
-            local = collectives.local_tensor(t)
-            return local if local.is_contiguous() and not local.requires_grad else None
-        if (
-            t is not None
-            and not collectives.is_dtensor(t)
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and tuple(t.shape) == tuple(entry.shape)
-            and str(t.dtype).removeprefix("torch.") == entry.dtype
-            and not t.requires_grad
-        ):
-            return t
-        return None
-
-    tensors = reader.load_tensors(
-        path, m, plan.keys, dest=dest, regions=regions, before_copy=before_copy
-    )
-    for key, template in templates.items():
-        if tensors[key].data_ptr() == collectives.local_tensor(template).data_ptr():
-            tensors[key] = template  # filled in place: loading it is a copy onto itself (no-op)
-        else:
-            tensors[key] = collectives.dtensor_like(template, tensors[key])
-    tree = treelib.decode(skeleton, tensors)
-
-    def apply() -> planning.RestorePlan:
-        statelib.apply(sub, tree, where=str(path))
-        return plan
-
-    return apply
-
-
-_OTHER_RANK = "another rank could not use its share of this checkpoint"
-
-
-def restore(
-    group: collectives.Group | collectives.LocalGroup | None,
-    refs: Sequence[reader.CheckpointRef],
-    state: statelib.TrainState,
-    *,
-    per_rank: planning.PerRankMode,
-    skip: Callable[[Path, BaseException | None], None],
-) -> reader.CheckpointRef | None:
-    """Restore the newest checkpoint of ``refs`` that every rank read and verified. Every rank.
-
-    ``group`` is None in a single process reading a multi-rank checkpoint.
-
-    Returns:
-        The restored checkpoint, or None if none was valid.
-
-    Raises:
-        RestoreError: a valid checkpoint does not fit the state on some rank (see the message).
-        DistributedSaveError: a rank died or hung during the agreement (timeout).
-    """
-    rank, world = (group.rank, group.world) if group is not None else (0, 1)
-    initialized = _init_sharded_optimizers(state) if refs else []
-    try:
-        for ref in reversed(refs):
-            if ref.error is not None or ref.manifest is None:
-                skip(ref.path, ref.error)
-                continue
-            outcome: tuple[str, str] = ("ok", "")
-            apply: Callable[[], planning.RestorePlan] | None = None
-            what = f"restore of {ref.path}"
-            # Exactly one agreement per candidate on every rank: inside the reader (after this
-            # rank verified its share, before it copies anything) or, if it failed before
-            # getting there, right after.
-            agreed: list[int] = []
-
-            def agree(code: int = 0, what: str = what, box: list[int] = agreed) -> None:
-                box.append(group.max_int(code, what=what) if group is not None else code)
-                if box[0]:
-                    raise errors.FormatError(_OTHER_RANK)
-
-            try:
-                apply = load_state(
-                    ref.path,
-                    ref.manifest,
-                    state,
-                    rank=rank,
-                    world=world,
-                    per_rank=per_rank,
-                    before_copy=agree,
-                )
-            except errors.RestoreError as exc:
-                outcome = ("fatal", str(exc))
-            except errors.CheckpointError as exc:  # damaged, unreadable, missing tensor: skip
-                outcome = ("skip", str(exc))
-            if not agreed:
-                code = {"ok": 0, "skip": 1, "fatal": 2}[outcome[0]]
-                agreed.append(group.max_int(code, what=what) if group is not None else code)
-            outcomes = [outcome] * world
-            if agreed[0] and group is not None:  # something failed somewhere: learn what
-                outcomes = group.gather(outcome, what=what)
-            fatal = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind == "fatal"}
-            if fatal:
-                r, msg = min(fatal.items())
-                raise errors.RestoreError(
-                    msg if r == rank else f"rank {r}: {msg}", path=ref.path, step=ref.step
-                )
-            bad = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind != "ok"}
-            if bad:
-                # name the rank that found the damage, not one that only heard of it
-                r, msg = min(bad.items(), key=lambda kv: (kv[1] == _OTHER_RANK, kv[0]))
-                skip(ref.path, errors.FormatError(f"rank {r}: {msg}", path=ref.path))
-                continue
-            assert apply is not None
-            plan = apply()
-            initialized = []
-            if plan.fresh or plan.from_rank0:
-                said = []
-                if plan.fresh:
-                    said.append(f"{list(plan.fresh)} left as constructed (not restored)")
-                if plan.from_rank0:
-                    shown = list(plan.from_rank0[:5])
-                    more = len(plan.from_rank0) - len(shown)
-                    said.append(
-                        f"{len(plan.from_rank0)} tensor(s) that differed between the saved ranks "
-                        f"taken from rank 0: {shown}{f' and {more} more' if more else ''}"
-                    )
-                warnings.warn(
-                    f"restored {ref.path} (saved by {ref.manifest.world_size} ranks) on {world} rank(s) with "
-                    f"per_rank='fresh': {'; '.join(said)}",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return ref
-        return None
-    finally:
-        for opt in initialized:  # nothing was restored: undo the materialized optimizer state
-            opt.state = collections.defaultdict(dict)
-
-
-def _init_sharded_optimizers(state: statelib.TrainState) -> list[Any]:
-    """Materialize empty optimizer state over DTensor parameters so restore has placements."""
-    out = []
-    for name in state:
-        opt = state[name]
-        if (
-            isinstance(opt, torch.optim.Optimizer)
-            and not opt.state
-            and any(collectives.is_dtensor(p) for g in opt.param_groups for p in g["params"])
-        ):
-            with contextlib.suppress(Exception):  # best effort: falls back to plain tensors
-                collectives.init_optimizer_state(opt)
-                out.append(opt)
-    return out
+from savegame.distributed.loading import load_state, restore  # noqa: E402 - the restore half

@@ -2,6 +2,7 @@
 
 :class:`TrainState` names the objects that make up a training run. :func:`capture` turns them
 into a state tree (nested dicts of tensors and plain values); :func:`apply` puts a tree back.
+Restoring part of a tree, or one that does not quite fit, is :mod:`.overrides`.
 
 Invariant: :func:`apply` checks that the tree names exactly the objects of the state before it
 changes any of them, so a checkpoint of a different run fails with an error instead of
@@ -18,7 +19,7 @@ from savegame import errors
 from savegame.state import loader as loaderlib
 from savegame.state import rng
 
-__all__ = ["Stateful", "TrainState", "apply", "capture"]
+__all__ = ["Stateful", "TrainState", "apply", "capture", "check_rng", "load_object"]
 
 RNG_KEY = "rng"
 
@@ -132,30 +133,41 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
             path=where,
         )
     if state.rng and RNG_KEY in tree:
-        _check_rng(tree[RNG_KEY], where)
+        check_rng(tree[RNG_KEY], where)
     for name in state:
-        obj = state[name]
-        try:
-            if isinstance(obj, MutableMapping):
-                obj.clear()
-                obj.update(tree[name])
-            else:
-                # A StatefulDataLoader's iterator is built lazily by the first iter() after this,
-                # so a sampler.set_epoch() in between counts (savegame.state.loader).
-                loaderlib.load(obj, tree[name], name=name, where=where)
-        except errors.CheckpointError:
-            raise
-        except Exception as exc:  # user objects may raise anything; translate at this boundary
-            raise errors.RestoreError(
-                f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}",
-                path=where,
-                key=name,
-            ) from exc
+        load_object(state[name], tree[name], name=name, where=where)
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])
 
 
-def _check_rng(saved: Any, where: str) -> None:
+def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = True) -> None:
+    """Load one object's saved state: a dict extra is replaced, anything else gets
+    ``load_state_dict`` (``strict=False``: a module's, which leaves keys not given as they are).
+
+    Raises:
+        RestoreError: the object refused it (naming the object and the checkpoint).
+    """
+    try:
+        if isinstance(obj, MutableMapping):
+            obj.clear()
+            obj.update(saved)
+        elif not strict:
+            obj.load_state_dict(saved, strict=False)
+        else:
+            # A StatefulDataLoader's iterator is built lazily by the first iter() after this,
+            # so a sampler.set_epoch() in between counts (savegame.state.loader).
+            loaderlib.load(obj, saved, name=name, where=where)
+    except errors.CheckpointError:
+        raise
+    except Exception as exc:  # user objects may raise anything; translate at this boundary
+        raise errors.RestoreError(
+            f"{where}: {name}.load_state_dict() failed: {type(exc).__name__}: {exc}",
+            path=where,
+            key=name,
+        ) from exc
+
+
+def check_rng(saved: Any, where: str) -> None:
     """Refuse a damaged RNG snapshot before any object is touched (no half-restored state).
 
     The generators' own setters are the only complete validators of their states (python's
