@@ -101,10 +101,13 @@ def test_lock_is_free_after_sigkill_even_while_forked_children_live(tmp_path: Pa
         from savegame.storage import local
         lock = local.RunLock({str(tmp_path)!r})
         lock.acquire()
+        r, w = os.pipe()
         child = os.fork()
         if child == 0:
+            os.write(w, b"x")  # os.fork() returned here: the at-fork hooks have run in the child
             time.sleep(60)
             os._exit(0)
+        os.read(r, 1)  # on a loaded machine the child may not have run at all yet
         print(child, flush=True)
         time.sleep(60)
         """
