@@ -216,7 +216,26 @@ def test_sessions_are_recorded_and_a_crash_is_learned_as_a_failure(tmp_path: Pat
         assert hist.failures == 1 and hist.current_start is not None
         with pytest.raises(RuntimeError), ck:
             ck.restore(state)
+            ck.step(state, 7, samples=50)  # training started: this session is recorded
             raise RuntimeError("out of memory")  # an exception through `with`: a failure
     finally:
         ck.close()
     assert json.loads((root / "run.json").read_text())["sessions"][-1]["failed"] is True
+
+
+def test_a_checkpointer_that_only_lists_or_restores_records_no_session(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _session(root, range(1, 5), 50)
+    before = json.loads((root / "run.json").read_text())["sessions"]
+    state = sg.TrainState(model=torch.nn.Linear(2, 1))
+    reader_only = sg.Checkpointer(root, save=Every(samples=100), handle_signals=False)
+    reader_only.list()
+    reader_only.restore(state)
+    reader_only._lock.release()  # never closed (a notebook): as if the process went away
+    with sg.Checkpointer(root, save=Every(samples=100), handle_signals=False) as ck:
+        assert ck._progress.advisor.history.failures == 0  # not taken for a crash
+    reader_only.close()
+    with pytest.raises(RuntimeError), sg.Checkpointer(root, handle_signals=False) as ck:
+        ck.restore(state)
+        raise RuntimeError("out of memory before the first step: no work was lost")
+    assert json.loads((root / "run.json").read_text())["sessions"] == before

@@ -132,6 +132,7 @@ class Checkpointer:
         # Sample/token counters and save-cost measurements (docs/policies.md).
         self._progress = progress.Progress(self.save_policy)
         self._session_failed = False
+        self._session_open = False
         try:
             self.run_id = self._setup_ranks()
             self._epochs_completed = 0
@@ -277,6 +278,7 @@ class Checkpointer:
         step = checks.check_step(step)
         metrics = checks.check_metrics(metrics)
         self._progress.count(samples=samples, tokens=tokens)
+        self._begin_session()
         # Every step, not only saving ones: a background failure surfaces at the very next call
         # (never only logged). Non-blocking: it only looks at a finished save.
         self._persister.raise_failure()
@@ -427,7 +429,7 @@ class Checkpointer:
         finally:
             self._closed = True
             self._deleter.shutdown(wait=True)
-            if self.rank == 0 and self.writable:
+            if self._session_open:
                 runfile.end_session(self.store, failed=self._session_failed)
             self._close_quietly()
 
@@ -483,6 +485,7 @@ class Checkpointer:
                 path=self.root,
                 step=step,
             )
+        self._begin_session()
         final = layout.step_dir(step)
         if self._last_saved_step == step:
             if blocking:
@@ -596,8 +599,15 @@ class Checkpointer:
         run_id, self.writable = runfile.open_run(self.store, self.keep, self._lock)
         if self.writable:
             retention.collect_garbage(self.store)
-            self._progress.learn(runfile.start_session(self.store, run_id))
+            self._progress.learn(runfile.start_session(self.store, run_id, write=False))
         return run_id
+
+    def _begin_session(self) -> None:
+        """The run's session is recorded at the first step or save: one opened only to list or
+        restore never is, so forgetting its close() is never taken for a crash."""
+        if not self._session_open and self.rank == 0 and self.writable and not self._closed:
+            self._session_open = True
+            self._progress.learn(runfile.start_session(self.store, self.run_id))
 
     # ---- restore's skipped checkpoints --------------------------------------------------------
     def _warn_skip(self, path: Path, exc: BaseException | None) -> None:

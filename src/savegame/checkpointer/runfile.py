@@ -177,11 +177,12 @@ def _run_id(root: Root, keep: policy.Keep) -> str:
     return run_id
 
 
-def start_session(root: Root, run_id: str) -> list[dict[str, Any]]:
+def start_session(root: Root, run_id: str, *, write: bool = True) -> list[dict[str, Any]]:
     """The lock holder records that a Checkpointer opened the run now (``run.json``'s
     ``sessions``; a previous one still open ended without ``close()``: a failure, taken to
     end at its newest checkpoint) and returns the sessions, from which the interval advice
-    learns the MTBF (docs/policies.md)."""
+    learns the MTBF (docs/policies.md). ``write=False``: the sessions as they would be,
+    written nowhere (a Checkpointer records its session at its first step or save)."""
     from savegame.engine import reader
     from savegame.policy import advice
 
@@ -195,6 +196,8 @@ def start_session(root: Root, run_id: str) -> list[dict[str, Any]]:
         if r.manifest is not None and r.manifest.run_id == run_id
     ]
     record["sessions"] = advice.open_session(record.get("sessions"), time.time(), times)
+    if not write:
+        return list(record["sessions"])
     try:
         store.put(layout.RUN_FILE, json.dumps(record).encode())
     except (OSError, errors.CheckpointError) as exc:  # a full disk must not stop a resume

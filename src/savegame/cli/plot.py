@@ -86,6 +86,14 @@ def restarts(record: dict[str, Any] | None, ckpts: list[CheckpointInfo]) -> list
     return out
 
 
+def mark_index(r: Restart, ckpts: list[CheckpointInfo]) -> int | None:
+    """Where both views mark a restart: the first listed checkpoint written after it (also when
+    the checkpoint it resumed from was pruned since), or None if none was."""
+    return next(
+        (n for n, c in enumerate(ckpts) if r.after_step is None or c.step > r.after_step), None
+    )
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from savegame import checkpointer as runs  # the public run-folder functions; no torch
 
@@ -144,9 +152,7 @@ def _print(root: Path, ckpts: list[CheckpointInfo], names: list[str], marks: lis
     # Under each sparkline, "|" sits under the first checkpoint after a restart ("x": a crash).
     ruler = [" "] * len(ckpts)
     for r in marks:
-        idx = next(
-            (n for n, c in enumerate(ckpts) if r.after_step is None or c.step > r.after_step), None
-        )
+        idx = mark_index(r, ckpts)
         if idx is not None:
             ruler[idx] = "x" if r.crashed or ruler[idx] == "x" else "|"
     width = max(len(n) for n in names)
@@ -177,8 +183,8 @@ def _print(root: Path, ckpts: list[CheckpointInfo], names: list[str], marks: lis
     console.print(table)
     if marks:
         console.print(
-            "[dim]| = restart, x = restart after a crash (under the first checkpoint after it; "
-            "in the table, the run resumed from the row above)[/]"
+            "[dim]| = restart, x = restart after a crash (under the first checkpoint written "
+            "after it; in the table, the row just before that checkpoint)[/]"
         )
 
 
@@ -216,10 +222,12 @@ def _png(
             ax.set_ylabel(name)
             ax.grid(True, alpha=0.3)
             for r in marks:
-                if r.after_step is None:
+                idx = mark_index(r, ckpts)  # as in the terminal: just before that checkpoint
+                if idx is None:
                     continue
+                x = steps[idx] if idx == 0 else (steps[idx - 1] + steps[idx]) / 2
                 ax.axvline(
-                    r.after_step,
+                    x,
                     color="tab:red" if r.crashed else "tab:gray",
                     linestyle="--",
                     linewidth=1,

@@ -67,9 +67,10 @@ class Every:
         for name in ("samples", "tokens"):
             v = getattr(self, name)
             if v is not None:
-                _check_count(f"Every({name}=...)", v)
-                if v == 0:
-                    raise ValueError(f"Every({name}=0): must be a positive number of {name}")
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"Every({name}={v!r}): must be an int count")
+                if v <= 0:
+                    raise ValueError(f"Every({name}={v}): must be a positive number of {name}")
         if type(self.auto) is not bool:
             raise TypeError(f"Every(auto={self.auto!r}): use True or False")
         if self.mtbf is not None:
