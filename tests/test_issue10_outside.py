@@ -36,6 +36,7 @@ def test_a_blocking_save_whose_retention_fails_raises_a_typed_error_saying_it_co
     store = FaultyStore(inner, {})
     ckpt = sg.Checkpointer(store, keep=sg.Keep(last=1), handle_signals=False)
     try:
+        ckpt.save(_state(), 0)  # the session is recorded at the first save (it lists the run)
         store.faults["list"] = store.calls["list"] + 1  # the first listing after the commit
         with pytest.raises(sg.StorageError, match="committed"):
             ckpt.save(_state(), 1)
@@ -48,6 +49,7 @@ def test_an_async_save_whose_retention_fails_raises_a_typed_error_saying_it_comm
     """The other half of the pair above (works today)."""
     store = FaultyStore(MemoryStore(), {})
     ckpt = sg.Checkpointer(store, keep=sg.Keep(last=1), handle_signals=False)
+    ckpt.save(_state(), 0)  # the session is recorded at the first save (it lists the run)
     store.faults["list"] = store.calls["list"] + 1
     handle = ckpt.save_async(_state(), 1)
     assert handle is not None

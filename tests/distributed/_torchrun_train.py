@@ -69,7 +69,10 @@ def main(root: str, out: Path, tag: str, total: int, pause: float, workers: int)
                 trace.write(f"{step} {[int(i) for i in x[:, 0]]}\n")
                 trace.flush()
                 time.sleep(pause)
-                print(f"rank {rank} step {step}", flush=True)
+                # One write per line: both ranks share the pipe, and print() writes the text and
+                # its newline separately (on unbuffered stdout, two writes another rank can split).
+                sys.stdout.write(f"rank {rank} step {step}\n")
+                sys.stdout.flush()
                 ckpt.step(state, step)
                 if step >= total:
                     break

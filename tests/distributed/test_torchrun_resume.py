@@ -95,6 +95,7 @@ def _wait_for(proc: subprocess.Popen[str], marker: str, seen: list[str]) -> None
         if time.monotonic() > deadline:
             break
     _signal_tree(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)  # reap it and close its pipe here, not in a later test's GC
     pytest.fail(f"the job never printed {marker!r}:\n{''.join(seen)[-5000:]}")
 
 
