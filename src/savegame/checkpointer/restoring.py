@@ -117,17 +117,8 @@ def _live_destinations(state: statelib.TrainState, sel: overrides.Selection) -> 
 
     def dest(key: str, entry: Any) -> Any:
         t = live.get(key)
-        if (
-            t is not None
-            and treelib.split_key(key)[0] in allowed
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and tuple(t.shape) == tuple(entry.shape)
-            and str(t.dtype).removeprefix("torch.") == entry.dtype
-            and not t.requires_grad
-        ):
-            return t
-        return None
+        ok = t is not None and treelib.split_key(key)[0] in allowed and reader.fits(t, entry)
+        return t if ok else None
 
     return dest
 

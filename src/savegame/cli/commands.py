@@ -87,16 +87,24 @@ def _metrics(m: Any) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or "-"
 
 
+def refuse_checkpoint(root: Path, is_checkpoint: bool, instead: str) -> None:
+    """The run-folder commands (ls, prune, plot) given one checkpoint: say what to run instead
+    (and never write a lock file into it)."""
+    if is_checkpoint:
+        raise sg.CheckpointNotFoundError(
+            f"{root} is one checkpoint, not a run folder; {instead}", path=root
+        )
+
+
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     runs = _runs()
     root = Path(args.run)
-    if runs.is_checkpoint(root):
-        raise sg.CheckpointNotFoundError(
-            f"{root} is one checkpoint, not a run folder; see it with `savegame show {root}`, "
-            f"or list its run with `savegame ls {root.parent}`",
-            path=root,
-        )
+    refuse_checkpoint(
+        root,
+        runs.is_checkpoint(root),
+        f"see it with `savegame show {root}`, or list its run with `savegame ls {root.parent}`",
+    )
     infos = runs.list_run(root, _keep_from_args(args), aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
@@ -442,11 +450,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     keep = _keep_from_args(args)
     if not root.is_dir():
         raise sg.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
-    if runs.looks_like_checkpoint(root):  # never write a lock file into a checkpoint
-        raise sg.CheckpointNotFoundError(
-            f"{root} is a checkpoint, not a run folder; prune its run folder ({root.parent})",
-            path=root,
-        )
+    refuse_checkpoint(
+        root, runs.looks_like_checkpoint(root), f"prune its run with `savegame prune {root.parent}`"
+    )
     run_problem = runs.run_file_problem(root)
     if run_problem:
         raise sg.FormatError(

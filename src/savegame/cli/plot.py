@@ -98,12 +98,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from savegame import checkpointer as runs  # the public run-folder functions; no torch
 
     root = Path(args.run)
-    if runs.is_checkpoint(root):
-        raise sg.CheckpointNotFoundError(
-            f"{root} is one checkpoint, not a run folder; plot its run with "
-            f"`savegame plot {root.parent}`",
-            path=root,
-        )
+    from savegame.cli.commands import refuse_checkpoint
+
+    refuse_checkpoint(
+        root, runs.is_checkpoint(root), f"plot its run with `savegame plot {root.parent}`"
+    )
     if not root.is_dir():
         raise sg.CheckpointNotFoundError(f"no run folder at {root}", path=root)
     ckpts = sorted(

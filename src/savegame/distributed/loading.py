@@ -112,17 +112,8 @@ def load_state(
         if key in templates:  # this rank's shard: read straight into the live local tensor
             local = collectives.local_tensor(t)
             return local if local.is_contiguous() and not local.requires_grad else None
-        if (
-            t is not None
-            and not collectives.is_dtensor(t)
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and tuple(t.shape) == tuple(entry.shape)
-            and str(t.dtype).removeprefix("torch.") == entry.dtype
-            and not t.requires_grad
-        ):
-            return t
-        return None
+        ok = t is not None and not collectives.is_dtensor(t) and reader.fits(t, entry)
+        return t if ok else None
 
     tensors = reader.load_tensors(
         path, m, keys, dest=dest, regions=regions, before_copy=before_copy

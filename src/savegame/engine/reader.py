@@ -485,6 +485,18 @@ def damage(ckpt: str | os.PathLike[str] | Location) -> list[str]:
     return verify(ckpt)
 
 
+def fits(t: torch.Tensor, entry: manifest.TensorEntry) -> bool:
+    """Whether ``t`` can be a ``dest`` of :func:`load_tensors` for ``entry``: read straight into
+    (contiguous CPU memory of the stored dtype and shape, outside autograd)."""
+    return (
+        t.device.type == "cpu"
+        and t.is_contiguous()
+        and tuple(t.shape) == tuple(entry.shape)
+        and str(t.dtype).removeprefix("torch.") == entry.dtype
+        and not t.requires_grad
+    )
+
+
 def is_checkpoint_dir(path: str | os.PathLike[str] | Location) -> bool:
     loc = locate(path)
     key = loc.sub(layout.MANIFEST)
