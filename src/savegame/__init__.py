@@ -5,9 +5,11 @@ import importlib as _importlib
 import typing as _typing
 
 from savegame.errors import (
+    AccessDeniedError,
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointWarning,
+    CredentialsError,
     DistributedSaveError,
     EncodeError,
     FormatError,
@@ -22,6 +24,7 @@ from savegame.errors import (
     StorageError,
     UnsafeContentError,
     UnsupportedFormatError,
+    UnsupportedURLError,
 )
 from savegame.policy import Every, Keep, regime
 
@@ -82,11 +85,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EXIT_PREEMPTED",
+    "AccessDeniedError",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "Checkpointer",
     "CorruptCheckpointWarning",
+    "CredentialsError",
     "DiffResult",
     "DistributedSaveError",
     "EncodeError",
@@ -110,6 +115,7 @@ __all__ = [
     "TrainState",
     "UnsafeContentError",
     "UnsupportedFormatError",
+    "UnsupportedURLError",
     "__version__",
     "convert",
     "data",

@@ -12,7 +12,10 @@ Hierarchy::
     │   └── UnsafeContentError                           a pickle asks for a disallowed global
     ├── EncodeError(.., TypeError)                       a state leaf cannot be saved without pickle
     ├── StorageError(.., OSError)                        the storage backend failed
-    │   └── LockedError                                  another writer holds the run folder
+    │   ├── LockedError                                  another writer holds the run folder
+    │   ├── UnsupportedURLError(.., ValueError)          a URL scheme savegame cannot reach
+    │   ├── CredentialsError                             no (or invalid) credentials for a store
+    │   └── AccessDeniedError(.., PermissionError)       the store refused the request
     ├── MissingDependencyError(.., ImportError)          an optional extra is not installed
     ├── DistributedSaveError                             one or more ranks failed; ``.failures``
     └── RestoreError                                     no valid checkpoint could be applied
@@ -27,9 +30,11 @@ import os
 from collections.abc import Mapping
 
 __all__ = [
+    "AccessDeniedError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointWarning",
+    "CredentialsError",
     "DistributedSaveError",
     "EncodeError",
     "FormatError",
@@ -44,6 +49,7 @@ __all__ = [
     "StorageError",
     "UnsafeContentError",
     "UnsupportedFormatError",
+    "UnsupportedURLError",
 ]
 
 
@@ -134,6 +140,19 @@ class StorageError(CheckpointError, OSError):
 
 class LockedError(StorageError):
     """Another live process holds the writer lock on the run folder."""
+
+
+class UnsupportedURLError(StorageError, ValueError):
+    """A URL whose scheme savegame cannot reach (the message lists the supported ones)."""
+
+
+class CredentialsError(StorageError):
+    """A remote store needs credentials that are missing or invalid (the message names the
+    environment variables or config to set; it never prints a secret)."""
+
+
+class AccessDeniedError(StorageError, PermissionError):
+    """The remote store refused the request (HTTP 403): the credentials lack a permission."""
 
 
 class MissingDependencyError(CheckpointError, ImportError):

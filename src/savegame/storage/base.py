@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 __all__ = [
     "Blob",
+    "ChangedError",
+    "RangeNotSupportedError",
     "Entry",
     "Location",
     "Lock",
@@ -80,6 +82,16 @@ def join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+class ChangedError(OSError):
+    """The blob changed while it was being read: its ETag (or modification time) is not the
+    one it had when it was opened. A reader starts that blob over; it never mixes versions."""
+
+
+class RangeNotSupportedError(OSError):
+    """The server answered a ranged read with the whole object (HTTP 200, not 206): a
+    resumable transfer must fetch that blob from its start instead."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One child of a listed prefix."""
@@ -89,9 +101,15 @@ class Entry:
 
 
 class Blob(abc.ABC):
-    """An open blob for positional reads (several threads may read one blob)."""
+    """An open blob for positional reads (several threads may read one blob).
+
+    A remote blob is pinned to the version it had when opened (``etag``): a read that finds a
+    newer version raises :class:`ChangedError` instead of mixing the two.
+    """
 
     size: int
+    #: The version the reads are pinned to (an HTTP ETag), or None where the store has none.
+    etag: str | None = None
 
     @abc.abstractmethod
     def readinto(self, offset: int, dest: memoryview) -> None:
@@ -101,6 +119,17 @@ class Blob(abc.ABC):
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
+
+    def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
+        """The bytes from ``offset`` to the end, in pieces of at most ``chunk`` bytes, for a
+        transfer that keeps what arrived when a connection is cut. A remote store overrides
+        this with one streaming GET; the default reads ``chunk``-sized ranges."""
+        pos = offset
+        while pos < self.size:
+            buf = bytearray(min(chunk, self.size - pos))
+            self.readinto(pos, memoryview(buf))
+            pos += len(buf)
+            yield memoryview(buf)
 
     def map(self) -> Any | None:
         """The whole blob as a writable zero-copy buffer (private: writes never reach the
@@ -259,8 +288,11 @@ class Store(abc.ABC):
         FileExistsError if ``new_key`` exists."""
 
     @abc.abstractmethod
-    def begin(self, name: str) -> Staging:
-        """Create the staging area ``name`` (a temporary name) for a new checkpoint."""
+    def begin(self, name: str, final: str | None = None) -> Staging:
+        """Create the staging area ``name`` (a temporary name) for a new checkpoint that is
+        meant to be published as ``final`` (a hint: an object store, which cannot rename,
+        writes the data objects under ``final`` directly and commits by putting the manifest
+        last; a folder store ignores it). Publishing under another name stays allowed."""
 
     @abc.abstractmethod
     def staging(self, name: str) -> Staging:

@@ -227,9 +227,9 @@ class FaultyStore(base.Store):
         self._point("rename")
         self.inner.rename(key, new_key)
 
-    def begin(self, name: str) -> base.Staging:
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
         self._point("stage.begin")
-        return _FaultyStaging(self, self.inner.begin(name))
+        return _FaultyStaging(self, self.inner.begin(name, final))
 
     def staging(self, name: str) -> base.Staging:
         self._alive()

@@ -282,7 +282,7 @@ class LocalStore(base.Store):
         os.rename(src, dest)
         fsync_dir(dest.parent)
 
-    def begin(self, name: str) -> base.Staging:
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
         (self.root / base.check_name(name)).mkdir()
         return _LocalStaging(self, name)
 

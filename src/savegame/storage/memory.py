@@ -258,7 +258,7 @@ class MemoryStore(base.Store):
                 raise FileExistsError(errno.EEXIST, "already exists", new_key)
             self._move(key, new_key)
 
-    def begin(self, name: str) -> base.Staging:
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
         with self._lock:
             if self._exists(base.check_name(name)):
                 raise FileExistsError(errno.EEXIST, "already exists", name)
