@@ -1,0 +1,293 @@
+"""URLs of remote stores: which schemes savegame reaches, how credentials are found, how a URL
+is shown (never with a secret in it), and how the object-store library's errors become typed
+savegame errors.
+
+The object-store library is obstore (Rust ``object_store``; shared/REMOTE.md, docs/remote.md):
+one API for S3, GCS, Azure, HTTP, local and memory, with create-only conditional puts, ranged
+and ETag-pinned reads, and writers that abort on an exception. Credentials come from where each
+store's own tools look (the ``AWS_*``, ``GOOGLE_*``, ``AZURE_*`` environment variables, instance
+metadata); savegame never stores or prints them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from savegame import errors
+from savegame.storage.base import ChangedError, RangeNotSupportedError
+
+__all__ = [
+    "SCHEMES",
+    "Target",
+    "connect",
+    "is_url",
+    "redact",
+    "redact_text",
+    "translate",
+]
+
+#: Every scheme a run or checkpoint URL may have, and what it reaches.
+SCHEMES: dict[str, str] = {
+    "s3": "Amazon S3 and S3-compatible servers (MinIO, Ceph, R2…): s3://bucket/prefix",
+    "gs": "Google Cloud Storage: gs://bucket/prefix",
+    "az": "Azure Blob Storage: az://container/prefix (also azure://, abfs://, abfss://)",
+    "azure": "Azure Blob Storage",
+    "abfs": "Azure Data Lake / Blob Storage",
+    "abfss": "Azure Data Lake / Blob Storage (TLS)",
+    "http": "a plain web server, read-only (pull, restore, ls, verify)",
+    "https": "a plain web server, read-only (pull, restore, ls, verify)",
+    "file": "a local folder: file:///abs/path",
+    "memory": "a store in this process's memory, for tests: memory://name",
+}
+_READ_ONLY = {"http", "https"}
+_AZURE = {"az", "azure", "abfs", "abfss"}
+
+# Query parameters are where signed URLs and SAS tokens carry their secrets; every value is
+# hidden (a parameter name is not secret, and showing which ones were given helps debugging).
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+
+#: What each store reads its credentials from, for the "missing credentials" message.
+_CREDENTIALS_HELP = {
+    "s3": (
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary "
+        "credentials; AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for an S3-compatible server on "
+        "http://), run on a machine with an instance role, or set AWS_SKIP_SIGNATURE=true for a "
+        "public bucket"
+    ),
+    "gs": (
+        "set GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT) to a service-account key "
+        "file, or run on a machine with a service account"
+    ),
+    "az": (
+        "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_SAS_KEY, "
+        "or AZURE_CLIENT_ID / AZURE_CLIENT_SECRET / AZURE_TENANT_ID)"
+    ),
+    "http": "put the user and password in the URL (https://user:password@host/…) if the server asks",
+}
+
+
+def is_url(where: object) -> bool:
+    """True for a string of the form ``scheme://…`` (a path never is)."""
+    return isinstance(where, str) and bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", where))
+
+
+def redact(url: str) -> str:
+    """``url`` without secrets: a ``user:password@`` becomes ``***@`` and every query value
+    ``***``. Safe on any string (a non-URL is returned as is)."""
+    if not is_url(url):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc and not parts.query:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***") for k, _ in pairs], safe="*") if pairs else "***"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every URL inside ``text`` (an error message from a library) redacted."""
+    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A remote store reached through a URL."""
+
+    scheme: str
+    #: The obstore store, already scoped to the URL's bucket and prefix.
+    store: Any
+    #: The URL with secrets removed: what messages and logs show.
+    url: str
+    #: http(s): nothing may be written.
+    read_only: bool
+    #: A key prefix the caller adds to every key (obstore scopes most stores to the URL's path
+    #: itself; its in-memory store cannot be scoped, so ``memory://name/a/b`` gives ``"a/b"``).
+    prefix: str = ""
+
+
+# One obstore MemoryStore per memory:// name in this process: the same URL twice is the same
+# store, as a bucket is.
+_MEMORY: dict[str, Any] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+    except ImportError as exc:  # the `remote` extra
+        raise errors.MissingDependencyError(
+            "remote storage needs obstore: pip install 'savegame[remote]'"
+        ) from exc
+    return obstore
+
+
+def _unsupported(url: str, scheme: str) -> errors.UnsupportedURLError:
+    listed = ", ".join(f"{s}://" for s in SCHEMES)
+    return errors.UnsupportedURLError(
+        f"{redact(url)}: unknown URL scheme {scheme + '://'!r}; savegame reaches {listed} "
+        "(or give a local folder path)",
+        path=redact(url),
+    )
+
+
+def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
+    """The obstore store that ``url`` names, scoped to its bucket and prefix.
+
+    ``options`` are extra store settings (obstore's config keys, e.g. ``{"region": "eu-west-1"}``);
+    everything else comes from the environment, as each store's own tools read it.
+
+    Raises:
+        UnsupportedURLError: the scheme is not one of :data:`SCHEMES`, or the URL has no bucket.
+        MissingDependencyError: obstore is not installed.
+        CredentialsError: credentials in the URL that the store cannot use.
+    """
+    if not is_url(url):
+        raise errors.UnsupportedURLError(f"{url!r} is not a URL", path=url)
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise _unsupported(url, scheme)
+    if scheme == "file":
+        raise errors.UnsupportedURLError(
+            "file:// URLs are local folders (savegame.storage.as_store handles them)", path=url
+        )
+    parts = urlsplit(url)
+    shown = redact(url)
+    host = parts.hostname or ""
+    if not host:
+        raise errors.UnsupportedURLError(
+            f"{shown}: no {'host' if scheme in _READ_ONLY else 'bucket'} in the URL "
+            f"(expected {scheme}://{'host' if scheme in _READ_ONLY else 'bucket'}/path)",
+            path=shown,
+        )
+    _obstore()
+    from obstore.store import HTTPStore, MemoryStore, from_url
+
+    kwargs: dict[str, Any] = dict(options or {})
+    if scheme == "memory":
+        with _MEMORY_LOCK:
+            store = _MEMORY.setdefault(host, MemoryStore())
+        return Target(scheme, store, shown, read_only=False, prefix=parts.path.strip("/"))
+    client: dict[str, Any] = {
+        "connect_timeout": timedelta(seconds=10),
+        "timeout": timedelta(seconds=300),
+    }
+    retry = {
+        "max_retries": 6,
+        "retry_timeout": timedelta(seconds=120),
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=100),
+            "max_backoff": timedelta(seconds=5),
+            "base": 2,
+        },
+    }
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    clean = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
+                        parts.path, parts.query, ""))  # fmt: skip
+    if scheme in _READ_ONLY:
+        if user is not None:
+            import base64
+
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+            client["default_headers"] = {"authorization": f"Basic {token}"}
+        if scheme == "http":
+            client["allow_http"] = True
+        store = HTTPStore.from_url(clean, client_options=client, retry_config=retry)
+        return Target(scheme, store, shown, read_only=True)
+    if user is not None:
+        if scheme != "s3" or password is None:
+            raise errors.CredentialsError(
+                f"{shown}: credentials in a {scheme}:// URL are not understood; "
+                + _CREDENTIALS_HELP["az" if scheme in _AZURE else scheme],
+                path=shown,
+            )
+        kwargs.setdefault("access_key_id", user)
+        kwargs.setdefault("secret_access_key", password)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if scheme == "s3" and endpoint and endpoint.startswith("http://"):
+        client["allow_http"] = True
+    try:
+        store = from_url(clean, client_options=client, retry_config=retry, **kwargs)
+    except Exception as exc:  # obstore raises ValueError / its own errors for bad config
+        raise translate(exc, shown) from None
+    return Target(scheme, store, shown, read_only=False)
+
+
+def _scheme_of(where: str) -> str:
+    scheme = where.split("://", 1)[0].lower() if is_url(where) else ""
+    return "az" if scheme in _AZURE else "http" if scheme in _READ_ONLY else scheme
+
+
+def translate(exc: BaseException, where: str) -> OSError:
+    """The typed error for an obstore failure on ``where`` (a redacted URL), its message
+    redacted and without the library's debug dump. Callers ``raise translate(e, url) from None``
+    (the original's text may hold a signed URL)."""
+    if isinstance(exc, errors.CheckpointError) and isinstance(exc, OSError):
+        return exc
+    where = redact(where)
+    raw = str(exc).split("\n\nDebug source:", 1)[0]
+    text = redact_text(raw).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    name = type(exc).__name__
+    low = raw.lower()
+    scheme = _scheme_of(where)
+    help_ = _CREDENTIALS_HELP.get(scheme, "")
+    if "nosuchbucket" in low or "bucket does not exist" in low or "containernotfound" in low:
+        bucket = urlsplit(where).hostname or "?"
+        return errors.CheckpointNotFoundError(
+            f"{where}: bucket {bucket!r} does not exist (create it first, or check the URL)",
+            path=where,
+        )
+    if isinstance(exc, FileNotFoundError) or name == "NotFoundError":
+        return FileNotFoundError(errno.ENOENT, f"not found: {first}", where)
+    if name == "AlreadyExistsError" or isinstance(exc, FileExistsError):
+        return FileExistsError(errno.EEXIST, f"already exists: {first}", where)
+    if name in ("PreconditionError", "NotModifiedError"):
+        return ChangedError(errno.ESTALE, f"{where} changed while it was being read ({first})")
+    if (
+        name == "UnauthenticatedError"
+        or "169.254.169.254" in low
+        or "fd00:ec2::254" in low
+        or "metadata.google.internal" in low
+        or "invalidaccesskeyid" in low
+        or "signaturedoesnotmatch" in low
+        or "expiredtoken" in low
+        or "credential" in low
+        or "401 unauthorized" in low
+    ):
+        return errors.CredentialsError(
+            f"{where}: no valid credentials ({first}); {help_}".rstrip("; "), path=where
+        )
+    if name == "PermissionDeniedError" or "403 forbidden" in low or "accessdenied" in low:
+        return errors.AccessDeniedError(
+            f"{where}: access denied ({first}); the credentials in use lack permission for this "
+            "bucket or prefix",
+            path=where,
+        )
+    if "not partial" in low or "range request not supported" in low or "non-partial" in low:
+        return RangeNotSupportedError(errno.EIO, f"{where}: the server ignored a Range request")
+    if isinstance(exc, ValueError) or name in ("UnknownConfigurationKeyError", "InvalidPathError"):
+        return errors.UnsupportedURLError(f"{where}: {first}", path=where)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return type(exc)(exc.errno, redact_text(exc.strerror or first), where)
+    return OSError(errno.EIO, f"{first}", where)
+
+
+def quote_key(key: str) -> str:
+    """``key`` as it may appear in a URL path (for messages that print a full object URL)."""
+    return quote(key, safe="/")
