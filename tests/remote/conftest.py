@@ -4,8 +4,15 @@
   session; each test gets its own fresh bucket (``s3_url``), so tests never see each other's
   objects. Credentials are fake and passed through the environment, as users pass real ones.
 
-More servers (an HTTP server that honours ``Range``, a fault-injecting TCP proxy) live in
-``tests/remote/servers.py``.
+- ``http_server``: a static HTTP server over a fresh temp folder that honours ``Range``,
+  ``If-Range``, ``If-Match``, with ETag / Last-Modified and nginx-style listings, plus knobs
+  (ignore Range, HTML instead of bytes, a file changed or a response cut after N bytes).
+- ``nginx_server``: nginx over a temp folder (autoindex, JSON listings); skips without nginx.
+- ``fault_proxy``: a factory ``fault_proxy(upstream_url) -> FaultProxy`` (cut after N bytes,
+  delay, canned 500/503, byte counters), stopped at the end of the test.
+
+The classes and every knob are documented in ``tests/remote/servers.py``; import them in a test
+module of this folder with ``from .servers import FaultProxy, HTTPFileServer``.
 """
 
 from __future__ import annotations
@@ -13,10 +20,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+
+from .servers import FaultProxy, HTTPFileServer, NginxServer
 
 pytest.importorskip("obstore")
 moto_server = pytest.importorskip("moto.server")
@@ -81,3 +90,46 @@ def s3_url(s3_env: S3Server) -> str:
     bucket = f"sg-test-{os.getpid()}-{next(_bucket_ids)}"
     s3_env.make_bucket(bucket)
     return f"s3://{bucket}/runs/exp"
+
+
+@pytest.fixture
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HTTPFileServer]:
+    """A static HTTP server (werkzeug) over a fresh temp folder ``http_server.root``, at
+    ``http_server.url``; knobs and records in :class:`tests.remote.servers.HTTPFileServer`."""
+    server = HTTPFileServer(tmp_path_factory.mktemp("www"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxServer]:
+    """nginx over a fresh temp folder ``nginx_server.root`` (autoindex on, JSON listings), at
+    ``nginx_server.url``. Skips the test when nginx is not installed."""
+    try:
+        server = NginxServer(tmp_path_factory.mktemp("nginx-www"), tmp_path_factory.mktemp("nginx"))
+    except FileNotFoundError:
+        pytest.skip("nginx is not installed")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
+    """A factory: ``fault_proxy(upstream_url)`` starts a :class:`FaultProxy` in front of
+    ``upstream_url`` (``http://127.0.0.1:PORT``) and returns it; all are stopped after the test."""
+    proxies: list[FaultProxy] = []
+
+    def start(upstream: str) -> FaultProxy:
+        proxy = FaultProxy(upstream)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield start
+    finally:
+        for p in proxies:
+            p.close()

@@ -61,8 +61,14 @@ def test_credentials_in_a_url_are_never_echoed() -> None:
 
 
 def test_http_urls_are_read_only_and_redacted() -> None:
-    t = urls.connect("https://user:pw@example.com/runs/x?token=abc")
-    assert t.read_only and t.url == "https://***@example.com/runs/x?token=***"
+    t = urls.connect("https://user:pw@example.com/runs/x")
+    assert t.read_only and t.url == "https://***@example.com/runs/x"
+
+
+def test_a_token_in_an_http_run_url_is_refused_not_silently_dropped() -> None:
+    with pytest.raises(errors.UnsupportedURLError, match="query string") as info:
+        urls.connect("https://example.com/runs/x?token=abc")
+    assert "abc" not in str(info.value) and "token=***" in str(info.value)
 
 
 def test_memory_urls_name_one_store_per_process() -> None:

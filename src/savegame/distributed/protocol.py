@@ -257,7 +257,7 @@ def persist(
     mine: Staging | None = None
     if rank == 0:
         try:
-            mine = writer.begin(root, step)
+            mine = writer.begin(root, step, layout.step_dir(step))  # where commit publishes
             opened = ("ok", mine.name)
         except OSError as exc:
             why = f"could not create the temp folder in {root.describe()}: {exc}"

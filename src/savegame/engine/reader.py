@@ -1,16 +1,42 @@
 """Read and verify checkpoints: manifests, tensors into destinations, full verification.
 
-Invariant: no byte reaches the caller unverified. Each tensor chunk is read straight into its
-destination buffer and its hash checked in the same pass; each file's size and header hash are
-checked before any of its chunks is trusted. Any mismatch is an :class:`IntegrityError` naming
-the file, tensor and step.
+Invariant: no byte reaches the caller unverified. Each file's size and header hash are checked
+before any of its chunks is trusted, and every chunk's hash is checked before its bytes are
+used. Any mismatch is an :class:`IntegrityError` naming the file, tensor and step.
+
+The promise of :func:`load_tensors` to live tensors is **per call, i.e. per checkpoint**: every
+chunk it reads, of every file, is hashed and matched before the first byte is copied into any
+``dest`` tensor (and, in a distributed restore, before every rank agreed in ``before_copy``).
+Tensors without a destination get fresh memory, which nobody sees before the call returns, so
+their bytes are read straight into it and hashed there.
+
+Where the bytes wait between "read" and "verified" depends on the store:
+
+- **A blob that maps** (a local file): the page cache. The file is mapped, hashed in place and
+  copied from the mapping.
+- **A blob that cannot map** (an object store, HTTP): parallel ranged reads
+  (:data:`REQUEST_BYTES` each, at most :data:`REQUESTS_IN_FLIGHT` at once; small neighbouring
+  tensors share one request), each straight into where its bytes wait, hashed in file order
+  while later requests are still in flight. Bytes for fresh tensors land in the tensors; bytes
+  for live tensors are *staged*: in anonymous memory up to :func:`staging_budget` bytes per
+  call (``SAVEGAME_STAGING_MEMORY``, default 1 GiB), beyond it in an unnamed temporary file in
+  the OS temp folder (``TMPDIR``; freed when the call returns, or by the kernel if the process
+  dies), mapped like a local file. So the extra memory of a restore from a URL is bounded by
+  the budget plus the requests in flight, never the whole checkpoint again.
+- A blob that changes while it is read (:class:`~savegame.storage.base.ChangedError`: its ETag
+  moved) is started over once, from its manifest checks; a second change is a
+  :class:`StorageError`. Versions are never mixed.
 """
 
 from __future__ import annotations
 
+import collections
+import mmap
 import os
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Blob, Entry, Location, Store, as_store, locate
+from savegame.storage.base import ChangedError
 
 if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
     import torch
@@ -137,15 +164,28 @@ def list_run_folder(store: Store) -> list[Entry]:
 def _check_file(
     loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
 ) -> None:
-    path = loc.store.describe(loc.sub(name))
-    size = blob.size
-    if size != entry.size:
+    _check_size(loc, name, entry, m, blob)
+    header = bytearray(entry.header_length)
+    _read_into(blob, 0, memoryview(header), loc.store.describe(loc.sub(name)))
+    _check_header(loc, name, entry, m, header)
+
+
+def _check_size(
+    loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
+) -> None:
+    if blob.size != entry.size:
+        path = loc.store.describe(loc.sub(name))
         raise errors.IntegrityError(
-            f"{path}: file is {size} bytes but the manifest says {entry.size} (truncated or replaced)",
+            f"{path}: file is {blob.size} bytes but the manifest says {entry.size} (truncated or replaced)",
             path=path,
             step=m.step,
         )
-    header = blob.read(0, entry.header_length)
+
+
+def _check_header(
+    loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, header: Any
+) -> None:
+    path = loc.store.describe(loc.sub(name))
     # File order = offset order; an empty tensor shares its offset with the next one and comes
     # first (it was written first), hence length before hash in the key.
     digests = sorted(
@@ -172,10 +212,334 @@ def _open(loc: Location, name: str, step: int) -> Blob:
 def _read_into(blob: Blob, offset: int, dest: memoryview, where: str) -> None:
     try:
         blob.readinto(offset, dest)
+    except (ChangedError, errors.CheckpointError):
+        raise  # a change: the caller starts the blob over (once); a typed error: as it is
     except EOFError as exc:
         raise errors.IntegrityError(f"{where}: file {exc} (truncated?)", path=where) from exc
     except OSError as exc:
         raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
+
+
+# ---- reads from a blob that cannot map (object stores, HTTP) ---------------------------------
+
+#: Bytes per ranged read from a blob that cannot map (a large chunk is split into several).
+REQUEST_BYTES = 16 << 20
+#: Ranged reads in flight at once per file (threads; each waits on the network).
+REQUESTS_IN_FLIGHT = 16
+#: Bytes between two small chunks that one request still spans instead of issuing two.
+_GAP_BYTES = 1 << 20
+_DEFAULT_STAGING = 1 << 30
+
+
+def staging_budget() -> int:
+    """Bytes bound for live tensors that one :func:`load_tensors` call from a store that cannot
+    map keeps in memory until every hash matched; the rest is staged in a temporary file.
+    ``SAVEGAME_STAGING_MEMORY`` (bytes; suffixes K, M, G) overrides the default of 1 GiB."""
+    raw = os.environ.get("SAVEGAME_STAGING_MEMORY", "").strip()
+    if not raw:
+        return _DEFAULT_STAGING
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:].upper(), 1)
+    digits = raw[:-1] if scale != 1 else raw
+    try:
+        value = int(digits) * scale
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise errors.StorageError(
+            f"SAVEGAME_STAGING_MEMORY={raw!r} is not a number of bytes (e.g. 512M, 2G, 0)",
+            path="SAVEGAME_STAGING_MEMORY",
+        )
+    return value
+
+
+@dataclass(slots=True)
+class _Target:
+    """One chunk to pull: where it lies in the file and where its bytes go."""
+
+    ident: Any  # the caller's name for the chunk (reported back on a mismatch)
+    offset: int
+    length: int
+    digest: str | None  # None: not hashed here (a file's header, checked by the caller)
+    own: memoryview | None = None  # exactly this chunk's bytes (a fresh tensor)
+    base: memoryview | None = None  # the whole file's staging (file offset o -> base[o])
+
+    def home(self, start: int, n: int) -> memoryview | None:
+        if self.own is not None:
+            return self.own[start - self.offset : start - self.offset + n]
+        if self.base is not None:
+            return self.base[start : start + n]
+        return None  # only hashed (verify)
+
+
+@dataclass(slots=True)
+class _Seg:
+    target: _Target
+    offset: int
+    length: int
+    home: memoryview | None
+
+
+@dataclass(slots=True)
+class _Request:
+    offset: int
+    length: int
+    segs: list[_Seg]
+    into: memoryview | None  # read straight here; None: into a bounce buffer, then the homes
+
+
+def _plan_requests(targets: Sequence[_Target], request: int) -> list[_Request]:
+    """Ranged reads covering ``targets`` (sorted by offset, not overlapping): the fewest, since
+    a server charges per request.
+
+    Requests are filled up to ``request`` bytes across chunk boundaries (a gap of up to
+    ``_GAP_BYTES`` between neighbours is read and dropped). A request inside one chunk with a
+    home of its own (a fresh tensor) lands straight in it, one that covers only staged chunks
+    straight in the staging; any other (a boundary between fresh tensors) goes through a
+    bounce buffer of at most ``request`` bytes: one more memory copy, cheaper than a request."""
+    out: list[_Request] = []
+    segs: list[_Seg] = []
+
+    def close() -> None:
+        if not segs:
+            return
+        a, b = segs[0].offset, segs[-1].offset + segs[-1].length
+        into: memoryview | None = None
+        base = segs[0].target.base
+        if len(segs) == 1 and segs[0].home is not None:
+            into = segs[0].home
+        elif base is not None and all(s.target.own is None and s.target.base is base for s in segs):
+            into = base[a:b]  # the gaps land in the staging too: harmless
+        out.append(_Request(a, b - a, list(segs), into))
+        segs.clear()
+
+    for t in targets:
+        if t.length == 0:
+            continue
+        if segs:
+            end = segs[-1].offset + segs[-1].length
+            if t.offset < end or t.offset - end > _GAP_BYTES:
+                close()
+        pos, stop = t.offset, t.offset + t.length
+        while pos < stop:
+            room = (segs[0].offset + request - pos) if segs else request
+            if room <= 0:
+                close()
+                continue
+            n = min(room, stop - pos)
+            segs.append(_Seg(t, pos, n, t.home(pos, n)))
+            pos += n
+    close()
+    return out
+
+
+def _pull(
+    blob: Blob,
+    where: str,
+    targets: Sequence[_Target],
+    bad: Callable[[_Target], None],
+    *,
+    request: int | None = None,
+    in_flight: int | None = None,
+) -> None:
+    """Read ``targets`` from ``blob`` with parallel ranged reads and hash each one; ``bad`` is
+    called for a chunk whose hash does not match (it may raise).
+
+    Requests are issued in file order, at most ``in_flight`` running and ``in_flight + 4``
+    submitted; this thread hashes each request's bytes in order as it completes (xxhash
+    releases the GIL), so a chunk split over several requests is hashed incrementally. Memory
+    beyond the targets' homes: one bounce buffer per submitted request that has no single
+    home (small chunks sharing a request, or ``verify``), at most ``(in_flight + 4) * request``.
+
+    Raises:
+        ChangedError: the blob changed (the caller starts it over); nothing is left running.
+        IntegrityError / StorageError: the blob ended early or could not be read.
+    """
+    request = request or REQUEST_BYTES
+    in_flight = in_flight or REQUESTS_IN_FLIGHT
+    ordered = sorted(targets, key=lambda t: (t.offset, t.length))
+    for t in ordered:
+        if t.length == 0 and t.digest is not None and hashing.digest(b"") != t.digest:
+            bad(t)
+    requests = _plan_requests(ordered, request)
+    stop = threading.Event()
+
+    def fetch(req: _Request) -> memoryview | None:
+        if stop.is_set():
+            return None
+        if req.into is not None:
+            _read_into(blob, req.offset, req.into, where)
+            return None
+        buf = memoryview(bytearray(req.length))
+        _read_into(blob, req.offset, buf, where)
+        for s in req.segs:
+            if s.home is not None:
+                s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
+        return buf if any(s.home is None for s in req.segs) else None  # else: free it now
+
+    hashers: dict[int, Any] = {}
+    seen: dict[int, int] = {}
+    window: collections.deque[tuple[_Request, Future[memoryview | None]]] = collections.deque()
+    pending = iter(requests)
+    pool = ThreadPoolExecutor(max_workers=min(in_flight, max(1, len(requests))))
+    try:
+        for req in pending:
+            window.append((req, pool.submit(fetch, req)))
+            if len(window) >= in_flight + 4:  # a little slack for a slow oldest request
+                break
+        while window:
+            req, fut = window.popleft()
+            buf = fut.result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(fetch, nxt)))
+            for s in req.segs:
+                t = s.target
+                if t.digest is None:
+                    continue
+                view = s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
+                if s.length == t.length:  # the whole chunk in one piece
+                    if hashing.digest(view) != t.digest:
+                        bad(t)
+                    continue
+                h = hashers.setdefault(id(t), hashing.new())
+                h.update(view)
+                seen[id(t)] = seen.get(id(t), 0) + s.length
+                if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
+                    bad(t)
+    finally:
+        stop.set()  # queued requests return at once; running ones finish before we go on
+        for _, fut in window:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+def _open_checked(
+    loc: Location, name: str, m: manifest.Manifest, restarts: dict[str, int], header: bool = True
+) -> Blob:
+    """Open ``name`` and check its size and (``header``) its header; a change while doing so
+    starts it over (counted in ``restarts``, shared with the data reads)."""
+    while True:
+        blob = _open(loc, name, m.step)
+        try:
+            if header:
+                _check_file(loc, name, m.files[name], m, blob)
+            else:
+                _check_size(loc, name, m.files[name], m, blob)
+            return blob
+        except ChangedError as exc:
+            blob.close()
+            _restart(loc, name, m, restarts, exc)
+        except BaseException:
+            blob.close()
+            raise
+
+
+def _restart(
+    loc: Location, name: str, m: manifest.Manifest, restarts: dict[str, int], exc: ChangedError
+) -> None:
+    """Count one start-over of ``name``; the second change is a StorageError."""
+    restarts[name] = restarts.get(name, 0) + 1
+    if restarts[name] > 1:
+        where = loc.store.describe(loc.sub(name))
+        raise errors.StorageError(
+            f"{where} changed twice while it was being read ({exc}); something is rewriting "
+            f"step {m.step} — restore an earlier step, or stop the other writer",
+            path=where,
+            step=m.step,
+        ) from exc
+
+
+class _Staging:
+    """Where bytes for live tensors wait until every hash matched (stores that cannot map):
+    anonymous memory while under the budget, then unnamed temporary files. Each file's
+    staging is a private mapping of the file's size of which only the read ranges are touched."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+        self.spooled = 0  # bytes staged in temporary files (for tests and benchmarks)
+
+    def new(self, size: int, staged: int) -> mmap.mmap:
+        if staged <= self.left:
+            self.left -= staged
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.spooled += staged
+        try:
+            with tempfile.TemporaryFile(prefix="savegame-restore-") as f:
+                os.ftruncate(f.fileno(), size)  # sparse: only the ranges read take disk space
+                return mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
+        except OSError as exc:
+            raise errors.StorageError(
+                f"could not stage {staged} bytes in the temporary folder {tempfile.gettempdir()} "
+                f"({exc}); set TMPDIR to a folder with space, or raise SAVEGAME_STAGING_MEMORY",
+                path=tempfile.gettempdir(),
+            ) from exc
+
+
+def _mismatch(loc: Location, fname: str, key: str, step: int) -> None:
+    where = loc.store.describe(loc.sub(fname))
+    raise errors.IntegrityError(
+        f"{where}: tensor {key!r} does not match its hash (corrupted data) in step {step}",
+        path=where,
+        step=step,
+        key=key,
+    )
+
+
+def _pull_unmapped(
+    loc: Location,
+    m: manifest.Manifest,
+    unmapped: dict[str, Blob],
+    restarts: dict[str, int],
+    wanted: Sequence[str],
+    needed: Callable[[str], list[manifest.Chunk]],
+    fresh: Mapping[str, torch.Tensor],
+    maps: dict[str, tuple[Any, memoryview, torch.Tensor]],
+) -> None:
+    """Phase 1 for the files that cannot map: pull every needed chunk with parallel ranged
+    reads — a fresh tensor's bytes straight into it, the rest into staging (memory up to
+    :func:`staging_budget`, then temporary files) — hashing each as it arrives. Adds each
+    file's staging to ``maps`` (the copy phase reads it like a mapped file). ``unmapped`` holds
+    the open, checked blobs; one that changes mid-read is replaced there and started over."""
+    import torch
+
+    staging = _Staging(staging_budget())
+    by_file: dict[str, list[tuple[str, manifest.Chunk]]] = {n: [] for n in unmapped}
+    for key in wanted:
+        for c in needed(key):
+            if c.file in by_file:
+                by_file[c.file].append((key, c))
+    for name, chunks in by_file.items():
+        staged = sum(c.length for key, c in chunks if key not in fresh)
+        base: memoryview | None = None
+        if staged:
+            mm = staging.new(m.files[name].size, staged)
+            base = memoryview(mm)
+            maps[name] = (mm, base, torch.frombuffer(mm, dtype=torch.uint8))
+        else:
+            maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
+        header = bytearray(m.files[name].header_length)
+        targets = [_Target(None, 0, len(header), None, own=memoryview(header))]
+        for key, c in chunks:
+            if key in fresh:
+                own = tensors.byte_view(fresh[key])
+                assert len(own) == c.length, (key, len(own), c.length)
+                targets.append(_Target(key, c.offset, c.length, c.hash, own=own))
+            else:
+                targets.append(_Target(key, c.offset, c.length, c.hash, base=base))
+        where = loc.store.describe(loc.sub(name))
+
+        def bad(t: _Target, name: str = name) -> None:
+            _mismatch(loc, name, t.ident, m.step)
+
+        while True:
+            try:
+                _pull(unmapped[name], where, targets, bad)
+                break
+            except ChangedError as exc:
+                unmapped.pop(name).close()
+                _restart(loc, name, m, restarts, exc)
+                unmapped[name] = _open_checked(loc, name, m, restarts, header=False)
+        _check_header(loc, name, m.files[name], m, header)  # before any of it is used
 
 
 def load_tensors(
@@ -198,6 +562,12 @@ def load_tensors(
     machine (2026-11-23). The mappings are closed before returning, so no tensor keeps a
     checkpoint file (or its disk space) alive.
 
+    A blob that cannot map (an object store) is pulled with parallel ranged reads instead and
+    hashed as it arrives; what is bound for ``dest`` tensors waits in memory up to
+    :func:`staging_budget`, then in a temporary file (the module docstring says how). The
+    promise is the same: nothing reaches a ``dest`` tensor before every chunk of the call
+    verified.
+
     Args:
         ckpt: The checkpoint folder.
         m: Its manifest (from :func:`read_manifest`).
@@ -213,6 +583,7 @@ def load_tensors(
 
     Raises:
         IntegrityError: a file is missing, has the wrong size, or a hash does not match.
+        StorageError: a file could not be read, or changed twice while it was read.
     """
     import torch
 
@@ -235,6 +606,7 @@ def load_tensors(
     files = sorted({c.file for key in wanted for c in needed(key)})
     maps: dict[str, tuple[Any, memoryview, torch.Tensor]] = {}
     blobs: dict[str, Blob] = {}
+    unmapped: dict[str, Blob] = {}
     try:
         # A whole tensor in one chunk with no destination gets fresh memory: its bytes are read
         # straight into it and hashed there (one kernel copy, page faults taken in the kernel)
@@ -254,28 +626,43 @@ def load_tensors(
                     fresh[key] = torch.empty(
                         entry.shape, dtype=tensors.dtype_from_name(entry.dtype)
                     )
+        # Phase 1: map (or pull) and verify everything.
+        restarts: dict[str, int] = {}
         direct_files = {m.tensors[k].chunks[0].file for k in fresh}
-        # Phase 1: map and verify everything.
         for name in files:
-            blob = _open(loc, name, m.step)
+            blob = _open_checked(loc, name, m, restarts, header=False)
+            keep = False
             try:
-                _check_file(loc, name, m.files[name], m, blob)
-                mm = blob.map() if m.files[name].size else None
-                if mm is None and m.files[name].size:  # a store that cannot map: read it whole
-                    mm = bytearray(blob.size)
-                    _read_into(blob, 0, memoryview(mm), loc.store.describe(loc.sub(name)))
-            finally:
+                if not m.files[name].size:
+                    maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
+                    continue
+                mm = blob.map()
+                if mm is None:  # an object store: parallel ranged reads, header included, below
+                    unmapped[name] = blob
+                    keep = True
+                    continue
+                try:
+                    _check_header(loc, name, m.files[name], m, mm[: m.files[name].header_length])
+                except BaseException:
+                    if hasattr(mm, "close"):
+                        mm.close()
+                    raise
                 if name in direct_files:
-                    blobs[name] = (
-                        blob  # the blob that was checked: read the same file, not a replacement
-                    )
-                else:
+                    # the blob that was checked: read the same file, not a replacement
+                    blobs[name] = blob
+                    keep = True
+                maps[name] = (mm, memoryview(mm), torch.frombuffer(mm, dtype=torch.uint8))
+            finally:
+                if not keep:
                     blob.close()
-            if mm is None or len(mm) == 0:
-                maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
-                continue
-            maps[name] = (mm, memoryview(mm), torch.frombuffer(mm, dtype=torch.uint8))
-        work = [(key, i, c) for key in wanted for i, c in enumerate(needed(key))]
+        if unmapped:
+            _pull_unmapped(loc, m, unmapped, restarts, wanted, needed, fresh, maps)
+        work = [
+            (key, i, c)
+            for key in wanted
+            for i, c in enumerate(needed(key))
+            if c.file not in unmapped  # pulled files were hashed as they arrived
+        ]
         work.sort(key=lambda w: (w[2].file, w[2].offset))
 
         def check(w: tuple[str, int, manifest.Chunk]) -> str | None:
@@ -294,13 +681,7 @@ def load_tensors(
         with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
             for (key, _, c), bad in zip(work, pool.map(check, work), strict=True):
                 if bad is not None:
-                    where = loc.store.describe(loc.sub(c.file))
-                    raise errors.IntegrityError(
-                        f"{where}: tensor {key!r} does not match its hash (corrupted data) in step {m.step}",
-                        path=where,
-                        step=m.step,
-                        key=key,
-                    )
+                    _mismatch(loc, c.file, key, m.step)
         if before_copy is not None:
             before_copy()
         # Phase 2: everything verified; copy into destinations (torch copies use all cores).
@@ -323,7 +704,7 @@ def load_tensors(
             out[key] = target
         return out
     finally:
-        for blob in blobs.values():
+        for blob in [*blobs.values(), *unmapped.values()]:
             blob.close()
         for mm, view, t in maps.values():
             del t
@@ -421,7 +802,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 20) -> list[str]:
     """Check everything about one checkpoint; returns problems (empty = valid).
 
-    Reads every byte once with bounded memory (``chunk_bytes`` at a time).
+    Reads every byte once with bounded memory (``chunk_bytes`` at a time; from a store that
+    is not a local folder, with parallel ranged reads, at most ``REQUESTS_IN_FLIGHT + 4`` of
+    ``min(chunk_bytes, REQUEST_BYTES)`` bytes held at once).
     """
     loc = locate(ckpt)
     try:
@@ -429,6 +812,10 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
     except errors.CheckpointError as exc:
         return [str(exc)]
     problems = []
+    if loc.store.local_path(loc.key) is None:  # a remote store: parallel ranged reads
+        for name in m.files:
+            problems += _verify_pulled(loc, name, m, chunk_bytes)
+        return problems + _unlisted(loc, m)
     for name, fentry in m.files.items():
         where = loc.store.describe(loc.sub(name))
         try:
@@ -459,17 +846,56 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
             problems.append(str(exc))
         finally:
             blob.close()
+    return problems + _unlisted(loc, m)
+
+
+def _unlisted(loc: Location, m: manifest.Manifest) -> list[str]:
+    """Files in the checkpoint folder that its manifest does not list."""
     listed = set(m.files) | {layout.MANIFEST}
     try:
         names = sorted(e.name for e in loc.store.list(loc.key))
     except OSError as exc:
-        return [*problems, f"could not list {loc}: {exc}"]
-    for extra in names:
-        if extra not in listed:
-            problems.append(
-                f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest"
-            )
-    return problems
+        return [f"could not list {loc}: {exc}"]
+    return [
+        f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest"
+        for extra in names
+        if extra not in listed
+    ]
+
+
+def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: int) -> list[str]:
+    """:func:`verify` of one file of a store without local paths: parallel ranged reads of
+    at most ``min(chunk_bytes, REQUEST_BYTES)`` bytes, hashed in order as they arrive (memory:
+    the requests in flight); a file that changes mid-read is started over once."""
+    where = loc.store.describe(loc.sub(name))
+    header = bytearray(m.files[name].header_length)
+    targets = [_Target(None, 0, len(header), None, own=memoryview(header))]
+    targets += [
+        _Target(key, c.offset, c.length, c.hash)
+        for key, t in m.tensors.items()
+        for c in t.chunks
+        if c.file == name
+    ]
+    problems: list[str] = []
+
+    def bad(t: _Target) -> None:
+        problems.append(f"{where}: tensor {t.ident!r} does not match its hash (corrupted data)")
+
+    restarts: dict[str, int] = {}
+    try:
+        while True:
+            problems.clear()
+            blob = _open_checked(loc, name, m, restarts, header=False)
+            try:
+                _pull(blob, where, targets, bad, request=max(1, min(chunk_bytes, REQUEST_BYTES)))
+                _check_header(loc, name, m.files[name], m, header)
+                return problems
+            except ChangedError as exc:
+                _restart(loc, name, m, restarts, exc)
+            finally:
+                blob.close()
+    except errors.CheckpointError as exc:
+        return [*problems, str(exc)]
 
 
 def damage(ckpt: str | os.PathLike[str] | Location) -> list[str]:

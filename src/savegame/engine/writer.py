@@ -59,9 +59,21 @@ class RankResult:
     tensors: dict[str, manifest.TensorEntry]
 
 
-def begin(root: Where, step: int) -> Staging:
-    """Coordinator: create the staging area of a new save of ``step`` (a temp name no reader lists)."""
-    return as_store(root).begin(layout.tmp_dir(step, uuid.uuid4().hex[:12]))
+def begin(root: Where, step: int, final: str | os.PathLike[str] | None = None) -> Staging:
+    """Coordinator: create the staging area of a new save of ``step`` (a temp name no reader
+    lists). ``final`` is where :func:`commit` will publish it (default ``step-…``): an object
+    store writes the data objects there directly (it has no rename)."""
+    return as_store(root).begin(
+        layout.tmp_dir(step, uuid.uuid4().hex[:12]), _final_key(step, final)
+    )
+
+
+def _final_key(step: int, final: str | os.PathLike[str] | None) -> str:
+    """The checkpoint's key in the store: ``step-…`` of the run, or the folder name a path
+    names (its parent is the store)."""
+    if final is None:
+        return layout.step_dir(step)
+    return final if isinstance(final, str) else Path(final).name
 
 
 def join(root: Where, name: str) -> Staging:
@@ -185,13 +197,7 @@ def commit(
     raw = m.to_bytes()
     in_run = final is None
     # A path names a folder in the store's root (the callers pass its parent as ``root``).
-    key = (
-        layout.step_dir(step)
-        if final is None
-        else final
-        if isinstance(final, str)
-        else Path(final).name
-    )
+    key = _final_key(step, final)
     where = store.describe(key)
     try:
         staging.seal(layout.MANIFEST, raw)
@@ -302,7 +308,7 @@ def write_staged(
     """World-size-1 write + commit of an encoded, staged state (may run on a background thread)."""
     store = as_store(root)
     try:
-        staging = begin(store, step)
+        staging = begin(store, step, final)
     except OSError as exc:
         raise errors.StorageError(
             f"could not start saving step {step} in {store.describe()}: {exc}; nothing was committed, earlier "

@@ -8,42 +8,60 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from savegame import errors
+from savegame.storage import urls
 from savegame.storage.base import Blob, Entry, Location, Lock, Staging, Store
 
 __all__ = ["Blob", "Entry", "Location", "Lock", "Staging", "Store", "as_store", "locate"]
 
 
 def as_store(root: str | os.PathLike[str] | Store) -> Store:
-    """The store of a run: a :class:`Store` as is, a path or ``file://`` URL as a local folder.
+    """The store of a run: a :class:`Store` as is, a path or ``file://`` URL as a local folder,
+    an ``s3://``, ``gs://``, ``az://``, ``http(s)://`` or ``memory://`` URL as an
+    :class:`~savegame.storage.objectstore.ObjectStore` (docs/remote.md).
 
     Raises:
-        StorageError: a URL of a scheme this version cannot reach.
+        UnsupportedURLError: a URL of a scheme savegame cannot reach (the message lists them).
+        CredentialsError: credentials in the URL that the store cannot use.
+        MissingDependencyError: obstore is not installed (``pip install 'savegame[remote]'``).
     """
     if isinstance(root, Store):
         return root
     from savegame.storage.local import LocalStore
 
-    if isinstance(root, str) and "://" in root:
+    if isinstance(root, str) and urls.is_url(root):
         scheme, _, rest = root.partition("://")
-        if scheme == "file":
-            return LocalStore(rest)
-        raise errors.StorageError(
-            f"{scheme}:// is not supported by this version of savegame; use a local folder "
-            "(or a Store object)",
-            path=scheme + "://",
-        )
+        if scheme.lower() == "file":
+            return LocalStore(unquote(urlsplit(root).path) or rest)
+        from savegame.storage.objectstore import ObjectStore
+
+        return ObjectStore(urls.connect(root))
     return LocalStore(root)
 
 
 def locate(where: str | os.PathLike[str] | Location) -> Location:
     """A checkpoint (or any key) as a :class:`Location`: a local path ``.../step-N`` becomes
-    the key ``step-N`` in a local store of its parent folder (so it can be set aside there)."""
+    the key ``step-N`` in a local store of its parent folder (so it can be set aside there);
+    a URL ``s3://b/run/step-N`` the key ``step-N`` in the store of ``s3://b/run``."""
     if isinstance(where, Location):
         return where
     from savegame.storage.local import LocalStore
 
+    if isinstance(where, str) and urls.is_url(where) and not where.lower().startswith("file://"):
+        parts = urlsplit(where)
+        path = parts.path.rstrip("/")
+        if "/" not in path.strip("/"):  # a bucket (or a bucket's first level): no parent key
+            name = path.strip("/")
+            if not name:
+                return Location(as_store(where), "")
+            parent_url = urlunsplit((parts.scheme, parts.netloc, "", parts.query, ""))
+            return Location(as_store(parent_url), name)
+        parent, _, name = path.rpartition("/")
+        parent_url = urlunsplit((parts.scheme, parts.netloc, parent, parts.query, ""))
+        return Location(as_store(parent_url), name)
+    if isinstance(where, str) and where.lower().startswith("file://"):
+        where = unquote(urlsplit(where).path)
     path = Path(where)
     if path.name in ("", ".", ".."):
         path = path.resolve()

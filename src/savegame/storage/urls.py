@@ -200,6 +200,15 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
     clean = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
                         parts.path, parts.query, ""))  # fmt: skip
     if scheme in _READ_ONLY:
+        if parts.query:
+            # obstore's HTTP store joins object paths onto the URL's path and drops its query, so
+            # a token there would silently not be sent with the requests that need it.
+            raise errors.UnsupportedURLError(
+                f"{shown}: a query string (a token or a signature) in an http(s) run URL is not "
+                "supported: it would not be sent with each file's request; serve the run without "
+                "one, or use https://user:password@host/… (basic auth)",
+                path=shown,
+            )
         if user is not None:
             import base64
 

@@ -1,0 +1,908 @@
+"""Object stores (S3, GCS, Azure, HTTP(S) read-only, obstore's in-memory store) behind the
+:class:`~savegame.storage.base.Store` interface, on obstore.
+
+Invariant: **a checkpoint exists iff its manifest object exists** (docs/remote.md, "The commit
+rule"). There is no rename: a save writes a small *marker* object at its temporary name
+(``.tmp-step-…-<id>``, create-only) that names where the data goes, writes the data objects
+straight to ``<final>/<file>``, and commits by putting ``<final>/manifest.json`` create-only;
+the marker is deleted after. While a marker names a prefix that has no manifest, listings hide
+that prefix, so no reader ever sees a partial checkpoint; a writer killed at any point leaves a
+marker, which the next writer's garbage collection (``collect_garbage``) frees.
+
+Deletion is the mirror image: a marker ``{"deleting": true}`` is created, then the manifest is
+deleted first (the checkpoint is gone for every reader at that instant), then the data objects,
+then the marker. A committed checkpoint never loses a data object while its manifest exists.
+
+The writer lock is a *lease* (:class:`Lease`): an object taken with a create-only put, renewed
+by a daemon thread with ``If-Match`` puts, taken over with a conditional put once expired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
+
+from savegame import errors
+from savegame.format import layout
+from savegame.storage import base, urls
+
+__all__ = ["DEFAULT_LEASE_SECONDS", "Lease", "ObjectStore"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: How long a lease lives without renewal (a dead writer's run is free after this).
+DEFAULT_LEASE_SECONDS = 60.0
+#: Bytes buffered per multipart part of a staged file, and parts in flight at once: what a
+#: write holds in memory (bounded, whatever the file's size).
+PART_BYTES = 10 << 20
+PART_CONCURRENCY = 8
+
+
+class _Pending:
+    """A deletion whose freer this process has not finished (detach's freer, maybe run later
+    on a background thread). A new save of the same key must not race it (its objects have
+    the same names): if the freer has not started, the save takes the work over (the freer
+    then does nothing); if it is running, the save waits for it."""
+
+    def __init__(self) -> None:
+        self.state = "waiting"  # -> "running" (the freer) or "taken" (a save), then "done"
+        self.done = threading.Event()
+
+
+# (store url, marker key) -> its pending deletion.
+_PENDING: dict[tuple[str, str], _Pending] = {}
+_PENDING_LOCK = threading.Lock()
+
+
+def _obstore() -> Any:
+    import obstore  # urls.connect checked that it is installed
+
+    return obstore
+
+
+def _parent(key: str) -> str:
+    return key.rsplit("/", 1)[0] if "/" in key else ""
+
+
+def _base(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def _is_marker(key: str) -> bool:
+    return _base(key).startswith(layout.TMP_PREFIX)
+
+
+def _who() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+class _ObjBlob(base.Blob):
+    """An object pinned to the version it had when opened (its ETag); thread-safe."""
+
+    def __init__(self, store: ObjectStore, key: str, meta: Any) -> None:
+        self._store = store
+        self._key = key
+        self.size = int(meta["size"])
+        self.etag = meta.get("e_tag")
+
+    def _get(self, start: int, end: int | None) -> Any:
+        opts: dict[str, Any] = {}
+        if end is not None and (start, end) != (0, self.size):  # the whole object: no Range
+            opts["range"] = (start, end)
+        elif start:  # the whole object needs no Range (a server that ignores Range is fine)
+            opts["range"] = {"offset": start}
+        if self.etag:
+            opts["if_match"] = self.etag
+        s = self._store
+        res = s._call(lambda: _obstore().get(s._obs, s._p(self._key), options=opts), self._key)
+        got = tuple(res.range)
+        if got[0] != start:  # a server that ignores Range answers 200 with the whole object
+            raise base.RangeNotSupportedError(
+                errno.EIO,
+                f"{s.describe(self._key)}: the server ignored a Range request (sent the whole "
+                "object); fetch it from its start",
+            )
+        return res
+
+    def readinto(self, offset: int, dest: memoryview) -> None:
+        n = len(dest)
+        if offset < 0 or offset + n > self.size:
+            raise EOFError(f"ends at byte {self.size}, expected {offset + n}")
+        if n == 0:
+            return
+        res = self._get(offset, offset + n)
+        data = memoryview(self._store._call(res.bytes, self._key))
+        if len(data) != n:
+            raise EOFError(
+                f"{self._store.describe(self._key)}: got {len(data)} bytes, expected {n}"
+            )
+        dest.cast("B")[:] = data
+
+    def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
+        """One streaming GET from ``offset``, pinned to the opened version; pieces of at most
+        ``chunk`` bytes as they arrive."""
+        if offset >= self.size:
+            return
+        res = self._get(offset, None)
+        it = iter(res.stream(min_chunk_size=min(chunk, 1 << 20)))
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - obstore's errors, translated
+                raise urls.translate(exc, self._store.describe(self._key)) from None
+            view = memoryview(piece)
+            for i in range(0, len(view), chunk):
+                yield view[i : i + chunk]
+
+
+class _WriterFile(io.RawIOBase):
+    """What ``produce`` writes into: an obstore multipart writer (aborted on an exception)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        self._inner.write(view)
+        return len(view)
+
+
+class _ObjStaging(base.Staging):
+    """A save in progress: the marker ``name`` and the data objects under ``dest``."""
+
+    def __init__(self, store: ObjectStore, name: str, dest: str) -> None:
+        self.name = name
+        self.dest = dest
+        self._store = store
+        self._manifest: tuple[str, bytes] | None = None
+        self._published = False
+        self._copy_to: str | None = None
+
+    def describe(self, fname: str = "") -> str:
+        return self._store.describe(base.join(self.dest, fname))
+
+    def _check(self) -> None:
+        if self._store._head(self.name) is None:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "the save's marker is gone (removed by another writer?)",
+                self._store.describe(self.name),
+            )
+
+    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+        key = base.join(self.dest, base.check_name(fname))
+        s = self._store
+        self._check()
+        # The writer streams parts as they fill (memory stays bounded) and aborts the
+        # multipart upload when ``produce`` raises: nothing is left under the key.
+        writer = s._call(
+            lambda: _obstore().open_writer(
+                s._obs, s._p(key), buffer_size=PART_BYTES, max_concurrency=PART_CONCURRENCY
+            ),
+            key,
+        )
+        try:
+            with writer:
+                out = produce(_WriterFile(writer))  # type: ignore[arg-type]
+        except Exception as exc:
+            if isinstance(exc, _obstore().exceptions.BaseError):
+                raise urls.translate(exc, s.describe(key)) from None
+            raise  # produce's own error; the upload was aborted
+        return out, s.size(key)
+
+    def seal(self, manifest_name: str, manifest: bytes) -> None:
+        # Every put is durable when it returns: what is left is to remember the manifest for
+        # publish, which writes it (create-only) as the commit.
+        self._check()
+        self._manifest = (base.check_name(manifest_name), bytes(manifest))
+
+    def publish(self, final: str) -> None:
+        s = self._store
+        base.check_name(final)
+        if self._manifest is None:
+            raise RuntimeError("publish before seal")  # an engine bug, not a storage failure
+        self._check()
+        mname, raw = self._manifest
+        if final != self.dest:  # the rare path: copy (no rename on object stores)
+            if s.exists(final):
+                raise FileExistsError(errno.EEXIST, "already exists", s.describe(final))
+            # The marker names the copy first, so the copies stay hidden until the manifest
+            # (and garbage collection frees them, and the staged ones, after a crash).
+            if _parent(final) == _parent(self.name):
+                info = {"final": final, "dest": final, "writer": _who(), "created": time.time()}
+                s.put(self.name, json.dumps(info).encode())
+            self._copy_to = final
+            for rel, _meta in s._walk(self.dest):
+                s._copy(base.join(self.dest, rel), base.join(final, rel))
+        s._call(
+            lambda: _obstore().put(
+                s._obs, s._p(base.join(final, mname)), raw, mode="create", use_multipart=False
+            ),
+            base.join(final, mname),
+        )
+        self._published = True
+        if final != self.dest:
+            s._delete_under(self.dest, [])
+        problems: list[str] = []
+        s._delete(self.name, problems)
+        if problems:  # committed; the next writer's garbage collection removes the marker
+            log.warning("step committed at %s; %s", s.describe(final), problems[0])
+
+    def abort(self) -> None:
+        s = self._store
+        try:
+            problems: list[str] = []
+            for dest in {self.dest, self._copy_to or self.dest}:
+                if not self._published and s._head(base.join(dest, layout.MANIFEST)) is None:
+                    s._delete_under(dest, problems)
+            if self.dest != self.name:
+                s._delete_under(self.name, problems)
+            s._delete(self.name, problems)
+            if problems:
+                log.warning("could not remove the save at %s: %s", self.describe(), problems[0])
+        except Exception as exc:  # noqa: BLE001 - abort never raises; gc finishes it
+            log.warning("could not remove the save at %s: %s", self.describe(), exc)
+
+
+class Lease:
+    """The writer lock of an object store: an object ``{holder, expires, ttl}``.
+
+    ``acquire`` creates it (create-only put); if it exists and has expired it is taken over
+    with a put conditional on the ETag read (two takers: one wins). A daemon thread renews it
+    every ``ttl / 3`` with ``If-Match``; if a renewal finds the object changed (another writer
+    took it over after we failed to renew in time) :attr:`held` becomes False and an error is
+    logged — the Checkpointer checks :attr:`held` before committing. ``release`` deletes it.
+    """
+
+    def __init__(self, store: ObjectStore, name: str, ttl: float) -> None:
+        self._store = store
+        self._name = name
+        self.ttl = float(ttl)
+        self._etag: str | None = None
+        self._expires = 0.0
+        self._held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Why the lease was lost, once it was (None while held or never taken).
+        self.lost: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lease (renewed in time, not taken over)."""
+        return self._held and time.time() < self._expires
+
+    def _body(self) -> tuple[bytes, float]:
+        expires = time.time() + self.ttl
+        body = {"holder": _who(), "expires": expires, "ttl": self.ttl}
+        return json.dumps(body).encode(), expires
+
+    def _put(self, mode: Any) -> str | None:
+        raw, expires = self._body()
+        res = _obstore().put(
+            self._store._obs, self._store._p(self._name), raw, mode=mode, use_multipart=False
+        )
+        self._expires = expires
+        return res.get("e_tag")
+
+    def acquire(self) -> None:
+        """Take the lease.
+
+        Raises:
+            LockedError: another writer holds it and it has not expired (the message names
+                the holder and when the lease expires).
+            StorageError: the store refused (read-only, no permission, unreachable).
+        """
+        s = self._store
+        s._writable(self._name)
+        where = s.describe(self._name)
+        for _ in range(3):
+            try:
+                self._etag = s._call(lambda: self._put("create"), self._name)
+                break
+            except FileExistsError:
+                pass
+            try:
+                res = s._call(lambda: _obstore().get(s._obs, s._p(self._name)), self._name)
+                raw = bytes(s._call(res.bytes, self._name))
+                etag = res.meta.get("e_tag")
+            except FileNotFoundError:
+                continue  # released between the two calls: try to create it again
+            try:
+                info = json.loads(raw)
+                holder, expires = str(info["holder"]), float(info["expires"])
+            except (ValueError, KeyError, TypeError):
+                holder, expires = "unknown (unreadable lease)", 0.0
+            now = time.time()
+            if expires > now:
+                until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
+                raise errors.LockedError(
+                    f"run {s.describe()} is in use by another writer ({holder}); its lease "
+                    f"{where} expires at {until} (in {expires - now:.0f} s) unless renewed — "
+                    "two trainings must not share a run: use another URL, or stop the other "
+                    "process (a dead writer's lease expires by itself)",
+                    path=s.describe(),
+                )
+            try:
+                self._etag = s._call(lambda e=etag: self._put({"e_tag": e}), self._name)
+                log.warning("took over the expired lease %s of %s", where, holder)
+                break
+            except (base.ChangedError, FileNotFoundError, FileExistsError):
+                continue  # someone else took it over (or released it) first: look again
+        else:
+            raise errors.LockedError(
+                f"run {s.describe()} is in use by another writer (its lease {where} keeps "
+                "changing); stop the other process",
+                path=s.describe(),
+            )
+        self._held = True
+        self.lost = None
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._renew_loop, name=f"savegame-lease {where}", daemon=True
+        )
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self.renew()
+
+    def renew(self) -> bool:
+        """Extend the lease now (the daemon thread does it every ``ttl / 3``); False once it
+        is lost."""
+        if not self._held:
+            return False
+        s = self._store
+        try:
+            self._etag = s._call(lambda: self._put({"e_tag": self._etag}), self._name)
+            return True
+        except (base.ChangedError, FileNotFoundError) as exc:
+            self._lose(f"another writer took it over ({exc})")
+            return False
+        except Exception as exc:  # noqa: BLE001 - a thread boundary: retried on the next tick
+            if time.time() >= self._expires:
+                self._lose(f"it could not be renewed before it expired ({exc})")
+                return False
+            log.warning(
+                "could not renew the lease %s (will retry): %s", s.describe(self._name), exc
+            )
+            return True
+
+    def _lose(self, why: str) -> None:
+        self._held = False
+        self._stop.set()
+        self.lost = why
+        log.error(
+            "lost the writer lease %s: %s; this process must not commit to the run any more",
+            self._store.describe(self._name), why,
+        )  # fmt: skip
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+        if not self._held:
+            return
+        self._held = False
+        s = self._store
+        # No conditional delete on S3: check the ETag is still ours, then delete (a taker in
+        # between would have to have found our lease expired, which it is not).
+        with contextlib.suppress(Exception):
+            meta = s._head(self._name)
+            if meta is not None and meta.get("e_tag") == self._etag:
+                s._call(lambda: _obstore().delete(s._obs, s._p(self._name)), self._name)
+
+
+class ObjectStore(base.Store):
+    """A prefix in an object store (``s3://bucket/runs/exp``) as a :class:`Store`.
+
+    Folders are implicit (a prefix with objects under it; :meth:`makedirs` does nothing). A
+    checkpoint is committed by its manifest put create-only; see the module docstring.
+
+    Args:
+        target: What :func:`savegame.storage.urls.connect` returned for the URL.
+        lease_seconds: How long the writer lease lives without renewal (default
+            ``$SAVEGAME_LEASE_SECONDS`` or 60 s).
+    """
+
+    def __init__(self, target: urls.Target, *, lease_seconds: float | None = None) -> None:
+        self._obs = target.store
+        self._prefix = target.prefix.strip("/")
+        self.url = target.url
+        self.scheme = target.scheme
+        self.read_only = target.read_only
+        if lease_seconds is None:
+            env = os.environ.get("SAVEGAME_LEASE_SECONDS")
+            try:
+                lease_seconds = float(env) if env else DEFAULT_LEASE_SECONDS
+            except ValueError:
+                raise errors.StorageError(
+                    f"SAVEGAME_LEASE_SECONDS={env!r} is not a number of seconds", path=self.url
+                ) from None
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
+        self.lease_seconds = float(lease_seconds)
+
+    @classmethod
+    def from_obstore(
+        cls,
+        store: Any,
+        url: str,
+        *,
+        prefix: str = "",
+        read_only: bool = False,
+        lease_seconds: float | None = None,
+    ) -> ObjectStore:
+        """A store over an obstore store built by the caller (tests, custom credentials)."""
+        scheme = url.split("://", 1)[0] if "://" in url else "memory"
+        target = urls.Target(scheme, store, urls.redact(url), read_only=read_only, prefix=prefix)
+        return cls(target, lease_seconds=lease_seconds)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def _p(self, key: str) -> str:
+        return base.join(self._prefix, key)
+
+    def _rel(self, path: str) -> str:
+        return path[len(self._prefix) + 1 :] if self._prefix else path
+
+    def _call(self, fn: Callable[[], T], key: str) -> T:
+        """Run one obstore call; its failure becomes a typed, redacted error."""
+        try:
+            return fn()
+        except errors.CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - obstore raises its own classes, translated
+            raise urls.translate(exc, self.describe(key)) from None
+
+    def _writable(self, key: str) -> None:
+        if self.read_only:
+            # Caused by EROFS, as a read-only mount: the Checkpointer then opens the run
+            # read-only (restore works) instead of failing.
+            raise errors.StorageError(
+                f"{self.describe(key)}: read-only: http(s) URLs can only be read; push to "
+                "s3://… or a folder to write",
+                path=self.describe(key),
+            ) from OSError(errno.EROFS, "read-only store", self.describe(key))
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._call(lambda: _obstore().head(self._obs, self._p(key)), key))
+        except FileNotFoundError:
+            return None
+
+    def _ls(self, prefix: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """(folders, {name: meta}) directly under ``prefix``."""
+        if self.scheme in ("http", "https"):
+            return _http_listing(self, prefix)
+        p = self._p(prefix) or None
+        res = self._call(lambda: _obstore().list_with_delimiter(self._obs, p), prefix)
+        dirs = [_base(d.rstrip("/")) for d in res["common_prefixes"]]
+        objs = {_base(m["path"]): dict(m) for m in res["objects"]}
+        return dirs, objs
+
+    def _walk(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(path relative to ``key``, meta) of every object under ``key/``."""
+        if self.scheme in ("http", "https"):
+            dirs, objs = _http_listing(self, key)
+            for n, m in objs.items():
+                yield n, m
+            for d in dirs:
+                for rel, m in self._walk(base.join(key, d)):
+                    yield f"{d}/{rel}", m
+            return
+        p = self._p(key)
+        stream = self._call(lambda: _obstore().list(self._obs, p or None, chunk_size=500), key)
+        pre = p + "/" if p else ""
+        while True:
+            try:
+                chunk = next(stream)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - obstore's errors, translated
+                raise urls.translate(exc, self.describe(key)) from None
+            for m in chunk:
+                if m["path"].startswith(pre):
+                    yield m["path"][len(pre) :], dict(m)
+
+    def _any_under(self, key: str) -> bool:
+        return next(iter(self._walk(key)), None) is not None
+
+    def _delete(self, key: str, problems: list[str]) -> None:
+        try:
+            self._call(lambda: _obstore().delete(self._obs, self._p(key)), key)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"{self.describe(key)}: {exc}")
+
+    def _delete_under(self, key: str, problems: list[str]) -> None:
+        try:
+            paths = [self._p(base.join(key, rel)) for rel, _ in self._walk(key)]
+        except OSError as exc:
+            problems.append(f"{self.describe(key)}: {exc}")
+            return
+        for i in range(0, len(paths), 500):
+            batch = paths[i : i + 500]
+            try:
+                self._call(lambda b=batch: _obstore().delete(self._obs, b), key)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"{self.describe(key)}: {exc}")
+
+    def _copy(self, src: str, dest: str) -> None:
+        self._call(lambda: _obstore().copy(self._obs, self._p(src), self._p(dest)), dest)
+
+    def _marker(self, key: str) -> dict[str, Any] | None:
+        """The marker object ``key`` (a save in progress or a deletion), or None."""
+        try:
+            raw = bytes(self._call(lambda: _obstore().get(self._obs, self._p(key)).bytes(), key))
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _hidden(self, folder: str) -> set[str]:
+        """Keys in ``folder`` that a marker names while they have no manifest: a save being
+        written straight to its final name, or a deletion under way. This listing is made
+        after the caller's (markers are created before the objects they hide), so a prefix
+        the caller saw is hidden if its marker existed when it was written."""
+        _, objs = self._ls(folder)
+        out = set()
+        for name in objs:
+            if not name.startswith(layout.TMP_PREFIX):
+                continue
+            info = self._marker(base.join(folder, name)) or {}
+            dest = info.get("dest")
+            if isinstance(dest, str) and dest and dest != base.join(folder, name):
+                if self._head(base.join(dest, layout.MANIFEST)) is None:
+                    out.add(dest)
+        return out
+
+    # ---- reading -------------------------------------------------------------------------
+    def list(self, prefix: str = "") -> list[base.Entry]:
+        base.check_key(prefix)
+        dirs, objs = self._ls(prefix)
+        if prefix and not dirs and not objs:
+            if self._head(prefix) is not None:
+                raise NotADirectoryError(errno.ENOTDIR, "is an object", self.describe(prefix))
+            raise FileNotFoundError(errno.ENOENT, "no such folder", self.describe(prefix))
+        hidden = self._hidden(prefix) if dirs else set()
+        out: dict[str, bool] = {}
+        for d in dirs:
+            if base.join(prefix, d) not in hidden:
+                out[d] = True
+        for name in objs:
+            out[name] = name.startswith(layout.TMP_PREFIX) or out.get(name, False)
+        return [base.Entry(n, d) for n, d in out.items()]
+
+    def exists(self, key: str) -> bool:
+        if base.check_key(key) == "":
+            return True
+        return self._head(key) is not None or self.is_dir(key)
+
+    def is_dir(self, key: str) -> bool:
+        if base.check_key(key) == "":
+            return True
+        if _is_marker(key) and self._head(key) is not None:
+            return True
+        if not self._any_under(key):
+            return False
+        if self._head(base.join(key, layout.MANIFEST)) is not None:
+            return True
+        return key not in self._hidden(_parent(key))
+
+    def size(self, key: str) -> int:
+        base.check_key(key)
+        meta = self._call(lambda: _obstore().head(self._obs, self._p(key)), key)
+        return int(meta["size"])
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            meta = self._head(base.check_key(key))
+        except OSError:
+            return None
+        return meta["last_modified"].timestamp() if meta else None
+
+    def du(self, key: str) -> int:
+        base.check_key(key)
+        if key and not _is_marker(key):
+            meta = self._head(key)
+            if meta is not None:
+                return int(meta["size"])
+        total = sum(int(m["size"]) for _, m in self._walk(key))
+        if _is_marker(key):
+            info = self._marker(key) or {}
+            dest = info.get("dest")
+            if isinstance(dest, str) and dest and dest != key:
+                total += sum(int(m["size"]) for _, m in self._walk(dest))
+        return total
+
+    def open(self, key: str) -> base.Blob:
+        base.check_name(key)
+        meta = self._call(lambda: _obstore().head(self._obs, self._p(key)), key)
+        return _ObjBlob(self, key, meta)
+
+    # ---- writing -------------------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        base.check_name(key)
+        self._writable(key)
+        self._call(
+            lambda: _obstore().put(self._obs, self._p(key), bytes(data), use_multipart=False), key
+        )
+
+    def create(self, key: str, data: bytes) -> None:
+        base.check_name(key)
+        self._writable(key)
+        self._call(
+            lambda: _obstore().put(
+                self._obs, self._p(key), bytes(data), mode="create", use_multipart=False
+            ),
+            key,
+        )
+
+    def makedirs(self, key: str = "") -> None:
+        base.check_key(key)  # folders are implicit: a prefix exists once an object is under it
+
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
+        base.check_name(name)
+        if not _is_marker(name):
+            raise ValueError(
+                f"invalid staging name {name!r}: an object store's staging names start with "
+                f"{layout.TMP_PREFIX!r} (listings recognise the save's marker by it)"
+            )
+        self._writable(name)
+        dest = name
+        if final is not None and _parent(base.check_name(final)) == _parent(name):
+            if not _is_marker(final) and self._head(base.join(final, layout.MANIFEST)) is None:
+                dest = final
+        if dest != name:
+            self._finish_deletions(final or "", _parent(name))
+        info = {"final": final, "dest": dest, "writer": _who(), "created": time.time()}
+        self.create(name, json.dumps(info).encode())
+        if dest != name:
+            # Leftovers of a killed writer under the final name (no manifest: never a
+            # checkpoint). Deleted after the marker exists, so they stay hidden meanwhile.
+            problems: list[str] = []
+            self._delete_under(dest, problems)
+            if problems:
+                with contextlib.suppress(OSError):
+                    self._delete(name, [])
+                raise OSError(
+                    errno.EIO, f"could not clear leftovers of an interrupted save: {problems[0]}"
+                )
+        return _ObjStaging(self, name, dest)
+
+    def _finish_deletions(self, final: str, folder: str) -> None:
+        """Before writing to ``final``: a deletion of it still under way (a detach whose freer
+        has not run) must end first, or it would delete the new objects."""
+        _, objs = self._ls(folder)
+        for name in objs:
+            key = base.join(folder, name)
+            if not name.startswith(layout.TMP_PREFIX):
+                continue
+            info = self._marker(key) or {}
+            if info.get("dest") != final or not info.get("deleting"):
+                continue
+            with _PENDING_LOCK:
+                pending = _PENDING.get((self.url, key))
+                running = pending is not None and pending.state == "running"
+                if pending is not None and not running:
+                    pending.state = "taken"
+            if running and pending is not None and pending.done.wait(timeout=300):
+                continue
+            problems = self._free_marker(key, info)()
+            if pending is not None and not running:
+                with _PENDING_LOCK:
+                    pending.state = "done"
+                    _PENDING.pop((self.url, key), None)
+                pending.done.set()
+            if problems:
+                raise OSError(
+                    errno.EIO,
+                    f"an earlier deletion of {self.describe(final)} could not finish: {problems[0]}",
+                )
+
+    def staging(self, name: str) -> base.Staging:
+        base.check_name(name)
+        info = self._marker(name)
+        if info is None:
+            raise FileNotFoundError(errno.ENOENT, "no such save in progress", self.describe(name))
+        dest = info.get("dest")
+        if not isinstance(dest, str) or not dest:
+            raise OSError(errno.EIO, f"{self.describe(name)} is not a save marker")
+        return _ObjStaging(self, name, base.check_name(dest))
+
+    def _free_marker(self, key: str, info: dict[str, Any]) -> Callable[[], list[str]]:
+        """Free a marker: the objects under its ``dest`` (only while that has no manifest),
+        those under the marker's own name, then the marker (last: until then it hides)."""
+
+        def free() -> list[str]:
+            problems: list[str] = []
+            dest = info.get("dest")
+            if isinstance(dest, str) and dest and dest != key:
+                with contextlib.suppress(ValueError):
+                    base.check_name(dest)
+                    if self._head(base.join(dest, layout.MANIFEST)) is None:
+                        self._delete_under(dest, problems)
+            self._delete_under(key, problems)
+            if not problems:
+                self._delete(key, problems)
+            return problems
+
+        return free
+
+    def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
+        base.check_name(key)
+        self._writable(key)
+        if trash is None:  # a leftover save (or deletion) marker: free it in place
+            info = self._marker(key) if _is_marker(key) else None
+            return self._free_marker(key, info or {})
+        base.check_name(trash)
+        if not _is_marker(trash) or _parent(trash) != _parent(key):
+            raise ValueError(
+                f"invalid trash name {trash!r}: a {layout.TMP_PREFIX}… name beside {key!r}"
+            )
+        if self._head(key) is not None and not self._any_under(key):
+            problems: list[str] = []  # one object: its delete is atomic
+            self._call(lambda: _obstore().delete(self._obs, self._p(key)), key)
+            return lambda: problems
+        if not self.is_dir(key):
+            raise FileNotFoundError(errno.ENOENT, "no such key", self.describe(key))
+        info = {
+            "final": key,
+            "dest": key,
+            "deleting": True,
+            "writer": _who(),
+            "created": time.time(),
+        }
+        self.create(trash, json.dumps(info).encode())
+        # The manifest goes first: from here on the checkpoint exists for no reader.
+        self._delete_manifest(key)
+        pending = _Pending()
+        with _PENDING_LOCK:
+            _PENDING[(self.url, trash)] = pending
+        freer = self._free_marker(trash, info)
+
+        def free() -> list[str]:
+            with _PENDING_LOCK:
+                if pending.state != "waiting":  # a new save of ``key`` did the work
+                    return []
+                pending.state = "running"
+            try:
+                return freer()
+            finally:
+                with _PENDING_LOCK:
+                    pending.state = "done"
+                    _PENDING.pop((self.url, trash), None)
+                pending.done.set()
+
+        return free
+
+    def _delete_manifest(self, key: str) -> None:
+        mkey = base.join(key, layout.MANIFEST)
+        with contextlib.suppress(FileNotFoundError):
+            self._call(lambda: _obstore().delete(self._obs, self._p(mkey)), mkey)
+
+    def rename(self, key: str, new_key: str) -> None:
+        """Copy, then delete (not atomic: object stores have no rename). Only used to set a
+        damaged checkpoint aside: the copy's manifest is written last and the original's
+        deleted first, so at no point are there two checkpoints, and a crash leaves at worst
+        a copy without a manifest (never listed as a checkpoint) beside the original."""
+        base.check_name(key)
+        base.check_name(new_key)
+        self._writable(key)
+        if not self.exists(key):
+            raise FileNotFoundError(errno.ENOENT, "no such key", self.describe(key))
+        if self.exists(new_key):
+            raise FileExistsError(errno.EEXIST, "already exists", self.describe(new_key))
+        if self._head(key) is not None and not self._any_under(key):
+            self._copy(key, new_key)
+            self._call(lambda: _obstore().delete(self._obs, self._p(key)), key)
+            return
+        rels = [rel for rel, _ in self._walk(key)]
+        manifest = layout.MANIFEST in rels
+        for rel in rels:
+            if rel != layout.MANIFEST:
+                self._copy(base.join(key, rel), base.join(new_key, rel))
+        if manifest:
+            self._copy(base.join(key, layout.MANIFEST), base.join(new_key, layout.MANIFEST))
+            self._delete_manifest(key)
+        problems: list[str] = []
+        self._delete_under(key, problems)
+        if problems:
+            raise OSError(errno.EIO, f"copied to {self.describe(new_key)}; {problems[0]}")
+
+    def lock(self, name: str) -> Lease:
+        base.check_name(name)
+        return Lease(self, name, self.lease_seconds)
+
+
+# ---- HTTP(S) listings ----------------------------------------------------------------------
+def _http_listing(store: ObjectStore, prefix: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """A static web server's folder index: nginx ``autoindex_format json`` or an HTML page of
+    links (as fsspec's HTTPFileSystem reads it). Sizes and times come from HEAD on open."""
+    import re
+    import urllib.error
+    import urllib.request
+    from datetime import datetime, timezone
+    from urllib.parse import unquote, urlsplit
+
+    key = base.join(store._prefix, prefix)
+    # A plain GET, not obstore's: index pages are often sent chunked (nginx's autoindex),
+    # which obstore's HTTP store refuses for want of a Content-Length.
+    base_url = str(store._obs.url).rstrip("/")
+    url = f"{base_url}/{urls.quote_key(key)}/" if key else f"{base_url}/"
+    headers = {"Accept": "application/json, text/html;q=0.9"}
+    for name, value in (store._obs.client_options.get("default_headers") or {}).items():
+        headers[name] = value.decode() if isinstance(value, bytes) else str(value)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+            raw = r.read(64 << 20)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return [], {}
+        raise OSError(
+            errno.EIO, f"{store.describe(prefix)}: listing the folder failed (HTTP {exc.code})"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            errno.EIO,
+            f"{store.describe(prefix)}: listing the folder failed: {urls.redact_text(str(exc))}",
+        ) from None
+    dirs: list[str] = []
+    objs: dict[str, dict[str, Any]] = {}
+    now = datetime.now(timezone.utc)
+    try:
+        listing = json.loads(raw)
+    except ValueError:
+        listing = None
+    if isinstance(listing, list):
+        for item in listing:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue
+            n = item["name"]
+            if item.get("type") == "directory":
+                dirs.append(n)
+            else:
+                objs[n] = {"path": base.join(key, n), "size": int(item.get("size", 0)),
+                           "last_modified": now, "e_tag": None}  # fmt: skip
+        return dirs, objs
+    text = raw.decode("utf-8", "replace")
+    for href in re.findall(r"""href\s*=\s*["']([^"'?#]+)["']""", text, flags=re.I):
+        if "://" in href or (
+            href.startswith(("/", ".")) and not href.startswith(layout.TMP_PREFIX)
+        ):  # another host, an absolute link, the parent folder or a hidden file
+            continue
+        name = unquote(urlsplit(href).path)
+        is_dir = name.endswith("/")
+        name = name.rstrip("/")
+        if not name or "/" in name:
+            continue
+        if is_dir:
+            dirs.append(name)
+        else:
+            objs[name] = {"path": base.join(key, name), "size": 0, "last_modified": now,
+                          "e_tag": None}  # fmt: skip
+    return sorted(set(dirs)), objs
