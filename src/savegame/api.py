@@ -66,17 +66,21 @@ def save(
     )
 
 
-def load(path: str | os.PathLike[str], *, rank: int = 0) -> Any:
-    """Read a whole savegame checkpoint folder back as a state tree of CPU tensors (verified)."""
+def load(path: str | os.PathLike[str] | Location, *, rank: int = 0) -> Any:
+    """Read a whole savegame checkpoint folder (a path, a URL such as ``s3://b/run/step-…``, or
+    a store location) back as a state tree of CPU tensors (verified)."""
     from savegame import tree as treelib
     from savegame.engine import reader
+    from savegame.storage import locate
 
-    m = reader.read_manifest(path)
+    loc = locate(path)
+    where = str(loc)
+    m = reader.read_manifest(loc)
     if not 0 <= rank < m.world_size:
         raise errors.CheckpointNotFoundError(
-            f"{path} has ranks 0..{m.world_size - 1}, not {rank}", path=path
+            f"{where} has ranks 0..{m.world_size - 1}, not {rank}", path=where
         )
-    return treelib.decode(m.trees[rank], reader.load_tensors(path, m), path=path)
+    return treelib.decode(m.trees[rank], reader.load_tensors(loc, m), path=where)
 
 
 class SavegameReader(base.Reader):
@@ -180,6 +184,17 @@ def open(  # noqa: A001 - the public verb
         FormatError: the file is damaged (or, isolated, crashed or hung libhdf5).
     """
 
+    from savegame.storage import urls
+
+    if isinstance(path, str) and urls.is_url(path):
+        if path.lower().startswith("file://"):
+            from urllib.parse import unquote, urlsplit
+
+            path = unquote(urlsplit(path).path)
+        else:  # a checkpoint in a remote store: savegame's own format only
+            from savegame.storage import locate
+
+            path = locate(path)
     if isinstance(path, Location):  # e.g. what Checkpointer.save() returns for a non-local store
         if format not in (None, "savegame"):
             raise errors.UnsupportedFormatError(
