@@ -7,6 +7,10 @@ emoji codes, and control characters, terminal escapes, bidi overrides, other inv
 characters and undecodable path bytes are shown as ``\\x1b``-style escapes, so a hostile name
 can neither restyle, hide, reorder nor clear what the user reads, nor crash the command
 (``[/x]`` used to raise ``MarkupError``).
+
+Second invariant (issue 11): a URL in anything printed is shown without its credentials
+(:func:`savegame.storage.urls.redact`: ``s3://***@bucket/…``, ``?token=***``), whatever put it
+there — an argument echoed back, a store's error message, a warning, a log line.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ def clean(value: object) -> str:
         'a\\\\x1b[2Jb'
     """
     s = value if isinstance(value, str) else str(value)
+    if "://" in s:  # a URL: never show its credentials
+        from savegame.storage.urls import redact_text
+
+        s = redact_text(s)
     if s.isprintable():  # the common case: nothing to do (space is printable, "\\t" is not)
         return s
     return "".join(_visible(c) if c != " " and unicodedata.category(c) in _HIDDEN else c for c in s)

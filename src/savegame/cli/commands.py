@@ -7,7 +7,14 @@ Invariant: the commands use the public API only — ``savegame`` (``sg.open``, `
 ``sg.diff``, ``sg.Keep``, the errors) and the run-folder functions of
 :mod:`savegame.checkpointer` (``list_run``, retention's ``find_damage``/``delete_unkept``,
 ``run.json``, ``verify_checkpoint``), none of which imports torch — plus the reader's node types
-(:mod:`savegame.interop.base`). ``prune`` applies the same retention code as the Checkpointer.
+(:mod:`savegame.interop.base`), :mod:`savegame.storage` (a URL's store) and
+:mod:`savegame.tools.transfer` (push, pull). ``prune`` applies the same retention code as the
+Checkpointer.
+
+Every command takes a URL where it takes a path (issue 11): ``s3://``, ``gs://``, ``az://``,
+``http(s)://`` (read-only: ``prune`` refuses), ``memory://``; ``file://`` is a local path. What is
+printed shows a URL through :func:`savegame.storage.urls.redact` (``_text.clean`` redacts every
+URL in what it prints), so credentials (``user:pass@``, ``?token=…``) are never shown.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from rich.tree import Tree
 import savegame as sg
 from savegame.cli import main
 from savegame.cli._text import clean, lit, text
+from savegame.format import layout
 from savegame.interop.base import Opaque, TensorRef
+from savegame.storage import Location, Store
 
 if TYPE_CHECKING:
     from savegame.checkpointer import CheckpointInfo
+
+Where = Path | Store  # a command's run or checkpoint: a local path, or a URL's store
 
 __all__ = [
     "cmd_convert",
@@ -37,6 +48,8 @@ __all__ = [
     "cmd_ls",
     "cmd_plot",
     "cmd_prune",
+    "cmd_pull",
+    "cmd_push",
     "cmd_show",
     "cmd_verify",
 ]
@@ -87,33 +100,121 @@ def _metrics(m: Any) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or "-"
 
 
-def refuse_checkpoint(root: Path, is_checkpoint: bool, instead: str) -> None:
+def refuse_checkpoint(root: Path | Store | str, is_checkpoint: bool, instead: str) -> None:
     """The run-folder commands (ls, prune, plot) given one checkpoint: say what to run instead
     (and never write a lock file into it)."""
     if is_checkpoint:
         raise sg.CheckpointNotFoundError(
-            f"{root} is one checkpoint, not a run folder; {instead}", path=root
+            f"{_shown(root)} is one checkpoint, not a run folder; {instead}", path=_shown(root)
         )
+
+
+# ---- where an argument points: a local path or a URL -------------------------------------------
+def _is_remote(arg: str) -> bool:
+    """A URL of a store (``file://`` is a local path)."""
+    from savegame.storage import urls
+
+    return urls.is_url(arg) and not arg.lower().startswith("file://")
+
+
+def _local(arg: str) -> Path:
+    """A path argument as a Path (a ``file://`` URL too)."""
+    if arg.lower().startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        return Path(unquote(urlsplit(arg).path))
+    return Path(arg)
+
+
+def _where(arg: str) -> Where:
+    """A local path, or the store a URL names (connecting to it checks the scheme, the bucket
+    name and the credentials given in the URL: typed errors naming the redacted URL)."""
+    if _is_remote(arg):
+        from savegame.storage import as_store
+
+        return as_store(arg)
+    return _local(arg)
+
+
+def _shown(where: Path | Store | Location | str) -> str:
+    """How a path, store, location or URL is printed: a store's URL without credentials."""
+    if isinstance(where, Store):
+        return where.describe()
+    if isinstance(where, str):
+        from savegame.storage import urls
+
+        return urls.redact(where)
+    return str(where)  # a Location prints its store's (redacted) URL and its key
+
+
+def _parent(arg: str, where: Where) -> str:
+    """The folder holding ``where`` (the run of a checkpoint), for the messages that name it."""
+    if isinstance(where, Path):
+        return str(where.parent)
+    return _shown(arg).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
+
+
+def _is_checkpoint(where: Where) -> bool:
+    if isinstance(where, Path):
+        return bool(_runs().is_checkpoint(where))
+    return where.exists(layout.MANIFEST) and not where.is_dir(layout.MANIFEST)
+
+
+def _is_run(where: Where) -> bool:
+    """A run folder: ``run.json``, or step / set-aside / temp checkpoint folders in it."""
+    if isinstance(where, Path):
+        return bool(_runs().is_run(where))
+    if _is_checkpoint(where):
+        return False
+    if where.exists(layout.RUN_FILE):
+        return True
+    try:
+        entries = where.list("")
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    prefixes = ("step-", layout.DAMAGED_PREFIX + "step-", layout.TMP_PREFIX + "step-")
+    return any(e.name.startswith(prefixes) for e in entries)
+
+
+def _checkpoint_at(arg: str, where: Where) -> Path | Location:
+    """The checkpoint ``arg`` names, as what ``sg.open`` and ``verify_checkpoint`` take."""
+    if isinstance(where, Path):
+        return where
+    from savegame.storage import locate
+
+    return locate(arg)
+
+
+def _nothing_at(arg: str) -> sg.CheckpointNotFoundError:
+    shown = _shown(arg)
+    return sg.CheckpointNotFoundError(
+        f"{shown}: no run folder or checkpoint there (nothing named step-…, no run.json, no "
+        "manifest.json); check the URL",
+        path=shown,
+    )
 
 
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     runs = _runs()
-    root = Path(args.run)
+    root = _where(args.run)
     refuse_checkpoint(
         root,
-        runs.is_checkpoint(root),
-        f"see it with `savegame show {root}`, or list its run with `savegame ls {root.parent}`",
+        _is_checkpoint(root),
+        f"see it with `savegame show {_shown(root)}`, or list its run with "
+        f"`savegame ls {_parent(args.run, root)}`",
     )
+    if isinstance(root, Store) and not _is_run(root):
+        raise _nothing_at(args.run)
     infos = runs.list_run(root, _keep_from_args(args), aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
     leftovers = [i for i in infos if i.kind == "leftover"]
     run_problem = runs.run_file_problem(root)
-    problems: dict[Path, list[str]] = {}
+    problems: dict[Path | Location, list[str]] = {}
     if args.verify:
         problems = {i.path: runs.verify_checkpoint(i.path) for i in ckpts if i.valid}
-    title = f"{root}  ({len(ckpts)} checkpoints"
+    title = f"{_shown(root)}  ({len(ckpts)} checkpoints"
     if aside:
         title += f", {len(aside)} damaged set aside"
     if leftovers:
@@ -162,7 +263,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 1 if args.verify and (bad or run_problem) else 0
 
 
-def _advice(root: Path, ckpts: list[CheckpointInfo], mtbf: float | None) -> str | None:
+def _advice(root: Where, ckpts: list[CheckpointInfo], mtbf: float | None) -> str | None:
     """The interval advice line from the run's newest valid checkpoint (docs/policies.md)."""
     import time
 
@@ -206,15 +307,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ---- show --------------------------------------------------------------------------------------
 def cmd_show(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    runs = _runs() if path.is_dir() else None  # a file is never a run: no run-folder code
-    if runs is not None and runs.is_run(path):
-        # Any rule will do: only the checkpoints and their validity are used (not run.json's).
-        infos = runs.list_run(path, sg.Keep())
-        valid = [i for i in infos if i.valid]
-        if not valid:
-            raise sg.CheckpointNotFoundError(_no_valid(path, bool(infos)), path=path)
-        path = valid[-1].path
+    path: Path | Location
+    if _is_remote(args.path):
+        path = _remote_checkpoint(args.path, newest=True)
+    else:
+        path = _local(args.path)
+        runs = _runs() if path.is_dir() else None  # a file is never a run: no run-folder code
+        if runs is not None and runs.is_run(path):
+            path = _newest_valid(path)
     # Listing is harmless: unknown pickled objects are listed as opaque (never built), and a
     # partial darknet file is opened and said to be partial.
     with sg.open(path, **_options(args, listing=True, partial=True)) as r:
@@ -238,10 +338,31 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_valid(root: Path, any_checkpoint: bool) -> str:
+def _no_valid(root: Where, any_checkpoint: bool) -> str:
+    shown = _shown(root)
     if not any_checkpoint:
-        return f"{root}: no checkpoints yet (nothing has been committed in this run folder)"
-    return f"{root} holds no valid checkpoint; run `savegame ls {root}` to see why"
+        return f"{shown}: no checkpoints yet (nothing has been committed in this run folder)"
+    return f"{shown} holds no valid checkpoint; run `savegame ls {shown}` to see why"
+
+
+def _newest_valid(root: Where) -> Path | Location:
+    # Any rule will do: only the checkpoints and their validity are used (not run.json's).
+    infos = _runs().list_run(root, sg.Keep())
+    valid = [i for i in infos if i.valid]
+    if not valid:
+        raise sg.CheckpointNotFoundError(_no_valid(root, bool(infos)), path=_shown(root))
+    return valid[-1].path  # type: ignore[no-any-return]
+
+
+def _remote_checkpoint(url: str, *, newest: bool) -> Location:
+    """The savegame checkpoint a URL names: itself, or (``newest``) a run's newest valid one."""
+    store = _where(url)
+    assert isinstance(store, Store)
+    if _is_checkpoint(store):
+        return _checkpoint_at(url, store)  # type: ignore[return-value]
+    if newest and _is_run(store):
+        return _newest_valid(store)  # type: ignore[return-value]
+    raise _nothing_at(url)
 
 
 def _leaf_text(v: Any) -> str:
@@ -294,8 +415,18 @@ def _describe(v: Any, infos: dict[str, sg.TensorInfo]) -> Text:
 
 # ---- verify ------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
-    path = Path(args.path)
     runs = _runs()
+    if _is_remote(args.path):
+        store = _where(args.path)
+        if _is_run(store):
+            return _verify_run(store)
+        loc = _checkpoint_at(args.path, store)
+        if not (_is_checkpoint(store) or _looks_like_step(loc.name)):
+            raise _nothing_at(args.path)
+        problems = runs.verify_checkpoint(loc)
+        _report(loc, problems)
+        return 1 if problems else 0
+    path = _local(args.path)
     if runs.is_run(path):
         return _verify_run(path)
     if runs.looks_like_checkpoint(path):
@@ -317,7 +448,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _report(path: Path, problems: list[str]) -> None:
+def _looks_like_step(name: str) -> bool:
+    """Named like a checkpoint (``step-…``, ``damaged-step-…``) whose manifest may be missing."""
+    return layout.parse_step_dir(name) is not None or layout.parse_damaged_dir(name) is not None
+
+
+def _report(path: Path | Location | str, problems: list[str]) -> None:
     if problems:
         _console().print(f"[red]FAIL[/] {lit(path)}", soft_wrap=True)
         for p in problems:
@@ -326,7 +462,7 @@ def _report(path: Path, problems: list[str]) -> None:
         _console().print(f"[green]ok[/]   {lit(path)}", soft_wrap=True)
 
 
-def _verify_run(root: Path) -> int:
+def _verify_run(root: Where) -> int:
     """Every checkpoint of a run, plus its ``run.json``; damaged checkpoints already set aside
     and leftover temp folders are listed, not counted: restore never uses them."""
     runs = _runs()
@@ -346,7 +482,7 @@ def _verify_run(root: Path) -> int:
             _console().print(f"{label} {lit(i.path)}", soft_wrap=True)
             _console().print(text(f"     {i.error}"), soft_wrap=True)
     if not ckpts:
-        _console().print(text(f"no checkpoints yet in {root}"), soft_wrap=True)
+        _console().print(text(f"no checkpoints yet in {_shown(root)}"), soft_wrap=True)
     if bad or run_problem:
         said = [f"{bad} of {len(ckpts)} checkpoints have problems"] if bad else []
         said += ["run.json is damaged"] if run_problem else []
@@ -358,10 +494,23 @@ def _verify_run(root: Path) -> int:
 
 
 # ---- convert, diff -----------------------------------------------------------------------------
+def _source_arg(arg: str) -> str:
+    """A checkpoint argument for ``sg.convert`` / ``sg.diff``: a URL as given (they read URLs
+    of savegame runs and checkpoints), a ``file://`` URL as its path."""
+    return arg if _is_remote(arg) else str(_local(arg))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    if _is_remote(args.dst):
+        shown = _shown(args.dst)
+        raise sg.UnsupportedURLError(
+            f"{shown}: convert writes a local file or folder; convert into a local path (for "
+            "--to savegame, then `savegame push` the run folder to the URL)",
+            path=shown,
+        )
     out = sg.convert(
-        args.src, args.dst, to=args.to, cfg=args.cfg, partial=args.partial, overwrite=args.overwrite,
-        isolate=not args.no_isolate,
+        _source_arg(args.src), _local(args.dst), to=args.to, cfg=args.cfg, partial=args.partial,
+        overwrite=args.overwrite, isolate=not args.no_isolate,
     )  # fmt: skip
     with sg.open(out) as r:
         n, total = len(r.keys()), sum(r.info(k).nbytes for k in r.keys())
@@ -372,20 +521,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         with sg.open(args.src, cfg=args.cfg, partial=True) as src:
             cover = getattr(src, "coverage", None)
         if cover is not None:
-            _console().print(text(f"{args.src}: {cover}"), soft_wrap=True)
+            _console().print(text(f"{_shown(args.src)}: {cover}"), soft_wrap=True)
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     res = sg.diff(
-        args.a,
-        args.b,
+        _source_arg(args.a),
+        _source_arg(args.b),
         cfg_a=args.cfg_a,
         cfg_b=args.cfg_b,
         partial=args.partial,
         isolate=not args.no_isolate,
     )
-    table = Table(title=text(f"{args.a}  vs  {args.b}"))
+    table = Table(title=text(f"{_shown(args.a)}  vs  {_shown(args.b)}"))
     for col in ("tensor", "difference"):
         table.add_column(col)
     for name in res.removed:
@@ -446,13 +595,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
     listing, and the answer to a damaged kept checkpoint — the Checkpointer sets it aside and
     plans again, ``prune`` refuses and deletes nothing (exit 1): a person is there to look."""
     runs = _runs()
-    root = Path(args.run)
+    root = _where(args.run)
     keep = _keep_from_args(args)
-    if not root.is_dir():
-        raise sg.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
-    refuse_checkpoint(
-        root, runs.looks_like_checkpoint(root), f"prune its run with `savegame prune {root.parent}`"
-    )
+    if isinstance(root, Store):
+        if getattr(root, "read_only", False):
+            raise sg.StorageError(
+                f"{_shown(root)} is read-only (http(s) URLs can only be read): prune the run "
+                "where it is written (a local folder, s3://, gs:// or az://)",
+                path=_shown(root),
+            )
+        refuse_checkpoint(
+            root,
+            _is_checkpoint(root) or _looks_like_step(_checkpoint_at(args.run, root).name),
+            f"prune its run with `savegame prune {_parent(args.run, root)}`",
+        )
+        if not _is_run(root):  # never take a lease where there is no run
+            raise _nothing_at(args.run)
+    else:
+        if not root.is_dir():
+            raise sg.CheckpointNotFoundError(f"run folder {root} does not exist", path=root)
+        refuse_checkpoint(
+            root,
+            runs.looks_like_checkpoint(root),
+            f"prune its run with `savegame prune {root.parent}`",
+        )
     run_problem = runs.run_file_problem(root)
     if run_problem:
         raise sg.FormatError(
@@ -497,6 +663,62 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     finally:
         lock.release()
+
+
+# ---- push, pull --------------------------------------------------------------------------------
+def cmd_push(args: argparse.Namespace) -> int:
+    """``savegame push RUN URL``: :func:`savegame.tools.transfer.push`."""
+    from savegame.tools import transfer
+
+    report = transfer.push(
+        _transfer_arg(args.run), _transfer_arg(args.url), steps=args.step, progress=_progress(args)
+    )
+    return _transfer_summary("pushed", report)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """``savegame pull URL RUN``: :func:`savegame.tools.transfer.pull`."""
+    from savegame.tools import transfer
+
+    report = transfer.pull(
+        _transfer_arg(args.url), _transfer_arg(args.run), steps=args.step, progress=_progress(args)
+    )
+    return _transfer_summary("pulled", report)
+
+
+def _transfer_arg(arg: str) -> str | Path:
+    return arg if _is_remote(arg) else _local(arg)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """No bar with --no-progress; else transfer's default (a bar when stderr is a terminal)."""
+    return False if args.no_progress else None
+
+
+def _transfer_summary(verb: str, report: Any) -> int:
+    """One summary line (and the problems, if any); exit 0 only when everything verified."""
+    copied, skipped = len(report.copied), len(report.skipped)
+    line = (
+        f"{verb} {_shown(report.source)} -> {_shown(report.dest)}: {copied} checkpoint"
+        f"{'' if copied == 1 else 's'} copied, {skipped} already there; "
+        f"{_size(report.bytes_moved)} moved, {_size(report.bytes_skipped)} skipped"
+    )
+    if report.verified:
+        _console().print(f"{lit(line)}; [green]all verified[/]", soft_wrap=True)
+    else:
+        n = len(report.problems)
+        _console().print(
+            f"{lit(line)}; [red]NOT verified: {n} problem{'' if n == 1 else 's'}[/]", soft_wrap=True
+        )
+        for p in report.problems:
+            _console().print(text(f"     {p}"), soft_wrap=True)
+    if report.ignored:
+        steps = ", ".join(str(s) for s in report.ignored)
+        _console().print(
+            text(f"     not moved: step(s) {steps} never committed in the source (no manifest)"),
+            soft_wrap=True,
+        )
+    return 0 if report.verified else 1
 
 
 # ---- demo --------------------------------------------------------------------------------------

@@ -3,16 +3,23 @@
 Exit status (the same for every command):
 
 - 0: success — the listing, tree, conversion or prune was done; ``verify`` and ``ls --verify``
-  found nothing wrong; ``diff`` found the checkpoints equal.
+  found nothing wrong; ``diff`` found the checkpoints equal; ``push`` / ``pull`` moved and
+  verified everything.
 - 1: a check found problems — ``verify`` or ``ls --verify`` found a damaged checkpoint or
   ``run.json``, ``diff`` found differences, ``prune`` refused because a checkpoint it would
-  keep is damaged, ``demo`` saw a mismatch.
-- 2: bad input or a savegame error (nothing at the path, an unreadable or unsupported file, a
-  locked run, a bad option); the message on stderr says what to do.
+  keep is damaged, ``push`` / ``pull`` could not move a damaged source checkpoint, ``demo`` saw
+  a mismatch.
+- 2: bad input or a savegame error (nothing at the path or URL, an unreadable or unsupported
+  file, a locked run, a bad option, an unknown URL scheme, missing credentials, access denied,
+  a store that failed after retries); the message on stderr says what to do.
 
-Everything printed that comes from a file or a path (names, keys, metadata, paths, error
+Every command that takes a path takes a URL too (``s3://``, ``gs://``, ``az://``, ``http(s)://``
+read-only, ``file://``, ``memory://``; docs/remote.md).
+
+Everything printed that comes from a file or a path (names, keys, metadata, paths, URLs, error
 messages quoting them, warnings) goes through :mod:`savegame.cli._text`: shown literally, never
-as rich markup, with control characters made visible (issue 9.12).
+as rich markup, with control characters made visible (issue 9.12), and every URL in it without
+credentials (``user:password@`` and query values shown as ``***``, issue 11).
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="savegame",
-        description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, plot, demo.",
+        description="Exact, crash-safe checkpoints: inspect, verify, prune, convert, diff, push, "
+        "pull, plot, demo. Every RUN or PATH may be a URL (s3://, gs://, az://, http(s):// "
+        "read-only, file://).",
     )
     p.add_argument("--version", action="version", version=f"savegame {sg.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what savegame does")
@@ -123,10 +132,46 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="also write the plot to this PNG file (needs matplotlib)")
     plot.set_defaults(func="cmd_plot")
 
+    push = sub.add_parser(
+        "push",
+        help="copy a run (or one checkpoint) to a URL; resumable, exit 0 only when all verified",
+        description="Copy every committed checkpoint of RUN (or the one checkpoint RUN names) to "
+        "the run folder URL. Re-running an interrupted push continues where it stopped: "
+        "checkpoints and files already there and verified are skipped.",
+    )
+    push.add_argument("run", help="a run folder or one checkpoint (a path or a URL)")
+    push.add_argument("url", help="the destination run folder (s3://…, gs://…, az://…, a path)")
+    _transfer_args(push)
+    push.set_defaults(func="cmd_push")
+
+    pull = sub.add_parser(
+        "pull",
+        help="copy a run (or one checkpoint) from a URL; resumable, exit 0 only when all verified",
+        description="Copy every committed checkpoint of the run at URL (or the one checkpoint "
+        "URL names) into the run folder RUN. Re-running an interrupted pull continues where it "
+        "stopped (ranged downloads resume a cut file).",
+    )
+    pull.add_argument("url", help="the source run folder or checkpoint (a URL or a path)")
+    pull.add_argument("run", help="the destination run folder")
+    _transfer_args(pull)
+    pull.set_defaults(func="cmd_pull")
+
     demo = sub.add_parser("demo", help="train, SIGKILL, resume, and prove the result is identical")
     demo.add_argument("--dir", help="where to put the demo's run folders (default: a temp folder)")
     demo.set_defaults(func="cmd_demo")
     return p
+
+
+def _transfer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--step",
+        type=int,
+        action="append",
+        help="move only this step (repeat for more; default: every committed checkpoint)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: one on a terminal)"
+    )
 
 
 def _partial_arg(p: argparse.ArgumentParser) -> None:
@@ -191,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+        except Exception as exc:  # an object-store failure savegame did not translate
+            if not type(exc).__module__.startswith("obstore"):
+                raise
+            message = str(exc).split("\n\nDebug source:", 1)[0]  # lit() redacts its URLs
+            _err_console().print(f"[red]error:[/] {lit(message)}", soft_wrap=True)
+            return 2
 
 
 def __getattr__(name: str) -> Any:
