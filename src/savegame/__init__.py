@@ -32,6 +32,7 @@ if _typing.TYPE_CHECKING:
     from savegame import data
     from savegame.api import load, open, save
     from savegame.checkpointer import EXIT_PREEMPTED, Checkpointer, CheckpointInfo
+    from savegame.checkpointer.tiers import UploadRetry
     from savegame.engine.persist import SaveHandle
     from savegame.interop.base import Reader, TensorInfo
     from savegame.interop.detect import register_format
@@ -39,6 +40,7 @@ if _typing.TYPE_CHECKING:
     from savegame.state.overrides import RestoreReport
     from savegame.tools.convert import convert
     from savegame.tools.diff import DiffResult, diff
+    from savegame.tools.transfer import TransferReport, pull, push
 
 # Names whose modules import torch are loaded on first use (PEP 562), so that `import savegame`,
 # `savegame --version` and the readers of foreign files (numpy only) do not pay torch's ~1 s
@@ -57,10 +59,14 @@ _LAZY = {
     "Stateful": "savegame.state",
     "TensorInfo": "savegame.interop.base",
     "TrainState": "savegame.state",
+    "TransferReport": "savegame.tools.transfer",
+    "UploadRetry": "savegame.checkpointer.tiers",
     "convert": "savegame.tools.convert",
     "diff": "savegame.tools.diff",
     "load": "savegame.api",
     "open": "savegame.api",
+    "pull": "savegame.tools.transfer",
+    "push": "savegame.tools.transfer",
     "register_format": "savegame.interop.detect",
     "save": "savegame.api",
 }
@@ -113,15 +119,19 @@ __all__ = [
     "StorageError",
     "TensorInfo",
     "TrainState",
+    "TransferReport",
     "UnsafeContentError",
     "UnsupportedFormatError",
     "UnsupportedURLError",
+    "UploadRetry",
     "__version__",
     "convert",
     "data",
     "diff",
     "load",
     "open",
+    "pull",
+    "push",
     "regime",
     "register_format",
     "save",

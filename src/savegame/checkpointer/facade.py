@@ -35,7 +35,7 @@ from typing import Any, Literal
 from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import adopt as adoptlib
-from savegame.checkpointer import checks, restoring, retention, runfile, signals
+from savegame.checkpointer import checks, restoring, retention, runfile, signals, tiers
 from savegame.checkpointer.retention import CheckpointInfo
 from savegame.checkpointer.signals import EXIT_PREEMPTED
 from savegame.distributed import collectives, protocol
@@ -67,6 +67,13 @@ class Checkpointer:
             thread; training continues once the snapshot is taken. ``save()`` always blocks.
         when_busy: With ``async_save``, what a save does while the previous one is still
             persisting: ``"wait"`` for it, or ``"skip"`` this save (logged).
+        cache: A local folder (fast disk) for a remote ``root``: saves commit there as in a
+            local run and a background thread uploads each one to ``root`` (docs/tiers.md).
+        start_from: Another run (or one ``step-…`` checkpoint of it), a path or URL: while
+            this run has no checkpoint, ``restore`` loads its newest valid one (read-only: it
+            is never written or locked). Once this run has saved, it is ignored.
+        upload_retry: With ``cache``, how often a failed upload is tried before its error is
+            raised (default ``UploadRetry()``).
 
     Under torch.distributed (an initialized process group, e.g. ``torchrun``) every rank
     constructs it at the same point (it creates the coordination groups: a collective) and
@@ -91,6 +98,9 @@ class Checkpointer:
         exit_on_signal: bool = True,
         async_save: bool = False,
         when_busy: Literal["wait", "skip"] = "wait",
+        cache: str | os.PathLike[str] | None = None,
+        start_from: str | os.PathLike[str] | Store | None = None,
+        upload_retry: tiers.UploadRetry | None = None,
     ) -> None:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
@@ -99,10 +109,14 @@ class Checkpointer:
         self._persister = persist.Persister()
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
         self._pool = staging.HostPool()
-        #: Where the run lives (docs/storage.md): a path means a local folder.
-        self.store = as_store(root)
+        #: Where the run lives (docs/storage.md): a path means a local folder. With ``cache``,
+        #: the cache folder, which saves commit into (the remote run is ``_tiers.remote``).
+        self.store = as_store(root if cache is None else cache)
+        remote = as_store(root) if cache is not None else None
         #: The run folder (a Path for a local run, else the store's URL).
-        self.root: Path | str = self.store.local_path() or self.store.describe()
+        run = remote or self.store
+        self.root: Path | str = run.local_path() or run.describe()
+        self._start_from = start_from
         self.save_policy = save if save is not None else policy.Every(seconds=1800)
         self.keep = keep if keep is not None else policy.Keep(last=3)
         self.exit_on_signal = exit_on_signal
@@ -121,6 +135,9 @@ class Checkpointer:
         self._group = collectives.group()
         self._save_group = collectives.group()  # persist thread only
         self.rank = self._group.rank
+        self._tiers = None if remote is None else tiers.Tiers(
+            remote, self.store, keep=self.keep, rank=self.rank, retry=upload_retry
+        )  # fmt: skip
         self._lock = runfile.run_lock(self.store, self.rank)
         self._closed = False
         #: False when this process cannot write the run folder (a read-only mount, another user's
@@ -136,7 +153,10 @@ class Checkpointer:
         try:
             self.run_id = self._setup_ranks()
             self._epochs_completed = 0
-            self._index, best = retention.run_position(self.store, self.run_id, self.keep)
+            also = (self._tiers.remote,) if self._tiers is not None else ()
+            self._index, best = retention.run_position(
+                self.store, self.run_id, self.keep, also=also
+            )
             self._last_save_time = time.monotonic()
             self._last_saved_step: int | None = None
             self._best: float | None = best
@@ -208,7 +228,7 @@ class Checkpointer:
     ) -> int:
         if step is not None:
             step = checks.check_step(step)
-        refs = reader.list_checkpoints(self.store)
+        refs = self._tiers.refs() if self._tiers else reader.list_checkpoints(self.store)
         # Older step folders whose manifest is damaged are never reached by the loop below and
         # never restorable either: set them aside too (listed as damaged, out of the way).
         self._suspects += [
@@ -223,6 +243,11 @@ class Checkpointer:
         done = restoring.restore(
             self._group, refs, state, opts, per_rank=per_rank, skip=self._warn_skip
         )
+        if done is None and step is None and self._start_from is not None:  # a fork, read-only
+            source = restoring.source_refs(self._start_from)
+            done = restoring.restore(
+                self._group, source, state, opts, per_rank=per_rank, skip=restoring.warn_skip
+            )
         if done is not None and done[0].manifest is not None:
             ref, self.last_restore = done
             self._epochs_completed = int(ref.manifest.info.get("epochs_completed", 0))
@@ -280,8 +305,8 @@ class Checkpointer:
         self._progress.count(samples=samples, tokens=tokens)
         self._begin_session()
         # Every step, not only saving ones: a background failure surfaces at the very next call
-        # (never only logged). Non-blocking: it only looks at a finished save.
-        self._persister.raise_failure()
+        # (never only logged). Non-blocking: it only looks at a finished save (or upload).
+        self._raise_background()
         if epoch_end:
             self._epochs_completed += 1
         # Rank 0 decides (preemption signal, schedule, best metric) and broadcasts, so ranks
@@ -414,11 +439,16 @@ class Checkpointer:
         return path
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        """Block until the save in flight (if any) is committed (in the cache, with ``cache``:
+        uploads go on; ``close()`` waits for them); raise its error if it failed."""
         self._persister.wait()
+        self._raise_background()
 
     def list(self) -> list[CheckpointInfo]:
-        """Every checkpoint folder of the run with its validity and why retention keeps it."""
+        """Every checkpoint folder of the run (the remote one, with ``cache``) with its validity
+        and why retention keeps it."""
+        if self._tiers is not None:
+            return self._tiers.list()
         return retention.list_run(self.store, self.keep, self.run_id)
 
     def close(self) -> None:
@@ -429,13 +459,25 @@ class Checkpointer:
         finally:
             self._closed = True
             self._deleter.shutdown(wait=True)
-            if self._session_open:
-                runfile.end_session(self.store, failed=self._session_failed)
-            self._close_quietly()
+            try:
+                if self._tiers is not None:  # every rank: the uploads are collective
+                    self._tiers.drain()
+            finally:
+                if self._session_open:
+                    runfile.end_session(self.store, failed=self._session_failed)
+                self._close_quietly()
 
     def _close_quietly(self) -> None:
         self._signals.restore()
         self._lock.release()
+        if self._tiers is not None:
+            self._tiers.release()
+
+    def _raise_background(self) -> None:
+        """Raise (once) what failed in the background: a save, else an upload."""
+        self._persister.raise_failure()
+        if self._tiers is not None:
+            self._tiers.raise_failure()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -497,6 +539,7 @@ class Checkpointer:
             log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
             return None
         self._persister.wait()  # one save in flight; raises a previous background failure
+        self._raise_background()
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
         info.update(self._progress.record(time.time()))
@@ -537,7 +580,9 @@ class Checkpointer:
             return path
 
         def after() -> None:
-            if self.rank == 0:
+            if self._tiers is not None:  # uploads, then retention on both tiers (every rank)
+                self._tiers.committed(step)
+            elif self.rank == 0:
                 self._apply_retention(just_saved=step)
 
         if blocking:
@@ -584,18 +629,24 @@ class Checkpointer:
         outcome: tuple[str, Any] = ("ok", "")
         if self.rank == 0:
             try:
-                outcome = ("ok", (self._open_run(), self.writable))
+                run_id = self._open_run()
+                pending = self._tiers.reconcile(run_id) if self._tiers and self.writable else []
+                outcome = ("ok", (run_id, self.writable, pending))
             except errors.CheckpointError as exc:
-                self._lock.release()
+                self._close_quietly()
                 outcome = ("fail", exc)
         status, value = self._group.broadcast(outcome, what=f"opening run folder {self.root}")
         if status != "ok":
             raise value
-        run_id, self.writable = value
+        run_id, self.writable, pending = value
+        if self._tiers is not None:
+            self._tiers.follow(str(run_id), pending)
         return str(run_id)
 
     def _open_run(self) -> str:
         """Rank 0 / one process: take the lock, read (or create) run.json, remove leftovers."""
+        if self._tiers is not None:  # the remote lease first, then the cache's own lock
+            self._tiers.open_remote()
         run_id, self.writable = runfile.open_run(self.store, self.keep, self._lock)
         if self.writable:
             retention.collect_garbage(self.store)
@@ -605,6 +656,8 @@ class Checkpointer:
     def _begin_session(self) -> None:
         """The run's session is recorded at the first step or save: one opened only to list or
         restore never is, so forgetting its close() is never taken for a crash."""
+        if self._tiers is not None and self.writable and not self._closed:
+            self._tiers.start()  # every rank: uploads an earlier session left pending
         if not self._session_open and self.rank == 0 and self.writable and not self._closed:
             self._session_open = True
             self._progress.learn(runfile.start_session(self.store, self.run_id))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,9 +28,9 @@ from savegame.distributed import collectives, planning, protocol
 from savegame.engine import reader, writer
 from savegame.format import layout
 from savegame.state import overrides
-from savegame.storage import locate
+from savegame.storage import Location, Store, as_store, locate
 
-__all__ = ["restore", "restore_whole", "set_aside_damaged"]
+__all__ = ["restore", "restore_whole", "set_aside_damaged", "source_refs", "warn_skip"]
 
 log = logging.getLogger("savegame")
 
@@ -145,3 +147,39 @@ def set_aside_damaged(suspects: Sequence[tuple[Path, BaseException | None]]) -> 
         if problems:
             with contextlib.suppress(OSError):
                 writer.set_aside_damaged(path, step, problems[0])
+
+
+def source_refs(where: str | os.PathLike[str] | Store) -> list[reader.CheckpointRef]:
+    """The checkpoints of another run to start from (``Checkpointer(start_from=…)``): a run
+    folder (or URL, or store) gives all of its ``step-…`` checkpoints, one checkpoint gives
+    itself. Read-only: nothing there is written, locked or set aside.
+
+    Raises:
+        CheckpointNotFoundError: ``where`` is neither a run nor a checkpoint.
+    """
+    store = as_store(where)
+    try:
+        is_ckpt = store.exists(layout.MANIFEST)
+    except OSError as exc:
+        raise errors.StorageError(
+            f"could not read start_from={store.describe()}: {exc}", path=store.describe()
+        ) from exc
+    if not is_ckpt:
+        return reader.list_checkpoints(store)
+    loc = Location(store, "")
+    ref = reader.CheckpointRef(-1, store.local_path() or loc, loc=loc)
+    try:
+        ref.manifest = reader.read_manifest(loc)
+        ref.step = ref.manifest.step
+    except errors.CheckpointError as exc:
+        ref.error = exc
+    return [ref]
+
+
+def warn_skip(path: Path | Location, exc: BaseException | None) -> None:
+    """A checkpoint of ``start_from`` that cannot be used: warn, and leave it where it is."""
+    warnings.warn(
+        f"skipping checkpoint {path} of start_from: {exc}; falling back to an earlier one",
+        errors.CorruptCheckpointWarning,
+        stacklevel=4,
+    )

@@ -157,12 +157,16 @@ def _aside(root: Store) -> list[CheckpointInfo]:
     return out
 
 
-def run_position(root: Root, run_id: str, keep: policy.Keep) -> tuple[int, float | None]:
-    """Where a run stands, from its checkpoints on disk (one listing): the index of the next
-    save, and the best value of the monitored metric so far (None without a monitor)."""
+def run_position(
+    root: Root, run_id: str, keep: policy.Keep, *, also: tuple[Root, ...] = ()
+) -> tuple[int, float | None]:
+    """Where a run stands, from its checkpoints on disk (one listing per root; ``also``: the
+    other tier of a run with a cache): the index of the next save, and the best value of the
+    monitored metric so far (None without a monitor)."""
     ours = [
         r
-        for r in reader.list_checkpoints(root)
+        for where in (root, *also)
+        for r in reader.list_checkpoints(where)
         if r.manifest is not None and r.manifest.run_id == run_id
     ]
     index = max((int(r.manifest.info.get("index", -1)) for r in ours if r.manifest), default=-1)
@@ -277,15 +281,36 @@ def delete_unkept(
     return deleted
 
 
-def collect_garbage(root: Root) -> None:
+def collect_garbage(root: Root, *, incomplete: bool = False) -> None:
     """Remove every temp folder of a run. Only the lock holder calls it: every temp folder
-    then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish."""
+    then belongs to a dead writer (kill -9, power cut) or to a deletion that did not finish.
+
+    ``incomplete``: also remove ``step-…`` folders without a manifest — on an object store,
+    which writes a checkpoint's data objects under its final name and commits by putting the
+    manifest last, they are what a killed writer (or upload) leaves. (A local folder never
+    shows one: it renames complete folders into place; one there was damaged by hand and is
+    left for the user.)"""
     store = as_store(root)
     for entry in reader.list_run_folder(store):
-        if entry.name.startswith(layout.TMP_PREFIX) and entry.is_dir:
+        # (An object store's save in progress is a marker object, not a folder.)
+        leftover = entry.name.startswith(layout.TMP_PREFIX) and (entry.is_dir or incomplete)
+        if (
+            not leftover
+            and incomplete
+            and entry.is_dir
+            and layout.parse_step_dir(entry.name) is not None
+        ):
+            leftover = not store.exists(f"{entry.name}/{layout.MANIFEST}")
+        if leftover:
             log.info("removing leftover %s from an interrupted save or deletion", entry.name)
             try:
-                freer = store.detach(entry.name, None)
+                temp = entry.name.startswith(layout.TMP_PREFIX)
+                trash = (
+                    None
+                    if temp
+                    else f"{layout.TMP_PREFIX}deleted-{entry.name}-{uuid.uuid4().hex[:8]}"
+                )
+                freer = store.detach(entry.name, trash)
             except OSError as exc:  # not worth refusing the run for: the next writer tries again
                 log.warning("could not remove leftover %s: %s", entry.name, exc)
                 continue

@@ -1,0 +1,632 @@
+"""Two tiers: a local cache folder that saves commit into, and a remote run that a background
+uploader copies each committed checkpoint to, so training never waits for the network.
+
+Call order (the :class:`~savegame.Checkpointer` does all of it; rank 0 = the one process)::
+
+    Tiers(remote, cache, rank=…)       every rank, at the same point (a collective under torchrun)
+    open_remote()                      rank 0: take the remote lease, reconcile run.json
+    runfile.open_run(cache, …)         rank 0: the cache's own lock and run.json (as today)
+    reconcile(run_id)                  rank 0: which cache checkpoints are uploaded, pending, stale
+    refs(run_id)                       every rank, restore: remote + usable cache copies
+    start() / committed(step)          every rank: the first step; after each local commit
+    raise_failure()                    every rank, every step()/save(): a failed upload, typed
+    drain(); release()                 every rank, close(): wait for the uploads; rank 0 lets go
+
+One upload (:meth:`Tiers._attempt`), every rank in lock step on a dedicated gloo group::
+
+    rank 0: the remote holds this step already? identical manifest -> done; different -> refuse
+    rank 0: remote.begin(tmp, final)                 -> broadcast of the staging name
+    every rank: streams its own files (manifest FileEntry.rank) from the cache into the staging
+            area and checks the size the remote holds     -> gather of (sizes | failure)
+    rank 0: every file there with its size -> Staging.commit (manifest last), LATEST, run.json
+    broadcast of the decision; a failure is retried by every rank with the same backoff
+
+Invariants: a checkpoint exists remotely only once its manifest is committed there, after every
+rank's files (the store's commit). The cache never deletes a checkpoint that is not uploaded
+(identical manifest remotely) or that is the newest uploaded one (fast local resume). Remote
+retention runs only after an upload committed, spares the checkpoint just uploaded and everything
+newer, and deletes only checkpoints of this run (run.json's id): never the only complete one.
+A failure is retried with exponential backoff (:class:`UploadRetry`), then raised on the
+training thread as a :class:`~savegame.errors.StorageError` naming the step and the remote URL;
+the checkpoint stays in the cache and is tried again with the next upload and at ``close()``.
+
+Why collectives and not polling the remote for the other ranks' files: the staging area of an
+object store has no listing promise (and a file being uploaded may be visible at its final size
+only on some backends), while the ranks already share a gloo group; the same pattern as the
+local save protocol, over its own group so an upload never blocks a save's coordination. Its
+timeout (``SAVEGAME_UPLOAD_TIMEOUT_S``, default 3600 s) bounds a hung rank's upload; a dead rank
+fails the collective at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from savegame import errors, policy
+from savegame.checkpointer import retention, runfile
+from savegame.distributed import collectives
+from savegame.engine import reader
+from savegame.format import layout, manifest
+from savegame.storage import Staging, Store
+
+log = logging.getLogger("savegame")
+
+__all__ = ["DEFAULT_UPLOAD_TIMEOUT_S", "Tiers", "UploadRetry", "merge_refs"]
+
+#: Seconds one upload's coordination step may wait for the slowest rank (its files' upload);
+#: override with ``SAVEGAME_UPLOAD_TIMEOUT_S`` (same value on every rank).
+DEFAULT_UPLOAD_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRetry:
+    """How often an upload is tried before its failure reaches the training thread.
+
+    Attempt ``i`` (from 0) waits ``min(max_delay, first_delay * 2**(i-1))`` seconds first; the
+    defaults give up after 5 attempts and about 15 s. The checkpoint stays in the cache and is
+    tried again (with the same schedule) at the next save's upload and at ``close()``.
+    """
+
+    attempts: int = 5
+    first_delay: float = 1.0
+    max_delay: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"UploadRetry(attempts={self.attempts!r}): at least 1")
+        if self.first_delay < 0 or self.max_delay < 0:
+            raise ValueError("UploadRetry delays must be ≥ 0 seconds")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (0 = the first: none)."""
+        return 0.0 if attempt == 0 else min(self.max_delay, self.first_delay * 2 ** (attempt - 1))
+
+
+class _Permanent(Exception):
+    """An upload that retrying cannot fix (a different checkpoint of the step is already
+    remote, the lease was lost, the cached checkpoint is unreadable)."""
+
+    def __init__(self, error: errors.CheckpointError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _upload_timeout() -> float:
+    raw = os.environ.get("SAVEGAME_UPLOAD_TIMEOUT_S")
+    if not raw:
+        return DEFAULT_UPLOAD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"SAVEGAME_UPLOAD_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"SAVEGAME_UPLOAD_TIMEOUT_S={raw!r} must be positive")
+    return value
+
+
+def _manifest_bytes(store: Store, step: int) -> bytes | None:
+    """The raw manifest of ``step`` in ``store``, or None if it has none (or it is unreadable)."""
+    try:
+        return store.read(f"{layout.step_dir(step)}/{layout.MANIFEST}")
+    except (OSError, EOFError, ValueError):
+        return None
+
+
+def merge_refs(
+    remote: Store, cache: Store, run_id: str
+) -> tuple[list[reader.CheckpointRef], list[int], list[int], list[int]]:
+    """The restore candidates of a two-tier run, and what the cache holds.
+
+    Returns ``(refs, uploaded, pending, stale)``: ``refs`` oldest first, a remote checkpoint
+    followed by its cache copy (restore tries the last first: the local copy, then the remote
+    one); ``uploaded`` — cache checkpoints with an identical manifest remotely; ``pending`` —
+    cache checkpoints of this run newer than every remote one, written after the remote's
+    newest (which the cache holds identically, or the remote holds none): uploads that a crash
+    cut short, resumed from and uploaded again; ``stale`` — the rest of this run's cache
+    checkpoints (the remote went on without them, e.g. from another machine): never restored,
+    removed by the lock holder.
+    """
+    rrefs = reader.list_checkpoints(remote)
+    crefs = [
+        r
+        for r in reader.list_checkpoints(cache)
+        if r.valid and r.manifest is not None and r.manifest.run_id == run_id
+    ]
+    by_step = {r.step: r for r in rrefs}
+    ours = [r.step for r in rrefs if r.valid and r.manifest and r.manifest.run_id == run_id]
+    newest = max(ours, default=None)
+    uploaded: list[int] = []
+    for c in crefs:
+        if c.step in by_step:
+            raw = _manifest_bytes(cache, c.step)
+            if raw is not None and raw == _manifest_bytes(remote, c.step):
+                uploaded.append(c.step)
+    base_ok = newest is None or newest in uploaded
+    pending = [
+        c.step
+        for c in crefs
+        if base_ok and c.step not in by_step and (newest is None or c.step > newest)
+    ]
+    stale = [c.step for c in crefs if c.step not in uploaded and c.step not in pending]
+    usable = set(uploaded) | set(pending)
+    refs: list[reader.CheckpointRef] = []
+    for step in sorted(set(by_step) | usable):
+        if step in by_step:
+            refs.append(by_step[step])
+        if step in usable:
+            refs.append(next(c for c in crefs if c.step == step))
+    return refs, sorted(uploaded), sorted(pending), sorted(stale)
+
+
+class Tiers:
+    """The remote tier of a run whose saves commit into a local cache folder.
+
+    Args:
+        remote: The run's store of record (an object store, or any :class:`Store`).
+        cache: The local folder saves commit into (shared by the ranks of a node).
+        keep: The run's retention rule, applied to the remote run.
+        rank: This process's rank (rank 0 holds the remote lease and commits uploads).
+        retry: How often a failed upload is tried before it is raised.
+
+    Every rank constructs it at the same point (it creates a gloo group under torchrun).
+    """
+
+    def __init__(
+        self,
+        remote: Store,
+        cache: Store,
+        *,
+        keep: policy.Keep,
+        rank: int,
+        retry: UploadRetry | None = None,
+    ) -> None:
+        self.remote = remote
+        self.cache = cache
+        self.keep = keep
+        self.rank = rank
+        self.retry = retry if retry is not None else UploadRetry()
+        self._group: collectives.Group | collectives.LocalGroup = (
+            collectives.Group(timeout=_upload_timeout())
+            if collectives.initialized()
+            else collectives.LocalGroup()
+        )
+        self._lease = runfile.run_lock(remote, rank)
+        self.run_id = ""
+        self.pending: list[int] = []
+        self._uploaded: set[int] = set()
+        self._verified: set[str] = set()  # remote checkpoints known intact (for retention)
+        self._failure: errors.CheckpointError | None = None
+        self._cond = threading.Condition()
+        self._rounds: list[int | None] = []  # each: upload pending steps ≤ it (None: all)
+        self._busy = False
+        self._started = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        try:
+            remote.makedirs()
+        except OSError as exc:
+            raise errors.StorageError(
+                f"cannot create the remote run {remote.describe()}: {exc}", path=remote.describe()
+            ) from exc
+
+    # ---- opening (rank 0) -------------------------------------------------------------------
+    def open_remote(self) -> None:
+        """Rank 0, before the cache's run.json is read: take the remote lease (held for the
+        run's life) and make the cache's ``run.json`` the remote run's (a fresh cache gets the
+        remote's; a cache of another run is refused).
+
+        Raises:
+            LockedError: another live writer holds the remote run's lease.
+            CheckpointError: the cache folder holds another run.
+        """
+        self._lease.acquire()
+        rrec = runfile.read_run_file(self.remote)
+        crec = runfile.read_run_file(self.cache)
+        if crec is not None and (rrec is None or rrec["run_id"] != crec["run_id"]):
+            has_ckpts = any(r.valid for r in reader.list_checkpoints(self.cache))
+            if rrec is not None or has_ckpts:
+                raise errors.CheckpointError(
+                    f"cache folder {self.cache.describe()} holds run {crec['run_id']}, but the remote run "
+                    f"{self.remote.describe()} is "
+                    + (f"run {rrec['run_id']}" if rrec else "new")
+                    + "; use an empty cache folder (one per run), or the cache of this run",
+                    path=self.cache.describe(),
+                )
+        if rrec is not None and crec is None:
+            self.cache.put(layout.RUN_FILE, self.remote.read(layout.RUN_FILE))
+
+    def reconcile(self, run_id: str) -> list[int]:
+        """Rank 0, after the cache's run.json: publish it remotely, remove a dead writer's
+        leftovers there, find what the cache holds (uploaded, pending, stale) and remove the
+        stale cache checkpoints. Returns the pending steps (oldest first) for every rank."""
+        self.run_id = run_id
+        self._mirror_run_file()
+        retention.collect_garbage(self.remote, incomplete=self.remote.local_path() is None)
+        _, uploaded, pending, stale = merge_refs(self.remote, self.cache, run_id)
+        self._uploaded = set(uploaded)
+        for step in stale:
+            log.warning(
+                "cache %s: step %d is not in the remote run %s, which went on without it (another "
+                "machine?); removing it from the cache",
+                self.cache.describe(), step, self.remote.describe(),
+            )  # fmt: skip
+        if stale:
+            plan = [i for i in retention.list_run(self.cache, self.keep, run_id) if i.step in stale]
+            retention.delete_unkept([dataclasses.replace(i, kept_for=()) for i in plan], spare=None)
+        self.pending = list(pending)
+        if pending:
+            log.info(
+                "cache %s holds step(s) %s not yet uploaded to %s: resuming their upload",
+                self.cache.describe(), pending, self.remote.describe(),
+            )  # fmt: skip
+        return list(pending)
+
+    def follow(self, run_id: str, pending: Sequence[int]) -> None:
+        """Ranks other than 0: what rank 0 found when it opened the run."""
+        self.run_id = run_id
+        self.pending = list(pending)
+
+    def refs(self) -> list[reader.CheckpointRef]:
+        """Every rank, at restore: the remote checkpoints and the usable cache copies."""
+        return merge_refs(self.remote, self.cache, self.run_id)[0]
+
+    def list(self) -> list[retention.CheckpointInfo]:
+        return retention.list_run(self.remote, self.keep, self.run_id)
+
+    # ---- uploads (every rank) ------------------------------------------------------------------
+    def start(self) -> None:
+        """The first step: upload what an earlier session left pending (idempotent)."""
+        if not self._started:
+            self._started = True
+            self._round(None)
+
+    def committed(self, step: int) -> None:
+        """Every rank, after ``step`` committed in the cache: upload it in the background."""
+        self._started = True
+        with self._cond:
+            if step not in self.pending:
+                self.pending.append(step)
+        self._round(step)
+
+    def raise_failure(self) -> None:
+        """Raise (once) an upload failure on the caller's thread; never blocks."""
+        with self._cond:
+            exc, self._failure = self._failure, None
+        if exc is not None:
+            raise exc
+
+    def drain(self) -> None:
+        """Every rank, at ``close()``: upload everything pending (one more round), wait, and
+        raise a failure (the checkpoints that failed stay in the cache)."""
+        self._started = True
+        self._round(None)
+        with self._cond:
+            while self._rounds or self._busy:
+                self._cond.wait()
+        self.raise_failure()
+
+    def release(self) -> None:
+        """Rank 0 lets go of the remote run (after :meth:`drain`): publish the final run.json
+        (its sessions) and release the lease. Never raises; stops the worker."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self.rank == 0 and self._lease.held and self.run_id:
+            try:
+                self._mirror_run_file()
+            except OSError as exc:
+                log.warning("could not publish run.json to %s: %s", self.remote.describe(), exc)
+        try:
+            self._lease.release()
+        except Exception as exc:  # noqa: BLE001 - a lease that cannot be released expires
+            log.warning("could not release the lease of %s: %s", self.remote.describe(), exc)
+
+    def _round(self, limit: int | None) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            self._rounds.append(limit)
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="savegame-upload", daemon=True
+                )
+                self._thread.start()
+
+    def _work(self) -> None:
+        # Rounds are the same on every rank (one per commit, one at start, one per drain) and
+        # run in order: the steps a round uploads, and so every collective, match on every rank.
+        while True:
+            with self._cond:
+                while not self._rounds and not self._stopped:
+                    self._cond.wait()
+                if self._stopped and not self._rounds:
+                    self._thread = None
+                    return
+                limit = self._rounds[0]
+                self._busy = True
+                steps = [s for s in sorted(self.pending) if limit is None or s <= limit]
+            try:
+                for step in steps:
+                    if self._stopped or not self._upload(step):
+                        break
+            finally:
+                with self._cond:
+                    if self._rounds:
+                        self._rounds.pop(0)
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _fail(self, exc: errors.CheckpointError) -> None:
+        with self._cond:
+            if self._failure is None:
+                self._failure = exc
+
+    def _upload(self, step: int) -> bool:
+        """Upload one step with retries; True once it is remote (then retention runs)."""
+        key = layout.step_dir(step)
+        where = self.remote.describe(key)
+        last: BaseException | None = None
+        for attempt in range(self.retry.attempts):
+            time.sleep(self.retry.delay(attempt))
+            try:
+                t0 = time.perf_counter()
+                nbytes = self._attempt(step)
+            except _Permanent as exc:
+                self._fail(exc.error)
+                with self._cond:  # retrying cannot help: stop trying it (it stays in the cache)
+                    if step in self.pending:
+                        self.pending.remove(step)
+                return False
+            except Exception as exc:  # noqa: BLE001 - thread boundary: retried, then reported
+                last = exc
+                log.warning(
+                    "upload of step %d to %s failed (attempt %d of %d): %s",
+                    step, where, attempt + 1, self.retry.attempts, exc,
+                )  # fmt: skip
+                continue
+            if self.rank == 0 and nbytes:
+                log.info(
+                    "step %d: uploaded to %s (%d bytes, %.2fs)",
+                    step, where, nbytes, time.perf_counter() - t0,
+                )  # fmt: skip
+            with self._cond:
+                if step in self.pending:
+                    self.pending.remove(step)
+                self._uploaded.add(step)
+                if self._failure is not None and self._failure.step == step:
+                    self._failure = None  # not reported yet, and no longer true: it is uploaded
+            if self.rank == 0:
+                try:
+                    self._retention(step)
+                except Exception as exc:  # noqa: BLE001 - thread boundary
+                    err = errors.StorageError(
+                        f"step {step} was uploaded to {where}, but retention after it failed: "
+                        f"{type(exc).__name__}: {exc}; old checkpoints may not have been deleted",
+                        path=where,
+                        step=step,
+                    )
+                    err.__cause__ = exc
+                    self._fail(err)
+            return True
+        err = errors.StorageError(
+            f"upload of step {step} to {where} failed after {self.retry.attempts} attempt(s): "
+            f"{type(last).__name__}: {last}; the checkpoint is kept in the cache "
+            f"{self.cache.describe()} and its upload is tried again with the next save and at "
+            "close() — check the remote (credentials, network, space)",
+            path=where,
+            step=step,
+        )
+        err.__cause__ = last
+        self._fail(err)
+        return False
+
+    def _attempt(self, step: int) -> int:
+        """One collective upload attempt of ``step``; the bytes this rank uploaded.
+
+        Raises:
+            _Permanent: retrying cannot help (on every rank).
+            Exception: this attempt failed (on every rank); retry.
+        """
+        g, key = self._group, layout.step_dir(step)
+        where = f"upload of step {step} to {self.remote.describe(key)}"
+        raw = _manifest_bytes(self.cache, step)
+        staging: Staging | None = None
+        opened: tuple[str, str] = ("go", "")
+        if self.rank == 0:
+            try:
+                opened = self._open_upload(step, raw)
+                if opened[0] == "go":
+                    staging = self.remote.begin(layout.tmp_dir(step, uuid.uuid4().hex[:12]), key)
+                    opened = ("go", staging.name)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it (no hang)
+                if not g.distributed:
+                    raise
+                opened = ("fail", f"rank 0: {type(exc).__name__}: {exc}")
+        kind, name = g.broadcast(opened, what=where)
+        if kind == "done":
+            return 0
+        if kind == "fail":
+            raise OSError(errno.EIO, name)
+        if kind == "permanent":
+            raise _Permanent(
+                errors.StepExistsError(name, path=self.remote.describe(key), step=step)
+            )
+        report: tuple[str, Any] = ("ok", {})
+        nbytes = 0
+        try:
+            if raw is None:
+                raise OSError(errno.ENOENT, f"no manifest for step {step} in the cache")
+            m = manifest.Manifest.from_bytes(raw, self.cache.describe(key))
+            if staging is None:
+                staging = self.remote.staging(name)
+            sizes = self._send_files(staging, key, m, g.rank, g.world)
+            nbytes = sum(sizes.values())
+            report = ("ok", sizes)
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0 like any failure
+            report = ("fail", f"rank {g.rank}: {type(exc).__name__}: {exc}")
+            if not g.distributed:
+                if staging is not None:
+                    staging.abort()
+                raise
+        reports = g.gather(report, what=where)
+        decision: tuple[str, str] = ("ok", "")
+        if self.rank == 0:
+            try:
+                decision = self._finish(step, staging, raw, reports)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it (no hang)
+                if not g.distributed:
+                    raise
+                decision = ("fail", f"rank 0: {type(exc).__name__}: {exc}")
+        status, why = g.broadcast(decision, what=where)
+        if status == "permanent":
+            raise _Permanent(errors.StorageError(why, path=self.remote.describe(key), step=step))
+        if status != "ok":
+            raise OSError(errno.EIO, why)
+        return nbytes
+
+    def _open_upload(self, step: int, raw: bytes | None) -> tuple[str, str]:
+        """Rank 0: ("done", "") if the remote holds this exact checkpoint (an earlier attempt
+        committed it), ("permanent", why) if it holds another, else ("go", "")."""
+        remote_raw = _manifest_bytes(self.remote, step)
+        if remote_raw is None:
+            return ("go", "")
+        if raw is not None and remote_raw == raw:
+            return ("done", "")
+        return (
+            "permanent",
+            f"the remote run {self.remote.describe()} already holds a different step {step}; "
+            f"the cached one ({self.cache.describe(layout.step_dir(step))}) is not uploaded — "
+            "delete one of them by hand",
+        )
+
+    def _send_files(
+        self, staging: Staging, key: str, m: manifest.Manifest, rank: int, world: int
+    ) -> dict[str, int]:
+        """Stream this rank's files (a rank no longer in the job: rank 0's) from the cache
+        into the remote staging area; each size the remote holds is checked."""
+        out = {}
+        for fname, entry in sorted(m.files.items()):
+            if entry.rank % world != rank:
+                continue
+            with self.cache.open(f"{key}/{fname}") as blob:
+                if blob.size != entry.size:
+                    raise OSError(
+                        errno.EIO,
+                        f"{self.cache.describe(f'{key}/{fname}')} has {blob.size} bytes, the manifest "
+                        f"says {entry.size}",
+                    )
+                sent, size = staging.write(fname, _copier(blob))
+            if sent != entry.size or size != entry.size:
+                raise OSError(
+                    errno.EIO,
+                    f"{staging.describe(fname)} holds {size} bytes after the upload "
+                    f"({sent} sent), expected {entry.size}",
+                )
+            out[fname] = size
+        return out
+
+    def _finish(
+        self, step: int, staging: Staging | None, raw: bytes | None, reports: list[Any]
+    ) -> tuple[str, str]:
+        """Rank 0: commit the manifest once every rank's files are in the staging area."""
+        failed = [str(rep[1]) for rep in reports if rep[0] != "ok"]
+        if staging is None or raw is None or failed:
+            if staging is not None:
+                staging.abort()
+            return ("fail", "; ".join(failed) or "nothing to upload")
+        m = manifest.Manifest.from_bytes(raw, self.cache.describe(layout.step_dir(step)))
+        got: dict[str, int] = {}
+        for rep in reports:
+            got.update(rep[1])
+        missing = {f: e.size for f, e in m.files.items() if got.get(f) != e.size}
+        if missing:
+            staging.abort()
+            return (
+                "fail",
+                f"files missing or of the wrong size in the remote staging area: {missing}",
+            )
+        if not self._lease.held:
+            staging.abort()
+            return (
+                "permanent",
+                f"the lease on {self.remote.describe()} was lost (expired or taken by another "
+                "writer); uploads stopped — another process may be writing this run",
+            )
+        key = layout.step_dir(step)
+        try:
+            staging.commit(key, layout.MANIFEST, raw)
+        except FileExistsError:
+            if _manifest_bytes(self.remote, step) != raw:
+                staging.abort()
+                return ("permanent", f"another step {step} appeared at {self.remote.describe(key)}")
+        except BaseException:
+            staging.abort()
+            raise
+        self._verified.add(self.remote.describe(key))  # its sizes were checked just now
+        try:
+            self.remote.put(layout.LATEST, f"{key}\n".encode())
+            self._mirror_run_file()
+        except OSError as exc:  # hints only: the manifest is the commit
+            log.warning("step %d uploaded; could not update LATEST/run.json: %s", step, exc)
+        return ("ok", "")
+
+    def _mirror_run_file(self) -> None:
+        data = self.cache.read(layout.RUN_FILE)
+        self.remote.put(layout.RUN_FILE, data)
+
+    # ---- retention (rank 0, on the upload thread) ----------------------------------------------
+    def _retention(self, step: int) -> None:
+        """After ``step`` committed remotely: the user's Keep on the remote run (sparing ``step``
+        and anything newer), then the cache keeps the newest uploaded + the pending ones."""
+        plan = retention.plan_retention(
+            self.remote, self.keep, self.run_id, verified=self._verified, spare=step
+        )
+        plan = [dataclasses.replace(i, kept_for=("newer than the upload",)) if i.step > step else i for i in plan]  # fmt: skip
+        retention.delete_unkept(plan, spare=step, keep=self.keep)
+        with self._cond:
+            uploaded, pending = set(self._uploaded), set(self.pending)
+        newest = max(uploaded, default=None)
+        cplan = retention.list_run(self.cache, policy.Keep(last=1), self.run_id)
+        cplan = [
+            dataclasses.replace(
+                i,
+                kept_for=()
+                if i.step in uploaded
+                and newest is not None
+                and i.step < newest
+                and i.step not in pending
+                else (i.kept_for or ("cache",)),
+            )
+            for i in cplan
+        ]
+        for info in retention.delete_unkept(cplan, spare=newest):
+            with self._cond:
+                self._uploaded.discard(info.step)
+
+
+def _copier(blob: Any) -> Callable[[BinaryIO], int]:
+    """``produce`` for :meth:`Staging.write`: stream ``blob`` into the file, every count checked."""
+
+    def produce(f: BinaryIO) -> int:
+        sent = 0
+        for piece in blob.stream():
+            view = memoryview(piece).cast("B")
+            while len(view):
+                n = f.write(view)
+                if not n:
+                    raise OSError(errno.EIO, "the remote accepted no bytes (short write)")
+                view = view[n:]
+                sent += n
+        return sent
+
+    return produce

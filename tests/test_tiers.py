@@ -1,0 +1,463 @@
+"""Two tiers (issue 11): saves commit into a local cache folder and upload in the background to
+a remote run (any Store: here memory, local and fault-injecting ones), and starting a run from
+another run (``start_from``).
+
+What is checked: training does not wait for the upload; a failed upload is retried with backoff
+and then raised, typed, at the next step()/close(); the cache never drops a checkpoint that is
+not uploaded, and keeps only the newest uploaded one besides; the remote keeps the user's rule
+and never loses its only complete checkpoint; restore takes the newest valid checkpoint of both
+tiers (a fresh cache restores from the remote; a cache ahead of the remote resumes and uploads).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import savegame as sg
+from savegame.checkpointer import runfile
+from savegame.checkpointer.tiers import UploadRetry, merge_refs
+from savegame.engine import reader, writer
+from savegame.format import layout
+from savegame.storage import Store, base
+from savegame.storage.faulty import FaultyStore
+from savegame.storage.local import LocalStore
+from savegame.storage.memory import MemoryStore
+
+#: Upload threads of writers a test "killed" (_abandon): they never write again.
+_KILLED: set[threading.Thread] = set()
+
+FAST = UploadRetry(attempts=3, first_delay=0.01, max_delay=0.02)
+
+
+def _state() -> tuple[sg.TrainState, dict[str, Any]]:
+    holder: dict[str, Any] = {"w": torch.zeros(1000), "step": 0}
+    return sg.TrainState(rng=False, extras=holder), holder
+
+
+def _set(holder: dict[str, Any], step: int) -> None:
+    holder["w"] = torch.full((1000,), float(step))
+    holder["step"] = step
+
+
+def _steps(store: Store | Path) -> list[int]:
+    return [r.step for r in reader.list_checkpoints(store) if r.valid]
+
+
+def _ckpt(remote: Any, cache: Path, **kw: Any) -> sg.Checkpointer:
+    kw.setdefault("save", sg.Every(steps=1))
+    kw.setdefault("keep", sg.Keep(last=2))
+    return sg.Checkpointer(remote, cache=cache, handle_signals=False, upload_retry=FAST, **kw)
+
+
+def _abandon(ckpt: sg.Checkpointer) -> None:
+    """What a kill -9 leaves: no close(), no upload drained, the locks dropped (as the kernel
+    drops a dead process's flock and a dead writer's lease expires)."""
+    ckpt.wait()
+    tiers = ckpt._tiers
+    assert tiers is not None
+    with tiers._cond:
+        tiers._stopped = True
+        tiers._rounds.clear()
+        tiers._cond.notify_all()
+        if tiers._thread is not None:  # an upload held back by _Slow.gate never writes again
+            _KILLED.add(tiers._thread)
+    ckpt._signals.restore()
+    ckpt._lock.release()
+    tiers._lease.release()
+
+
+class _Slow(FaultyStore):
+    """A remote whose uploads take ``delay`` seconds each (writes can be held back)."""
+
+    def __init__(self, inner: Store, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
+        self.gate.wait()
+        if threading.current_thread() in _KILLED:
+            raise OSError(errno.EIO, "this writer was killed")
+        time.sleep(self.delay)
+        return super().begin(name, final)
+
+
+class _Down(FaultyStore):
+    """A remote that refuses every upload while ``down`` (counts the attempts)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.down = True
+        self.attempts = 0
+
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
+        self.attempts += 1
+        if self.down:
+            raise OSError(errno.ECONNREFUSED, "connection refused (injected)")
+        return super().begin(name, final)
+
+
+def test_step_returns_before_the_upload_and_close_waits_for_it(tmp_path: Path) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=0.6)
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache")
+    t0 = time.perf_counter()
+    for step in (1, 2, 3):
+        _set(holder, step)
+        assert ckpt.step(state, step)
+    assert time.perf_counter() - t0 < 1.0  # three uploads take ≥ 1.8 s
+    assert _steps(tmp_path / "cache")[-1] == 3  # committed locally at once
+    ckpt.close()
+    assert _steps(remote.inner) == [2, 3]  # Keep(last=2) on the remote run
+    assert remote.inner.read(layout.LATEST) == b"step-000000000003\n"
+    assert remote.inner.exists(layout.RUN_FILE)
+    # The cache keeps only the newest uploaded checkpoint (for a fast local resume).
+    assert _steps(tmp_path / "cache") == [3]
+    assert reader.verify(sg.storage.Location(remote.inner, layout.step_dir(3))) == []
+
+
+def test_async_save_with_a_slow_remote_returns_at_the_snapshot(tmp_path: Path) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=1.0)
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache", async_save=True) as ckpt:
+        _set(holder, 1)
+        t0 = time.perf_counter()
+        ckpt.step(state, 1)
+        ckpt.wait()  # committed in the cache; the upload goes on
+        assert time.perf_counter() - t0 < 0.8
+    assert _steps(remote.inner) == [1]
+
+
+def test_a_failed_upload_is_retried_then_raised_typed_at_the_next_step(tmp_path: Path) -> None:
+    remote = _Down(MemoryStore("remote"))
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache")
+    _set(holder, 1)
+    ckpt.step(state, 1)
+    deadline = time.monotonic() + 10
+    while remote.attempts < FAST.attempts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    _set(holder, 2)
+    with pytest.raises(sg.StorageError) as info:
+        ckpt.step(state, 2)
+    err = info.value
+    assert isinstance(err, OSError) and err.step == 1
+    assert "memory://remote/step-000000000001" in str(err) and err.path is not None
+    assert "3 attempt(s)" in str(err) and isinstance(err.__cause__, OSError)
+    assert remote.attempts == FAST.attempts  # retried, bounded
+    # Raised once; the checkpoint stayed in the cache and is uploaded when the remote is back.
+    remote.down = False
+    _set(holder, 2)
+    ckpt.step(state, 2)
+    ckpt.close()
+    assert _steps(remote.inner) == [1, 2]
+
+
+def test_a_transient_upload_fault_is_retried_without_an_error(tmp_path: Path) -> None:
+    remote = FaultyStore(MemoryStore("remote"), {"stage.write": 1, "commit.publish": 1})
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache") as ckpt:
+        _set(holder, 1)
+        ckpt.step(state, 1)
+    assert _steps(remote.inner) == [1]
+    assert remote.fired == ["stage.write", "commit.publish"]
+    assert not [e for e in remote.inner.list("") if e.name.startswith(layout.TMP_PREFIX)]
+
+
+def test_an_upload_that_committed_unheard_is_not_uploaded_twice(tmp_path: Path) -> None:
+    remote = FaultyStore(MemoryStore("remote"), {"commit.done": 1})  # published, then an error
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache") as ckpt:
+        _set(holder, 1)
+        ckpt.step(state, 1)
+    assert remote.fired == ["commit.done"] and remote.calls["stage.begin"] == 1
+    assert _steps(remote.inner) == [1]
+
+
+def test_a_different_checkpoint_of_the_step_on_the_remote_is_never_overwritten(
+    tmp_path: Path,
+) -> None:
+    remote = MemoryStore("remote")
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=5)) as ckpt:
+        for step in (1, 2):
+            _set(holder, step)
+            ckpt.step(state, step)
+    before = remote.read(f"{layout.step_dir(2)}/{layout.MANIFEST}")
+    # Back to step 1 on another machine, and a different step 2: its upload must not replace
+    # the remote's step 2 (not retried: the error says to delete one of them).
+    state2, holder2 = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache-b", keep=sg.Keep(last=5))
+    assert ckpt.restore(state2, step=1) == 1
+    _set(holder2, 2)
+    holder2["w"] += 0.5
+    ckpt.save(state2, 2)
+    with pytest.raises(sg.StepExistsError, match="different step 2"):
+        ckpt.close()
+    assert remote.read(f"{layout.step_dir(2)}/{layout.MANIFEST}") == before
+    assert 2 in _steps(tmp_path / "cache-b")  # kept in the cache
+
+
+def test_no_upload_commits_once_the_remote_lease_is_lost(tmp_path: Path) -> None:
+    remote = MemoryStore("remote")
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache")
+    assert ckpt._tiers is not None
+    ckpt._tiers._lease.release()  # as when the lease expired and another writer took it
+    _set(holder, 1)
+    ckpt.save(state, 1)
+    with pytest.raises(sg.StorageError, match="lease .* was lost"):
+        ckpt.close()
+    assert _steps(remote) == [] and _steps(tmp_path / "cache") == [1]
+
+
+def test_close_raises_an_upload_that_keeps_failing(tmp_path: Path) -> None:
+    remote = _Down(MemoryStore("remote"))
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache")
+    _set(holder, 1)
+    ckpt.save(state, 1)
+    with pytest.raises(sg.StorageError, match="upload of step 1"):
+        ckpt.close()
+    # The lock and the lease are released all the same: a new writer opens the run.
+    remote.down = False
+    with _ckpt(remote, tmp_path / "cache") as again:
+        assert again.restore(_state()[0]) == 1  # from the cache: it was never uploaded
+    assert _steps(remote.inner) == [1]  # and the new writer uploaded it
+
+
+def test_the_cache_never_drops_a_checkpoint_that_is_not_uploaded(tmp_path: Path) -> None:
+    remote = _Down(MemoryStore("remote"))
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=1))
+    for step in range(1, 6):
+        _set(holder, step)
+        try:
+            ckpt.step(state, step)
+            ckpt.wait()
+        except sg.StorageError:
+            pass  # an upload's failure, reported
+    assert _steps(tmp_path / "cache") == [1, 2, 3, 4, 5]  # Keep(last=1), but none uploaded
+    assert _steps(remote.inner) == []
+    remote.down = False
+    ckpt.close()  # uploads them all, oldest first, then prunes both tiers
+    assert _steps(remote.inner) == [5]
+    assert _steps(tmp_path / "cache") == [5]
+
+
+def test_remote_retention_keeps_the_only_complete_checkpoint(tmp_path: Path) -> None:
+    remote = _Down(MemoryStore("remote"))
+    remote.down = False
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=1))
+    _set(holder, 1)
+    ckpt.save(state, 1)
+    ckpt.wait()
+    deadline = time.monotonic() + 10
+    while _steps(remote.inner) != [1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    remote.down = True  # step 2 never reaches the remote: step 1 must stay there
+    _set(holder, 2)
+    ckpt.save(state, 2)
+    with pytest.raises(sg.StorageError):
+        ckpt.close()
+    assert _steps(remote.inner) == [1]
+    assert _steps(tmp_path / "cache") == [1, 2]
+
+
+def test_retention_never_deletes_another_runs_checkpoint_on_the_remote(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    writer.write_checkpoint(remote, 1, {"x": torch.ones(2)}, run_id="someone-else")
+    state, holder = _state()
+    with _ckpt(str(remote), tmp_path / "cache", keep=sg.Keep(last=1)) as ckpt:
+        for step in (2, 3, 4):
+            _set(holder, step)
+            ckpt.step(state, step)
+    refs = reader.list_checkpoints(remote)
+    assert [(r.step, r.manifest.run_id == "someone-else") for r in refs if r.manifest] == [
+        (1, True),
+        (4, False),
+    ]
+
+
+def test_a_fresh_cache_restores_from_the_remote(tmp_path: Path) -> None:
+    remote = MemoryStore("remote")
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-a") as ckpt:
+        for step in (1, 2, 3):
+            _set(holder, step)
+            ckpt.step(state, step)
+        run_id = ckpt.run_id
+    state2, holder2 = _state()
+    with _ckpt(remote, tmp_path / "cache-b") as ckpt:  # another machine
+        assert ckpt.run_id == run_id
+        assert ckpt.restore(state2) == 3
+        assert torch.equal(holder2["w"], torch.full((1000,), 3.0))
+        _set(holder2, 4)
+        ckpt.step(state2, 4)
+    assert _steps(remote) == [3, 4]
+
+
+def test_a_cache_ahead_of_the_remote_resumes_and_uploads_the_rest(tmp_path: Path) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=3))
+    _set(holder, 1)
+    ckpt.save(state, 1)
+    ckpt.wait()
+    deadline = time.monotonic() + 10
+    while _steps(remote.inner) != [1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    remote.gate.clear()  # uploads stall: steps 2 and 3 are only in the cache at the "crash"
+    for step in (2, 3):
+        _set(holder, step)
+        ckpt.save(state, step)
+    _abandon(ckpt)
+    remote.gate.set()
+    assert _steps(remote.inner) == [1]
+    state2, holder2 = _state()
+    with _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=3)) as again:
+        assert again.restore(state2) == 3  # the newest valid one: in the cache
+        assert holder2["step"] == 3
+    assert _steps(remote.inner) == [1, 2, 3]  # the pending uploads were finished
+    assert _steps(tmp_path / "cache") == [3]
+
+
+def test_cache_checkpoints_the_remote_went_on_without_are_dropped(tmp_path: Path) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5))
+    _set(holder, 1)
+    ckpt.save(state, 1)
+    ckpt.wait()
+    deadline = time.monotonic() + 10
+    while _steps(remote.inner) != [1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    remote.gate.clear()
+    _set(holder, 5)
+    ckpt.save(state, 5)  # machine A: step 5 never leaves its cache
+    _abandon(ckpt)
+    remote.gate.set()
+    # Machine B resumes from the remote (step 1) and gets to step 3.
+    state_b, holder_b = _state()
+    with _ckpt(remote, tmp_path / "cache-b", keep=sg.Keep(last=5)) as b:
+        assert b.restore(state_b) == 1
+        for step in (2, 3):
+            _set(holder_b, step)
+            b.step(state_b, step)
+    # Machine A comes back: its step 5 is of a history the remote no longer follows.
+    refs, uploaded, pending, stale = merge_refs(
+        remote.inner, LocalStore(tmp_path / "cache-a"), b.run_id
+    )
+    assert (uploaded, pending, stale) == ([1], [], [5])
+    state_a, holder_a = _state()
+    with _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5)) as a:
+        assert a.restore(state_a) == 3
+    assert 5 not in _steps(tmp_path / "cache-a")
+    assert _steps(remote.inner) == [1, 2, 3]
+
+
+def test_a_cache_of_another_run_is_refused(tmp_path: Path) -> None:
+    state, holder = _state()
+    with _ckpt(MemoryStore("one"), tmp_path / "cache") as ckpt:
+        _set(holder, 1)
+        ckpt.step(state, 1)
+    with pytest.raises(sg.CheckpointError, match="use an empty cache folder"):
+        _ckpt(MemoryStore("two"), tmp_path / "cache")
+
+
+def test_a_second_writer_of_the_remote_run_is_locked_out(tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    with _ckpt(str(remote), tmp_path / "cache-a"):
+        with pytest.raises(sg.LockedError):
+            _ckpt(str(remote), tmp_path / "cache-b")
+
+
+# ---- start_from: the next job starts from the previous job's output ------------------------------
+def _train_run(root: Any, steps: range) -> None:
+    state, holder = _state()
+    with sg.Checkpointer(
+        root, save=sg.Every(steps=1), keep=sg.Keep(last=2), handle_signals=False
+    ) as ckpt:
+        ckpt.restore(state)
+        for step in steps:
+            _set(holder, step)
+            ckpt.step(state, step)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_start_from_loads_the_other_runs_newest_checkpoint_read_only(tmp_path: Path) -> None:
+    source = tmp_path / "job1"
+    _train_run(source, range(1, 4))
+    before = _snapshot(source)
+    record = runfile.read_run_file(source)
+    assert record is not None
+    source_id = record["run_id"]
+    state, holder = _state()
+    with sg.Checkpointer(
+        tmp_path / "job2", save=sg.Every(steps=1), start_from=source, handle_signals=False
+    ) as ckpt:
+        assert ckpt.restore(state) == 3
+        assert torch.equal(holder["w"], torch.full((1000,), 3.0))
+        assert ckpt.run_id != source_id
+        _set(holder, 4)
+        ckpt.step(state, 4)
+    assert _snapshot(source) == before  # never written, locked or set aside
+    # A restart of job 2 resumes from its own run, not from job 1.
+    state2, holder2 = _state()
+    with sg.Checkpointer(tmp_path / "job2", start_from=source, handle_signals=False) as ckpt:
+        assert ckpt.restore(state2) == 4
+
+
+def test_start_from_works_while_the_other_run_is_being_written(tmp_path: Path) -> None:
+    source = tmp_path / "job1"
+    _train_run(source, range(1, 3))
+    with sg.Checkpointer(source, handle_signals=False):  # job 1 holds its lock
+        state, _ = _state()
+        with sg.Checkpointer(tmp_path / "job2", start_from=source, handle_signals=False) as c:
+            assert c.restore(state) == 2
+
+
+def test_start_from_one_checkpoint_or_a_store(tmp_path: Path) -> None:
+    source = tmp_path / "job1"
+    _train_run(source, range(1, 4))
+    state, holder = _state()
+    one = source / layout.step_dir(2)
+    with sg.Checkpointer(tmp_path / "a", start_from=one, handle_signals=False) as ckpt:
+        assert ckpt.restore(state) == 2 and holder["step"] == 2
+    mem = MemoryStore("job1")
+    _train_run(mem, range(1, 3))
+    state, holder = _state()
+    with _ckpt(MemoryStore("job2"), tmp_path / "cache", start_from=mem) as ckpt:
+        assert ckpt.restore(state) == 2 and holder["step"] == 2
+
+
+def test_start_from_skips_a_damaged_checkpoint_without_touching_it(tmp_path: Path) -> None:
+    source = tmp_path / "job1"
+    _train_run(source, range(1, 4))
+    damaged = source / layout.step_dir(3) / layout.tensor_file(0)
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    state, holder = _state()
+    with sg.Checkpointer(tmp_path / "job2", start_from=source, handle_signals=False) as ckpt:
+        with pytest.warns(sg.CorruptCheckpointWarning, match="start_from"):
+            assert ckpt.restore(state) == 2
+    assert (source / layout.step_dir(3)).is_dir()  # left where it was
