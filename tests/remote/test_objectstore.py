@@ -314,6 +314,33 @@ def test_a_lost_lease_is_noticed_and_never_released_from_under_the_new_holder(
     b.release()
 
 
+def test_a_writer_that_lost_its_lease_cannot_change_the_run(s3_url: str) -> None:
+    store = ObjectStore(store_target(s3_url), lease_seconds=0.5)
+    store.put("run.json", b"{}")
+    a = store.lock(".lock")
+    a.acquire()
+    staging = store.begin(".tmp-step-000000000001-ab", "step-000000000001")
+    staging.write("data.bin", lambda f: f.write(b"x"))
+    staging.seal("manifest.json", b"{}")
+    a._stop.set()  # the process stalls past its lease
+    time.sleep(0.7)
+    b = ObjectStore(store_target(s3_url), lease_seconds=30).lock(".lock")
+    b.acquire()  # another writer owns the run now
+    try:
+        for change in (
+            lambda: staging.publish("step-000000000001"),
+            lambda: store.put("LATEST", b"step-000000000001\n"),
+            lambda: store.detach("run.json", ".tmp-deleted-run-1"),
+        ):
+            with pytest.raises(sg.LockedError, match="lost the run's writer lease"):
+                change()
+        assert not store.exists("step-000000000001")
+        a.release()  # closing the old writer lets the store object be used again
+        staging.abort()
+    finally:
+        b.release()
+
+
 def test_the_lease_time_comes_from_the_environment(
     s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -218,6 +218,7 @@ class _ObjStaging(base.Staging):
             raise RuntimeError("publish before seal")  # an engine bug, not a storage failure
         self._check()
         mname, raw = self._manifest
+        s._check_lease(f"commit {final}")
         if final != self.dest:  # the rare path: copy (no rename on object stores)
             if s.exists(final):
                 raise FileExistsError(errno.EEXIST, "already exists", s.describe(final))
@@ -392,6 +393,8 @@ class Lease:
         )  # fmt: skip
 
     def release(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._store._leases.remove(self)  # a released lease no longer guards the store
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -437,6 +440,7 @@ class ObjectStore(base.Store):
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be > 0, got {lease_seconds}")
         self.lease_seconds = float(lease_seconds)
+        self._leases: list[Lease] = []  # taken through this store: checked before each change
 
     @classmethod
     def from_obstore(
@@ -648,6 +652,7 @@ class ObjectStore(base.Store):
     def put(self, key: str, data: bytes) -> None:
         base.check_name(key)
         self._writable(key)
+        self._check_lease(f"write {key}")
         self._call(
             lambda: _obstore().put(self._obs, self._p(key), bytes(data), use_multipart=False), key
         )
@@ -756,6 +761,7 @@ class ObjectStore(base.Store):
     def detach(self, key: str, trash: str | None) -> Callable[[], list[str]]:
         base.check_name(key)
         self._writable(key)
+        self._check_lease(f"delete {key}")
         if trash is None:  # a leftover save (or deletion) marker: free it in place
             info = self._marker(key) if _is_marker(key) else None
             return self._free_marker(key, info or {})
@@ -836,7 +842,23 @@ class ObjectStore(base.Store):
 
     def lock(self, name: str) -> Lease:
         base.check_name(name)
-        return Lease(self, name, self.lease_seconds)
+        lease = Lease(self, name, self.lease_seconds)
+        self._leases.append(lease)
+        return lease
+
+    def _check_lease(self, doing: str) -> None:
+        """Refuse to change the run once a lease this store took is lost (taken over by another
+        writer, or expired without renewal): that writer owns the run now, and a commit from
+        here could interleave with its saves and retention."""
+        for lease in self._leases:
+            if lease.lost is not None or (lease._held and not lease.held):
+                raise errors.LockedError(
+                    f"cannot {doing} in {self.describe()}: this process lost the run's writer "
+                    f"lease ({lease.lost or 'it expired before it could be renewed'}); another "
+                    "writer may own the run now — stop this one, or restart it to resume from the "
+                    "newest checkpoint",
+                    path=self.describe(),
+                )
 
 
 # ---- HTTP(S) listings ----------------------------------------------------------------------
