@@ -23,7 +23,7 @@ import torch
 
 import savegame as sg
 from savegame import errors
-from savegame.engine import reader
+from savegame.engine import fetch, reader
 from savegame.format import layout
 from savegame.storage import Blob, Entry, Location, Lock, Staging, Store
 from savegame.storage.base import ChangedError
@@ -200,7 +200,7 @@ def test_restore_into_live_model_in_parallel_requests_equals_saved(
 ) -> None:
     monkeypatch.setenv("SAVEGAME_STAGING_MEMORY", budget)
     spooled: list[int] = []
-    real_new = reader._Staging.new
+    real_new = fetch.Staging.new
 
     def spy(self: Any, size: int, staged: int) -> Any:
         before = self.spooled
@@ -208,7 +208,7 @@ def test_restore_into_live_model_in_parallel_requests_equals_saved(
         spooled.append(self.spooled - before)
         return out
 
-    monkeypatch.setattr(reader._Staging, "new", spy)
+    monkeypatch.setattr(fetch.Staging, "new", spy)
     run, saved = _saved_run(tmp_path)
     store = SlowStore(LocalStore(run))
     model = _model(seed=1)  # other weights: the restore must replace every one
@@ -544,14 +544,14 @@ def test_request_plan_covers_every_byte_once_within_the_request_size(seed: int) 
         if pos + n > size:
             break
         kind = rng.choice(["own", "base", "none"])
-        t = reader._Target(len(targets), pos, n, "")
+        t = fetch.Target(len(targets), pos, n, "")
         if kind == "own":
             t.own = memoryview(bytearray(n))
         elif kind == "base":
             t.base = staging
         targets.append(t)
         pos += n
-    plan = reader._plan_requests(targets, request)
+    plan = fetch._plan_requests(targets, request)
     covered: dict[int, list[tuple[int, int]]] = {}
     last = -1
     for req in plan:

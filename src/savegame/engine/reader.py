@@ -15,11 +15,12 @@ Where the bytes wait between "read" and "verified" depends on the store:
 - **A blob that maps** (a local file): the page cache. The file is mapped, hashed in place and
   copied from the mapping.
 - **A blob that cannot map** (an object store, HTTP): parallel ranged reads
-  (:data:`REQUEST_BYTES` each, at most :data:`REQUESTS_IN_FLIGHT` at once; small neighbouring
-  tensors share one request), each straight into where its bytes wait, hashed in file order
-  while later requests are still in flight. Bytes for fresh tensors land in the tensors; bytes
-  for live tensors are *staged*: in anonymous memory up to :func:`staging_budget` bytes per
-  call (``SAVEGAME_STAGING_MEMORY``, default 1 GiB), beyond it in an unnamed temporary file in
+  (:mod:`savegame.engine.fetch`; :data:`REQUEST_BYTES` each, at most
+  :data:`REQUESTS_IN_FLIGHT` at once; small neighbouring tensors share one request), each
+  straight into where its bytes wait, hashed in file order while later requests are still in
+  flight. Bytes for fresh tensors land in the tensors; bytes for live tensors are *staged*: in
+  anonymous memory up to :func:`~savegame.engine.fetch.staging_budget` bytes per call
+  (``SAVEGAME_STAGING_MEMORY``, default 1 GiB), beyond it in an unnamed temporary file in
   the OS temp folder (``TMPDIR``; freed when the call returns, or by the kernel if the process
   dies), mapped like a local file. So the extra memory of a restore from a URL is bounded by
   the budget plus the requests in flight, never the whole checkpoint again.
@@ -30,13 +31,9 @@ Where the bytes wait between "read" and "verified" depends on the store:
 
 from __future__ import annotations
 
-import collections
-import mmap
 import os
-import tempfile
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +43,10 @@ from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Blob, Entry, Location, Store, as_store, locate
 from savegame.storage.base import ChangedError
 
-if TYPE_CHECKING:  # imported by the functions that build tensors: listing needs no torch
+if TYPE_CHECKING:  # imported by the functions that use them: listing needs neither
     import torch
+
+    from savegame.engine import fetch
 
 __all__ = ["CheckpointRef", "damage", "list_checkpoints", "load_tensors", "read_manifest", "verify"]
 
@@ -220,197 +219,32 @@ def _read_into(blob: Blob, offset: int, dest: memoryview, where: str) -> None:
         raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
 
 
-# ---- reads from a blob that cannot map (object stores, HTTP) ---------------------------------
+# ---- reads from a blob that cannot map (object stores, HTTP): engine/fetch.py -------------
 
 #: Bytes per ranged read from a blob that cannot map (a large chunk is split into several).
 REQUEST_BYTES = 16 << 20
 #: Ranged reads in flight at once per file (threads; each waits on the network).
 REQUESTS_IN_FLIGHT = 16
-#: Bytes between two small chunks that one request still spans instead of issuing two.
-_GAP_BYTES = 1 << 20
-_DEFAULT_STAGING = 1 << 30
-
-
-def staging_budget() -> int:
-    """Bytes bound for live tensors that one :func:`load_tensors` call from a store that cannot
-    map keeps in memory until every hash matched; the rest is staged in a temporary file.
-    ``SAVEGAME_STAGING_MEMORY`` (bytes; suffixes K, M, G) overrides the default of 1 GiB."""
-    raw = os.environ.get("SAVEGAME_STAGING_MEMORY", "").strip()
-    if not raw:
-        return _DEFAULT_STAGING
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:].upper(), 1)
-    digits = raw[:-1] if scale != 1 else raw
-    try:
-        value = int(digits) * scale
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise errors.StorageError(
-            f"SAVEGAME_STAGING_MEMORY={raw!r} is not a number of bytes (e.g. 512M, 2G, 0)",
-            path="SAVEGAME_STAGING_MEMORY",
-        )
-    return value
-
-
-@dataclass(slots=True)
-class _Target:
-    """One chunk to pull: where it lies in the file and where its bytes go."""
-
-    ident: Any  # the caller's name for the chunk (reported back on a mismatch)
-    offset: int
-    length: int
-    digest: str | None  # None: not hashed here (a file's header, checked by the caller)
-    own: memoryview | None = None  # exactly this chunk's bytes (a fresh tensor)
-    base: memoryview | None = None  # the whole file's staging (file offset o -> base[o])
-
-    def home(self, start: int, n: int) -> memoryview | None:
-        if self.own is not None:
-            return self.own[start - self.offset : start - self.offset + n]
-        if self.base is not None:
-            return self.base[start : start + n]
-        return None  # only hashed (verify)
-
-
-@dataclass(slots=True)
-class _Seg:
-    target: _Target
-    offset: int
-    length: int
-    home: memoryview | None
-
-
-@dataclass(slots=True)
-class _Request:
-    offset: int
-    length: int
-    segs: list[_Seg]
-    into: memoryview | None  # read straight here; None: into a bounce buffer, then the homes
-
-
-def _plan_requests(targets: Sequence[_Target], request: int) -> list[_Request]:
-    """Ranged reads covering ``targets`` (sorted by offset, not overlapping): the fewest, since
-    a server charges per request.
-
-    Requests are filled up to ``request`` bytes across chunk boundaries (a gap of up to
-    ``_GAP_BYTES`` between neighbours is read and dropped). A request inside one chunk with a
-    home of its own (a fresh tensor) lands straight in it, one that covers only staged chunks
-    straight in the staging; any other (a boundary between fresh tensors) goes through a
-    bounce buffer of at most ``request`` bytes: one more memory copy, cheaper than a request."""
-    out: list[_Request] = []
-    segs: list[_Seg] = []
-
-    def close() -> None:
-        if not segs:
-            return
-        a, b = segs[0].offset, segs[-1].offset + segs[-1].length
-        into: memoryview | None = None
-        base = segs[0].target.base
-        if len(segs) == 1 and segs[0].home is not None:
-            into = segs[0].home
-        elif base is not None and all(s.target.own is None and s.target.base is base for s in segs):
-            into = base[a:b]  # the gaps land in the staging too: harmless
-        out.append(_Request(a, b - a, list(segs), into))
-        segs.clear()
-
-    for t in targets:
-        if t.length == 0:
-            continue
-        if segs:
-            end = segs[-1].offset + segs[-1].length
-            if t.offset < end or t.offset - end > _GAP_BYTES:
-                close()
-        pos, stop = t.offset, t.offset + t.length
-        while pos < stop:
-            room = (segs[0].offset + request - pos) if segs else request
-            if room <= 0:
-                close()
-                continue
-            n = min(room, stop - pos)
-            segs.append(_Seg(t, pos, n, t.home(pos, n)))
-            pos += n
-    close()
-    return out
 
 
 def _pull(
     blob: Blob,
     where: str,
-    targets: Sequence[_Target],
-    bad: Callable[[_Target], None],
-    *,
-    request: int | None = None,
-    in_flight: int | None = None,
+    targets: Sequence[fetch.Target],
+    bad: Callable[[fetch.Target], None],
+    request: int,
 ) -> None:
-    """Read ``targets`` from ``blob`` with parallel ranged reads and hash each one; ``bad`` is
-    called for a chunk whose hash does not match (it may raise).
+    """:func:`savegame.engine.fetch.pull` from ``blob`` with this module's knobs, read at call
+    time, and its typed read errors."""
+    from savegame.engine import fetch  # only a store that cannot map loads the machinery
 
-    Requests are issued in file order, at most ``in_flight`` running and ``in_flight + 4``
-    submitted; this thread hashes each request's bytes in order as it completes (xxhash
-    releases the GIL), so a chunk split over several requests is hashed incrementally. Memory
-    beyond the targets' homes: one bounce buffer per submitted request that has no single
-    home (small chunks sharing a request, or ``verify``), at most ``(in_flight + 4) * request``.
-
-    Raises:
-        ChangedError: the blob changed (the caller starts it over); nothing is left running.
-        IntegrityError / StorageError: the blob ended early or could not be read.
-    """
-    request = request or REQUEST_BYTES
-    in_flight = in_flight or REQUESTS_IN_FLIGHT
-    ordered = sorted(targets, key=lambda t: (t.offset, t.length))
-    for t in ordered:
-        if t.length == 0 and t.digest is not None and hashing.digest(b"") != t.digest:
-            bad(t)
-    requests = _plan_requests(ordered, request)
-    stop = threading.Event()
-
-    def fetch(req: _Request) -> memoryview | None:
-        if stop.is_set():
-            return None
-        if req.into is not None:
-            _read_into(blob, req.offset, req.into, where)
-            return None
-        buf = memoryview(bytearray(req.length))
-        _read_into(blob, req.offset, buf, where)
-        for s in req.segs:
-            if s.home is not None:
-                s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
-        return buf if any(s.home is None for s in req.segs) else None  # else: free it now
-
-    hashers: dict[int, Any] = {}
-    seen: dict[int, int] = {}
-    window: collections.deque[tuple[_Request, Future[memoryview | None]]] = collections.deque()
-    pending = iter(requests)
-    pool = ThreadPoolExecutor(max_workers=min(in_flight, max(1, len(requests))))
-    try:
-        for req in pending:
-            window.append((req, pool.submit(fetch, req)))
-            if len(window) >= in_flight + 4:  # a little slack for a slow oldest request
-                break
-        while window:
-            req, fut = window.popleft()
-            buf = fut.result()
-            nxt = next(pending, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(fetch, nxt)))
-            for s in req.segs:
-                t = s.target
-                if t.digest is None:
-                    continue
-                view = s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
-                if s.length == t.length:  # the whole chunk in one piece
-                    if hashing.digest(view) != t.digest:
-                        bad(t)
-                    continue
-                h = hashers.setdefault(id(t), hashing.new())
-                h.update(view)
-                seen[id(t)] = seen.get(id(t), 0) + s.length
-                if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
-                    bad(t)
-    finally:
-        stop.set()  # queued requests return at once; running ones finish before we go on
-        for _, fut in window:
-            fut.cancel()
-        pool.shutdown(wait=True)
+    fetch.pull(
+        lambda offset, into: _read_into(blob, offset, into, where),
+        targets,
+        bad,
+        request=request,
+        in_flight=REQUESTS_IN_FLIGHT,
+    )
 
 
 def _open_checked(
@@ -449,32 +283,6 @@ def _restart(
         ) from exc
 
 
-class _Staging:
-    """Where bytes for live tensors wait until every hash matched (stores that cannot map):
-    anonymous memory while under the budget, then unnamed temporary files. Each file's
-    staging is a private mapping of the file's size of which only the read ranges are touched."""
-
-    def __init__(self, budget: int) -> None:
-        self.left = budget
-        self.spooled = 0  # bytes staged in temporary files (for tests and benchmarks)
-
-    def new(self, size: int, staged: int) -> mmap.mmap:
-        if staged <= self.left:
-            self.left -= staged
-            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.spooled += staged
-        try:
-            with tempfile.TemporaryFile(prefix="savegame-restore-") as f:
-                os.ftruncate(f.fileno(), size)  # sparse: only the ranges read take disk space
-                return mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
-        except OSError as exc:
-            raise errors.StorageError(
-                f"could not stage {staged} bytes in the temporary folder {tempfile.gettempdir()} "
-                f"({exc}); set TMPDIR to a folder with space, or raise SAVEGAME_STAGING_MEMORY",
-                path=tempfile.gettempdir(),
-            ) from exc
-
-
 def _mismatch(loc: Location, fname: str, key: str, step: int) -> None:
     where = loc.store.describe(loc.sub(fname))
     raise errors.IntegrityError(
@@ -497,12 +305,15 @@ def _pull_unmapped(
 ) -> None:
     """Phase 1 for the files that cannot map: pull every needed chunk with parallel ranged
     reads — a fresh tensor's bytes straight into it, the rest into staging (memory up to
-    :func:`staging_budget`, then temporary files) — hashing each as it arrives. Adds each
+    :func:`~savegame.engine.fetch.staging_budget`, then temporary files) — hashing each as it
+    arrives. Adds each
     file's staging to ``maps`` (the copy phase reads it like a mapped file). ``unmapped`` holds
     the open, checked blobs; one that changes mid-read is replaced there and started over."""
     import torch
 
-    staging = _Staging(staging_budget())
+    from savegame.engine import fetch
+
+    staging = fetch.Staging(fetch.staging_budget())
     by_file: dict[str, list[tuple[str, manifest.Chunk]]] = {n: [] for n in unmapped}
     for key in wanted:
         for c in needed(key):
@@ -518,22 +329,22 @@ def _pull_unmapped(
         else:
             maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
         header = bytearray(m.files[name].header_length)
-        targets = [_Target(None, 0, len(header), None, own=memoryview(header))]
+        targets = [fetch.Target(None, 0, len(header), None, own=memoryview(header))]
         for key, c in chunks:
             if key in fresh:
                 own = tensors.byte_view(fresh[key])
                 assert len(own) == c.length, (key, len(own), c.length)
-                targets.append(_Target(key, c.offset, c.length, c.hash, own=own))
+                targets.append(fetch.Target(key, c.offset, c.length, c.hash, own=own))
             else:
-                targets.append(_Target(key, c.offset, c.length, c.hash, base=base))
+                targets.append(fetch.Target(key, c.offset, c.length, c.hash, base=base))
         where = loc.store.describe(loc.sub(name))
 
-        def bad(t: _Target, name: str = name) -> None:
+        def bad(t: fetch.Target, name: str = name) -> None:
             _mismatch(loc, name, t.ident, m.step)
 
         while True:
             try:
-                _pull(unmapped[name], where, targets, bad)
+                _pull(unmapped[name], where, targets, bad, REQUEST_BYTES)
                 break
             except ChangedError as exc:
                 unmapped.pop(name).close()
@@ -564,7 +375,8 @@ def load_tensors(
 
     A blob that cannot map (an object store) is pulled with parallel ranged reads instead and
     hashed as it arrives; what is bound for ``dest`` tensors waits in memory up to
-    :func:`staging_budget`, then in a temporary file (the module docstring says how). The
+    :func:`~savegame.engine.fetch.staging_budget`, then in a temporary file (the module
+    docstring says how). The
     promise is the same: nothing reaches a ``dest`` tensor before every chunk of the call
     verified.
 
@@ -867,18 +679,20 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
     """:func:`verify` of one file of a store without local paths: parallel ranged reads of
     at most ``min(chunk_bytes, REQUEST_BYTES)`` bytes, hashed in order as they arrive (memory:
     the requests in flight); a file that changes mid-read is started over once."""
+    from savegame.engine import fetch
+
     where = loc.store.describe(loc.sub(name))
     header = bytearray(m.files[name].header_length)
-    targets = [_Target(None, 0, len(header), None, own=memoryview(header))]
+    targets = [fetch.Target(None, 0, len(header), None, own=memoryview(header))]
     targets += [
-        _Target(key, c.offset, c.length, c.hash)
+        fetch.Target(key, c.offset, c.length, c.hash)
         for key, t in m.tensors.items()
         for c in t.chunks
         if c.file == name
     ]
     problems: list[str] = []
 
-    def bad(t: _Target) -> None:
+    def bad(t: fetch.Target) -> None:
         problems.append(f"{where}: tensor {t.ident!r} does not match its hash (corrupted data)")
 
     restarts: dict[str, int] = {}
@@ -887,7 +701,7 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
             problems.clear()
             blob = _open_checked(loc, name, m, restarts, header=False)
             try:
-                _pull(blob, where, targets, bad, request=max(1, min(chunk_bytes, REQUEST_BYTES)))
+                _pull(blob, where, targets, bad, max(1, min(chunk_bytes, REQUEST_BYTES)))
                 _check_header(loc, name, m.files[name], m, header)
                 return problems
             except ChangedError as exc:

@@ -1,0 +1,237 @@
+"""Parallel ranged reads from a blob that cannot map (an object store, HTTP), hashed on arrival.
+
+The machinery under :mod:`savegame.engine.reader` for such blobs: the request plan (few
+requests, since a server charges per request), the pool of requests in flight, and the staging
+where bytes bound for live tensors wait until every hash of the call matched.
+
+Invariant: every byte is hashed in file order as its request completes, and a chunk whose hash
+does not match is reported (``bad``) before :func:`pull` returns; nothing here copies into a
+live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
+its knobs (``reader.REQUEST_BYTES``, ``reader.REQUESTS_IN_FLIGHT``) are passed in per call.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from savegame import errors
+from savegame.format import hashing
+
+#: Bytes between two small chunks that one request still spans instead of issuing two.
+_GAP_BYTES = 1 << 20
+_DEFAULT_STAGING = 1 << 30
+
+
+def staging_budget() -> int:
+    """Bytes bound for live tensors that one ``load_tensors`` call from a store that cannot
+    map keeps in memory until every hash matched; the rest is staged in a temporary file.
+    ``SAVEGAME_STAGING_MEMORY`` (bytes; suffixes K, M, G) overrides the default of 1 GiB."""
+    raw = os.environ.get("SAVEGAME_STAGING_MEMORY", "").strip()
+    if not raw:
+        return _DEFAULT_STAGING
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(raw[-1:].upper(), 1)
+    digits = raw[:-1] if scale != 1 else raw
+    try:
+        value = int(digits) * scale
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise errors.StorageError(
+            f"SAVEGAME_STAGING_MEMORY={raw!r} is not a number of bytes (e.g. 512M, 2G, 0)",
+            path="SAVEGAME_STAGING_MEMORY",
+        )
+    return value
+
+
+@dataclass(slots=True)
+class Target:
+    """One chunk to pull: where it lies in the file and where its bytes go."""
+
+    ident: Any  # the caller's name for the chunk (reported back on a mismatch)
+    offset: int
+    length: int
+    digest: str | None  # None: not hashed here (a file's header, checked by the caller)
+    own: memoryview | None = None  # exactly this chunk's bytes (a fresh tensor)
+    base: memoryview | None = None  # the whole file's staging (file offset o -> base[o])
+
+    def home(self, start: int, n: int) -> memoryview | None:
+        if self.own is not None:
+            return self.own[start - self.offset : start - self.offset + n]
+        if self.base is not None:
+            return self.base[start : start + n]
+        return None  # only hashed (verify)
+
+
+@dataclass(slots=True)
+class _Seg:
+    target: Target
+    offset: int
+    length: int
+    home: memoryview | None
+
+
+@dataclass(slots=True)
+class _Request:
+    offset: int
+    length: int
+    segs: list[_Seg]
+    into: memoryview | None  # read straight here; None: into a bounce buffer, then the homes
+
+
+def _plan_requests(targets: Sequence[Target], request: int) -> list[_Request]:
+    """Ranged reads covering ``targets`` (sorted by offset, not overlapping): the fewest, since
+    a server charges per request.
+
+    Requests are filled up to ``request`` bytes across chunk boundaries (a gap of up to
+    ``_GAP_BYTES`` between neighbours is read and dropped). A request inside one chunk with a
+    home of its own (a fresh tensor) lands straight in it, one that covers only staged chunks
+    straight in the staging; any other (a boundary between fresh tensors) goes through a
+    bounce buffer of at most ``request`` bytes: one more memory copy, cheaper than a request."""
+    out: list[_Request] = []
+    segs: list[_Seg] = []
+
+    def close() -> None:
+        if not segs:
+            return
+        a, b = segs[0].offset, segs[-1].offset + segs[-1].length
+        into: memoryview | None = None
+        base = segs[0].target.base
+        if len(segs) == 1 and segs[0].home is not None:
+            into = segs[0].home
+        elif base is not None and all(s.target.own is None and s.target.base is base for s in segs):
+            into = base[a:b]  # the gaps land in the staging too: harmless
+        out.append(_Request(a, b - a, list(segs), into))
+        segs.clear()
+
+    for t in targets:
+        if t.length == 0:
+            continue
+        if segs:
+            end = segs[-1].offset + segs[-1].length
+            if t.offset < end or t.offset - end > _GAP_BYTES:
+                close()
+        pos, stop = t.offset, t.offset + t.length
+        while pos < stop:
+            room = (segs[0].offset + request - pos) if segs else request
+            if room <= 0:
+                close()
+                continue
+            n = min(room, stop - pos)
+            segs.append(_Seg(t, pos, n, t.home(pos, n)))
+            pos += n
+    close()
+    return out
+
+
+def pull(
+    read: Callable[[int, memoryview], None],
+    targets: Sequence[Target],
+    bad: Callable[[Target], None],
+    *,
+    request: int,
+    in_flight: int,
+) -> None:
+    """Read ``targets`` with parallel ranged reads (``read(offset, into)`` fills ``into`` from
+    that file offset) and hash each one; ``bad`` is called for a chunk whose hash does not
+    match (it may raise).
+
+    Requests are issued in file order, at most ``in_flight`` running and ``in_flight + 4``
+    submitted; this thread hashes each request's bytes in order as it completes (xxhash
+    releases the GIL), so a chunk split over several requests is hashed incrementally. Memory
+    beyond the targets' homes: one bounce buffer per submitted request that has no single
+    home (small chunks sharing a request, or ``verify``), at most ``(in_flight + 4) * request``.
+
+    Raises:
+        Whatever ``read`` raises (the reader's: ChangedError when the blob changed, which the
+        caller starts over; IntegrityError / StorageError when it ended early or could not be
+        read); nothing is left running.
+    """
+    ordered = sorted(targets, key=lambda t: (t.offset, t.length))
+    for t in ordered:
+        if t.length == 0 and t.digest is not None and hashing.digest(b"") != t.digest:
+            bad(t)
+    requests = _plan_requests(ordered, request)
+    stop = threading.Event()
+
+    def fetch(req: _Request) -> memoryview | None:
+        if stop.is_set():
+            return None
+        if req.into is not None:
+            read(req.offset, req.into)
+            return None
+        buf = memoryview(bytearray(req.length))
+        read(req.offset, buf)
+        for s in req.segs:
+            if s.home is not None:
+                s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
+        return buf if any(s.home is None for s in req.segs) else None  # else: free it now
+
+    hashers: dict[int, Any] = {}
+    seen: dict[int, int] = {}
+    window: collections.deque[tuple[_Request, Future[memoryview | None]]] = collections.deque()
+    pending = iter(requests)
+    pool = ThreadPoolExecutor(max_workers=min(in_flight, max(1, len(requests))))
+    try:
+        for req in pending:
+            window.append((req, pool.submit(fetch, req)))
+            if len(window) >= in_flight + 4:  # a little slack for a slow oldest request
+                break
+        while window:
+            req, fut = window.popleft()
+            buf = fut.result()
+            nxt = next(pending, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(fetch, nxt)))
+            for s in req.segs:
+                t = s.target
+                if t.digest is None:
+                    continue
+                view = s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
+                if s.length == t.length:  # the whole chunk in one piece
+                    if hashing.digest(view) != t.digest:
+                        bad(t)
+                    continue
+                h = hashers.setdefault(id(t), hashing.new())
+                h.update(view)
+                seen[id(t)] = seen.get(id(t), 0) + s.length
+                if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
+                    bad(t)
+    finally:
+        stop.set()  # queued requests return at once; running ones finish before we go on
+        for _, fut in window:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+class Staging:
+    """Where bytes for live tensors wait until every hash matched (stores that cannot map):
+    anonymous memory while under the budget, then unnamed temporary files. Each file's
+    staging is a private mapping of the file's size of which only the read ranges are touched."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+        self.spooled = 0  # bytes staged in temporary files (for tests and benchmarks)
+
+    def new(self, size: int, staged: int) -> mmap.mmap:
+        if staged <= self.left:
+            self.left -= staged
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.spooled += staged
+        try:
+            with tempfile.TemporaryFile(prefix="savegame-restore-") as f:
+                os.ftruncate(f.fileno(), size)  # sparse: only the ranges read take disk space
+                return mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
+        except OSError as exc:
+            raise errors.StorageError(
+                f"could not stage {staged} bytes in the temporary folder {tempfile.gettempdir()} "
+                f"({exc}); set TMPDIR to a folder with space, or raise SAVEGAME_STAGING_MEMORY",
+                path=tempfile.gettempdir(),
+            ) from exc

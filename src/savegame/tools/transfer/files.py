@@ -1,0 +1,160 @@
+"""One file of a checkpoint into the destination's staging area, verified on the way.
+
+Invariants: every byte written is hashed as it passes (:class:`~.check.FileCheck`) and the
+file's size checked after the write, so a file that does not match its manifest never reaches
+the commit; a file a killed run already staged is kept only when it is known durable and
+verifies (:func:`copy_file`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from savegame import errors
+from savegame.format import manifest
+from savegame.storage import Staging, base, urls
+from savegame.tools import transfer
+from savegame.tools.transfer import download, failures
+from savegame.tools.transfer.check import FileCheck
+from savegame.tools.transfer.endpoints import Endpoints
+
+
+def copy_file(
+    ends: Endpoints,
+    key: str,
+    name: str,
+    m: manifest.Manifest,
+    staging: Staging,
+    tmp: str,
+    final: str,
+    parts: bool,
+) -> None:
+    """Stage file ``name`` of the source checkpoint ``key`` (``parts``: through resumable
+    ``.part`` files, for a local destination fed from a remote source)."""
+    entry = m.files[name]
+    skey = base.join(key, name)
+    folder = ends.dst.local_path(tmp)
+    via_part = parts and folder is not None and folder.is_dir()
+    # A file a killed run staged is kept only when it is known durable: an object store's
+    # object exists once its upload completed; a local file once Staging.write returned
+    # (it fsyncs), which in .part mode is when its .part is gone. A local file otherwise
+    # may be complete in the page cache but not on disk: it is written again (locally).
+    durable = folder is None or (via_part and not (folder / (name + download.PART)).exists())
+    if durable and _staged(ends, name, m, tmp, final):
+        ends.skip(entry.size)
+        return
+    if via_part:
+        _via_part(ends, skey, name, m, staging, tmp)
+    else:
+        _direct(ends, skey, name, m, staging)
+
+
+def _staged(ends: Endpoints, name: str, m: manifest.Manifest, tmp: str, final: str) -> bool:
+    """A killed transfer already staged ``name`` whole: it verifies, so keep it (in the
+    staging folder of a local store; in place under ``final`` on an object store)."""
+    entry = m.files[name]
+    for where in (base.join(tmp, name), base.join(final, name)):
+        try:
+            if not ends.dst.exists(where) or ends.dst.size(where) != entry.size:
+                continue
+            check = FileCheck(m, name, ends.where(ends.dst, where))
+            with ends.dst.open(where) as blob:
+                for view in blob.stream(0, transfer.BLOCK):
+                    check.feed(view)
+            check.finish()
+            return True
+        except (OSError, EOFError, errors.CheckpointError):
+            continue
+    return False
+
+
+def _direct(ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging: Staging) -> None:
+    """Stream the source file into the staging area, hashing it on the way; a cut
+    connection continues from where it stopped within this call."""
+    restart = fails = 0
+    while True:
+        blob = ends.blob(skey, m, name)
+        check = FileCheck(m, name, ends.where(ends.src, skey))
+
+        def produce(f: BinaryIO, blob: base.Blob = blob, check: FileCheck = check) -> None:
+            for view in download.stream(ends, blob, skey, 0):
+                check.feed(view)
+                failures.write_all(f, view)
+            check.finish()
+
+        try:
+            _, size = staging.write(name, produce)
+        except failures.Restart as exc:
+            restart += 1
+            if restart > transfer.RESTARTS:
+                raise download.unstable(ends, skey, exc) from exc
+            continue
+        except errors.CheckpointError:
+            raise
+        except OSError as exc:  # the destination failed: write the file again, or give up
+            fails += 1
+            if not failures.retryable(exc) or fails >= transfer.RETRIES:
+                where = urls.redact(staging.describe(name))
+                raise failures.storage_error("could not write", exc, where) from exc
+            failures.sleep(fails - 1)
+            continue
+        finally:
+            blob.close()
+        _check_size(ends, size, m, name)
+        return
+
+
+def _via_part(
+    ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging: Staging, tmp: str
+) -> None:
+    """Download into ``<staging>/<name>.part`` (or, for a file over ``SPLIT`` bytes, one
+    ``.part-NNNNN`` per range, fetched in parallel), resumable across runs; then write the
+    file into place from the parts, hashed on the way."""
+    folder = ends.dst.local_path(tmp)
+    assert folder is not None  # checked by the caller
+    side = folder / (name + download.SIDECAR)
+    retried_whole = False
+    while True:
+        paths, resumed = download.download(ends, skey, name, m, folder, side)
+
+        def produce(f: BinaryIO, paths: list[Path] = paths) -> None:
+            check = FileCheck(m, name, ends.where(ends.src, skey))
+            buf = bytearray(transfer.BLOCK)
+            view = memoryview(buf)
+            for path in paths:
+                with open(path, "rb", buffering=0) as src:
+                    while n := src.readinto(buf):
+                        check.feed(view[:n])
+                        failures.write_all(f, view[:n])
+            check.finish()
+
+        try:
+            _, size = staging.write(name, produce)
+        except errors.IntegrityError:
+            if resumed and not retried_whole:
+                # The kept prefix came from an earlier run; after a power cut an unsynced
+                # .part may hold zeros. Fetch the file whole once before blaming the source.
+                retried_whole = True
+                ends.drop(base.join(tmp, side.name))
+                continue
+            raise
+        except OSError as exc:
+            where = urls.redact(staging.describe(name))
+            raise failures.storage_error("could not write", exc, where) from exc
+        _check_size(ends, size, m, name)
+        for path in paths:
+            ends.drop(base.join(tmp, path.name))
+        ends.drop(base.join(tmp, side.name))
+        return
+
+
+def _check_size(ends: Endpoints, size: int, m: manifest.Manifest, name: str) -> None:
+    if size != m.files[name].size:
+        where = ends.where(ends.dst, name)
+        raise errors.StorageError(
+            f"{where}: the destination holds {size} bytes after writing "
+            f"{m.files[name].size}; nothing was committed — run the transfer again",
+            path=where,
+            step=m.step,
+        )

@@ -1,0 +1,371 @@
+"""One transfer from start to end: what to move, each checkpoint through the destination's
+commit, then ``run.json`` and ``LATEST``.
+
+Invariants: a destination that holds another run is refused before anything is written; a
+checkpoint's manifest is sealed only after every one of its files was staged and verified, and
+the staging area is published atomically; a source that lies has its staging area aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from savegame import errors
+from savegame.engine import reader
+from savegame.format import hashing, layout, manifest
+from savegame.storage import Location, Staging, Store, base
+from savegame.tools import transfer
+from savegame.tools.transfer import endpoints, failures, files
+from savegame.tools.transfer.check import FileCheck
+from savegame.tools.transfer.progress import Progress
+
+log = logging.getLogger(__name__)
+
+_Todo = list[tuple[str, bytes, manifest.Manifest]]
+
+
+class Transfer:
+    """The state of one :func:`~savegame.tools.transfer.push` or ``pull``; :meth:`run` once."""
+
+    def __init__(
+        self,
+        src: str | os.PathLike[str] | Store | Location,
+        dst: str | os.PathLike[str] | Store,
+        steps: Iterable[int] | None,
+        progress: bool | None,
+    ) -> None:
+        src_store, self.one = endpoints.source(src)
+        dst_store = endpoints.dest(dst)
+        self.steps = None if steps is None else {int(s) for s in steps}
+        self.ends = endpoints.Endpoints(src_store, dst_store, Progress(progress, "transfer"))
+        self.src, self.dst = src_store, dst_store
+        self.copied: list[int] = []
+        self.skipped: list[int] = []
+        self.ignored: list[int] = []
+        self.problems: list[str] = []
+        # A local destination fed from a remote source keeps resumable .part files.
+        self.parts = self.dst.local_path() is not None and self.src.local_path() is None
+
+    def _where(self, store: Store, key: str = "") -> str:
+        return self.ends.where(store, key)
+
+    # -- the run --
+    def run(self) -> transfer.TransferReport:
+        if getattr(self.dst, "read_only", False):
+            where = self._where(self.dst)
+            raise errors.StorageError(
+                f"{where} is read-only (an http(s) URL can only be read); push to s3://, gs://, "
+                "az:// or a folder",
+                path=where,
+            )
+        todo = self._plan()
+        lock = self.ends.lock_dest()
+        progress = self.ends.progress
+        try:
+            progress.start(sum(reader.total_bytes(m) for _, _, m in todo))
+            self._run_file()
+            failed: list[errors.IntegrityError] = []
+            for key, raw, m in todo:
+                progress.describe(f"step {m.step}")
+                try:
+                    self._checkpoint(key, raw, m)
+                except errors.IntegrityError as exc:
+                    failed.append(exc)
+            if failed:
+                self._raise_integrity(failed)
+            self._latest()
+        finally:
+            progress.stop()
+            if lock is not None:
+                lock.release()
+        return transfer.TransferReport(
+            source=self._where(self.src, self.one or ""),
+            dest=self._where(self.dst),
+            copied=tuple(self.copied),
+            skipped=tuple(self.skipped),
+            bytes_moved=self.ends.bytes_moved,
+            bytes_skipped=self.ends.bytes_skipped,
+            ignored=tuple(self.ignored),
+            problems=tuple(self.problems),
+        )
+
+    def _raise_integrity(self, failed: list[errors.IntegrityError]) -> None:
+        first = failed[0]
+        more = "; ".join(str(f) for f in failed[1:])
+        done = f"; the other checkpoints were moved and verified ({len(self.copied)} copied, {len(self.skipped)} already there)"
+        raise errors.IntegrityError(
+            str(first) + (f"; also: {more}" if more else "") + done,
+            path=first.path,
+            step=first.step,
+            key=first.key,
+        ) from first
+
+    # -- what to move --
+    def _plan(self) -> _Todo:
+        if self.one is not None:
+            key = self.one
+            ref = reader.CheckpointRef(0, Location(self.src, key), loc=Location(self.src, key))
+            ref.manifest = reader.read_manifest(Location(self.src, key))  # raises if not one
+            ref.step = ref.manifest.step
+            refs = [ref]
+        else:
+            refs = reader.list_checkpoints(self.src)
+        if self.steps is not None:
+            missing = self.steps - {r.step for r in refs}
+            if missing:
+                raise errors.CheckpointNotFoundError(
+                    f"{self._where(self.src)} has no step {', '.join(map(str, sorted(missing)))}; "
+                    f"run `savegame ls {self._where(self.src)}` to see its checkpoints",
+                    path=self._where(self.src),
+                    step=min(missing),
+                )
+            refs = [r for r in refs if r.step in self.steps]
+        todo = []
+        for ref in sorted(refs, key=lambda r: r.step, reverse=True):
+            key = ref.location.key
+            if not ref.valid:
+                if isinstance(ref.error, errors.IncompleteCheckpointError):
+                    self.ignored.append(ref.step)
+                else:
+                    self.problems.append(
+                        f"step {ref.step} is damaged in the source and was not moved: {ref.error}"
+                    )
+                continue
+            where = self._where(self.src, base.join(key, layout.MANIFEST))
+            raw = self.ends.read(self.src, base.join(key, layout.MANIFEST))
+            if raw is None:  # deleted by the source's retention since it was listed
+                self.ignored.append(ref.step)
+                continue
+            try:
+                m = manifest.Manifest.from_bytes(raw, where)
+            except errors.FormatError as exc:
+                self.problems.append(f"step {ref.step} is damaged in the source: {exc}")
+                continue
+            todo.append((key, raw, m))
+        if not todo and not self.problems and self.steps is None:
+            raise errors.CheckpointNotFoundError(
+                f"{self._where(self.src)} holds no committed checkpoint to move; run "
+                f"`savegame ls {self._where(self.src)}` to see what is there",
+                path=self._where(self.src),
+            )
+        self._check_run(todo)
+        return todo
+
+    def _run_id(self, store: Store) -> tuple[bytes | None, str | None]:
+        raw = self.ends.read(store, layout.RUN_FILE)
+        if raw is None:
+            return None, None
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return raw, None
+        rid = record.get("run_id") if isinstance(record, dict) else None
+        return raw, (rid if isinstance(rid, str) and rid else None)
+
+    def _check_run(self, todo: _Todo) -> None:
+        """Refuse a destination that holds another run (before anything is written)."""
+        self.src_run, src_id = self._run_id(self.src)
+        if self.src_run is not None and src_id is None:
+            self.problems.append(
+                f"{self._where(self.src, layout.RUN_FILE)} is damaged (not a JSON object with a "
+                "run_id) and was not copied"
+            )
+            self.src_run = None
+        self.src_id = src_id
+        ours = {src_id} if src_id else {m.run_id for _, _, m in todo}
+        try:
+            _, dst_id = self._run_id(self.dst)
+        except errors.StorageError:
+            raise
+        if dst_id is None:
+            try:
+                theirs = {r.manifest.run_id for r in reader.list_checkpoints(self.dst) if r.valid}  # type: ignore[union-attr]
+            except errors.CheckpointNotFoundError:
+                theirs = set()
+        else:
+            theirs = {dst_id}
+        if theirs and ours and not (theirs & ours):
+            raise errors.CheckpointError(
+                f"{self._where(self.dst)} holds another run (run id {sorted(theirs)[0]}, not "
+                f"{sorted(ours)[0]}); move this run into an empty folder or a new URL — savegame "
+                "never mixes two runs in one folder",
+                path=self._where(self.dst),
+            )
+        self.dst_id = dst_id
+
+    # -- run.json and LATEST --
+    def _run_file(self) -> None:
+        if self.src_run is None:
+            return
+        if self.one is not None and self.dst_id is not None:
+            return  # one checkpoint into an existing run of the same id: keep its run.json
+        current = self.ends.read(self.dst, layout.RUN_FILE)
+        if current == self.src_run:
+            return
+        self.ends.put(layout.RUN_FILE, self.src_run)
+
+    def _latest(self) -> None:
+        if self.one is not None:
+            return
+        raw = self.ends.read(self.src, layout.LATEST)
+        if raw is None or self.ends.read(self.dst, layout.LATEST) == raw:
+            return
+        self.ends.put(layout.LATEST, raw)
+
+    # -- one checkpoint --
+    def _checkpoint(self, key: str, raw: bytes, m: manifest.Manifest) -> None:
+        final = layout.step_dir(m.step)
+        state = self._dest_state(final, raw)
+        if state == "same":
+            self.skipped.append(m.step)
+            self.ends.skip(reader.total_bytes(m))
+            return
+        if state == "different":
+            where = self._where(self.dst, final)
+            raise errors.StepExistsError(
+                f"{where} holds a different valid checkpoint of step {m.step}; it is never "
+                "overwritten — move it away (or choose another destination) and run again",
+                path=where,
+                step=m.step,
+            )
+        if state in ("damaged", "incomplete-local"):
+            self._replace_damaged(final, m.step)
+        tmp = layout.tmp_dir(m.step, hashing.digest(raw)[:16])
+        try:
+            try:
+                staging = self.dst.begin(tmp, final)
+            except FileExistsError:  # a killed transfer's staging area: continue it
+                staging = self.dst.staging(tmp)
+        except OSError as exc:
+            where = self._where(self.dst, tmp)
+            raise failures.storage_error("could not create the staging area", exc, where) from exc
+        names = sorted(m.files, key=lambda n: -m.files[n].size)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(transfer.WORKERS, len(names)))) as pool:
+                futures = [
+                    pool.submit(
+                        files.copy_file, self.ends, key, name, m, staging, tmp, final, self.parts
+                    )
+                    for name in names
+                ]
+            for f in futures:  # every file finished (or failed) before anything is judged
+                f.result()
+            self._commit(staging, tmp, final, raw, m)
+        except errors.IntegrityError:
+            staging.abort()  # the source lies: nothing of it is worth resuming
+            if self._vanished(key):
+                log.info("step %d was deleted from the source while it was moved", m.step)
+                self.ignored.append(m.step)
+                return
+            raise
+        self.copied.append(m.step)
+
+    def _vanished(self, key: str) -> bool:
+        """The source checkpoint is gone (its run's retention deleted it meanwhile): not a
+        lie, nothing to move."""
+        try:
+            return not self.src.exists(base.join(key, layout.MANIFEST))
+        except OSError:
+            return False
+
+    def _dest_state(self, final: str, raw: bytes) -> str:
+        """What the destination holds under ``final``: absent, same (skip), different (refuse),
+        damaged (replaced), incomplete (no manifest)."""
+        try:
+            if not self.dst.is_dir(final):
+                return "absent"
+        except OSError as exc:
+            where = self._where(self.dst, final)
+            raise failures.storage_error("could not read", exc, where) from exc
+        there = self.ends.read(self.dst, base.join(final, layout.MANIFEST))
+        if there is None:
+            # An object store stages in place: a killed transfer's files, continued in place.
+            return "incomplete-local" if self.dst.local_path() is not None else "incomplete"
+        loc = Location(self.dst, final)
+        if there == raw:
+            return "same" if not self._damage(loc) else "damaged"
+        return "different" if not reader.damage(loc) else "damaged"
+
+    def _damage(self, loc: Location) -> list[str]:
+        """Problems of a destination checkpoint: every byte read where the destination is a
+        local folder; over the network the sizes and headers (a full re-read of a remote run
+        on every re-run would cost as much as the transfer; `savegame verify URL` does it)."""
+        if loc.store.local_path() is not None:
+            return reader.verify(loc)
+        try:
+            m = reader.read_manifest(loc)
+        except errors.CheckpointError as exc:
+            return [str(exc)]
+        problems = []
+        for name, entry in m.files.items():
+            try:
+                with loc.store.open(loc.sub(name)) as blob:
+                    if blob.size != entry.size:
+                        problems.append(f"{name}: {blob.size} bytes, expected {entry.size}")
+                        continue
+                    check = FileCheck(m, name, self._where(loc.store, loc.sub(name)))
+                    header = blob.read(0, entry.header_length)
+                    got = hashing.file_hash(header, [s[2] for s in check.spans])
+                    if got != entry.hash:
+                        problems.append(f"{name}: header does not match its hash")
+            except (OSError, EOFError, errors.CheckpointError) as exc:
+                problems.append(f"{name}: {exc}")
+        return problems
+
+    def _replace_damaged(self, final: str, step: int) -> None:
+        """Take a damaged (or manifest-less) destination copy out of view atomically and free
+        it: the source holds the good bytes, which are copied in its place."""
+        trash = f"{layout.TMP_PREFIX}deleted-{final}-{uuid.uuid4().hex[:8]}"
+        where = self._where(self.dst, final)
+        try:
+            free = self.dst.detach(final, trash)
+        except OSError as exc:
+            raise failures.storage_error(
+                "could not remove the damaged copy of this step (move it away and run again)",
+                exc,
+                where,
+            ) from exc
+        for problem in free():
+            log.warning("damaged copy %s taken out of the run; freeing it: %s", where, problem)
+
+    def _commit(
+        self, staging: Staging, tmp: str, final: str, raw: bytes, m: manifest.Manifest
+    ) -> None:
+        where = self._where(self.dst, final)
+        self._sweep(tmp, m)
+        try:
+            try:
+                staging.seal(layout.MANIFEST, raw)
+            except FileExistsError:  # a killed transfer sealed it; it holds these bytes?
+                if self.ends.read(self.dst, base.join(tmp, layout.MANIFEST)) != raw:
+                    raise
+            try:
+                staging.publish(final)
+            except FileExistsError:
+                if self._dest_state(final, raw) == "same":
+                    return  # published by a killed run that never heard of it
+                raise errors.StepExistsError(
+                    f"{where} appeared while step {m.step} was being moved (another writer?); "
+                    "nothing was overwritten — check it and run again",
+                    path=where,
+                    step=m.step,
+                ) from None
+        except errors.CheckpointError:
+            raise
+        except OSError as exc:
+            raise failures.storage_error(f"could not commit step {m.step}", exc, where) from exc
+
+    def _sweep(self, tmp: str, m: manifest.Manifest) -> None:
+        """Remove from a local staging folder what is not the checkpoint's (a killed run's
+        ``.part`` files): a committed folder holds exactly the manifest's files."""
+        folder = self.dst.local_path(tmp)
+        if folder is None or not folder.is_dir():
+            return
+        for e in self.dst.list(tmp):
+            if e.name not in m.files and e.name != layout.MANIFEST:
+                self.ends.drop(base.join(tmp, e.name))
