@@ -265,6 +265,27 @@ def test_when_busy_wait_waits_for_the_save_in_flight(
     assert _listed(run) == [1, 2]
 
 
+def test_saving_a_step_again_while_its_async_save_is_in_flight_is_the_same_save(
+    tmp_path: Path, gated_writer: dict[str, Any]
+) -> None:
+    """A schedule save and an explicit one of the same step (the integrations' callbacks do
+    this): the second call returns the first's handle instead of writing the step again
+    (which failed with StepExistsError once the first committed)."""
+    model, opt = _model_and_opt()
+    state = sg.TrainState(model=model, optimizer=opt)
+    run = tmp_path / "run"
+    with sg.Checkpointer(run, save=sg.Every(steps=1), async_save=True, handle_signals=False) as ck:
+        assert ck.step(state, 1) is True
+        again = ck.save_async(state, 1)
+        assert again is not None and again.step == 1 and not again.done()
+        gated_writer["gate"].set()
+        assert again.result().name == "step-000000000001"
+        assert ck.save(state, 1).name == "step-000000000001"  # blocking: the committed one
+        ck.wait()
+    assert gated_writer["calls"] == 1
+    assert _listed(run) == [1]
+
+
 # ---- exact resume --------------------------------------------------------------------------------
 def _run(
     root: Path, *, async_save: bool, until: int

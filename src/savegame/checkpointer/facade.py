@@ -530,9 +530,12 @@ class Checkpointer:
         self._begin_session()
         final = layout.step_dir(step)
         if self._last_saved_step == step:
-            if blocking:
-                self._persister.wait()
-            # already saved this step in this process (e.g. schedule + explicit)
+            # already saved this step in this process (e.g. schedule + explicit): the same save,
+            # still in flight (async) or committed, never a second write of it
+            in_flight = self._persister.in_flight
+            if not blocking and in_flight is not None and in_flight.step == step:
+                return in_flight  # type: ignore[return-value]
+            self._persister.wait()
             if self.store.exists(final):
                 return self.store.local_path(final) or Location(self.store, final)
         if self._persister.busy and not blocking and self.when_busy == "skip":

@@ -85,6 +85,11 @@ class Persister:
         self._idle.set()
 
     @property
+    def in_flight(self) -> SaveHandle[object] | None:
+        """The handle of the save still running (or doing its ``after`` work), else None."""
+        return self._current if self.busy else None
+
+    @property
     def busy(self) -> bool:
         """True from :meth:`submit` until the job *and* its ``after`` work finished."""
         return not self._idle.is_set()
