@@ -1,0 +1,466 @@
+"""Keras 3 (torch backend, ``keras`` 3.5 - 3.x): savegame as a ``model.fit`` callback.
+
+::
+
+    os.environ["KERAS_BACKEND"] = "torch"            # before importing keras
+    loader = StatefulDataLoader(dataset, batch_size=32, shuffle=True)
+    cb = SavegameCheckpoint("runs/exp1", loader=loader, save=Every(steps=200),
+                            keep=Keep(last=2, best=3, monitor="val_loss", mode="min"))
+    model.fit(loader, epochs=10, validation_data=val, callbacks=[cb])   # resumes by itself
+
+ModelCheckpoint + BackupAndRestore in one callback, in one commit: every variable of the model
+(weights, non-trainable state, the layers' random seed generators), every variable of the
+optimizer (moments, iteration count, its own learning-rate state), the running metric
+variables, every RNG of the process, the data loader's position and the epoch — written
+together by savegame (temp folder, hashes, manifest last, atomic rename), so a crash never
+leaves weights of one step with progress of another (Keras' BackupAndRestore writes the two as
+separate files, and restores only the epoch).
+
+Resume happens in ``on_train_begin``: the newest *valid* checkpoint of the run folder is read
+and verified (a damaged or half-written one is skipped with a ``CorruptCheckpointWarning``),
+the variables are assigned, and ``fit`` starts at the saved epoch. With ``loader=`` (a
+torchdata ``StatefulDataLoader``, the ``x`` you pass to ``fit``) that epoch continues at the
+next batch, in the same order; without it a mid-epoch checkpoint restarts its epoch (an
+:class:`ExactnessWarning` says so).
+
+Log lines are Keras' (``verbose=1``)::
+
+    Epoch 3: val_loss improved from 0.51000 to 0.47000, saving checkpoint to runs/exp1/step-000000000090
+    Epoch 4: val_loss did not improve from 0.47000
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from savegame import errors, policy
+from savegame.checkpointer import Checkpointer
+from savegame.state import TrainState
+
+__all__ = ["SUPPORTED", "ExactnessWarning", "MonitorWarning", "SavegameCheckpoint", "check_version"]
+
+log = logging.getLogger("savegame")
+
+SUPPORTED = ((3, 5), (4, 0))  # >= 3.5, < 4
+_RANGE = "keras>=3.5,<4"
+
+
+class ExactnessWarning(UserWarning):
+    """The run will resume, but not exactly (the message says why and what to change)."""
+
+
+class MonitorWarning(UserWarning):
+    """The monitored metric is not among the logged ones: best-K keeps nothing."""
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def check_version(version: str | None = None, backend: str | None = None) -> str:
+    """Import Keras and check its version and backend; return the version.
+
+    Raises:
+        MissingDependencyError: Keras is missing, outside ``>=3.5,<4``, or not on the torch
+            backend (the message says what to set).
+    """
+    if version is None:
+        if os.environ.get("KERAS_BACKEND", "torch") != "torch" and backend is None:
+            backend = os.environ["KERAS_BACKEND"]
+        try:
+            import keras
+        except ImportError as exc:
+            raise errors.MissingDependencyError(
+                f"savegame.integrations.keras needs Keras 3 ({_RANGE}) on the torch backend: "
+                "pip install 'savegame[keras3]' and set KERAS_BACKEND=torch before importing keras"
+            ) from exc
+        version = str(keras.__version__)
+        backend = backend or keras.backend.backend()
+    low, high = SUPPORTED
+    if not (low <= _version_tuple(version) < high):
+        raise errors.MissingDependencyError(
+            f"savegame.integrations.keras supports {_RANGE}; found keras {version}. "
+            f"Install a supported version: pip install '{_RANGE}'"
+        )
+    if backend is not None and backend != "torch":
+        raise errors.MissingDependencyError(
+            f"savegame.integrations.keras needs the torch backend; Keras runs on {backend!r}. "
+            "Set KERAS_BACKEND=torch before importing keras"
+        )
+    return version
+
+
+check_version()
+
+import keras  # noqa: E402
+import torch  # noqa: E402
+
+_RAN_OUT = "Your input ran out of data"
+
+
+def _tensor(variable: Any) -> torch.Tensor:
+    value = variable.value
+    return (
+        value.detach()
+        if isinstance(value, torch.Tensor)
+        else torch.as_tensor(keras.ops.convert_to_numpy(value))
+    )
+
+
+class _KerasState:
+    """Model, optimizer and metric variables as one Stateful object (tensors in a fixed order;
+    the paths are kept to refuse a checkpoint of another model)."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self.pending_metrics: list[torch.Tensor] | None = None
+
+    def _groups(self) -> dict[str, list[Any]]:
+        model = self.model
+        groups: dict[str, list[Any]] = {"model": list(model.variables)}
+        if model.optimizer is not None:
+            groups["optimizer"] = list(model.optimizer.variables)
+        groups["metrics"] = list(model.metrics_variables)
+        from keras.src.backend.common import global_state
+
+        seed = global_state.get_global_attribute("global_seed_generator")
+        if seed is not None:
+            groups["global_seed"] = [seed.state]
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, variables in self._groups().items():
+            out[name] = {
+                "paths": [str(v.path) for v in variables],
+                "values": [_tensor(v).clone() for v in variables],
+            }
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = self._groups()
+        for name in ("model", "optimizer"):
+            if name not in state and name in groups:
+                raise errors.RestoreError(f"the checkpoint holds no {name} variables", key=name)
+        for name, variables in groups.items():
+            saved = state.get(name)
+            if saved is None:
+                continue
+            paths, values = list(saved["paths"]), list(saved["values"])
+            here = [str(v.path) for v in variables]
+            if name != "global_seed" and len(paths) != len(here):
+                raise errors.RestoreError(
+                    f"the checkpoint's {name} has {len(paths)} variables, this one {len(here)}: "
+                    "build the same model and optimizer as the saved run",
+                    key=name,
+                )
+            for v, value, path in zip(variables, values, paths, strict=False):
+                if tuple(v.shape) != tuple(value.shape):
+                    raise errors.RestoreError(
+                        f"{name} variable {path!r}: shape {tuple(value.shape)} in the checkpoint, {tuple(v.shape)} here",
+                        key=name,
+                    )
+            if name == "metrics":
+                # fit() resets the metrics at the epoch's start, after on_train_begin: put them
+                # back at on_epoch_begin, so the resumed epoch's running means are the same.
+                self.pending_metrics = values
+                continue
+            for v, value in zip(variables, values, strict=True):
+                v.assign(value)
+
+    def apply_metrics(self) -> None:
+        values, self.pending_metrics = self.pending_metrics, None
+        if values is not None:
+            for v, value in zip(self.model.metrics_variables, values, strict=False):
+                v.assign(value)
+
+
+class SavegameCheckpoint(keras.callbacks.Callback):
+    """Save a Keras 3 (torch backend) run with savegame and resume it exactly.
+
+    Args:
+        root: The run folder.
+        loader: The ``StatefulDataLoader`` passed to ``fit`` as ``x``: its position is saved and
+            a mid-epoch resume continues at the next batch. Without it (arrays, a plain
+            ``DataLoader``) a mid-epoch checkpoint restarts its epoch (a warning says so).
+        save: When to save (default ``Every(epochs=1)``); steps are optimizer steps
+            (``optimizer.iterations``).
+        keep: What to keep, e.g. ``Keep(last=2, best=3, monitor="val_loss", mode="min")``. The
+            monitored metric is read from the epoch's logs (``val_*`` after validation).
+        async_save, when_busy, handle_signals: as for :class:`savegame.Checkpointer`
+            (signals: save at the next batch's end, exit status 75).
+        resume: Restore the newest valid checkpoint at ``on_train_begin``.
+        verbose: 1 prints Keras-style lines on saves and metric changes.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        loader: Any = None,
+        save: policy.Every | None = None,
+        keep: policy.Keep | None = None,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
+        handle_signals: bool = True,
+        resume: bool = True,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.save_policy = save if save is not None else policy.Every(epochs=1)
+        self.keep = keep if keep is not None else policy.Keep(last=1)
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self.handle_signals = handle_signals
+        self.resume = resume
+        self.verbose = verbose
+        self.loader = None
+        if loader is not None:
+            if callable(getattr(loader, "state_dict", None)) and callable(
+                getattr(loader, "load_state_dict", None)
+            ):
+                self.loader = loader
+            else:
+                warnings.warn(
+                    f"SavegameCheckpoint(loader=...) got a {type(loader).__module__}.{type(loader).__qualname__}, "
+                    "which cannot save its position: a resume mid-epoch restarts the epoch (batches trained twice). "
+                    "Use torchdata.stateful_dataloader.StatefulDataLoader (same arguments as DataLoader), and "
+                    "savegame.data.resumable(dataset) for random augmentation.",
+                    ExactnessWarning,
+                    stacklevel=2,
+                )
+        self.checkpointer: Checkpointer | None = None
+        #: The step restored at the last ``fit`` (None: started fresh).
+        self.restored_step: int | None = None
+        self._extras: dict[str, Any] = {"epoch": 0, "in_epoch": False, "batch": 0}
+        self._last_step = -1
+        self._keras_state: _KerasState | None = None
+        self._state: TrainState | None = None
+        self._epoch = 0
+        self._monitor_checked = False
+        self._filter: Any = None
+        self._best: float | None = None
+        self._short_epoch = False
+
+    # ---- fit start: open the run, resume ------------------------------------------------------
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        model = self.model
+        if not model.built:
+            raise ValueError(
+                "SavegameCheckpoint: build the model before fit() (call it on a batch, or pass an Input), so its "
+                "variables exist to be restored"
+            )
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        self._keras_state = _KerasState(model)
+        objects: dict[str, Any] = {"keras": self._keras_state, "progress": self._extras}
+        if self.loader is not None:
+            objects["loader"] = self.loader
+        self._state = TrainState(**objects)
+        self._monitor_checked = False
+        self.restored_step = None
+        self.checkpointer = Checkpointer(
+            self.root,
+            save=self.save_policy,
+            keep=self.keep,
+            handle_signals=self.handle_signals,
+            async_save=self.async_save,
+            when_busy=self.when_busy,
+        )
+        self._extras.update(epoch=0, in_epoch=False, batch=0)
+        self._last_step = -1
+        self._short_epoch = False
+        self._best = self._best_on_disk()
+        if not self.resume:
+            return
+        step = self.checkpointer.restore(self._state)
+        if self.checkpointer.last_restore is None:
+            return
+        self.restored_step = step
+        epoch, in_epoch = int(self._extras["epoch"]), bool(self._extras["in_epoch"])
+        model._initial_epoch = epoch  # what BackupAndRestore sets: fit starts at this epoch
+        self._epoch = epoch
+        if in_epoch and self.loader is None:
+            warnings.warn(
+                f"SavegameCheckpoint: step {step} was saved in the middle of epoch {epoch + 1}, and without "
+                "loader=StatefulDataLoader(...) its position is unknown: the epoch restarts from its first batch "
+                "(those batches are trained twice)",
+                ExactnessWarning,
+                stacklevel=2,
+            )
+        self._short_epoch = in_epoch and self.loader is not None
+        if not in_epoch:
+            self._keras_state.pending_metrics = None  # a new epoch starts its running means at 0
+        if not in_epoch and self.loader is not None:
+            # Saved at an epoch's end, after Keras had already built the next epoch's iterator
+            # (it does so as the last batch's loop turn ends): that built iterator is what the
+            # loader's saved state describes. Build it again from that state (drawing nothing),
+            # so that fit's own build at the epoch's start is, as in the uninterrupted run, the
+            # second one.
+            iter(self.loader)
+        if in_epoch and self.loader is not None:
+            # The resumed epoch yields only the batches left, so fit's epoch iterator runs out
+            # before the count it expected and says so; that is this resume, not a data problem.
+            warnings.filterwarnings("ignore", message=_RAN_OUT, category=UserWarning)
+            self._filter = warnings.filters[0]
+        if self.verbose:
+            _print(
+                f"Resuming from step {step} (epoch {epoch + 1}{', mid-epoch' if in_epoch else ''}) "
+                f"of {self.checkpointer.root}"
+            )
+
+    def _best_on_disk(self) -> float | None:
+        """The best monitored value of the run's valid checkpoints (best-K survives restarts)."""
+        monitor, ckpt = self.keep.monitor, self.checkpointer
+        if not monitor or ckpt is None:
+            return None
+        best: float | None = None
+        for info in ckpt.list():
+            value = info.metrics.get(monitor) if info.valid else None
+            if value is not None and policy.improved(float(value), best, self.keep.mode):
+                best = float(value)
+        return best
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        if not self._short_epoch:
+            self._extras["batch"] = 0
+        self._extras.update(epoch=epoch, in_epoch=True)
+        if self._keras_state is not None:
+            self._keras_state.apply_metrics()
+
+    # ---- saving -------------------------------------------------------------------------------
+    def _step(self, *, metrics: Mapping[str, float] | None = None, epoch_end: bool = False) -> bool:
+        ckpt = self.checkpointer
+        if ckpt is None or self._state is None:
+            return False
+        step = _iterations(self.model)
+        if step == self._last_step and self.async_save:
+            # The same step again (an epoch's end after its last batch): let the save of that
+            # step in flight commit first, so the checkpointer sees it is there (an async save
+            # of a step still in flight would otherwise be written twice: StepExistsError).
+            ckpt.wait()
+        self._last_step = step
+        return ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._extras["batch"] = int(self._extras.get("batch", 0)) + 1
+        steps = self.params.get("steps") if isinstance(self.params, Mapping) else None
+        if isinstance(steps, int) and self._extras["batch"] >= steps and not self._signal_pending():
+            return  # the epoch's last batch: on_epoch_end saves it, with the validation metrics
+        self._step()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._remove_filter()
+        steps = self.params.get("steps") if isinstance(self.params, Mapping) else None
+        # stop_training set mid-epoch ends the epoch early: it is still unfinished
+        finished = not isinstance(steps, int) or int(self._extras.get("batch", 0)) >= steps
+        if self._short_epoch and self.loader is not None and finished:
+            # An epoch that yields all its batches ends with Keras building the next epoch's
+            # iterator at once (and again when that epoch begins); the resumed epoch ends by
+            # running out instead, which builds none. Building it here keeps the draws from the
+            # global RNG (the loader's seed) and so the next epochs' order those of the
+            # uninterrupted run.
+            iter(self.loader)
+        self._short_epoch = False
+        if finished:
+            self._extras.update(epoch=epoch + 1, in_epoch=False)
+        metrics = {k: float(v) for k, v in (logs or {}).items() if _number(v)}
+        ckpt = self.checkpointer
+        monitor = self.keep.monitor
+        before = self._best
+        if monitor and not self._monitor_checked:
+            self._monitor_checked = True
+            if monitor not in metrics:
+                warnings.warn(
+                    f"SavegameCheckpoint: Keep(monitor={monitor!r}) is not in the logs of epoch {epoch + 1} "
+                    f"(logged: {sorted(metrics) or 'nothing'}); best-K keeps nothing until it is. Fix the name "
+                    "(validation metrics are 'val_' + the metric's name, and need validation_data=)",
+                    MonitorWarning,
+                    stacklevel=2,
+                )
+        saved = self._step(metrics=metrics, epoch_end=True)
+        if (
+            monitor
+            and monitor in metrics
+            and policy.improved(metrics[monitor], before, self.keep.mode)
+        ):
+            self._best = metrics[monitor]
+        if not self.verbose or ckpt is None:
+            return
+        step = _iterations(self.model)
+        where = f"{ckpt.root}/step-{step:012d}"
+        if monitor and monitor in metrics:
+            value = metrics[monitor]
+            if before is None or policy.improved(value, before, self.keep.mode):
+                prior = "inf" if before is None else f"{before:.5f}"
+                if before is None and self.keep.mode == "max":
+                    prior = "-inf"
+                _print(
+                    f"\nEpoch {epoch + 1}: {monitor} improved from {prior} to {value:.5f}, saving checkpoint to {where}"
+                )
+            else:
+                _print(
+                    f"\nEpoch {epoch + 1}: {monitor} did not improve from {before:.5f}"
+                    + (f", saving checkpoint to {where} (schedule)" if saved else "")
+                )
+        elif saved:
+            _print(f"\nEpoch {epoch + 1}: saving checkpoint to {where}")
+
+    def _signal_pending(self) -> bool:
+        """A preemption signal waits: save at this batch's end, not the epoch's."""
+        signals = getattr(self.checkpointer, "_signals", None)
+        return bool(getattr(signals, "pending", None))
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._remove_filter()
+        self.model._initial_epoch = None  # a later fit() starts where it is told
+        ckpt, self.checkpointer = self.checkpointer, None
+        if ckpt is not None:
+            ckpt.close()
+
+    def _remove_filter(self) -> None:
+        f, self._filter = self._filter, None
+        if f is not None and f in warnings.filters:
+            warnings.filters.remove(f)
+            mutated = getattr(warnings, "_filters_mutated", None)
+            if callable(mutated):
+                mutated()
+
+    @property
+    def path(self) -> Path | str | None:
+        """The run folder (None before ``fit``)."""
+        return self.checkpointer.root if self.checkpointer is not None else None
+
+
+def _print(message: str) -> None:
+    """Print as Keras' own callbacks do (stdout, or absl logging when interactive logging is off)."""
+    try:
+        from keras.src.utils import io_utils
+    except ImportError:  # pragma: no cover - a Keras without it
+        print(message)
+    else:
+        io_utils.print_msg(message)
+
+
+def _iterations(model: keras.Model) -> int:
+    """The optimizer steps taken (``optimizer.iterations``, saved with the optimizer)."""
+    return int(_tensor(model.optimizer.iterations).item())
+
+
+def _number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,436 @@
+"""Lightning (``lightning`` 2.4 - 2.6): savegame as a ``Trainer`` callback.
+
+::
+
+    from savegame.integrations.lightning import SavegameCallback
+    trainer = Trainer(max_epochs=5, callbacks=[SavegameCallback("runs/exp1", save=Every(steps=200))])
+    trainer.fit(model, train_dataloaders=StatefulDataLoader(...))   # resumes by itself
+
+What is saved, in one savegame commit (no pickle): Lightning's own checkpoint dictionary as
+``trainer.save_checkpoint`` would build it (weights, optimizers, LR schedulers, precision plugin
+state, **loop progress**, callback and datamodule states), plus every RNG of the process and the
+train loaders' positions through savegame's loader layer (the batch-size translation, the
+sampler epoch and the loader's own ``generator=``).
+
+How resume is triggered, and why: the callback restores **by itself**, with no ``ckpt_path``.
+In its ``setup("fit")`` hook (which Lightning calls before it restores anything) it reads and
+verifies the newest valid checkpoint of the run folder (a damaged or half-written one is skipped
+with a ``CorruptCheckpointWarning``) and hands the dictionary to Lightning's checkpoint connector,
+which then restores model, optimizers, schedulers, loops and callbacks through the path
+``fit(ckpt_path=...)`` uses. A ``ckpt_path`` cannot do this: Lightning resolves it before any
+callback runs, so it would need a second object (a helper that lists the run) and a second line
+in every script, and it would re-read the file through ``torch.load``. The RNGs and the loader
+positions are applied at ``on_train_start``: that is after Lightning built the train loader's
+iterator (which draws a seed from the global RNG), so nothing Lightning does at start-up moves
+the generators away from the saved ones. Pass ``resume=False`` to start fresh in a folder that
+holds checkpoints (a different run folder is the better way), or an explicit
+``fit(ckpt_path=...)`` — which then wins, and the callback restores nothing.
+
+Saves happen only at optimizer-step boundaries (after ``on_train_batch_end`` of the batch that
+stepped, or at ``on_validation_end`` when a validation follows that batch, so the validation
+metrics reach ``Keep(best=..., monitor=...)``), and at ``on_train_epoch_end`` for
+``Every(epochs=N)``. These are the points Lightning's own ``ModelCheckpoint`` saves at, so the
+loop state is one Lightning knows how to restart from.
+
+Preemption: SIGTERM / SIGUSR1 / SIGINT are handled as everywhere in savegame: noted, then saved
+at the next step boundary, and the process exits with status 75 (``EXIT_PREEMPTED``) - never a
+save in the middle of a step. Lightning's own SIGTERM notifier still runs (it composes handlers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from savegame import errors, policy, tree
+from savegame.checkpointer import Checkpointer
+from savegame.checkpointer.signals import PREEMPTION_SIGNALS
+from savegame.state import TrainState
+from savegame.state import loader as loaderlib
+from savegame.state import rng as rnglib
+
+__all__ = ["SUPPORTED", "ExactnessWarning", "SavegameCallback", "check_version"]
+
+log = logging.getLogger("savegame")
+
+#: The Lightning versions this integration is built and tested for (it uses the checkpoint
+#: connector and the fit loop's data fetcher, which are not public API).
+SUPPORTED = ((2, 4), (2, 7))  # >= 2.4, < 2.7
+_RANGE = "lightning>=2.4,<2.7"
+
+
+class ExactnessWarning(UserWarning):
+    """The run will resume, but not exactly (the message says why and what to change)."""
+
+
+def _version_tuple(text: str) -> tuple[int, int]:
+    parts = text.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def check_version(version: str | None = None) -> str:
+    """Import Lightning and check its version; return it.
+
+    Raises:
+        MissingDependencyError: Lightning is not installed, or its version is outside
+            ``>=2.4,<2.7`` (the message names the range and the pip command).
+    """
+    if version is None:
+        try:
+            import lightning
+        except ImportError as exc:
+            raise errors.MissingDependencyError(
+                f"savegame.integrations.lightning needs Lightning ({_RANGE}): pip install 'savegame[lightning]'"
+            ) from exc
+        version = str(lightning.__version__)
+    low, high = SUPPORTED
+    if not (low <= _version_tuple(version) < high):
+        raise errors.MissingDependencyError(
+            f"savegame.integrations.lightning supports {_RANGE}; found lightning {version}. "
+            f"Install a supported version: pip install '{_RANGE}'"
+        )
+    return version
+
+
+check_version()
+
+import lightning.pytorch as pl  # noqa: E402  (after the version check, which names the fix)
+import torch  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
+
+#: Keys of Lightning's checkpoint that only describe how the module was built; they may hold
+#: arbitrary objects (an ``argparse.Namespace``, a class) that cannot be saved without pickle.
+_HPARAMS = (
+    "hyper_parameters",
+    "datamodule_hyper_parameters",
+    "hparams_name",
+    "datamodule_hparams_name",
+)
+
+
+class _Sink:
+    """The one object of the callback's TrainState: captures Lightning's checkpoint dict, the
+    RNGs and the loader positions at save time; receives them (verified) at restore time."""
+
+    def __init__(self, callback: SavegameCallback) -> None:
+        self._cb = callback
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Only a save captures: restore also asks (to read tensors straight into live ones),
+        # before Lightning has built what dump_checkpoint needs.
+        return self._cb._capture() if self._cb._capturing else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loaded = dict(state)
+
+
+def _plain(obj: Any) -> Any:
+    """Dict subclasses (``AttributeDict``, ``OrderedDict`` of a module) as dicts, recursively."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class SavegameCallback(pl.Callback):
+    """Save a Lightning run with savegame, and resume it exactly.
+
+    Args:
+        root: The run folder (one writer at a time; see :class:`savegame.Checkpointer`).
+        save: When to save (``Every(steps=/epochs=/seconds=/samples=)``, default every 30 min).
+            Steps are Lightning's ``global_step`` (optimizer steps).
+        keep: What to keep (``Keep(last=, best=, monitor=, mode=, every=)``); ``monitor`` names a
+            metric you ``self.log(...)`` (e.g. ``"val_loss"``).
+        async_save: Persist in the background (training pauses only for the copy to host).
+        when_busy: With ``async_save``: ``"wait"`` or ``"skip"`` while a save persists.
+        handle_signals: Save at the next step boundary on SIGTERM/SIGUSR1/SIGINT, then exit 75.
+        resume: Restore the newest valid checkpoint of ``root`` at the start of ``fit``.
+
+    Raises (at ``fit``):
+        LockedError: another live process writes ``root``.
+        RestoreError: a valid checkpoint does not fit this model/optimizer.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        save: policy.Every | None = None,
+        keep: policy.Keep | None = None,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
+        handle_signals: bool = True,
+        resume: bool = True,
+    ) -> None:
+        super().__init__()
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
+        self.root = root
+        self.save_policy = save
+        self.keep = keep
+        self.async_save = async_save
+        self.when_busy = when_busy
+        self.handle_signals = handle_signals
+        self.resume = resume
+        self.checkpointer: Checkpointer | None = None
+        #: The step restored at the last ``fit`` (None: started fresh).
+        self.restored_step: int | None = None
+        self._trainer: pl.Trainer | None = None
+        self._sink = _Sink(self)
+        self._state = TrainState(lightning=self._sink, rng=False)
+        self._pending: dict[str, Any] | None = None  # RNG + loaders to apply at on_train_start
+        self._loaders: list[Any] = []
+        self._last_step = -1
+        self._monitor_seen = False
+        self._hparams_note = False
+        self._capturing = False
+        self._handlers_before: dict[int, Any] = {}
+        self._prev_metrics: dict[str, Any] = {}
+
+    # ---- setup: open the run, restore -------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        self._last_step = -1
+        self._monitor_seen = False
+        self._prev_metrics = {}
+        if self.checkpointer is None:
+            self._handlers_before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+            self.checkpointer = Checkpointer(
+                self.root,
+                save=self.save_policy,
+                keep=self.keep,
+                handle_signals=self.handle_signals,
+                async_save=self.async_save,
+                when_busy=self.when_busy,
+            )
+        self.restored_step = None
+        connector = trainer._checkpoint_connector
+        if not self.resume or trainer.ckpt_path is not None:
+            return
+        self._sink.loaded = None
+        step = self.checkpointer.restore(self._state)
+        loaded = self._sink.loaded
+        if loaded is None:
+            return
+        self._sink.loaded = None
+        checkpoint = dict(loaded["lightning"])
+        self._pending = {"rng": loaded.get("rng"), "loaders": list(loaded.get("loaders", []))}
+        # Lightning restores model, callbacks, optimizers, schedulers and loops from this dict
+        # through the same calls fit(ckpt_path=...) makes (resume_start with no path keeps it).
+        connector._loaded_checkpoint = checkpoint
+        self.restored_step = step
+        self._last_step = step
+        log.info("lightning: resuming from step %d of %s", step, self.checkpointer.root)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        combined = fit_loop._combined_loader
+        fetcher = fit_loop._data_fetcher
+        self._loaders = list(combined.flattened) if combined is not None else []
+        for i, dl in enumerate(self._loaders):
+            if not _stateful(dl):
+                warnings.warn(
+                    f"SavegameCallback: train loader {i} is a {type(dl).__module__}.{type(dl).__qualname__}, which "
+                    "cannot save its position: a resume mid-epoch restarts the epoch's data from its start (batches "
+                    "trained twice, a different order). Use torchdata.stateful_dataloader.StatefulDataLoader (same "
+                    "arguments as DataLoader), and savegame.data.resumable(dataset) for random augmentation.",
+                    ExactnessWarning,
+                    stacklevel=2,
+                )
+        pending, self._pending = self._pending, None
+        if fetcher is None or combined is None:
+            if pending and pending.get("rng") is not None:
+                rnglib.restore(pending["rng"])
+            return
+        # Stop the iterator Lightning built (its workers started without savegame's signal guard),
+        # guard the loaders, put the saved positions in, and build it again: a restored loader's
+        # build draws nothing from the RNGs (savegame.state.loader).
+        fetcher.teardown()
+        for dl in self._loaders:
+            loaderlib.guard(dl, what="SavegameCallback")
+        if pending is not None:
+            saved = pending["loaders"]
+            stateful = [dl for dl in self._loaders if _stateful(dl)]
+            if len(saved) != len(stateful):
+                raise errors.RestoreError(
+                    f"the checkpoint holds {len(saved)} train loader position(s), this fit has {len(stateful)} "
+                    "stateful train loader(s): pass the loaders it was saved with",
+                    path=str(self.checkpointer.root if self.checkpointer else self.root),
+                )
+            for i, (dl, sd) in enumerate(zip(stateful, saved, strict=True)):
+                loaderlib.load(dl, sd, name=f"train_loader{i}", where="lightning checkpoint")
+            if pending.get("rng") is not None:
+                rnglib.restore(pending["rng"])
+        iter(fetcher)  # the epoch loop's on_run_start then counts the batches already done
+
+    # ---- saving ------------------------------------------------------------------------------
+    def _capture(self) -> dict[str, Any]:
+        trainer = self._trainer
+        assert trainer is not None
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        loops = checkpoint.get("loops", {})
+        fit = loops.get("fit_loop", {}) if isinstance(loops, Mapping) else {}
+        if isinstance(fit, Mapping) and isinstance(fit.get("state_dict"), dict):
+            # the loaders' positions go through savegame's loader layer (below) instead
+            fit["state_dict"].pop("combined_loader", None)
+        for key in _HPARAMS:
+            if key in checkpoint:
+                try:
+                    tree.encode(_plain(checkpoint[key]))
+                except errors.EncodeError as exc:
+                    if not self._hparams_note:
+                        log.info(
+                            "lightning: %s not saved (not needed to resume: your code builds the module): %s",
+                            key,
+                            exc,
+                        )
+                        self._hparams_note = True
+                    del checkpoint[key]
+        loaders = [loaderlib.state_dict(dl) for dl in self._loaders if _stateful(dl)]
+        return {"lightning": _plain(checkpoint), "rng": rnglib.capture(), "loaders": loaders}
+
+    def _metrics(self, trainer: pl.Trainer, *, fresh: bool = True) -> dict[str, float]:
+        """The numbers logged since the last call (``fresh``) or all of them. Lightning keeps a
+        validation metric in ``callback_metrics`` until the next validation: passing it again
+        with every later step would rank those steps by a stale value."""
+        out: dict[str, float] = {}
+        current = dict(trainer.callback_metrics)
+        for name, value in current.items():
+            if fresh and self._prev_metrics.get(name) is value:
+                continue
+            try:
+                number = float(value.item() if isinstance(value, torch.Tensor) else value)
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            if math.isfinite(number):
+                out[str(name)] = number
+        if fresh:
+            self._prev_metrics = current
+        return out
+
+    def _step(self, trainer: pl.Trainer, *, epoch_end: bool = False, force: bool = False) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None or trainer.sanity_checking:
+            return
+        step = int(trainer.global_step)
+        if step == self._last_step and not (epoch_end or force):
+            return
+        again, self._last_step = step == self._last_step, step
+        metrics = self._metrics(trainer)
+        monitor = ckpt.keep.monitor
+        if monitor and monitor in metrics:
+            self._monitor_seen = True
+        if again and self.async_save:
+            # The same step again (an epoch's end after its last batch): let the save of that
+            # step in flight commit first, so the checkpointer sees it is there (an async save
+            # of a step still in flight would otherwise be written twice: StepExistsError).
+            ckpt.wait()
+        self._capturing = True
+        try:
+            ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+        finally:
+            self._capturing = False
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if int(trainer.global_step) == self._last_step:
+            return  # accumulating gradients: no optimizer step yet
+        loop = trainer.fit_loop.epoch_loop
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is not None and loop._should_check_val_fx(fetcher):
+            return  # validation follows this batch: save at on_validation_end, with its metrics
+        self._step(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.training and trainer.state.fn != "fit":
+            return
+        self._step(trainer, force=int(trainer.global_step) != self._last_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step(trainer, epoch_end=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None:
+            return
+        monitor = ckpt.keep.monitor
+        if monitor and ckpt.keep.best > 0 and not self._monitor_seen:
+            warnings.warn(
+                f"SavegameCallback: Keep(monitor={monitor!r}) was never logged during this fit (logged: "
+                f"{sorted(self._metrics(trainer, fresh=False)) or 'nothing'}); best-K kept nothing. Log it with "
+                f"self.log({monitor!r}, ...) or fix the name.",
+                ExactnessWarning,
+                stacklevel=2,
+            )
+        ckpt.wait()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.checkpointer is None:
+            return
+        ckpt, self.checkpointer = self.checkpointer, None
+        ckpt.close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None:
+            return
+        try:
+            if isinstance(exception, SIGTERMException):
+                # Lightning's own SIGTERM notifier stops the loop at the end of the step in which
+                # the signal arrived (after this callback's on_train_batch_end): a step boundary,
+                # the point Lightning's OnExceptionCheckpoint saves at. Save there and exit 75,
+                # savegame's rule, instead of Lightning's exit status 0.
+                try:
+                    self._step(trainer, force=True)
+                except SystemExit as exc:  # saved on the pending signal; the checkpointer closed
+                    exception.code = exc.code
+                    return
+            if not isinstance(exception, SystemExit) or isinstance(exception, SIGTERMException):
+                try:
+                    ckpt.close()
+                except errors.CheckpointError as exc:  # the in-flight save failed too: say so
+                    log.error(
+                        "lightning: closing the checkpointer after %r failed: %s", exception, exc
+                    )
+        finally:
+            self.checkpointer = None
+            self._forget_handlers(trainer)
+
+    def _forget_handlers(self, trainer: pl.Trainer) -> None:
+        """Lightning's teardown puts back the signal handlers it found when it registered its own
+        (after this callback's checkpointer installed savegame's): make it put back the ones from
+        before, now that the checkpointer is closed."""
+        original = getattr(trainer._signal_connector, "_original_handlers", None)
+        if isinstance(original, dict):
+            for signum, handler in self._handlers_before.items():
+                if signum in original:
+                    original[signum] = handler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def _stateful(dl: Any) -> bool:
+    return callable(getattr(dl, "state_dict", None)) and callable(
+        getattr(dl, "load_state_dict", None)
+    )
