@@ -9,7 +9,7 @@ the ratio savegame / raw (the issue asks ≤ 1.1 for a restore) and the peak ano
 savegame run added (``RssAnon``: the staging, bounce buffers and fresh tensors; file-backed
 pages of a spooled restore are the kernel's page cache and are not counted).
 
-Rows (add one with :func:`row`; push/pull rows come later):
+Rows (add one with :func:`row`):
   * restore, live model     ``Checkpointer(url).restore(state)`` into a live model and optimizer
     (a resume on a fresh machine): bytes wait in memory until every hash matched
   * restore, spooled        the same with ``SAVEGAME_STAGING_MEMORY=0``: they wait in a temp file
@@ -22,6 +22,28 @@ every ranged GET by copying the *whole* object under a lock, so on moto each req
 O(object size) and fewer, larger requests win; on S3 itself parallel 8-16 MiB ranges are what
 AWS recommends. Read the "ratio to raw threads" column as savegame's own overhead.
 
+Push and pull rows (issue 11 asks savegame's throughput >= 0.9x the raw transfer's):
+  * push                    ``transfer.push(local_run, s3://…/fresh-prefix)`` of a local run (one
+    checkpoint) against ``obstore.put`` of every file of that run from its path, all files at
+    once in threads (obstore picks multipart and its part concurrency itself)
+  * pull                    ``transfer.pull(s3://…/run, fresh_local_folder)`` against one
+    ``obstore.get`` per object, all objects at once in threads, each streamed into a local
+    file (``get→file``) and the same with an fsync of each file (``get→file+fsync``: the
+    durability a pull gives: the manifest commits only after the data is synced)
+Each repeat writes to a fresh destination, deleted after (outside the timing).
+
+Then the training stall (issue 11: a remote root with a local cache must not stall training
+more than 1.05x a local-only run): four Checkpointers open at once on the same state, saving on
+the same schedule — ``Checkpointer(s3_url, cache=folder)`` and ``Checkpointer(folder)``, each
+with ``async_save`` True and False. In each round every one of them (rotating order) trains for
+``--gap`` seconds (real optimizer steps on the state) and then calls ``step()`` (``Every(steps=1)``:
+every call saves); the stall is the time ``step()`` takes on the training thread. The upload of
+a remote save runs in the background during the next gap; the gap is chosen longer than one
+push so an upload does not spill into another configuration's save. The table shows the median
+stall per configuration and the median of the per-round ratios remote / local of the same mode
+(paired: same round), plus the training steps per second in the gaps (the background persist
+and upload share the machine's CPUs with training).
+
 Prints a markdown table and appends a JSON line to ``bench-out/remote.jsonl``.
 """
 
@@ -33,10 +55,12 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +78,7 @@ import savegame as sg  # noqa: E402
 from savegame.engine import reader  # noqa: E402
 from savegame.format import layout  # noqa: E402
 from savegame.storage import locate  # noqa: E402
+from savegame.tools import transfer  # noqa: E402
 
 KEY, SECRET, REGION = "bench-key", "bench-secret", "us-east-1"
 
@@ -166,12 +191,18 @@ def measure(fn: Callable[[], Any]) -> tuple[float, int]:
 @dataclass
 class Row:
     """One line of the table: a savegame operation and the raw transfer it is compared with.
-    ``raw`` returns its timings by variant (seconds); the row compares with the fastest."""
+    ``raw`` returns its timings by variant (seconds); the row compares with the fastest, and
+    with ``shape`` (the raw variant closest to what savegame does). ``bar`` is the issue's bar:
+    ``("time", x)`` savegame's time <= x times the raw's, ``("throughput", x)`` savegame's
+    throughput >= x times the raw's. ``after`` runs after each repeat, untimed (clean-up)."""
 
     name: str
     ours: Callable[[], Any]
     raw: Callable[[], dict[str, float]]
     nbytes: int
+    shape: str = "threads"
+    bar: tuple[str, float] = ("time", 1.1)
+    after: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
     raw_times: dict[str, list[float]] = field(default_factory=dict)
     mem: list[int] = field(default_factory=list)
@@ -226,6 +257,142 @@ def raw_get(store: Any, paths: list[tuple[str, int]]) -> Callable[[], dict[str, 
     return run
 
 
+def raw_put(store: Any, files: list[tuple[Path, str]]) -> Callable[[str], float]:
+    """obstore's own upload of local ``files`` (path, key under ``prefix``): one ``obstore.put``
+    per file from its path (multipart and part concurrency as obstore chooses), all at once in
+    threads. Returns a function of the prefix that returns the seconds it took."""
+    import obstore
+
+    def run(prefix: str) -> float:
+        def one(job: tuple[Path, str]) -> None:
+            path, key = job
+            obstore.put(store, f"{prefix}/{key}", path)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(files)) as pool:
+            list(pool.map(one, files))
+        return time.perf_counter() - t0
+
+    return run
+
+
+def raw_pull(store: Any, objects: list[tuple[str, int]]) -> Callable[[Path], dict[str, float]]:
+    """obstore's own download of ``objects`` (key, size) into local files under a folder: one
+    ``obstore.get`` per object, all at once in threads, streamed into the file; without and
+    with an fsync of each file (the durability a pull gives)."""
+    import obstore
+
+    total = sum(size for _, size in objects)
+
+    def once(dest: Path, sync: bool) -> float:
+        def one(job: tuple[str, int]) -> int:
+            key, _ = job
+            path = dest / key.replace("/", "__")
+            n = 0
+            with open(path, "wb") as f:
+                for chunk in obstore.get(store, key).stream(min_chunk_size=8 << 20):
+                    n += f.write(chunk)
+                if sync:
+                    os.fsync(f.fileno())
+            return n
+
+        dest.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(objects)) as pool:
+            n = sum(pool.map(one, objects))
+        elapsed = time.perf_counter() - t0
+        assert n == total, (n, total)
+        shutil.rmtree(dest)
+        return elapsed
+
+    def run(dest: Path) -> dict[str, float]:
+        return {"get→file": once(dest, False), "get→file+fsync": once(dest, True)}
+
+    return run
+
+
+def delete_prefix(store: Any, prefix: str) -> None:
+    import obstore
+
+    keys = [o["path"] for batch in obstore.list(store, prefix) for o in batch]
+    if keys:
+        obstore.delete(store, keys)
+
+
+def local_files(run: Path) -> list[tuple[Path, str]]:
+    """The files a push of the local run moves (run.json, the checkpoints' files, LATEST)."""
+    out = []
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if path.is_file() and not rel.startswith(".") and "/." not in rel:
+            out.append((path, rel))
+    return out
+
+
+# ---- training stall with a remote root + local cache vs a local-only run ----------------------
+
+
+def train_for(model: torch.nn.Module, opt: torch.optim.Optimizer, seconds: float) -> int:
+    """Real optimizer steps on the state (every parameter and moment is mutated) for
+    ``seconds``; returns how many."""
+    x = torch.randn(32, model[0].in_features)
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+        n += 1
+    return n
+
+
+def stall_phase(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    remote: str,
+    work: Path,
+    rounds: int,
+    gap: float,
+) -> dict[str, Any]:
+    """Four Checkpointers at once, interleaved round by round (rotating order)."""
+    state = sg.TrainState(model=model, optimizer=opt, rng=False)
+    common = dict(save=sg.Every(steps=1), keep=sg.Keep(last=2), handle_signals=False)
+    configs: dict[str, sg.Checkpointer] = {}
+    for mode, flag in (("async", True), ("sync", False)):
+        configs[f"remote+cache {mode}"] = sg.Checkpointer(
+            f"{remote}/{mode}", cache=work / f"cache-{mode}", async_save=flag, **common
+        )
+        configs[f"local-only {mode}"] = sg.Checkpointer(
+            work / f"local-{mode}", async_save=flag, **common
+        )
+    names = list(configs)
+    stalls: dict[str, list[float]] = {n: [] for n in names}
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    steps = dict.fromkeys(names, 0)
+    try:
+        for r in range(rounds + 1):  # round 0 warms up (first-save allocations, connections)
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                t0 = time.perf_counter()
+                done = train_for(model, opt, gap)
+                rate = done / (time.perf_counter() - t0)
+                steps[name] += 1
+                t0 = time.perf_counter()
+                assert configs[name].step(state, steps[name])
+                stall = time.perf_counter() - t0
+                if r:
+                    stalls[name].append(stall)
+                    rates[name].append(rate)
+            print(f"  stall round {r}: "
+                  + ", ".join(f"{n} {stalls[n][-1] if r else 0:.3f}s" for n in names), flush=True)  # fmt: skip
+    finally:
+        closes = {}
+        for name, c in configs.items():
+            t0 = time.perf_counter()
+            c.close()
+            closes[name] = time.perf_counter() - t0
+    return {"stall_s": stalls, "steps_per_s": rates, "close_s": closes, "gap_s": gap}
+
+
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -238,8 +405,21 @@ def main() -> None:
         help="checkpoint size in MiB (moto copies the whole object per request: keep it modest)",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stall-rounds", type=int, default=5, help="measured saves per configuration")
+    ap.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="seconds of training between saves (default: 1.5x the slower of one push and one "
+        "raw put, at least 2 s)",
+    )
+    ap.add_argument("--no-stall", action="store_true", help="skip the training-stall phase")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "remote.jsonl"))
     args = ap.parse_args()
+    load_start = os.getloadavg()
+    started = dt.datetime.now(dt.timezone.utc)
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    work = Path(tempfile.mkdtemp(prefix="sg-bench-remote-"))
 
     with moto_server() as endpoint:
         s3_env(endpoint)
@@ -264,6 +444,27 @@ def main() -> None:
         print(f"checkpoint: {nbytes / 2**20:.0f} MiB in {len(m.files)} file(s), "
               f"{len(m.tensors)} tensors; saved in {save_s:.2f} s", flush=True)  # fmt: skip
 
+        # the same state as a local run (the push source), and the remote run's objects (the
+        # pull source: everything under the run's prefix, as a pull reads it)
+        local_run = work / "local-run"
+        with sg.Checkpointer(local_run, handle_signals=False) as c:
+            c.save(state, 1)
+        push_files = local_files(local_run)
+        push_bytes = sum(p.stat().st_size for p, _ in push_files)
+        import obstore
+        from obstore.store import S3Store
+
+        # obstore on the bucket's root (credentials and endpoint from the environment)
+        bucket = S3Store(
+            "bench", endpoint=endpoint, region=REGION, client_options={"allow_http": True}
+        )
+        pull_objects = [
+            (o["path"], o["size"]) for batch in obstore.list(bucket, "runs/exp") for o in batch
+        ]
+        pull_bytes = sum(size for _, size in pull_objects)
+        print(f"push: {len(push_files)} local files, {push_bytes / 2**20:.1f} MiB; "
+              f"pull: {len(pull_objects)} objects, {pull_bytes / 2**20:.1f} MiB", flush=True)  # fmt: skip
+
         def restore(staging: str | None) -> Callable[[], Any]:
             def run() -> Any:
                 old = os.environ.get("SAVEGAME_STAGING_MEMORY")
@@ -281,50 +482,126 @@ def main() -> None:
 
             return run
 
+        counter = [0]
+
+        def fresh(kind: str) -> str:
+            counter[0] += 1
+            return f"{kind}-{counter[0]}"
+
+        put = raw_put(bucket, push_files)
+        push_dest: list[str] = []
+
+        def ours_push() -> None:
+            prefix = fresh("push")
+            push_dest.append(prefix)
+            report = transfer.push(local_run, f"s3://bench/{prefix}", progress=False)
+            assert report.verified and report.copied == (1,), report
+
+        def raw_push() -> dict[str, float]:
+            prefix = fresh("rawput")
+            push_dest.append(prefix)
+            return {"put (concurrent)": put(prefix)}
+
+        def clean_push() -> None:
+            while push_dest:
+                delete_prefix(bucket, push_dest.pop())
+
+        get = raw_pull(bucket, pull_objects)
+        pull_dest: list[Path] = []
+
+        def ours_pull() -> None:
+            dest = work / fresh("pull")
+            pull_dest.append(dest)
+            report = transfer.pull(url, dest, progress=False)
+            assert report.verified and report.copied == (1,), report
+
+        def clean_pull() -> None:
+            while pull_dest:
+                shutil.rmtree(pull_dest.pop(), ignore_errors=True)
+
         raw = raw_get(obs, paths)
         rows: list[Row] = []
         row(rows, "restore, live model", restore(None), raw, nbytes)
         row(rows, "restore, spooled (staging 0)", restore("0"), raw, nbytes)
         row(rows, "load, fresh tensors", lambda: sg.load(ckpt_url), raw, nbytes)
         row(rows, "verify", lambda: reader.verify(ckpt_url), raw, nbytes)
+        row(rows, "push (local run → s3)", ours_push, raw_push, push_bytes,
+            shape="put (concurrent)", bar=("throughput", 0.9), after=clean_push)  # fmt: skip
+        row(rows, "pull (s3 run → local)", ours_pull, lambda: get(work / fresh("rawget")),
+            pull_bytes, shape="get→file+fsync", bar=("throughput", 0.9), after=clean_pull)  # fmt: skip
 
         raw()  # warm-up: connections, server-side caches
-        for _ in range(args.repeats):
+        ours_push(), raw_push(), clean_push(), ours_pull(), clean_pull()
+        for rep in range(args.repeats):
             for r in rows:
                 t, mem = measure(r.ours)
                 r.times.append(t)
                 r.mem.append(mem)
                 for k, v in r.raw().items():
                     r.raw_times.setdefault(k, []).append(v)
+                if r.after is not None:
+                    r.after()
+            print(f"  repeat {rep + 1}/{args.repeats} done", flush=True)
 
+        stall: dict[str, Any] | None = None
+        if not args.no_stall:
+            one_push = max(statistics.median(rows[-2].times),
+                           statistics.median(rows[-2].raw_times["put (concurrent)"]))  # fmt: skip
+            gap = args.gap or max(2.0, 1.5 * one_push)
+            print(f"stall phase: {args.stall_rounds} rounds, {gap:.1f} s of training between "
+                  "saves", flush=True)  # fmt: skip
+            stall = stall_phase(model, opt, "s3://bench/stall", work, args.stall_rounds, gap)
+
+    shutil.rmtree(work, ignore_errors=True)
+    load_end = os.getloadavg()
     lines = [
-        f"moto on loopback (its own process), {nbytes / 2**20:.0f} MiB checkpoint in "
-        f"{len(m.files)} object(s), median of {args.repeats}; requests of "
-        f"{reader.REQUEST_BYTES >> 20} MiB, {reader.REQUESTS_IN_FLIGHT} in flight",
+        f"{started:%Y-%m-%d %H:%M} UTC · {platform.machine()} {os.cpu_count()} cpus · "
+        f"torch {torch.__version__} · moto on loopback (its own process) · "
+        f"{nbytes / 2**20:.0f} MiB checkpoint in {len(m.files)} object(s) · median of "
+        f"{args.repeats} interleaved · restore requests of {reader.REQUEST_BYTES >> 20} MiB, "
+        f"{reader.REQUESTS_IN_FLIGHT} in flight · load average (1, 5, 15 min) at start "
+        f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, at end "
+        f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}",
         "",
-        "| operation | savegame s | raw get_ranges s | raw threads s | ratio to best raw "
-        "| ratio to raw threads | savegame MiB/s | peak extra anon MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| operation | savegame s | raw s (each variant) | savegame / best raw (time) "
+        "| savegame / same-shape raw (time) | savegame MiB/s | best raw MiB/s | bar | "
+        "peak extra anon MiB |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     record: dict[str, Any] = {
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": started.isoformat(timespec="seconds"),
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
         "mb": args.mb,
         "repeats": args.repeats,
         "request_bytes": reader.REQUEST_BYTES,
         "in_flight": reader.REQUESTS_IN_FLIGHT,
         "rows": {},
+        "stall": stall,
     }
     for r in rows:
         ours = statistics.median(r.times)
         raw_med = {k: statistics.median(v) for k, v in r.raw_times.items()}
         best = min(raw_med.values())
         mib = r.nbytes / 2**20
+        kind, limit = r.bar
+        if kind == "time":
+            ok = ours / best <= limit
+            bar = f"time ≤ {limit}× raw: {'met' if ok else 'missed'} (best raw)"
+            if not ok and ours / raw_med[r.shape] <= limit:
+                bar += "; met vs same-shape raw"
+        else:
+            ok = best / ours >= limit
+            bar = (f"throughput ≥ {limit}× raw: {best / ours:.2f}× best raw, "
+                   f"{raw_med[r.shape] / ours:.2f}× same-shape raw: "
+                   f"{'met' if ok else ('met vs same-shape raw only' if raw_med[r.shape] / ours >= limit else 'missed')}")  # fmt: skip
+        variants = ", ".join(f"{k} {v:.2f}" for k, v in raw_med.items())
         lines.append(
-            f"| {r.name} | {ours:.2f} | {raw_med['get_ranges']:.2f} | {raw_med['threads']:.2f} "
-            f"| {ours / best:.2f} | {ours / raw_med['threads']:.2f} | {mib / ours:.0f} "
-            f"| {max(r.mem) / 2**20:.0f} |"
+            f"| {r.name} | {ours:.2f} | {variants} | {ours / best:.2f} "
+            f"| {ours / raw_med[r.shape]:.2f} ({r.shape}) | {mib / ours:.0f} | {mib / best:.0f} "
+            f"| {bar} | {max(r.mem) / 2**20:.0f} |"
         )
         record["rows"][r.name] = {
             "ours_s": r.times,
@@ -332,6 +609,34 @@ def main() -> None:
             "peak_anon_bytes": r.mem,
             "bytes": r.nbytes,
         }
+    if stall is not None:
+        s_med = {k: statistics.median(v) for k, v in stall["stall_s"].items()}
+        lines += [
+            "",
+            f"Training stall per save, {stall['gap_s']:.1f} s of training between saves, "
+            f"{args.stall_rounds} saves per configuration after a warm-up save, interleaved "
+            "(rotating order):",
+            "",
+            "| configuration | stall median s (min-max) | remote / local, paired per round (median) "
+            "| ratio of medians | bar (≤ 1.05) | training steps/s in the gaps | close() s |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for mode in ("async", "sync"):
+            loc_s = stall["stall_s"][f"local-only {mode}"]
+            rem_s = stall["stall_s"][f"remote+cache {mode}"]
+            paired = statistics.median(a / b for a, b in zip(rem_s, loc_s, strict=True))
+            for name in (f"local-only {mode}", f"remote+cache {mode}"):
+                v = stall["stall_s"][name]
+                remote = name.startswith("remote")
+                of_medians = s_med[name] / s_med[f"local-only {mode}"]
+                lines.append(
+                    f"| {name} | {s_med[name]:.3f} ({min(v):.3f}-{max(v):.3f}) "
+                    f"| {f'{paired:.2f}' if remote else ''} "
+                    f"| {f'{of_medians:.2f}' if remote else ''} "
+                    f"| {('met' if paired <= 1.05 else 'missed') if remote else ''} "
+                    f"| {statistics.median(stall['steps_per_s'][name]):.1f} "
+                    f"| {stall['close_s'][name]:.2f} |"
+                )
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
