@@ -4,6 +4,7 @@ one-line class (fsspec's ``tests/abstract`` style). Crash-safety of the commit s
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -32,6 +33,10 @@ class StoreContract:
     #: a folder to *exist* puts an object in it instead of only calling ``makedirs``; the
     #: assertions stay the same for every store.
     implicit_folders = False
+    #: ``Staging.adopt`` refuses a file name already staged (a folder, memory). An object
+    #: store's default adopt copies through ``write`` and cannot tell (nothing is visible
+    #: before the commit either way).
+    adopt_refuses = True
 
     @pytest.fixture
     def store(self, tmp_path: Path) -> Store:
@@ -158,6 +163,46 @@ class StoreContract:
         st.abort()
         assert [e.name for e in store.list("")] == []
 
+    # ---- adopt: a finished local file moved into the staging area --------------------------
+    def _part(self, store: Store, st: Any, tmp_path: Path, data: bytes) -> Path:
+        """A finished download: inside the staging folder where the store is a folder (what a
+        pull does), else a local file elsewhere."""
+        folder = store.local_path(st.name) or tmp_path
+        path = folder / "data.bin.part"
+        path.write_bytes(data)
+        return path
+
+    def test_adopt_moves_a_file_in_and_it_commits(self, store: Store, tmp_path: Path) -> None:
+        st = store.begin(".tmp-a")
+        part = self._part(store, st, tmp_path, b"adopted bytes")
+        assert st.adopt("data.bin", part) == len(b"adopted bytes")
+        assert not part.exists()  # moved (or copied and removed), never left behind
+        assert not store.exists("step-1")  # staged files stay invisible
+        st.commit("step-1", "manifest.json", b"{}")
+        assert store.read("step-1/data.bin") == b"adopted bytes"
+        assert sorted(e.name for e in store.list("step-1")) == ["data.bin", "manifest.json"]
+
+    def test_adopt_refuses_to_overwrite(self, store: Store, tmp_path: Path) -> None:
+        if not self.adopt_refuses:
+            pytest.skip("an object store's default adopt copies: it cannot tell")
+        st = self._stage(store)
+        part = self._part(store, st, tmp_path, b"other")
+        with pytest.raises(FileExistsError):
+            st.adopt("data.bin", part)
+        assert part.read_bytes() == b"other"  # kept: nothing was adopted
+        st.commit("step-1", "manifest.json", b"{}")
+        assert store.read("step-1/data.bin") == b"payload"
+
+    def test_adopt_into_a_joined_staging_area(self, store: Store, tmp_path: Path) -> None:
+        """After a crash a new process joins the staging area by name and adopts there."""
+        st = store.begin(".tmp-j")
+        st.write("other.bin", lambda f: f.write(b"x"))
+        joined = store.staging(st.name)
+        part = self._part(store, st, tmp_path, b"resumed")
+        assert joined.adopt("data.bin", part) == 7
+        joined.commit("step-1", "manifest.json", b"{}")
+        assert store.read("step-1/data.bin") == b"resumed"
+
     def test_joining_a_missing_staging_area_fails(self, store: Store) -> None:
         with pytest.raises(FileNotFoundError):
             store.staging(".tmp-nothing")
@@ -193,6 +238,7 @@ class TestObjectStoreMemory(StoreContract):
     """obstore's in-memory store under the object-store commit (no rename, manifest last)."""
 
     implicit_folders = True
+    adopt_refuses = False
 
     @pytest.fixture
     def store(self, tmp_path: Path) -> Store:
@@ -208,6 +254,7 @@ class TestObjectStoreS3(StoreContract):
     """A real S3-compatible server (moto) on loopback, through an ``s3://`` URL."""
 
     implicit_folders = True
+    adopt_refuses = False
 
     @pytest.fixture
     def store(self, request: pytest.FixtureRequest) -> Store:
@@ -272,3 +319,69 @@ def test_commit_done_fault_happens_after_the_checkpoint_is_published(tmp_path: P
 def test_unknown_fault_point_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown fault points"):
         faulty.FaultyStore(MemoryStore(), {"fsync": 1})
+
+
+# ---- LocalStore's adopt: a rename, made durable first ----------------------------------------
+def test_local_adopt_renames_without_copying_and_fsyncs_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from savegame.storage import local
+
+    store = LocalStore(tmp_path)
+    st = store.begin(".tmp-a")
+    part = tmp_path / ".tmp-a" / "data.bin.part"
+    part.write_bytes(b"z" * 1000)
+    inode = part.stat().st_ino
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+    monkeypatch.setattr(local.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(local.os, "link", lambda a, b: (events.append("link"), real_link(a, b))[1])
+    assert st.adopt("data.bin", part) == 1000
+    assert events[:2] == ["fsync", "link"] and events.count("fsync") >= 2  # file, then folder
+    assert (tmp_path / ".tmp-a" / "data.bin").stat().st_ino == inode  # moved, not copied
+    assert not part.exists()
+
+
+def test_local_adopt_of_a_file_outside_the_staging_folder_copies(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "run")
+    store.makedirs("")
+    st = store.begin(".tmp-a")
+    outside = tmp_path / "elsewhere.part"
+    outside.write_bytes(b"abc")
+    assert st.adopt("data.bin", outside) == 3
+    assert not outside.exists() and store.read(".tmp-a/data.bin") == b"abc"
+
+
+def test_local_adopt_after_a_crash_between_link_and_unlink(tmp_path: Path) -> None:
+    """A kill after the new name and before the old one is gone leaves both: adopting again
+    is refused (never a silent replace), and the caller removes the staged copy first."""
+    store = LocalStore(tmp_path)
+    store.begin(".tmp-a")
+    part = tmp_path / ".tmp-a" / "data.bin.part"
+    part.write_bytes(b"abc")
+    os.link(part, tmp_path / ".tmp-a" / "data.bin")  # the crash point
+    again = store.staging(".tmp-a")
+    with pytest.raises(FileExistsError):
+        again.adopt("data.bin", part)
+    store.delete(".tmp-a/data.bin", None)
+    assert again.adopt("data.bin", part) == 3
+    again.commit("step-1", "manifest.json", b"{}")
+    assert store.read("step-1/data.bin") == b"abc"
+
+
+@pytest.mark.parametrize("point", ["stage.write", "stage.sync"])
+def test_a_crash_in_adopt_keeps_the_part_and_a_new_writer_adopts_it(
+    tmp_path: Path, point: str
+) -> None:
+    inner = LocalStore(tmp_path)
+    store = faulty.FaultyStore(inner, {point: 1}, crash=True)
+    st = store.begin(".tmp-a")
+    part = tmp_path / ".tmp-a" / "data.bin.part"
+    part.write_bytes(b"abc")
+    with pytest.raises(OSError):
+        st.adopt("data.bin", part)
+    assert store.fired == [point] and part.exists() and not inner.exists(".tmp-a/data.bin")
+    resumed = inner.staging(".tmp-a")  # the next process
+    assert resumed.adopt("data.bin", part) == 3
+    resumed.commit("step-1", "manifest.json", b"{}")
+    assert inner.read("step-1/data.bin") == b"abc"

@@ -585,3 +585,69 @@ def test_a_checkpoint_deleted_from_the_source_meanwhile_is_not_an_error(
 
     rep = transfer.pull(Deleting(mem), tmp_path / "dst")
     assert rep.copied == (3, 1) and rep.ignored == (2,) and rep.verified
+
+
+# ---- a finished .part is moved into place, not copied ------------------------------------------
+def test_a_pulled_file_is_hashed_on_arrival_and_adopted_not_copied(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from savegame.storage import local
+
+    written: list[str] = []
+    adopted: list[str] = []
+    real_write, real_adopt = local._LocalStaging.write, local._LocalStaging.adopt
+
+    def write(self: Any, fname: str, produce: Any) -> Any:
+        written.append(fname)
+        return real_write(self, fname, produce)
+
+    def adopt(self: Any, fname: str, path: Any) -> int:
+        assert Path(path).parent == self.path  # the .part lives in the staging folder
+        adopted.append(fname)
+        return real_adopt(self, fname, path)
+
+    monkeypatch.setattr(local._LocalStaging, "write", write)
+    monkeypatch.setattr(local._LocalStaging, "adopt", adopt)
+    dst = tmp_path / "dst"
+    rep = transfer.pull(_remote(run), dst)
+    assert rep.verified and rep.copied == (3, 2, 1)
+    assert written == [] and len(adopted) == 3  # no second pass over any file's bytes
+    assert_same_and_valid(LocalStore(run), LocalStore(dst))
+    assert not list(dst.glob(".tmp-*"))
+
+
+def test_a_resumed_part_that_fails_its_hash_is_fetched_whole_once(
+    run: Path, tmp_path: Path
+) -> None:
+    """A power cut can leave zeros in an unsynced .part: its prefix is hashed on resume, the
+    hash fails, and the file is fetched whole once more before the source is blamed."""
+    remote = _remote(run, Behaviour(kill_after=200_000))
+    dst = tmp_path / "dst"
+    with pytest.raises(Killed):
+        transfer.pull(remote, dst)
+    parts = list(dst.glob(".tmp-*/*.part"))
+    assert parts and parts[0].stat().st_size > 0
+    size = parts[0].stat().st_size
+    parts[0].write_bytes(b"\0" * size)  # same length, wrong bytes
+    rep = transfer.pull(remote, dst)
+    assert rep.verified and sorted(rep.copied + rep.skipped) == [1, 2, 3]
+    assert_same_and_valid(LocalStore(run), LocalStore(dst))
+    assert not list(dst.glob(".tmp-*"))
+
+
+def test_a_pull_killed_while_adopting_resumes_without_fetching_again(
+    run: Path, tmp_path: Path
+) -> None:
+    """Killed at the move into place: the finished .part stays; the next run hashes it once,
+    asks the source for none of its bytes, and adopts it."""
+    remote = _remote(run)
+    dst = tmp_path / "dst"
+    with pytest.raises(OSError):
+        transfer.pull(remote, FaultyStore(LocalStore(dst), {"stage.sync": 1}, crash=True))
+    assert list(dst.glob(".tmp-*/*.part"))
+    no_partial_checkpoint(LocalStore(dst))
+    served = remote.how.served
+    rep = transfer.pull(remote, dst)
+    assert rep.verified and sorted(rep.copied + rep.skipped) == [1, 2, 3]
+    assert_same_and_valid(LocalStore(run), LocalStore(dst))
+    assert remote.how.served - served < file_bytes(LocalStore(run))  # the .part was not refetched

@@ -176,6 +176,40 @@ class Staging(abc.ABC):
         every write's count), make it durable, and return ``produce``'s result and the size
         the store now holds (the caller checks it against what it meant to write)."""
 
+    def adopt(self, fname: str, path: str | os.PathLike[str]) -> int:
+        """Make the local file ``path`` (complete, already checked by the caller) the staged
+        file ``fname``, durable when it returns, and return the size the store now holds.
+        ``path`` is gone afterwards.
+
+        A store whose staging area is a local folder moves ``path`` there (fsync, then a
+        rename within the file system) when ``path`` already lives inside that folder: no
+        byte is copied. This default, for stores that cannot rename, copies ``path`` through
+        :meth:`write` and then removes it.
+
+        Raises:
+            FileExistsError: ``fname`` is already staged, where the store can tell (a folder,
+                memory); nothing is replaced. (An object store's default copy cannot tell:
+                it writes the unpublished object again.)
+            OSError: nothing was adopted; ``path`` is kept.
+        """
+        block = 8 << 20
+
+        def produce(f: BinaryIO) -> None:
+            buf = bytearray(block)
+            view = memoryview(buf)
+            with open(path, "rb", buffering=0) as src:
+                while n := src.readinto(buf):
+                    rest = view[:n]
+                    while rest:
+                        w = f.write(rest)
+                        if not w:
+                            raise OSError(f"write made no progress on {self.describe(fname)}")
+                        rest = rest[w:]
+
+        _, size = self.write(fname, produce)
+        os.unlink(path)
+        return size
+
     def commit(self, final: str, manifest_name: str, manifest: bytes) -> None:
         """Write ``manifest`` last, durably (:meth:`seal`), then publish the staged files under
         ``final`` (:meth:`publish`): the two halves of the commit protocol.

@@ -5,6 +5,7 @@ points are the places where a real save can be cut short::
 
     stage.begin    creating the staging area          stage.write   mid-file (part is written)
     stage.sync     after a file's bytes, before it is durable (fsync failed)
+                   (``Staging.adopt`` passes ``stage.write`` then ``stage.sync``, then moves)
     commit.seal    before the manifest is written     commit.publish after it, before the rename
     commit.done    after the checkpoint is published (the writer never learns it committed)
     put, create, rename, detach, list, open, makedirs, lock   the other operations
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, TypeVar
@@ -102,6 +104,13 @@ class _FaultyStaging(base.Staging):
         out = self._inner.write(fname, wrapped)
         o._point("stage.sync")
         return out
+
+    def adopt(self, fname: str, path: str | os.PathLike[str]) -> int:
+        # Moving a finished file into place counts as writing it (``stage.write``) and
+        # making it durable (``stage.sync``): a fault at either leaves nothing adopted.
+        self._owner._point("stage.write")
+        self._owner._point("stage.sync")
+        return self._inner.adopt(fname, path)
 
     def seal(self, manifest_name: str, manifest: bytes) -> None:
         self._owner._point("commit.seal")

@@ -162,6 +162,41 @@ class _LocalStaging(base.Staging):
             size = os.fstat(f.fileno()).st_size
         return out, size
 
+    def adopt(self, fname: str, path: str | os.PathLike[str]) -> int:
+        # Order: the file's bytes durable, then its new name (link(2): EEXIST instead of a
+        # silent replace), then the old name gone, then both folder entries durable. A crash
+        # in between leaves the .part, or the file under both names (the caller removes the
+        # staged one before it adopts again): never a staged file that is not durable.
+        src = Path(path)
+        dest = self.path / base.check_key(fname)
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "already staged", str(dest))
+        try:
+            inside = src.resolve().parent.is_relative_to(self.path.resolve())
+        except OSError:
+            inside = False
+        if not inside:  # another file system, maybe: copy it
+            return super().adopt(fname, path)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        try:
+            os.link(src, dest)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # No hard links here (some FUSE and FAT file systems): checked above, then rename.
+            os.rename(src, dest)
+        else:
+            os.unlink(src)
+        fsync_dir(dest.parent)
+        if src.parent != dest.parent:
+            fsync_dir(src.parent)
+        return size
+
     # Order: manifest durable, its folder entry durable, then the rename, then the rename
     # durable (the parent folder). A power cut before the rename leaves a temp folder no
     # reader lists; after it, a complete checkpoint.

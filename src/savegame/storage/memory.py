@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,12 @@ class _MemoryStaging(base.Staging):
             self._store._files[key] = bytes(w.buf)
             self._store._times[key] = time.time()
             return out, len(self._store._files[key])
+
+    def adopt(self, fname: str, path: str | os.PathLike[str]) -> int:
+        with self._store._lock:
+            if base.join(self.name, base.check_key(fname)) in self._store._files:
+                raise FileExistsError(errno.EEXIST, "already staged", self.describe(fname))
+        return super().adopt(fname, path)
 
     def seal(self, manifest_name: str, manifest: bytes) -> None:
         s = self._store

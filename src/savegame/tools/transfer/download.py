@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from savegame.format import manifest
 from savegame.storage import base, urls
 from savegame.tools import transfer
 from savegame.tools.transfer import failures
+from savegame.tools.transfer.check import FileCheck
 from savegame.tools.transfer.endpoints import Endpoints
 
 PART = ".part"
@@ -85,10 +86,19 @@ def unstable(ends: Endpoints, skey: str, exc: BaseException) -> errors.StorageEr
 
 
 def download(
-    ends: Endpoints, skey: str, name: str, m: manifest.Manifest, folder: Path, side: Path
-) -> tuple[list[Path], bool]:
+    ends: Endpoints,
+    skey: str,
+    name: str,
+    m: manifest.Manifest,
+    folder: Path,
+    side: Path,
+    new_check: Callable[[], FileCheck] | None = None,
+) -> tuple[list[Path], bool, FileCheck | None]:
     """Make the part files hold the whole source file, in order; True if an earlier run's
-    bytes were continued."""
+    bytes were continued. A file fetched as one stream is also hashed on the way (an earlier
+    run's prefix read back once, then every byte as it arrives): the third value is its
+    :class:`FileCheck` (fed, not yet finished) when ``new_check`` is given; None for a file
+    fetched as parallel ranges (the caller hashes the parts in order)."""
     resumed = False
     split = transfer.SPLIT
     for restart in range(transfer.RESTARTS + 1):
@@ -104,11 +114,13 @@ def download(
                 else:
                     resumed = True
                     ends.skip(sum(done))
+                check = None
                 if len(segs) == 1:
-                    _fetch_stream(ends, blob, skey, paths[0], done[0])
+                    check = new_check() if new_check is not None else None
+                    _fetch_stream(ends, blob, skey, paths[0], done[0], check)
                 else:
                     _fetch_ranges(ends, blob, skey, paths, segs, done)
-                return paths, resumed
+                return paths, resumed, check
             except (failures.Restart, failures.NoRanges) as exc:
                 if restart == transfer.RESTARTS:
                     raise unstable(ends, skey, exc) from exc
@@ -126,12 +138,27 @@ def download(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _fetch_stream(ends: Endpoints, blob: base.Blob, skey: str, path: Path, done: int) -> None:
-    """One streaming GET from ``done`` to the end, appended to ``path``."""
+def _fetch_stream(
+    ends: Endpoints, blob: base.Blob, skey: str, path: Path, done: int, check: FileCheck | None
+) -> None:
+    """One streaming GET from ``done`` to the end, appended to ``path``; ``check`` (if any) is
+    fed the kept prefix (read back once) and then every byte as it arrives."""
     with open(path, "r+b" if done else "wb", buffering=0) as f:
         f.truncate(done)
+        if check is not None and done:
+            buf = bytearray(min(transfer.BLOCK, done))
+            view = memoryview(buf)
+            left = done
+            while left:
+                n = f.readinto(view[: min(len(buf), left)])
+                if not n:
+                    raise EOFError(f"{path} ends before byte {done}")  # pragma: no cover
+                check.feed(view[:n])
+                left -= n
         f.seek(done)
         for view in stream(ends, blob, skey, done):
+            if check is not None:
+                check.feed(view)
             failures.write_all(f, view)
 
 

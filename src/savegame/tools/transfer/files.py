@@ -40,7 +40,13 @@ def copy_file(
     # object exists once its upload completed; a local file once Staging.write returned
     # (it fsyncs), which in .part mode is when its .part is gone. A local file otherwise
     # may be complete in the page cache but not on disk: it is written again (locally).
-    durable = folder is None or (via_part and not (folder / (name + download.PART)).exists())
+    # In .part mode the file appears only by Staging.adopt (which fsyncs first) or a
+    # Staging.write that returned, and the sidecar goes after that.
+    durable = folder is None or (
+        via_part
+        and not (folder / (name + download.PART)).exists()
+        and not (folder / (name + download.SIDECAR)).exists()
+    )
     if durable and _staged(ends, name, m, tmp, final):
         ends.skip(entry.size)
         return
@@ -109,14 +115,20 @@ def _via_part(
     ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging: Staging, tmp: str
 ) -> None:
     """Download into ``<staging>/<name>.part`` (or, for a file over ``SPLIT`` bytes, one
-    ``.part-NNNNN`` per range, fetched in parallel), resumable across runs; then write the
-    file into place from the parts, hashed on the way."""
+    ``.part-NNNNN`` per range, fetched in parallel), resumable across runs. One ``.part`` is
+    hashed as its bytes arrive and, once it verifies, moved into place by
+    :meth:`Staging.adopt` (no second pass over its bytes); split parts are written into place
+    from the parts, hashed on the way."""
     folder = ends.dst.local_path(tmp)
     assert folder is not None  # checked by the caller
     side = folder / (name + download.SIDECAR)
     retried_whole = False
+
+    def new_check() -> FileCheck:
+        return FileCheck(m, name, ends.where(ends.src, skey))
+
     while True:
-        paths, resumed = download.download(ends, skey, name, m, folder, side)
+        paths, resumed, streamed = download.download(ends, skey, name, m, folder, side, new_check)
 
         def produce(f: BinaryIO, paths: list[Path] = paths) -> None:
             check = FileCheck(m, name, ends.where(ends.src, skey))
@@ -130,7 +142,13 @@ def _via_part(
             check.finish()
 
         try:
-            _, size = staging.write(name, produce)
+            if streamed is not None:
+                streamed.finish()  # every byte was hashed on its way into the .part
+                if (folder / name).exists():  # a killed adopt left it under both names
+                    ends.drop(base.join(tmp, name))
+                size = staging.adopt(name, paths[0])
+            else:
+                _, size = staging.write(name, produce)
         except errors.IntegrityError:
             if resumed and not retried_whole:
                 # The kept prefix came from an earlier run; after a power cut an unsynced
@@ -143,8 +161,9 @@ def _via_part(
             where = urls.redact(staging.describe(name))
             raise failures.storage_error("could not write", exc, where) from exc
         _check_size(ends, size, m, name)
-        for path in paths:
-            ends.drop(base.join(tmp, path.name))
+        if streamed is None:
+            for path in paths:
+                ends.drop(base.join(tmp, path.name))
         ends.drop(base.join(tmp, side.name))
         return
 

@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from savegame import errors
 from savegame.engine import reader
@@ -50,6 +50,8 @@ class Transfer:
         self.problems: list[str] = []
         # A local destination fed from a remote source keeps resumable .part files.
         self.parts = self.dst.local_path() is not None and self.src.local_path() is None
+        self._src_run: Future[bytes | None] | None = None
+        self._src_latest: Future[bytes | None] | None = None
 
     def _where(self, store: Store, key: str = "") -> str:
         return self.ends.where(store, key)
@@ -63,6 +65,17 @@ class Transfer:
                 "az:// or a folder",
                 path=where,
             )
+        # The source's small files are fetched while its checkpoints are listed (each is one
+        # request's latency over the network). LATEST is read now, with the listing that decides
+        # what moves, and still written last.
+        pre = ThreadPoolExecutor(max_workers=2)
+        try:
+            self._src_run = pre.submit(self.ends.read, self.src, layout.RUN_FILE)
+            self._src_latest = (
+                pre.submit(self.ends.read, self.src, layout.LATEST) if self.one is None else None
+            )
+        finally:
+            pre.shutdown(wait=False)
         todo = self._plan()
         lock = self.ends.lock_dest()
         progress = self.ends.progress
@@ -126,8 +139,8 @@ class Transfer:
                 )
             refs = [r for r in refs if r.step in self.steps]
         todo = []
+        valid = []
         for ref in sorted(refs, key=lambda r: r.step, reverse=True):
-            key = ref.location.key
             if not ref.valid:
                 if isinstance(ref.error, errors.IncompleteCheckpointError):
                     self.ignored.append(ref.step)
@@ -136,8 +149,16 @@ class Transfer:
                         f"step {ref.step} is damaged in the source and was not moved: {ref.error}"
                     )
                 continue
+            valid.append(ref)
+
+        def read_manifest(ref: reader.CheckpointRef) -> bytes | None:
+            return self.ends.read(self.src, base.join(ref.location.key, layout.MANIFEST))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(transfer.WORKERS, len(valid)))) as pool:
+            raws = list(pool.map(read_manifest, valid))  # one request's latency, not N
+        for ref, raw in zip(valid, raws, strict=True):
+            key = ref.location.key
             where = self._where(self.src, base.join(key, layout.MANIFEST))
-            raw = self.ends.read(self.src, base.join(key, layout.MANIFEST))
             if raw is None:  # deleted by the source's retention since it was listed
                 self.ignored.append(ref.step)
                 continue
@@ -156,8 +177,10 @@ class Transfer:
         self._check_run(todo)
         return todo
 
-    def _run_id(self, store: Store) -> tuple[bytes | None, str | None]:
-        raw = self.ends.read(store, layout.RUN_FILE)
+    def _run_id(
+        self, store: Store, fetched: Future[bytes | None] | None = None
+    ) -> tuple[bytes | None, str | None]:
+        raw = fetched.result() if fetched is not None else self.ends.read(store, layout.RUN_FILE)
         if raw is None:
             return None, None
         try:
@@ -169,7 +192,7 @@ class Transfer:
 
     def _check_run(self, todo: _Todo) -> None:
         """Refuse a destination that holds another run (before anything is written)."""
-        self.src_run, src_id = self._run_id(self.src)
+        self.src_run, src_id = self._run_id(self.src, self._src_run)  # read while listing
         if self.src_run is not None and src_id is None:
             self.problems.append(
                 f"{self._where(self.src, layout.RUN_FILE)} is damaged (not a JSON object with a "
@@ -212,7 +235,10 @@ class Transfer:
     def _latest(self) -> None:
         if self.one is not None:
             return
-        raw = self.ends.read(self.src, layout.LATEST)
+        if self._src_latest is not None:
+            raw = self._src_latest.result()  # fetched while the source was listed
+        else:  # pragma: no cover - always prefetched when a whole run moves
+            raw = self.ends.read(self.src, layout.LATEST)
         if raw is None or self.ends.read(self.dst, layout.LATEST) == raw:
             return
         self.ends.put(layout.LATEST, raw)
