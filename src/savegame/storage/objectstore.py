@@ -19,6 +19,7 @@ by a daemon thread with ``If-Match`` puts, taken over with a conditional put onc
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import io
@@ -121,12 +122,27 @@ class _ObjBlob(base.Blob):
         if n == 0:
             return
         res = self._get(offset, offset + n)
-        data = memoryview(self._store._call(res.bytes, self._key))
-        if len(data) != n:
-            raise EOFError(
-                f"{self._store.describe(self._key)}: got {len(data)} bytes, expected {n}"
-            )
-        dest.cast("B")[:] = data
+        # Streamed straight into ``dest`` as the body arrives: one copy, overlapping the
+        # download, and no whole response held (``bytes()`` would hold all ``n`` bytes per
+        # request in flight before copying them).
+        out = dest.cast("B")
+        pos = 0
+        it = iter(res.stream(min_chunk_size=1 << 20))
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - obstore's errors, translated
+                raise urls.translate(exc, self._store.describe(self._key)) from None
+            view = memoryview(piece)
+            if pos + len(view) > n:
+                pos += len(view)
+                break
+            out[pos : pos + len(view)] = view
+            pos += len(view)
+        if pos != n:
+            raise EOFError(f"{self._store.describe(self._key)}: got {pos} bytes, expected {n}")
 
     def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
         """One streaming GET from ``offset``, pinned to the opened version; pieces of at most
@@ -187,6 +203,7 @@ class _ObjStaging(base.Staging):
     def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
         key = base.join(self.dest, base.check_name(fname))
         s = self._store
+        s._check_lease(f"write {key}")
         self._check()
         # The writer streams parts as they fill (memory stays bounded) and aborts the
         # multipart upload when ``produce`` raises: nothing is left under the key.
@@ -246,6 +263,15 @@ class _ObjStaging(base.Staging):
 
     def abort(self) -> None:
         s = self._store
+        try:
+            s._check_lease(f"clean up {self.name}")
+        except errors.LockedError:
+            # Another writer owns the run now and may be writing under the same names: leave
+            # everything to its garbage collection rather than delete its objects.
+            log.warning(
+                "lost the run's lease: leaving the save at %s to the new owner", self.describe()
+            )
+            return
         try:
             problems: list[str] = []
             for dest in {self.dest, self._copy_to or self.dest}:
@@ -352,6 +378,9 @@ class Lease:
             )
         self._held = True
         self.lost = None
+        # A script that dies of an exception without close() must not lock its own re-run out
+        # for the lease time (a local run's flock is dropped by the kernel; here we must).
+        atexit.register(self.release)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._renew_loop, name=f"savegame-lease {where}", daemon=True
@@ -393,6 +422,7 @@ class Lease:
         )  # fmt: skip
 
     def release(self) -> None:
+        atexit.unregister(self.release)
         with contextlib.suppress(ValueError):
             self._store._leases.remove(self)  # a released lease no longer guards the store
         self._stop.set()
@@ -678,6 +708,7 @@ class ObjectStore(base.Store):
                 f"{layout.TMP_PREFIX!r} (listings recognise the save's marker by it)"
             )
         self._writable(name)
+        self._check_lease(f"start a save in {name}")
         dest = name
         if final is not None and _parent(base.check_name(final)) == _parent(name):
             if not _is_marker(final) and self._head(base.join(final, layout.MANIFEST)) is None:

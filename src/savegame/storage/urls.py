@@ -174,6 +174,13 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
             f"(expected {scheme}://{'host' if scheme in _READ_ONLY else 'bucket'}/path)",
             path=shown,
         )
+    if any(part in (".", "..") for part in unquote(parts.path).split("/")):
+        raise errors.UnsupportedURLError(
+            f"{shown}: '.' and '..' are not allowed in a store URL's path (the store would "
+            "resolve them, and write somewhere other than the URL you see); give the path "
+            "without them",
+            path=shown,
+        )
     _obstore()
     from obstore.store import HTTPStore, MemoryStore, from_url
 

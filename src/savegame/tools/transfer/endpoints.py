@@ -99,8 +99,9 @@ class Endpoints:
                     raise failures.storage_error("could not read", exc, where) from exc
                 failures.sleep(attempt)
                 continue
-            with self.lock:
-                self.bytes_moved += len(data)
+            if store is self.src:  # bytes moved are bytes read from the source
+                with self.lock:
+                    self.bytes_moved += len(data)
             return data
         return None  # pragma: no cover - the loop returns or raises
 
