@@ -154,3 +154,15 @@ def test_a_typed_error_names_the_redacted_url_only(canned: type[_Canned]) -> Non
     canned.status, canned.code = 403, "AccessDenied"
     err = _fail("s3://AKIAUSER:verysecret@bkt/runs/x")
     assert "verysecret" not in str(err) and "s3://***@bkt/runs/x" in str(err)
+
+
+def test_an_unreachable_server_says_so() -> None:
+    target = urls.connect("http://user:pw@127.0.0.1:9/runs/x")
+    try:
+        obstore.get(target.store, "a").bytes()
+    except Exception as exc:  # noqa: BLE001 - translating is the point
+        err = urls.translate(exc, target.url)
+    else:
+        raise AssertionError("port 9 answered")
+    assert isinstance(err, ConnectionRefusedError) and "cannot reach the server" in str(err)
+    assert "pw" not in str(err)

@@ -297,6 +297,17 @@ def translate(exc: BaseException, where: str) -> OSError:
         )
     if "not partial" in low or "range request not supported" in low or "non-partial" in low:
         return RangeNotSupportedError(errno.EIO, f"{where}: the server ignored a Range request")
+    if any(
+        t in low
+        for t in ("connection refused", "tcp connect error", "dns error", "error sending request",
+                  "failed to lookup address", "connection reset")
+    ):  # fmt: skip
+        return OSError(
+            errno.ECONNREFUSED,
+            f"cannot reach the server of {where} ({first}); check the URL, the endpoint "
+            "(AWS_ENDPOINT_URL for an S3-compatible server) and the network",
+            where,
+        )
     if isinstance(exc, ValueError) or name in ("UnknownConfigurationKeyError", "InvalidPathError"):
         return errors.UnsupportedURLError(f"{where}: {first}", path=where)
     if isinstance(exc, OSError) and exc.errno is not None:
