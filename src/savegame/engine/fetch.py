@@ -4,9 +4,10 @@ The machinery under :mod:`savegame.engine.reader` for such blobs: the request pl
 requests, since a server charges per request), the pool of requests in flight, and the staging
 where bytes bound for live tensors wait until every hash of the call matched.
 
-Invariant: every byte is hashed in file order as its request completes, and a chunk whose hash
-does not match is reported (``bad``) before :func:`pull` returns; nothing here copies into a
-live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
+Invariant: every byte is hashed once its request completed (a chunk that lies whole in one
+request by the thread that read it, a chunk split over requests in file order by the caller's
+thread), and a chunk whose hash does not match is reported (``bad``) before :func:`pull`
+returns; nothing here copies into a live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
 its knobs (``reader.REQUEST_BYTES``, ``reader.REQUESTS_IN_FLIGHT``) are passed in per call.
 """
 
@@ -86,15 +87,32 @@ class _Request:
     into: memoryview | None  # read straight here; None: into a bounce buffer, then the homes
 
 
-def _plan_requests(targets: Sequence[Target], request: int) -> list[_Request]:
+def _parts(span: int, request: int, stretch: bool) -> int:
+    """How many requests read ``span`` contiguous bytes, of about ``request`` bytes each.
+
+    ``stretch`` (a restore): the count nearest to ``span / request``, so requests are of equal
+    size between 0.75 and 1.5 times ``request`` and never a small tail: each request costs a
+    round trip (on S3 also a fee; on a server that copies the whole object per ranged GET, such
+    as moto, a whole-object copy), while 8-16 MiB ranges already fill a connection on S3, so a
+    tail of a few KiB is pure overhead. A span under 1.5 ``request`` is one GET. Without
+    ``stretch`` (``verify``: ``request`` bounds its memory) requests never exceed ``request``."""
+    if stretch:
+        return max(1, (2 * span + request) // (2 * request))  # round half up, at least one
+    return max(1, -(-span // request))
+
+
+def _plan_requests(
+    targets: Sequence[Target], request: int, stretch: bool = False
+) -> list[_Request]:
     """Ranged reads covering ``targets`` (sorted by offset, not overlapping): the fewest, since
     a server charges per request.
 
-    Requests are filled up to ``request`` bytes across chunk boundaries (a gap of up to
-    ``_GAP_BYTES`` between neighbours is read and dropped). A request inside one chunk with a
-    home of its own (a fresh tensor) lands straight in it, one that covers only staged chunks
-    straight in the staging; any other (a boundary between fresh tensors) goes through a
-    bounce buffer of at most ``request`` bytes: one more memory copy, cheaper than a request."""
+    Neighbouring chunks (a gap of up to ``_GAP_BYTES`` between them is read and dropped) form
+    a span; a span is cut into :func:`_parts` requests of equal size, across chunk boundaries.
+    A request inside one chunk with a home of its own (a fresh tensor) lands straight in it,
+    one that covers only staged chunks straight in the staging; any other (a boundary between
+    fresh tensors) goes through a bounce buffer of at most one request: one more memory copy,
+    cheaper than a request."""
     out: list[_Request] = []
     segs: list[_Seg] = []
 
@@ -111,23 +129,32 @@ def _plan_requests(targets: Sequence[Target], request: int) -> list[_Request]:
         out.append(_Request(a, b - a, list(segs), into))
         segs.clear()
 
+    spans: list[list[Target]] = []
     for t in targets:
         if t.length == 0:
             continue
-        if segs:
-            end = segs[-1].offset + segs[-1].length
-            if t.offset < end or t.offset - end > _GAP_BYTES:
-                close()
-        pos, stop = t.offset, t.offset + t.length
-        while pos < stop:
-            room = (segs[0].offset + request - pos) if segs else request
-            if room <= 0:
-                close()
+        if spans:
+            last = spans[-1][-1]
+            end = last.offset + last.length
+            if not (t.offset < end or t.offset - end > _GAP_BYTES):
+                spans[-1].append(t)
                 continue
-            n = min(room, stop - pos)
-            segs.append(_Seg(t, pos, n, t.home(pos, n)))
-            pos += n
-    close()
+        spans.append([t])
+    for span in spans:
+        a, b = span[0].offset, span[-1].offset + span[-1].length
+        parts = _parts(b - a, request, stretch)
+        size = -(-(b - a) // parts)
+        for t in span:
+            pos, stop = t.offset, t.offset + t.length
+            while pos < stop:
+                room = (segs[0].offset + size - pos) if segs else size
+                if room <= 0:
+                    close()
+                    continue
+                n = min(room, stop - pos)
+                segs.append(_Seg(t, pos, n, t.home(pos, n)))
+                pos += n
+        close()
     return out
 
 
@@ -138,16 +165,20 @@ def pull(
     *,
     request: int,
     in_flight: int,
+    stretch: bool = False,
 ) -> None:
     """Read ``targets`` with parallel ranged reads (``read(offset, into)`` fills ``into`` from
     that file offset) and hash each one; ``bad`` is called for a chunk whose hash does not
     match (it may raise).
 
-    Requests are issued in file order, at most ``in_flight`` running and ``in_flight + 4``
-    submitted; this thread hashes each request's bytes in order as it completes (xxhash
-    releases the GIL), so a chunk split over several requests is hashed incrementally. Memory
-    beyond the targets' homes: one bounce buffer per submitted request that has no single
-    home (small chunks sharing a request, or ``verify``), at most ``(in_flight + 4) * request``.
+    Requests (see :func:`_plan_requests`; ``stretch``: :func:`_parts`) are issued in file
+    order, at most ``in_flight`` running and ``in_flight + 4`` submitted. A chunk that lies
+    whole in one request is hashed by the thread that read it, right after the read (xxhash
+    releases the GIL: hashes run in parallel and beside the downloads); a chunk split over
+    several requests is hashed incrementally, in order, by this thread as they complete.
+    Memory beyond the targets' homes: one bounce buffer per submitted request that has no
+    single home (small chunks sharing a request, or ``verify``), at most
+    ``(in_flight + 4) * request`` (1.5 times that with ``stretch``).
 
     Raises:
         Whatever ``read`` raises (the reader's: ChangedError when the blob changed, which the
@@ -158,25 +189,38 @@ def pull(
     for t in ordered:
         if t.length == 0 and t.digest is not None and hashing.digest(b"") != t.digest:
             bad(t)
-    requests = _plan_requests(ordered, request)
+    requests = _plan_requests(ordered, request, stretch)
     stop = threading.Event()
 
-    def fetch(req: _Request) -> memoryview | None:
+    def view_of(req: _Request, s: _Seg, buf: memoryview | None) -> memoryview:
+        return s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
+
+    def fetch(req: _Request) -> tuple[memoryview | None, list[bool]] | None:
+        """Read ``req``; returns the bounce buffer still needed (or None) and, per segment
+        that is a whole hashed chunk, whether its hash matched."""
         if stop.is_set():
             return None
+        buf: memoryview | None = None
         if req.into is not None:
             read(req.offset, req.into)
-            return None
-        buf = memoryview(bytearray(req.length))
-        read(req.offset, buf)
-        for s in req.segs:
-            if s.home is not None:
-                s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
-        return buf if any(s.home is None for s in req.segs) else None  # else: free it now
+        else:
+            buf = memoryview(bytearray(req.length))
+            read(req.offset, buf)
+            for s in req.segs:
+                if s.home is not None:
+                    s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
+        ok = [
+            hashing.digest(view_of(req, s, buf)) == s.target.digest
+            for s in req.segs
+            if s.target.digest is not None and s.length == s.target.length
+        ]
+        if buf is not None and all(s.home is not None for s in req.segs):
+            buf = None  # every byte is home and hashed: free it now
+        return buf, ok
 
     hashers: dict[int, Any] = {}
     seen: dict[int, int] = {}
-    window: collections.deque[tuple[_Request, Future[memoryview | None]]] = collections.deque()
+    window: collections.deque[tuple[_Request, Future[Any]]] = collections.deque()
     pending = iter(requests)
     pool = ThreadPoolExecutor(max_workers=min(in_flight, max(1, len(requests))))
     try:
@@ -186,21 +230,21 @@ def pull(
                 break
         while window:
             req, fut = window.popleft()
-            buf = fut.result()
+            buf, ok = fut.result()
             nxt = next(pending, None)
             if nxt is not None:
                 window.append((nxt, pool.submit(fetch, nxt)))
+            whole = iter(ok)
             for s in req.segs:
                 t = s.target
                 if t.digest is None:
                     continue
-                view = s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
-                if s.length == t.length:  # the whole chunk in one piece
-                    if hashing.digest(view) != t.digest:
+                if s.length == t.length:  # the whole chunk in one piece: hashed by its reader
+                    if not next(whole):
                         bad(t)
                     continue
                 h = hashers.setdefault(id(t), hashing.new())
-                h.update(view)
+                h.update(view_of(req, s, buf))
                 seen[id(t)] = seen.get(id(t), 0) + s.length
                 if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
                     bad(t)

@@ -81,19 +81,32 @@ def read_manifest(ckpt: str | os.PathLike[str] | Location) -> manifest.Manifest:
     """
     loc = locate(ckpt)
     store = loc.store
-    try:
-        is_dir = store.is_dir(loc.key)
-    except OSError as exc:
-        raise errors.StorageError(f"could not read {loc}: {exc}", path=str(loc)) from exc
-    if not is_dir:
-        raise errors.CheckpointNotFoundError(
-            f"{loc} is not a checkpoint folder (expected a folder like step-000000001200 holding manifest.json)",
-            path=str(loc),
-        )
     mkey = loc.sub(layout.MANIFEST)
     mpath = store.describe(mkey)
+
+    def not_a_folder() -> None:
+        try:
+            is_dir = store.is_dir(loc.key)
+        except OSError as exc:
+            raise errors.StorageError(f"could not read {loc}: {exc}", path=str(loc)) from exc
+        if not is_dir:
+            raise errors.CheckpointNotFoundError(
+                f"{loc} is not a checkpoint folder (expected a folder like step-000000001200 holding manifest.json)",
+                path=str(loc),
+            )
+
+    # The manifest is opened first: if it opens, its folder is one (on an object store that
+    # saves a listing and a HEAD per call: two round trips of the four). Only a failure asks
+    # whether the folder exists, to say which error it is.
     try:
-        with store.open(mkey) as blob:
+        blob = store.open(mkey)
+    except OSError:
+        not_a_folder()
+        blob = None
+    try:
+        if blob is None:
+            blob = store.open(mkey)
+        with blob:
             if blob.size > manifest.MAX_MANIFEST_BYTES:  # refuse before reading (and allocating) it
                 raise errors.FormatError(
                     f"{mpath}: manifest is {blob.size} bytes, over the {manifest.MAX_MANIFEST_BYTES} limit; "
@@ -222,6 +235,10 @@ def _read_into(blob: Blob, offset: int, dest: memoryview, where: str) -> None:
 # ---- reads from a blob that cannot map (object stores, HTTP): engine/fetch.py -------------
 
 #: Bytes per ranged read from a blob that cannot map (a large chunk is split into several).
+#: A restore cuts each contiguous run of needed bytes into the nearest whole number of
+#: requests of this size, of equal size (0.75-1.5x this; one GET under 1.5x): S3 recommends
+#: 8-16 MiB ranges (they fill a connection), and a small tail request would cost a round trip
+#: (on moto, a whole-object copy) for a few bytes. ``verify`` never exceeds it (its memory bound).
 REQUEST_BYTES = 16 << 20
 #: Ranged reads in flight at once per file (threads; each waits on the network).
 REQUESTS_IN_FLIGHT = 16
@@ -233,9 +250,11 @@ def _pull(
     targets: Sequence[fetch.Target],
     bad: Callable[[fetch.Target], None],
     request: int,
+    stretch: bool = False,
 ) -> None:
     """:func:`savegame.engine.fetch.pull` from ``blob`` with this module's knobs, read at call
-    time, and its typed read errors."""
+    time, and its typed read errors (``stretch``: requests of 0.75-1.5 ``request`` bytes, of
+    equal size, rather than at most ``request``: see :func:`savegame.engine.fetch._parts`)."""
     from savegame.engine import fetch  # only a store that cannot map loads the machinery
 
     fetch.pull(
@@ -244,6 +263,7 @@ def _pull(
         bad,
         request=request,
         in_flight=REQUESTS_IN_FLIGHT,
+        stretch=stretch,
     )
 
 
@@ -344,7 +364,7 @@ def _pull_unmapped(
 
         while True:
             try:
-                _pull(unmapped[name], where, targets, bad, REQUEST_BYTES)
+                _pull(unmapped[name], where, targets, bad, REQUEST_BYTES, stretch=True)
                 break
             except ChangedError as exc:
                 unmapped.pop(name).close()

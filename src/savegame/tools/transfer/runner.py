@@ -142,7 +142,11 @@ class Transfer:
         valid = []
         for ref in sorted(refs, key=lambda r: r.step, reverse=True):
             if not ref.valid:
-                if isinstance(ref.error, errors.IncompleteCheckpointError):
+                # No manifest (a save in progress, a killed writer's leftovers), or the folder
+                # vanished since it was listed (the source's retention): not in the source.
+                if isinstance(
+                    ref.error, (errors.IncompleteCheckpointError, errors.CheckpointNotFoundError)
+                ):
                     self.ignored.append(ref.step)
                 else:
                     self.problems.append(
