@@ -31,6 +31,7 @@ Log lines are Keras' (``verbose=1``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -269,6 +270,10 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._state = TrainState(**objects)
         self._monitor_checked = False
         self.restored_step = None
+        leftover = getattr(self, "checkpointer", None)
+        if leftover is not None:  # a previous fit() ended by an exception: on_train_end never ran
+            with contextlib.suppress(Exception):
+                leftover.close()
         self.checkpointer = Checkpointer(
             self.root,
             save=self.save_policy,

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -217,7 +218,21 @@ class SavegameCallback(pl.Callback):
             )
         self.restored_step = None
         connector = trainer._checkpoint_connector
-        if not self.resume or trainer.ckpt_path is not None:
+        explicit = _explicit_ckpt_path(trainer)
+        if explicit is not None:
+            # fit(ckpt_path=...) wins: restore nothing. But savegame never overwrites a committed
+            # checkpoint, and the run from that .ckpt would save the steps this folder already
+            # holds (a second trajectory mixed into one run): refuse before training.
+            newest = max((c.step for c in self.checkpointer.list() if c.valid), default=None)
+            if newest is not None:
+                raise ValueError(
+                    f"fit(ckpt_path={explicit!r}) with a SavegameCallback whose run folder "
+                    f"{self.checkpointer.root} already holds checkpoints (up to step {newest}): "
+                    "the run from that .ckpt would have to overwrite them. Use a new run folder for "
+                    "it, or drop ckpt_path to resume from savegame's newest valid checkpoint"
+                )
+            return
+        if not self.resume:
             return
         self._sink.loaded = None
         step = self.checkpointer.restore(self._state)
@@ -434,3 +449,17 @@ def _stateful(dl: Any) -> bool:
     return callable(getattr(dl, "state_dict", None)) and callable(
         getattr(dl, "load_state_dict", None)
     )
+
+
+def _explicit_ckpt_path(trainer: pl.Trainer) -> Any:
+    """The ``ckpt_path`` the running ``fit`` was given, or None. Lightning passes it as an
+    argument of ``Trainer._run`` and records it (``trainer.ckpt_path``) only after the setup
+    hooks ran, so it is read from that call's frame (private, pinned with the version range)."""
+    if trainer.ckpt_path is not None:
+        return trainer.ckpt_path
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return None

@@ -381,12 +381,20 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = ""
+            holder, ours = "", False
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 info = json.loads(os.pread(fd, 4096, 0))
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
                 holder = f"pid {info['pid']} on {info['host']} since {since}"
+                ours = info["pid"] == os.getpid() and info["host"] == socket.gethostname()
             os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN) and ours:
+                raise errors.LockedError(
+                    f"run folder {self.path.parent} is held by another Checkpointer in this same "
+                    f"process ({holder}) that was never closed (an exception skipped its close()?); "
+                    "close() it first (or use `with sg.Checkpointer(...)`), or use a different folder",
+                    path=self.path.parent,
+                ) from exc
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise errors.LockedError(
                     f"run folder {self.path.parent} is in use by another writer ({holder or 'unknown'}); "
