@@ -623,3 +623,66 @@ def test_a_damaged_header_is_refused_before_anything_is_copied(
         assert torch.equal(v, before[k]), k
     problems = reader.verify(loc)
     assert len(problems) == 1 and "header or tensor list" in problems[0], problems
+
+
+def _resident(mm: Any) -> int:
+    """Bytes of ``mm`` resident in this process (its mapping's ``Rss`` in /proc/self/smaps)."""
+    import ctypes
+
+    c = ctypes.c_char.from_buffer(mm)
+    addr = ctypes.addressof(c)
+    del c  # the export would keep ``mm`` from closing
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_spooled_staging_leaves_memory_once_hashed_and_keeps_its_bytes() -> None:
+    """Bytes staged in a temporary file (over SAVEGAME_STAGING_MEMORY) do not stay resident once
+    written and hashed: peak memory is the bytes in flight, not the checkpoint; they are still
+    all there for the copy phase, and released again after it reads them."""
+    import hashlib
+    import random
+
+    mib = 1 << 20
+    size = 24 * mib + 12_345
+    data = random.Random(0).randbytes(size)
+    staging = fetch.Staging(0)
+    mm = staging.new(size, size)
+    assert staging.spool(mm) is mm and staging.spooled == size
+    base = memoryview(mm)
+    from savegame.format import hashing
+
+    targets, pos = [], 0
+    for n in [5, 3 * mib + 7, 10 * mib, 1000, 11 * mib - 1000 + 12_333]:
+        digest = hashing.digest(data[pos : pos + n])
+        targets.append(fetch.Target(len(targets), pos, n, digest, base=base, spool=mm))
+        pos += n
+    assert pos == size
+
+    def read(offset: int, into: memoryview) -> None:
+        into[:] = data[offset : offset + len(into)]
+
+    bad: list[Any] = []
+    fetch.pull(read, targets, lambda t: bad.append(t.ident), request=mib, in_flight=2,
+               stretch=True)  # fmt: skip
+    assert not bad
+    assert _resident(mm) < 2 * mib  # a few boundary pages, not 24 MiB
+    assert hashlib.sha256(mm[:]).digest() == hashlib.sha256(data).digest()  # faulted back in
+    fetch.release(mm, 0, size)
+    assert _resident(mm) < mib
+    # anonymous staging (under the budget) is never given to release: it would lose the bytes
+    memory = fetch.Staging(1 << 30)
+    anon = memory.new(mib, mib)
+    assert memory.spool(anon) is None
+    base.release()
+    mm.close()
+    anon.close()

@@ -158,12 +158,6 @@ _RESTORE_RSS = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restore from S3 holds about the whole checkpoint again in memory: peak RSS grows "
-    "~1x the checkpoint size whatever SAVEGAME_STAGING_MEMORY and the reader's in-flight limits "
-    "(issue 11: 'peak extra memory bounded (not the whole checkpoint again)')",
-)
 def test_restore_from_s3_peak_memory_does_not_grow_with_checkpoint_size(s3_env) -> None:
     def extra(layers: int) -> int:
         bucket = f"sg-mem-{os.getpid()}-{layers}"

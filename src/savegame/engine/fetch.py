@@ -62,6 +62,9 @@ class Target:
     digest: str | None  # None: not hashed here (a file's header, checked by the caller)
     own: memoryview | None = None  # exactly this chunk's bytes (a fresh tensor)
     base: memoryview | None = None  # the whole file's staging (file offset o -> base[o])
+    #: ``base`` is a spooled (file-backed, shared) staging map: its pages are dropped from this
+    #: process's memory once written and hashed (see :func:`release`)
+    spool: mmap.mmap | None = None
 
     def home(self, start: int, n: int) -> memoryview | None:
         if self.own is not None:
@@ -248,6 +251,18 @@ def pull(
                 seen[id(t)] = seen.get(id(t), 0) + s.length
                 if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
                     bad(t)
+            # every byte of ``req`` is written and hashed: its spooled pages leave memory (they
+            # stay in the temporary file; the copy phase faults them back in, range by range)
+            spools = [
+                (s.target.spool, s)
+                for s in req.segs
+                if s.target.spool is not None and s.home is not None
+            ]
+            if spools and req.into is not None:
+                release(spools[0][0], req.offset, req.length)  # the gaps too
+            else:
+                for mm, s in spools:
+                    release(mm, s.offset, s.length)
     finally:
         stop.set()  # queued requests return at once; running ones finish before we go on
         for _, fut in window:
@@ -255,14 +270,41 @@ def pull(
         pool.shutdown(wait=True)
 
 
+def release(mm: mmap.mmap, offset: int, length: int) -> None:
+    """Drop the pages wholly inside ``[offset, offset + length)`` of a spooled staging map (a
+    shared mapping of a temporary file) from this process's memory: its bytes stay in the file
+    (the page cache writes them back) and fault back in on the next access, so the resident
+    size stays about the bytes in flight rather than the bytes spooled. Only for a
+    file-backed map: on anonymous (private) staging this would lose the bytes. The pages a
+    range shares with its neighbours (at most two) stay: a neighbour may be using them."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or mm.closed:
+        return
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    stop = min(offset + length, len(mm)) // page * page
+    if stop > start:
+        try:
+            mm.madvise(advice, start, stop - start)
+        except (OSError, ValueError):  # only a hint: the bytes stay resident
+            pass
+
+
 class Staging:
     """Where bytes for live tensors wait until every hash matched (stores that cannot map):
     anonymous memory while under the budget, then unnamed temporary files. Each file's
-    staging is a private mapping of the file's size of which only the read ranges are touched."""
+    staging is a mapping of the file's size of which only the read ranges are touched: private
+    anonymous memory, or a shared mapping of a temporary file (:meth:`spool`), whose pages
+    :func:`release` drops from memory once written and hashed, and again once copied."""
 
     def __init__(self, budget: int) -> None:
         self.left = budget
         self.spooled = 0  # bytes staged in temporary files (for tests and benchmarks)
+        self._files: list[mmap.mmap] = []
+
+    def spool(self, mm: mmap.mmap) -> mmap.mmap | None:
+        """``mm`` if it is one of this staging's temporary-file maps, else None (memory)."""
+        return mm if any(f is mm for f in self._files) else None
 
     def new(self, size: int, staged: int) -> mmap.mmap:
         if staged <= self.left:
@@ -272,7 +314,9 @@ class Staging:
         try:
             with tempfile.TemporaryFile(prefix="savegame-restore-") as f:
                 os.ftruncate(f.fileno(), size)  # sparse: only the ranges read take disk space
-                return mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
+                mm = mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
+                self._files.append(mm)
+                return mm
         except OSError as exc:
             raise errors.StorageError(
                 f"could not stage {staged} bytes in the temporary folder {tempfile.gettempdir()} "

@@ -322,13 +322,16 @@ def _pull_unmapped(
     needed: Callable[[str], list[manifest.Chunk]],
     fresh: Mapping[str, torch.Tensor],
     maps: dict[str, tuple[Any, memoryview, torch.Tensor]],
+    spools: dict[str, Any],
 ) -> None:
     """Phase 1 for the files that cannot map: pull every needed chunk with parallel ranged
     reads — a fresh tensor's bytes straight into it, the rest into staging (memory up to
     :func:`~savegame.engine.fetch.staging_budget`, then temporary files) — hashing each as it
     arrives. Adds each
-    file's staging to ``maps`` (the copy phase reads it like a mapped file). ``unmapped`` holds
-    the open, checked blobs; one that changes mid-read is replaced there and started over."""
+    file's staging to ``maps`` (the copy phase reads it like a mapped file), and each staged in
+    a temporary file to ``spools`` (the copy phase releases its pages as it goes: see
+    :func:`~savegame.engine.fetch.release`). ``unmapped`` holds the open, checked blobs; one
+    that changes mid-read is replaced there and started over."""
     import torch
 
     from savegame.engine import fetch
@@ -342,10 +345,14 @@ def _pull_unmapped(
     for name, chunks in by_file.items():
         staged = sum(c.length for key, c in chunks if key not in fresh)
         base: memoryview | None = None
+        spool = None
         if staged:
             mm = staging.new(m.files[name].size, staged)
             base = memoryview(mm)
             maps[name] = (mm, base, torch.frombuffer(mm, dtype=torch.uint8))
+            spool = staging.spool(mm)
+            if spool is not None:
+                spools[name] = spool
         else:
             maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
         header = bytearray(m.files[name].header_length)
@@ -356,7 +363,9 @@ def _pull_unmapped(
                 assert len(own) == c.length, (key, len(own), c.length)
                 targets.append(fetch.Target(key, c.offset, c.length, c.hash, own=own))
             else:
-                targets.append(fetch.Target(key, c.offset, c.length, c.hash, base=base))
+                targets.append(
+                    fetch.Target(key, c.offset, c.length, c.hash, base=base, spool=spool)
+                )
         where = loc.store.describe(loc.sub(name))
 
         def bad(t: fetch.Target, name: str = name) -> None:
@@ -439,6 +448,15 @@ def load_tensors(
     maps: dict[str, tuple[Any, memoryview, torch.Tensor]] = {}
     blobs: dict[str, Blob] = {}
     unmapped: dict[str, Blob] = {}
+    spools: dict[str, Any] = {}  # file -> its staging in a temporary file (pulled files only)
+
+    def done(c: manifest.Chunk) -> None:
+        """Chunk ``c`` is copied: its spooled staging pages leave this process's memory."""
+        if c.file in spools:
+            from savegame.engine import fetch
+
+            fetch.release(spools[c.file], c.offset, c.length)
+
     try:
         # A whole tensor in one chunk with no destination gets fresh memory: its bytes are read
         # straight into it and hashed there (one kernel copy, page faults taken in the kernel)
@@ -488,7 +506,7 @@ def load_tensors(
                 if not keep:
                     blob.close()
         if unmapped:
-            _pull_unmapped(loc, m, unmapped, restarts, wanted, needed, fresh, maps)
+            _pull_unmapped(loc, m, unmapped, restarts, wanted, needed, fresh, maps, spools)
         work = [
             (key, i, c)
             for key in wanted
@@ -522,7 +540,7 @@ def load_tensors(
             entry = m.tensors[key]
             if key in regions:
                 into = dest(key, entry) if dest is not None else None
-                out[key] = _read_region(entry, regions[key], needed(key), maps, into)
+                out[key] = _read_region(entry, regions[key], needed(key), maps, into, done)
                 continue
             if key in fresh:
                 out[key] = fresh[key]
@@ -533,6 +551,7 @@ def load_tensors(
             for c in entry.chunks:
                 src = maps[c.file][2][c.offset : c.offset + c.length]
                 _copy_chunk(target, entry, c, src)
+                done(c)
             out[key] = target
         return out
     finally:
@@ -567,8 +586,10 @@ def _read_region(
     chunks: Sequence[manifest.Chunk],
     maps: Mapping[str, tuple[Any, memoryview, torch.Tensor]],
     into: torch.Tensor | None = None,
+    done: Callable[[manifest.Chunk], None] | None = None,
 ) -> torch.Tensor:
-    """The box ``region`` of a (possibly chunked) tensor, from verified mapped bytes."""
+    """The box ``region`` of a (possibly chunked) tensor, from verified mapped bytes
+    (``done(chunk)`` is called once a chunk's bytes are copied)."""
     import torch
 
     start, shape = region
@@ -595,6 +616,8 @@ def _read_region(
             src = src.narrow(dim, first - c.start[dim], n)
             dst = dst.narrow(dim, first - start[dim], n)
         dst.copy_(src)
+        if done is not None:
+            done(c)
     return target
 
 
