@@ -40,6 +40,7 @@ import torch
 from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import Checkpointer
+from savegame.integrations._common import InexactResumeWarning, version_tuple
 
 __all__ = [
     "SUPPORTED_ACCELERATE",
@@ -52,10 +53,6 @@ __all__ = [
 
 #: The Accelerate versions this module is written against (tested with 1.15).
 SUPPORTED_ACCELERATE = (">=1.0", "<2")
-
-
-class InexactResumeWarning(UserWarning):
-    """The run will resume, but not exactly (e.g. a loader cannot report its position)."""
 
 
 def check_version(version: str | None = None) -> str:
@@ -73,8 +70,7 @@ def check_version(version: str | None = None) -> str:
                 "pip install 'savegame[transformers]'"
             ) from exc
         version = str(accelerate.__version__)
-    head = version.split(".")[0]
-    major = int(head) if head.isdigit() else -1
+    major = (*version_tuple(version), -1)[0]
     if not 1 <= major < 2:
         raise errors.MissingDependencyError(
             f"accelerate {version} is not supported by savegame.integrations.accelerate: it needs accelerate "

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from savegame import errors, policy
 from savegame.checkpointer import Checkpointer
+from savegame.integrations._common import ExactnessWarning, MonitorWarning, version_tuple
 from savegame.state import TrainState
 
 __all__ = ["SUPPORTED", "ExactnessWarning", "MonitorWarning", "SavegameCheckpoint", "check_version"]
@@ -49,22 +50,6 @@ log = logging.getLogger("savegame")
 
 SUPPORTED = ((3, 5), (4, 0))  # >= 3.5, < 4
 _RANGE = "keras>=3.5,<4"
-
-
-class ExactnessWarning(UserWarning):
-    """The run will resume, but not exactly (the message says why and what to change)."""
-
-
-class MonitorWarning(UserWarning):
-    """The monitored metric is not among the logged ones: best-K keeps nothing."""
-
-
-def _version_tuple(text: str) -> tuple[int, int]:
-    parts = text.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return (0, 0)
 
 
 def check_version(version: str | None = None, backend: str | None = None) -> str:
@@ -87,7 +72,7 @@ def check_version(version: str | None = None, backend: str | None = None) -> str
         version = str(keras.__version__)
         backend = backend or keras.backend.backend()
     low, high = SUPPORTED
-    if not (low <= _version_tuple(version) < high):
+    if not (low <= version_tuple(version)[:2] < high):
         raise errors.MissingDependencyError(
             f"savegame.integrations.keras supports {_RANGE}; found keras {version}. "
             f"Install a supported version: pip install '{_RANGE}'"

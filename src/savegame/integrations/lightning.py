@@ -51,6 +51,7 @@ from typing import Any, Literal
 from savegame import errors, policy, tree
 from savegame.checkpointer import Checkpointer
 from savegame.checkpointer.signals import PREEMPTION_SIGNALS
+from savegame.integrations._common import ExactnessWarning, version_tuple
 from savegame.state import TrainState
 from savegame.state import loader as loaderlib
 from savegame.state import rng as rnglib
@@ -63,18 +64,6 @@ log = logging.getLogger("savegame")
 #: connector and the fit loop's data fetcher, which are not public API).
 SUPPORTED = ((2, 4), (2, 7))  # >= 2.4, < 2.7
 _RANGE = "lightning>=2.4,<2.7"
-
-
-class ExactnessWarning(UserWarning):
-    """The run will resume, but not exactly (the message says why and what to change)."""
-
-
-def _version_tuple(text: str) -> tuple[int, int]:
-    parts = text.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return (0, 0)
 
 
 def check_version(version: str | None = None) -> str:
@@ -93,7 +82,7 @@ def check_version(version: str | None = None) -> str:
             ) from exc
         version = str(lightning.__version__)
     low, high = SUPPORTED
-    if not (low <= _version_tuple(version) < high):
+    if not (low <= version_tuple(version)[:2] < high):
         raise errors.MissingDependencyError(
             f"savegame.integrations.lightning supports {_RANGE}; found lightning {version}. "
             f"Install a supported version: pip install '{_RANGE}'"

@@ -50,6 +50,7 @@ from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import Checkpointer
 from savegame.checkpointer.retention import CheckpointInfo
+from savegame.integrations._common import InexactResumeWarning, version_tuple
 from savegame.integrations.accelerate import DirectRandomSampler
 
 log = logging.getLogger("savegame")
@@ -70,22 +71,6 @@ SUPPORTED_TRANSFORMERS = (">=5.0", "<6")
 _RANGE = (5, 6)
 
 
-class InexactResumeWarning(UserWarning):
-    """The run will resume, but not exactly (e.g. the loader cannot report its position)."""
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    out: list[int] = []
-    for part in text.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        out.append(int(digits))
-        if digits != part:
-            break
-    return tuple(out)
-
-
 def check_version(version: str | None = None) -> str:
     """Refuse a transformers version outside :data:`SUPPORTED_TRANSFORMERS`.
 
@@ -101,7 +86,7 @@ def check_version(version: str | None = None) -> str:
                 f"{','.join(SUPPORTED_TRANSFORMERS)}: pip install 'savegame[transformers]'"
             ) from exc
         version = str(transformers.__version__)
-    major = _version_tuple(version)[:1]
+    major = version_tuple(version)[:1]
     if not major or not (_RANGE[0] <= major[0] < _RANGE[1]):
         raise errors.MissingDependencyError(
             f"transformers {version} is not supported by savegame.integrations.transformers: it needs "
