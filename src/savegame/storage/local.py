@@ -390,8 +390,9 @@ class RunLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN) and ours:
                 raise errors.LockedError(
-                    f"run folder {self.path.parent} is held by another Checkpointer in this same "
-                    f"process ({holder}) that was never closed (an exception skipped its close()?); "
+                    f"run folder {self.path.parent} is in use by another writer in this same "
+                    f"process ({holder}): a Checkpointer that was never closed (an exception skipped "
+                    "its close()?); "
                     "close() it first (or use `with sg.Checkpointer(...)`), or use a different folder",
                     path=self.path.parent,
                 ) from exc
