@@ -255,12 +255,12 @@ def _kill_trials(s3_url: str, tmp_path: Path, trials: int, seed: int) -> None:
 
 
 def test_a_push_killed_at_random_points_resumes_equal(s3_url: str, tmp_path: Path) -> None:
-    _kill_trials(s3_url, tmp_path, trials=3, seed=11)
+    _kill_trials(s3_url, tmp_path, trials=20, seed=11)  # the issue asks for >= 20
 
 
 @pytest.mark.slow
 def test_a_push_killed_at_random_points_resumes_equal_many(s3_url: str, tmp_path: Path) -> None:
-    _kill_trials(s3_url, tmp_path, trials=24, seed=12)
+    _kill_trials(s3_url, tmp_path, trials=48, seed=12)
 
 
 # ---- HTTP (werkzeug server of servers.py) ------------------------------------------------------
