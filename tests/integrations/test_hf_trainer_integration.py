@@ -517,3 +517,23 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def test_newest_valid_checkpoint_takes_a_url(tmp_path: Path) -> None:
+    """The resume helper reads a run on an object store as it reads a folder (here obstore's
+    in-memory store through a memory:// URL); no run there yet is None, not an error."""
+    pytest.importorskip("obstore")
+    import torch
+
+    import savegame as sg
+    from savegame.integrations.transformers import newest_valid_checkpoint
+
+    url = f"memory://hf-{os.getpid()}/runs/exp"
+    assert newest_valid_checkpoint(url) is None
+    model = torch.nn.Linear(2, 2)
+    with sg.Checkpointer(url, save=sg.Every(steps=1), handle_signals=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(sg.TrainState(model=model), step)
+    info = newest_valid_checkpoint(url)
+    assert info is not None and info.step == 3
+    assert newest_valid_checkpoint(tmp_path / "nothing-here") is None

@@ -97,17 +97,25 @@ def check_version(version: str | None = None) -> str:
 
 
 def newest_valid_checkpoint(root: str | os.PathLike[str]) -> CheckpointInfo | None:
-    """The newest checkpoint of a run folder whose manifest verifies (None: none).
+    """The newest checkpoint of a run folder (a path or a URL such as ``s3://b/run``) whose
+    manifest verifies (None: none, or no run there yet).
 
     A step folder that is damaged or was half-written (no manifest, bad manifest) is passed
     over, never picked (transformers #35782). The data itself is verified by hash when it is
     restored; a checkpoint whose data then fails is skipped the same way, for the one before.
     """
     from savegame.checkpointer import retention
+    from savegame.storage import as_store, urls
 
-    if not os.path.isdir(root):
+    if not urls.is_url(root):
+        if not os.path.isdir(root):
+            return None
+        root = os.fspath(root)
+    try:
+        listed = retention.list_run(as_store(root))
+    except errors.CheckpointNotFoundError:
         return None
-    valid = [c for c in retention.list_run(os.fspath(root)) if c.valid and c.kind == "checkpoint"]
+    valid = [c for c in listed if c.valid and c.kind == "checkpoint"]
     return max(valid, key=lambda c: c.step) if valid else None
 
 
