@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import threading
 import time
 import uuid
@@ -101,16 +100,7 @@ class _Permanent(Exception):
 
 
 def _upload_timeout() -> float:
-    raw = os.environ.get("SAVEGAME_UPLOAD_TIMEOUT_S")
-    if not raw:
-        return DEFAULT_UPLOAD_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"SAVEGAME_UPLOAD_TIMEOUT_S={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"SAVEGAME_UPLOAD_TIMEOUT_S={raw!r} must be positive")
-    return value
+    return collectives.seconds_from_env("SAVEGAME_UPLOAD_TIMEOUT_S", DEFAULT_UPLOAD_TIMEOUT_S)
 
 
 def _manifest_bytes(store: Store, step: int) -> bytes | None:

@@ -56,18 +56,24 @@ DEFAULT_TIMEOUT_S = 300.0
 _GRACE_S = 2.0
 
 
-def timeout_s() -> float:
-    """The coordination timeout in force (see :data:`DEFAULT_TIMEOUT_S`)."""
-    raw = os.environ.get("SAVEGAME_DIST_TIMEOUT_S")
+def seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name`` (``default`` if unset);
+    ValueError naming the variable otherwise."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"SAVEGAME_DIST_TIMEOUT_S={raw!r} is not a number of seconds") from None
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
     if value <= 0:
-        raise ValueError(f"SAVEGAME_DIST_TIMEOUT_S={raw!r} must be positive")
+        raise ValueError(f"{name}={raw!r} must be positive")
     return value
+
+
+def timeout_s() -> float:
+    """The coordination timeout in force (see :data:`DEFAULT_TIMEOUT_S`)."""
+    return seconds_from_env("SAVEGAME_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)
 
 
 def initialized() -> bool:
