@@ -183,3 +183,42 @@ def test_sigterm_to_every_process_of_the_tree_saves_and_every_rank_exits_75(
     assert max(_trace(tmp_path / "ids-run-0.txt")) == saved  # at the boundary after the last step
     assert saved % 5 != 0, saved  # mid-epoch: the resume takes the docs' order through it
     _resume_and_compare(root, tmp_path, reference)
+
+
+def _rank_pid(torchrun: int, rank: int) -> int:
+    """The pid of rank ``rank`` itself (torchrun's child; its loader workers carry RANK too)."""
+    for pid in _tree(torchrun):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == torchrun and f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no rank {rank} under torchrun pid {torchrun}")
+
+
+def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(
+    tmp_path: Path, reference: Path
+) -> None:
+    """A scheduler (or `kill`) may signal one rank only: the signal is not rank 0's alone to
+    act on — every rank saves at the same step boundary and exits 75, and the job resumes."""
+    root, seen = tmp_path / "run", []
+    proc = _launch(root, tmp_path, "run", pause=PAUSE_S)
+    try:
+        _wait_for(proc, "rank 0 step 6", seen)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+        _finish(proc, seen)
+    finally:
+        _signal_tree(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    log = "".join(seen)
+    assert "killed by signal" not in log and "exited unexpectedly" not in log, log[-5000:]
+    for rank in range(WORLD):
+        assert (tmp_path / f"exit-run-{rank}.txt").read_text() == "75", log[-5000:]
+    refs = [r for r in reader.list_checkpoints(root) if r.valid]
+    assert refs and refs[-1].manifest is not None and refs[-1].manifest.world_size == WORLD
+    saved = refs[-1].step
+    assert saved >= 6 and f"saved step {saved} after SIGTERM" in log, log[-5000:]
+    assert saved < TOTAL, "the job ran to the end: the signal to rank 1 was lost"
+    _resume_and_compare(root, tmp_path, reference)

@@ -33,9 +33,10 @@ def test_local_group_returns_what_this_rank_contributed() -> None:
     assert g.broadcast(obj, what="x") is obj
     assert g.gather(obj, what="x") == [obj]
     assert g.broadcast_ints([3, True, 0], what="x") == [3, 1, 0]
+    assert g.max_ints([15, True, 0], what="x") == [15, 1, 0]
     assert g.max_int(7, what="x") == 7
     g.destroy()
-    for name in ("broadcast", "gather", "broadcast_ints", "max_int", "destroy"):
+    for name in ("broadcast", "gather", "broadcast_ints", "max_int", "max_ints", "destroy"):
         assert callable(getattr(collectives.Group, name)), name  # the same methods as Group
 
 

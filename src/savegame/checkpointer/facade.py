@@ -309,14 +309,17 @@ class Checkpointer:
         self._raise_background()
         if epoch_end:
             self._epochs_completed += 1
-        # Rank 0 decides (preemption signal, schedule, best metric) and broadcasts, so ranks
-        # never disagree on whether to save (a time-based schedule or a signal seen by one rank
-        # only would otherwise deadlock). One process: the broadcast returns its input.
+        # One decision for every rank, so ranks never disagree on whether to save (a
+        # time-based schedule or a signal seen by one rank only would otherwise deadlock): the
+        # schedule and the best metric are rank 0's; a preemption signal is anyone's — a
+        # scheduler or `kill` may signal one rank only, and every rank must save and exit. One
+        # all-reduce (max) of [signal, due, better], where only rank 0 contributes due/better,
+        # costs what the broadcast of rank 0's decision did. One process: it returns its input.
         pending = self._signals.pending
         due = better = False
         if self.rank == 0 and not pending:
             due, better = self._due(step, metrics, epoch_end)
-        signum, due_i, better_i = self._group.broadcast_ints(
+        signum, due_i, better_i = self._group.max_ints(
             [pending or 0, int(due), int(better)], what=f"step {step} save decision"
         )
         if signum:

@@ -137,9 +137,14 @@ class Group:
 
     def max_int(self, value: int, *, what: str) -> int:
         """The largest of every rank's ``value`` (one all-reduce of one int)."""
-        t = torch.tensor([value], dtype=torch.int64)
+        return self.max_ints([value], what=what)[0]
+
+    def max_ints(self, values: list[int], *, what: str) -> list[int]:
+        """Element-wise largest of every rank's small int vector (one all-reduce): what any
+        rank raises reaches all of them, at the cost of one broadcast."""
+        t = torch.tensor(values, dtype=torch.int64)
         self._run(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._pg), what)
-        return int(t.item())
+        return [int(v) for v in t.tolist()]
 
     def _run(self, fn: Any, what: str) -> None:
         self._seq += 1
@@ -216,6 +221,9 @@ class LocalGroup:
 
     def max_int(self, value: int, *, what: str) -> int:
         return int(value)
+
+    def max_ints(self, values: list[int], *, what: str) -> list[int]:
+        return [int(v) for v in values]
 
     def destroy(self) -> None:
         pass
