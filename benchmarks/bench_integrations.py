@@ -58,14 +58,16 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _keep_only(root: Path, step: int) -> Path:
-    """A copy of run ``root`` holding only checkpoint ``step`` (resume picks the newest)."""
+    """A copy of run ``root`` whose newest checkpoint is ``step`` (resume picks the newest). The
+    older ones stay: a checkpoint refers to the tensor files of an earlier one of its run for the
+    tensors that did not change, so dropping those would make it incomplete."""
     out = Path(tempfile.mkdtemp(prefix="sg-bench-resume-"))
     shutil.rmtree(out)
     shutil.copytree(
         root,
         out,
         ignore=lambda d, names: (
-            [n for n in names if n.startswith("step-") and n != f"step-{step:012d}"]
+            [n for n in names if n.startswith("step-") and int(n.removeprefix("step-")) > step]
             if Path(d) == root
             else []
         ),

@@ -3,20 +3,26 @@
     python examples/lightning_train.py runs/lightning-digits      # trains 5 epochs (~10 s on CPU)
     # interrupt it (Ctrl-C saves and exits 75; kill -9 loses at most 50 steps), run it again:
     python examples/lightning_train.py runs/lightning-digits      # continues where it stopped
+    python examples/lightning_train.py runs/ddp-digits --ddp 2    # DDP, 2 processes (gloo, CPU)
 
 The only savegame lines are the callback and the StatefulDataLoader: the callback restores the
 newest valid checkpoint of the run folder by itself at the start of fit (no ckpt_path), with the
 loops, optimizer, scheduler, every RNG and the loader's position in the epoch.
+
+Under DDP (``--ddp N``) the loader gets its ``DistributedSampler`` from this script and the
+Trainer ``use_distributed_sampler=False``: Lightning's own replacement sampler redraws every
+epoch's order from the global RNG, which a mid-epoch resume cannot reproduce (the callback warns).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
 
 import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import savegame as sg
@@ -43,13 +49,13 @@ class Digits(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def main(root: str) -> None:
+def main(root: str, ddp: int = 0) -> None:
     torch.manual_seed(0)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
@@ -60,19 +66,36 @@ def main(root: str) -> None:
         save=sg.Every(steps=50),
         keep=sg.Keep(last=2, best=2, monitor="val_acc", mode="max"),
     )
+    if ddp:
+        # Lightning starts the other ranks by running this script again, with LOCAL_RANK set
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        sampler = DistributedSampler(train, num_replicas=ddp, rank=rank, shuffle=True, seed=0)
+        loader = StatefulDataLoader(train, batch_size=32, sampler=sampler)
+        parallel = {"strategy": "ddp", "devices": ddp, "use_distributed_sampler": False}
+    else:
+        loader = StatefulDataLoader(train, batch_size=32, shuffle=True)
+        parallel = {}
     trainer = pl.Trainer(
-        max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[ckpt]
+        max_epochs=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[ckpt],
+        **parallel,
     )
-    trainer.fit(
-        Digits(),
-        train_dataloaders=StatefulDataLoader(train, batch_size=32, shuffle=True),
-        val_dataloaders=DataLoader(val, batch_size=256),
-    )
-    print(f"resumed from step {ckpt.restored_step}" if ckpt.restored_step else "started fresh")
-    print(
-        f"val_acc {float(trainer.callback_metrics['val_acc']):.4f}; checkpoints in {root} (`savegame ls {root}`)"
-    )
+    trainer.fit(Digits(), train_dataloaders=loader, val_dataloaders=DataLoader(val, batch_size=256))
+    if trainer.is_global_zero:
+        print(f"resumed from step {ckpt.restored_step}" if ckpt.restored_step else "started fresh")
+        acc = trainer.callback_metrics.get("val_acc")  # none when the run had already finished
+        print(
+            f"val_acc {'-' if acc is None else f'{float(acc):.4f}'}; checkpoints in {root} "
+            f"(`savegame ls {root}`)"
+        )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/lightning-digits")
+    parser = argparse.ArgumentParser(description="Lightning + savegame on scikit-learn's digits")
+    parser.add_argument("root", nargs="?", default="runs/lightning-digits")
+    parser.add_argument("--ddp", type=int, default=0, help="train with DDP on N CPU processes")
+    args = parser.parse_args()
+    main(args.root, args.ddp)

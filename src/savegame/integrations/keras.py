@@ -109,6 +109,8 @@ class _KerasState:
     def __init__(self, model: keras.Model) -> None:
         self.model = model
         self.pending_metrics: list[torch.Tensor] | None = None
+        #: True while the callback saves: hand out the live values, not copies (see state_dict).
+        self.saving = False
 
     def _groups(self) -> dict[str, list[Any]]:
         model = self.model
@@ -124,11 +126,19 @@ class _KerasState:
         return groups
 
     def state_dict(self) -> dict[str, Any]:
+        # A save reads the live values as they are: a sync save writes them before training goes
+        # on, an async one copies them into its host buffers before returning, so a copy here
+        # would only double the memory traffic (and the memory) of every save. A restore also asks
+        # for the tensors, to read the checkpoint into them: those must be copies, or the saved
+        # metric values (applied later, at on_epoch_begin) would be read into the live metric
+        # variables, which fit() then resets.
+        copy = not self.saving
         out: dict[str, Any] = {}
         for name, variables in self._groups().items():
+            values = [_tensor(v) for v in variables]
             out[name] = {
                 "paths": [str(v.path) for v in variables],
-                "values": [_tensor(v).clone() for v in variables],
+                "values": [t.clone() for t in values] if copy else values,
             }
         return out
 
@@ -246,6 +256,16 @@ class SavegameCheckpoint(keras.callbacks.Callback):
                 "SavegameCheckpoint: build the model before fit() (call it on a batch, or pass an Input), so its "
                 "variables exist to be restored"
             )
+        per_call = int(getattr(model, "steps_per_execution", 1) or 1)
+        if per_call > 1:
+            # Keras 3.5-3.15 refuse this on the torch backend before any callback runs; a Keras
+            # that allows it would call on_train_batch_end once per N batches, and the position
+            # counted here (one batch per call) would resume on the wrong batch.
+            raise ValueError(
+                f"SavegameCheckpoint: model.compile(steps_per_execution={per_call}) runs {per_call} batches per "
+                "callback call, so a mid-epoch resume cannot land on the right batch; compile with "
+                "steps_per_execution=1 (the only value Keras' torch backend supports)"
+            )
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         self._keras_state = _KerasState(model)
@@ -341,7 +361,14 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             # of a step still in flight would otherwise be written twice: StepExistsError).
             ckpt.wait()
         self._last_step = step
-        return ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+        keras_state = self._keras_state
+        if keras_state is not None:
+            keras_state.saving = True
+        try:
+            return ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+        finally:
+            if keras_state is not None:
+                keras_state.saving = False
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._extras["batch"] = int(self._extras.get("batch", 0)) + 1

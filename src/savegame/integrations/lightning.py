@@ -34,7 +34,10 @@ loop state is one Lightning knows how to restart from.
 
 Preemption: SIGTERM / SIGUSR1 / SIGINT are handled as everywhere in savegame: noted, then saved
 at the next step boundary, and the process exits with status 75 (``EXIT_PREEMPTED``) - never a
-save in the middle of a step. Lightning's own SIGTERM notifier still runs (it composes handlers).
+save in the middle of a step. In one process Lightning's own SIGTERM notifier still runs (it
+composes handlers). Under DDP a signal received by any one rank is acted on by every rank at the
+same step boundary (the Checkpointer's per-step decision is an all-reduce), and SIGTERM is left to savegame's handler alone
+(Lightning's notifier runs a collective inside the signal handler).
 """
 
 from __future__ import annotations
@@ -185,6 +188,7 @@ class SavegameCallback(pl.Callback):
         self._hparams_note = False
         self._capturing = False
         self._handlers_before: dict[int, Any] = {}
+        self._savegame_handlers: dict[int, Any] = {}
         self._prev_metrics: dict[str, Any] = {}
 
     # ---- setup: open the run, restore -------------------------------------------------------
@@ -205,6 +209,9 @@ class SavegameCallback(pl.Callback):
                 async_save=self.async_save,
                 when_busy=self.when_busy,
             )
+            # savegame's own handlers, as just installed (put back alone under DDP, see
+            # _own_signals)
+            self._savegame_handlers = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
         self.restored_step = None
         connector = trainer._checkpoint_connector
         explicit = _explicit_ckpt_path(trainer)
@@ -239,6 +246,8 @@ class SavegameCallback(pl.Callback):
         log.info("lightning: resuming from step %d of %s", step, self.checkpointer.root)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if _distributed(trainer) and self.handle_signals:
+            self._own_signals()
         fit_loop = trainer.fit_loop
         combined = fit_loop._combined_loader
         fetcher = fit_loop._data_fetcher
@@ -250,6 +259,16 @@ class SavegameCallback(pl.Callback):
                     "cannot save its position: a resume mid-epoch restarts the epoch's data from its start (batches "
                     "trained twice, a different order). Use torchdata.stateful_dataloader.StatefulDataLoader (same "
                     "arguments as DataLoader), and savegame.data.resumable(dataset) for random augmentation.",
+                    ExactnessWarning,
+                    stacklevel=2,
+                )
+            elif _distributed(trainer) and _redrawn_each_epoch(dl):
+                warnings.warn(
+                    f"SavegameCallback: under DDP Lightning replaced train loader {i}'s shuffling sampler by a "
+                    "DistributedSamplerWrapper, which draws a new permutation from the global RNG at every epoch's "
+                    "start: a resume mid-epoch continues on another permutation (samples repeated and skipped). Give "
+                    "the loader its DistributedSampler yourself: StatefulDataLoader(ds, sampler=DistributedSampler("
+                    "ds, shuffle=True, seed=0), ...) and Trainer(use_distributed_sampler=False).",
                     ExactnessWarning,
                     stacklevel=2,
                 )
@@ -278,6 +297,18 @@ class SavegameCallback(pl.Callback):
             if pending.get("rng") is not None:
                 rnglib.restore(pending["rng"])
         iter(fetcher)  # the epoch loop's on_run_start then counts the batches already done
+
+    def _own_signals(self) -> None:
+        """Under DDP, SIGTERM goes to savegame's handler alone. Lightning's own SIGTERM notifier
+        (composed with it by ``register_signal_handlers``, which runs after ``setup``) calls
+        ``torch.distributed.broadcast`` inside the signal handler: on a rank other than 0 that
+        is a collective the other ranks never join, which desynchronises the process group (the
+        next gradient all-reduce hangs or pairs with the wrong call), and Lightning acts on rank
+        0's flag only. savegame's handler only notes the signal; the Checkpointer's per-step
+        decision (an all-reduce) makes every rank act on it at the next step boundary."""
+        for signum, handler in self._savegame_handlers.items():
+            if callable(handler) and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
 
     # ---- saving ------------------------------------------------------------------------------
     def _capture(self) -> dict[str, Any]:
@@ -376,7 +407,8 @@ class SavegameCallback(pl.Callback):
         if ckpt is None:
             return
         monitor = ckpt.keep.monitor
-        if monitor and ckpt.keep.best > 0 and not self._monitor_seen:
+        trained = int(trainer.global_step) != (self.restored_step or 0)  # a finished run: nothing
+        if monitor and ckpt.keep.best > 0 and not self._monitor_seen and trained:
             warnings.warn(
                 f"SavegameCallback: Keep(monitor={monitor!r}) was never logged during this fit (logged: "
                 f"{sorted(self._metrics(trainer, fresh=False)) or 'nothing'}); best-K kept nothing. Log it with "
@@ -432,6 +464,28 @@ class SavegameCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return (
+        trainer.world_size > 1
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+def _redrawn_each_epoch(dl: Any) -> bool:
+    """The loader's sampler is Lightning's ``DistributedSamplerWrapper`` (``use_distributed_sampler``)
+    around a sampler that is not sequential: the wrapper lists its inner sampler anew at every
+    epoch's start (a fresh draw), which no saved position can reproduce."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    batch_sampler = getattr(dl, "batch_sampler", None)
+    for candidate in (getattr(dl, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(candidate, DistributedSamplerWrapper):
+            inner = getattr(getattr(candidate, "dataset", None), "_sampler", None)
+            return not isinstance(inner, torch.utils.data.SequentialSampler)
+    return False
 
 
 def _stateful(dl: Any) -> bool:
