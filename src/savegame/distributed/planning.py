@@ -205,8 +205,11 @@ def tensor_refs(skeleton: Any) -> list[str]:
 def unwritten_keys(trees: Sequence[Any], written: Collection[str]) -> dict[int, list[str]]:
     """Rank -> tensor keys its tree refers to that no rank wrote (coordinator's last check)."""
     out: dict[int, list[str]] = {}
+    # One set for every rank (it grows with the ranks' keys: rebuilt per rank it was O(N^2),
+    # 2 s of the coordinator's commit at 4,096 ranks — docs/scale.md).
+    written = written if isinstance(written, (set, frozenset)) else set(written)
     for rank, tree in enumerate(trees):
-        missing = sorted(set(tensor_refs(tree)) - set(written))
+        missing = sorted(k for k in set(tensor_refs(tree)) if k not in written)
         if missing:
             out[rank] = missing
     return out
