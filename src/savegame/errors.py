@@ -54,7 +54,12 @@ __all__ = [
 
 
 def _fmt_path(path: str | os.PathLike[str] | None) -> str | None:
-    return None if path is None else os.fspath(path)
+    if path is None:
+        return None
+    try:
+        return os.fspath(path)
+    except TypeError:  # a checkpoint in a store that is not a local folder: its description
+        return str(path)
 
 
 class CheckpointError(Exception):

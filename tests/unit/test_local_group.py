@@ -36,7 +36,7 @@ def test_local_group_returns_what_this_rank_contributed() -> None:
     assert g.max_ints([15, True, 0], what="x") == [15, 1, 0]
     assert g.max_int(7, what="x") == 7
     g.destroy()
-    for name in ("broadcast", "gather", "broadcast_ints", "max_int", "max_ints", "destroy"):
+    for name in ("broadcast", "gather", "gather_to_root", "broadcast_ints", "max_int", "max_ints", "destroy"):
         assert callable(getattr(collectives.Group, name)), name  # the same methods as Group
 
 

@@ -129,6 +129,13 @@ class Group:
         self._run(lambda: dist.all_gather_object(out, obj, group=self._pg), what)
         return out
 
+    def gather_to_root(self, obj: Any, *, what: str) -> list[Any] | None:
+        """Every rank's ``obj``, by rank, on rank 0 only (None elsewhere): what only the
+        coordinator reads is not sent to, and unpickled by, every rank (docs/scale.md)."""
+        out: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        self._run(lambda: dist.gather_object(obj, out, dst=0, group=self._pg), what)
+        return out
+
     def broadcast_ints(self, values: list[int], *, what: str) -> list[int]:
         """Rank 0's small int vector on every rank (cheap: one gloo broadcast of a tensor)."""
         t = torch.tensor(values, dtype=torch.int64)
@@ -214,6 +221,9 @@ class LocalGroup:
         return obj
 
     def gather(self, obj: Any, *, what: str) -> list[Any]:
+        return [obj]
+
+    def gather_to_root(self, obj: Any, *, what: str) -> list[Any] | None:
         return [obj]
 
     def broadcast_ints(self, values: list[int], *, what: str) -> list[int]:
