@@ -12,12 +12,15 @@ pages of a spooled restore are the kernel's page cache and are not counted).
 Rows (add one with :func:`row`):
   * restore, live model     ``Checkpointer(url).restore(state)`` into a live model and optimizer
     (a resume on a fresh machine): bytes wait in memory until every hash matched
+  * restore, fresh cache    ``Checkpointer(url, cache=empty_folder).restore(state)``: the same
+    resume of a run with a local cache tier, on a machine whose cache is empty
   * restore, spooled        the same with ``SAVEGAME_STAGING_MEMORY=0``: they wait in a temp file
   * load, fresh tensors     ``sg.load(url)``: every tensor is new memory, read straight into
   * verify                  ``savegame.engine.reader.verify(url)``: every byte hashed, bounded memory
 The raw side, into memory: ``obstore.get_ranges`` over each object in ``REQUEST_BYTES`` ranges
 (obstore coalesces them: one GET per object) and a thread pool of ``REQUESTS_IN_FLIGHT`` ranged
-``obstore.get`` calls (the shape of savegame's reads); the ratio is shown to both. moto answers
+``obstore.get`` calls cut as savegame's restore cuts them (the same number of equal ranges,
+``engine.fetch._parts``: the shape of savegame's reads); the ratio is shown to both. moto answers
 every ranged GET by copying the *whole* object under a lock, so on moto each request costs
 O(object size) and fewer, larger requests win; on S3 itself parallel 8-16 MiB ranges are what
 AWS recommends. Read the "ratio to raw threads" column as savegame's own overhead.
@@ -223,12 +226,19 @@ def raw_get(store: Any, paths: list[tuple[str, int]]) -> Callable[[], dict[str, 
     object here) and a pool of ``REQUESTS_IN_FLIGHT`` threads of ranged ``get`` calls."""
     import obstore
 
+    from savegame.engine import fetch
+
     req, flight = reader.REQUEST_BYTES, reader.REQUESTS_IN_FLIGHT
     total = sum(size for _, size in paths)
 
     def ranges(size: int) -> tuple[list[int], list[int]]:
-        starts = list(range(0, size, req))
-        return starts, [min(s + req, size) for s in starts]
+        # the plan savegame's restore makes (engine/fetch.py): the nearest whole number of
+        # equal requests of about ``req`` bytes, no small tail (on moto each request copies
+        # the whole object, so the same count of requests is what makes the shapes equal)
+        parts = fetch._parts(size, req, stretch=True)
+        step = -(-size // parts)
+        starts = list(range(0, size, step))
+        return starts, [min(s + step, size) for s in starts]
 
     def with_get_ranges() -> int:
         n = 0
@@ -465,13 +475,19 @@ def main() -> None:
         print(f"push: {len(push_files)} local files, {push_bytes / 2**20:.1f} MiB; "
               f"pull: {len(pull_objects)} objects, {pull_bytes / 2**20:.1f} MiB", flush=True)  # fmt: skip
 
-        def restore(staging: str | None) -> Callable[[], Any]:
+        caches: list[Path] = []
+
+        def restore(staging: str | None, cache: bool = False) -> Callable[[], Any]:
             def run() -> Any:
                 old = os.environ.get("SAVEGAME_STAGING_MEMORY")
                 if staging is not None:
                     os.environ["SAVEGAME_STAGING_MEMORY"] = staging
+                where: dict[str, Any] = {}
+                if cache:  # a fresh machine: an empty cache folder each time
+                    caches.append(work / f"cache-{len(caches)}")
+                    where["cache"] = caches[-1]
                 try:
-                    with sg.Checkpointer(url, handle_signals=False) as c:
+                    with sg.Checkpointer(url, handle_signals=False, **where) as c:
                         assert c.restore(state) == 1
                 finally:
                     if staging is not None:
@@ -519,9 +535,15 @@ def main() -> None:
             while pull_dest:
                 shutil.rmtree(pull_dest.pop(), ignore_errors=True)
 
+        def clean_caches() -> None:
+            while caches:
+                shutil.rmtree(caches.pop(), ignore_errors=True)
+
         raw = raw_get(obs, paths)
         rows: list[Row] = []
         row(rows, "restore, live model", restore(None), raw, nbytes)
+        row(rows, "restore, live model, fresh cache folder", restore(None, cache=True), raw,
+            nbytes, after=clean_caches)  # fmt: skip
         row(rows, "restore, spooled (staging 0)", restore("0"), raw, nbytes)
         row(rows, "load, fresh tensors", lambda: sg.load(ckpt_url), raw, nbytes)
         row(rows, "verify", lambda: reader.verify(ckpt_url), raw, nbytes)

@@ -167,13 +167,13 @@ def main() -> None:
         group = ckpt._save_group
         assert group is not None
         if rank == args["bad_rank"]:
-            real_gather = group.gather
+            real_gather = group.gather_to_root  # the save's report to the coordinator
 
-            def gather_then_die(obj: Any, *, what: str) -> list[Any]:
+            def gather_then_die(obj: Any, *, what: str) -> list[Any] | None:
                 real_gather(obj, what=what)
                 os._exit(7)
 
-            group.gather = gather_then_die  # type: ignore[method-assign]
+            group.gather_to_root = gather_then_die  # type: ignore[method-assign]
         if rank == 0:
             real_commit = writer.commit
 

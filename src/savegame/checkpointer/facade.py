@@ -44,7 +44,7 @@ from savegame.format import layout
 from savegame.policy import progress
 from savegame.state import overrides
 from savegame.state.overrides import RestoreReport
-from savegame.storage import Location, Store, as_store
+from savegame.storage import Location, Store, as_store, objectstore
 
 log = logging.getLogger("savegame")
 
@@ -74,6 +74,10 @@ class Checkpointer:
             is never written or locked). Once this run has saved, it is ignored.
         upload_retry: With ``cache``, how often a failed upload is tried before its error is
             raised (default ``UploadRetry()``).
+        incremental: A tensor whose bytes equal those of the previous checkpoint is not
+            written again; the new checkpoint refers to the stored bytes (docs/incremental.md).
+            Restore reads and verifies exactly the same bytes either way. ``False`` writes
+            every checkpoint in full (format version 1, readable by every savegame release).
 
     Under torch.distributed (an initialized process group, e.g. ``torchrun``) every rank
     constructs it at the same point (it creates the coordination groups: a collective) and
@@ -101,11 +105,15 @@ class Checkpointer:
         cache: str | os.PathLike[str] | None = None,
         start_from: str | os.PathLike[str] | Store | None = None,
         upload_retry: tiers.UploadRetry | None = None,
+        incremental: bool = True,
     ) -> None:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
         self.async_save = async_save
         self.when_busy = when_busy
+        #: Incremental saves (docs/incremental.md): unchanged tensors refer to stored bytes.
+        self.incremental = bool(incremental)
+        self._last_committed: str | None = None  # the folder of this process's last save
         self._persister = persist.Persister()
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
         self._pool = staging.HostPool()
@@ -218,6 +226,7 @@ class Checkpointer:
             return self._restore(state, step, per_rank, opts)
         finally:
             self._set_aside_suspects()
+            self._end_snapshots()
 
     def _restore(
         self,
@@ -569,8 +578,16 @@ class Checkpointer:
 
         def job() -> Path:
             path = protocol.persist(
-                group, self.store, step, prepared, run_id=self.run_id, metrics=clean_metrics
+                group,
+                self.store,
+                step,
+                prepared,
+                run_id=self.run_id,
+                metrics=clean_metrics,
+                incremental=self.incremental,
+                previous=self._last_committed,
             )
+            self._last_committed = path.name
             self._progress.committed(time.perf_counter() - t0)
             if self.rank == 0:
                 if improved_from != "n/a" and monitor:
@@ -659,9 +676,17 @@ class Checkpointer:
             self._progress.learn(runfile.start_session(self.store, run_id, write=False))
         return run_id
 
+    def _end_snapshots(self) -> None:
+        """The start-up is over (restored, or saving): reads ask the store again. (Taking the
+        lease opened a snapshot of an object store's run: storage/objectstore.py.)"""
+        objectstore.end_snapshot(self.store)
+        if self._tiers is not None:
+            objectstore.end_snapshot(self._tiers.remote)
+
     def _begin_session(self) -> None:
         """The run's session is recorded at the first step or save: one opened only to list or
         restore never is, so forgetting its close() is never taken for a crash."""
+        self._end_snapshots()
         if self._tiers is not None and self.writable and not self._closed:
             self._tiers.start()  # every rank: uploads an earlier session left pending
         if not self._session_open and self.rank == 0 and self.writable and not self._closed:

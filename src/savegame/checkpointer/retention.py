@@ -8,6 +8,15 @@ written); damaged checkpoints set aside and temp folders are never retention can
 a checkpoint kept in its place is damaged (issue 9.8). A deleted checkpoint first leaves the run
 atomically (renamed to a temp name), so a crash never leaves a half-deleted ``step-…`` folder.
 
+Shared bytes (incremental checkpoints, docs/incremental.md): before a checkpoint is deleted,
+each of its files that a live checkpoint still refers to is *retired* — renamed to
+``retired-step-…-rank-….safetensors`` in the run folder, where references resolve once the
+folder is gone (engine/shared.py). A retired file that no live manifest refers to any more is
+garbage, removed right after by the same retention (and by the next writer's
+:func:`collect_garbage`). Deletion never breaks a live reference: when any manifest of the run
+cannot be read (an I/O error, a newer format), every tensor file of a deleted checkpoint is
+retired and no retired file is removed.
+
 Imports no torch (``savegame ls``/``prune``); setting a damaged checkpoint aside imports the
 writer on use.
 """
@@ -24,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from savegame import policy
+from savegame import errors, policy
 from savegame.checkpointer.runfile import read_run_file
 from savegame.engine import reader
-from savegame.format import layout
+from savegame.format import layout, manifest
 from savegame.storage import Location, Store, as_store, locate
 
 Root = str | os.PathLike[str] | Store
@@ -55,7 +64,7 @@ class CheckpointInfo:
     path: Path | Location  # a Path in a local run folder
     valid: bool
     created: float | None
-    size: int
+    size: int  # every byte a restore of it reads: its own files + the shared ones it refers to
     metrics: Mapping[str, float]
     ours: bool  # written by this run family (run.json); only those are ever deleted
     kept_for: tuple[str, ...]  # retention reasons; () = would be pruned
@@ -63,7 +72,15 @@ class CheckpointInfo:
     #: "checkpoint" (a step-… folder), "damaged" (set aside after failing verification: kept for
     #: inspection, never restored or counted by retention) or "leftover" (a ``.tmp-`` folder: a
     #: save in progress, or garbage from an interrupted one that the next writer removes).
-    kind: Literal["checkpoint", "damaged", "leftover"] = "checkpoint"
+    #: "retired" (``savegame ls``): a tensor file of a deleted checkpoint that later checkpoints
+    #: still refer to (incremental saves), kept as ``retired-step-…-rank-….safetensors``: no
+    #: checkpoint, never restored, never a retention candidate; removed once nothing uses it.
+    kind: Literal["checkpoint", "damaged", "leftover", "retired"] = "checkpoint"
+    #: Bytes in this checkpoint's own folder (what deleting it alone could free, unless later
+    #: checkpoints refer to them); summing ``own`` over a run counts every byte once.
+    own: int = 0
+    #: Bytes it refers to in earlier checkpoint folders of the run (shared, stored once).
+    shared: int = 0
 
 
 def list_run(
@@ -100,7 +117,8 @@ def list_run(
     out = []
     for r in refs:
         m = r.manifest
-        size = sum(f.size for f in m.files.values()) if m else _du(root, r.location.key)
+        own = sum(f.size for f in m.own_files.values()) if m else _du(root, r.location.key)
+        shared_bytes = sum(f.size for f in m.refs.values()) if m else 0
         mine = m is not None and m.run_id == run_id
         out.append(
             CheckpointInfo(
@@ -108,15 +126,57 @@ def list_run(
                 path=r.path,
                 valid=r.valid,
                 created=m.created if m else None,
-                size=size,
+                size=own + shared_bytes,
                 metrics=dict(m.metrics) if m else {},
                 ours=mine,
                 kept_for=tuple(kept.get(r.step, ())) if mine else ("not ours",),
                 error=str(r.error) if r.error else None,
+                own=own,
+                shared=shared_bytes,
             )
         )
     if aside:
         out.extend(_aside(root))
+        out.extend(_retired_infos(root, refs))
+    return out
+
+
+def _retired_infos(root: Store, refs: list[reader.CheckpointRef]) -> list[CheckpointInfo]:
+    """Retired shared files, for ``ls``: one entry per file."""
+    from savegame.engine import shared  # imports no torch; kept off import time (STYLE)
+
+    out = []
+    try:
+        files = shared.retired_files(root)
+    except OSError:
+        return []
+    users = shared.users(refs)
+    for name, ref in sorted(files.items()):
+        by = sorted(users.get(ref, ()))
+        why = (
+            f"retired: a file of deleted {manifest.ref_folder(ref)} that step(s) "
+            + ", ".join(map(str, by))
+            + " still use (shared bytes, removed once unused)"
+            if by
+            else f"retired: a file of deleted {manifest.ref_folder(ref)} no checkpoint uses any "
+            "more (the next retention or writer removes it)"
+        )
+        size = _du(root, name)
+        out.append(
+            CheckpointInfo(
+                step=manifest.ref_step(ref) or 0,
+                path=root.local_path(name) or Location(root, name),
+                valid=False,
+                created=root.mtime(name),
+                size=size,
+                metrics={},
+                ours=False,
+                kept_for=(),
+                error=why,
+                kind="retired",
+                own=size,
+            )
+        )
     return out
 
 
@@ -146,7 +206,8 @@ def _aside(root: Store) -> list[CheckpointInfo]:
                     path=path,
                     valid=False,
                     created=created,
-                    size=_du(root, entry.name),
+                    size=(du := _du(root, entry.name)),
+                    own=du,
                     metrics={},
                     ours=False,
                     kept_for=(),
@@ -258,11 +319,33 @@ def delete_unkept(
     the store's ``detach``); ``release(freer, name)`` then frees its bytes (default:
     :func:`free`, now; the Checkpointer frees on a background thread). One that cannot be moved is logged and left in place, or with
     ``strict`` (``savegame prune``) its ``OSError`` is raised.
+
+    A checkpoint whose files a checkpoint still in the run refers to (incremental saves) is
+    retired instead (:func:`retire`: only its manifest goes); retired folders that nothing
+    refers to any more are removed at the end (:func:`collect_garbage`).
     """
+    from savegame.engine import shared  # imports no torch; kept off import time (STYLE)
+
+    todo = unkept(plan, spare=spare)
+    if not todo:
+        return []
+    store = locate(todo[0].path).store
+    live: dict[str, reader.CheckpointRef] | None
+    try:
+        live = {r.location.key: r for r in reader.list_checkpoints(store)}
+    except errors.CheckpointError as exc:  # cannot see the run: every tensor file is kept
+        log.warning("could not list %s to find shared files: %s", store.describe(), exc)
+        live = None
     deleted = []
-    for info in unkept(plan, spare=spare):
+    for info in todo:
         loc = locate(info.path)
+        used, sure = (set(), False) if live is None else shared.references(
+            r for k, r in live.items() if k != loc.key
+        )
         try:
+            # Shared files first (each one atomic rename), then the folder: references
+            # resolve at every moment, whatever is cut short by a crash.
+            kept = shared.retire(loc, used, sure)
             freer = loc.store.detach(
                 loc.key, f"{layout.TMP_PREFIX}deleted-{loc.name}-{uuid.uuid4().hex[:8]}"
             )
@@ -271,14 +354,42 @@ def delete_unkept(
                 raise
             log.warning("could not delete %s: %s", info.path, exc)
             continue
+        if live is not None:
+            live.pop(loc.key, None)
         (release or free)(freer, str(info.path))
         deleted.append(info)
         log.info(
-            "deleted %s (not kept by %s)",
+            "deleted %s (not kept by %s)%s",
             info.path.name,
             keep if keep is not None else "the run's rule",
+            f"; {len(kept)} file(s) shared with later checkpoints kept as {kept[0]}…" if kept else "",
         )
+    if deleted:
+        _collect_retired(store, strict=strict)
     return deleted
+
+
+def _collect_retired(store: Store, *, strict: bool = False) -> None:
+    """Remove the retired files that no live manifest refers to any more."""
+    from savegame.engine import shared  # imports no torch; kept off import time (STYLE)
+
+    try:
+        if not shared.retired_files(store):  # one listing; manifests only when there is some
+            return
+        refs = reader.list_checkpoints(store)
+    except (errors.CheckpointError, OSError) as exc:
+        log.warning("could not list %s to collect shared files: %s", store.describe(), exc)
+        return
+    for name in shared.garbage(store, refs):
+        try:
+            freer = store.detach(name, f"{layout.TMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:8]}")
+        except OSError as exc:
+            if strict:
+                raise
+            log.warning("could not remove retired %s: %s", store.describe(name), exc)
+            continue
+        log.info("removed %s: no checkpoint uses it any more", name)
+        free(freer, store.describe(name))
 
 
 def collect_garbage(root: Root, *, incomplete: bool = False) -> None:
@@ -289,32 +400,44 @@ def collect_garbage(root: Root, *, incomplete: bool = False) -> None:
     which writes a checkpoint's data objects under its final name and commits by putting the
     manifest last, they are what a killed writer (or upload) leaves. (A local folder never
     shows one: it renames complete folders into place; one there was damaged by hand and is
-    left for the user.)"""
+    left for the user.)
+
+    Retired files (shared with later checkpoints, engine/shared.py) go once no live manifest
+    refers to them, and none while any manifest of the run cannot be read."""
     store = as_store(root)
-    for entry in reader.list_run_folder(store):
+    entries = reader.list_run_folder(store)
+    for entry in entries:
         # (An object store's save in progress is a marker object, not a folder.)
-        leftover = entry.name.startswith(layout.TMP_PREFIX) and (entry.is_dir or incomplete)
-        if (
-            not leftover
-            and incomplete
-            and entry.is_dir
-            and layout.parse_step_dir(entry.name) is not None
-        ):
-            leftover = not store.exists(f"{entry.name}/{layout.MANIFEST}")
+        leftover = entry.name.startswith(layout.TMP_PREFIX) and (
+            entry.is_dir
+            or incomplete
+            # a retired file whose removal was cut short (renamed away, not yet unlinked)
+            or entry.name.startswith(f"{layout.TMP_PREFIX}deleted-{layout.RETIRED_PREFIX}")
+        )
         if leftover:
             log.info("removing leftover %s from an interrupted save or deletion", entry.name)
             try:
-                temp = entry.name.startswith(layout.TMP_PREFIX)
-                trash = (
-                    None
-                    if temp
-                    else f"{layout.TMP_PREFIX}deleted-{entry.name}-{uuid.uuid4().hex[:8]}"
-                )
-                freer = store.detach(entry.name, trash)
+                freer = store.detach(entry.name, None)
             except OSError as exc:  # not worth refusing the run for: the next writer tries again
                 log.warning("could not remove leftover %s: %s", entry.name, exc)
                 continue
             free(freer, store.describe(entry.name))
+        elif (
+            incomplete
+            and entry.is_dir
+            and layout.parse_step_dir(entry.name) is not None
+            and not store.exists(f"{entry.name}/{layout.MANIFEST}")
+        ):
+            log.info("removing leftover %s from an interrupted save or deletion", entry.name)
+            try:
+                trash = f"{layout.TMP_PREFIX}deleted-{entry.name}-{uuid.uuid4().hex[:8]}"
+                freer = store.detach(entry.name, trash)
+            except OSError as exc:
+                log.warning("could not remove leftover %s: %s", entry.name, exc)
+                continue
+            free(freer, store.describe(entry.name))
+    if any(layout.parse_retired_file(e.name) is not None for e in entries):
+        _collect_retired(store)
 
 
 def free(freer: Callable[[], list[str]], path: str) -> None:

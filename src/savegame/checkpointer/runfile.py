@@ -89,10 +89,9 @@ def run_file(root: Root) -> Path | str:
 def read_run_file(root: Root) -> dict[str, Any] | None:
     """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable."""
     try:
-        record = json.loads(as_store(root).read(layout.RUN_FILE))
-    except (OSError, EOFError, ValueError):
+        return _parse_run_file(as_store(root).read(layout.RUN_FILE))
+    except (OSError, EOFError):
         return None
-    return record if isinstance(record, dict) and "run_id" in record else None
 
 
 def run_file_problem(root: Root) -> str | None:
@@ -121,7 +120,7 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
         FormatError: ``run.json`` is damaged.
     """
     store = as_store(root)
-    if store.exists(layout.MANIFEST):  # never write a lock or run.json into a checkpoint
+    if _holds_manifest(store):  # never write a lock or run.json into a checkpoint
         raise errors.CheckpointError(
             f"{store.describe()} is a checkpoint (it holds {layout.MANIFEST}), not a run folder; "
             "pass the run folder that holds it",
@@ -145,19 +144,37 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
     return _run_id(root, keep), True
 
 
+def _holds_manifest(store: Store) -> bool:
+    """Whether the folder is a checkpoint (``manifest.json`` is in it). On an object store one
+    HEAD (``exists`` would also list, to tell a folder of that name: never a checkpoint)."""
+    is_object = getattr(store, "is_object", None)
+    return (
+        bool(is_object(layout.MANIFEST)) if is_object is not None else store.exists(layout.MANIFEST)
+    )
+
+
+def _parse_run_file(raw: bytes | None) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "run_id" in record else None
+
+
 def _run_id(root: Root, keep: policy.Keep) -> str:
     """The run family's id from ``run.json`` (created on first use). The file also records
     the retention rule in force, so ``savegame ls``/``prune`` apply the run's own rule."""
     store = as_store(root)
     path = run_file(store)
+    raw: bytes | None = None
     try:  # an I/O error is not damage: never tell the user to abandon an intact run
-        store.read(layout.RUN_FILE)
+        raw = store.read(layout.RUN_FILE)  # read once: one request on an object store
     except FileNotFoundError:
         pass
     except (OSError, EOFError) as exc:
         raise errors.StorageError(f"could not read {path}: {exc}", path=str(path)) from exc
-    record = read_run_file(store)
-    if record is None and store.exists(layout.RUN_FILE):
+    record = _parse_run_file(raw)
+    if record is None and raw is not None:
         raise errors.FormatError(
             f"{path} is damaged; restore it or start a new run folder", path=path
         )

@@ -55,7 +55,7 @@ from savegame.checkpointer import retention, runfile
 from savegame.distributed import collectives
 from savegame.engine import reader
 from savegame.format import layout, manifest
-from savegame.storage import Staging, Store
+from savegame.storage import Location, Staging, Store
 
 log = logging.getLogger("savegame")
 
@@ -508,6 +508,9 @@ class Tiers:
         for fname, entry in sorted(m.files.items()):
             if entry.rank % world != rank:
                 continue
+            if manifest.is_ref(fname):
+                out[fname] = self._send_shared(fname, entry)
+                continue
             with self.cache.open(f"{key}/{fname}") as blob:
                 if blob.size != entry.size:
                     raise OSError(
@@ -524,6 +527,40 @@ class Tiers:
                 )
             out[fname] = size
         return out
+
+    def _send_shared(self, fname: str, entry: manifest.FileEntry) -> int:
+        """A file the checkpoint shares with an earlier one (incremental saves): it must be in
+        the remote run, at the same place relative to the run, with its size, before the
+        manifest that refers to it is committed there. Normally it is (the earlier checkpoint
+        was uploaded first, and remote retention keeps files that remote checkpoints use); if
+        not (remote retention removed a folder only this pending checkpoint uses), it is
+        uploaded again from the cache, which keeps it while this checkpoint refers to it."""
+        folder = manifest.ref_folder(fname)
+        there = reader.resolve(Location(self.remote, folder), fname)
+        try:
+            size: int | None = self.remote.size(there)
+        except FileNotFoundError:
+            size = None
+        if size == entry.size:
+            return size
+        with self.cache.open(reader.resolve(Location(self.cache, folder), fname)) as blob:
+            if blob.size != entry.size:
+                raise OSError(
+                    errno.EIO,
+                    f"{self.cache.describe(fname)} has {blob.size} bytes, the manifest says {entry.size}",
+                )
+            # Under its retired name (where references find it while its folder is not
+            # there), in one put (atomic on every store); a shared file is uploaded again only
+            # in the rare case above, so holding it in memory once is acceptable.
+            dest = layout.retired_file(fname)
+            self.remote.put(dest, blob.read(0, blob.size))
+        got = self.remote.size(dest)
+        if got != entry.size:
+            raise OSError(
+                errno.EIO,
+                f"{self.remote.describe(dest)} holds {got} bytes after the upload, expected {entry.size}",
+            )
+        return got
 
     def _finish(
         self, step: int, staging: Staging | None, raw: bytes | None, reports: list[Any]

@@ -210,6 +210,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
     leftovers = [i for i in infos if i.kind == "leftover"]
+    retired = [i for i in infos if i.kind == "retired"]
     run_problem = runs.run_file_problem(root)
     problems: dict[Path | Location, list[str]] = {}
     if args.verify:
@@ -219,9 +220,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         title += f", {len(aside)} damaged set aside"
     if leftovers:
         title += f", {len(leftovers)} leftover temp folder{'s' if len(leftovers) > 1 else ''}"
+    if retired:
+        title += f", {len(retired)} retired file{'s' if len(retired) > 1 else ''} of shared bytes"
     table = Table(title=text(title + ")"))
-    for col in ("step", "time", "size", "metrics", "kept because", "valid"):
-        table.add_column(col, justify="right" if col in ("step", "size") else "left")
+    # own: bytes in the checkpoint's folder (summed over the run, each byte counts once);
+    # shared: bytes it refers to in earlier folders (incremental saves, docs/incremental.md).
+    for col in ("step", "time", "own", "shared", "metrics", "kept because", "valid"):
+        table.add_column(col, justify="right" if col in ("step", "own", "shared") else "left")
     notes: list[str] = []
     bad = 0
     for i in ckpts:
@@ -232,17 +237,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
         why = _why_kept(i, found, run_problem is not None)
         ok = Text("NO", style="red") if found else Text("yes", style="green")
         table.add_row(
-            str(i.step), _when(i.created), _size(i.size), text(_metrics(i.metrics)), why, ok
-        )
+            str(i.step), _when(i.created), _size(i.own), _size(i.shared) if i.shared else "-",
+            text(_metrics(i.metrics)), why, ok,
+        )  # fmt: skip
+    for i in retired:
+        table.add_row(
+            str(i.step), _when(i.created), _size(i.own), "-", "-",
+            Text("retired file, shared with later checkpoints", style="cyan"), Text("-"),
+        )  # fmt: skip
+        notes.append(f"{i.path.name}: {i.error}")
     for i in aside:
         table.add_row(
-            str(i.step), _when(i.created), _size(i.size), "-",
+            str(i.step), _when(i.created), _size(i.own), "-", "-",
             Text("damaged, set aside (never restored or counted)", style="red"), Text("NO", style="red"),
         )  # fmt: skip
         notes.append(f"{i.path.name}: {i.error}")
     for i in leftovers:
         table.add_row(
-            "-", _when(i.created), _size(i.size), "-",
+            "-", _when(i.created), _size(i.own), "-", "-",
             Text("temp folder (save in progress or interrupted)", style="yellow"), Text("-"),
         )  # fmt: skip
         notes.append(f"{i.path.name}: {i.error}")
@@ -478,7 +490,9 @@ def _verify_run(root: Where) -> int:
         _report(i.path, problems)
     for i in infos:
         if i.kind != "checkpoint":
-            label = "[red]set aside[/]" if i.kind == "damaged" else "[yellow]leftover[/]"
+            label = {"damaged": "[red]set aside[/]", "retired": "[cyan]retired[/]"}.get(
+                i.kind, "[yellow]leftover[/]"
+            )
             _console().print(f"{label} {lit(i.path)}", soft_wrap=True)
             _console().print(text(f"     {i.error}"), soft_wrap=True)
     if not ckpts:

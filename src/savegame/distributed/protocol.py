@@ -237,9 +237,15 @@ def persist(
     *,
     run_id: str,
     metrics: Mapping[str, float],
+    incremental: bool = False,
+    previous: str | None = None,
 ) -> Path | Location:
     """Write this rank's file and take part in the commit. Every rank; may run on a
     background thread (``group`` must then be used by that thread only).
+
+    ``incremental``: every rank compares its own tensors with the earlier checkpoint
+    (``previous``, the folder this process committed last, else the one ``LATEST`` names; see
+    :func:`savegame.engine.writer.find_previous`) and writes only those whose bytes changed.
 
     Returns:
         The committed checkpoint folder (on every rank).
@@ -286,7 +292,12 @@ def persist(
         except OSError as exc:  # reported to the coordinator like a failed write
             prepared = replace(prepared, error=f"could not join {name}: {exc}", exc=exc)
     try:
-        return _write_and_commit(group, root, tmp, step, prepared, run_id=run_id, metrics=metrics)
+        prev = (
+            writer.find_previous(root, step, run_id, previous, group.rank) if incremental else None
+        )
+        return _write_and_commit(
+            group, root, tmp, step, prepared, run_id=run_id, metrics=metrics, previous=prev
+        )
     except BaseException:
         if mine is not None:  # an interrupt (or a bug) mid-save: no temp folder stays behind
             _discard(mine)
@@ -302,6 +313,7 @@ def _write_and_commit(
     *,
     run_id: str,
     metrics: Mapping[str, float],
+    previous: writer.Previous | None = None,
 ) -> Path | Location:
     rank = group.rank
     where = f"distributed save of step {step} in {root.describe()}"
@@ -312,22 +324,22 @@ def _write_and_commit(
     else:
         try:
             result = writer.write_rank_files(
-                tmp, rank, prepared.staged, chunk_meta=prepared.chunk_meta
+                tmp, rank, prepared.staged, chunk_meta=prepared.chunk_meta, previous=previous
             )
             report = ("ok", result, prepared.skeleton)
         except Exception as exc:  # noqa: BLE001 - any failure on this rank must reach the coordinator
             own_exc = exc
             report = ("fail", f"{type(exc).__name__}: {exc}", None)
     try:
-        reports = group.gather(report, what=where)
+        reports = group.gather_to_root(report, what=where)  # only the coordinator reads them
     except errors.DistributedSaveError as exc:
         if tmp is not None and rank == 0:
             _discard(tmp)
         raise _with_disk_status(exc, root, step, run_id) from exc
-    failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
     decision: tuple[str, Any] = ("ok", "")
     if rank == 0:
-        assert tmp is not None  # rank 0 created it
+        assert tmp is not None and reports is not None  # rank 0 created it; it gathers
+        failures = {r: str(rep[1]) for r, rep in enumerate(reports) if rep[0] != "ok"}
         decision, commit_exc = _commit(
             root, tmp, step, reports, failures, run_id=run_id, metrics=metrics, info=prepared.info
         )
@@ -338,6 +350,8 @@ def _write_and_commit(
         # A rank died after reporting, while rank 0 committed: the step may well be on disk.
         raise _with_disk_status(exc, root, step, run_id) from exc
     if status == "ok":
+        if report[0] == "ok":
+            writer.committed(root, payload, run_id, report[1])
         return root.local_path(payload) or Location(root, payload)
     _raise_alone(group, own_exc)
     failed: dict[int, str] = dict(payload)

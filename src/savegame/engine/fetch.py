@@ -290,6 +290,20 @@ def release(mm: mmap.mmap, offset: int, length: int) -> None:
             pass
 
 
+def _huge_pages(mm: mmap.mmap) -> None:
+    """Ask for transparent huge pages on an anonymous staging map: the download writes every
+    page of it once, and with 4 KiB pages that is a page fault per 4 KiB (a quarter million
+    per GiB, measured at about half the time of filling 48 MiB here), and as many pages to
+    free at unmap. Only a hint: where the kernel has none to give, 4 KiB pages it is."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or len(mm) < (2 << 20):
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):
+        pass
+
+
 class Staging:
     """Where bytes for live tensors wait until every hash matched (stores that cannot map):
     anonymous memory while under the budget, then unnamed temporary files. Each file's
@@ -309,7 +323,9 @@ class Staging:
     def new(self, size: int, staged: int) -> mmap.mmap:
         if staged <= self.left:
             self.left -= staged
-            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            _huge_pages(mm)
+            return mm
         self.spooled += staged
         try:
             with tempfile.TemporaryFile(prefix="savegame-restore-") as f:

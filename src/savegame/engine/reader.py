@@ -41,14 +41,24 @@ from typing import TYPE_CHECKING, Any
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Blob, Entry, Location, Store, as_store, locate
-from savegame.storage.base import ChangedError
+from savegame.storage.base import ChangedError, check_key, join
 
 if TYPE_CHECKING:  # imported by the functions that use them: listing needs neither
     import torch
 
     from savegame.engine import fetch
 
-__all__ = ["CheckpointRef", "damage", "list_checkpoints", "load_tensors", "read_manifest", "verify"]
+__all__ = [
+    "CheckpointRef",
+    "damage",
+    "file_key",
+    "list_checkpoints",
+    "load_tensors",
+    "read_manifest",
+    "resolve",
+    "retired_key",
+    "verify",
+]
 
 
 @dataclass(slots=True)
@@ -173,12 +183,25 @@ def list_run_folder(store: Store) -> list[Entry]:
         ) from exc
 
 
+def file_key(loc: Location, name: str) -> str:
+    """The store key of file ``name`` of the checkpoint at ``loc``: a bare name lives in the
+    checkpoint's own folder; a reference ``step-…/rank-….safetensors`` (format version 2,
+    validated when the manifest was parsed) in an earlier checkpoint folder of the same run,
+    i.e. beside ``loc``."""
+    if not manifest.is_ref(name):
+        return loc.sub(name)
+    parent = loc.key.rsplit("/", 1)[0] if "/" in loc.key else ""
+    return join(parent, check_key(name))
+
+
 def _check_file(
     loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
 ) -> None:
     _check_size(loc, name, entry, m, blob)
+    if manifest.is_ref(name):
+        return  # see _check_header
     header = bytearray(entry.header_length)
-    _read_into(blob, 0, memoryview(header), loc.store.describe(loc.sub(name)))
+    _read_into(blob, 0, memoryview(header), loc.store.describe(file_key(loc, name)))
     _check_header(loc, name, entry, m, header)
 
 
@@ -186,7 +209,7 @@ def _check_size(
     loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
 ) -> None:
     if blob.size != entry.size:
-        path = loc.store.describe(loc.sub(name))
+        path = loc.store.describe(file_key(loc, name))
         raise errors.IntegrityError(
             f"{path}: file is {blob.size} bytes but the manifest says {entry.size} (truncated or replaced)",
             path=path,
@@ -197,7 +220,14 @@ def _check_size(
 def _check_header(
     loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, header: Any
 ) -> None:
-    path = loc.store.describe(loc.sub(name))
+    if manifest.is_ref(name):
+        # A file shared with an earlier checkpoint also holds tensors this manifest does not
+        # list (those that changed since), so its file hash cannot be recomputed from this
+        # manifest. Nothing of its header is used: offsets come from this manifest, and every
+        # chunk used is checked against its own hash, so every byte that reaches a tensor is
+        # verified exactly as from a full checkpoint; the size is checked like any file's.
+        return
+    path = loc.store.describe(file_key(loc, name))
     # File order = offset order; an empty tensor shares its offset with the next one and comes
     # first (it was written first), hence length before hash in the key.
     digests = sorted(
@@ -209,13 +239,54 @@ def _check_header(
         )
 
 
-def _open(loc: Location, name: str, step: int) -> Blob:
-    where = loc.store.describe(loc.sub(name))
+def retired_key(key: str) -> str | None:
+    """Where the file at ``key`` (``…step-…/rank-….safetensors``) lives once its checkpoint
+    folder was deleted while later checkpoints still used it (incremental saves: moved to
+    ``retired-step-…-rank-….safetensors`` beside the folder), or None if it is no such file."""
+    parent, _, rest = key.rpartition("/")
+    parent, _, folder = parent.rpartition("/")
+    ref = f"{folder}/{rest}"
+    if manifest.ref_step(ref) is None:
+        return None
+    return join(parent, layout.retired_file(ref))
+
+
+def resolve(loc: Location, name: str) -> str:
+    """The store key to read for file ``name`` of the checkpoint at ``loc``: :func:`file_key`,
+    or the retired copy of a shared file whose folder was deleted (:func:`retired_key`)."""
+    key = file_key(loc, name)
     try:
-        return loc.store.open(loc.sub(name))
+        if loc.store.exists(key):
+            return key
+        alt = retired_key(key)
+        if alt is not None and loc.store.exists(alt):
+            return alt
+    except OSError:
+        pass
+    return key
+
+
+def _open(loc: Location, name: str, step: int) -> Blob:
+    where = loc.store.describe(file_key(loc, name))
+    try:
+        try:
+            return loc.store.open(file_key(loc, name))
+        except FileNotFoundError:
+            # A shared file (or this checkpoint's own, while it is being deleted) whose folder
+            # was deleted: it was moved aside first, so it is there (engine/shared.py).
+            alt = retired_key(file_key(loc, name))
+            if alt is None:
+                raise
+            return loc.store.open(alt)
     except FileNotFoundError as exc:
+        shared = (
+            f" (step {step} shares it with {manifest.ref_folder(name)} of its run: a checkpoint "
+            "folder copied or moved without the folders it refers to is incomplete)"
+            if manifest.is_ref(name)
+            else ""
+        )
         raise errors.IntegrityError(
-            f"{where}: tensor file is missing", path=where, step=step
+            f"{where}: tensor file is missing{shared}", path=where, step=step
         ) from exc
     except OSError as exc:
         raise errors.StorageError(f"could not open {where}: {exc}", path=where, step=step) from exc
@@ -294,7 +365,7 @@ def _restart(
     """Count one start-over of ``name``; the second change is a StorageError."""
     restarts[name] = restarts.get(name, 0) + 1
     if restarts[name] > 1:
-        where = loc.store.describe(loc.sub(name))
+        where = loc.store.describe(file_key(loc, name))
         raise errors.StorageError(
             f"{where} changed twice while it was being read ({exc}); something is rewriting "
             f"step {m.step} — restore an earlier step, or stop the other writer",
@@ -304,7 +375,7 @@ def _restart(
 
 
 def _mismatch(loc: Location, fname: str, key: str, step: int) -> None:
-    where = loc.store.describe(loc.sub(fname))
+    where = loc.store.describe(file_key(loc, fname))
     raise errors.IntegrityError(
         f"{where}: tensor {key!r} does not match its hash (corrupted data) in step {step}",
         path=where,
@@ -366,7 +437,7 @@ def _pull_unmapped(
                 targets.append(
                     fetch.Target(key, c.offset, c.length, c.hash, base=base, spool=spool)
                 )
-        where = loc.store.describe(loc.sub(name))
+        where = loc.store.describe(file_key(loc, name))
 
         def bad(t: fetch.Target, name: str = name) -> None:
             _mismatch(loc, name, t.ident, m.step)
@@ -519,7 +590,7 @@ def load_tensors(
             key, _, c = w
             if key in fresh:
                 view = tensors.byte_view(fresh[key])
-                _read_into(blobs[c.file], c.offset, view, loc.store.describe(loc.sub(c.file)))
+                _read_into(blobs[c.file], c.offset, view, loc.store.describe(file_key(loc, c.file)))
             else:
                 view = maps[c.file][1][c.offset : c.offset + c.length]
             try:
@@ -672,7 +743,7 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
             problems += _verify_pulled(loc, name, m, chunk_bytes)
         return problems + _unlisted(loc, m)
     for name, fentry in m.files.items():
-        where = loc.store.describe(loc.sub(name))
+        where = loc.store.describe(file_key(loc, name))
         try:
             blob = _open(loc, name, m.step)
         except errors.CheckpointError as exc:
@@ -724,7 +795,7 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
     the requests in flight); a file that changes mid-read is started over once."""
     from savegame.engine import fetch
 
-    where = loc.store.describe(loc.sub(name))
+    where = loc.store.describe(file_key(loc, name))
     header = bytearray(m.files[name].header_length)
     targets = [fetch.Target(None, 0, len(header), None, own=memoryview(header))]
     targets += [

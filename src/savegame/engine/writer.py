@@ -35,9 +35,11 @@ from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Location, Staging, Store, as_store, locate
 
 __all__ = [
+    "Previous",
     "RankResult",
     "begin",
     "commit",
+    "find_previous",
     "join",
     "new_tmp_dir",
     "set_aside_damaged",
@@ -57,6 +59,103 @@ class RankResult:
     rank: int
     files: dict[str, manifest.FileEntry]
     tensors: dict[str, manifest.TensorEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class Previous:
+    """The committed checkpoint a save may share bytes with (incremental checkpoints,
+    docs/incremental.md): its folder in the run (``step-…``) and its manifest."""
+
+    key: str
+    #: Its tensors and files: the whole manifest's, or (a rank other than the coordinator) only
+    #: what this rank wrote or referred to in it — all that a rank compares with.
+    tensors: Mapping[str, manifest.TensorEntry]
+    files: Mapping[str, manifest.FileEntry]
+
+
+def find_previous(
+    root: Where, step: int, run_id: str, hint: str | None = None, rank: int = 0
+) -> Previous | None:
+    """The checkpoint a save of ``step`` shares unchanged bytes with: ``hint`` (the folder this
+    process committed last) or else the one ``LATEST`` names — if its manifest reads and
+    validates, belongs to ``run_id`` and is older than ``step``; else None (a full save).
+
+    Never raises: any doubt means a full save, which is always correct. (Only manifests are
+    read here; the bytes referred to were verified when written or restored, and retention
+    verifies every checkpoint it keeps before it deletes one.)
+    """
+    from savegame.engine import reader  # reader imports nothing from here; avoid a cycle at import
+
+    store = as_store(root)
+    key = hint
+    try:
+        if key is None:
+            key = store.read(layout.LATEST).decode("utf-8", "replace").strip()
+        prev_step = layout.parse_step_dir(key)
+        if prev_step is None or prev_step >= step:
+            return None
+        mine = _recent_rank.get((store.describe(key), rank))
+        if mine is not None and mine[0] == run_id and store.exists(f"{key}/{layout.MANIFEST}"):
+            # What this rank itself wrote there, kept from its last commit: a rank other than
+            # the coordinator need not read and parse the whole manifest (O(ranks x tensors)
+            # per rank per save — docs/scale.md) to compare its own pieces.
+            return Previous(key, mine[1].tensors, mine[1].files)
+        m = _recent.get(store.describe(key))
+        if m is None or not store.exists(f"{key}/{layout.MANIFEST}"):
+            m = reader.read_manifest(Location(store, key))
+    except (errors.CheckpointError, OSError, ValueError) as exc:
+        log.debug("step %d: no earlier checkpoint to share bytes with (%s); writing all of it", step, exc)
+        return None
+    if m.run_id != run_id or m.step != prev_step:
+        return None
+    return Previous(key, m.tensors, m.files)
+
+
+#: The manifest this process committed last (its folder's description -> manifest): the next
+#: incremental save compares with it without reading and parsing it again (one per process;
+#: a folder that no longer holds a manifest is read instead, i.e. refused).
+_recent: dict[str, manifest.Manifest] = {}
+#: (folder's description, rank) -> (run id, what that rank wrote in the checkpoint committed
+#: there): set on every rank once the coordinator reports the commit (:func:`committed`).
+_recent_rank: dict[tuple[str, int], tuple[str, RankResult]] = {}
+
+
+def committed(root: Where, key: str, run_id: str, result: RankResult) -> None:
+    """This rank's part ``result`` of the checkpoint just committed at ``key`` (the next
+    incremental save of this rank compares with it)."""
+    _recent_rank.clear()
+    _recent_rank[(as_store(root).describe(key), result.rank)] = (run_id, result)
+
+
+def _stored(
+    previous: Previous,
+    rank: int,
+    ordered: Sequence[tuple[str, torch.Tensor]],
+    chunk_meta: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None,
+) -> dict[str, tuple[str, manifest.Chunk, manifest.FileEntry]]:
+    """key -> (reference name, chunk, file entry) of the earlier checkpoint's chunk that holds
+    the same piece of the same tensor (same key, dtype, global shape, start and shape) in a
+    file of this rank: the candidates whose bytes may be shared if their digests match."""
+    out: dict[str, tuple[str, manifest.Chunk, manifest.FileEntry]] = {}
+    for key, t in ordered:
+        e = previous.tensors.get(key)
+        if e is None or e.dtype != tensors.dtype_name(t.dtype) or not t.numel():
+            continue
+        shape = tuple(t.shape)
+        gshape, start = (chunk_meta or {}).get(key, (shape, (0,) * len(shape)))
+        if tuple(e.shape) != tuple(gshape):
+            continue
+        for c in e.chunks:
+            if tuple(c.start) != tuple(start) or tuple(c.shape) != shape:
+                continue
+            fentry = previous.files[c.file]
+            # Always the folder that physically holds the bytes: a reference of the earlier
+            # manifest is copied as it is, never chained through that manifest.
+            name = c.file if manifest.is_ref(c.file) else f"{previous.key}/{c.file}"
+            if fentry.rank == rank and manifest.ref_step(name) is not None:
+                out[key] = (name, c, fentry)
+            break
+    return out
 
 
 def begin(root: Where, step: int, final: str | os.PathLike[str] | None = None) -> Staging:
@@ -100,6 +199,7 @@ def write_rank_files(
     items: Mapping[str, torch.Tensor],
     *,
     chunk_meta: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    previous: Previous | None = None,
 ) -> RankResult:
     """Write this rank's tensors (contiguous CPU) into one safetensors-layout file, durably.
 
@@ -108,15 +208,25 @@ def write_rank_files(
         rank: This process's rank.
         items: key -> tensor. Keys are unique across ranks, except chunks of one sharded tensor.
         chunk_meta: For sharded tensors, key -> (global shape, start offsets of this chunk).
+        previous: The committed checkpoint to share bytes with (incremental save): a tensor
+            whose staged bytes hash to the digest that checkpoint stores for the same piece of
+            the same tensor is not written; the manifest refers to the stored bytes instead.
     """
     name = layout.tensor_file(rank)
     staging = _staging(tmp)
     path = staging.describe(name)
     ordered = tensors.order_for_file(items.items())
+    stored = _stored(previous, rank, ordered, chunk_meta) if previous is not None else {}
     try:
-        (header, written), size = staging.write(
-            name, lambda f: tensors.write_tensor_file(f, ordered)
-        )
+        if stored:
+            digests = {k: c.hash for k, (_, c, _) in stored.items()}
+            (header, written, _), size = staging.write(
+                name, lambda f: tensors.write_changed_tensor_file(f, ordered, digests)
+            )
+        else:
+            (header, written), size = staging.write(
+                name, lambda f: tensors.write_tensor_file(f, ordered)
+            )
     except OSError as exc:
         hint = {
             errno.ENOSPC: "the disk is full; free space or save elsewhere",
@@ -138,14 +248,22 @@ def write_rank_files(
             path=path,
         )
     entries: dict[str, manifest.TensorEntry] = {}
-    for (key, t), w in zip(ordered, written, strict=True):
+    files: dict[str, manifest.FileEntry] = {}
+    landed = {w.key: w for w in written}
+    for key, t in ordered:
         shape = tuple(t.shape)
         gshape, start = (chunk_meta or {}).get(key, (shape, (0,) * len(shape)))
-        chunk = manifest.Chunk(name, w.offset, w.length, w.hash, tuple(start), shape)
+        w = landed.get(key)
+        if w is not None:
+            chunk = manifest.Chunk(name, w.offset, w.length, w.hash, tuple(start), shape)
+        else:  # unchanged: refer to the bytes the earlier checkpoint stores
+            ref, c, ref_entry = stored[key]
+            chunk = manifest.Chunk(ref, c.offset, c.length, c.hash, tuple(start), shape)
+            files[ref] = ref_entry
         entries[key] = manifest.TensorEntry(tensors.dtype_name(t.dtype), tuple(gshape), (chunk,))
     fhash = hashing.file_hash(header, [w.hash for w in written])
-    fentry = manifest.FileEntry(size=size, hash=fhash, header_length=len(header), rank=rank)
-    return RankResult(rank, {name: fentry}, entries)
+    files[name] = manifest.FileEntry(size=size, hash=fhash, header_length=len(header), rank=rank)
+    return RankResult(rank, files, entries)
 
 
 def commit(
@@ -252,6 +370,8 @@ def commit(
             step=step,
         ) from exc
     if in_run:
+        _recent.clear()
+        _recent[where] = m
         with contextlib.suppress(OSError):
             store.put(layout.LATEST, f"{layout.step_dir(step)}\n".encode())
     return store.local_path(key) or Location(store, key)
@@ -283,6 +403,16 @@ def set_aside_damaged(path: Path | Location, step: int, why: object) -> Path | L
     holds the run folder's lock calls this.
     """
     loc = locate(path)
+    from savegame.engine import reader, shared  # reader imports nothing from here
+
+    # Later checkpoints may refer to its files (incremental saves): those are moved aside to
+    # their retired names first, so renaming the folder breaks no reference.
+    try:
+        others = [r for r in reader.list_checkpoints(loc.store) if r.location.key != loc.key]
+        used, sure = shared.references(others)
+    except errors.CheckpointError:
+        used, sure = set(), False
+    shared.retire(loc, used, sure)
     name = layout.damaged_dir(step, uuid.uuid4().hex[:8])
     parent = loc.key.rsplit("/", 1)[0] if "/" in loc.key else ""
     dest = Location(loc.store, f"{parent}/{name}" if parent else name)
@@ -324,6 +454,7 @@ def write_staged(
     metrics: Mapping[str, float] | None = None,
     info: Mapping[str, Any] | None = None,
     final: str | os.PathLike[str] | None = None,
+    previous: Previous | None = None,
 ) -> Path | Location:
     """World-size-1 write + commit of an encoded, staged state (may run on a background thread)."""
     store = as_store(root)
@@ -337,7 +468,7 @@ def write_staged(
             step=step,
         ) from exc
     try:
-        result = write_rank_files(staging, 0, staged)
+        result = write_rank_files(staging, 0, staged, previous=previous)
         return commit(
             store,
             staging,

@@ -6,6 +6,12 @@
     <run>/damaged-step-000000001200-<id>/       a checkpoint that failed verification, set aside
                                                 (kept for inspection; never restored, never counted
                                                 by retention, never in the way of a new save)
+    <run>/retired-step-000000001100-rank-00000.safetensors
+                                                a tensor file of a deleted checkpoint that later
+                                                checkpoints still refer to (incremental saves):
+                                                references to step-000000001100/rank-00000…
+                                                resolve here once that folder is gone; removed
+                                                once no manifest refers to it
     <run>/run.json                              the run family's id (retention only deletes our own)
     <run>/LATEST                                a hint, never the truth
     <run>/.lock                                 the writer lock
@@ -21,9 +27,11 @@ LATEST = "LATEST"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 DAMAGED_PREFIX = "damaged-"
+RETIRED_PREFIX = "retired-"
 
 _STEP_RE = re.compile(r"^step-(\d{12})$")
 _DAMAGED_RE = re.compile(r"^damaged-step-(\d{12})-[0-9a-f]+$")
+_RETIRED_RE = re.compile(r"^retired-(step-\d{12})-(rank-\d{5}(?:-\d{3})?\.safetensors)$")
 
 
 def step_dir(step: int) -> str:
@@ -59,3 +67,17 @@ def tensor_file(rank: int, part: int = 0) -> str:
     if part == 0:
         return f"rank-{rank:05d}.safetensors"
     return f"rank-{rank:05d}-{part:03d}.safetensors"
+
+
+def retired_file(ref: str) -> str:
+    """Where the shared file ``step-…/rank-….safetensors`` (a reference, relative to the run)
+    lives once its checkpoint folder was deleted: ``retired-step-…-rank-….safetensors`` in the
+    run folder (a file beside the step folders, so a deleted checkpoint leaves no folder)."""
+    folder, _, name = ref.partition("/")
+    return f"{RETIRED_PREFIX}{folder}-{name}"
+
+
+def parse_retired_file(name: str) -> str | None:
+    """The reference (``step-…/rank-….safetensors``) a retired file stands for, or None."""
+    m = _RETIRED_RE.match(name)
+    return f"{m.group(1)}/{m.group(2)}" if m else None

@@ -32,15 +32,54 @@ from savegame import errors
 from savegame.format import hashing, tensors
 
 FORMAT_NAME = "savegame"
-VERSION = 1
+#: The newest format version this library reads. Version 1: every file a manifest lists lives in
+#: its own folder. Version 2 (incremental checkpoints, docs/incremental.md): a file may be a
+#: reference ``step-…/rank-NNNNN.safetensors`` to an earlier checkpoint folder of the same run.
+#: The writer writes 2 only for a manifest with references, so readers of version 1 refuse
+#: exactly those (UnsupportedFormatError: they fall back to an earlier checkpoint) and keep
+#: reading every full checkpoint.
+VERSION = 2
+#: The version of a manifest without references (what every full checkpoint is written as).
+VERSION_FULL = 1
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 MAX_INT = 2**64  # no JSON integer in a manifest is larger (bigger tree ints are {"$int": "..."})
 MAX_OFFSET = 2**63 - 1  # sizes, offsets, lengths and dims: what an off_t / torch size can hold
 MAX_NDIM = 64
 MAX_CREATED = 253402300799  # 9999-12-31T23:59:59Z: the last time datetime (and `savegame ls`) can show
 _HASH = re.compile(r"[0-9a-f]{32}")
+#: A reference to an earlier checkpoint's tensor file: exactly ``step-<12 digits>/rank-<5
+#: digits>[-<3 digits>].safetensors`` (relative to the run folder; no other shape is accepted,
+#: so a name from a file can never leave the run folder).
+_REF = re.compile(r"step-(\d{12})/rank-\d{5}(?:-\d{3})?\.safetensors")
 
-__all__ = ["Chunk", "FileEntry", "Manifest", "TensorEntry", "FORMAT_NAME", "VERSION"]
+
+def is_ref(name: str) -> bool:
+    """Whether a manifest file name refers to an earlier checkpoint folder of the run (the
+    name was validated when the manifest was parsed)."""
+    return "/" in name
+
+
+def ref_step(name: str) -> int | None:
+    """The step whose folder a reference name points into, or None if ``name`` is not one."""
+    m = _REF.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def ref_folder(name: str) -> str:
+    """The checkpoint folder (``step-…``) a reference name points into."""
+    return name.split("/", 1)[0]
+
+__all__ = [
+    "Chunk",
+    "FileEntry",
+    "Manifest",
+    "TensorEntry",
+    "FORMAT_NAME",
+    "VERSION",
+    "is_ref",
+    "ref_folder",
+    "ref_step",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +124,22 @@ class Manifest:
     info: Mapping[str, Any] = field(default_factory=dict)  # reason, epochs_completed, user notes
     versions: Mapping[str, str] = field(default_factory=dict)
 
+    # ---- shared bytes (incremental checkpoints) -------------------------------------------
+    @property
+    def refs(self) -> dict[str, FileEntry]:
+        """The files this checkpoint refers to in earlier checkpoint folders (name -> entry)."""
+        return {n: f for n, f in self.files.items() if is_ref(n)}
+
+    @property
+    def own_files(self) -> dict[str, FileEntry]:
+        """The files in this checkpoint's own folder."""
+        return {n: f for n, f in self.files.items() if not is_ref(n)}
+
     # ---- encoding -------------------------------------------------------------------------
     def body(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": VERSION,
+            "version": VERSION if any(is_ref(n) for n in self.files) else VERSION_FULL,
             "step": self.step,
             "created": self.created,
             "world_size": self.world_size,
@@ -211,8 +261,12 @@ class Manifest:
         if type(run_id) is not str or not run_id:
             raise c.error(f"manifest field 'run_id' must be a non-empty string, got {_short(run_id)}")
         files: dict[str, FileEntry] = {}
+        version = body["version"]
         for name, f in c.obj(c.field(body, "files"), "files").items():
-            _check_name(name, c.path)
+            if type(name) is str and "/" in name and version >= 2:
+                _check_ref(name, step, c)
+            else:
+                _check_name(name, c.path)
             f = c.obj(f, f"files[{name!r}]")
             files[name] = FileEntry(
                 size=c.count(c.field(f, "size"), "size"),
@@ -226,6 +280,10 @@ class Manifest:
                 )
             if files[name].rank >= world:
                 raise c.error(f"file {name!r} belongs to rank {files[name].rank} of a world of {world}")
+        if version >= 2 and not any(is_ref(n) for n in files):
+            # The writer writes version 2 exactly when a file is shared (so that readers of
+            # version 1 refuse only those); anything else is an edited manifest.
+            raise c.error("a version 2 manifest must refer to a file of an earlier checkpoint")
         entries: dict[str, TensorEntry] = {}
         for key, t in c.obj(c.field(body, "tensors"), "tensors").items():
             entries[key] = _tensor_entry(key, c.obj(t, f"tensors[{key!r}]"), files, c)
@@ -473,6 +531,21 @@ def _check_name(name: str, path: str | os.PathLike[str]) -> None:
         or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
     ):
         raise errors.FormatError(f"{path}: manifest lists an illegal file name {_short(name)}", path=path)
+
+
+def _check_ref(name: str, step: int, c: _Check) -> None:
+    # A reference comes from a file: hostile input. Only the exact shape of a tensor file in
+    # an older step folder of the same run is accepted (no "..", no absolute path, no other
+    # folder, never this step or a newer one: references only point back, so they form no
+    # cycle and an older reader's fallback order stays meaningful).
+    ref = ref_step(name)
+    if ref is None:
+        raise c.error(
+            f"manifest refers to {_short(name)}, which is not a tensor file of an earlier checkpoint "
+            "(expected step-<12 digits>/rank-<5 digits>.safetensors)"
+        )
+    if ref >= step:
+        raise c.error(f"manifest refers to {_short(name)}, which is not older than step {step}")
 
 
 def _metric_json(name: str, v: Any) -> float | str:

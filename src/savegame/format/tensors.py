@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -290,6 +290,95 @@ def write_tensor_stream(
         return header, [
             WrittenTensor(s.key, base + begin, n, d.result()) for s, begin, n, d in written
         ]
+
+
+def write_changed_tensor_file(
+    f: BinaryIO,
+    items: Sequence[tuple[str, torch.Tensor]],
+    stored: Mapping[str, str],
+) -> tuple[bytes, list[WrittenTensor], dict[str, str]]:
+    """Write to ``f`` only those of ``items`` whose bytes differ from what is stored already.
+
+    ``stored``: key -> the digest of the bytes an earlier checkpoint holds for that key (same
+    dtype and shape). Each tensor is hashed — the bytes actually staged, never a guess from
+    the tensor's history — and written only if its digest is not ``stored[key]``. One pass over
+    memory: a second thread hashes tensor i+1 while this one writes tensor i.
+
+    Which tensors are written is known only at the end, so a seekable ``f`` gets its data
+    first, after room reserved for the header of *every* tensor; the real header (only the
+    written tensors, packed, largest element size first as always) is written last into that
+    room, padded with spaces — still a valid safetensors file (safetensors pads with spaces
+    too). A stream that cannot seek (an object store upload) has every tensor hashed first.
+
+    Returns the header bytes, where each written tensor landed (file order) and the digest of
+    every tensor (``key -> digest``). The caller fsyncs.
+    """
+    for key, t in items:
+        if dtype_name(t.dtype) not in DTYPES:
+            raise errors.EncodeError(
+                f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key
+            )
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(
+                f"internal: tensor {key!r} must be staged to contiguous CPU memory first"
+            )
+    specs = [TensorSpec.of(k, t) for k, t in items]
+    metadata = {"format": "pt"}
+    seekable = False
+    try:
+        seekable = bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    # Hash threads run ahead of the writes, in file order (submitted in that order). Several:
+    # a mostly-unchanged save is all hashing (xxhash releases the GIL), and in a save where
+    # everything changed the writes, not the hashes, set the pace.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="savegame-hash") as pool:
+        digests = [pool.submit(hashing.digest, byte_view(t)) for _, t in items]
+        if not seekable:
+            keep = [
+                k not in stored or d.result() != stored[k]
+                for (k, _), d in zip(items, digests, strict=True)
+            ]
+            chosen = [s for s, k in zip(specs, keep, strict=True) if k]
+            header, begins = _header(chosen, metadata, ALIGN)
+            write_all(f, memoryview(header))
+            written = []
+            it = iter(begins)
+            for (key, t), k, d in zip(items, keep, digests, strict=True):
+                if k:
+                    view = byte_view(t)
+                    write_all(f, view)
+                    written.append(WrittenTensor(key, len(header) + next(it), len(view), d.result()))
+            return header, written, {k: d.result() for (k, _), d in zip(items, digests, strict=True)}
+        reserved = len(_header(specs, metadata, ALIGN)[0])
+        f.seek(reserved)
+        chosen = []
+        lengths = []
+        hashes = []
+        for (key, t), spec, d in zip(items, specs, digests, strict=True):
+            if key in stored and d.result() == stored[key]:
+                continue  # the same bytes are stored: the manifest refers to them
+            view = byte_view(t)
+            write_all(f, view)
+            chosen.append(spec)
+            lengths.append(len(view))
+            hashes.append(d)
+            del view
+        header, begins = _header(chosen, metadata, ALIGN)
+        if len(header) > reserved:  # cannot happen: fewer entries, offsets no larger
+            raise AssertionError("internal: the header outgrew the room reserved for it")
+        # Pad inside the JSON length (spaces after the object), so the data starts at
+        # ``reserved`` exactly as it was written.
+        body = header[8:] + b" " * (reserved - len(header))
+        header = struct.pack("<Q", len(body)) + body
+        f.seek(0)
+        write_all(f, memoryview(header))
+        written = [
+            WrittenTensor(s.key, reserved + b, n, d.result())
+            for s, b, n, d in zip(chosen, begins, lengths, hashes, strict=True)
+        ]
+        return header, written, {k: d.result() for (k, _), d in zip(items, digests, strict=True)}
 
 
 def read_header(

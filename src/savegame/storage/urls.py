@@ -120,6 +120,13 @@ class Target:
     prefix: str = ""
 
 
+# The object-store clients built in this process (see connect): at most _CLIENTS_KEPT, the
+# oldest dropped first. _ENV_PREFIXES: the environment the stores read their settings from.
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+_CLIENTS_KEPT = 16
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "OBJECT_STORE_")
+
 # One obstore MemoryStore per memory:// name in this process: the same URL twice is the same
 # store, as a bucket is.
 _MEMORY: dict[str, Any] = {}
@@ -237,10 +244,24 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if scheme == "s3" and endpoint and endpoint.startswith("http://"):
         client["allow_http"] = True
-    try:
-        store = from_url(clean, client_options=client, retry_config=retry, **kwargs)
-    except Exception as exc:  # obstore raises ValueError / its own errors for bad config
-        raise translate(exc, shown) from None
+    # One client per URL and configuration in this process: building one costs milliseconds
+    # (each Checkpointer, load and CLI call would pay it) and a reused one keeps its warm
+    # connections. The key holds everything the client is built from, the environment
+    # included (obstore reads credentials and endpoints from it), so a changed setting gets
+    # a new client; it lives only in memory and only the URL's redacted form is ever shown.
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
+    key = (clean, user, password, repr(sorted(kwargs.items())), env)
+    with _CLIENTS_LOCK:
+        store = _CLIENTS.get(key)
+    if store is None:
+        try:
+            store = from_url(clean, client_options=client, retry_config=retry, **kwargs)
+        except Exception as exc:  # obstore raises ValueError / its own errors for bad config
+            raise translate(exc, shown) from None
+        with _CLIENTS_LOCK:
+            _CLIENTS[key] = store
+            while len(_CLIENTS) > _CLIENTS_KEPT:
+                _CLIENTS.pop(next(iter(_CLIENTS)))
     return Target(scheme, store, shown, read_only=False)
 
 

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from savegame import errors
-from savegame.engine import reader
+from savegame.engine import reader, shared
 from savegame.format import hashing, layout, manifest
-from savegame.storage import Location, Staging, Store, base
+from savegame.storage import Location, Staging, Store, base, objectstore
 from savegame.tools import transfer
 from savegame.tools.transfer import endpoints, failures, files
 from savegame.tools.transfer.check import FileCheck
@@ -67,7 +67,10 @@ class Transfer:
             )
         # The source's small files are fetched while its checkpoints are listed (each is one
         # request's latency over the network). LATEST is read now, with the listing that decides
-        # what moves, and still written last.
+        # what moves, and still written last. On an object store one snapshot (its listing,
+        # run.json, manifests and checkpoint listings, fetched once and concurrently) serves the
+        # plan, the manifests' bytes and the files' sizes and ETags: nothing is read twice.
+        objectstore.begin_snapshot(self.src)
         pre = ThreadPoolExecutor(max_workers=2)
         try:
             self._src_run = pre.submit(self.ends.read, self.src, layout.RUN_FILE)
@@ -83,7 +86,7 @@ class Transfer:
             progress.start(sum(reader.total_bytes(m) for _, _, m in todo))
             self._run_file()
             failed: list[errors.IntegrityError] = []
-            for key, raw, m in todo:
+            for key, raw, m in _sharers_first(todo):
                 progress.describe(f"step {m.step}")
                 try:
                     self._checkpoint(key, raw, m)
@@ -93,6 +96,7 @@ class Transfer:
                 self._raise_integrity(failed)
             self._latest()
         finally:
+            objectstore.end_snapshot(self.src)
             progress.stop()
             if lock is not None:
                 lock.release()
@@ -274,8 +278,9 @@ class Transfer:
         except OSError as exc:
             where = self._where(self.dst, tmp)
             raise failures.storage_error("could not create the staging area", exc, where) from exc
-        names = sorted(m.files, key=lambda n: -m.files[n].size)
+        names = sorted(m.own_files, key=lambda n: -m.files[n].size)
         try:
+            self._shared(key, m)
             with ThreadPoolExecutor(max_workers=max(1, min(transfer.WORKERS, len(names)))) as pool:
                 futures = [
                     pool.submit(
@@ -334,10 +339,12 @@ class Transfer:
         problems = []
         for name, entry in m.files.items():
             try:
-                with loc.store.open(loc.sub(name)) as blob:
+                with loc.store.open(reader.resolve(loc, name)) as blob:
                     if blob.size != entry.size:
                         problems.append(f"{name}: {blob.size} bytes, expected {entry.size}")
                         continue
+                    if manifest.is_ref(name):
+                        continue  # shared with an earlier checkpoint: its size is what is checked
                     check = FileCheck(m, name, self._where(loc.store, loc.sub(name)))
                     header = blob.read(0, entry.header_length)
                     got = hashing.file_hash(header, [s[2] for s in check.spans])
@@ -347,11 +354,60 @@ class Transfer:
                 problems.append(f"{name}: {exc}")
         return problems
 
+    def _shared(self, key: str, m: manifest.Manifest) -> None:
+        """The files checkpoint ``key`` shares with earlier checkpoints (incremental saves)
+        must be in the destination run, at the same place relative to the run, before its
+        manifest is committed there. One the destination lacks (or holds at another size) is
+        copied from the source, every chunk the checkpoint uses verified on the way, under its
+        retired name (``retired-step-…-rank-….safetensors``: a transfer killed before the
+        commit leaves a file the next writer collects, never a folder that looks damaged)."""
+        src_ckpt = Location(self.src, key)
+        for name, entry in sorted(m.refs.items()):
+            where = self._where(self.dst, name)
+            there = reader.resolve(Location(self.dst, manifest.ref_folder(name)), name)
+            try:
+                if self.dst.exists(there) and self.dst.size(there) == entry.size:
+                    self.ends.skip(entry.size)
+                    continue
+            except OSError as exc:
+                raise failures.storage_error("could not read", exc, where) from exc
+            skey = reader.resolve(src_ckpt, name)
+            blob = self.ends.blob(skey, m, name)
+            check = FileCheck(m, name, self._where(self.src, skey))
+            data = bytearray()
+            try:
+                for view in blob.stream(0, transfer.BLOCK):
+                    check.feed(view)
+                    data += view
+                    self.ends.moved(len(view))
+            except OSError as exc:
+                where_src = self._where(self.src, skey)
+                raise failures.storage_error("could not read", exc, where_src) from exc
+            finally:
+                blob.close()
+            check.finish()
+            try:
+                # Its folder holds no checkpoint here: the file goes where references find
+                # it once a folder is gone (its retired name), in one atomic put; a shared
+                # file is held in memory once (docs/incremental.md).
+                self.dst.put(layout.retired_file(name), bytes(data))
+            except OSError as exc:
+                raise failures.storage_error("could not write", exc, where) from exc
+
     def _replace_damaged(self, final: str, step: int) -> None:
         """Take a damaged (or manifest-less) destination copy out of view atomically and free
         it: the source holds the good bytes, which are copied in its place."""
         trash = f"{layout.TMP_PREFIX}deleted-{final}-{uuid.uuid4().hex[:8]}"
         where = self._where(self.dst, final)
+        try:  # files of it that checkpoints here share are moved aside first
+            used, sure = shared.references(
+                r for r in reader.list_checkpoints(self.dst) if r.location.key != final
+            )
+            shared.retire(Location(self.dst, final), used, sure)
+        except (OSError, errors.CheckpointError) as exc:
+            raise failures.storage_error(
+                "could not move aside the files other checkpoints share", exc, where
+            ) from exc
         try:
             free = self.dst.detach(final, trash)
         except OSError as exc:
@@ -399,3 +455,27 @@ class Transfer:
         for e in self.dst.list(tmp):
             if e.name not in m.files and e.name != layout.MANIFEST:
                 self.ends.drop(base.join(tmp, e.name))
+
+
+def _sharers_first(todo: _Todo) -> _Todo:
+    """``todo`` (newest first) with every checkpoint moved right before the first one that
+    refers to its files (incremental saves): the shared files then arrive with their own
+    checkpoint, verified, before a manifest that uses them is committed."""
+    by_key = {key: (key, raw, m) for key, raw, m in todo}
+    out: _Todo = []
+    done: set[str] = set()
+
+    def add(key: str) -> None:
+        if key in done:
+            return
+        done.add(key)
+        _, _, m = by_key[key]
+        for name in sorted(m.refs):  # older steps only (the manifest says so): no cycle
+            folder = manifest.ref_folder(name)
+            if folder in by_key:
+                add(folder)
+        out.append(by_key[key])
+
+    for key, _, _ in todo:
+        add(key)
+    return out
