@@ -1179,10 +1179,12 @@ class ObjectStore(base.Store):
             self._call(lambda: _obstore().delete(self._obs, self._p(mkey)), mkey)
 
     def rename(self, key: str, new_key: str) -> None:
-        """Copy, then delete (not atomic: object stores have no rename). Only used to set a
-        damaged checkpoint aside: the copy's manifest is written last and the original's
-        deleted first, so at no point are there two checkpoints, and a crash leaves at worst
-        a copy without a manifest (never listed as a checkpoint) beside the original."""
+        """Copy, then delete (not atomic: object stores have no rename). Used to set a damaged
+        checkpoint aside — the copy's manifest is written last and the original's deleted
+        first, so at no point are there two checkpoints, and a crash leaves at worst a copy
+        without a manifest (never listed as a checkpoint) beside the original — and to retire
+        a shared file of a deleted checkpoint (docs/incremental.md): readers find the bytes
+        under either name, so a crash between the copy and the delete loses nothing."""
         base.check_name(key)
         base.check_name(new_key)
         self._forget()
