@@ -37,6 +37,9 @@ def main() -> None:
     if args["phase"] == "save":
         for step in (1, 2):
             extras["w"].fill_(float(step))
+            # changes every step, so each rank's file of step 2 holds data of its own (an
+            # incremental save refers to unchanged tensors and writes no bytes for them)
+            extras["rank_only"].fill_(float(rank + 10 * step))
             ckpt.save(state, step)
     else:
         with warnings.catch_warnings(record=True) as caught:

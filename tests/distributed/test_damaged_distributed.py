@@ -29,7 +29,7 @@ def test_damaged_shard_of_one_rank_is_set_aside_and_its_step_saves_again(tmp_pat
     launch("resume", 2, {"root": str(run), "out": str(tmp_path), "phase": "resume"}, worker=DAMAGED)
     reports = {r: json.loads((tmp_path / f"report-{r}.json").read_text()) for r in (0, 1)}
     for rank, rep in reports.items():
-        assert rep["restored"] == 1 and rep["w"] == 1.0 and rep["rank_only"] == float(rank), rep
+        assert rep["restored"] == 1 and rep["w"] == 1.0 and rep["rank_only"] == float(rank + 10), rep
         assert rep["saved"] is True
     for rep in reports.values():  # every rank warns, naming the rank that found the damage
         assert any(f"rank {damaged_rank}:" in w and "hash" in w for w in rep["warnings"]), rep["warnings"]

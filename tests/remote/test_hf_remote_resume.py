@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +33,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning:transformers.*"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:transformers.*"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning:accelerate.*"),
-    pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed run is a forked child"),
 ]
 
 
@@ -97,23 +98,18 @@ def fingerprint(trainer: Any) -> tuple[str, list[Any], list[float]]:
     return h.hexdigest(), log, trainer.lr_scheduler.get_last_lr()
 
 
-def in_child(fn: Any) -> int:
-    """``fn`` in a forked child (its own obstore runtime: the parent has not started one yet)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fn()
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+def in_child(url: str, out_dir: Path, kill_at: int) -> int:
+    """The run killed at ``kill_at`` in a new Python process (a process of its own, as after a
+    real crash; the S3 endpoint and credentials pass through the environment). Not a fork: a
+    fork of this multi-threaded test process (torch, obstore's runtime) can hang or crash."""
+    proc = subprocess.run(
+        [sys.executable, __file__, url, str(out_dir), str(kill_at)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if proc.returncode >= 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.returncode
 
 
 LEASE_S = 3.0  # the killed writer's lease on the bucket (default 60 s) expires after this
@@ -134,7 +130,7 @@ def test_hf_trainer_killed_resumes_from_the_bucket_bitwise(
             ref_trainer, _ = train(tmp_path / "local-run", tmp_path / "out-ref")
         reference = fingerprint(ref_trainer)
 
-        assert in_child(lambda: train(s3_url, tmp_path / "out-a", kill_at=9)) == -signal.SIGKILL
+        assert in_child(s3_url, tmp_path / "out-a", kill_at=9) == -signal.SIGKILL
         killed = time.monotonic()
         newest = newest_valid_checkpoint(s3_url)
         assert newest is not None and newest.step == 8
@@ -154,3 +150,10 @@ def test_hf_trainer_killed_resumes_from_the_bucket_bitwise(
             assert [c.step for c in ck.list() if c.valid] == [14, 16]
     finally:
         torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":  # the killed run (in_child)
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(sys.argv[1], Path(sys.argv[2]), kill_at=int(sys.argv[3]))
