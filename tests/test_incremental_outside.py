@@ -917,11 +917,6 @@ def test_regime_short_with_a_monitor_keeps_newest_and_best_across_shared_bytes(
 
 
 # ---- bugs ---------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="saving a step whose folder was deleted but whose file is retired shadows the retired "
-    "file: every later checkpoint referring to it stops verifying",
-)
 def test_saving_again_a_step_whose_file_is_retired_never_damages_later_checkpoints(
     tmp_path: Path,
 ) -> None:
@@ -940,12 +935,6 @@ def test_saving_again_a_step_whose_file_is_retired_never_damages_later_checkpoin
     assert checks[2] == [] and checks[3] == [], checks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer._recent/_recent_rank cache the last committed manifest per process and trust "
-    "it while the folder still has a manifest: after another process replaced that checkpoint, "
-    "the next save refers to stale offsets and is damaged from birth",
-)
 def test_a_checkpoint_replaced_by_another_process_is_never_referred_to_from_a_stale_cache(
     tmp_path: Path,
 ) -> None:
@@ -976,11 +965,6 @@ def test_a_checkpoint_replaced_by_another_process_is_never_referred_to_from_a_st
     assert _verify_all(root)[3] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an integrity error in a retired shared file names step-…/rank-… (a path that does "
-    "not exist) instead of the retired-… file actually read",
-)
 def test_an_error_in_a_retired_file_names_the_file_that_was_read(tmp_path: Path) -> None:
     root = tmp_path / "run"
     _save_all(root, _frozen(3), keep=sg.Keep(last=2))
@@ -1022,12 +1006,6 @@ def test_bit_rot_in_a_shared_file_does_not_spread_to_every_later_checkpoint(
     assert any(not v for v in checks.values()), checks  # some checkpoint still restores
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="push re-run over a destination whose retired shared file has a flipped byte re-copies "
-    "the checkpoints but keeps the bad shared file (checked by size only) and reports "
-    "verified=True while every checkpoint there fails verification",
-)
 def test_a_push_rerun_never_reports_verified_over_damaged_shared_bytes(tmp_path: Path) -> None:
     root = tmp_path / "run"
     _save_all(root, _frozen(4), keep=sg.Keep(last=2))

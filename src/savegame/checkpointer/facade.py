@@ -114,6 +114,7 @@ class Checkpointer:
         #: Incremental saves (docs/incremental.md): unchanged tensors refer to stored bytes.
         self.incremental = bool(incremental)
         self._last_committed: str | None = None  # the folder of this process's last save
+        writer.forget_recent()  # another process may have replaced what this one saved before
         self._persister = persist.Persister()
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
         self._pool = staging.HostPool()

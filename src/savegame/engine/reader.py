@@ -149,14 +149,14 @@ def read_manifest(ckpt: str | os.PathLike[str] | Location) -> manifest.Manifest:
 #: restore read every kept one after each save (26 parses per save at Keep(last=8); 0.5 s each at
 #: 10,000 tensors — docs/scale.md). The bytes are still read and hashed every time, so a file
 #: replaced or edited on disk is parsed (and refused) anew; only successes are kept.
-_parsed: OrderedDict[tuple[str, str], manifest.Manifest] = OrderedDict()
+_parsed: OrderedDict[tuple[str, str, int], manifest.Manifest] = OrderedDict()
 _PARSED_BYTES = 32 << 20  # raw manifest bytes the cache stands for, at most (parsed: several times that)
-_parsed_sizes: dict[tuple[str, str], int] = {}
+_parsed_sizes: dict[tuple[str, str, int], int] = {}
 _parsed_lock = threading.Lock()
 
 
 def _parse(raw: bytes, mpath: str) -> manifest.Manifest:
-    key = (mpath, hashing.digest(raw))
+    key = (mpath, hashing.digest(raw), manifest.VERSION)  # what this reader accepts, too
     with _parsed_lock:
         m = _parsed.get(key)
         if m is not None:
@@ -239,7 +239,7 @@ def _check_size(
     loc: Location, name: str, entry: manifest.FileEntry, m: manifest.Manifest, blob: Blob
 ) -> None:
     if blob.size != entry.size:
-        path = loc.store.describe(file_key(loc, name))
+        path = _where(loc, name)
         raise errors.IntegrityError(
             f"{path}: file is {blob.size} bytes but the manifest says {entry.size} (truncated or replaced)",
             path=path,
@@ -294,6 +294,12 @@ def resolve(loc: Location, name: str) -> str:
     except OSError:
         pass
     return key
+
+
+def _where(loc: Location, name: str) -> str:
+    """The file an error about ``name`` names: for a shared file, the one actually read (its
+    folder's, or the retired copy once that folder was deleted)."""
+    return loc.store.describe(resolve(loc, name) if manifest.is_ref(name) else file_key(loc, name))
 
 
 def _open(loc: Location, name: str, step: int) -> Blob:
@@ -405,7 +411,7 @@ def _restart(
 
 
 def _mismatch(loc: Location, fname: str, key: str, step: int) -> None:
-    where = loc.store.describe(file_key(loc, fname))
+    where = _where(loc, fname)
     raise errors.IntegrityError(
         f"{where}: tensor {key!r} does not match its hash (corrupted data) in step {step}",
         path=where,
@@ -773,7 +779,7 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
             problems += _verify_pulled(loc, name, m, chunk_bytes)
         return problems + _unlisted(loc, m)
     for name, fentry in m.files.items():
-        where = loc.store.describe(file_key(loc, name))
+        where = _where(loc, name)
         try:
             blob = _open(loc, name, m.step)
         except errors.CheckpointError as exc:
@@ -825,7 +831,7 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
     the requests in flight); a file that changes mid-read is started over once."""
     from savegame.engine import fetch
 
-    where = loc.store.describe(file_key(loc, name))
+    where = _where(loc, name)
     header = bytearray(m.files[name].header_length)
     targets = [fetch.Target(None, 0, len(header), None, own=memoryview(header))]
     targets += [

@@ -21,7 +21,7 @@ from savegame.engine.reader import CheckpointRef
 from savegame.format import layout, manifest
 from savegame.storage import Location, Store
 
-__all__ = ["garbage", "references", "retire", "retired_files", "users"]
+__all__ = ["garbage", "references", "refuse_shadowing", "retire", "retired_files", "users"]
 
 
 def references(refs: Iterable[CheckpointRef]) -> tuple[set[str], bool]:
@@ -98,3 +98,24 @@ def garbage(store: Store, refs: Iterable[CheckpointRef]) -> list[str]:
     with contextlib.suppress(OSError):
         return sorted(n for n, ref in retired_files(store).items() if ref not in used)
     return []
+
+
+def refuse_shadowing(store: Store, key: str, names: Iterable[str], step: int) -> None:
+    """Before checkpoint folder ``key`` is published with the files ``names``: refuse if one of
+    them would stand in front of a retired file of the same name (a deleted ``step-…`` whose
+    bytes later checkpoints still use). A reference resolves to the file in its folder first,
+    so a new folder of that step would silently give those checkpoints other bytes."""
+    for name in names:
+        ref = f"{key}/{name}"
+        if manifest.ref_step(ref) is None:
+            continue
+        retired = layout.retired_file(ref)
+        if store.exists(retired):
+            raise errors.StepExistsError(
+                f"{store.describe(key)}: step {step} was deleted, but later checkpoints of the run "
+                f"still use its bytes ({store.describe(retired)}); a new step {step} would take "
+                "their place. Save under a step after the newest one (or delete the checkpoints "
+                "that use it, e.g. `savegame prune`, first); nothing was written over",
+                path=store.describe(key),
+                step=step,
+            )

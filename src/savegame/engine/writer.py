@@ -120,6 +120,13 @@ _recent: dict[str, manifest.Manifest] = {}
 _recent_rank: dict[tuple[str, int], tuple[str, RankResult]] = {}
 
 
+def forget_recent() -> None:
+    """Forget the checkpoints this process committed last (a new Checkpointer opens its run:
+    another process may have replaced them since; the next save reads what is there)."""
+    _recent.clear()
+    _recent_rank.clear()
+
+
 def committed(root: Where, key: str, run_id: str, result: RankResult) -> None:
     """This rank's part ``result`` of the checkpoint just committed at ``key`` (the next
     incremental save of this rank compares with it)."""
@@ -338,6 +345,9 @@ def commit(
     key = _final_key(step, final)
     where = store.describe(key)
     try:
+        from savegame.engine import shared  # imports the reader; not at import time
+
+        shared.refuse_shadowing(store, key, [n for n in files if not manifest.is_ref(n)], step)
         staging.seal(layout.MANIFEST, raw)
         if store.exists(key):
             if not in_run:

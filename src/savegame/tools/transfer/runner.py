@@ -366,11 +366,14 @@ class Transfer:
             where = self._where(self.dst, name)
             there = reader.resolve(Location(self.dst, manifest.ref_folder(name)), name)
             try:
-                if self.dst.exists(there) and self.dst.size(there) == entry.size:
+                present = self.dst.exists(there) and self.dst.size(there) == entry.size
+                if present and self._shared_intact(there, name, m):
                     self.ends.skip(entry.size)
                     continue
             except OSError as exc:
                 raise failures.storage_error("could not read", exc, where) from exc
+            if not present:
+                there = layout.retired_file(name)
             skey = reader.resolve(src_ckpt, name)
             blob = self.ends.blob(skey, m, name)
             check = FileCheck(m, name, self._where(self.src, skey))
@@ -390,9 +393,31 @@ class Transfer:
                 # Its folder holds no checkpoint here: the file goes where references find
                 # it once a folder is gone (its retired name), in one atomic put; a shared
                 # file is held in memory once (docs/incremental.md).
-                self.dst.put(layout.retired_file(name), bytes(data))
+                self.dst.put(there, bytes(data))
             except OSError as exc:
                 raise failures.storage_error("could not write", exc, where) from exc
+
+    def _shared_intact(self, there: str, name: str, m: manifest.Manifest) -> bool:
+        """Whether the destination's copy of shared file ``name`` (at ``there``) holds every
+        chunk checkpoint ``m`` uses from it. Read and hashed where the destination is a local
+        folder (as :meth:`_damage` checks whole checkpoints there); over the network its size
+        is what is checked (``savegame verify URL`` reads everything)."""
+        if self.dst.local_path() is None:
+            return True
+        with self.dst.open(there) as blob:
+            for t in m.tensors.values():
+                for c in t.chunks:
+                    if c.file != name:
+                        continue
+                    h = hashing.new()
+                    pos, end = c.offset, c.offset + c.length
+                    while pos < end:
+                        n = min(transfer.BLOCK, end - pos)
+                        h.update(blob.read(pos, n))
+                        pos += n
+                    if h.hexdigest() != c.hash:
+                        return False
+        return True
 
     def _replace_damaged(self, final: str, step: int) -> None:
         """Take a damaged (or manifest-less) destination copy out of view atomically and free
@@ -425,6 +450,7 @@ class Transfer:
         where = self._where(self.dst, final)
         self._sweep(tmp, m)
         try:
+            shared.refuse_shadowing(self.dst, final, m.own_files, m.step)
             try:
                 staging.seal(layout.MANIFEST, raw)
             except FileExistsError:  # a killed transfer sealed it; it holds these bytes?
