@@ -392,12 +392,6 @@ def test_sigkill_at_random_moments_then_every_kept_step_restores_exactly(
     assert not list(root.glob(".tmp-*"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retention locates checkpoints by their local Path (CheckpointInfo.path) and deletes "
-    "through a fresh LocalStore: a Store wrapping a local run (FaultyStore, a user's own) never "
-    "sees the retire renames and detaches, so crash tests at those points test nothing",
-)
 def test_retention_on_a_wrapped_local_store_goes_through_that_store(tmp_path: Path) -> None:
     from savegame.storage.faulty import FaultyStore
     from savegame.storage.local import LocalStore

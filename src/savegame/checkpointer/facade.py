@@ -644,6 +644,7 @@ class Checkpointer:
             spare=just_saved,
             keep=self.keep,
             release=lambda freer, name: self._deleter.submit(retention.free, freer, name),
+            store=self.store,
         )
 
     # ---- opening the run (every rank; rank 0 holds the lock) --------------------------------------

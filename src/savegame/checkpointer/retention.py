@@ -81,6 +81,9 @@ class CheckpointInfo:
     own: int = 0
     #: Bytes it refers to in earlier checkpoint folders of the run (shared, stored once).
     shared: int = 0
+    #: Where it was listed from (the store given to :func:`list_run`, wrapped or not): deleting
+    #: it goes through that store, not through a new one over ``path``.
+    location: Location | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def list_run(
@@ -124,6 +127,7 @@ def list_run(
             CheckpointInfo(
                 step=r.step,
                 path=r.path,
+                location=r.location,
                 valid=r.valid,
                 created=m.created if m else None,
                 size=own + shared_bytes,
@@ -312,8 +316,12 @@ def delete_unkept(
     keep: policy.Keep | None = None,
     release: Callable[[Callable[[], list[str]], str], object] | None = None,
     strict: bool = False,
+    store: Store | None = None,
 ) -> list[CheckpointInfo]:
     """Delete what ``plan`` does not keep (:func:`unkept`); returns what was deleted.
+
+    ``store``: the run's store, when the plan was listed from one (a wrapped local folder):
+    every rename and delete goes through it, not through a new store over the same folder.
 
     Each checkpoint first leaves the run atomically (renamed to a ``.tmp-deleted-…`` name, by
     the store's ``detach``); ``release(freer, name)`` then frees its bytes (default:
@@ -329,7 +337,16 @@ def delete_unkept(
     todo = unkept(plan, spare=spare)
     if not todo:
         return []
-    store = locate(todo[0].path).store
+
+    def where(info: CheckpointInfo) -> Location:
+        if info.location is not None:
+            return info.location
+        if store_given is None or isinstance(info.path, Location):
+            return locate(info.path)
+        return Location(store_given, Path(info.path).name)
+
+    store_given = store
+    store = where(todo[0]).store
     live: dict[str, reader.CheckpointRef] | None
     try:
         live = {r.location.key: r for r in reader.list_checkpoints(store)}
@@ -338,7 +355,7 @@ def delete_unkept(
         live = None
     deleted = []
     for info in todo:
-        loc = locate(info.path)
+        loc = where(info)
         used, sure = (set(), False) if live is None else shared.references(
             r for k, r in live.items() if k != loc.key
         )
