@@ -219,6 +219,19 @@ def write_all(f: BinaryIO, data: memoryview) -> None:
         done += n
 
 
+def _check_staged(items: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Every tensor is of a storable dtype and staged to contiguous CPU memory."""
+    for key, t in items:
+        if dtype_name(t.dtype) not in DTYPES:
+            raise errors.EncodeError(
+                f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key
+            )
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(
+                f"internal: tensor {key!r} must be staged to contiguous CPU memory first"
+            )
+
+
 def write_tensor_file(
     f: BinaryIO,
     items: Sequence[tuple[str, torch.Tensor]],
@@ -229,15 +242,7 @@ def write_tensor_file(
 
     Returns the header bytes and where each tensor landed with its digest. The caller fsyncs.
     """
-    for key, t in items:
-        if dtype_name(t.dtype) not in DTYPES:
-            raise errors.EncodeError(
-                f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key
-            )
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(
-                f"internal: tensor {key!r} must be staged to contiguous CPU memory first"
-            )
+    _check_staged(items)
     return write_tensor_stream(
         f, [TensorSpec.of(k, t) for k, t in items], (t for _, t in items), metadata=metadata
     )
@@ -313,15 +318,7 @@ def write_changed_tensor_file(
     Returns the header bytes, where each written tensor landed (file order) and the digest of
     every tensor (``key -> digest``). The caller fsyncs.
     """
-    for key, t in items:
-        if dtype_name(t.dtype) not in DTYPES:
-            raise errors.EncodeError(
-                f"tensor {key!r} has dtype {t.dtype}, which savegame cannot store", key=key
-            )
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(
-                f"internal: tensor {key!r} must be staged to contiguous CPU memory first"
-            )
+    _check_staged(items)
     specs = [TensorSpec.of(k, t) for k, t in items]
     metadata = {"format": "pt"}
     seekable = False
