@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from savegame.engine import reader
+from savegame.format import layout
 
 pytestmark = pytest.mark.distributed
 
@@ -199,9 +200,7 @@ def _rank_pid(torchrun: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under torchrun pid {torchrun}")
 
 
-def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(
-    tmp_path: Path, reference: Path
-) -> None:
+def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(tmp_path: Path) -> None:
     """A scheduler (or `kill`) may signal one rank only: the signal is not rank 0's alone to
     act on — every rank saves at the same step boundary and exits 75, and the job resumes."""
     root, seen = tmp_path / "run", []
@@ -221,4 +220,5 @@ def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(
     saved = refs[-1].step
     assert saved >= 6 and f"saved step {saved} after SIGTERM" in log, log[-5000:]
     assert saved < TOTAL, "the job ran to the end: the signal to rank 1 was lost"
-    _resume_and_compare(root, tmp_path, reference)
+    # (that such a save resumes exactly is the test above's; here: it is whole and verifies)
+    assert reader.verify(root / layout.step_dir(saved)) == []
