@@ -161,6 +161,20 @@ def test_sigkill_of_the_tree_mid_epoch_resumes_with_the_docs_order_exactly(
     _resume_and_compare(root, tmp_path, reference)
 
 
+def _saved_after_sigterm(root: Path, out: Path, seen: list[str]) -> int:
+    """A job ended by SIGTERM: every rank exited 75 and a whole 2-rank checkpoint of a step
+    after the signal was committed, as the log says. Returns that step."""
+    log = "".join(seen)
+    assert "killed by signal" not in log and "exited unexpectedly" not in log, log[-5000:]
+    for rank in range(WORLD):
+        assert (out / f"exit-run-{rank}.txt").read_text() == "75", log[-5000:]
+    refs = [r for r in reader.list_checkpoints(root) if r.valid]
+    assert refs and refs[-1].manifest is not None and refs[-1].manifest.world_size == WORLD
+    saved = refs[-1].step
+    assert saved >= 6 and f"saved step {saved} after SIGTERM" in log, log[-5000:]
+    return saved
+
+
 def test_sigterm_to_every_process_of_the_tree_saves_and_every_rank_exits_75(
     tmp_path: Path, reference: Path
 ) -> None:
@@ -173,14 +187,7 @@ def test_sigterm_to_every_process_of_the_tree_saves_and_every_rank_exits_75(
         _finish(proc, seen)
     finally:
         _signal_tree(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    log = "".join(seen)
-    assert "killed by signal" not in log and "exited unexpectedly" not in log, log[-5000:]
-    for rank in range(WORLD):
-        assert (tmp_path / f"exit-run-{rank}.txt").read_text() == "75", log[-5000:]
-    refs = [r for r in reader.list_checkpoints(root) if r.valid]
-    assert refs and refs[-1].manifest is not None and refs[-1].manifest.world_size == WORLD
-    saved = refs[-1].step
-    assert saved >= 6 and f"saved step {saved} after SIGTERM" in log, log[-5000:]
+    saved = _saved_after_sigterm(root, tmp_path, seen)
     assert max(_trace(tmp_path / "ids-run-0.txt")) == saved  # at the boundary after the last step
     assert saved % 5 != 0, saved  # mid-epoch: the resume takes the docs' order through it
     _resume_and_compare(root, tmp_path, reference)
@@ -202,7 +209,7 @@ def _rank_pid(torchrun: int, rank: int) -> int:
 
 def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(tmp_path: Path) -> None:
     """A scheduler (or `kill`) may signal one rank only: the signal is not rank 0's alone to
-    act on — every rank saves at the same step boundary and exits 75, and the job resumes."""
+    act on — every rank saves at the same step boundary and exits 75, and the save verifies."""
     root, seen = tmp_path / "run", []
     proc = _launch(root, tmp_path, "run", pause=PAUSE_S)
     try:
@@ -211,14 +218,7 @@ def test_sigterm_to_rank_1_only_makes_every_rank_save_and_exit_75(tmp_path: Path
         _finish(proc, seen)
     finally:
         _signal_tree(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    log = "".join(seen)
-    assert "killed by signal" not in log and "exited unexpectedly" not in log, log[-5000:]
-    for rank in range(WORLD):
-        assert (tmp_path / f"exit-run-{rank}.txt").read_text() == "75", log[-5000:]
-    refs = [r for r in reader.list_checkpoints(root) if r.valid]
-    assert refs and refs[-1].manifest is not None and refs[-1].manifest.world_size == WORLD
-    saved = refs[-1].step
-    assert saved >= 6 and f"saved step {saved} after SIGTERM" in log, log[-5000:]
+    saved = _saved_after_sigterm(root, tmp_path, seen)
     assert saved < TOTAL, "the job ran to the end: the signal to rank 1 was lost"
     # (that such a save resumes exactly is the test above's; here: it is whole and verifies)
     assert reader.verify(root / layout.step_dir(saved)) == []
