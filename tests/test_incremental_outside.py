@@ -973,12 +973,6 @@ def test_an_error_in_a_retired_file_names_the_file_that_was_read(tmp_path: Path)
     assert RETIRED1 in str(info.value) and RETIRED1 in str(info.value.path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design gap: bit rot in a shared file propagates to every later save of a running "
-    "process (references are copied on the manifest's word, never re-read), so once retention "
-    "has turned over no restorable checkpoint is left; full saves would be intact",
-)
 def test_bit_rot_in_a_shared_file_does_not_spread_to_every_later_checkpoint(
     tmp_path: Path,
 ) -> None:

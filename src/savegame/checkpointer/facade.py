@@ -633,6 +633,11 @@ class Checkpointer:
             log.info("interval advice: %s", news)
 
     def _apply_retention(self, *, just_saved: int) -> None:
+        if writer.take_scrub_damage():
+            # The save found shared bytes damaged (engine/writer.py, the scrub): checkpoints
+            # that refer to them were verified before; verify the kept ones again before
+            # anything is deleted in their favour.
+            self._verified.clear()
         self._verified.add(self.store.describe(layout.step_dir(just_saved)))  # we just wrote it
         plan = retention.plan_retention(
             self.store, self.keep, self.run_id, verified=self._verified, spare=just_saved

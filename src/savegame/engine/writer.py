@@ -71,6 +71,8 @@ class Previous:
     #: what this rank wrote or referred to in it — all that a rank compares with.
     tensors: Mapping[str, manifest.TensorEntry]
     files: Mapping[str, manifest.FileEntry]
+    #: The run's store (the shared bytes are re-read from it now and then: :class:`_Scrub`).
+    store: Store | None = None
 
 
 def find_previous(
@@ -81,8 +83,8 @@ def find_previous(
     validates, belongs to ``run_id`` and is older than ``step``; else None (a full save).
 
     Never raises: any doubt means a full save, which is always correct. (Only manifests are
-    read here; the bytes referred to were verified when written or restored, and retention
-    verifies every checkpoint it keeps before it deletes one.)
+    read here; the bytes a save refers to are re-read in rounds while it is written:
+    :class:`_Scrub`.)
     """
     from savegame.engine import reader  # reader imports nothing from here; avoid a cycle at import
 
@@ -99,7 +101,7 @@ def find_previous(
             # What this rank itself wrote there, kept from its last commit: a rank other than
             # the coordinator need not read and parse the whole manifest (O(ranks x tensors)
             # per rank per save — docs/scale.md) to compare its own pieces.
-            return Previous(key, mine[1].tensors, mine[1].files)
+            return Previous(key, mine[1].tensors, mine[1].files, store)
         m = _recent.get(store.describe(key))
         if m is None or not store.exists(f"{key}/{layout.MANIFEST}"):
             m = reader.read_manifest(Location(store, key))
@@ -108,7 +110,7 @@ def find_previous(
         return None
     if m.run_id != run_id or m.step != prev_step:
         return None
-    return Previous(key, m.tensors, m.files)
+    return Previous(key, m.tensors, m.files, store)
 
 
 #: The manifest this process committed last (its folder's description -> manifest): the next
@@ -125,6 +127,133 @@ def forget_recent() -> None:
     another process may have replaced them since; the next save reads what is there)."""
     _recent.clear()
     _recent_rank.clear()
+    _scrubbed.clear()
+
+
+# ---- re-reading shared bytes (bit rot must not spread: docs/incremental.md) -------------------
+#
+# A save that refers to stored bytes takes them on the manifest's word; if the file rotted on
+# disk since, every later save that shares it would be damaged too, and retention would in the
+# end keep only damaged checkpoints. So each incremental save re-reads part of the bytes it is
+# about to refer to and hashes them (a rolling "scrub", like a file system's): a piece whose
+# bytes no longer match is written in full instead, which heals the run from that save on.
+# Bounded cost: at most SCRUB_SHARE of the state's bytes (at least SCRUB_MIN_BYTES) per save,
+# so every shared byte is checked again at least once every 1/SCRUB_SHARE saves. Only local
+# folders are scrubbed: an object store checks its objects' integrity itself, and reading the
+# bytes back from it would cost a download per save.
+
+#: The part of a rank's state whose shared bytes one save re-reads at most.
+SCRUB_SHARE = 1 / 8
+#: ...but at least this many bytes (a small state is re-read whole on every save).
+SCRUB_MIN_BYTES = 64 << 20
+#: (run's store, rank) -> the shared pieces (file, offset, digest) re-read in this round of
+#: the scrub; a round ends when every piece a save refers to has been re-read in it.
+_scrubbed: dict[tuple[str, int], set[tuple[str, int, str]]] = {}
+#: Set when a scrub found damage (the coordinator's retention then verifies its kept
+#: checkpoints again instead of trusting what it verified before: :func:`take_scrub_damage`).
+_scrub_damage: list[str] = []
+
+
+def take_scrub_damage() -> list[str]:
+    """The damaged shared files the scrub found since the last call (and forget them)."""
+    found = list(_scrub_damage)
+    _scrub_damage.clear()
+    return found
+
+
+class _Scrub:
+    """The ``still_stored`` check of one rank's incremental save: see the comment above."""
+
+    def __init__(
+        self,
+        previous: Previous,
+        rank: int,
+        stored: Mapping[str, tuple[str, manifest.Chunk, manifest.FileEntry]],
+        state_bytes: int,
+    ) -> None:
+        self.loc = Location(previous.store, previous.key) if previous.store is not None else None
+        self.stored = stored
+        self.budget = max(SCRUB_MIN_BYTES, int(state_bytes * SCRUB_SHARE))
+        run = previous.store.describe(layout.LATEST) if previous.store is not None else ""
+        self.seen = _scrubbed.setdefault((run, rank), set())
+        self.referred: set[tuple[str, int, str]] = set()
+        #: shared file -> its size is what the manifest says (checked once per save, every
+        #: file: a file of the wrong size fails verification of every checkpoint using it)
+        self.sized: dict[str, bool] = {}
+
+    def __call__(self, key: str) -> bool:
+        name, c, fentry = self.stored[key]
+        if self.loc is None:
+            return True
+        if name not in self.sized:
+            self.sized[name] = self._intact(name, None, fentry.size)
+        if not self.sized[name]:
+            return False
+        piece = (name, c.offset, c.hash)
+        self.referred.add(piece)
+        if piece in self.seen or self.budget <= 0:
+            return True  # checked in this round already, or its turn comes in a later save
+        self.budget -= c.length
+        ok = self._intact(name, c)
+        if ok:
+            self.seen.add(piece)
+        return ok
+
+    def _intact(self, name: str, c: manifest.Chunk | None, size: int = -1) -> bool:
+        """Whether chunk ``c`` of shared file ``name`` still holds its bytes (with ``c`` None:
+        whether the file still has ``size`` bytes). False is logged and remembered."""
+        # reader imports nothing from here: imported here to avoid a cycle at import
+        from savegame.engine import reader
+
+        assert self.loc is not None
+        store = self.loc.store
+        fkey = name
+        try:
+            fkey = reader.resolve(self.loc, name)
+            if store.local_path(fkey) is None:
+                return True  # an object store checks its objects itself (see above)
+            blob = store.open(fkey)
+            if c is None:
+                try:
+                    if blob.size == size:
+                        return True
+                    why = f"it is {blob.size} bytes, its manifest says {size} (truncated or replaced)"
+                finally:
+                    blob.close()
+                return self._damaged(f"shared file {store.describe(fkey)}", why, "every tensor it holds")
+            h = hashing.new()
+            try:
+                buf = bytearray(min(c.length, 16 << 20) or 1)
+                done = 0
+                while done < c.length:
+                    view = memoryview(buf)[: min(len(buf), c.length - done)]
+                    blob.readinto(c.offset + done, view)
+                    h.update(view)
+                    done += len(view)
+            finally:
+                blob.close()
+            if h.hexdigest() == c.hash:
+                return True
+            why = "its bytes no longer match their hash (bit rot?)"
+        except (OSError, EOFError, errors.CheckpointError) as exc:
+            why = f"it cannot be read ({exc})"
+        where = store.describe(fkey)
+        at = f"shared bytes at offset {c.offset} of {where}" if c is not None else f"shared file {where}"
+        return self._damaged(at, why, "that tensor")
+
+    def _damaged(self, what_is: str, why: str, what: str) -> bool:
+        log.warning(
+            "%s: %s; this save writes %s in full, and the checkpoints that refer to those bytes "
+            "are damaged (`savegame verify` names them)",
+            what_is, why, what,
+        )  # fmt: skip
+        _scrub_damage.append(what_is)
+        return False
+
+    def end_of_save(self) -> None:
+        """A round of the scrub ends once every piece this save referred to was re-read in it."""
+        if self.referred <= self.seen:
+            self.seen.clear()
 
 
 def committed(root: Where, key: str, run_id: str, result: RankResult) -> None:
@@ -226,10 +355,13 @@ def write_rank_files(
     stored = _stored(previous, rank, ordered, chunk_meta) if previous is not None else {}
     try:
         if stored:
+            assert previous is not None
             digests = {k: c.hash for k, (_, c, _) in stored.items()}
+            scrub = _Scrub(previous, rank, stored, sum(t.nbytes for _, t in ordered))
             (header, written, _), size = staging.write(
-                name, lambda f: tensors.write_changed_tensor_file(f, ordered, digests)
+                name, lambda f: tensors.write_changed_tensor_file(f, ordered, digests, scrub)
             )
+            scrub.end_of_save()
         else:
             (header, written), size = staging.write(
                 name, lambda f: tensors.write_tensor_file(f, ordered)

@@ -20,7 +20,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
@@ -301,13 +301,16 @@ def write_changed_tensor_file(
     f: BinaryIO,
     items: Sequence[tuple[str, torch.Tensor]],
     stored: Mapping[str, str],
+    still_stored: Callable[[str], bool] | None = None,
 ) -> tuple[bytes, list[WrittenTensor], dict[str, str]]:
     """Write to ``f`` only those of ``items`` whose bytes differ from what is stored already.
 
     ``stored``: key -> the digest of the bytes an earlier checkpoint holds for that key (same
     dtype and shape). Each tensor is hashed — the bytes actually staged, never a guess from
-    the tensor's history — and written only if its digest is not ``stored[key]``. One pass over
-    memory: a second thread hashes tensor i+1 while this one writes tensor i.
+    the tensor's history — and written only if its digest is not ``stored[key]``, or if
+    ``still_stored(key)`` (asked only for a matching digest) says the stored bytes are no
+    longer intact. One pass over memory: a second thread hashes tensor i+1 while this one
+    writes tensor i.
 
     Which tensors are written is known only at the end, so a seekable ``f`` gets its data
     first, after room reserved for the header of *every* tensor; the real header (only the
@@ -319,6 +322,12 @@ def write_changed_tensor_file(
     every tensor (``key -> digest``). The caller fsyncs.
     """
     _check_staged(items)
+
+    def same(key: str, digest: str) -> bool:
+        if key not in stored or digest != stored[key]:
+            return False
+        return still_stored is None or still_stored(key)
+
     specs = [TensorSpec.of(k, t) for k, t in items]
     metadata = {"format": "pt"}
     seekable = False
@@ -333,10 +342,7 @@ def write_changed_tensor_file(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="savegame-hash") as pool:
         digests = [pool.submit(hashing.digest, byte_view(t)) for _, t in items]
         if not seekable:
-            keep = [
-                k not in stored or d.result() != stored[k]
-                for (k, _), d in zip(items, digests, strict=True)
-            ]
+            keep = [not same(k, d.result()) for (k, _), d in zip(items, digests, strict=True)]
             chosen = [s for s, k in zip(specs, keep, strict=True) if k]
             header, begins = _header(chosen, metadata, ALIGN)
             write_all(f, memoryview(header))
@@ -354,7 +360,7 @@ def write_changed_tensor_file(
         lengths = []
         hashes = []
         for (key, t), spec, d in zip(items, specs, digests, strict=True):
-            if key in stored and d.result() == stored[key]:
+            if same(key, d.result()):
                 continue  # the same bytes are stored: the manifest refers to them
             view = byte_view(t)
             write_all(f, view)
