@@ -520,6 +520,7 @@ class Lease:
         self._name = name
         self.ttl = float(ttl)
         self._etag: str | None = None
+        self._version: str | None = None  # GCS: the generation (see _update)
         self._expires = 0.0
         self._held = False
         self._stop = threading.Event()
@@ -543,7 +544,18 @@ class Lease:
             self._store._obs, self._store._p(self._name), raw, mode=mode, use_multipart=False
         )
         self._expires = expires
+        self._version = res.get("version")
         return res.get("e_tag")
+
+    @staticmethod
+    def _update(etag: str | None, version: str | None) -> dict[str, Any]:
+        """The conditional-put mode for "still the object we read". obstore's GCS client
+        conditions on the generation (``version``) and refuses an update without one; S3 and
+        Azure use the ETag (a ``version`` there is ignored)."""
+        mode: dict[str, Any] = {"e_tag": etag}
+        if version is not None:
+            mode["version"] = version
+        return mode
 
     def acquire(self) -> None:
         """Take the lease.
@@ -566,6 +578,7 @@ class Lease:
                 res = s._call(lambda: _obstore().get(s._obs, s._p(self._name)), self._name)
                 raw = bytes(s._call(res.bytes, self._name))
                 etag = res.meta.get("e_tag")
+                version = res.meta.get("version")
             except FileNotFoundError:
                 continue  # released between the two calls: try to create it again
             try:
@@ -584,7 +597,9 @@ class Lease:
                     path=s.describe(),
                 )
             try:
-                self._etag = s._call(lambda e=etag: self._put({"e_tag": e}), self._name)
+                self._etag = s._call(
+                    lambda e=etag, v=version: self._put(self._update(e, v)), self._name
+                )
                 log.warning("took over the expired lease %s of %s", where, holder)
                 break
             except (base.ChangedError, FileNotFoundError, FileExistsError):
@@ -620,7 +635,9 @@ class Lease:
             return False
         s = self._store
         try:
-            self._etag = s._call(lambda: self._put({"e_tag": self._etag}), self._name)
+            self._etag = s._call(
+                lambda: self._put(self._update(self._etag, self._version)), self._name
+            )
             return True
         except (base.ChangedError, FileNotFoundError) as exc:
             self._lose(f"another writer took it over ({exc})")

@@ -125,7 +125,8 @@ class Target:
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 _CLIENTS_KEPT = 16
-_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "OBJECT_STORE_")
+# (AZURITE_: obstore's Azure emulator reads its URL from AZURITE_BLOB_STORAGE_URL.)
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_", "AZURITE_", "OBJECT_STORE_")
 
 # One obstore MemoryStore per memory:// name in this process: the same URL twice is the same
 # store, as a bucket is.
@@ -243,6 +244,13 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
         kwargs.setdefault("secret_access_key", password)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if scheme == "s3" and endpoint and endpoint.startswith("http://"):
+        client["allow_http"] = True
+    # obstore honours GOOGLE_ALLOW_HTTP / AZURE_ALLOW_HTTP only when no client options are
+    # given, and ours (timeouts) replace them: pass the user's setting on, as for S3 above (an
+    # emulator or gateway on plain http; docs/remote.md). Azurite via
+    # AZURE_STORAGE_USE_EMULATOR needs none of this: obstore allows http for it itself.
+    allow = os.environ.get("AZURE_ALLOW_HTTP" if scheme in _AZURE else "GOOGLE_ALLOW_HTTP", "")
+    if scheme in _AZURE | {"gs"} and allow.strip().lower() in ("1", "true", "yes", "on"):
         client["allow_http"] = True
     # One client per URL and configuration in this process: building one costs milliseconds
     # (each Checkpointer, load and CLI call would pay it) and a reused one keeps its warm
