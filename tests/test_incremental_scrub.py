@@ -95,10 +95,12 @@ def test_a_large_state_is_scrubbed_in_rounds_within_one_over_share_saves(
     read: list[int] = []
     real = writer._Scrub._intact
 
-    def counting(self: Any, name: str, c: manifest.Chunk | None, size: int = -1) -> bool:
+    def counting(
+        self: Any, name: str, key: str, c: manifest.Chunk | None, size: int = -1
+    ) -> bool:
         if c is not None:
             read.append(c.length)
-        return real(self, name, c, size)
+        return real(self, name, key, c, size)
 
     monkeypatch.setattr(writer._Scrub, "_intact", counting)
     root = tmp_path / "run"
@@ -129,7 +131,7 @@ def test_a_save_where_everything_changed_reads_nothing_back(
 ) -> None:
     calls: list[str] = []
     monkeypatch.setattr(
-        writer._Scrub, "_intact", lambda self, name, c, size=-1: calls.append(name) or True
+        writer._Scrub, "_intact", lambda self, name, key, c, size=-1: calls.append(name) or True
     )
     root = tmp_path / "run"
     box = Box()

@@ -633,7 +633,7 @@ class Checkpointer:
             log.info("interval advice: %s", news)
 
     def _apply_retention(self, *, just_saved: int) -> None:
-        if writer.take_scrub_damage():
+        if writer.take_scrub_damage(self.store):
             # The save found shared bytes damaged (engine/writer.py, the scrub): checkpoints
             # that refer to them were verified before; verify the kept ones again before
             # anything is deleted in their favour.

@@ -324,7 +324,12 @@ def _write_and_commit(
     else:
         try:
             result = writer.write_rank_files(
-                tmp, rank, prepared.staged, chunk_meta=prepared.chunk_meta, previous=previous
+                tmp,
+                rank,
+                prepared.staged,
+                chunk_meta=prepared.chunk_meta,
+                previous=previous,
+                scrub_turn=int(prepared.info.get("index", 0)),
             )
             report = ("ok", result, prepared.skeleton)
         except Exception as exc:  # noqa: BLE001 - any failure on this rank must reach the coordinator

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -127,7 +128,6 @@ def forget_recent() -> None:
     another process may have replaced them since; the next save reads what is there)."""
     _recent.clear()
     _recent_rank.clear()
-    _scrubbed.clear()
 
 
 # ---- re-reading shared bytes (bit rot must not spread: docs/incremental.md) -------------------
@@ -137,28 +137,32 @@ def forget_recent() -> None:
 # end keep only damaged checkpoints. So each incremental save re-reads part of the bytes it is
 # about to refer to and hashes them (a rolling "scrub", like a file system's): a piece whose
 # bytes no longer match is written in full instead, which heals the run from that save on.
-# Bounded cost: at most SCRUB_SHARE of the state's bytes (at least SCRUB_MIN_BYTES) per save,
-# so every shared byte is checked again at least once every 1/SCRUB_SHARE saves. Only local
-# folders are scrubbed: an object store checks its objects' integrity itself, and reading the
-# bytes back from it would cost a download per save.
+#
+# Which part: the rank's tensors, in file order, are cut by their byte offsets into R windows of
+# B = max(SCRUB_MIN_BYTES, SCRUB_SHARE x state) bytes; the save with index i (the run's save
+# counter, kept in every manifest, so it goes on across restarts) re-reads the shared pieces that
+# start in window i mod R. The windows depend only on the state's layout, not on which pieces
+# changed, so every shared piece is re-read at least once every R <= 1/SCRUB_SHARE saves, however
+# often the job restarts and whatever else changes. On average a save reads at most B; a tensor
+# larger than B is read whole in the save whose turn it is. Only local folders are scrubbed: an
+# object store checks its objects' integrity itself, and reading the bytes back from it would
+# cost a download per save.
 
-#: The part of a rank's state whose shared bytes one save re-reads at most.
+#: The part of a rank's state whose shared bytes one save re-reads (on average, at most).
 SCRUB_SHARE = 1 / 8
 #: ...but at least this many bytes (a small state is re-read whole on every save).
 SCRUB_MIN_BYTES = 64 << 20
-#: (run's store, rank) -> the shared pieces (file, offset, digest) re-read in this round of
-#: the scrub; a round ends when every piece a save refers to has been re-read in it.
-_scrubbed: dict[tuple[str, int], set[tuple[str, int, str]]] = {}
-#: Set when a scrub found damage (the coordinator's retention then verifies its kept
-#: checkpoints again instead of trusting what it verified before: :func:`take_scrub_damage`).
-_scrub_damage: list[str] = []
+#: run (its LATEST file's description) -> the damaged shared files the scrub found there and
+#: the coordinator's retention has not yet heard of (:func:`take_scrub_damage`).
+_scrub_damage: dict[str, list[str]] = {}
+_scrub_lock = threading.Lock()
 
 
-def take_scrub_damage() -> list[str]:
-    """The damaged shared files the scrub found since the last call (and forget them)."""
-    found = list(_scrub_damage)
-    _scrub_damage.clear()
-    return found
+def take_scrub_damage(root: Where) -> list[str]:
+    """The damaged shared files the scrub found in the run at ``root`` since the last call (and
+    forget them): its retention then verifies the kept checkpoints again."""
+    with _scrub_lock:
+        return _scrub_damage.pop(as_store(root).describe(layout.LATEST), [])
 
 
 class _Scrub:
@@ -167,41 +171,39 @@ class _Scrub:
     def __init__(
         self,
         previous: Previous,
-        rank: int,
         stored: Mapping[str, tuple[str, manifest.Chunk, manifest.FileEntry]],
-        state_bytes: int,
+        ordered: Sequence[tuple[str, torch.Tensor]],
+        turn: int,
     ) -> None:
-        self.loc = Location(previous.store, previous.key) if previous.store is not None else None
+        store = previous.store
+        local = store is not None and store.local_path(previous.key) is not None
+        self.loc = Location(store, previous.key) if store is not None and local else None
         self.stored = stored
-        self.budget = max(SCRUB_MIN_BYTES, int(state_bytes * SCRUB_SHARE))
-        run = previous.store.describe(layout.LATEST) if previous.store is not None else ""
-        self.seen = _scrubbed.setdefault((run, rank), set())
-        self.referred: set[tuple[str, int, str]] = set()
+        total = sum(t.nbytes for _, t in ordered)
+        budget = max(SCRUB_MIN_BYTES, int(total * SCRUB_SHARE), 1)
+        windows = max(1, -(-total // budget))
+        at, self.due = 0, set()
+        for key, t in ordered:
+            if at // budget == turn % windows:
+                self.due.add(key)
+            at += t.nbytes
         #: shared file -> its size is what the manifest says (checked once per save, every
         #: file: a file of the wrong size fails verification of every checkpoint using it)
         self.sized: dict[str, bool] = {}
 
     def __call__(self, key: str) -> bool:
-        name, c, fentry = self.stored[key]
         if self.loc is None:
             return True
+        name, c, fentry = self.stored[key]
         if name not in self.sized:
-            self.sized[name] = self._intact(name, None, fentry.size)
+            self.sized[name] = self._intact(name, key, None, fentry.size)
         if not self.sized[name]:
             return False
-        piece = (name, c.offset, c.hash)
-        self.referred.add(piece)
-        if piece in self.seen or self.budget <= 0:
-            return True  # checked in this round already, or its turn comes in a later save
-        self.budget -= c.length
-        ok = self._intact(name, c)
-        if ok:
-            self.seen.add(piece)
-        return ok
+        return key not in self.due or self._intact(name, key, c)
 
-    def _intact(self, name: str, c: manifest.Chunk | None, size: int = -1) -> bool:
-        """Whether chunk ``c`` of shared file ``name`` still holds its bytes (with ``c`` None:
-        whether the file still has ``size`` bytes). False is logged and remembered."""
+    def _intact(self, name: str, key: str, c: manifest.Chunk | None, size: int = -1) -> bool:
+        """Whether chunk ``c`` (tensor ``key``) of shared file ``name`` still holds its bytes
+        (with ``c`` None: whether the file still has ``size`` bytes). False is logged."""
         # reader imports nothing from here: imported here to avoid a cycle at import
         from savegame.engine import reader
 
@@ -210,8 +212,6 @@ class _Scrub:
         fkey = name
         try:
             fkey = reader.resolve(self.loc, name)
-            if store.local_path(fkey) is None:
-                return True  # an object store checks its objects itself (see above)
             blob = store.open(fkey)
             if c is None:
                 try:
@@ -238,22 +238,22 @@ class _Scrub:
         except (OSError, EOFError, errors.CheckpointError) as exc:
             why = f"it cannot be read ({exc})"
         where = store.describe(fkey)
-        at = f"shared bytes at offset {c.offset} of {where}" if c is not None else f"shared file {where}"
-        return self._damaged(at, why, "that tensor")
+        if c is None:
+            return self._damaged(f"shared file {where}", why, "every tensor it holds")
+        return self._damaged(
+            f"shared bytes of tensor {key!r} at offset {c.offset} of {where}", why, "that tensor"
+        )
 
     def _damaged(self, what_is: str, why: str, what: str) -> bool:
+        assert self.loc is not None
         log.warning(
             "%s: %s; this save writes %s in full, and the checkpoints that refer to those bytes "
             "are damaged (`savegame verify` names them)",
             what_is, why, what,
         )  # fmt: skip
-        _scrub_damage.append(what_is)
+        with _scrub_lock:
+            _scrub_damage.setdefault(self.loc.store.describe(layout.LATEST), []).append(what_is)
         return False
-
-    def end_of_save(self) -> None:
-        """A round of the scrub ends once every piece this save referred to was re-read in it."""
-        if self.referred <= self.seen:
-            self.seen.clear()
 
 
 def committed(root: Where, key: str, run_id: str, result: RankResult) -> None:
@@ -336,6 +336,7 @@ def write_rank_files(
     *,
     chunk_meta: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     previous: Previous | None = None,
+    scrub_turn: int = 0,
 ) -> RankResult:
     """Write this rank's tensors (contiguous CPU) into one safetensors-layout file, durably.
 
@@ -347,6 +348,8 @@ def write_rank_files(
         previous: The committed checkpoint to share bytes with (incremental save): a tensor
             whose staged bytes hash to the digest that checkpoint stores for the same piece of
             the same tensor is not written; the manifest refers to the stored bytes instead.
+        scrub_turn: The run's save counter (manifest ``info["index"]``): which part of the
+            shared bytes this save re-reads (:class:`_Scrub`).
     """
     name = layout.tensor_file(rank)
     staging = _staging(tmp)
@@ -357,11 +360,10 @@ def write_rank_files(
         if stored:
             assert previous is not None
             digests = {k: c.hash for k, (_, c, _) in stored.items()}
-            scrub = _Scrub(previous, rank, stored, sum(t.nbytes for _, t in ordered))
+            scrub = _Scrub(previous, stored, ordered, scrub_turn)
             (header, written, _), size = staging.write(
                 name, lambda f: tensors.write_changed_tensor_file(f, ordered, digests, scrub)
             )
-            scrub.end_of_save()
         else:
             (header, written), size = staging.write(
                 name, lambda f: tensors.write_tensor_file(f, ordered)
