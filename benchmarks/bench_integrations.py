@@ -127,7 +127,7 @@ def bench_lightning(args: argparse.Namespace) -> list[dict[str, Any]]:
             [pl.callbacks.ModelCheckpoint(dirpath=d, every_n_train_steps=every, save_top_k=-1)], None),
         "lightning ModelCheckpoint + AsyncCheckpointIO": lambda d: (
             [pl.callbacks.ModelCheckpoint(dirpath=d, every_n_train_steps=every, save_top_k=-1)], [AsyncCheckpointIO()]),
-        "savegame sync": lambda d: ([SavegameCallback(d, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), handle_signals=False)], None),
+        "savegame sync": lambda d: ([SavegameCallback(d, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=False, handle_signals=False)], None),
         "savegame async": lambda d: ([SavegameCallback(d, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=True, handle_signals=False)], None),
     }  # fmt: skip
     times: dict[str, float] = {}
@@ -225,7 +225,7 @@ def bench_keras(args: argparse.Namespace) -> list[dict[str, Any]]:
         "none": lambda d, dl: [],
         "keras ModelCheckpoint (.keras)": own,
         "keras BackupAndRestore": lambda d, dl: [keras.callbacks.BackupAndRestore(d, save_freq=every, delete_checkpoint=False)],
-        "savegame sync": lambda d, dl: [SavegameCheckpoint(d, loader=dl, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), handle_signals=False, verbose=0)],
+        "savegame sync": lambda d, dl: [SavegameCheckpoint(d, loader=dl, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=False, handle_signals=False, verbose=0)],
         "savegame async": lambda d, dl: [SavegameCheckpoint(d, loader=dl, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=True, handle_signals=False, verbose=0)],
     }  # fmt: skip
     times: dict[str, float] = {}

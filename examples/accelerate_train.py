@@ -4,6 +4,10 @@
     python examples/accelerate_train.py --kill-at 33    # SIGKILLs itself at step 33 ...
     python examples/accelerate_train.py                 # ... and this resumes at step 30, exactly
 
+(Saves are async by default: a kill while step 30's save is still being written resumes from
+the checkpoint before it, as exactly. The same script runs under ``torchrun --nproc-per-node 2``
+(DDP, gloo on CPU): every rank resumes its own share; docs/integrations-hf.md.)
+
 The lines savegame adds are marked. ``accelerator.save_state()``/``load_state()`` write and read
 a savegame checkpoint (safetensors + JSON manifest, every hash checked; no pickle), with the
 objects given to ``register_for_checkpointing`` included. See docs/integrations-hf.md.

@@ -4,6 +4,9 @@
     python examples/hf_trainer_train.py --kill-at 17    # SIGKILLs itself at step 17 ...
     python examples/hf_trainer_train.py                 # ... and this resumes at step 15, exactly
 
+(Saves are async by default: a kill while step 15's save is still being written resumes from
+step 10 instead, as exactly. ``attach(..., async_save=False)`` makes every save blocking.)
+
 A tiny GPT-2 built from a config, random token ids (no download). The two savegame lines are
 marked; everything else is a plain Trainer. ``save_strategy="no"``: the Trainer's own (pickled)
 checkpoints are not needed. See docs/integrations-hf.md.

@@ -125,7 +125,10 @@ def train(
     keep: Any = None,
     probe: list[int] | None = None,
     direct: bool = True,
+    async_save: bool = False,
 ) -> tuple[dict[str, Any], int]:
+    # Sync saves unless asked: the crash tests assert which steps were committed before the
+    # SIGKILL. The integration's default, async, is what test_accelerate_torchrun_resume.py runs.
     import savegame as sg
     from savegame.integrations.accelerate import attach
 
@@ -136,6 +139,7 @@ def train(
         save=sg.Every(steps=every),
         keep=keep or sg.Keep(last=2),
         extras=(extras := {"epoch": 0, "losses": []}),
+        async_save=async_save,
     )
     Data.fetched = 0
     step = start = acc.load_state()

@@ -148,10 +148,13 @@ def train(
     every: int = 2,
     keep: Any = None,
     probe: list[int] | None = None,
+    async_save: bool = False,
     **opts: Any,
 ) -> tuple[Any, Any]:
     """One training session (in this process): attach savegame, optionally SIGKILL the process at
-    ``kill_at`` (call it in a forked child), return (trainer, callback)."""
+    ``kill_at`` (call it in a forked child), return (trainer, callback). Sync saves unless asked
+    (the crash tests assert which steps were committed before the SIGKILL); the integration's
+    default, async, is what test_hf_torchrun_resume.py runs."""
     from transformers import TrainerCallback
 
     import savegame as sg
@@ -160,7 +163,8 @@ def train(
     trainer = build_trainer(run_dir, run_dir.parent, **opts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # save_strategy advice etc. are not under test here
-        cb = attach(trainer, run_dir, save=sg.Every(steps=every), keep=keep or sg.Keep(last=2))
+        cb = attach(trainer, run_dir, save=sg.Every(steps=every), keep=keep or sg.Keep(last=2),
+                    async_save=async_save)  # fmt: skip
 
     class Probe(TrainerCallback):
         """SIGKILL at ``kill_at``; record the batches fetched before the first step (resume cost)."""
@@ -495,8 +499,10 @@ def main(argv: list[str]) -> int:
     opts = json.loads(argv[2]) if len(argv) > 2 else {}
     kill_at = opts.pop("kill_at", None)
     every = opts.pop("every", 2)
+    async_save = opts.pop("async_save", False)  # sync: the tests assert the committed steps
     trainer = build_trainer(run_dir, out_dir, **opts)
-    cb = attach(trainer, run_dir, save=sg.Every(steps=every), keep=sg.Keep(last=2))
+    cb = attach(trainer, run_dir, save=sg.Every(steps=every), keep=sg.Keep(last=2),
+                async_save=async_save)  # fmt: skip
 
     if kill_at is not None:
         from transformers import TrainerCallback

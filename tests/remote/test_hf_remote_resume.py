@@ -75,6 +75,8 @@ def train(root: str | Path, out_dir: Path, *, kill_at: int | None = None) -> tup
     class Kill(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == kill_at:
+                if cb.checkpointer is not None:
+                    cb.checkpointer.wait()  # the last (async, the default) save commits first
                 os.kill(os.getpid(), signal.SIGKILL)
 
     trainer.add_callback(Kill())

@@ -3,7 +3,15 @@ framework's version string is compared with the range an integration supports.""
 
 from __future__ import annotations
 
-__all__ = ["ExactnessWarning", "InexactResumeWarning", "MonitorWarning", "version_tuple"]
+from savegame.errors import CheckpointError
+
+__all__ = [
+    "ExactnessWarning",
+    "InexactResumeWarning",
+    "MonitorWarning",
+    "UnsupportedSetupError",
+    "version_tuple",
+]
 
 
 class ExactnessWarning(UserWarning):
@@ -35,3 +43,10 @@ def version_tuple(text: str) -> tuple[int, ...]:
         if digits != part:
             break
     return tuple(out)
+
+
+class UnsupportedSetupError(CheckpointError, ValueError):
+    """The training setup is one the integration cannot save and resume exactly (a Keras
+    distribution on the torch backend, FSDP or DeepSpeed under the Hugging Face integrations);
+    raised before anything is trained or written, the message naming the fix. A ``ValueError``
+    (and a ``savegame.CheckpointError``)."""

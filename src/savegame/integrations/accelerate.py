@@ -40,13 +40,14 @@ import torch
 from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import Checkpointer
-from savegame.integrations._common import InexactResumeWarning, version_tuple
+from savegame.integrations._common import InexactResumeWarning, UnsupportedSetupError, version_tuple
 
 __all__ = [
     "SUPPORTED_ACCELERATE",
     "AccelerateCheckpointer",
     "DirectRandomSampler",
     "InexactResumeWarning",
+    "UnsupportedSetupError",
     "attach",
     "check_version",
 ]
@@ -89,7 +90,7 @@ class _DirectRandomIterator:
     def __init__(self, sampler: DirectRandomSampler) -> None:
         self.sampler = sampler
         self.generator_state = sampler.generator.get_state()
-        self.perm = torch.randperm(sampler.n, generator=sampler.generator).tolist()
+        self.perm = sampler._shard(torch.randperm(sampler.n, generator=sampler.generator).tolist())
         self.index = 0
 
     def __iter__(self) -> _DirectRandomIterator:
@@ -106,13 +107,16 @@ class _DirectRandomIterator:
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         yielded = int(sd["yielded"])
-        if not 0 <= yielded <= self.sampler.n:
+        if not 0 <= yielded <= len(self.sampler):
             raise ValueError(
-                f"sampler position {yielded} is outside the dataset (size {self.sampler.n})"
+                f"sampler position {yielded} is outside this sampler's share of the dataset "
+                f"({len(self.sampler)} samples)"
             )
         self.generator_state = sd["generator"]
         self.sampler.generator.set_state(self.generator_state)
-        self.perm = torch.randperm(self.sampler.n, generator=self.sampler.generator).tolist()
+        self.perm = self.sampler._shard(
+            torch.randperm(self.sampler.n, generator=self.sampler.generator).tolist()
+        )
         self.index = yielded
 
 
@@ -120,21 +124,60 @@ class DirectRandomSampler(torch.utils.data.Sampler[int]):
     """A random permutation per epoch from its own seeded generator, whose position in the epoch
     is restored directly (no replay of the samples already drawn). Every epoch's order depends
     on the seed only. Use it as ``StatefulDataLoader(dataset, sampler=DirectRandomSampler(dataset,
-    seed=0), batch_size=...)`` in place of ``shuffle=True``."""
+    seed=0), batch_size=...)`` in place of ``shuffle=True``.
 
-    def __init__(self, data_source: Any, *, seed: int) -> None:
+    With ``num_replicas=W, rank=r`` (one sampler per rank, the same seed on every rank) it is
+    a ``DistributedSampler`` look-alike: every rank draws the same permutation, pads it to a
+    multiple of ``W`` with its first indices (as ``DistributedSampler(drop_last=False)`` does)
+    and takes every ``W``-th index from ``r``; the ranks' shares are disjoint but for the
+    padding. Each rank's position is its own."""
+
+    def __init__(
+        self, data_source: Any, *, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         self.n = len(data_source)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"DirectRandomSampler: rank {rank} is not in [0, num_replicas={num_replicas})"
+            )
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
         self.generator = torch.Generator()
         self.generator.manual_seed(int(seed))
+        #: The epoch's iterator (the last one built): its generator state before the permutation.
+        self._current: _DirectRandomIterator | None = None
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.num_replicas)
+
+    def _shard(self, perm: list[int]) -> list[int]:
+        if self.num_replicas == 1 or not perm:
+            return perm
+        total = len(self) * self.num_replicas
+        while len(perm) < total:
+            perm = perm + perm[: total - len(perm)]
+        return perm[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> _DirectRandomIterator:
-        return _DirectRandomIterator(self)
+        self._current = _DirectRandomIterator(self)
+        return self._current
 
 
 # ---- the objects Accelerate holds, as savegame Statefuls ----------------------------------------
+def _sharded_direct_sampler(loader: Any) -> DirectRandomSampler | None:
+    """The ``DirectRandomSampler`` under Accelerate's ``BatchSamplerShard`` (a prepared loader
+    on several processes), or None. torchdata cannot save that chain's position (the shard's
+    iterator is a generator): it restores it by replaying the batch indices of the epoch
+    (indices only, no sample is fetched), which draws the epoch's permutation again from the
+    sampler's generator — so the generator must be put back where it stood at the epoch's start."""
+    base = getattr(loader, "base_dataloader", None)
+    shard = getattr(base, "batch_sampler", None)
+    if type(shard).__name__ != "BatchSamplerShard":
+        return None
+    sampler = getattr(getattr(shard, "batch_sampler", None), "sampler", None)
+    return sampler if isinstance(sampler, DirectRandomSampler) else None
+
+
 class _PreparedLoader:
     """A prepared loader (``DataLoaderShard`` over a torchdata ``StatefulDataLoader``): its
     position as Accelerate reports it (the batches yielded to you, not its one-batch look-ahead)
@@ -144,17 +187,37 @@ class _PreparedLoader:
         self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
+        position = self.loader.state_dict()
+        # Saved after the epoch's last batch (the loop has not asked for the next one yet): the
+        # epoch is over, and Accelerate counts it (iteration + 1) only when the loop asks.
+        finished = isinstance(position, Mapping) and bool(position.get("_iterator_finished"))
         sd: dict[str, Any] = {
-            "position": self.loader.state_dict(),
-            "iteration": int(self.loader.iteration),
+            "position": position,
+            "iteration": int(self.loader.iteration) + int(finished),
         }
         generator = getattr(self.loader, "generator", None)
         if isinstance(generator, torch.Generator):
             sd["generator"] = generator.get_state()
+        sampler = _sharded_direct_sampler(self.loader)
+        if sampler is not None:
+            current = sampler._current
+            sd["sampler_generator"] = sampler.generator.get_state()
+            sd["sampler_epoch_start"] = (
+                current.generator_state if current is not None else sampler.generator.get_state()
+            )
         return sd
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self.loader.load_state_dict(dict(sd["position"]))
+        position = dict(sd["position"])
+        sampler = _sharded_direct_sampler(self.loader)
+        if sampler is not None and "sampler_epoch_start" in sd:
+            # A finished epoch is not replayed (the next iter() draws the next permutation from
+            # the generator as it is now); an unfinished one is replayed from its start.
+            finished = bool(position.get("_iterator_finished"))
+            sampler.generator.set_state(
+                sd["sampler_generator" if finished else "sampler_epoch_start"]
+            )
+        self.loader.load_state_dict(position)
         self.loader.iteration = int(sd["iteration"])
         base = getattr(self.loader, "base_dataloader", None)
         if base is not None and callable(getattr(base, "state_dict", None)):
@@ -189,6 +252,33 @@ def _has_position(loader: Any) -> bool:
     )
 
 
+#: Accelerate's multi-process modes in which every rank holds the whole model and optimizer
+#: (DDP): savegame's multi-rank protocol writes them once and each rank's own state per rank.
+_DDP_TYPES = ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+              "MULTI_NPU", "MULTI_HPU", "MULTI_NEURON")  # fmt: skip
+
+
+def _check_distributed_type(accelerator: Any) -> None:
+    """One process, or DDP under torchrun/``accelerate launch``; refuse the modes whose model
+    or optimizer is sharded in the engine's own format (FSDP, DeepSpeed, Megatron, XLA), which
+    this wrapper does not gather."""
+    if accelerator.num_processes <= 1:
+        return
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind not in _DDP_TYPES:
+        raise UnsupportedSetupError(
+            f"savegame's Accelerate integration supports one process or DDP ({', '.join(_DDP_TYPES[:2])}, ...), "
+            f"not distributed_type={kind} on {accelerator.num_processes} processes: the model and optimizer "
+            "would be saved as each rank's shards without their layout. Use DDP, or savegame.Checkpointer with "
+            "FSDP2 (fully_shard) in your own loop (docs/distributed.md)"
+        )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise UnsupportedSetupError(
+            f"the Accelerator reports {accelerator.num_processes} processes but no torch.distributed process "
+            "group is initialized: launch with torchrun or accelerate launch"
+        )
+
+
 class AccelerateCheckpointer:
     """savegame's ``Checkpointer`` over everything an ``Accelerator`` prepared and registered.
 
@@ -198,11 +288,16 @@ class AccelerateCheckpointer:
         root: The run folder.
         extras: A dict of your own values, saved and updated in place on restore.
         save, keep, async_save, handle_signals, exit_on_signal: as for
-            :class:`savegame.Checkpointer`.
+            :class:`savegame.Checkpointer`, except that ``async_save`` defaults to True:
+            :meth:`step` returns once the state is copied to host memory; a signal's save,
+            :meth:`save_state` and :meth:`close` wait for the commit, and a failed background
+            save is raised by the next call. ``False``: every save blocks.
 
     Raises:
         MissingDependencyError: accelerate is missing or not a supported version.
-        ValueError: more than one process (use savegame's ``Checkpointer`` under torchrun).
+        UnsupportedSetupError: several processes in a mode other than DDP (FSDP, DeepSpeed,
+            Megatron, XLA), or no process group. Under DDP (torchrun) every rank builds it and
+            calls every method, as for :class:`savegame.Checkpointer`.
     """
 
     def __init__(
@@ -213,16 +308,12 @@ class AccelerateCheckpointer:
         extras: MutableMapping[str, Any] | None = None,
         save: policy.Every | None = None,
         keep: policy.Keep | None = None,
-        async_save: bool = False,
+        async_save: bool = True,
         handle_signals: bool = True,
         exit_on_signal: bool = True,
     ) -> None:
         check_version()
-        if accelerator.num_processes > 1:
-            raise ValueError(
-                f"savegame's Accelerate integration runs in one process ({accelerator.num_processes} here); "
-                "under torchrun use savegame.Checkpointer in your loop (docs/distributed.md)"
-            )
+        _check_distributed_type(accelerator)
         self.accelerator = accelerator
         self.extras = extras
         self.checkpointer = Checkpointer(
@@ -352,7 +443,7 @@ def attach(
     extras: MutableMapping[str, Any] | None = None,
     save: policy.Every | None = None,
     keep: policy.Keep | None = None,
-    async_save: bool = False,
+    async_save: bool = True,
     handle_signals: bool = True,
     exit_on_signal: bool = True,
 ) -> AccelerateCheckpointer:

@@ -41,10 +41,22 @@ from typing import Any, Literal
 
 from savegame import errors, policy
 from savegame.checkpointer import Checkpointer
-from savegame.integrations._common import ExactnessWarning, MonitorWarning, version_tuple
+from savegame.integrations._common import (
+    ExactnessWarning,
+    MonitorWarning,
+    UnsupportedSetupError,
+    version_tuple,
+)
 from savegame.state import TrainState
 
-__all__ = ["SUPPORTED", "ExactnessWarning", "MonitorWarning", "SavegameCheckpoint", "check_version"]
+__all__ = [
+    "SUPPORTED",
+    "ExactnessWarning",
+    "MonitorWarning",
+    "SavegameCheckpoint",
+    "UnsupportedSetupError",
+    "check_version",
+]
 
 log = logging.getLogger("savegame")
 
@@ -193,7 +205,9 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         keep: What to keep, e.g. ``Keep(last=2, best=3, monitor="val_loss", mode="min")``. The
             monitored metric is read from the epoch's logs (``val_*`` after validation).
         async_save, when_busy, handle_signals: as for :class:`savegame.Checkpointer`
-            (signals: save at the next batch's end, exit status 75).
+            (signals: save at the next batch's end, committed before the exit with status 75).
+            ``async_save`` defaults to True here: the end of ``fit`` waits for the last save,
+            and a failed background save is raised at the next batch.
         resume: Restore the newest valid checkpoint at ``on_train_begin``.
         verbose: 1 prints Keras-style lines on saves and metric changes.
     """
@@ -205,7 +219,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         loader: Any = None,
         save: policy.Every | None = None,
         keep: policy.Keep | None = None,
-        async_save: bool = False,
+        async_save: bool = True,
         when_busy: Literal["wait", "skip"] = "wait",
         handle_signals: bool = True,
         resume: bool = True,
@@ -266,6 +280,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
                 "callback call, so a mid-epoch resume cannot land on the right batch; compile with "
                 "steps_per_execution=1 (the only value Keras' torch backend supports)"
             )
+        _check_one_device(self.root)
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         self._keras_state = _KerasState(model)
@@ -458,6 +473,51 @@ class SavegameCheckpoint(keras.callbacks.Callback):
     def path(self) -> Path | str | None:
         """The run folder (None before ``fit``)."""
         return self.checkpointer.root if self.checkpointer is not None else None
+
+
+def _check_one_device(root: Any) -> None:
+    """Refuse, before anything is trained or written, the multi-device setups Keras' torch
+    backend does not run and this callback could not resume exactly.
+
+    Keras 3's distribution API (``keras.distribution``) has a backend only for JAX: on torch
+    (3.5-3.15) ``keras.src.backend.distribution_lib`` is None, ``list_devices()`` raises
+    ``AttributeError``, and ``set_distribution(DataParallel(...))`` is accepted but ignored —
+    ``fit`` trains on one device (tested with 3.15.1). Several processes (``torchrun``) each
+    run their own ``fit`` with no gradient exchange: independent models, not data parallelism,
+    whose checkpoints one run folder cannot hold as one run."""
+    try:
+        from keras import distribution as keras_distribution
+
+        active = keras_distribution.distribution()
+    except (ImportError, AttributeError):  # pragma: no cover - a Keras without the API
+        active = None
+    if active is not None:
+        raise UnsupportedSetupError(
+            f"SavegameCheckpoint: keras.distribution.set_distribution({type(active).__name__}(...)) is set, but "
+            "Keras' torch backend has no distribution support: it ignores it and fit() trains on one device. "
+            "Remove the set_distribution call (one device is what runs), or, for several devices, train the "
+            "model as a torch module under DistributedDataParallel with savegame.Checkpointer "
+            "(docs/distributed.md)",
+            path=root,
+        )
+    world = _world_size()
+    if world > 1:
+        raise UnsupportedSetupError(
+            f"SavegameCheckpoint runs in one process; this is one of {world} (torchrun/WORLD_SIZE): Keras' torch "
+            "backend does not exchange gradients between processes, so each would train and save its own model. "
+            "Run fit() in one process, or train the model as a torch module under DistributedDataParallel with "
+            "savegame.Checkpointer (docs/distributed.md)",
+            path=root,
+        )
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
 
 
 def _print(message: str) -> None:

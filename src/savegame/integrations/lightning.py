@@ -144,7 +144,10 @@ class SavegameCallback(pl.Callback):
             Steps are Lightning's ``global_step`` (optimizer steps).
         keep: What to keep (``Keep(last=, best=, monitor=, mode=, every=)``); ``monitor`` names a
             metric you ``self.log(...)`` (e.g. ``"val_loss"``).
-        async_save: Persist in the background (training pauses only for the copy to host).
+        async_save: Persist in the background (default True; training pauses only for the copy
+            to host). A preemption signal's save, ``on_train_end`` and teardown still wait for
+            the commit, and a failed background save is raised on the training thread at the
+            next step. ``False``: every save blocks until committed (no host copy of the state).
         when_busy: With ``async_save``: ``"wait"`` or ``"skip"`` while a save persists.
         handle_signals: Save at the next step boundary on SIGTERM/SIGUSR1/SIGINT, then exit 75.
         resume: Restore the newest valid checkpoint of ``root`` at the start of ``fit``.
@@ -160,7 +163,7 @@ class SavegameCallback(pl.Callback):
         *,
         save: policy.Every | None = None,
         keep: policy.Keep | None = None,
-        async_save: bool = False,
+        async_save: bool = True,
         when_busy: Literal["wait", "skip"] = "wait",
         handle_signals: bool = True,
         resume: bool = True,

@@ -50,7 +50,7 @@ from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import Checkpointer
 from savegame.checkpointer.retention import CheckpointInfo
-from savegame.integrations._common import InexactResumeWarning, version_tuple
+from savegame.integrations._common import InexactResumeWarning, UnsupportedSetupError, version_tuple
 from savegame.integrations.accelerate import DirectRandomSampler
 
 log = logging.getLogger("savegame")
@@ -58,6 +58,7 @@ log = logging.getLogger("savegame")
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "InexactResumeWarning",
+    "UnsupportedSetupError",
     "SavegameCallback",
     "attach",
     "DirectRandomSampler",
@@ -126,8 +127,11 @@ def stateful_train_dataloader(trainer: Any) -> Any:
     workers and ``drop_last``, shuffled by a generator seeded from ``args.data_seed`` (else
     ``args.seed``), so its position is restored directly (no batch is skipped over).
 
-    Not passed through ``accelerator.prepare``: one process, the Trainer moves each batch to
-    its device itself (``_prepare_inputs``).
+    Not passed through ``accelerator.prepare``: the Trainer moves each batch to its device itself
+    (``_prepare_inputs``). Under DDP (``torchrun``, ``args.world_size > 1``) each rank gets its
+    own share of every epoch, as ``DistributedSampler`` gives it (the same seeded permutation on
+    every rank, every ``world_size``-th sample from ``args.process_index``), in place of the
+    batch sharding ``accelerator.prepare`` would add; each rank's position is its own.
 
     Raises:
         ValueError: no training dataset, an ``IterableDataset``, or a training sampler other than
@@ -169,9 +173,18 @@ def stateful_train_dataloader(trainer: Any) -> Any:
     seed = int(args.data_seed if args.data_seed is not None else args.seed)
     generator = torch.Generator()  # the workers' base seed: the global RNG is left alone
     generator.manual_seed(seed)
+    world, rank = int(args.world_size), int(args.process_index)
+    train_sampler: Any = None
+    if shuffle:
+        train_sampler = DirectRandomSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+    elif world > 1:
+        from torch.utils.data import DistributedSampler
+
+        # Sequential: torchdata restores its position by replaying indices only (no fetch).
+        train_sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
     params: dict[str, Any] = {
         "batch_size": trainer._train_batch_size,
-        "sampler": DirectRandomSampler(dataset, seed=seed) if shuffle else None,
+        "sampler": train_sampler,
         "collate_fn": collator,
         "num_workers": args.dataloader_num_workers,
         "pin_memory": args.dataloader_pin_memory,
@@ -287,7 +300,9 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
     Args:
         root: The run folder (savegame's ``Checkpointer`` root).
         save, keep, async_save, handle_signals, exit_on_signal: as for
-            :class:`savegame.Checkpointer`. ``keep=Keep(best=K, monitor=...)`` takes any metric
+            :class:`savegame.Checkpointer`, except that ``async_save`` defaults to True (a
+            signal's save and the end of ``train()`` still wait for the commit; a failed
+            background save is raised at the next step; ``False``: every save blocks). ``keep=Keep(best=K, monitor=...)`` takes any metric
             the Trainer logs (``"eval_loss"``, ``"loss"``...).
         resume: Restore the newest valid checkpoint in ``on_train_begin`` (default True).
         save_on_train_end: Save once more when training ends (default True).
@@ -302,7 +317,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         *,
         save: policy.Every | None = None,
         keep: policy.Keep | None = None,
-        async_save: bool = False,
+        async_save: bool = True,
         handle_signals: bool = True,
         exit_on_signal: bool = True,
         resume: bool = True,
@@ -349,11 +364,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
                 "SavegameCallback has no Trainer: use savegame.integrations.transformers.attach(trainer, root, ...) "
                 "(or callback.bind(trainer)) before trainer.train()"
             )
-        if args.world_size > 1:
-            raise ValueError(
-                f"savegame's Trainer integration runs in one process (world size {args.world_size} here); "
-                "for torchrun/DDP/FSDP use savegame.Checkpointer in your own loop (docs/distributed.md)"
-            )
+        _check_parallel_mode(trainer)
         monitor = self.keep.monitor
         if monitor and self.keep.best > 0 and _never_logged(args, monitor):
             raise ValueError(
@@ -555,6 +566,34 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             )
 
 
+def _check_parallel_mode(trainer: Any) -> None:
+    """One process, or DDP under torchrun (every rank runs the callback; the Checkpointer runs
+    savegame's multi-rank protocol). Refuse what the callback cannot restore exactly: FSDP,
+    DeepSpeed and tensor parallelism shard the model and optimizer in their own formats, which
+    the callback does not gather."""
+    args = trainer.args
+    if args.world_size <= 1:
+        return
+    engine = (
+        "FSDP" if getattr(trainer, "is_fsdp_enabled", False)
+        else "DeepSpeed" if getattr(trainer, "is_deepspeed_enabled", False)
+        else "tensor parallelism" if getattr(trainer, "is_tp_enabled", False)
+        else None
+    )  # fmt: skip
+    if engine is not None:
+        raise UnsupportedSetupError(
+            f"savegame's Trainer integration supports one process or DDP under torchrun, not {engine} "
+            f"(world size {args.world_size}): it would save each rank's {engine} shards without their layout. "
+            "Train with DDP (no fsdp=/deepspeed= in TrainingArguments), or use savegame.Checkpointer with FSDP2 "
+            "in your own loop (docs/distributed.md)"
+        )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise UnsupportedSetupError(
+            f"TrainingArguments report world size {args.world_size} but no torch.distributed process group "
+            "is initialized: launch with torchrun (every rank runs the same script)"
+        )
+
+
 def _numbers(values: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in (values or {}).items():
@@ -605,7 +644,7 @@ def attach(
     *,
     save: policy.Every | None = None,
     keep: policy.Keep | None = None,
-    async_save: bool = False,
+    async_save: bool = True,
     handle_signals: bool = True,
     exit_on_signal: bool = True,
     resume: bool = True,
@@ -624,6 +663,9 @@ def attach(
     Raises:
         MissingDependencyError: transformers is missing or not a supported version.
         TypeError: ``trainer`` is no ``transformers.Trainer``.
+
+    Under DDP (torchrun) every rank calls ``attach`` and ``train()``; FSDP, DeepSpeed and tensor
+    parallelism are refused at ``train()`` with :class:`UnsupportedSetupError`.
     """
     check_version()
     from transformers import Trainer
