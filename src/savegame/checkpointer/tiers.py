@@ -40,6 +40,7 @@ fails the collective at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -191,6 +192,9 @@ class Tiers:
         )
         self._lease = runfile.run_lock(remote, rank)
         self.run_id = ""
+        #: The remote's run.json as this process last read or wrote it (None: unknown); the
+        #: lease holder is its only writer, so an identical one is not put again.
+        self._remote_run: bytes | None = None
         self.pending: list[int] = []
         self._uploaded: set[int] = set()
         self._verified: set[str] = set()  # remote checkpoints known intact (for retention)
@@ -232,7 +236,11 @@ class Tiers:
                     path=self.cache.describe(),
                 )
         if rrec is not None and crec is None:
-            self.cache.put(layout.RUN_FILE, self.remote.read(layout.RUN_FILE))
+            self._remote_run = self.remote.read(layout.RUN_FILE)  # the lease's snapshot: no request
+            self.cache.put(layout.RUN_FILE, self._remote_run)
+        elif rrec is not None:
+            with contextlib.suppress(OSError, EOFError):  # unknown: mirrored as before
+                self._remote_run = self.remote.read(layout.RUN_FILE)
 
     def reconcile(self, run_id: str) -> list[int]:
         """Rank 0, after the cache's run.json: publish it remotely, remove a dead writer's
@@ -609,7 +617,11 @@ class Tiers:
 
     def _mirror_run_file(self) -> None:
         data = self.cache.read(layout.RUN_FILE)
+        if data == self._remote_run:
+            return  # the remote holds these bytes already (a session that only restored)
+        self._remote_run = None  # unknown until the put succeeded
         self.remote.put(layout.RUN_FILE, data)
+        self._remote_run = data
 
     # ---- retention (rank 0, on the upload thread) ----------------------------------------------
     def _retention(self, step: int) -> None:

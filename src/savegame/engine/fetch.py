@@ -5,9 +5,10 @@ requests, since a server charges per request), the pool of requests in flight, a
 where bytes bound for live tensors wait until every hash of the call matched.
 
 Invariant: every byte is hashed once its request completed (a chunk that lies whole in one
-request by the thread that read it, a chunk split over requests in file order by the caller's
-thread), and a chunk whose hash does not match is reported (``bad``) before :func:`pull`
-returns; nothing here copies into a live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
+request by the thread that read it — from a blob that streams into a :class:`_Sink`, as each
+piece arrives — a chunk split over requests in file order by the caller's thread), and a chunk
+whose hash does not match is reported (``bad``) before :func:`pull` returns; nothing here
+copies into a live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
 its knobs (``reader.REQUEST_BYTES``, ``reader.REQUESTS_IN_FLIGHT``) are passed in per call.
 """
 
@@ -161,18 +162,91 @@ def _plan_requests(
     return out
 
 
+class _Sink:
+    """Where one request's bytes go as they arrive, for a blob that streams into a sink (an
+    object store's ``readinto`` given an object with ``take`` calls it with each piece of
+    the response body, in order, instead of filling one buffer).
+
+    Each piece is copied straight into the homes it covers (several fresh tensors, or the
+    staging) and hashed while it is in the cache: a chunk that lies whole in the request is
+    hashed when its last byte arrives, with no second pass; one without a home (``verify``)
+    is only hashed, never copied. Only a chunk split over requests that has no home keeps
+    its bytes here (``kept``), for the caller to hash in file order. So no bounce buffer: a
+    request across fresh tensors was read into one and copied again (one more copy of every
+    byte, and a fresh buffer's page faults, per request)."""
+
+    __slots__ = ("_parts", "_i", "_pos", "_n", "kept")
+
+    def __init__(self, req: _Request) -> None:
+        import numpy as np
+
+        self._n = req.length
+        self._i = 0
+        self._pos = 0  # bytes of the request taken so far
+        #: seg index -> the bytes of a split chunk without a home
+        self.kept: dict[int, memoryview] = {}
+        # (start, stop) in the request, home (numpy view) or None, hasher or None
+        self._parts: list[tuple[int, int, Any, Any]] = []
+        for idx, seg in enumerate(req.segs):
+            t = seg.target
+            home = seg.home
+            hasher = None
+            if t.digest is not None and seg.length == t.length:
+                hasher = hashing.new()
+            elif t.digest is not None and home is None:
+                home = self.kept[idx] = memoryview(bytearray(seg.length))
+            start = seg.offset - req.offset
+            arr = None if home is None else np.frombuffer(home.cast("B"), dtype=np.uint8)
+            self._parts.append((start, start + seg.length, arr, hasher))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def take(self, piece: Any) -> None:
+        """The next ``len(piece)`` bytes of the request (the blob checks the total)."""
+        import numpy as np
+
+        src = np.frombuffer(piece, dtype=np.uint8)
+        n, p, parts = len(src), 0, self._parts
+        while p < n and self._i < len(parts):
+            start, stop, home, hasher = parts[self._i]
+            cur = self._pos + p
+            if cur < start:  # a gap between two chunks: read, dropped
+                p += min(start - cur, n - p)
+                continue
+            k = min(stop - cur, n - p)
+            if home is not None:  # numpy's copy releases the GIL (a slice assignment holds it)
+                np.copyto(home[cur - start : cur - start + k], src[p : p + k])
+            if hasher is not None:
+                hasher.update(src[p : p + k])
+            p += k
+            if cur + k == stop:
+                self._i += 1
+        self._pos += n
+
+    def matched(self, req: _Request) -> list[bool]:
+        """Per segment that is a whole hashed chunk, in order: whether its hash matched."""
+        return [
+            hasher.hexdigest() == seg.target.digest
+            for (_, _, _, hasher), seg in zip(self._parts, req.segs, strict=True)
+            if hasher is not None
+        ]
+
+
 def pull(
-    read: Callable[[int, memoryview], None],
+    read: Callable[[int, Any], None],
     targets: Sequence[Target],
     bad: Callable[[Target], None],
     *,
     request: int,
     in_flight: int,
     stretch: bool = False,
+    sinks: bool = False,
 ) -> None:
     """Read ``targets`` with parallel ranged reads (``read(offset, into)`` fills ``into`` from
     that file offset) and hash each one; ``bad`` is called for a chunk whose hash does not
-    match (it may raise).
+    match (it may raise). ``sinks``: ``read`` also takes a :class:`_Sink` for ``into`` (the
+    blob streams each piece into it as it arrives: no bounce buffers, hashed on arrival).
 
     Requests (see :func:`_plan_requests`; ``stretch``: :func:`_parts`) are issued in file
     order, at most ``in_flight`` running and ``in_flight + 4`` submitted. A chunk that lies
@@ -181,7 +255,9 @@ def pull(
     several requests is hashed incrementally, in order, by this thread as they complete.
     Memory beyond the targets' homes: one bounce buffer per submitted request that has no
     single home (small chunks sharing a request, or ``verify``), at most
-    ``(in_flight + 4) * request`` (1.5 times that with ``stretch``).
+    ``(in_flight + 4) * request`` (1.5 times that with ``stretch``); with ``sinks``, only the
+    bytes of chunks split over requests that have no home (``verify`` of a chunk larger than
+    a request), within the same bound.
 
     Raises:
         Whatever ``read`` raises (the reader's: ChangedError when the blob changed, which the
@@ -195,14 +271,16 @@ def pull(
     requests = _plan_requests(ordered, request, stretch)
     stop = threading.Event()
 
-    def view_of(req: _Request, s: _Seg, buf: memoryview | None) -> memoryview:
-        return s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
-
-    def fetch(req: _Request) -> tuple[memoryview | None, list[bool]] | None:
-        """Read ``req``; returns the bounce buffer still needed (or None) and, per segment
-        that is a whole hashed chunk, whether its hash matched."""
+    def fetch(req: _Request) -> tuple[dict[int, memoryview], list[bool]] | None:
+        """Read ``req``; returns the bytes of its split chunks without a home (seg index ->
+        bytes, for the in-order hash) and, per segment that is a whole hashed chunk, whether
+        its hash matched."""
         if stop.is_set():
             return None
+        if sinks:
+            sink = _Sink(req)
+            read(req.offset, sink)
+            return sink.kept, sink.matched(req)
         buf: memoryview | None = None
         if req.into is not None:
             read(req.offset, req.into)
@@ -212,14 +290,21 @@ def pull(
             for s in req.segs:
                 if s.home is not None:
                     s.home[:] = buf[s.offset - req.offset : s.offset - req.offset + s.length]
+
+        def view_of(s: _Seg) -> memoryview:
+            return s.home if s.home is not None else buf[s.offset - req.offset :][: s.length]  # type: ignore[index]
+
         ok = [
-            hashing.digest(view_of(req, s, buf)) == s.target.digest
+            hashing.digest(view_of(s)) == s.target.digest
             for s in req.segs
             if s.target.digest is not None and s.length == s.target.length
         ]
-        if buf is not None and all(s.home is not None for s in req.segs):
-            buf = None  # every byte is home and hashed: free it now
-        return buf, ok
+        kept = {
+            i: view_of(s)
+            for i, s in enumerate(req.segs)
+            if s.home is None and s.target.digest is not None and s.length != s.target.length
+        }  # every other byte is home and hashed: the buffer goes with its last view
+        return kept, ok
 
     hashers: dict[int, Any] = {}
     seen: dict[int, int] = {}
@@ -233,12 +318,12 @@ def pull(
                 break
         while window:
             req, fut = window.popleft()
-            buf, ok = fut.result()
+            kept, ok = fut.result()
             nxt = next(pending, None)
             if nxt is not None:
                 window.append((nxt, pool.submit(fetch, nxt)))
             whole = iter(ok)
-            for s in req.segs:
+            for i, s in enumerate(req.segs):
                 t = s.target
                 if t.digest is None:
                     continue
@@ -247,7 +332,7 @@ def pull(
                         bad(t)
                     continue
                 h = hashers.setdefault(id(t), hashing.new())
-                h.update(view_of(req, s, buf))
+                h.update(s.home if s.home is not None else kept[i])
                 seen[id(t)] = seen.get(id(t), 0) + s.length
                 if seen[id(t)] == t.length and hashers.pop(id(t)).hexdigest() != t.digest:
                     bad(t)

@@ -302,10 +302,15 @@ def _where(loc: Location, name: str) -> str:
     return loc.store.describe(resolve(loc, name) if manifest.is_ref(name) else file_key(loc, name))
 
 
-def _open(loc: Location, name: str, step: int) -> Blob:
+def _open(loc: Location, name: str, step: int, size: int | None = None) -> Blob:
+    """Open file ``name``; ``size`` (the manifest's): an object store may open it without a
+    request (``open_expecting``: the first read checks the size and pins the version)."""
     where = loc.store.describe(file_key(loc, name))
+    expecting = getattr(loc.store, "open_expecting", None)
     try:
         try:
+            if size is not None and expecting is not None and not manifest.is_ref(name):
+                return expecting(file_key(loc, name), size)
             return loc.store.open(file_key(loc, name))
         except FileNotFoundError:
             # A shared file (or this checkpoint's own, while it is being deleted) whose folder
@@ -371,6 +376,7 @@ def _pull(
         request=request,
         in_flight=REQUESTS_IN_FLIGHT,
         stretch=stretch,
+        sinks=bool(getattr(blob, "takes_sinks", False)),  # an object store's: no bounce buffers
     )
 
 
@@ -378,9 +384,11 @@ def _open_checked(
     loc: Location, name: str, m: manifest.Manifest, restarts: dict[str, int], header: bool = True
 ) -> Blob:
     """Open ``name`` and check its size and (``header``) its header; a change while doing so
-    starts it over (counted in ``restarts``, shared with the data reads)."""
+    starts it over (counted in ``restarts``, shared with the data reads). Without ``header``
+    (the data reads check it) a first open may send no request; a start-over asks the store."""
     while True:
-        blob = _open(loc, name, m.step)
+        unseen = not header and not restarts.get(name)
+        blob = _open(loc, name, m.step, m.files[name].size if unseen else None)
         try:
             if header:
                 _check_file(loc, name, m.files[name], m, blob)

@@ -116,12 +116,40 @@ class _ObjBlob(base.Blob):
     the whole object, already read by the GET that opened it (a small object): reads are
     served from it, with no request."""
 
-    def __init__(self, store: ObjectStore, key: str, meta: Any, body: bytes | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        meta: Any,
+        body: bytes | None = None,
+        *,
+        unseen: bool = False,
+    ) -> None:
         self._store = store
         self._key = key
         self.size = int(meta["size"])
         self.etag = meta.get("e_tag")
         self._body = body if body is not None and len(body) == self.size else None
+        #: Opened without a request (:meth:`ObjectStore.open_expecting`): ``size`` is the one
+        #: expected, and the version is pinned by the first response (see :meth:`_pin`).
+        self._unseen = unseen
+        self._pin_lock = threading.Lock()
+
+    def _pin(self, meta: Any) -> None:
+        """A blob opened unseen learns its version from the first response: every response
+        must then be of that version (those sent before it was known are checked here, those
+        after carry ``If-Match``) and of the expected size."""
+        size, etag = int(meta["size"]), meta.get("e_tag")
+        where = self._store.describe(self._key)
+        if size != self.size:
+            raise EOFError(f"is {size} bytes but the manifest says {self.size}")
+        with self._pin_lock:
+            if self.etag is None:
+                self.etag = etag
+            elif etag != self.etag:
+                raise base.ChangedError(
+                    errno.ESTALE, f"{where} changed while it was being read ({etag} != {self.etag})"
+                )
 
     def _get(self, start: int, end: int | None) -> Any:
         opts: dict[str, Any] = {}
@@ -134,9 +162,17 @@ class _ObjBlob(base.Blob):
         s = self._store
         try:
             res = s._call(lambda: _obstore().get(s._obs, s._p(self._key), options=opts), self._key)
-        except (base.ChangedError, FileNotFoundError):
+        except (base.ChangedError, FileNotFoundError) as exc:
             s._forget()  # opened from a snapshot that is out of date: the next open asks anew
+            if self._unseen and isinstance(exc, FileNotFoundError):
+                # never seen: moved aside (a deleted folder's shared file) or gone; the
+                # reader opens it again the usual way, which says which
+                raise base.ChangedError(
+                    errno.ESTALE, f"{s.describe(self._key)} is not there any more"
+                ) from None
             raise
+        if self._unseen:
+            self._pin(res.meta)
         got = tuple(res.range)
         if got[0] != start:  # a server that ignores Range answers 200 with the whole object
             raise base.RangeNotSupportedError(
@@ -146,14 +182,25 @@ class _ObjBlob(base.Blob):
             )
         return res
 
-    def readinto(self, offset: int, dest: memoryview) -> None:
+    #: ``readinto`` also takes a sink (see :meth:`readinto`).
+    takes_sinks = True
+
+    def readinto(self, offset: int, dest: Any) -> None:
+        """Fill ``dest`` with the bytes at ``offset``. ``dest`` may also be a *sink*: an
+        object with ``len()`` and ``take(piece)``, given each piece of the body in order as
+        it arrives (:class:`savegame.engine.fetch._Sink` scatters them into several tensors
+        and hashes them on arrival)."""
         n = len(dest)
         if offset < 0 or offset + n > self.size:
             raise EOFError(f"ends at byte {self.size}, expected {offset + n}")
         if n == 0:
             return
+        take = getattr(dest, "take", None)
         if self._body is not None:
-            dest.cast("B")[:] = memoryview(self._body)[offset : offset + n]
+            if take is not None:
+                take(memoryview(self._body)[offset : offset + n])
+            else:
+                dest.cast("B")[:] = memoryview(self._body)[offset : offset + n]
             return
         res = self._get(offset, offset + n)
         # Streamed straight into ``dest`` as the body arrives: one copy, overlapping the
@@ -163,7 +210,7 @@ class _ObjBlob(base.Blob):
         # their fresh destination pages, in parallel — 10-15% of a 48 MiB restore here.
         import numpy as np
 
-        out = np.frombuffer(dest.cast("B"), dtype=np.uint8)
+        out = None if take is not None else np.frombuffer(dest.cast("B"), dtype=np.uint8)
         pos = 0
         it = iter(res.stream(min_chunk_size=1 << 20))
         while True:
@@ -177,7 +224,10 @@ class _ObjBlob(base.Blob):
             if pos + len(view) > n:
                 pos += len(view)
                 break
-            np.copyto(out[pos : pos + len(view)], view)
+            if out is None:
+                take(view)  # type: ignore[misc]
+            else:
+                np.copyto(out[pos : pos + len(view)], view)
             pos += len(view)
         if pos != n:
             raise EOFError(f"{self._store.describe(self._key)}: got {pos} bytes, expected {n}")
@@ -334,6 +384,9 @@ class _ObjStaging(base.Staging):
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_POOL_WORKERS = 16
+#: Fetches submitted to the pool and not finished (running or queued).
+_POOL_BUSY = [0]
 
 
 def _snapshot_pool() -> ThreadPoolExecutor:
@@ -342,8 +395,23 @@ def _snapshot_pool() -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="savegame-snapshot")
+            _POOL = ThreadPoolExecutor(
+                max_workers=_POOL_WORKERS, thread_name_prefix="savegame-snapshot"
+            )
         return _POOL
+
+
+def _queued_behind_others() -> bool:
+    """Whether a fetch not started yet waits for a busy pool (more fetches than workers),
+    rather than for a worker that is about to take it (a submit is not picked up at once)."""
+    with _POOL_LOCK:
+        return _POOL_BUSY[0] > _POOL_WORKERS
+
+
+def _uncount_cancelled(fut: Future[Any]) -> None:
+    if fut.cancelled():  # never ran: its count was not taken back
+        with _POOL_LOCK:
+            _POOL_BUSY[0] -= 1
 
 
 class _Snapshot:
@@ -354,8 +422,10 @@ class _Snapshot:
     {relative path: meta} of every object under it; ``hidden``: folder -> the keys a marker
     hides; ``small``: key -> (body, meta), or None where the object is absent."""
 
-    def __init__(self, store: ObjectStore, seconds: float) -> None:
+    def __init__(self, store: ObjectStore, seconds: float, held: bool = False) -> None:
         self.store = store
+        #: Taken by the run's lease holder: nothing else writes the run while it lasts.
+        self.held = held
         self.until = time.monotonic() + seconds
         self.lock = threading.Lock()
         self.listings: dict[str, Future[Any]] = {}
@@ -381,11 +451,24 @@ class _Snapshot:
         with self.lock:
             fut = table.get(key)
             if fut is None:
+
+                def counted() -> Any:
+                    try:
+                        return fn()
+                    finally:
+                        with _POOL_LOCK:
+                            _POOL_BUSY[0] -= 1
+
+                with _POOL_LOCK:
+                    _POOL_BUSY[0] += 1
                 try:
-                    fut = table[key] = self.pool.submit(fn)
+                    fut = table[key] = self.pool.submit(counted)
                 except RuntimeError:  # interpreter shutting down: the caller fetches it itself
+                    with _POOL_LOCK:
+                        _POOL_BUSY[0] -= 1
                     fut = Future()
                     fut.set_exception(RuntimeError("snapshot closed"))
+                fut.add_done_callback(_uncount_cancelled)
             return fut
 
     def ahead(self, table: dict[str, Future[Any]], key: str, fn: Callable[[], Any]) -> None:
@@ -397,7 +480,7 @@ class _Snapshot:
         """``fn()``'s result for ``key``, fetched once. A failed fetch is not remembered: the
         caller's own request is made again, so its error is the one a plain call raises."""
         fut = self._entry(table, key, fn)
-        if fut.cancel():
+        if _queued_behind_others() and fut.cancel():
             # Still queued behind other fetches (the pool is shared): never wait for a slot,
             # fetch it here, and let later readers have the result.
             done: Future[Any] = Future()
@@ -427,7 +510,8 @@ class _Snapshot:
             fut = table.get(key)
         if fut is None:
             return False, None
-        if fut.cancel():  # still queued (the pool is shared): not known, never waited for
+        if _queued_behind_others() and fut.cancel():
+            # still queued behind other fetches (the pool is shared): not known, never waited for
             with self.lock:
                 if table.get(key) is fut:
                     del table[key]
@@ -448,8 +532,13 @@ class _Snapshot:
         s = self.store
         dirs, objs = s._ls(prefix)
         if prefix == "" and dirs:
-            # Listed after ours (markers precede what they hide): see ObjectStore._hidden.
-            self.ahead(self.hidden, "", lambda: s._hidden(""))
+            if self.held:
+                # The lease holder's run changes only through this store: the markers are
+                # those of this very listing (no second LIST: a round trip saved at start-up).
+                self.ahead(self.hidden, "", lambda: s._hidden("", objs))
+            else:
+                # Listed after ours (markers precede what they hide): see ObjectStore._hidden.
+                self.ahead(self.hidden, "", lambda: s._hidden(""))
             steps = sorted((d for d in dirs if layout.parse_step_dir(d) is not None), reverse=True)
             for d in steps[:SNAPSHOT_STEPS]:
                 mkey = base.join(d, layout.MANIFEST)
@@ -614,7 +703,7 @@ class Lease:
         self.lost = None
         # From here on no other writer changes the run: what the holder reads next (the run's
         # listing, run.json, the manifests) is fetched once, ahead and concurrently.
-        s.begin_snapshot()
+        s.begin_snapshot(held=True)
         # A script that dies of an exception without close() must not lock its own re-run out
         # for the lease time (a local run's flock is dropped by the kernel; here we must).
         atexit.register(self.release)
@@ -674,10 +763,14 @@ class Lease:
         self._held = False
         s = self._store
         # No conditional delete on S3: check the ETag is still ours, then delete (a taker in
-        # between would have to have found our lease expired, which it is not).
+        # between would have to have found our lease expired, which it is not). Put by us
+        # less than a third of its life ago (a session that only restored), it cannot have
+        # been taken over since, for the same reason: delete it without the HEAD, one round
+        # trip less at close.
+        fresh = self._expires - time.time() > self.ttl * 2 / 3
         with contextlib.suppress(Exception):
-            meta = s._head(self._name)
-            if meta is not None and meta.get("e_tag") == self._etag:
+            meta = None if fresh else s._head(self._name)
+            if fresh or (meta is not None and meta.get("e_tag") == self._etag):
                 s._call(lambda: _obstore().delete(s._obs, s._p(self._name)), self._name)
 
 
@@ -732,12 +825,13 @@ class ObjectStore(base.Store):
         return f"ObjectStore({self.url!r})"
 
     # ---- snapshots (module docstring) --------------------------------------------------------
-    def begin_snapshot(self, seconds: float = SNAPSHOT_SECONDS) -> None:
+    def begin_snapshot(self, seconds: float = SNAPSHOT_SECONDS, *, held: bool = False) -> None:
         """Serve the reads of the next ``seconds`` from one concurrent fetch of the run's
         listing, ``run.json``, and its newest manifests and checkpoint listings. Only where
-        nothing else changes the run meanwhile (the lease holder) or a stale view is harmless;
-        any write through this store ends it."""
-        snap = _Snapshot(self, seconds)
+        nothing else changes the run meanwhile (the lease holder: ``held``, which also lets
+        one listing of the run tell the markers in it) or a stale view is harmless; any write
+        through this store ends it."""
+        snap = _Snapshot(self, seconds, held)
         old, self._snap = self._snap, snap
         if old is not None:
             old.close()
@@ -907,12 +1001,15 @@ class ObjectStore(base.Store):
             return {}
         return info if isinstance(info, dict) else {}
 
-    def _hidden(self, folder: str) -> set[str]:
+    def _hidden(self, folder: str, objs: dict[str, dict[str, Any]] | None = None) -> set[str]:
         """Keys in ``folder`` that a marker names while they have no manifest: a save being
         written straight to its final name, or a deletion under way. This listing is made
         after the caller's (markers are created before the objects they hide), so a prefix
-        the caller saw is hidden if its marker existed when it was written."""
-        _, objs = self._ls(folder)
+        the caller saw is hidden if its marker existed when it was written. ``objs``: the
+        objects of the caller's own listing, for a run no one else writes meanwhile (the
+        lease holder's snapshot), instead of a second listing."""
+        if objs is None:
+            _, objs = self._ls(folder)
         out = set()
         for name in objs:
             if not name.startswith(layout.TMP_PREFIX):
@@ -1014,6 +1111,22 @@ class ObjectStore(base.Store):
                 return _ObjBlob(self, key, meta)
         meta = self._call(lambda: _obstore().head(self._obs, self._p(key)), key)
         return _ObjBlob(self, key, meta)
+
+    def open_expecting(self, key: str, size: int) -> base.Blob:
+        """:meth:`open` for a reader that knows the object's size (a manifest says it), with
+        no request: the size and version come with the first read's response, which checks
+        the size (EOFError) and pins the version of every read (ChangedError, as a pinned
+        read gets; also when the object is not there: open it the usual way then). Saves the
+        HEAD of ``sg.load(url)``: one round trip."""
+        base.check_name(key)
+        if _base(key) in _SMALL_NAMES or self.scheme in ("http", "https"):
+            return self.open(key)  # read whole on open / a web server may send no ETag
+        snap = self._snapshot(key)
+        if snap is not None:
+            known, meta = snap.head(key)
+            if known and meta is not None and meta.get("e_tag"):
+                return _ObjBlob(self, key, meta)
+        return _ObjBlob(self, key, {"size": size, "e_tag": None}, unseen=True)
 
     # ---- writing -------------------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
