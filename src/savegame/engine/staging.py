@@ -3,15 +3,30 @@
 The pool is allocated once (per tensor key, sized to its first snapshot) and reused by every
 later save, so host memory does not grow with the number of saves (the bug class of
 pytorch/pytorch#170163). CUDA tensors are copied into *pinned* buffers on a side stream in large
-chunks; contiguous CPU tensors by ``memmove`` (single-threaded, GIL released).
+chunks; contiguous CPU tensors by the fastest of three ways of copying host memory *on this
+machine*, chosen by measuring them on the real snapshots (:class:`CopyChoice`):
 
-Why not ``copy_``: torch parallelises a large CPU copy over its intra-op threads, and on the
-2-vCPU CI VM (2026-11-23, 1 GB state, 15 runs, fresh process per setting) that was *slower*:
-``copy_`` 69-80 ms with 1 thread vs 123-160 ms with 2; ``memmove`` 66-87 ms either way. A copy
-is memory-bound, so one thread already saturates the VM's bandwidth and the second only adds
-contention — and ``memmove`` needs no process-global ``torch.set_num_threads`` change. In the
-async benchmark this took the stall from ~2.5x to ~1.0x the memcpy floor (docs/benchmarks.md).
-Non-contiguous sources still go through ``copy_``.
+- ``memmove``: one ``ctypes.memmove`` per tensor on the calling thread (GIL released);
+- ``threads``: the bytes cut into one equal share per usable core, each moved by ``memmove`` on
+  its own thread (the calling thread takes one share);
+- ``torch``: ``copy_`` of byte views, parallelised by torch over its intra-op threads.
+
+Why measure rather than fix one: a copy is memory-bound and which way reaches the bandwidth
+depends on the machine and on what else runs on it. On the 2-vCPU CI VM the same day gave
+opposite answers: 2026-11-23 ``copy_`` with 2 threads 123-160 ms vs ``memmove`` 66-87 ms for
+1 GB (15 fresh processes), while the async benchmark that afternoon had ``copy_`` at 0.160 s vs
+``memmove`` 0.294 s for 2 GB; issue 14's run had ``copy_`` 0.101 s beat it again; and on
+2026-11-30 (load 5-9) four runs of bench_async measured memmove / threads / ``copy_`` at 3.7 /
+4.3 / 3.0, 6.6 / 6.3 / 6.2, 3.3 / 4.3 / 4.3 and 5.4 / 5.2 / 4.6 GB/s: no method always wins.
+Measuring costs nothing extra: while undecided, one snapshot is split between the candidates
+(each copies its share of the bytes, timed on its own), and after a few such snapshots the
+fastest per byte copies everything (``memmove`` unless another is 5% faster: one thread leaves
+the other cores to training). A snapshot into newly allocated buffers, as the first, is not
+measured (its page faults would be). The choice is per process and size class, and is measured
+again now and then (the machine's load changes). Small snapshots (under :data:`SMALL_BYTES`)
+are always one ``memmove`` per tensor: there, starting threads costs more than it saves.
+Non-contiguous sources (and conj/neg views) go through ``copy_``. The reader copies verified
+bytes into live tensors through :func:`copy_choice` too (``"restore"``; fixed to ``threads``).
 
 Invariant: :meth:`HostPool.stage` returns only once every byte of the snapshot is in host
 memory that nothing but the persist worker touches — mutating the live tensors afterwards can
@@ -22,11 +37,25 @@ stage again until the previous snapshot has been persisted (one save in flight).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["HostPool"]
+__all__ = ["METHODS", "SMALL_BYTES", "CopyChoice", "HostPool", "copy_choice"]
+
+#: The ways of copying contiguous host memory that :class:`CopyChoice` chooses between.
+METHODS = ("memmove", "threads", "torch")
+#: A snapshot of fewer contiguous CPU bytes is copied by one ``memmove`` per tensor, unmeasured.
+SMALL_BYTES = 32 << 20
+#: Share boundaries of the ``threads`` method fall on multiples of this (whole pages).
+_ALIGN = 1 << 12
+
+#: One contiguous copy: (destination address, source address, bytes).
+Segment = tuple[int, int, int]
 
 
 class HostPool:
@@ -34,19 +63,22 @@ class HostPool:
 
     Args:
         pin: Use pinned (page-locked) buffers for CUDA sources; default: when CUDA is available.
+        choice: How contiguous CPU copies are made; default: the process-wide :func:`copy_choice`.
     """
 
-    def __init__(self, *, pin: bool | None = None) -> None:
+    def __init__(self, *, pin: bool | None = None, choice: CopyChoice | None = None) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
         self._pin = torch.cuda.is_available() if pin is None else pin
         self._stream: torch.cuda.Stream | None = None
+        self._choice = choice
 
     @property
     def nbytes(self) -> int:
         """Host memory held by the pool."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def _buffer(self, key: str, src: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, key: str, src: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The buffer for ``key`` and whether it was just allocated (its pages not yet touched)."""
         buf = self._buffers.get(key)
         pin = self._pin and src.device.type == "cuda"
         # Reallocate only when the tensor changed shape/dtype or moved between host and device
@@ -59,7 +91,8 @@ class HostPool:
         ):
             buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
             self._buffers[key] = buf
-        return buf
+            return buf, True
+        return buf, False
 
     def stage(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copy ``tensors`` into the pool; returns ``{key: host buffer}`` (a consistent snapshot).
@@ -68,16 +101,26 @@ class HostPool:
         """
         staged: dict[str, torch.Tensor] = {}
         cuda_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        plain: list[tuple[torch.Tensor, torch.Tensor]] = []  # contiguous CPU: raw byte copies
+        fresh = False  # some buffer was just allocated
         for key, t in tensors.items():
             src = t.detach()
-            buf = self._buffer(key, src)
+            buf, new = self._buffer(key, src)
             if src.device.type == "cuda":
                 cuda_pairs.append((buf, src))
             elif src.device.type == "cpu":
-                _copy_cpu(buf, src)
+                if _raw_copyable(buf, src):
+                    plain.append((buf, src))
+                    fresh = fresh or new
+                else:
+                    buf.copy_(src)
             else:  # mps, xla, ...: synchronous copy through the framework
                 buf.copy_(src.to("cpu"))
             staged[key] = buf
+        if plain:
+            # Into new buffers the copy takes their page faults: that would be measured, not
+            # the copy (faulting them in first by a parallel fill made the first save slower).
+            (self._choice or copy_choice()).copy(plain, measure=not fresh)
         if cuda_pairs:
             self._copy_from_cuda(cuda_pairs)
         for key in list(self._buffers):
@@ -99,12 +142,264 @@ class HostPool:
         self._stream.synchronize()
 
 
-def _copy_cpu(buf: torch.Tensor, src: torch.Tensor) -> None:
+def _raw_copyable(buf: torch.Tensor, src: torch.Tensor) -> bool:
     # A conj/neg view shares its base's bytes and only flags the math: bytes would be wrong.
-    plain = not (src.is_conj() or src.is_neg())
-    if plain and src.is_contiguous() and src.dtype == buf.dtype and src.numel() == buf.numel():
-        n = src.numel() * src.element_size()
-        if n:
-            ctypes.memmove(buf.data_ptr(), src.data_ptr(), n)
-    else:
-        buf.copy_(src)
+    return (
+        not (src.is_conj() or src.is_neg())
+        and src.is_contiguous()
+        and src.dtype == buf.dtype
+        and src.numel() == buf.numel()
+    )
+
+
+@dataclass
+class _Class:
+    """What is known about one size class: seconds and bytes measured per method."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+    trials: int = 0
+    chosen: str | None = None
+    since: int = 0  # copies with the chosen method since it was chosen
+
+
+class CopyChoice:
+    """Chooses, by measurement, how contiguous host memory is copied (module docstring).
+
+    Args:
+        methods: The candidates; default :data:`METHODS` (``threads`` only with 2+ cores).
+        trials: Split snapshots measured before choosing.
+        recheck: After this many snapshots with the chosen method, one is split again and the
+            choice made anew from that measurement and the earlier ones (halved).
+        threads: Threads of the ``threads`` method; default the usable cores, at most 8.
+    """
+
+    def __init__(
+        self,
+        methods: Sequence[str] | None = None,
+        *,
+        trials: int = 2,
+        recheck: int = 64,
+        threads: int | None = None,
+    ) -> None:
+        self.threads = threads or min(8, _cores())
+        if methods is None:
+            methods = [m for m in METHODS if m != "threads" or self.threads > 1]
+        unknown = set(methods) - set(METHODS)
+        if unknown or not methods:
+            raise ValueError(f"copy methods must be some of {METHODS}, got {list(methods)}")
+        self.methods = tuple(methods)
+        self.trials = trials
+        self.recheck = recheck
+        self._classes: dict[int, _Class] = {}
+        self._lock = threading.Lock()
+
+    def chosen(self, nbytes: int) -> str | None:
+        """The method chosen for snapshots of ``nbytes`` bytes, or None while undecided."""
+        if nbytes < SMALL_BYTES:
+            return "memmove"
+        if len(self.methods) == 1:
+            return self.methods[0]
+        with self._lock:
+            cls = self._classes.get(_size_class(nbytes))
+            return None if cls is None else cls.chosen
+
+    def rates(self, nbytes: int) -> dict[str, float]:
+        """Bytes per second measured so far for each method, for snapshots of ``nbytes`` bytes."""
+        with self._lock:
+            cls = self._classes.get(_size_class(nbytes)) or _Class()
+            return {m: cls.nbytes[m] / cls.seconds[m] for m in cls.seconds if cls.seconds[m] > 0}
+
+    def copy(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, measure: bool = True
+    ) -> None:
+        """Copy every ``(dest, src)`` pair (contiguous CPU tensors of equal dtype and size).
+
+        ``measure``: whether this copy may be timed (False: its destination pages are not
+        faulted in yet, which would be measured instead of the copy).
+        """
+        self.copy_segments(
+            [(d.data_ptr(), s.data_ptr(), s.numel() * s.element_size()) for d, s in pairs],
+            measure=measure,
+        )
+
+    def copy_segments(self, segments: Sequence[Segment], *, measure: bool = True) -> None:
+        """Copy raw ``(dest address, source address, bytes)`` ranges of host memory (they must
+        not overlap; the caller keeps both sides alive), like :meth:`copy`."""
+        segments = [seg for seg in segments if seg[2]]
+        total = sum(n for _, _, n in segments)
+        if total < SMALL_BYTES or len(self.methods) == 1:
+            _COPIERS[self.methods[0] if total >= SMALL_BYTES else "memmove"](segments, self.threads)
+            return
+        key = _size_class(total)
+        with self._lock:
+            cls = self._classes.setdefault(key, _Class())
+            method = cls.chosen
+            split = measure and (method is None or cls.since >= self.recheck)
+            if method is not None and not split:
+                cls.since += 1
+        if not split:
+            _COPIERS[method or "memmove"](segments, self.threads)
+            return
+        # Measure: each candidate copies an equal share of the bytes, timed on its own.
+        shares = _cut(segments, len(self.methods), _ALIGN)
+        took: dict[str, float] = {}
+        for name, share in zip(self.methods, shares, strict=True):
+            t0 = time.perf_counter()
+            _COPIERS[name](share, self.threads)
+            took[name] = time.perf_counter() - t0
+        with self._lock:
+            if cls.chosen is not None:  # a recheck: older figures count half
+                for m in cls.seconds:
+                    cls.seconds[m] /= 2
+                    cls.nbytes[m] //= 2
+            for name, share in zip(self.methods, shares, strict=True):
+                cls.seconds[name] = cls.seconds.get(name, 0.0) + took[name]
+                cls.nbytes[name] = cls.nbytes.get(name, 0) + sum(n for _, _, n in share)
+            cls.trials += 1
+            if cls.chosen is not None or cls.trials >= self.trials:
+                cls.chosen = _pick(
+                    {m: cls.nbytes[m] / max(cls.seconds[m], 1e-9) for m in self.methods}
+                )
+                cls.since = 0
+
+
+#: A method must be this much faster than ``memmove`` to be chosen over it.
+_MARGIN = 1.05
+
+
+def _pick(rates: Mapping[str, float]) -> str:
+    """The fastest method (bytes/s), but ``memmove`` unless another beats it by :data:`_MARGIN`:
+    within the noise, one thread is better (it leaves the other cores to training)."""
+    best = max(rates, key=lambda m: rates[m])
+    if "memmove" in rates and rates["memmove"] * _MARGIN >= rates[best]:
+        return "memmove"
+    return best
+
+
+def _size_class(nbytes: int) -> int:
+    # Classes a factor of 2 apart: one training run's snapshots all fall into one.
+    return max(0, nbytes.bit_length() - 1)
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _cut(segments: Sequence[Segment], parts: int, align: int) -> list[list[Segment]]:
+    """Cut the byte stream of ``segments`` into ``parts`` consecutive shares of (nearly) equal
+    size; a cut inside a segment falls on the nearest multiple of ``align`` from its start.
+    Shares may be empty."""
+    total = sum(n for _, _, n in segments)
+    bounds = [total * (k + 1) // parts for k in range(parts)]
+    shares: list[list[Segment]] = [[] for _ in range(parts)]
+    i = pos = 0  # current share, position in the stream
+    for dst, src, n in segments:
+        off = 0
+        while off < n:
+            if i < parts - 1 and pos + (n - off) > bounds[i]:
+                end = off + (bounds[i] - pos)
+                end = min(max((end + align // 2) // align * align, off), n)
+                if end > off:
+                    shares[i].append((dst + off, src + off, end - off))
+                    pos += end - off
+                    off = end
+                i += 1
+                continue
+            shares[i].append((dst + off, src + off, n - off))
+            pos += n - off
+            off = n
+    return shares
+
+
+def _by_memmove(segments: Sequence[Segment], threads: int) -> None:
+    for dst, src, n in segments:
+        ctypes.memmove(dst, src, n)
+
+
+def _by_threads(segments: Sequence[Segment], threads: int) -> None:
+    # ctypes releases the GIL around the call: each thread moves its share at full speed.
+    # Threads are started per copy (tens of microseconds; a snapshot takes tens of ms): nothing
+    # stays running between saves.
+    shares = [s for s in _cut(segments, max(1, threads), _ALIGN) if s]
+    errors: list[BaseException] = []
+
+    def run(share: list[Segment]) -> None:
+        try:
+            _by_memmove(share, 1)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(s,), daemon=True) for s in shares[1:]]
+    for w in workers:
+        w.start()
+    try:
+        if shares:
+            _by_memmove(shares[0], 1)
+    finally:
+        for w in workers:
+            w.join()
+    if errors:
+        raise errors[0]
+
+
+def _by_torch(segments: Sequence[Segment], threads: int) -> None:
+    # Byte views of the raw ranges: torch parallelises each large copy over its intra-op threads.
+    for dst, src, n in segments:
+        _bytes_at(dst, n).copy_(_bytes_at(src, n))
+
+
+class _Raw:
+    """``n`` bytes of host memory at ``address``, as numpy's array interface describes them (a
+    ctypes array type per length would be cached by ctypes forever)."""
+
+    def __init__(self, address: int, n: int) -> None:
+        self.__array_interface__ = {
+            "data": (address, False),
+            "shape": (n,),
+            "typestr": "|u1",
+            "version": 3,
+        }
+
+
+def _bytes_at(address: int, n: int) -> torch.Tensor:
+    """A uint8 tensor over ``n`` bytes of host memory at ``address`` (no copy; the caller keeps
+    the owner alive)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(_Raw(address, n)))
+
+
+_COPIERS: dict[str, Callable[[Sequence[Segment], int], None]] = {
+    "memmove": _by_memmove,
+    "threads": _by_threads,
+    "torch": _by_torch,
+}
+
+_defaults: dict[str, CopyChoice] = {}
+_defaults_lock = threading.Lock()
+
+
+def copy_choice(purpose: str = "stage") -> CopyChoice:
+    """The process-wide :class:`CopyChoice` for ``purpose``: ``"stage"`` (every
+    :class:`HostPool` by default, so every checkpointer of a process shares what was measured)
+    or ``"restore"`` (the reader's copy of verified bytes from a mapped file into live tensors:
+    a different source, measured on its own)."""
+    with _defaults_lock:
+        choice = _defaults.get(purpose)
+        if choice is None:
+            # A restore copies once per process, usually, so a split would be most of what
+            # it ever does: it uses ``threads`` (``memmove`` on one core), which was never
+            # clearly behind on the CI VM and is ahead where the live tensors were never
+            # touched (a fresh process: the page faults are taken on every core). 1 GB from a
+            # mapped checkpoint into live tensors, 2026-11-30, load 4-7, GB/s: threads 7.1,
+            # 7.5, 5.1; memmove 7.4, 5.6, 3.1; torch ``copy_`` 4.0, 3.7 (the old way: the
+            # warm restore went from 1.12x to 0.76x the fastest peer in one interleaved run).
+            methods = None
+            if purpose == "restore":
+                methods = ["threads"] if _cores() > 1 else ["memmove"]
+            choice = _defaults[purpose] = CopyChoice(methods)
+        return choice
