@@ -564,6 +564,12 @@ def load_tensors(
     blobs: dict[str, Blob] = {}
     unmapped: dict[str, Blob] = {}
     spools: dict[str, Any] = {}  # file -> its staging in a temporary file (pulled files only)
+    guards: dict[str, Callable[[], None]] = {}  # mapped file -> its lease's check
+
+    def guarded() -> None:
+        """Every mapped file is still whole and unchanged (see ``blob.lease()``)."""
+        for g in guards.values():
+            g()
 
     def done(c: manifest.Chunk) -> None:
         """Chunk ``c`` is copied: its spooled staging pages leave this process's memory."""
@@ -593,7 +599,6 @@ def load_tensors(
                     )
         # Phase 1: map (or pull) and verify everything.
         restarts: dict[str, int] = {}
-        direct_files = {m.tensors[k].chunks[0].file for k in fresh}
         for name in files:
             blob = _open_checked(loc, name, m, restarts, header=False)
             keep = False
@@ -601,21 +606,26 @@ def load_tensors(
                 if not m.files[name].size:
                     maps[name] = (None, memoryview(b""), torch.empty(0, dtype=torch.uint8))
                     continue
-                mm = blob.map()
-                if mm is None:  # an object store: parallel ranged reads, header included, below
+                # A file is mapped only under a lease (storage/local.py): one truncated under
+                # a live mapping would kill the process (SIGBUS) instead of raising.
+                guard = blob.lease()
+                mm = blob.map() if guard is not None else None
+                if mm is None:
+                    # an object store, or a file that cannot be guarded: parallel ranged reads,
+                    # header included, below
                     unmapped[name] = blob
                     keep = True
                     continue
+                guards[name] = guard  # type: ignore[assignment]
+                keep = True  # closing the blob ends the lease: at the very end
+                blobs[name] = blob
                 try:
                     _check_header(loc, name, m.files[name], m, mm[: m.files[name].header_length])
                 except BaseException:
                     if hasattr(mm, "close"):
                         mm.close()
                     raise
-                if name in direct_files:
-                    # the blob that was checked: read the same file, not a replacement
-                    blobs[name] = blob
-                    keep = True
+                # (direct reads of ``name`` use the same blob that was checked: not a replacement)
                 maps[name] = (mm, memoryview(mm), torch.frombuffer(mm, dtype=torch.uint8))
             finally:
                 if not keep:
@@ -636,6 +646,7 @@ def load_tensors(
                 view = tensors.byte_view(fresh[key])
                 _read_into(blobs[c.file], c.offset, view, loc.store.describe(file_key(loc, c.file)))
             else:
+                guards[c.file]()
                 view = maps[c.file][1][c.offset : c.offset + c.length]
             try:
                 return None if hashing.digest(view) == c.hash else key
@@ -649,7 +660,9 @@ def load_tensors(
                     _mismatch(loc, c.file, key, m.step)
         if before_copy is not None:
             before_copy()
+        guarded()
         # Phase 2: everything verified; copy into destinations (torch copies use all cores).
+        # The leases stay held to the end: a truncation asked for now waits until it is done.
         # Chunks bound for a contiguous region of a live CPU tensor are collected and copied
         # in one batch by ``memmove`` on every core (engine/staging.py, copy_choice("restore")
         # says why): on the 2-vCPU CI VM this copy was 2/3 of a warm restore, and torch's
@@ -683,9 +696,7 @@ def load_tensors(
             staging.copy_choice("restore").copy_segments(batch)
         return out
     finally:
-        for blob in [*blobs.values(), *unmapped.values()]:
-            blob.close()
-        for mm, view, t in maps.values():
+        for mm, view, t in maps.values():  # unmapped before the leases end (closing the blobs)
             del t
             view.release()
             if mm is not None and hasattr(mm, "close"):
@@ -693,6 +704,8 @@ def load_tensors(
                     mm.close()
                 except BufferError:  # a tensor view is still referenced; GC closes it
                     pass
+        for blob in [*blobs.values(), *unmapped.values()]:
+            blob.close()
 
 
 def overlap(

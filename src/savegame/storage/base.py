@@ -100,6 +100,10 @@ class Entry:
     is_dir: bool
 
 
+def _unchangeable() -> None:
+    """:meth:`Blob.lease` of a blob that nothing else can change: nothing to check."""
+
+
 class Blob(abc.ABC):
     """An open blob for positional reads (several threads may read one blob).
 
@@ -135,6 +139,15 @@ class Blob(abc.ABC):
         """The whole blob as a writable zero-copy buffer (private: writes never reach the
         store), or None where the backend cannot map. The caller closes it if it has close()."""
         return None
+
+    def lease(self) -> Callable[[], None] | None:
+        """Guard :meth:`map`'s buffer against the blob being cut short or rewritten while it is
+        read (a truncated file under a live mapping kills the process with SIGBUS): a check to
+        call before each use of the buffer, which raises a typed error once that is under way
+        (until the blob is closed nobody else can complete it), or None where the blob cannot
+        be guarded — then it must not be mapped. Default: a blob whose mapping is private
+        memory cannot change under it."""
+        return _unchangeable
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the blob."""

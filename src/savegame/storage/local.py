@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -136,6 +137,47 @@ class _LocalBlob(base.Blob):
         mm = mmap.mmap(self._fd, self.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
         mm.madvise(mmap.MADV_SEQUENTIAL)
         return mm
+
+    def lease(self) -> Callable[[], None] | None:
+        """A read lease on the open file (Linux ``F_SETLEASE``; no library offers one): a
+        truncate or open-for-writing of it by anyone is then held back by the kernel until
+        this blob is closed (at most ``/proc/sys/fs/lease-break-time``, 45 s by default) and
+        shows in ``F_GETLEASE`` at once, which the returned check polls. So a mapping of the
+        file is never cut short while it is read: the check raises instead, and the reader
+        stops before anything reaches a live tensor. The kernel would also send a signal
+        (SIGIO, which kills by default): it is redirected to SIGURG, which is ignored by
+        default, and no lease is taken if the program handles SIGURG itself. None where no
+        lease can be had (another process has the file open for writing, a file system or
+        user that does not allow it): the caller reads instead of mapping."""
+        setlease = getattr(fcntl, "F_SETLEASE", None)
+        setsig = getattr(fcntl, "F_SETSIG", None)
+        getlease = getattr(fcntl, "F_GETLEASE", None)
+        if setlease is None or setsig is None or getlease is None:
+            return None
+        try:
+            if signal.getsignal(signal.SIGURG) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                return None
+            fcntl.fcntl(self._fd, setsig, signal.SIGURG)
+            fcntl.fcntl(self._fd, setlease, fcntl.F_RDLCK)
+        except (OSError, ValueError):
+            return None
+        fd, path = self._fd, self._path
+
+        def check() -> None:
+            try:
+                held = fcntl.fcntl(fd, getlease) == fcntl.F_RDLCK
+            except OSError:
+                held = False
+            if not held:
+                raise errors.StorageError(
+                    f"{path}: another process is truncating or writing this file while it is "
+                    "being read; the read stopped (nothing read from it reached a live tensor) — "
+                    "checkpoint files are never changed after their commit: find what touches "
+                    "it, then restore again",
+                    path=str(path),
+                )
+
+        return check
 
     def close(self) -> None:
         if self._fd >= 0:
