@@ -508,6 +508,17 @@ class NginxServer:
         self.root.mkdir(parents=True, exist_ok=True)
         work = Path(workdir)
         work.mkdir(parents=True, exist_ok=True)
+        # free_port() releases the port before nginx binds it, and under pytest-xdist another
+        # worker may take it in between: nginx then exits at once, and a new port is tried.
+        for attempt in range(3):
+            try:
+                self._start(exe, work)
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    def _start(self, exe: str, work: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         user = "user root;\n" if os.geteuid() == 0 else ""
