@@ -1091,11 +1091,13 @@ class ObjectStore(base.Store):
     def open(self, key: str) -> base.Blob:
         base.check_name(key)
         snap = self._snapshot(key)
-        if _base(key) in _SMALL_NAMES:
-            # Read whole by the GET that opens it: one round trip, not a HEAD and a GET.
+        if _base(key) in _SMALL_NAMES or _base(key) == layout.LOCK:
+            # Read whole by the GET that opens it: one round trip, not a HEAD and a GET. (A
+            # lease object is rewritten every ttl/3 by its holder: a HEAD then a pinned GET
+            # would race with that; it is never served from a snapshot either.)
             got = (
                 snap.get(snap.small, key, lambda: self._get_small(key))
-                if snap is not None
+                if snap is not None and _base(key) != layout.LOCK
                 else self._get_small(key)
             )
             if got is None:
