@@ -48,13 +48,20 @@ def framework(name: str) -> Callable[[Bench], Bench]:
     return add
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run: one untimed warm-up of the first (imports, first-call
+    compilation, allocator: the first fit of a process is the slowest, and would make whatever
+    runs first look slow), then ``repeats`` rounds, every run once per round, the order rotated
+    from round to round so drift on the machine hits every configuration alike."""
+    names = list(runs)
+    runs[names[0]]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runs[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def _keep_only(root: Path, step: int) -> Path:
@@ -130,7 +137,7 @@ def bench_lightning(args: argparse.Namespace) -> list[dict[str, Any]]:
         "savegame sync": lambda d: ([SavegameCallback(d, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=False, handle_signals=False)], None),
         "savegame async": lambda d: ([SavegameCallback(d, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=True, handle_signals=False)], None),
     }  # fmt: skip
-    times: dict[str, float] = {}
+    runs: dict[str, Callable[[], None]] = {}
     for name, make in configs.items():
 
         def run(make: Callable[[str], tuple[list[Any], list[Any] | None]] = make) -> None:
@@ -141,7 +148,8 @@ def bench_lightning(args: argparse.Namespace) -> list[dict[str, Any]]:
                     Net(args.width), train_dataloaders=loader(steps * 32)
                 )
 
-        times[name] = _median_time(run, args.repeats)
+        runs[name] = run
+    times = _interleaved(runs, args.repeats)
     params = sum(p.numel() for p in Net(args.width).parameters())
     for name, t in times.items():
         extra = (t - times["none"]) / saves if name != "none" else 0.0
@@ -228,7 +236,7 @@ def bench_keras(args: argparse.Namespace) -> list[dict[str, Any]]:
         "savegame sync": lambda d, dl: [SavegameCheckpoint(d, loader=dl, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=False, handle_signals=False, verbose=0)],
         "savegame async": lambda d, dl: [SavegameCheckpoint(d, loader=dl, save=sg.Every(steps=every), keep=sg.Keep(last=saves + 1), async_save=True, handle_signals=False, verbose=0)],
     }  # fmt: skip
-    times: dict[str, float] = {}
+    runs: dict[str, Callable[[], None]] = {}
     for name, make in configs.items():
 
         def run(make: Callable[[str, Any], list[Any]] = make) -> None:
@@ -237,12 +245,8 @@ def bench_keras(args: argparse.Namespace) -> list[dict[str, Any]]:
                 model = build(args.width)
                 model.fit(dl, epochs=1, callbacks=make(d, dl), verbose=0, shuffle=False)
 
-        try:
-            times[name] = _median_time(run, args.repeats)
-        except ImportError as exc:  # .keras files need h5py
-            rows.append(
-                {"framework": "keras", "kind": "throughput", "config": name, "error": str(exc)}
-            )
+        runs[name] = run
+    times = _interleaved(runs, args.repeats)
     params = build(args.width).count_params()
     for name, t in times.items():
         extra = (t - times["none"]) / saves if name != "none" else 0.0
