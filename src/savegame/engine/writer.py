@@ -190,6 +190,9 @@ class _Scrub:
         #: shared file -> its size is what the manifest says (checked once per save, every
         #: file: a file of the wrong size fails verification of every checkpoint using it)
         self.sized: dict[str, bool] = {}
+        #: shared file -> the store key it is read from (its folder's, or the retired copy):
+        #: resolved once per save, not once per tensor (each resolve is up to two lookups)
+        self.keys: dict[str, str] = {}
 
     def __call__(self, key: str) -> bool:
         if self.loc is None:
@@ -211,7 +214,9 @@ class _Scrub:
         store = self.loc.store
         fkey = name
         try:
-            fkey = reader.resolve(self.loc, name)
+            if name not in self.keys:
+                self.keys[name] = reader.resolve(self.loc, name)
+            fkey = self.keys[name]
             blob = store.open(fkey)
             if c is None:
                 try:
