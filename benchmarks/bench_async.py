@@ -551,16 +551,26 @@ def bars(rec: dict[str, Any]) -> list[str]:
     )
     # The floor is the best copy of the same bytes the machine did in this run (issue 14): the
     # paired copy right before each save is a diagnostic only (it shares our disturbance).
+    # Like is compared with like: our median stall with the median of the fastest copy method
+    # (torch copy_ or memmove), and our best stall with the best single copy. A median against
+    # one best sample is not the same statistic: on this VM memcpy's own median is 1.1-1.2x its
+    # best, so that ratio is kept as a diagnostic. The bar is met only when both ratios are.
+    stalls = rec["all_s"]["async-stall/savegame"]
+    methods = [k for k in med if k.startswith("floor/memcpy (") or k == "floor/D2H into pinned"]
+    fastest = min(methods, key=lambda k: med[k])
     best = min(rec["all_s"][stall_floor(med)])
-    stall = med["async-stall/savegame"] / best
+    stall = max(med["async-stall/savegame"] / med[fastest], min(stalls) / best)
     sp, sv = peer_best("save")
     rp, rv = peer_best("restore-warm")
     out = [
-        f"- async stall {med['async-stall/savegame']:.3f} s (median) = **{stall:.2f} x the best {floor_name}** "
-        f"of the same bytes in this run ({best:.3f} s) (bar <= {stall_bar}): "
+        f"- async stall {med['async-stall/savegame']:.3f} s (median) = "
+        f"**{med['async-stall/savegame'] / med[fastest]:.2f} x the median of the fastest {floor_name}** "
+        f"({fastest.split('/', 1)[1]}, {med[fastest]:.3f} s); best stall {min(stalls):.3f} s = "
+        f"**{min(stalls) / best:.2f} x the best single {floor_name}** ({best:.3f} s) in this run "
+        f"(bar <= {stall_bar} on both): "
         + ("met" if stall <= stall_bar else "missed")
-        + f"; diagnostic: {paired_ratio:.2f} x a {floor_name} taken right before each save, "
-        f"{med['async-stall/savegame'] / med[stall_floor(med)]:.2f} x the median floor row"
+        + f"; diagnostics: {med['async-stall/savegame'] / best:.2f} x (median stall / best single copy), "
+        f"{paired_ratio:.2f} x a {floor_name} taken right before each save"
         + (
             f"; host-pool copy: {rec['staging_copy']['chosen']} (measured GB/s "
             f"{rec['staging_copy']['GB/s']})"
