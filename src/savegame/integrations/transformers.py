@@ -249,7 +249,8 @@ class _TrainerProgress:
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         tr = self.trainer
         for name, value in json.loads(sd["trainer_state"]).items():
-            setattr(tr.state, name, value)
+            if name not in _THIS_RUNS_SETTINGS:
+                setattr(tr.state, name, value)
         saved_cbs = json.loads(sd["callbacks"])
         for name, states in saved_cbs.items():
             live = [c for c in tr.callback_handler.callbacks if type(c).__name__ == name]
@@ -267,6 +268,23 @@ class _TrainerProgress:
         cb._epoch = int(sd["epoch_index"])
         cb._batches = int(sd["batches_in_epoch"])
         cb._epoch_done = bool(sd["epoch_done"])
+
+
+#: ``TrainerState`` fields the Trainer derives from this ``train()`` call's arguments before
+#: ``on_train_begin`` (``compute_steps``, ``init_training_references``): a resume keeps them, as
+#: the Trainer's own resume does for ``max_steps`` and ``num_train_epochs``. Restoring the saved
+#: ones would make a run resumed with a larger ``max_steps`` stop one step after the old end.
+_THIS_RUNS_SETTINGS = frozenset({
+    "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps",
+    "train_batch_size", "is_hyper_param_search", "trial_name", "trial_params",
+    "is_local_process_zero", "is_world_process_zero",
+})  # fmt: skip
+
+
+class _RunComplete(errors.CheckpointError):
+    """The newest checkpoint is at or past this ``train()`` call's last step: there is nothing
+    to train. ``attach``'s ``train()`` returns normally on it; a callback used without
+    ``attach`` raises it (the Trainer's loop has no way to run zero steps)."""
 
 
 @dataclasses.dataclass
@@ -337,6 +355,8 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         self.checkpointer: Checkpointer | None = None
         #: The step restored by the last on_train_begin (0: a fresh run).
         self.resumed_step = 0
+        #: True when that restore found the run already complete (``train()`` trained nothing).
+        self.complete = False
         #: ckpt.last_restore of that restore.
         self.last_restore: Any = None
         self._state: statelib.TrainState | None = None
@@ -409,12 +429,23 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             exit_on_signal=self.exit_on_signal,
             async_save=self.async_save,
         )
-        self.resumed_step = 0
+        self.resumed_step, self.complete = 0, False
         if self.resume:
             self.resumed_step = self.checkpointer.restore(self._state)
             self.last_restore = self.checkpointer.last_restore
         if self.resumed_step:
             self._after_restore(args, loader)
+            if 0 < state.max_steps <= self.resumed_step:
+                # The Trainer's loop runs at least one step before it looks at its stop flag:
+                # a finished job started again (a requeue) would train past its end.
+                self.complete = True
+                raise _RunComplete(
+                    f"{self.root}: the newest checkpoint is at step {self.resumed_step}, at or past this run's "
+                    f"last step ({state.max_steps}): nothing to train. Raise max_steps / num_train_epochs to "
+                    "train further (attach(trainer, ...) makes train() return here instead of raising)",
+                    path=str(self.root),
+                    step=self.resumed_step,
+                )
 
     def _after_restore(self, args: Any, loader: Any) -> None:
         ga = args.gradient_accumulation_steps
@@ -516,6 +547,9 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         ckpt = self.checkpointer
         if ckpt is None:
             return
+        if self.complete:  # nothing was trained in this call: nothing to save or check
+            self.close()
+            return
         try:
             self._flush(state)
             if self.save_on_train_end and self._state is not None:
@@ -564,6 +598,16 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
                 f"Keep(monitor={monitor!r}) is not among the metrics the Trainer logged at step "
                 f"{self._boundary.step if self._boundary else '?'}: {sorted(metrics)}{hint}"
             )
+
+
+def _nothing_trained(trainer: Any) -> Any:
+    """What ``train()`` returns for a run that was already complete: the restored state, zero
+    steps trained in this call. The other callbacks saw ``on_train_begin``; they see the end."""
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    metrics = {"train_runtime": 0.0, "train_loss": 0.0, "epoch": trainer.state.epoch}
+    return TrainOutput(int(trainer.state.global_step), 0.0, metrics)
 
 
 def _check_parallel_mode(trainer: Any) -> None:
@@ -705,6 +749,9 @@ def attach(
             )
         try:
             return train(None, *args, **kwargs)
+        except _RunComplete as done:
+            log.info("%s", done)
+            return _nothing_trained(trainer)
         finally:
             callback.close()
 
