@@ -34,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -250,6 +252,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
                     stacklevel=2,
                 )
         self.checkpointer: Checkpointer | None = None
+        self._run_key = ""
         #: The step restored at the last ``fit`` (None: started fresh).
         self.restored_step: int | None = None
         self._extras: dict[str, Any] = {"epoch": 0, "in_epoch": False, "batch": 0}
@@ -290,10 +293,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._state = TrainState(**objects)
         self._monitor_checked = False
         self.restored_step = None
-        leftover = getattr(self, "checkpointer", None)
-        if leftover is not None:  # a previous fit() ended by an exception: on_train_end never ran
-            with contextlib.suppress(Exception):
-                leftover.close()
+        _close_leftovers(self)
         self.checkpointer = Checkpointer(
             self.root,
             save=self.save_policy,
@@ -302,6 +302,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             async_save=self.async_save,
             when_busy=self.when_busy,
         )
+        _open_fits[self._run_key] = (weakref.ref(self), threading.get_ident())
         self._extras.update(epoch=0, in_epoch=False, batch=0)
         self._last_step = -1
         self._short_epoch = False
@@ -458,6 +459,9 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._remove_filter()
         self.model._initial_epoch = None  # a later fit() starts where it is told
         ckpt, self.checkpointer = self.checkpointer, None
+        ref, _ = _open_fits.get(self._run_key, (None, None))
+        if ref is not None and ref() is self:
+            del _open_fits[self._run_key]
         if ckpt is not None:
             ckpt.close()
 
@@ -473,6 +477,37 @@ class SavegameCheckpoint(keras.callbacks.Callback):
     def path(self) -> Path | str | None:
         """The run folder (None before ``fit``)."""
         return self.checkpointer.root if self.checkpointer is not None else None
+
+
+#: The fits of this process that opened a run folder and have not reached on_train_end: run
+#: key -> (callback, thread). Keras callbacks have no exception hook, so a fit that raised
+#: leaves its Checkpointer (and the folder's lock) open.
+_open_fits: dict[str, tuple[weakref.ref[SavegameCheckpoint], int]] = {}
+
+
+def _run_key(root: Any) -> str:
+    text = os.fspath(root)
+    return text if "://" in text else os.path.realpath(text)
+
+
+def _close_leftovers(cb: SavegameCheckpoint) -> None:
+    """Close what an earlier fit() on the same run folder left open because it ended by an
+    exception: this callback's own, or another callback's in the same thread (the notebook cell
+    run again with a new callback). One thread runs one fit at a time, so such a fit is over; its
+    async save in flight is committed by the close. A fit on another thread may still be running:
+    it keeps its lock, and this one gets LockedError as usual."""
+    cb._run_key = _run_key(cb.root)
+    leftovers = [getattr(cb, "checkpointer", None)]
+    ref, thread = _open_fits.get(cb._run_key, (None, None))
+    other = ref() if ref is not None else None
+    if other is not None and other is not cb and thread == threading.get_ident():
+        leftovers.append(other.checkpointer)
+        other.checkpointer = None
+    for ckpt in leftovers:
+        if ckpt is not None:
+            with contextlib.suppress(Exception):
+                ckpt.close()
+    cb.checkpointer = None
 
 
 def _check_one_device(root: Any) -> None:
