@@ -11,7 +11,10 @@ pages of a spooled restore are the kernel's page cache and are not counted).
 
 Rows (add one with :func:`row`):
   * restore, live model     ``Checkpointer(url).restore(state)`` into a live model and optimizer
-    (a resume on a fresh machine): bytes wait in memory until every hash matched
+    (a resume on a fresh machine): bytes wait in memory until every hash matched. Timed: the
+    construction and the restore (what a resume waits for before its first step); the
+    ``close()`` that ends the session (the lease's DELETE: at the end of training) is timed
+    on its own, right after, and shown in the "close() s" column — never hidden.
   * restore, fresh cache    ``Checkpointer(url, cache=empty_folder).restore(state)``: the same
     resume of a run with a local cache tier, on a machine whose cache is empty
   * restore, spooled        the same with ``SAVEGAME_STAGING_MEMORY=0``: they wait in a temp file
@@ -206,7 +209,10 @@ class Row:
     shape: str = "threads"
     bar: tuple[str, float] = ("time", 1.1)
     after: Callable[[], None] | None = None
+    #: Run right after ``ours`` is timed, timed on its own (a restore's ``close()``).
+    finish: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
+    finish_times: list[float] = field(default_factory=list)
     raw_times: dict[str, list[float]] = field(default_factory=dict)
     mem: list[int] = field(default_factory=list)
 
@@ -487,8 +493,13 @@ def main() -> None:
                     caches.append(work / f"cache-{len(caches)}")
                     where["cache"] = caches[-1]
                 try:
-                    with sg.Checkpointer(url, handle_signals=False, **where) as c:
+                    c = sg.Checkpointer(url, handle_signals=False, **where)
+                    try:
                         assert c.restore(state) == 1
+                    except BaseException:
+                        c.close()
+                        raise
+                    opened.append(c)  # closed by ``close_restored``, timed on its own
                 finally:
                     if staging is not None:
                         if old is None:
@@ -497,6 +508,12 @@ def main() -> None:
                             os.environ["SAVEGAME_STAGING_MEMORY"] = old
 
             return run
+
+        opened: list[sg.Checkpointer] = []
+
+        def close_restored() -> None:
+            while opened:
+                opened.pop().close()
 
         counter = [0]
 
@@ -541,10 +558,11 @@ def main() -> None:
 
         raw = raw_get(obs, paths)
         rows: list[Row] = []
-        row(rows, "restore, live model", restore(None), raw, nbytes)
+        row(rows, "restore, live model", restore(None), raw, nbytes, finish=close_restored)
         row(rows, "restore, live model, fresh cache folder", restore(None, cache=True), raw,
-            nbytes, after=clean_caches)  # fmt: skip
-        row(rows, "restore, spooled (staging 0)", restore("0"), raw, nbytes)
+            nbytes, after=clean_caches, finish=close_restored)  # fmt: skip
+        row(rows, "restore, spooled (staging 0)", restore("0"), raw, nbytes,
+            finish=close_restored)  # fmt: skip
         row(rows, "load, fresh tensors", lambda: sg.load(ckpt_url), raw, nbytes)
         row(rows, "verify", lambda: reader.verify(ckpt_url), raw, nbytes)
         row(rows, "push (local run → s3)", ours_push, raw_push, push_bytes,
@@ -559,6 +577,10 @@ def main() -> None:
                 t, mem = measure(r.ours)
                 r.times.append(t)
                 r.mem.append(mem)
+                if r.finish is not None:
+                    t0 = time.perf_counter()
+                    r.finish()
+                    r.finish_times.append(time.perf_counter() - t0)
                 for k, v in r.raw().items():
                     r.raw_times.setdefault(k, []).append(v)
                 if r.after is not None:
@@ -587,8 +609,8 @@ def main() -> None:
         "",
         "| operation | savegame s | raw s (each variant) | savegame / best raw (time) "
         "| savegame / same-shape raw (time) | savegame MiB/s | best raw MiB/s | bar | "
-        "peak extra anon MiB |",
-        "|---|---:|---|---:|---:|---:|---:|---|---:|",
+        "peak extra anon MiB | close() s, not in the time (with it: / same-shape raw) |",
+        "|---|---:|---|---:|---:|---:|---:|---|---:|---|",
     ]
     record: dict[str, Any] = {
         "when": started.isoformat(timespec="seconds"),
@@ -620,12 +642,18 @@ def main() -> None:
                    f"{raw_med[r.shape] / ours:.2f}× same-shape raw: "
                    f"{'met' if ok else ('met vs same-shape raw only' if raw_med[r.shape] / ours >= limit else 'missed')}")  # fmt: skip
         variants = ", ".join(f"{k} {v:.2f}" for k, v in raw_med.items())
+        closing = ""
+        if r.finish_times:
+            with_close = statistics.median(a + b for a, b in zip(r.times, r.finish_times, strict=True))  # fmt: skip
+            closing = (f"{statistics.median(r.finish_times):.3f} "
+                       f"({with_close / raw_med[r.shape]:.2f})")  # fmt: skip
         lines.append(
             f"| {r.name} | {ours:.2f} | {variants} | {ours / best:.2f} "
             f"| {ours / raw_med[r.shape]:.2f} ({r.shape}) | {mib / ours:.0f} | {mib / best:.0f} "
-            f"| {bar} | {max(r.mem) / 2**20:.0f} |"
+            f"| {bar} | {max(r.mem) / 2**20:.0f} | {closing} |"
         )
         record["rows"][r.name] = {
+            "close_s": r.finish_times,
             "ours_s": r.times,
             "raw_s": r.raw_times,
             "peak_anon_bytes": r.mem,

@@ -891,6 +891,23 @@ class ObjectStore(base.Store):
             return self._hidden(folder)
         return set(snap.get(snap.hidden, folder, lambda: self._hidden(folder)))
 
+    def _hidden_listed(self, folder: str, dirs: list[str]) -> set[str]:
+        """:meth:`_hidden_known` for the folders ``dirs`` of a listing of ``folder``. A marker
+        hides only a prefix that has no manifest, so when the snapshot already read the
+        manifest of every one of them (it fetches the newest ones' beside the markers'
+        listing) none is hidden, and that listing is not waited for: a round trip off the
+        start of a transfer from a run another process may be writing (the snapshot of a
+        source is not the lease holder's, so its markers come from a second listing)."""
+        snap = self._snapshot()
+        if snap is not None and not snap.held and self.scheme not in ("http", "https"):
+            keys = [base.join(folder, d, layout.MANIFEST) for d in dirs]
+            with snap.lock:
+                fetched = all(k in snap.small for k in keys)  # (the holder's markers are free)
+            # (found, (bytes, meta)): there; (True, None): absent; (False, None): unknown
+            if fetched and all(snap.lookup(snap.small, k)[1] is not None for k in keys):
+                return set()
+        return self._hidden_known(folder)
+
     # ---- plumbing ------------------------------------------------------------------------
     def _p(self, key: str) -> str:
         return base.join(self._prefix, key)
@@ -1033,7 +1050,7 @@ class ObjectStore(base.Store):
             if self._head(prefix) is not None:
                 raise NotADirectoryError(errno.ENOTDIR, "is an object", self.describe(prefix))
             raise FileNotFoundError(errno.ENOENT, "no such folder", self.describe(prefix))
-        hidden = self._hidden_known(prefix) if dirs else set()
+        hidden = self._hidden_listed(prefix, dirs) if dirs else set()
         out: dict[str, bool] = {}
         for d in dirs:
             if base.join(prefix, d) not in hidden:
