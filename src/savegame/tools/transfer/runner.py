@@ -27,6 +27,8 @@ from savegame.tools.transfer.progress import Progress
 log = logging.getLogger(__name__)
 
 _Todo = list[tuple[str, bytes, manifest.Manifest]]
+#: Listings of a source run again when every checkpoint listed vanished before it was read.
+_RELISTS = 3
 
 
 class Transfer:
@@ -124,6 +126,28 @@ class Transfer:
 
     # -- what to move --
     def _plan(self) -> _Todo:
+        """What to move. A live source run's retention can delete every checkpoint listed
+        before their manifests are read (a push of a run saving every few seconds with
+        ``Keep(last=2)``): then the run is listed again, a few times, rather than reported
+        empty while it holds committed checkpoints."""
+        for attempt in range(_RELISTS + 1):
+            ignored, problems = list(self.ignored), list(self.problems)
+            todo, vanished = self._plan_once()
+            if todo or self.problems != problems or not vanished or attempt == _RELISTS:
+                break
+            self.ignored, self.problems = ignored, problems  # this listing is not the answer
+        if not todo and not self.problems and self.steps is None:
+            raise errors.CheckpointNotFoundError(
+                f"{self._where(self.src)} holds no committed checkpoint to move; run "
+                f"`savegame ls {self._where(self.src)}` to see what is there",
+                path=self._where(self.src),
+            )
+        self._check_run(todo)
+        return todo
+
+    def _plan_once(self) -> tuple[_Todo, bool]:
+        """One listing's plan, and whether a listed checkpoint vanished before it was read."""
+        vanished = False
         if self.one is not None:
             key = self.one
             ref = reader.CheckpointRef(0, Location(self.src, key), loc=Location(self.src, key))
@@ -152,6 +176,7 @@ class Transfer:
                     ref.error, (errors.IncompleteCheckpointError, errors.CheckpointNotFoundError)
                 ):
                     self.ignored.append(ref.step)
+                    vanished = vanished or isinstance(ref.error, errors.CheckpointNotFoundError)
                 else:
                     self.problems.append(
                         f"step {ref.step} is damaged in the source and was not moved: {ref.error}"
@@ -169,6 +194,7 @@ class Transfer:
             where = self._where(self.src, base.join(key, layout.MANIFEST))
             if raw is None:  # deleted by the source's retention since it was listed
                 self.ignored.append(ref.step)
+                vanished = True
                 continue
             try:
                 m = manifest.Manifest.from_bytes(raw, where)
@@ -176,14 +202,7 @@ class Transfer:
                 self.problems.append(f"step {ref.step} is damaged in the source: {exc}")
                 continue
             todo.append((key, raw, m))
-        if not todo and not self.problems and self.steps is None:
-            raise errors.CheckpointNotFoundError(
-                f"{self._where(self.src)} holds no committed checkpoint to move; run "
-                f"`savegame ls {self._where(self.src)}` to see what is there",
-                path=self._where(self.src),
-            )
-        self._check_run(todo)
-        return todo
+        return todo, vanished
 
     def _run_id(
         self, store: Store, fetched: Future[bytes | None] | None = None
