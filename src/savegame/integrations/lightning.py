@@ -280,6 +280,13 @@ class SavegameCallback(pl.Callback):
             if pending and pending.get("rng") is not None:
                 rnglib.restore(pending["rng"])
             return
+        if pending is None and not any(getattr(dl, "num_workers", 0) for dl in self._loaders):
+            # A fresh run without worker processes: the iterator Lightning built has nothing to
+            # guard, and building it again would draw a second shuffle seed from the global RNG
+            # (the run would take another course than the same script without this callback).
+            for dl in self._loaders:
+                loaderlib.guard(dl, what="SavegameCallback")
+            return
         # Stop the iterator Lightning built (its workers started without savegame's signal guard),
         # guard the loaders, put the saved positions in, and build it again: a restored loader's
         # build draws nothing from the RNGs (savegame.state.loader).
