@@ -373,9 +373,16 @@ def run_one(
         "savegame": (sg_restore, lambda: work / "sg-sync"),
     }
 
+    rounds: dict[str, int] = {}  # restores run so far, per tag
+
     def restore_all(tag: str, drop: bool) -> Callable[[], None]:
         def run() -> None:
-            for name, (fn, where) in restorers.items():
+            # a rotating order: no method always runs right after the same one (the saves)
+            names = list(restorers)
+            k = rounds.get(tag, 0) % max(1, len(names))
+            rounds[tag] = rounds.get(tag, 0) + 1
+            for name in names[k:] + names[:k]:
+                fn, where = restorers[name]
                 reset_live()
                 if drop:
                     drop_caches()

@@ -7,8 +7,8 @@ chunks; contiguous CPU tensors by the fastest of three ways of copying host memo
 machine*, chosen by measuring them on the real snapshots (:class:`CopyChoice`):
 
 - ``memmove``: one ``ctypes.memmove`` per tensor on the calling thread (GIL released);
-- ``threads``: the bytes cut into one equal share per usable core, each moved by ``memmove`` on
-  its own thread (the calling thread takes one share);
+- ``threads``: one thread per usable core (the calling thread is one), each moving pieces of
+  the bytes by ``memmove``, the next piece in order as soon as it is free;
 - ``torch``: ``copy_`` of byte views, parallelised by torch over its intra-op threads.
 
 Why measure rather than fix one: a copy is memory-bound and which way reaches the bandwidth
@@ -321,29 +321,49 @@ def _by_memmove(segments: Sequence[Segment], threads: int) -> None:
 
 
 def _by_threads(segments: Sequence[Segment], threads: int) -> None:
-    # ctypes releases the GIL around the call: each thread moves its share at full speed.
+    # ctypes releases the GIL around the call: each thread moves its pieces at full speed.
     # Threads are started per copy (tens of microseconds; a snapshot takes tens of ms): nothing
-    # stays running between saves.
-    shares = [s for s in _cut(segments, max(1, threads), _ALIGN) if s]
+    # stays running between saves. The bytes are cut into several pieces per thread, taken in
+    # order by whichever thread is free: with one equal share each, a thread whose core is
+    # busy with something else (another process on a 2-vCPU VM) held the whole copy back.
+    threads = max(1, threads)
+    total = sum(n for _, _, n in segments)
+    parts = max(1, min(threads * _PIECES, total // _PIECE_BYTES))
+    pieces = [p for p in _cut(segments, parts, _ALIGN) if p]
     errors: list[BaseException] = []
+    lock = threading.Lock()
+    taken = [0]
 
-    def run(share: list[Segment]) -> None:
+    def run() -> None:
         try:
-            _by_memmove(share, 1)
+            while True:
+                with lock:
+                    i = taken[0]
+                    taken[0] += 1
+                if i >= len(pieces) or errors:
+                    return
+                _by_memmove(pieces[i], 1)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
             errors.append(exc)
 
-    workers = [threading.Thread(target=run, args=(s,), daemon=True) for s in shares[1:]]
+    workers = [
+        threading.Thread(target=run, daemon=True) for _ in range(min(threads, len(pieces)) - 1)
+    ]
     for w in workers:
         w.start()
     try:
-        if shares:
-            _by_memmove(shares[0], 1)
+        run()
     finally:
         for w in workers:
             w.join()
     if errors:
         raise errors[0]
+
+
+#: The ``threads`` method cuts a copy into this many pieces per thread, ...
+_PIECES = 16
+#: ... each of at least this many bytes.
+_PIECE_BYTES = 4 << 20
 
 
 def _by_torch(segments: Sequence[Segment], threads: int) -> None:
