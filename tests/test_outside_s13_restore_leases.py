@@ -391,15 +391,6 @@ _BROKEN_LEASE = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # a broken premise (the opener never ran, a crash) is a RuntimeError
-    reason="a process that opens the newest checkpoint's file for writing during a restore "
-    "(and changes nothing) breaks the lease; the restore then skips that intact checkpoint with "
-    "a CorruptCheckpointWarning and silently returns the one before it, and the loop's next "
-    "save (of the skipped step) fails with StepExistsError; it should read the file again "
-    "(pread, every hash checked) or raise StorageError, never fall back past an intact one",
-)
 def test_a_lease_broken_by_a_harmless_opener_still_restores_the_newest_or_raises(
     tmp_path: Path,
 ) -> None:

@@ -143,6 +143,12 @@ class StorageError(CheckpointError, OSError):
     """The storage backend failed (disk full, permission denied, network error)."""
 
 
+class _LeaseBroken(StorageError):
+    """Another process opened a file for writing (or is truncating it) while a restore read it
+    through a memory mapping (storage/local.py). The reader then reads that checkpoint again
+    without mapping it, every hash checked; users see it only if that read fails too."""
+
+
 class LockedError(StorageError):
     """Another live process holds the writer lock on the run folder."""
 

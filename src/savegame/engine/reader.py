@@ -506,6 +506,46 @@ def load_tensors(
     regions: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
     before_copy: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``keys``) as CPU tensors, verifying every hash first: see
+    :func:`_load_tensors`. A local file is read through a memory mapping under a read lease;
+    when another process opens it for writing (a backup tool, an editor: most change
+    nothing) or truncates it meanwhile, the lease breaks and the mapped read stops before
+    anything reached a live tensor. The checkpoint is then read once more without mapping
+    (positional reads, every hash checked), so an intact checkpoint is never skipped because
+    something looked at it; a file that did change fails that read with a typed error."""
+    ran = [False]
+
+    def first_time() -> None:
+        ran[0] = True
+        if before_copy is not None:
+            before_copy()
+
+    try:
+        return _load_tensors(
+            ckpt, m, keys, dest=dest, regions=regions, before_copy=first_time, mapped=True
+        )
+    except errors._LeaseBroken as broken:
+        try:
+            return _load_tensors(
+                ckpt, m, keys, dest=dest, regions=regions,
+                before_copy=None if ran[0] else first_time, mapped=False,
+            )  # fmt: skip
+        except errors.CheckpointError as again:
+            raise errors.StorageError(
+                f"{broken} Read again without mapping it: {again}", path=broken.path, step=m.step
+            ) from again
+
+
+def _load_tensors(
+    ckpt: str | os.PathLike[str] | Location,
+    m: manifest.Manifest,
+    keys: Iterable[str] | None = None,
+    *,
+    dest: Callable[[str, manifest.TensorEntry], torch.Tensor | None] | None = None,
+    regions: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None,
+    before_copy: Callable[[], None] | None = None,
+    mapped: bool = True,
+) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``keys``) as CPU tensors, verifying every hash first.
 
     Two phases: every file is memory-mapped and every chunk's hash checked against the mapped
@@ -617,7 +657,7 @@ def load_tensors(
                     continue
                 # A file is mapped only under a lease (storage/local.py): one truncated under
                 # a live mapping would kill the process (SIGBUS) instead of raising.
-                guard = blob.lease()
+                guard = blob.lease() if mapped else None
                 mm = blob.map() if guard is not None else None
                 if mm is None:
                     # an object store, or a file that cannot be guarded: parallel ranged reads,
@@ -681,6 +721,7 @@ def load_tensors(
                 if bad is not None:
                     key, c = run[bad]
                     _mismatch(loc, c.file, key, m.step)
+        guarded()  # (also before the other ranks are told this one verified its share)
         if before_copy is not None:
             before_copy()
         guarded()

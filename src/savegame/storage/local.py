@@ -169,7 +169,7 @@ class _LocalBlob(base.Blob):
             except OSError:
                 held = False
             if not held:
-                raise errors.StorageError(
+                raise errors._LeaseBroken(
                     f"{path}: another process is truncating or writing this file while it is "
                     "being read; the read stopped (nothing read from it reached a live tensor) — "
                     "checkpoint files are never changed after their commit: find what touches "
