@@ -138,7 +138,9 @@ class _RemoteBlob(base.Blob):
         self._inner.readinto(offset, dest)
         how.served += n
 
-    def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
+    def stream(
+        self, offset: int = 0, chunk: int = 8 << 20, end: int | None = None
+    ) -> Iterator[memoryview]:
         how = self._how
         how.gets += 1
         if how.always_fail:
@@ -151,7 +153,7 @@ class _RemoteBlob(base.Blob):
         if offset and how.ignore_range:
             raise base.RangeNotSupportedError("the server ignored Range (200)")
         this_get = 0
-        for view in self._inner.stream(offset, chunk):
+        for view in self._inner.stream(offset, chunk, end=end):
             if how.cut_every is not None and how.cuts_left and this_get + len(view) > how.cut_every:
                 keep = how.cut_every - this_get
                 how.cuts_left -= 1

@@ -124,13 +124,16 @@ class Blob(abc.ABC):
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
 
-    def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
-        """The bytes from ``offset`` to the end, in pieces of at most ``chunk`` bytes, for a
-        transfer that keeps what arrived when a connection is cut. A remote store overrides
-        this with one streaming GET; the default reads ``chunk``-sized ranges."""
-        pos = offset
-        while pos < self.size:
-            buf = bytearray(min(chunk, self.size - pos))
+    def stream(
+        self, offset: int = 0, chunk: int = 8 << 20, end: int | None = None
+    ) -> Iterator[memoryview]:
+        """The bytes from ``offset`` to ``end`` (default: the end), in pieces of at most
+        ``chunk`` bytes, for a transfer that keeps what arrived when a connection is cut. A
+        remote store overrides this with one streaming GET; the default reads ``chunk``-sized
+        ranges."""
+        pos, stop = offset, self.size if end is None else min(end, self.size)
+        while pos < stop:
+            buf = bytearray(min(chunk, stop - pos))
             self.readinto(pos, memoryview(buf))
             pos += len(buf)
             yield memoryview(buf)

@@ -174,7 +174,9 @@ class _ObjBlob(base.Blob):
         if self._unseen:
             self._pin(res.meta)
         got = tuple(res.range)
-        if got[0] != start:  # a server that ignores Range answers 200 with the whole object
+        # A server that ignores Range answers 200 with the whole object: another start, or
+        # (a range from byte 0) another end.
+        if got[0] != start or (end is not None and got[1] != end and "range" in opts):
             raise base.RangeNotSupportedError(
                 errno.EIO,
                 f"{s.describe(self._key)}: the server ignored a Range request (sent the whole "
@@ -232,17 +234,20 @@ class _ObjBlob(base.Blob):
         if pos != n:
             raise EOFError(f"{self._store.describe(self._key)}: got {pos} bytes, expected {n}")
 
-    def stream(self, offset: int = 0, chunk: int = 8 << 20) -> Iterator[memoryview]:
-        """One streaming GET from ``offset``, pinned to the opened version; pieces of at most
-        ``chunk`` bytes as they arrive."""
-        if offset >= self.size:
+    def stream(
+        self, offset: int = 0, chunk: int = 8 << 20, end: int | None = None
+    ) -> Iterator[memoryview]:
+        """One streaming GET from ``offset`` to ``end`` (default: the end), pinned to the
+        opened version; pieces of at most ``chunk`` bytes as they arrive."""
+        stop = self.size if end is None else min(end, self.size)
+        if offset >= stop:
             return
         if self._body is not None:
-            view = memoryview(self._body)
-            for i in range(offset, self.size, chunk):
+            view = memoryview(self._body)[:stop]
+            for i in range(offset, stop, chunk):
                 yield view[i : i + chunk]
             return
-        res = self._get(offset, None)
+        res = self._get(offset, None if stop == self.size else stop)
         it = iter(res.stream(min_chunk_size=min(chunk, 1 << 20)))
         while True:
             try:
