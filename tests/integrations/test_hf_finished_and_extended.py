@@ -24,6 +24,8 @@ import savegame as sg  # noqa: E402
 from savegame import errors  # noqa: E402
 from savegame.integrations.transformers import SavegameCallback, attach  # noqa: E402
 
+from ._run_folders import steps as _steps  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -57,10 +59,6 @@ def _fp(trainer: Any) -> str:
     for k, v in sorted(trainer.model.state_dict().items()):
         h.update(k.encode() + v.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
 
 
 def _attach(trainer: Any, root: Path) -> Any:

@@ -25,6 +25,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 import savegame as sg  # noqa: E402
 from savegame.integrations import keras as sgk  # noqa: E402
 
+from ._run_folders import steps as _steps  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -37,17 +39,15 @@ def _build() -> tuple[Any, StatefulDataLoader]:
 
 
 def _cb(root: Path, loader: StatefulDataLoader) -> sgk.SavegameCheckpoint:
-    return sgk.SavegameCheckpoint(root, loader=loader, save=sg.Every(steps=2), keep=sg.Keep(last=20), verbose=0)
+    return sgk.SavegameCheckpoint(
+        root, loader=loader, save=sg.Every(steps=2), keep=sg.Keep(last=20), verbose=0
+    )
 
 
 class Boom(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         if sgk._iterations(self.model) == 5:
             raise RuntimeError("boom inside fit")
-
-
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
 
 
 def test_a_new_callback_after_an_exception_in_fit_takes_the_folder_over(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ A test marked xfail(strict=True) pins a bug."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,9 @@ pytest.importorskip("transformers")
 
 import savegame as sg  # noqa: E402
 from savegame.integrations.transformers import attach  # noqa: E402
+
+from ._run_folders import steps as _steps  # noqa: E402
+from ._run_folders import verify as _verify  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -108,20 +109,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     trainer, _ = _run(tmp, tmp / "run")
     assert trainer.state.global_step == 15
     return _fp(trainer)
-
-
-def _verify(root: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "savegame", "verify", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
 
 
 def test_train_then_evaluate_and_predict_save_nothing_and_free_the_folder(

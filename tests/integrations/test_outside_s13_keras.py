@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
 import savegame as sg  # noqa: E402
 from savegame.integrations import keras as sgk  # noqa: E402
+
+from ._run_folders import steps as _steps  # noqa: E402
+from ._run_folders import verify as _verify  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -86,20 +87,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     _fit(model, loader, cb, 3)
     assert sgk._iterations(model) == 18
     return _fp(model)
-
-
-def _verify(root: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "savegame", "verify", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def _steps(root: Path) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*"))
 
 
 def test_fit_again_with_the_same_callback_and_more_epochs_continues_bitwise(
