@@ -50,6 +50,7 @@ from savegame.integrations._common import (
     version_tuple,
 )
 from savegame.state import TrainState
+from savegame.storage import urls
 
 __all__ = [
     "SUPPORTED",
@@ -487,7 +488,7 @@ _open_fits: dict[str, tuple[weakref.ref[SavegameCheckpoint], int]] = {}
 
 def _run_key(root: Any) -> str:
     text = os.fspath(root)
-    return text if "://" in text else os.path.realpath(text)
+    return text if urls.is_url(text) else os.path.realpath(text)
 
 
 def _close_leftovers(cb: SavegameCheckpoint) -> None:
