@@ -105,16 +105,43 @@ class _Down(FaultyStore):
         return super().begin(name, final)
 
 
+def _returns_while_held(gate: threading.Event, fn: Any) -> None:
+    """``fn()`` returns while the remote's uploads are held at ``gate`` (no timing involved:
+    an upload on the caller's thread would wait for the gate and never return)."""
+    gate.clear()
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # re-raised on the test's thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        assert done.wait(60), "the training thread waited for an upload held at the remote"
+    finally:
+        gate.set()
+    if failure:
+        raise failure[0]
+
+
 def test_step_returns_before_the_upload_and_close_waits_for_it(tmp_path: Path) -> None:
-    remote = _Slow(MemoryStore("remote"), delay=0.6)
+    remote = _Slow(MemoryStore("remote"), delay=0.2)
     state, holder = _state()
     ckpt = _ckpt(remote, tmp_path / "cache")
-    t0 = time.perf_counter()
-    for step in (1, 2, 3):
-        _set(holder, step)
-        assert ckpt.step(state, step)
-    assert time.perf_counter() - t0 < 1.0  # three uploads take ≥ 1.8 s
-    assert _steps(tmp_path / "cache")[-1] == 3  # committed locally at once
+
+    def three_steps() -> None:
+        for step in (1, 2, 3):
+            _set(holder, step)
+            assert ckpt.step(state, step)
+        assert _steps(tmp_path / "cache")[-1] == 3  # committed locally at once
+        assert _steps(remote.inner) == []  # nothing uploaded yet: every upload is held
+
+    _returns_while_held(remote.gate, three_steps)
     ckpt.close()
     assert _steps(remote.inner) == [2, 3]  # Keep(last=2) on the remote run
     assert remote.inner.read(layout.LATEST) == b"step-000000000003\n"
@@ -125,14 +152,17 @@ def test_step_returns_before_the_upload_and_close_waits_for_it(tmp_path: Path) -
 
 
 def test_async_save_with_a_slow_remote_returns_at_the_snapshot(tmp_path: Path) -> None:
-    remote = _Slow(MemoryStore("remote"), delay=1.0)
+    remote = _Slow(MemoryStore("remote"), delay=0.2)
     state, holder = _state()
     with _ckpt(remote, tmp_path / "cache", async_save=True) as ckpt:
         _set(holder, 1)
-        t0 = time.perf_counter()
-        ckpt.step(state, 1)
-        ckpt.wait()  # committed in the cache; the upload goes on
-        assert time.perf_counter() - t0 < 0.8
+
+        def save_and_wait() -> None:
+            ckpt.step(state, 1)
+            ckpt.wait()  # committed in the cache; the upload goes on
+            assert _steps(tmp_path / "cache") == [1] and _steps(remote.inner) == []
+
+        _returns_while_held(remote.gate, save_and_wait)
     assert _steps(remote.inner) == [1]
 
 
