@@ -128,7 +128,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("ref") / "run"
     model, trainer, _ = _fit(root)
     assert trainer.global_step == 15
-    assert _steps(root) == [2, 4, 6, 8, 10, 12, 14]  # no save at the end of fit: not scheduled
+    assert _steps(root) == [2, 4, 6, 8, 10, 12, 14, 15]  # scheduled saves + the end of fit
     return _fingerprint(model, trainer)
 
 
@@ -170,21 +170,21 @@ def test_fit_then_validate_test_predict_save_nothing_and_leave_the_run_free(
     trainer.test(model, val)
     preds = trainer.predict(model, val)
     assert len(preds) == 2
-    assert _steps(root) == before == [2, 4]
+    assert _steps(root) == before == [2, 4, 5]
     _verify(root)
     _free(root)
 
 
 def test_fit_again_with_the_same_callback_continues_bitwise(reference: str, tmp_path: Path) -> None:
     """A notebook: fit 1 epoch, then a new Trainer with max_epochs=3 and the same callback,
-    model and loader objects: it resumes at step 4 (the last scheduled save) and ends where an uninterrupted run ends."""
+    model and loader objects: it resumes at step 5 (the end of the first fit) and ends where an uninterrupted run ends."""
     root = tmp_path / "run"
     torch.manual_seed(0)  # as _fit does: the model, then the loader (it draws its seed when built)
     model = Net()
     loader = StatefulDataLoader(_data(), batch_size=8, shuffle=True)
     model, _, cb = _fit(root, max_epochs=1, model=model, loader=loader, seed=False)
     model2, trainer2, cb2 = _fit(root, max_epochs=3, model=model, cb=cb, loader=loader)
-    assert cb2 is cb and cb.restored_step == 4
+    assert cb2 is cb and cb.restored_step == 5
     assert trainer2.global_step == 15
     assert _fingerprint(model2, trainer2) == reference
     _verify(root)
@@ -243,7 +243,7 @@ def test_a_finished_run_fit_again_trains_nothing_and_saves_nothing(tmp_path: Pat
     _fit(root)
     before = sorted(p.name for p in root.iterdir())
     model, trainer, cb = _fit(root)
-    assert cb is not None and cb.restored_step == 14 and trainer.global_step == 15
+    assert cb is not None and cb.restored_step == 15 and trainer.global_step == 15
     assert sorted(p.name for p in root.iterdir() if p.name != ".lock") == [
         n for n in before if n != ".lock"
     ]

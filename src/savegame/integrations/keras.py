@@ -212,6 +212,13 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             ``async_save`` defaults to True here: the end of ``fit`` waits for the last save,
             and a failed background save is raised at the next batch.
         resume: Restore the newest valid checkpoint at ``on_train_begin``.
+        save_on_train_end: Save the last step when ``fit`` returns (default True), unless it
+            is saved already or this ``fit`` trained nothing: with a schedule in steps
+            (``Every(steps=N)``), the steps after the last scheduled save are kept, and a
+            finished run started again restores its end and trains nothing. ``fit`` always ends
+            with an epoch's end (``on_epoch_end``, which saves only when the schedule says so),
+            or mid-epoch when ``model.stop_training`` is set in a batch (then the position in
+            the epoch is saved, with ``loader=``). A ``fit`` that raises saves nothing more.
         verbose: 1 prints Keras-style lines on saves and metric changes.
     """
 
@@ -226,6 +233,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         when_busy: Literal["wait", "skip"] = "wait",
         handle_signals: bool = True,
         resume: bool = True,
+        save_on_train_end: bool = True,
         verbose: int = 1,
     ) -> None:
         super().__init__()
@@ -236,6 +244,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self.when_busy = when_busy
         self.handle_signals = handle_signals
         self.resume = resume
+        self.save_on_train_end = save_on_train_end
         self.verbose = verbose
         self.loader = None
         if loader is not None:
@@ -258,6 +267,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self.restored_step: int | None = None
         self._extras: dict[str, Any] = {"epoch": 0, "in_epoch": False, "batch": 0}
         self._last_step = -1
+        self._saved_step: int | None = None  # the newest step saved (or restored) in this fit
         self._keras_state: _KerasState | None = None
         self._state: TrainState | None = None
         self._epoch = 0
@@ -303,9 +313,10 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             async_save=self.async_save,
             when_busy=self.when_busy,
         )
-        _open_fits[self._run_key] = (weakref.ref(self), threading.get_ident())
+        _open_fits[self._run_key] = (weakref.ref(self), threading.get_ident(), self.checkpointer)
         self._extras.update(epoch=0, in_epoch=False, batch=0)
         self._last_step = -1
+        self._saved_step = None
         self._short_epoch = False
         self._best = self._best_on_disk()
         if not self.resume:
@@ -314,6 +325,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         if self.checkpointer.last_restore is None:
             return
         self.restored_step = step
+        self._saved_step = step
         epoch, in_epoch = int(self._extras["epoch"]), bool(self._extras["in_epoch"])
         model._initial_epoch = epoch  # what BackupAndRestore sets: fit starts at this epoch
         self._epoch = epoch
@@ -367,7 +379,13 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             self._keras_state.apply_metrics()
 
     # ---- saving -------------------------------------------------------------------------------
-    def _step(self, *, metrics: Mapping[str, float] | None = None, epoch_end: bool = False) -> bool:
+    def _step(
+        self,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch_end: bool = False,
+        final: bool = False,
+    ) -> bool:
         ckpt = self.checkpointer
         if ckpt is None or self._state is None:
             return False
@@ -382,10 +400,17 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         if keras_state is not None:
             keras_state.saving = True
         try:
-            return ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+            if final:  # whatever the schedule says (on_train_end)
+                ckpt.save(self._state, step, metrics=metrics)
+                saved = True
+            else:
+                saved = ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
         finally:
             if keras_state is not None:
                 keras_state.saving = False
+        if saved:
+            self._saved_step = step
+        return saved
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._extras["batch"] = int(self._extras.get("batch", 0)) + 1
@@ -459,12 +484,31 @@ class SavegameCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._remove_filter()
         self.model._initial_epoch = None  # a later fit() starts where it is told
-        ckpt, self.checkpointer = self.checkpointer, None
-        ref, _ = _open_fits.get(self._run_key, (None, None))
-        if ref is not None and ref() is self:
-            del _open_fits[self._run_key]
-        if ckpt is not None:
-            ckpt.close()
+        try:
+            self._final_save(logs)
+        finally:
+            ckpt, self.checkpointer = self.checkpointer, None
+            ref, _, _ = _open_fits.get(self._run_key, (None, None, None))
+            if ref is not None and ref() is self:
+                del _open_fits[self._run_key]
+            if ckpt is not None:
+                ckpt.close()
+
+    def _final_save(self, logs: Mapping[str, Any] | None) -> None:
+        """fit() returned normally (Keras calls no callback when it raises): save its last step
+        unless it is saved already or nothing was trained (a finished run started again). The
+        epoch and the position in it are those on_epoch_end left (a mid-epoch stop keeps
+        ``in_epoch``), so a later fit() to more epochs continues exactly."""
+        ckpt = self.checkpointer
+        if not self.save_on_train_end or ckpt is None or self._state is None:
+            return
+        step = _iterations(self.model)
+        if step == (self.restored_step or 0) or step == self._saved_step:
+            return
+        metrics = {k: float(v) for k, v in (logs or {}).items() if _number(v)}
+        self._step(metrics=metrics, final=True)
+        if self.verbose:
+            _print(f"\nEnd of training: saving checkpoint to {ckpt.root}/step-{step:012d}")
 
     def _remove_filter(self) -> None:
         f, self._filter = self._filter, None
@@ -481,9 +525,11 @@ class SavegameCheckpoint(keras.callbacks.Callback):
 
 
 #: The fits of this process that opened a run folder and have not reached on_train_end: run
-#: key -> (callback, thread). Keras callbacks have no exception hook, so a fit that raised
-#: leaves its Checkpointer (and the folder's lock) open.
-_open_fits: dict[str, tuple[weakref.ref[SavegameCheckpoint], int]] = {}
+#: key -> (callback, thread, its Checkpointer). Keras callbacks have no exception hook, so a fit
+#: that raised leaves its Checkpointer (and the folder's lock) open. The Checkpointer is held
+#: here too: the callback of a fit that raised is often garbage by the next fit (nothing but
+#: the exception's traceback referred to it), and its open Checkpointer must still be closed.
+_open_fits: dict[str, tuple[weakref.ref[SavegameCheckpoint], int, Checkpointer | None]] = {}
 
 
 def _run_key(root: Any) -> str:
@@ -499,11 +545,13 @@ def _close_leftovers(cb: SavegameCheckpoint) -> None:
     it keeps its lock, and this one gets LockedError as usual."""
     cb._run_key = _run_key(cb.root)
     leftovers = [getattr(cb, "checkpointer", None)]
-    ref, thread = _open_fits.get(cb._run_key, (None, None))
+    ref, thread, held = _open_fits.get(cb._run_key, (None, None, None))
     other = ref() if ref is not None else None
     if other is not None and other is not cb and thread == threading.get_ident():
         leftovers.append(other.checkpointer)
         other.checkpointer = None
+    elif ref is not None and other is None and thread == threading.get_ident():
+        leftovers.append(held)  # that callback is garbage now; its Checkpointer is still open
     for ckpt in leftovers:
         if ckpt is not None:
             with contextlib.suppress(Exception):

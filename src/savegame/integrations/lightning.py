@@ -30,7 +30,9 @@ Saves happen only at optimizer-step boundaries (after ``on_train_batch_end`` of 
 stepped, or at ``on_validation_end`` when a validation follows that batch, so the validation
 metrics reach ``Keep(best=..., monitor=...)``), and at ``on_train_epoch_end`` for
 ``Every(epochs=N)``. These are the points Lightning's own ``ModelCheckpoint`` saves at, so the
-loop state is one Lightning knows how to restart from.
+loop state is one Lightning knows how to restart from. The end of a normal ``fit`` is saved too
+(``save_on_train_end``), with the loop state of its last such point: a finished run requeued
+restores it and trains nothing.
 
 Preemption: SIGTERM / SIGUSR1 / SIGINT are handled as everywhere in savegame: noted, then saved
 at the next step boundary, and the process exits with status 75 (``EXIT_PREEMPTED``) - never a
@@ -97,6 +99,8 @@ check_version()
 
 import lightning.pytorch as pl  # noqa: E402  (after the version check, which names the fix)
 import torch  # noqa: E402
+from lightning.pytorch.loops.loop import _Loop  # noqa: E402
+from lightning.pytorch.loops.progress import _BaseProgress  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 #: Keys of Lightning's checkpoint that only describe how the module was built; they may hold
@@ -151,6 +155,12 @@ class SavegameCallback(pl.Callback):
         when_busy: With ``async_save``: ``"wait"`` or ``"skip"`` while a save persists.
         handle_signals: Save at the next step boundary on SIGTERM/SIGUSR1/SIGINT, then exit 75.
         resume: Restore the newest valid checkpoint of ``root`` at the start of ``fit``.
+        save_on_train_end: Save the last step when ``fit`` ends normally (default True), unless
+            it is saved already or this ``fit`` trained nothing (Lightning's
+            ``ModelCheckpoint(save_last=True)``): a finished run requeued restores its end and
+            trains nothing, instead of retraining the steps after the last scheduled save. Not
+            on an exception (a preemption signal saves on its own), nor after a mid-epoch stop
+            that a hook running after this callback's decided (``max_time``'s timer).
 
     Raises (at ``fit``):
         LockedError: another live process writes ``root``.
@@ -167,6 +177,7 @@ class SavegameCallback(pl.Callback):
         when_busy: Literal["wait", "skip"] = "wait",
         handle_signals: bool = True,
         resume: bool = True,
+        save_on_train_end: bool = True,
     ) -> None:
         super().__init__()
         if when_busy not in ("wait", "skip"):
@@ -178,6 +189,7 @@ class SavegameCallback(pl.Callback):
         self.when_busy = when_busy
         self.handle_signals = handle_signals
         self.resume = resume
+        self.save_on_train_end = save_on_train_end
         self.checkpointer: Checkpointer | None = None
         #: The step restored at the last ``fit`` (None: started fresh).
         self.restored_step: int | None = None
@@ -187,6 +199,11 @@ class SavegameCallback(pl.Callback):
         self._pending: dict[str, Any] | None = None  # RNG + loaders to apply at on_train_start
         self._loaders: list[Any] = []
         self._last_step = -1
+        self._saved_step: int | None = None  # the newest step saved (or restored) in this fit
+        #: (step, the fit loop's progress) at the last batch or validation end: the loop state
+        #: of saves at an epoch's end and at the end of fit (see _step)
+        self._boundary: tuple[int, dict[str, Any]] | None = None
+        self._loops: dict[str, Any] | None = None  # what _capture saves as the fit loop's progress
         self._monitor_seen = False
         self._hparams_note = False
         self._capturing = False
@@ -200,6 +217,8 @@ class SavegameCallback(pl.Callback):
             return
         self._trainer = trainer
         self._last_step = -1
+        self._saved_step = None
+        self._boundary = None
         self._monitor_seen = False
         self._prev_metrics = {}
         if self.checkpointer is None:
@@ -246,6 +265,7 @@ class SavegameCallback(pl.Callback):
         connector._loaded_checkpoint = checkpoint
         self.restored_step = step
         self._last_step = step
+        self._saved_step = step
         log.info("lightning: resuming from step %d of %s", step, self.checkpointer.root)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -330,6 +350,8 @@ class SavegameCallback(pl.Callback):
         if isinstance(fit, Mapping) and isinstance(fit.get("state_dict"), dict):
             # the loaders' positions go through savegame's loader layer (below) instead
             fit["state_dict"].pop("combined_loader", None)
+        if self._loops is not None and isinstance(fit, dict):
+            fit.update(self._loops)  # see _step
         for key in _HPARAMS:
             if key in checkpoint:
                 try:
@@ -365,14 +387,34 @@ class SavegameCallback(pl.Callback):
             self._prev_metrics = current
         return out
 
-    def _step(self, trainer: pl.Trainer, *, epoch_end: bool = False, force: bool = False) -> None:
+    def _step(
+        self,
+        trainer: pl.Trainer,
+        *,
+        epoch_end: bool = False,
+        force: bool = False,
+        final: bool = False,
+    ) -> None:
         ckpt = self.checkpointer
         if ckpt is None or trainer.sanity_checking:
             return
         step = int(trainer.global_step)
-        if step == self._last_step and not (epoch_end or force):
+        if step == self._last_step and not (epoch_end or force or final):
             return
         again, self._last_step = step == self._last_step, step
+        loops = None
+        if not again:  # the step's batch end, or its validation's end when one follows it
+            # (~0.1-0.2 ms, so only where an epoch's end or fit's end can follow)
+            self._boundary = (step, _loop_progress(trainer)) if _may_end(trainer) else None
+        elif self._boundary is not None and self._boundary[0] == step:
+            # The same step again, at on_train_epoch_end, on_train_end or on_exception: by then
+            # Lightning has counted the epoch as processed (or completed), and restored from
+            # such a state its loop runs the next epoch with no batches (the resume trains one
+            # epoch less, tested) or, when max_steps stopped fit mid-epoch, starts a new epoch
+            # where the uninterrupted run continues this one. Save the loop state of the step's
+            # batch (or validation) end, the point Lightning restarts from ("saved
+            # on_train_batch_end and epoch is at end"); the rest of the state is that of now.
+            loops = self._boundary[1]
         metrics = self._metrics(trainer)
         monitor = ckpt.keep.monitor
         if monitor and monitor in metrics:
@@ -382,11 +424,19 @@ class SavegameCallback(pl.Callback):
             # step in flight commit first, so the checkpointer sees it is there (an async save
             # of a step still in flight would otherwise be written twice: StepExistsError).
             ckpt.wait()
-        self._capturing = True
+        self._capturing, self._loops = True, loops
         try:
-            ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
+            if final:
+                # Every rank is here at the same step (the loop ended on all of them): the same
+                # collective save a due step makes, only not asked of the schedule.
+                ckpt.save(self._state, step, metrics=metrics)
+                saved = True
+            else:
+                saved = ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
         finally:
-            self._capturing = False
+            self._capturing, self._loops = False, None
+        if saved:  # the same answer on every rank (the save decision is all-reduced)
+            self._saved_step = step
 
     def on_train_batch_end(
         self,
@@ -410,6 +460,12 @@ class SavegameCallback(pl.Callback):
         self._step(trainer, force=int(trainer.global_step) != self._last_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_on_train_end and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # max_steps (or should_stop) ended fit in the middle of the epoch: Lightning still
+            # runs the epoch-end hooks and counts the epoch as done, but no epoch ended here.
+            # on_train_end saves this step with the loop state of its batch's end, the one a
+            # run to a larger limit continues from.
+            return
         self._step(trainer, epoch_end=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -417,7 +473,31 @@ class SavegameCallback(pl.Callback):
         if ckpt is None:
             return
         monitor = ckpt.keep.monitor
-        trained = int(trainer.global_step) != (self.restored_step or 0)  # a finished run: nothing
+        step = int(trainer.global_step)
+        trained = step != (self.restored_step or 0)  # a finished run requeued: nothing
+        if self.save_on_train_end and trained and step != self._saved_step:
+            # fit ended normally (an exception or a signal goes to on_exception instead) between
+            # two scheduled saves: save its end, so that a requeued job restores it and trains
+            # nothing (Lightning's loop sees max_steps/max_epochs reached) instead of training
+            # the steps after the last scheduled save again.
+            # Its loop state is the one of the last batch's (or validation's) end (_step): when
+            # max_steps (or should_stop) ends fit mid-epoch, Lightning still runs the epoch-end
+            # hooks and counts the epoch as completed, and a resume with a larger limit would
+            # start a new epoch where the uninterrupted run continues this one.
+            boundary = self._boundary
+            if boundary is not None and boundary[0] == step:
+                self._step(trainer, final=True)
+            else:
+                # should_stop was set mid-epoch after this callback's hook had run (by
+                # Trainer(max_time=)'s timer, or a callback later in the list), so that loop
+                # state was not kept: saving now would make the epoch look complete. No final
+                # save then; a requeued job resumes from the last scheduled one, exactly.
+                log.info(
+                    "lightning: step %d not saved at the end of fit (stopped mid-epoch by "
+                    "should_stop after SavegameCallback's hook); the newest checkpoint is step %s",
+                    step,
+                    self._saved_step,
+                )
         if monitor and ckpt.keep.best > 0 and not self._monitor_seen and trained:
             warnings.warn(
                 f"SavegameCallback: Keep(monitor={monitor!r}) was never logged during this fit (logged: "
@@ -474,6 +554,34 @@ class SavegameCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+def _may_end(trainer: pl.Trainer) -> bool:
+    """Whether the epoch or fit can end after this step: its last batch, max_steps reached, or
+    ``should_stop`` set (by a callback that ran before this one; when one that runs later sets
+    it, on_train_end finds no loop state of the step and does not save)."""
+    fit_loop = trainer.fit_loop
+    return bool(
+        fit_loop.epoch_loop.batch_progress.is_last_batch
+        or trainer.should_stop
+        or (fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps)
+    )
+
+
+def _loop_progress(trainer: pl.Trainer) -> dict[str, Any]:
+    """The fit loop's progress counters (its child loops' included), keyed as in its
+    ``state_dict``, without the loop's own ``state_dict`` entry: that one holds the train
+    loaders' states (``combined_loader``), which savegame saves through its loader layer and
+    which would cost a loader ``state_dict`` per step here. Lightning's progress objects hand
+    out fresh dicts (``dataclasses.asdict``), so later steps cannot change what is kept."""
+    fit_loop = trainer.fit_loop
+    out: dict[str, Any] = {}
+    for key, value in fit_loop.__dict__.items():
+        if isinstance(value, _BaseProgress):
+            out[key] = value.state_dict()
+        elif isinstance(value, _Loop):
+            value.state_dict(out, key + ".")
+    return out
 
 
 def _distributed(trainer: pl.Trainer) -> bool:

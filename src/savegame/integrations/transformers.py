@@ -605,7 +605,9 @@ def _nothing_trained(trainer: Any) -> Any:
     steps trained in this call. The other callbacks saw ``on_train_begin``; they see the end."""
     from transformers.trainer_utils import TrainOutput
 
-    trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    trainer.control = trainer.callback_handler.on_train_end(
+        trainer.args, trainer.state, trainer.control
+    )
     metrics = {"train_runtime": 0.0, "train_loss": 0.0, "epoch": trainer.state.epoch}
     return TrainOutput(int(trainer.state.global_step), 0.0, metrics)
 
