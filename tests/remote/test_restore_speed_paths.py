@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import torch
@@ -224,9 +225,21 @@ def test_a_restore_only_session_writes_only_its_lease(
         # can have taken it over); run.json is not put again with the same bytes
         assert writes == ["PUT .lock", "DELETE"], log
         assert c["HEAD .lock"] == 0, log
-        # the lease holder lists the run once (the markers are in that listing too)
-        runs = [t for m, t, _ in log if _kind(m, t) == "LIST" and "delimiter" in t]
-        assert len(runs) == 1, log
+        # the lease holder lists the run once, whole (the markers and every checkpoint's files
+        # are in that listing: no folder is listed on its own); without a cache, one listing
+        # before the lease answers "is this URL a checkpoint?" in place of a HEAD of
+        # manifest.json (and lets run.json and the manifests be read while the lease is taken)
+        run_prefix = s3_url.split("/", 3)[3] + "/"
+        lease = next(i for i, (m, t, _) in enumerate(log) if _kind(m, t) == "PUT .lock")
+        runs = [
+            i
+            for i, (m, t, _) in enumerate(log)
+            if _kind(m, t) == "LIST" and parse_qs(urlsplit(t).query).get("prefix") == [run_prefix]
+        ]
+        assert len([i for i in runs if i > lease]) == 1, log
+        assert len([i for i in runs if i < lease]) == (1 if cache is None else 0), log
+        assert c["LIST"] == len(runs), log
+        assert c["HEAD manifest.json"] == 0, log
         for k, v in model.state_dict().items():
             assert torch.equal(v, saved[k]), k
 

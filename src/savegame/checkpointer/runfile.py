@@ -120,7 +120,19 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
         FormatError: ``run.json`` is damaged.
     """
     store = as_store(root)
-    if _holds_manifest(store):  # never write a lock or run.json into a checkpoint
+    # On an object store, the run's listing answers the next question and the lease's PUT
+    # overlaps the reads of run.json and the newest manifests (storage/objectstore.py,
+    # ``before_lease``; the lease taken through this very store confirms or drops them).
+    before_lease = getattr(store, "before_lease", None)
+    if before_lease is not None and getattr(lock, "_store", None) is store:
+        before_lease()
+    try:
+        checkpoint = _holds_manifest(store)
+    except BaseException:
+        _drop_reads_ahead(store)
+        raise
+    if checkpoint:  # never write a lock or run.json into a checkpoint
+        _drop_reads_ahead(store)
         raise errors.CheckpointError(
             f"{store.describe()} is a checkpoint (it holds {layout.MANIFEST}), not a run folder; "
             "pass the run folder that holds it",
@@ -142,6 +154,14 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
         record = read_run_file(root)
         return (str(record["run_id"]) if record else ""), False
     return _run_id(root, keep), True
+
+
+def _drop_reads_ahead(store: Store) -> None:
+    """The run will not be opened: what an object store read ahead for it is dropped."""
+    if getattr(store, "before_lease", None) is not None:
+        from savegame.storage import objectstore
+
+        objectstore.end_snapshot(store)
 
 
 def _holds_manifest(store: Store) -> bool:

@@ -26,7 +26,11 @@ restore's opens) instead of one sequential request each. Any write through the s
 snapshot; so does :func:`end_snapshot` (after a restore), and it expires after
 :data:`SNAPSHOT_SECONDS`. It is only taken where nothing else may change the run meanwhile (the
 lease holder, right *after* the lease is taken), or where a stale view is harmless (a transfer
-plans from one listing anyway).
+plans from one listing anyway). A Checkpointer also reads ahead *before* its lease
+(:meth:`ObjectStore.before_lease`): the run's listing (is the URL a checkpoint?), then
+``run.json`` and the newest manifests while the lease's PUT is in flight; the holder's snapshot
+lists the run whole (:meth:`ObjectStore._ls_deep`: every checkpoint folder's files with it)
+and uses each of those reads only once that listing shows the very version read.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ SNAPSHOT_SECONDS = 10.0
 #: Step folders whose manifest and listing a snapshot fetches ahead (the newest ones: a restore
 #: reads the newest valid checkpoint; older ones are read on demand).
 SNAPSHOT_STEPS = 8
+#: A lease holder's run of fewer objects than this is listed whole, in one request (one page of
+#: an S3 listing), instead of the run and then each newest checkpoint folder.
+_DEEP_OBJECTS = 1000
 
 
 class _Pending:
@@ -427,10 +434,26 @@ class _Snapshot:
     {relative path: meta} of every object under it; ``hidden``: folder -> the keys a marker
     hides; ``small``: key -> (body, meta), or None where the object is absent."""
 
-    def __init__(self, store: ObjectStore, seconds: float, held: bool = False) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        seconds: float,
+        held: bool = False,
+        *,
+        before_lease: bool = False,
+        before: _Snapshot | None = None,
+    ) -> None:
         self.store = store
         #: Taken by the run's lease holder: nothing else writes the run while it lasts.
         self.held = held
+        #: Taken while the lease is being taken (:meth:`ObjectStore.before_lease`): the run's
+        #: listing (which tells whether the URL is a checkpoint), then ``run.json`` and the
+        #: newest manifests, fetched while the lease's PUT is in flight. None of it is used by
+        #: the holder until a listing made after the lease confirms it (``_confirm``).
+        self.before_lease = before_lease
+        #: The holder's snapshot: the one taken before the lease, whose reads it reuses once
+        #: confirmed.
+        self.before = before
         self.until = time.monotonic() + seconds
         self.lock = threading.Lock()
         self.listings: dict[str, Future[Any]] = {}
@@ -529,13 +552,57 @@ class _Snapshot:
     # -- what a run's start-up reads, ahead --
     def prefetch_run(self) -> None:
         s = self.store
-        self.ahead(self.small, layout.RUN_FILE, lambda: s._get_small(layout.RUN_FILE))
+        if self.before_lease:
+            self.ahead(self.listings, "", lambda: self._listed(""))
+            return
         self.ahead(self.listings, "", lambda: self._listed(""))
+        early = self._read_before(layout.RUN_FILE)
+        with self.lock:
+            listing = self.listings.get("")
+            if early is not None and listing is not None and layout.RUN_FILE not in self.small:
+                # read before the lease: used once this listing shows that very version
+                run_file = self.small[layout.RUN_FILE] = Future()
+            else:
+                run_file = None
+        if run_file is not None and listing is not None and early is not None:
+            _confirm(
+                run_file,
+                early,
+                listing,
+                lambda got, listed: _same_version(got, listed[1].get(layout.RUN_FILE)),
+                lambda: s._get_small(layout.RUN_FILE),
+                self.pool,
+            )
+        else:
+            self.ahead(self.small, layout.RUN_FILE, lambda: s._get_small(layout.RUN_FILE))
 
     def _listed(self, prefix: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """The listing of ``prefix``; for a run folder, the follow-up reads start at once."""
         s = self.store
-        dirs, objs = s._ls(prefix)
+        deep = s._ls_deep(prefix) if prefix == "" and self.held else None
+        if deep is not None:
+            # The holder's run in one listing of every object (a run of fewer than
+            # ``_DEEP_OBJECTS``): each folder's listing comes with it, so none is fetched on
+            # its own — a round trip off the start, and one request per checkpoint less.
+            dirs, objs, under = deep
+            for d, files in under.items():
+                known: Future[Any] = Future()
+                known.set_result(files)
+                with self.lock:
+                    self.walked.setdefault(d, known)
+        else:
+            dirs, objs = s._ls(prefix)
+        if prefix == "" and self.before_lease:
+            # Before the lease: run.json and the newest manifests, to overlap the lease's PUT
+            # (nothing if the URL is a checkpoint: no lease will be taken). The holder's
+            # snapshot confirms each against a listing made after the lease.
+            if layout.MANIFEST in objs:
+                return dirs, objs
+            self.ahead(self.small, layout.RUN_FILE, lambda: s._get_small(layout.RUN_FILE))
+            for d in _newest_steps(dirs):
+                mkey = base.join(d, layout.MANIFEST)
+                self.ahead(self.small, mkey, lambda k=mkey: s._get_small(k))
+            return dirs, objs
         if prefix == "" and dirs:
             if self.held:
                 # The lease holder's run changes only through this store: the markers are
@@ -544,12 +611,35 @@ class _Snapshot:
             else:
                 # Listed after ours (markers precede what they hide): see ObjectStore._hidden.
                 self.ahead(self.hidden, "", lambda: s._hidden(""))
-            steps = sorted((d for d in dirs if layout.parse_step_dir(d) is not None), reverse=True)
-            for d in steps[:SNAPSHOT_STEPS]:
+            for d in _newest_steps(dirs):
                 mkey = base.join(d, layout.MANIFEST)
-                self.ahead(self.small, mkey, lambda k=mkey: s._get_small(k))
                 self.ahead(self.walked, d, lambda k=d: dict(s._walk(k)))
+                early = self._read_before(mkey)
+                if early is None:
+                    self.ahead(self.small, mkey, lambda k=mkey: s._get_small(k))
+                    continue
+                with self.lock:
+                    walk = self.walked.get(d)
+                    if walk is None or mkey in self.small:  # closed, or asked for already
+                        continue
+                    confirmed = self.small[mkey] = Future()
+                _confirm(
+                    confirmed,
+                    early,
+                    walk,
+                    lambda got, listed: _same_version(got, listed.get(layout.MANIFEST)),
+                    lambda k=mkey: s._get_small(k),
+                    self.pool,
+                )
         return dirs, objs
+
+    def _read_before(self, key: str) -> Future[Any] | None:
+        """The read of ``key`` the snapshot taken before the lease started, if any."""
+        before = self.before
+        if before is None:
+            return None
+        with before.lock:
+            return before.small.get(key)
 
     def head(self, key: str) -> tuple[bool, dict[str, Any] | None]:
         """``(True, meta or None)`` when the snapshot already knows whether ``key`` is an
@@ -597,6 +687,66 @@ class _Snapshot:
         if found:
             return _base(key) in listing[0]
         return None
+
+
+def _newest_steps(dirs: list[str]) -> list[str]:
+    """The step folders among ``dirs`` whose manifest and listing a snapshot fetches ahead."""
+    steps = sorted((d for d in dirs if layout.parse_step_dir(d) is not None), reverse=True)
+    return steps[:SNAPSHOT_STEPS]
+
+
+def _same_version(got: Any, listed: dict[str, Any] | None) -> bool:
+    """Whether a small object's read (``(body, meta)``, None when it was absent) is of the
+    version a later listing shows (``listed``: its meta there, None when absent)."""
+    if got is None or listed is None:
+        return got is None and listed is None
+    etag = got[1].get("e_tag")
+    return etag is not None and etag == listed.get("e_tag")
+
+
+def _confirm(
+    out: Future[Any],
+    early: Future[Any],
+    check: Future[Any],
+    same: Callable[[Any, Any], bool],
+    again: Callable[[], Any],
+    pool: ThreadPoolExecutor,
+) -> None:
+    """Resolve ``out`` to ``early``'s result once ``check``'s result confirms it (``same``),
+    else to ``again()`` (a fresh read, on ``pool``). Chained by callbacks: no thread waits."""
+    started = threading.Lock()
+
+    def settle(_: Future[Any]) -> None:
+        if not (early.done() and check.done()) or not started.acquire(blocking=False):
+            return
+        if not out.set_running_or_notify_cancel():
+            return  # cancelled (the snapshot closed, or a reader fetched it itself)
+        try:
+            if (
+                not early.cancelled()
+                and not check.cancelled()
+                and early.exception() is None
+                and check.exception() is None
+                and same(early.result(), check.result())
+            ):
+                out.set_result(early.result())
+                return
+        except Exception:  # noqa: BLE001 - not confirmed: read it again
+            pass
+
+        def fresh() -> None:
+            try:
+                out.set_result(again())
+            except BaseException as exc:  # noqa: BLE001 - the reader's own call raises it
+                out.set_exception(exc)
+
+        try:
+            pool.submit(fresh)
+        except RuntimeError as exc:  # interpreter shutting down
+            out.set_exception(exc)
+
+    early.add_done_callback(settle)
+    check.add_done_callback(settle)
 
 
 class Lease:
@@ -661,6 +811,17 @@ class Lease:
         """
         s = self._store
         s._writable(self._name)
+        try:  # (the reads started by ``s.before_lease()``, if any, go on meanwhile)
+            self._take()
+        except BaseException:
+            s._forget_before_lease()
+            raise
+        self._held = True
+        self._start_holding()
+
+    def _take(self) -> None:
+        """Create the lease object, or take over an expired one (see :meth:`acquire`)."""
+        s = self._store
         where = s.describe(self._name)
         for _ in range(3):
             try:
@@ -704,7 +865,10 @@ class Lease:
                 "changing); stop the other process",
                 path=s.describe(),
             )
-        self._held = True
+
+    def _start_holding(self) -> None:
+        s = self._store
+        where = s.describe(self._name)
         self.lost = None
         # From here on no other writer changes the run: what the holder reads next (the run's
         # listing, run.json, the manifests) is fetched once, ahead and concurrently.
@@ -835,12 +999,42 @@ class ObjectStore(base.Store):
         listing, ``run.json``, and its newest manifests and checkpoint listings. Only where
         nothing else changes the run meanwhile (the lease holder: ``held``, which also lets
         one listing of the run tell the markers in it) or a stale view is harmless; any write
-        through this store ends it."""
-        snap = _Snapshot(self, seconds, held)
+        through this store ends it. The holder's snapshot reuses the manifests read while its
+        lease was being taken (:meth:`before_lease`), each once the listing of its folder,
+        made after the lease, shows that very version."""
+        old = self._snap
+        before = old if held and old is not None and old.before_lease and old.live else None
+        self._start(_Snapshot(self, seconds, held, before=before), keep=before)
+
+    def before_lease(self) -> None:
+        """About to take the run's lease: list the run now, and read ``run.json`` and its
+        newest manifests while the lease's PUT is in flight (a round trip off a resume's
+        start). The listing also answers "is this URL a checkpoint?" (:meth:`is_object`),
+        asked before the lease is written. Until the lease is held, nothing else is served
+        from it; after, the holder's snapshot lists the run again (a listing made before the
+        lease can miss a checkpoint the previous holder committed just before releasing it)
+        and reuses a read only once that listing, made after the lease, shows its version."""
+        if self.read_only or self.scheme in ("http", "https"):
+            return
+        snap = self._snap
+        if snap is not None and snap.before_lease and snap.live:
+            return
+        self._start(_Snapshot(self, SNAPSHOT_SECONDS, before_lease=True))
+
+    def _start(self, snap: _Snapshot, keep: _Snapshot | None = None) -> None:
         old, self._snap = self._snap, snap
         if old is not None:
-            old.close()
+            if old is keep:
+                old.until = 0.0  # serves nothing more; its reads in flight are reused
+            else:
+                old.close()
         snap.prefetch_run()
+
+    def _forget_before_lease(self) -> None:
+        """The lease was not taken: what was read ahead for it is dropped."""
+        snap = self._snap
+        if snap is not None and snap.before_lease:
+            self._forget()
 
     def end_snapshot(self) -> None:
         """Every read from now on asks the store."""
@@ -857,6 +1051,8 @@ class ObjectStore(base.Store):
         snap = self._snap
         if snap is None or not snap.live:
             return None
+        if snap.before_lease and key != layout.MANIFEST:
+            return None  # before the lease, only "is this URL a checkpoint?" (before_lease)
         if key is not None and (key == layout.LOCK or any(le._name == key for le in self._leases)):
             return None
         return snap
@@ -954,6 +1150,43 @@ class ObjectStore(base.Store):
         dirs = [_base(d.rstrip("/")) for d in res["common_prefixes"]]
         objs = {_base(m["path"]): dict(m) for m in res["objects"]}
         return dirs, objs
+
+    def _ls_deep(
+        self, prefix: str
+    ) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]] | None:
+        """:meth:`_ls` of ``prefix`` and, per folder, what :meth:`_walk` gives, from one
+        listing of every object under it; None for a web server, or when there are
+        ``_DEEP_OBJECTS`` or more (a listing page holds 1000: more would be several requests
+        one after the other, where the folders' own listings go in parallel)."""
+        if self.scheme in ("http", "https"):
+            return None
+        p = self._p(prefix)
+        stream = self._call(
+            lambda: _obstore().list(self._obs, p or None, chunk_size=_DEEP_OBJECTS), prefix
+        )
+        items: list[Any] = []
+        while len(items) < _DEEP_OBJECTS:
+            try:
+                items.extend(next(stream))
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - obstore's errors, translated
+                raise urls.translate(exc, self.describe(prefix)) from None
+        if len(items) >= _DEEP_OBJECTS:
+            return None
+        pre = p + "/" if p else ""
+        objs: dict[str, dict[str, Any]] = {}
+        under: dict[str, dict[str, dict[str, Any]]] = {}
+        for m in items:
+            if not m["path"].startswith(pre):
+                continue
+            rel = m["path"][len(pre) :]
+            folder, sep, rest = rel.partition("/")
+            if sep:
+                under.setdefault(folder, {})[rest] = dict(m)
+            else:
+                objs[rel] = dict(m)
+        return sorted(under), objs, under
 
     def _walk(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
         """(path relative to ``key``, meta) of every object under ``key/``."""
