@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,6 @@ from savegame.storage import Location  # torch-free: open() accepts a store loca
 if TYPE_CHECKING:
     import torch
 
-    from savegame.format import manifest
 
 # The modules for savegame's own folders (engine.reader and the manifest code, storage; tree and
 # engine.writer, which import torch) are imported by the functions that use them, so that
@@ -98,28 +97,29 @@ class SavegameReader(base.Reader):
         self.path = str(self._loc)
         self.format = "savegame"
         self.manifest = reader.read_manifest(self._loc)
+        self._names = _display_names(self.manifest.tensors)
 
     def keys(self) -> list[str]:
         self._check_open()
-        return list(self.manifest.tensors)
+        return list(self._names)
 
     def info(self, name: str) -> base.TensorInfo:
         self._check_open()
-        e = self._entry(name)
+        e = self.manifest.tensors[self._key(name)]
         return base.TensorInfo(name, e.dtype, e.shape, sum(c.length for c in e.chunks))
 
     def read(self, name: str) -> torch.Tensor:
         from savegame.engine import reader
 
         self._check_open()
-        self._entry(name)
-        return reader.load_tensors(self._loc, self.manifest, [name])[name]
+        key = self._key(name)
+        return reader.load_tensors(self._loc, self.manifest, [key])[key]
 
     def tree(self) -> Any:
         from savegame import tree as treelib
 
         self._check_open()
-        refs = {k: base.TensorRef(k) for k in self.manifest.tensors}
+        refs = {k: base.TensorRef(n) for n, k in self._names.items()}
         return treelib.decode(self.manifest.trees[0], refs, path=self.path)  # type: ignore[arg-type]
 
     def metadata(self) -> dict[str, Any]:
@@ -145,13 +145,36 @@ class SavegameReader(base.Reader):
         super().__enter__()
         return self
 
-    def _entry(self, name: str) -> manifest.TensorEntry:
-        try:
-            return self.manifest.tensors[name]
-        except KeyError:
+    def _key(self, name: str) -> str:
+        """The manifest key of the tensor called ``name`` (its display name, or the key)."""
+        key = self._names.get(name)
+        if key is None and name in self.manifest.tensors:
+            key = name  # the escaped key itself, as older versions listed it
+        if key is None:
             raise errors.CheckpointNotFoundError(
                 f"{self.path}: no tensor named {name!r}", path=self.path, key=name
-            ) from None
+            )
+        return key
+
+
+def _display_names(keys: Iterable[str]) -> dict[str, str]:
+    """{name: manifest key}. A manifest key is the tensor's path in the saved tree with a "/"
+    inside a component escaped (``tree.join_key``): the name unescapes it, so a converted
+    Keras/TensorFlow/numpy file keeps its own names ("layers/dense/vars/0", not
+    "layers~1dense~1vars~10"), as ``sg.load`` gives them. Where two keys would get the same name
+    (a component "a/b" beside a nested a → b), both keep their escaped keys."""
+    from savegame import tree as treelib
+
+    by_name: dict[str, list[str]] = {}
+    for key in keys:
+        by_name.setdefault("/".join(treelib.split_key(key)), []).append(key)
+    out: dict[str, str] = {}
+    for name, found in by_name.items():
+        if len(found) == 1:
+            out[name] = found[0]
+        else:
+            out.update({k: k for k in found})
+    return out
 
 
 def open(  # noqa: A001 - the public verb

@@ -54,3 +54,46 @@ def test_outside_the_main_thread_nothing_is_installed() -> None:
     t.join()
     assert {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS} == before
     sigs.restore()
+
+
+def test_handlers_given_back_in_any_closing_order() -> None:
+    """Three instances installed in turn and given back in every order: at the end the
+    program's handlers are back, and while some are open the newest open one handles."""
+    import itertools
+
+    before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+    try:
+        for order in itertools.permutations(range(3)):
+            sigs = [PreemptionSignals() for _ in range(3)]
+            for s in sigs:
+                s.install()
+            open_ = [0, 1, 2]
+            for i in order:
+                sigs[i].restore()
+                open_.remove(i)
+                for signum in PREEMPTION_SIGNALS:
+                    want = sigs[open_[-1]]._on_signal if open_ else before[signum]
+                    assert signal.getsignal(signum) == want, (order, i)
+            sigs[order[0]].restore()  # idempotent
+            assert {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS} == before
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_a_handler_the_program_set_later_is_left_alone() -> None:
+    before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    try:
+        s = PreemptionSignals()
+        s.install()
+        signal.signal(signal.SIGTERM, mine)
+        s.restore()
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    finally:
+        for sn, h in before.items():
+            signal.signal(sn, h)

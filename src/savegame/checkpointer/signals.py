@@ -36,6 +36,14 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+#: The instances whose handlers are installed, oldest first. Each one's ``_old_handlers`` are
+#: the handlers in place when it installed, i.e. the previous instance's (or the program's). A
+#: Checkpointer closed out of nesting order (open A, open B, close A, close B) must not put
+#: back a handler that belongs to a closed one: that would swallow Ctrl-C and SIGTERM forever.
+_chain: list[PreemptionSignals] = []
+_chain_lock = threading.Lock()
+
+
 class PreemptionSignals:
     """The handlers a Checkpointer installs, and the signal waiting for the next step."""
 
@@ -52,15 +60,30 @@ class PreemptionSignals:
                 "Checkpointer created outside the main thread: preemption signals are not handled"
             )
             return
-        for signum in PREEMPTION_SIGNALS:
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+        with _chain_lock:
+            for signum in PREEMPTION_SIGNALS:
+                self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+            _chain.append(self)
 
     def restore(self) -> None:
-        """Put back the handlers that were in place before :meth:`install` (idempotent)."""
-        for signum, handler in self._old_handlers.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, handler)
-        self._old_handlers = {}
+        """Give the signals back (idempotent): to the handlers in place before :meth:`install`
+        when this instance's handler is the current one; when a later instance installed over
+        it and is still open, that one inherits them instead (it gives them back when it is
+        closed). A handler the program set over ours since is left alone."""
+        with _chain_lock:
+            if self not in _chain:
+                self._old_handlers = {}
+                return
+            i = _chain.index(self)
+            later = _chain[i + 1] if i + 1 < len(_chain) else None
+            for signum, handler in self._old_handlers.items():
+                if later is not None and later._old_handlers.get(signum) == self._on_signal:
+                    later._old_handlers[signum] = handler  # unlink this one from the chain
+                elif signal.getsignal(signum) == self._on_signal:
+                    with contextlib.suppress(ValueError, TypeError):
+                        signal.signal(signum, handler)
+            del _chain[i]
+            self._old_handlers = {}
 
     def clear(self) -> None:
         """The pending signal was acted on (saved, and the loop goes on)."""

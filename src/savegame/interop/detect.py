@@ -19,6 +19,7 @@ import builtins
 import importlib
 import os
 import re
+import stat
 import struct
 import types
 from collections.abc import Iterable, Mapping
@@ -190,6 +191,14 @@ def detect(path: str | os.PathLike[str]) -> str:
     shard = TF_SHARD_RE.search(p)
     if shard and os.path.isfile(p[: shard.start()] + ".index"):
         return "tensorflow"  # the bundle's data is only readable through its index
+    if not stat.S_ISREG(os.stat(p).st_mode):
+        # A named pipe would block open() until a writer comes, and a pipe's size (0) would make
+        # a good file look truncated: refuse both, saying what the file is.
+        raise errors.FormatError(
+            f"{p} is not a regular file (a pipe, socket or device): savegame reads files it can "
+            "seek in; save the bytes to a file first (e.g. `cat > model.pt`) and pass that",
+            path=p,
+        )
     size = os.path.getsize(p)
     if size == 0 and os.path.isfile(p):
         raise errors.FormatError(

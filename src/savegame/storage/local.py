@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -264,6 +265,18 @@ class _LocalStaging(base.Staging):
         free_tree(self.path)
 
 
+def _regular(fd: int, path: Path | str) -> None:
+    """Raise a typed error unless ``fd`` is a regular file (a FIFO, socket or device blocks a
+    reader or never ends: neither is a checkpoint's file)."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise errors.StorageError(
+            f"{path} is not a regular file (a named pipe, socket or device); savegame reads "
+            "checkpoints from files: copy it into a file first",
+            path=str(path),
+        )
+
+
 class LocalStore(base.Store):
     """A folder on the local file system: fsync for durability, rename for atomicity, flock
     for the writer lock."""
@@ -313,8 +326,12 @@ class LocalStore(base.Store):
 
     def open(self, key: str) -> base.Blob:
         path = self._p(key)
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a named pipe in a run folder (hostile, or a stale one) opens at once
+        # instead of waiting forever for a writer; it is then refused as not a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
+            _regular(fd, path)
+            os.set_blocking(fd, True)
             return _LocalBlob(fd, path)
         except BaseException:
             os.close(fd)
