@@ -599,7 +599,14 @@ def _load_tensors(
         start, shape = regions[key]
         return [c for c in chunks if overlap(c.start, c.shape, start, shape) is not None]
 
-    files = sorted({c.file for key in wanted for c in needed(key)})
+    read_from = {c.file for key in wanted for c in needed(key)}
+    if keys is None and not regions:
+        # A whole checkpoint: every file of its own is checked, also one no tensor is read
+        # from (an incremental save of an unchanged state writes a file that is only a header,
+        # every tensor referring to an earlier file): its header is checked against its hash,
+        # as verify does, so a restore accepts exactly the checkpoints verify passes.
+        read_from |= {name for name in m.files if not manifest.is_ref(name)}
+    files = sorted(read_from)
     maps: dict[str, tuple[Any, memoryview, torch.Tensor]] = {}
     blobs: dict[str, Blob] = {}
     unmapped: dict[str, Blob] = {}
