@@ -176,10 +176,6 @@ def test_load_of_a_checkpoint_folder_returns_the_tree(tmp_path: Path) -> None:
     assert tree["extras"] == {"epoch": 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sg.load(RUN folder) says the run folder is an interrupted, never-committed save",
-)
 def test_load_of_a_run_folder_says_it_is_a_run_folder(tmp_path: Path) -> None:
     """A new user passes the run folder they gave the Checkpointer. Loading its newest
     checkpoint, or an error saying "this is a run folder: load one of its step-… folders", are
@@ -234,11 +230,6 @@ def test_two_checkpointers_closed_in_reverse_order_give_the_signals_back(tmp_pat
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a metric that is not a number raises a plain TypeError, not the EncodeError "
-    "docs/format.md promises (so `except sg.CheckpointError` misses it)",
-)
 @pytest.mark.parametrize("value", ["0.8", None, [1.0]], ids=["str", "None", "list"])
 def test_a_metric_that_is_not_a_number_is_an_encode_error_naming_it(
     tmp_path: Path, value: object

@@ -22,6 +22,8 @@ from savegame.storage import Location  # torch-free: open() accepts a store loca
 if TYPE_CHECKING:
     import torch
 
+    from savegame.format import manifest
+
 
 # The modules for savegame's own folders (engine.reader and the manifest code, storage; tree and
 # engine.writer, which import torch) are imported by the functions that use them, so that
@@ -74,12 +76,39 @@ def load(path: str | os.PathLike[str] | Location, *, rank: int = 0) -> Any:
 
     loc = locate(path)
     where = str(loc)
-    m = reader.read_manifest(loc)
+    m = _manifest_of(loc)
     if not 0 <= rank < m.world_size:
         raise errors.CheckpointNotFoundError(
             f"{where} has ranks 0..{m.world_size - 1}, not {rank}", path=where
         )
     return treelib.decode(m.trees[rank], reader.load_tensors(loc, m), path=where)
+
+
+def _manifest_of(loc: Location) -> manifest.Manifest:
+    """The checkpoint's manifest; a run folder (the Checkpointer's root) passed instead of one
+    of its checkpoints is named as such, not as an interrupted save."""
+    from savegame.engine import reader
+    from savegame.format import layout
+    from savegame.storage import base as storage_base
+
+    try:
+        return reader.read_manifest(loc)
+    except errors.IncompleteCheckpointError:
+        try:
+            run = any(
+                loc.store.exists(storage_base.join(loc.key, name))
+                for name in (layout.RUN_FILE, layout.LATEST)
+            )
+        except Exception:  # noqa: BLE001 - cannot tell: the original error stands
+            run = False
+        if not run:
+            raise
+        raise errors.CheckpointNotFoundError(
+            f"{loc} is a run folder (the Checkpointer's root), not a checkpoint: load one of its "
+            f"step-… folders (`savegame ls {loc}` lists them; the newest valid one is what "
+            "Checkpointer.restore() would use)",
+            path=str(loc),
+        ) from None
 
 
 class SavegameReader(base.Reader):
@@ -90,13 +119,12 @@ class SavegameReader(base.Reader):
     """
 
     def __init__(self, path: str | os.PathLike[str] | Location) -> None:
-        from savegame.engine import reader
         from savegame.storage import locate
 
         self._loc = locate(path)
         self.path = str(self._loc)
         self.format = "savegame"
-        self.manifest = reader.read_manifest(self._loc)
+        self.manifest = _manifest_of(self._loc)
         self._names = _display_names(self.manifest.tensors)
 
     def keys(self) -> list[str]:

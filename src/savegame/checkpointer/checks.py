@@ -10,7 +10,14 @@ import math
 import numbers
 from collections.abc import Mapping
 
+from savegame import errors
+
 __all__ = ["check_metrics", "check_step", "fmt_metric"]
+
+
+class _MetricRangeError(errors.EncodeError, ValueError):
+    """A metric that is a number too large for a float: an EncodeError (caught with every
+    savegame error) that is also the ValueError Python raises for it."""
 
 
 def check_step(step: object) -> int:
@@ -30,21 +37,25 @@ def check_metrics(metrics: object) -> dict[str, float] | None:
     if metrics is None:
         return None
     if not isinstance(metrics, Mapping):
-        raise TypeError(
+        raise errors.EncodeError(
             f"metrics must be a mapping of name -> number, got {type(metrics).__name__}"
         )
     out: dict[str, float] = {}
     for k, v in metrics.items():
         if not isinstance(k, str):
-            raise TypeError(f"metric names must be str, got {type(k).__name__} {k!r}")
+            raise errors.EncodeError(f"metric names must be str, got {type(k).__name__} {k!r}")
         if isinstance(v, (str, bytes)):
-            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}")
+            raise errors.EncodeError(
+                f"metric {k!r} must be a number, got {type(v).__name__} {v!r}", key=k
+            )
         try:
             out[k] = float(v)  # type: ignore[arg-type]
         except OverflowError as exc:  # an int too large for a float (10**400)
-            raise ValueError(f"metric {k!r} = {v!r} does not fit a float") from exc
+            raise _MetricRangeError(f"metric {k!r} = {v!r} does not fit a float", key=k) from exc
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__} {v!r}") from exc
+            raise errors.EncodeError(
+                f"metric {k!r} must be a number, got {type(v).__name__} {v!r}", key=k
+            ) from exc
     return out
 
 
