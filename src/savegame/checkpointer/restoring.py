@@ -166,8 +166,11 @@ def source_refs(where: str | os.PathLike[str] | Store) -> list[reader.Checkpoint
         ) from exc
     if not is_ckpt:
         return reader.list_checkpoints(store)
-    loc = Location(store, "")
-    ref = reader.CheckpointRef(-1, store.local_path() or loc, loc=loc)
+    # A path or URL is located as sg.load locates it: the checkpoint as a folder of its run, so
+    # the files an incremental checkpoint shares with earlier ones (named relative to the run)
+    # are found beside it. A store given as such is the checkpoint alone.
+    loc = Location(store, "") if isinstance(where, Store) else locate(where)
+    ref = reader.CheckpointRef(-1, loc.store.local_path(loc.key) or loc, loc=loc)
     try:
         ref.manifest = reader.read_manifest(loc)
         ref.step = ref.manifest.step

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Blob, Entry, Location, Store, as_store, locate
-from savegame.storage.base import ChangedError, check_key, join
+from savegame.storage.base import ChangedError, RangeNotSupportedError, check_key, join
 
 if TYPE_CHECKING:  # imported by the functions that use them: listing needs neither
     import torch
@@ -340,8 +340,21 @@ def _read_into(blob: Blob, offset: int, dest: memoryview, where: str) -> None:
         raise  # a change: the caller starts the blob over (once); a typed error: as it is
     except EOFError as exc:
         raise errors.IntegrityError(f"{where}: file {exc} (truncated?)", path=where) from exc
+    except RangeNotSupportedError as exc:
+        raise _RangeIgnored(
+            f"could not read {where}: {exc}; the server sends whole files only (it ignores "
+            "HTTP Range, as `python -m http.server` does): pull the run or checkpoint to a "
+            "folder first (`savegame pull URL DIR` restarts such files whole) or serve it with "
+            "nginx",
+            path=where,
+        ) from exc
     except OSError as exc:
         raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
+
+
+class _RangeIgnored(errors.StorageError):
+    """A read failed because the server ignores Range: nothing is known about the checkpoint's
+    bytes, so :func:`verify` raises it instead of reporting the checkpoint damaged."""
 
 
 # ---- reads from a blob that cannot map (object stores, HTTP): engine/fetch.py -------------
@@ -1015,6 +1028,8 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
                 _restart(loc, name, m, restarts, exc)
             finally:
                 blob.close()
+    except _RangeIgnored:
+        raise  # the server, not the checkpoint: an error reaching it (exit 2), not damage
     except errors.CheckpointError as exc:
         return [*problems, str(exc)]
 
