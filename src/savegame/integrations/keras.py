@@ -546,12 +546,11 @@ def _close_leftovers(cb: SavegameCheckpoint) -> None:
     cb._run_key = _run_key(cb.root)
     leftovers = [getattr(cb, "checkpointer", None)]
     ref, thread, held = _open_fits.get(cb._run_key, (None, None, None))
-    other = ref() if ref is not None else None
-    if other is not None and other is not cb and thread == threading.get_ident():
-        leftovers.append(other.checkpointer)
-        other.checkpointer = None
-    elif ref is not None and other is None and thread == threading.get_ident():
-        leftovers.append(held)  # that callback is garbage now; its Checkpointer is still open
+    if ref is not None and ref() is not cb and thread == threading.get_ident():
+        leftovers.append(held)  # held here: that callback may be garbage by now
+        other = ref()
+        if other is not None:
+            other.checkpointer = None
     for ckpt in leftovers:
         if ckpt is not None:
             with contextlib.suppress(Exception):
