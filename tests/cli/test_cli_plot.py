@@ -140,3 +140,10 @@ def test_plot_of_a_run_without_metrics_says_so(
     assert "no checkpoint records metrics" in capsys.readouterr().out
     assert main(["plot", str(root), "--out", str(tmp_path / "x.png")]) == 2
     assert "nothing to plot" in capsys.readouterr().err
+
+
+def test_plot_takes_a_file_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    _train(root, range(1, 4))
+    assert main(["plot", root.as_uri()]) == 0
+    assert "3 checkpoints, steps 1..3" in capsys.readouterr().out

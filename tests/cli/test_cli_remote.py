@@ -182,8 +182,18 @@ def test_ls_refuses_a_checkpoint_url_and_names_its_run(
     assert code == 2 and "is one checkpoint" in out and f"savegame ls {pushed}`" in out
 
 
+def test_plot_on_a_url(pushed: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``savegame plot`` takes a URL like every command (it used to look for a local folder
+    named "s3:")."""
+    code, out = _cli(capsys, "plot", pushed)
+    assert code == 0 and pushed in out and "3 checkpoints, steps 1..3" in out, out
+    assert "val_acc" in out and "0.53" in out
+    code, out = _cli(capsys, "plot", pushed + "/step-000000000001")
+    assert code == 2 and "is one checkpoint" in out and f"savegame plot {pushed}`" in out
+
+
 def test_nothing_at_the_url(bucket: str, creds: None, capsys: pytest.CaptureFixture[str]) -> None:
-    for cmd in ("ls", "verify", "show", "prune"):
+    for cmd in ("ls", "verify", "show", "prune", "plot"):
         code, out = _cli(capsys, cmd, f"s3://{bucket}/nothing/here")
         assert code == 2 and "no run folder or checkpoint there" in out, (cmd, out)
 

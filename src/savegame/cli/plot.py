@@ -96,15 +96,19 @@ def mark_index(r: Restart, ckpts: list[CheckpointInfo]) -> int | None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from savegame import checkpointer as runs  # the public run-folder functions; no torch
+    from savegame.cli import commands  # where a RUN argument points: a path or a URL
 
-    root = Path(args.run)
-    from savegame.cli.commands import refuse_checkpoint
-
-    refuse_checkpoint(
-        root, runs.is_checkpoint(root), f"plot its run with `savegame plot {root.parent}`"
+    root = commands._where(args.run)
+    shown = commands._shown(root)
+    commands.refuse_checkpoint(
+        root,
+        commands._is_checkpoint(root),
+        f"plot its run with `savegame plot {commands._parent(args.run, root)}`",
     )
-    if not root.is_dir():
+    if isinstance(root, Path) and not root.is_dir():
         raise sg.CheckpointNotFoundError(f"no run folder at {root}", path=root)
+    if not isinstance(root, Path) and not commands._is_run(root):
+        raise commands._nothing_at(args.run)
     ckpts = sorted(
         (i for i in runs.list_run(root) if i.kind == "checkpoint" and i.valid),
         key=lambda i: i.step,
@@ -114,7 +118,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         unknown = [m for m in args.metric if m not in names]
         if unknown:
             raise ValueError(
-                f"no metric {', '.join(map(repr, unknown))} in {root}; recorded: "
+                f"no metric {', '.join(map(repr, unknown))} in {shown}; recorded: "
                 + (", ".join(names) or "none")
             )
         names = list(dict.fromkeys(args.metric))
@@ -122,16 +126,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not names:
         if args.out:
             raise ValueError(
-                f"nothing to plot: no checkpoint in {root} records metrics "
+                f"nothing to plot: no checkpoint in {shown} records metrics "
                 "(pass them with ckpt.step(..., metrics={...}))"
             )
         main.console.print(
-            text(f"{root}: no checkpoint records metrics (pass ckpt.step(..., metrics={{...}}))")
+            text(f"{shown}: no checkpoint records metrics (pass ckpt.step(..., metrics={{...}}))")
         )
         return 0
-    _print(root, ckpts, names, marks)
+    _print(shown, ckpts, names, marks)
     if args.out:
-        out = _png(Path(args.out), root, ckpts, names, marks)
+        out = _png(Path(args.out), shown, ckpts, names, marks)
         main.console.print(text(f"wrote {out}"))
     return 0
 
@@ -140,7 +144,7 @@ def _series(ckpts: list[CheckpointInfo], name: str) -> list[float]:
     return [float(i.metrics.get(name, math.nan)) for i in ckpts]
 
 
-def _print(root: Path, ckpts: list[CheckpointInfo], names: list[str], marks: list[Restart]) -> None:
+def _print(root: str, ckpts: list[CheckpointInfo], names: list[str], marks: list[Restart]) -> None:
     console = main.console
     crashes = sum(r.crashed for r in marks)
     head = f"{root}  ({len(ckpts)} checkpoints, steps {ckpts[0].step}..{ckpts[-1].step}"
@@ -199,7 +203,7 @@ def _cell(v: float | None) -> str:
 
 
 def _png(
-    out: Path, root: Path, ckpts: list[CheckpointInfo], names: list[str], marks: list[Restart]
+    out: Path, root: str, ckpts: list[CheckpointInfo], names: list[str], marks: list[Restart]
 ) -> Path:
     try:
         import matplotlib
