@@ -356,6 +356,17 @@ def delete_unkept(
     deleted = []
     for info in todo:
         loc = where(info)
+        path = loc.store.local_path(loc.key)
+        if path is not None and path.is_symlink():
+            # A checkpoint the user moved elsewhere and linked back: deleting or retiring it
+            # would remove or move files in a folder outside the run. Left to the user.
+            log.warning(
+                "not deleting %s: it is a symlink to %s, outside the run folder; remove it "
+                "by hand (and the folder it points to) if it is no longer needed",
+                info.path,
+                os.path.realpath(path),
+            )
+            continue
         used, sure = (set(), False) if live is None else shared.references(
             r for k, r in live.items() if k != loc.key
         )

@@ -126,10 +126,11 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without copying."""
+    """The bytes of a contiguous CPU tensor, without copying (but a lazy conjugate or negative
+    view, ``x.conj()`` / ``x.conj().imag``, is resolved into the values it means first)."""
     import torch
 
-    flat = t.reshape(-1)
+    flat = t.resolve_conj().resolve_neg().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
     if t.dtype in (torch.complex128, torch.complex32, torch.complex64):

@@ -209,13 +209,8 @@ def detect(path: str | os.PathLike[str]) -> str:
     truncated_safetensors = 0
     with builtins.open(p, "rb") as f:  # this module defines its own open() below
         head = f.read(16)
-        # HDF5's superblock may sit at 0, 512, 1024, 2048, ... (FORMATS.md §0).
-        off = 0
-        while off + 8 <= size:
-            f.seek(off)
-            if f.read(8) == HDF5_MAGIC:
-                return "keras-h5"
-            off = 512 if off == 0 else off * 2
+        if head.startswith(HDF5_MAGIC):
+            return "keras-h5"
         if head.startswith(b"PK\x03\x04"):
             return _zip_format(f, p, size)
         if head.startswith(LEGACY_TORCH_MAGIC):
@@ -228,6 +223,15 @@ def detect(path: str | os.PathLike[str]) -> str:
                 return "safetensors"
             if head[8:9] == b"{":
                 truncated_safetensors = n
+        # HDF5's superblock may also sit at 512, 1024, 2048, ... after a user block (FORMATS.md
+        # §0); looked for only after the magics at offset 0, since a tensor's bytes in a valid
+        # .npy or safetensors file may hold the signature there.
+        off = 512
+        while off + 8 <= size:
+            f.seek(off)
+            if f.read(8) == HDF5_MAGIC:
+                return "keras-h5"
+            off *= 2
         if size >= 48:
             f.seek(size - 8)
             if f.read(8) == TF_INDEX_MAGIC:

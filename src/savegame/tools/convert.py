@@ -265,11 +265,17 @@ def _write_safetensors(reader: base.Reader, f: BinaryIO, skip: Mapping[str, str]
     tensors.write_tensor_stream(f, specs, stream(), align=8)
 
 
-def _step_of(tree: Any) -> int:
+def _step_of(tree: Any, path: str) -> int:
     if isinstance(tree, dict):
         for k in ("step", "global_step", "epoch"):
             v = tree.get(k)
             if type(v) is int and v >= 0:
+                if v >= 10**12:  # layout.step_name's bound: a token count, not a step?
+                    raise errors.EncodeError(
+                        f"{path}: its top-level {k!r} is {v}, beyond the steps a savegame "
+                        "checkpoint records ([0, 10**12)); convert it --to safetensors or "
+                        "--to torch instead, or save the state with sg.save(..., step=N)"
+                    )
                 return v
     return 0
 
@@ -279,10 +285,13 @@ def _write_savegame(reader: base.Reader, out: Path, overwrite: bool) -> None:
         tree = base.materialize(reader.tree(), reader, read=lambda name: _tensor(reader, name))
     else:
         tree = _flat(reader)
-    if not isinstance(tree, dict):
-        tree = {"value": tree}
+    if isinstance(tree, list | tuple):  # a savegame state is a dict: keep the reader's names
+        tree = {str(i): v for i, v in enumerate(tree)}  # ("0", "1/0", ...)
+    elif not isinstance(tree, dict):  # a bare tensor: the reader calls it "tensor"
+        tree = {"tensor" if hasattr(tree, "shape") else "value": tree}
     # api.save itself appears atomically; for overwrite we save beside dst and swap.
     tmp = files.temp_path_beside(out)
     meta = reader.metadata() if reader.format == "savegame" else {}
-    api.save(tmp, tree, step=meta.get("step", _step_of(tree)), metrics=meta.get("metrics"))
+    step = meta["step"] if "step" in meta else _step_of(tree, reader.path)
+    api.save(tmp, tree, step=step, metrics=meta.get("metrics"))
     files.publish_dir(tmp, out, replace=overwrite)

@@ -67,6 +67,11 @@ def _max_abs(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tupl
         # 64-bit ints: Python ints cannot overflow where int64 subtraction would.
         xs, ys = x.reshape(-1).tolist(), y.reshape(-1).tolist()
         return float(max(abs(int(p) - int(q)) for p, q in zip(xs, ys, strict=True))), False
+    # Elements with equal bits differ by 0 (a NaN both files hold at the same place included);
+    # a NaN against anything else is a difference of NaN.
+    xb = x.reshape(-1).view(torch.uint8).reshape(x.numel(), -1)
+    yb = y.reshape(-1).view(torch.uint8).reshape(y.numel(), -1)
+    d = d.reshape(-1).masked_fill((xb == yb).all(dim=1), 0)
     if torch.isnan(d).any():
         return float("nan"), False
     return float(d.max()), False

@@ -29,8 +29,14 @@ __all__ = ["TorchReader", "load", "open_torch"]
 _MAX_TREE_DEPTH = 200  # container nesting walked by keys()/tree(); real checkpoints nest < 10
 
 
-def _walk(root: Any, path: str) -> tuple[Any, dict[str, values.TensorSpec]]:
-    """Build (tree with TensorRefs, {name: spec}); bounded against memo fan-out and cycles."""
+def _walk(
+    root: Any, path: str, *, renamed: bool = False
+) -> tuple[Any, dict[str, values.TensorSpec]]:
+    """Build (tree with TensorRefs, {name: spec}); bounded against memo fan-out and cycles.
+
+    Two tensors whose names collide (``{"a/b": x, "a": {"b": y}}``, ``{0: x, "0": y}``) are an
+    error for a reader of names; ``renamed`` (for :func:`load`, which returns the tree and needs
+    no names) gives the later one a private name instead."""
     tensors: dict[str, values.TensorSpec] = {}
     budget = [base.LIMITS.max_entries]
     active: set[int] = set()
@@ -51,9 +57,14 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, values.TensorSpec]]:
             return v
         if isinstance(v, values.TensorSpec):
             if name in tensors:
-                raise errors.FormatError(
-                    f"{path}: two tensors map to the name {name!r}", path=path, key=name
-                )
+                if not renamed:
+                    raise errors.FormatError(
+                        f"{path}: two tensors map to the name {name!r}", path=path, key=name
+                    )
+                n = len(tensors)
+                while f"{name}\x00{n}" in tensors:
+                    n += 1
+                name = f"{name}\x00{n}"
             tensors[name] = v
             return base.TensorRef(name)
         if isinstance(v, (dict, list, tuple, set, frozenset, values.OpaqueInstance)):
@@ -66,7 +77,12 @@ def _walk(root: Any, path: str) -> tuple[Any, dict[str, values.TensorSpec]]:
                 if isinstance(v, dict):
                     # OrderedDict and Counter keep their type, as torch.load returns them.
                     items = {k: visit(x, _join(name, k), depth + 1) for k, x in v.items()}
-                    return type(v)(items) if type(v) in (OrderedDict, Counter) else items
+                    if type(v) not in (OrderedDict, Counter):
+                        return items
+                    out = type(v)(items)
+                    if hasattr(v, "_metadata"):  # a state_dict's module versions (unpickler)
+                        out._metadata = v._metadata  # type: ignore[union-attr]
+                    return out
                 if isinstance(v, list):
                     return [visit(x, _join(name, i), depth + 1) for i, x in enumerate(v)]
                 if isinstance(v, tuple):
@@ -109,7 +125,7 @@ class TorchReader(base.Reader):
 
     format = "torch"
 
-    def __init__(self, path: str, *, listing: bool = False) -> None:
+    def __init__(self, path: str, *, listing: bool = False, _renamed: bool = False) -> None:
         self.path = path
         self._f: BinaryIO = open(path, "rb")
         try:
@@ -123,7 +139,7 @@ class TorchReader(base.Reader):
             self._ranges = found.ranges  # storage key -> (file offset, bytes)
             self._crcs = found.crcs  # storage key -> zip CRC-32 (zip format only)
             root, storages = found.root, found.storages
-            self._tree, self._tensors = _walk(root, path)
+            self._tree, self._tensors = _walk(root, path, renamed=_renamed)
             for s in storages.values():
                 rng = self._ranges.get(s.key)
                 want = s.numel * values.itemsize(s.dtype)
@@ -209,6 +225,10 @@ class TorchReader(base.Reader):
             unit = itemsize // 2 if s.dtype.startswith("complex") else itemsize
             buf = buf.reshape(-1, unit)[:, ::-1].reshape(-1)
         flat = torch.from_numpy(buf.copy()).view(dtype)
+        if s.conj:  # the values torch.load gives: applied to the buffer, so views stay views
+            flat = flat.conj_physical()
+        if s.neg:
+            flat = flat.neg()
         view = torch.as_strided(flat, s.size, s.stride, 0)
         if numel * itemsize > len(raw):
             # Overlapping/expanded view (e.g. stride 0): return it as a view of its own small
@@ -265,9 +285,15 @@ def open_torch(path: str | os.PathLike[str], *, listing: bool = False) -> TorchR
         UnsupportedFormatError: TorchScript, quantized/sparse tensors, or not a torch file.
         FormatError: anything corrupt, truncated or out of bounds.
     """
+    return _open(path, listing=listing)
+
+
+def _open(
+    path: str | os.PathLike[str], *, listing: bool = False, renamed: bool = False
+) -> TorchReader:
     p = os.fspath(path)
     try:
-        return TorchReader(p, listing=listing)
+        return TorchReader(p, listing=listing, _renamed=renamed)
     except FileNotFoundError as exc:
         if isinstance(exc, errors.CheckpointError):
             raise
@@ -285,7 +311,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     Raises:
         The same errors as :func:`open_torch`.
     """
-    with open_torch(path) as r:
+    with _open(path, renamed=True) as r:  # names may collide: the tree needs none
         return _materialize(r.tree(), r)
 
 
@@ -301,7 +327,10 @@ def _materialize(v: Any, r: TorchReader) -> Any:
     if values.is_size(v):
         return v
     if isinstance(v, dict):
-        return type(v)({k: _materialize(x, r) for k, x in v.items()})  # Counter counts pairs
+        out = type(v)({k: _materialize(x, r) for k, x in v.items()})  # Counter counts pairs
+        if hasattr(v, "_metadata"):
+            out._metadata = v._metadata  # type: ignore[attr-defined]
+        return out
     if isinstance(v, list):
         return [_materialize(x, r) for x in v]
     if isinstance(v, tuple):

@@ -212,6 +212,18 @@ class Unpickler:
             raise self._err(f"{n} with mismatched size/stride")
         requires_grad = bool(args[4]) if len(args) > 4 and isinstance(args[4], bool) else False
         spec = values.TensorSpec(storage, dtype, offset, size, stride, requires_grad)
+        at = {"_rebuild_tensor_v2": 6, "_rebuild_tensor_v3": 7}.get(n)
+        meta = args[at] if at is not None and len(args) > at else None
+        if meta is not None:
+            # torch.utils.get_tensor_metadata: {"conj": True} / {"neg": True} on lazy views;
+            # ignoring them would return the unconjugated / unnegated values silently.
+            if not isinstance(meta, dict) or not all(
+                k in ("conj", "neg") and isinstance(v, bool) for k, v in meta.items()
+            ):
+                raise self._err(f"{n} with tensor metadata savegame does not know: {meta!r:.80}")
+            spec.conj, spec.neg = meta.get("conj", False), meta.get("neg", False)
+            if spec.conj and not dtype.startswith("complex"):
+                raise self._err(f"{n}: a conjugate view of a {dtype} tensor")
         values.check_view(spec, self.path)
         return spec
 
@@ -475,7 +487,11 @@ class Unpickler:
                     target.state = state
                 elif not isinstance(target, (values.TensorSpec, dict)):
                     raise self._err(f"BUILD on a {type(target).__name__}")
-                # Tensor/OrderedDict state (hooks, _metadata) carries no weights: ignored.
+                elif isinstance(target, OrderedDict) and _module_versions(state):
+                    # a state_dict's per-module versions, which load_state_dict passes on (a
+                    # BatchNorm of version < 2 is upgraded): kept, as torch.load keeps them.
+                    target._metadata = state["_metadata"]  # type: ignore[attr-defined]
+                # Other Tensor/dict state (hooks) carries no weights: ignored.
             elif op == b"Q":  # BINPERSID
                 push(self._persistent(pop()))
             elif op == b"P":  # PERSID (text ids are never storages)
@@ -524,3 +540,14 @@ def run(u: Unpickler) -> Any:
             f"{u.path}: malformed pickle ({type(exc).__name__}: {exc}); the file is damaged or hostile",
             path=u.path,
         ) from exc
+
+
+def _module_versions(state: Any) -> bool:
+    """``state`` is ``{"_metadata": {module: {"version": int, ...}}}`` of plain values."""
+    meta = state.get("_metadata") if isinstance(state, dict) else None
+    return isinstance(meta, dict) and all(
+        isinstance(k, str)
+        and isinstance(v, dict)
+        and all(isinstance(a, str) and type(b) in (int, str, bool) for a, b in v.items())
+        for k, v in meta.items()
+    )

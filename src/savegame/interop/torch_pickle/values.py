@@ -197,6 +197,10 @@ class TensorSpec:
     stride: tuple[int, ...]
     requires_grad: bool
     parameter: bool = False
+    # torch's lazy "conjugate" / "negative" view bits (``x.conj()``, ``x.conj().imag``): the
+    # storage holds the plain values, the tensor means their conjugate / negation.
+    conj: bool = False
+    neg: bool = False
 
 
 @dataclass(eq=False, slots=True)
