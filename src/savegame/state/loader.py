@@ -217,6 +217,7 @@ class _IteratorGuard:
                 it = build(loader)
             finally:
                 torch.set_rng_state(rng)
+            _undo_double_count(it, self._pending)
             generator = getattr(loader, "generator", None)
             if self._generator_state is not None and isinstance(generator, torch.Generator):
                 # The loader's own generator (``generator=``, the PyTorch reproducibility
@@ -268,6 +269,36 @@ class _IteratorGuard:
             path=self._where,
             key=self._name,
         )
+
+
+def _undo_double_count(it: Any, state: Any) -> None:
+    """Correct torchdata's count of batches after its naive fast-forward (torchdata 0.10-0.11,
+    an ``IterableDataset`` with no ``state_dict``): ``load_state_dict`` sets the count to the
+    saved N, then calls ``next()`` N times, each of which counts again, so the iterator says
+    2N and the next checkpoint's position skips N batches (silently, with no workers; with
+    workers the resume after it fails on the worker order). The fast-forward is recognised by
+    the doubled count itself (a stateful dataset's resume leaves it at N), so a torchdata that
+    fixes this is left alone. Written here because torchdata offers no hook for it."""
+    if not isinstance(state, dict):
+        return
+    snapshot = state.get("_snapshot")
+    if isinstance(snapshot, dict):  # the multiprocess iterator's state
+        snap, since = snapshot.get("_snapshot_step"), state.get("_steps_since_snapshot")
+        if not (type(snap) is int and type(since) is int and snap > 0):
+            return
+        if getattr(it, "_num_yielded", None) != 2 * snap + since:
+            return
+        it._num_yielded -= snap
+        taken = getattr(it, "_snapshot", None)  # snapshots taken during the fast-forward
+        if isinstance(taken, dict) and type(taken.get("_snapshot_step")) is int:
+            if taken["_snapshot_step"] > snap:
+                taken["_snapshot_step"] -= snap
+        return
+    n = state.get("_num_yielded")
+    if type(n) is int and n > 0 and getattr(it, "_num_yielded", None) == 2 * n:
+        it._num_yielded = n
+        if type(getattr(it, "_sampler_iter_yielded", None)) is int:
+            it._sampler_iter_yielded -= n
 
 
 def _start_method(loader: Any) -> str:
