@@ -178,21 +178,13 @@ def test_every_steps_with_validation_killed_at_a_random_step_resumes_bitwise(
 @pytest.mark.parametrize(
     "kill_at",
     [
-        pytest.param(
-            5,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: steps_per_epoch=4 over a 6-batch loader, resumed from step 3 "
-                "(mid-epoch 1): the resumed fit trains 9 steps to 12, the uninterrupted one "
-                "stops at 10 (epoch 2 ran out of data after 2 batches): weights differ",
-            ),
-        ),
-        7,  # restored from step 6 (in epoch 2): equal
+        5,  # restored from step 3 (mid-epoch 1; the fixed bug: the resumed epoch ran to the pass's end)
+        7,  # restored from step 6 (in epoch 2, where the loader ran out)
     ],
 )
 def test_steps_per_epoch_killed_mid_run_resumes_bitwise(tmp_path: Path, kill_at: int) -> None:
-    """steps_per_epoch=4 over a 6-batch loader (docs: 'not tested'); sync saves, so the restored
-    step is the last one due before the kill (3 or 6)."""
+    """steps_per_epoch=4 over a 6-batch loader; sync saves, so the restored step is the last one
+    due before the kill (3 or 6). More positions: test_keras_s15_steps_per_epoch.py."""
     cfg = {"save": {"steps": 3}, "epochs": 3, "steps_per_epoch": 4, "async_save": False}
     ref = train({**cfg, "root": str(tmp_path / "ref")})
     assert ref["iterations"] == 10  # Keras: 4 + 2 (the loader ran out) + 4

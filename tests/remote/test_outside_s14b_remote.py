@@ -128,11 +128,6 @@ def test_lightning_callback_takes_a_cache_folder(lit: Any, s3_url: str, tmp_path
     SavegameCallback(s3_url, cache=str(tmp_path / "cache"), save=sg.Every(steps=2))  # type: ignore[call-arg]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="GAP: SavegameCheckpoint (Keras) takes no cache=: two tiers unreachable",
-)
 def test_keras_callback_takes_a_cache_folder(ker: Any, s3_url: str, tmp_path: Path) -> None:
     from savegame.integrations.keras import SavegameCheckpoint
 

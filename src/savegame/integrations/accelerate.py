@@ -292,6 +292,9 @@ class AccelerateCheckpointer:
             :meth:`step` returns once the state is copied to host memory; a signal's save,
             :meth:`save_state` and :meth:`close` wait for the commit, and a failed background
             save is raised by the next call. ``False``: every save blocks.
+        cache: A local folder (fast disk) for a remote ``root`` (``s3://...``): saves commit
+            there and upload in the background; :meth:`close` waits for the uploads
+            (docs/tiers.md). As for :class:`savegame.Checkpointer`.
 
     Raises:
         MissingDependencyError: accelerate is missing or not a supported version.
@@ -311,6 +314,7 @@ class AccelerateCheckpointer:
         async_save: bool = True,
         handle_signals: bool = True,
         exit_on_signal: bool = True,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         check_version()
         _check_distributed_type(accelerator)
@@ -323,8 +327,10 @@ class AccelerateCheckpointer:
             async_save=async_save,
             handle_signals=handle_signals,
             exit_on_signal=exit_on_signal,
+            cache=cache,
         )
         self.root = self.checkpointer.root
+        self._cache = cache
         #: The last step passed to :meth:`step` or restored (what ``save_state()`` saves as).
         self.last_step = 0
         self._warned: set[int] = set()
@@ -429,7 +435,9 @@ class AccelerateCheckpointer:
     def _check_dir(self, path: str | os.PathLike[str] | None) -> None:
         if path is None:
             return
-        if os.path.abspath(os.fspath(path)) != os.path.abspath(os.fspath(self.root)):
+        here = os.path.abspath(os.fspath(path))
+        folders = [self.root] + ([self._cache] if self._cache is not None else [])
+        if all(here != os.path.abspath(os.fspath(f)) for f in folders):
             raise ValueError(
                 f"savegame saves into its run folder {self.root}, not {os.fspath(path)}: call "
                 "save_state()/load_state() without a folder (checkpoints are step-… folders in the run folder)"
@@ -446,6 +454,7 @@ def attach(
     async_save: bool = True,
     handle_signals: bool = True,
     exit_on_signal: bool = True,
+    cache: str | os.PathLike[str] | None = None,
 ) -> AccelerateCheckpointer:
     """Route ``accelerator.save_state()``/``load_state()`` through savegame (see the module
     docstring) and return the :class:`AccelerateCheckpointer` (call its ``step`` in your loop).
@@ -459,6 +468,7 @@ def attach(
         async_save=async_save,
         handle_signals=handle_signals,
         exit_on_signal=exit_on_signal,
+        cache=cache,
     )
     accelerator.save_state = ckpt.save_state
     accelerator.load_state = ckpt.load_state

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -211,6 +212,9 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             (signals: save at the next batch's end, committed before the exit with status 75).
             ``async_save`` defaults to True here: the end of ``fit`` waits for the last save,
             and a failed background save is raised at the next batch.
+        cache: A local folder (fast disk) for a remote ``root`` (``s3://...``): saves commit
+            there and upload in the background; the end of ``fit`` waits for the uploads
+            (docs/tiers.md). As for :class:`savegame.Checkpointer`.
         resume: Restore the newest valid checkpoint at ``on_train_begin``.
         save_on_train_end: Save the last step when ``fit`` returns (default True), unless it
             is saved already or this ``fit`` trained nothing: with a schedule in steps
@@ -235,9 +239,11 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         resume: bool = True,
         save_on_train_end: bool = True,
         verbose: int = 1,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.root = root
+        self.cache = cache
         self.save_policy = save if save is not None else policy.Every(epochs=1)
         self.keep = keep if keep is not None else policy.Keep(last=1)
         self.async_save = async_save
@@ -275,6 +281,14 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._filter: Any = None
         self._best: float | None = None
         self._short_epoch = False
+        #: Keras' EpochIterator of the running fit (None: not found, or no ``loader=``).
+        self._fit_iter: Any = None
+        #: fit(steps_per_epoch=...): Keras keeps one iterator of the loader across epochs.
+        self._steps_mode = False
+        #: Set at a resume in steps mode: Keras' iterator position to put back at on_epoch_begin.
+        self._pending_iter: tuple[int, int, int | None] | None = None
+        #: What on_epoch_end puts back after the resumed epoch (steps_per_epoch; an iterator).
+        self._iter_fixup: dict[str, Any] | None = None
 
     # ---- fit start: open the run, resume ------------------------------------------------------
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -312,12 +326,17 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             handle_signals=self.handle_signals,
             async_save=self.async_save,
             when_busy=self.when_busy,
+            cache=self.cache,
         )
         _open_fits[self._run_key] = (weakref.ref(self), threading.get_ident(), self.checkpointer)
         self._extras.update(epoch=0, in_epoch=False, batch=0)
         self._last_step = -1
         self._saved_step = None
         self._short_epoch = False
+        self._pending_iter = None
+        self._iter_fixup = None
+        self._fit_iter = _epoch_iterator(model) if self.loader is not None else None
+        self._steps_mode = self._fit_iter is not None and self._fit_iter.steps_per_epoch is not None
         self._best = self._best_on_disk()
         if not self.resume:
             return
@@ -327,6 +346,16 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self.restored_step = step
         self._saved_step = step
         epoch, in_epoch = int(self._extras["epoch"]), bool(self._extras["in_epoch"])
+        if self.loader is not None and self._fit_iter is None:
+            try:
+                self._refuse_unknown_iterator(step)
+            except UnsupportedSetupError:
+                # Keras calls no callback after this: release the run folder now
+                ckpt, self.checkpointer = self.checkpointer, None
+                _open_fits.pop(self._run_key, None)
+                if ckpt is not None:
+                    ckpt.close()
+                raise
         model._initial_epoch = epoch  # what BackupAndRestore sets: fit starts at this epoch
         self._epoch = epoch
         if in_epoch and self.loader is None:
@@ -340,14 +369,16 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._short_epoch = in_epoch and self.loader is not None
         if not in_epoch:
             self._keras_state.pending_metrics = None  # a new epoch starts its running means at 0
-        if not in_epoch and self.loader is not None:
+        if self._steps_mode:
+            self._resume_steps_mode(step, in_epoch)
+        elif not in_epoch and self.loader is not None:
             # Saved at an epoch's end, after Keras had already built the next epoch's iterator
             # (it does so as the last batch's loop turn ends): that built iterator is what the
             # loader's saved state describes. Build it again from that state (drawing nothing),
             # so that fit's own build at the epoch's start is, as in the uninterrupted run, the
             # second one.
             iter(self.loader)
-        if in_epoch and self.loader is not None:
+        if in_epoch and self.loader is not None and not self._steps_mode:
             # The resumed epoch yields only the batches left, so fit's epoch iterator runs out
             # before the count it expected and says so; that is this resume, not a data problem.
             warnings.filterwarnings("ignore", message=_RAN_OUT, category=UserWarning)
@@ -356,6 +387,107 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             _print(
                 f"Resuming from step {step} (epoch {epoch + 1}{', mid-epoch' if in_epoch else ''}) "
                 f"of {self.checkpointer.root}"
+            )
+
+    def _resume_steps_mode(self, step: int, in_epoch: bool) -> None:
+        """fit(steps_per_epoch=S): Keras draws each epoch's S batches from one iterator of the
+        loader that lives across epochs (EpochIterator keeps it): an epoch ends after S batches
+        or where the loader's pass ends (it "ran out of data": a short epoch), and only then is
+        the next pass built. A fresh fit knows none of this: it would build a new iterator (the
+        restored loader's remaining batches), count the pass from 0 and train the resumed epoch
+        until S batches or the pass's end. So the iterator's position as Keras counted it is
+        saved with each checkpoint ("seen"), and put back at the first epoch's start."""
+        seen = self._extras.get("seen")
+        if seen is None:  # written by an earlier savegame, which did not save Keras' count
+            warnings.warn(
+                f"SavegameCheckpoint: step {step} of {self.root} does not record where fit(steps_per_epoch=...) "
+                "was in the loader's pass (written by an earlier savegame); it is taken to be the epoch's "
+                "position, which is right only if each epoch starts a new pass",
+                ExactnessWarning,
+                stacklevel=3,
+            )
+            seen = int(self._extras.get("batch", 0)) if in_epoch else 0
+        total = int(self._fit_iter.steps_per_epoch)
+        left = total - int(self._extras.get("batch", 0)) if in_epoch else None
+        self._pending_iter = (int(seen), int(self._extras.get("num_batches", -1)), left)
+
+    def _apply_pending_iter(self) -> None:
+        """Put Keras' epoch iterator where the saved run had it (see _resume_steps_mode); called
+        at the resumed epoch's start, before fit draws its first batch."""
+        pending, self._pending_iter = self._pending_iter, None
+        it = self._fit_iter
+        if pending is None or it is None:
+            return
+        seen, num_batches, left = pending
+        if num_batches >= 0 and it._num_batches is None:
+            it._num_batches = num_batches  # an unsized loader's pass length, learnt by Keras
+        n = it._num_batches
+        fixup: dict[str, Any] = {"num_batches": it._num_batches}
+        if left is not None:
+            # The resumed epoch trains the S - b batches it has left (Keras cannot be told 0:
+            # it means "not given"; then one turn meets an empty iterator, see below)
+            fixup["steps_per_epoch"] = it.steps_per_epoch
+            it.steps_per_epoch = max(left, 1)
+        self._iter_fixup = fixup
+        if seen < 0:
+            return  # no iterator held: Keras builds one at this epoch's start, as the run would have
+        # The restored loader's pass from its saved position ("drawing nothing": the pass was
+        # drawn before the save). At a pass's end it yields nothing, and only the iter() after
+        # it starts the next pass, as the uninterrupted run's next iter() did.
+        held = iter(it._get_iterator())
+        ended = bool(n) and seen >= n
+        if ended and left is None:
+            # the stopped fit's last batch ended the pass: Keras builds the next one at this
+            # epoch's start, as the run would have at the last epoch's end
+            return
+        if left is not None and left <= 0:
+            # saved after the epoch's last batch (a signal): nothing is left to train in it. An
+            # empty iterator ends the epoch (its "ran out" warning is this resume's, not the
+            # data's); on_epoch_end puts the held pass back. At a pass's end Keras' loop stops at
+            # its first check and builds the next pass itself.
+            self._ignore_ran_out()
+            if not ended:
+                it._current_iterator = iter(())
+                fixup["held"] = (held, seen)
+                it._steps_seen = seen
+                return
+        # Keras continues the held pass; at its end (the pass ended in this epoch) its loop
+        # stops at the first check, as the uninterrupted run's did (with its "ran out of data"
+        # warning), and builds the next pass
+        it._current_iterator = held
+        it._steps_seen = seen
+
+    def _ignore_ran_out(self) -> None:
+        warnings.filterwarnings("ignore", message=_RAN_OUT, category=UserWarning)
+        self._filter = warnings.filters[0]
+
+    def _undo_iter_fixup(self) -> None:
+        fixup, self._iter_fixup = self._iter_fixup, None
+        it = self._fit_iter
+        if fixup is None or it is None:
+            return
+        if "steps_per_epoch" in fixup:
+            it.steps_per_epoch = fixup["steps_per_epoch"]
+        if "held" in fixup:
+            it._current_iterator, it._steps_seen = fixup["held"]
+            it._num_batches = fixup["num_batches"]
+
+    def _refuse_unknown_iterator(self, step: int) -> None:
+        """A Keras whose fit() this callback cannot read: exact as before with one pass per
+        epoch, refused when steps_per_epoch differs from the loader's length (see
+        _resume_steps_mode: the resumed epochs would draw other batches)."""
+        steps = self.params.get("steps") if isinstance(self.params, Mapping) else None
+        try:
+            length = len(self.loader)
+        except TypeError:
+            length = None
+        if isinstance(steps, int) and steps != length:
+            raise UnsupportedSetupError(
+                f"SavegameCheckpoint: cannot resume step {step} of {self.root} exactly: fit(steps_per_epoch={steps}) "
+                f"over a loader of {length if length is not None else 'unknown'} batches, and this Keras "
+                f"({keras.__version__}) does not expose fit's epoch iterator, whose position across epochs "
+                "the resumed run needs. Use the Keras savegame was tested with (3.15), or fit without steps_per_epoch",
+                path=self.root,
             )
 
     def _best_on_disk(self) -> float | None:
@@ -377,6 +509,7 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._extras.update(epoch=epoch, in_epoch=True)
         if self._keras_state is not None:
             self._keras_state.apply_metrics()
+        self._apply_pending_iter()
 
     # ---- saving -------------------------------------------------------------------------------
     def _step(
@@ -396,6 +529,15 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             # of a step still in flight would otherwise be written twice: StepExistsError).
             ckpt.wait()
         self._last_step = step
+        it = self._fit_iter
+        if it is not None:
+            # Keras' position in the loader's pass (a new pass is built when it reaches the
+            # pass's length): what a resume with steps_per_epoch needs (_resume_steps_mode)
+            held = it._current_iterator is not None
+            self._extras["seen"] = int(it._steps_seen) if held else -1
+            self._extras["num_batches"] = (
+                int(it._num_batches) if it._num_batches is not None else -1
+            )
         keras_state = self._keras_state
         if keras_state is not None:
             keras_state.saving = True
@@ -421,10 +563,17 @@ class SavegameCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._remove_filter()
+        self._undo_iter_fixup()
         steps = self.params.get("steps") if isinstance(self.params, Mapping) else None
         # stop_training set mid-epoch ends the epoch early: it is still unfinished
         finished = not isinstance(steps, int) or int(self._extras.get("batch", 0)) >= steps
-        if self._short_epoch and self.loader is not None and finished:
+        if self._steps_mode and not finished:
+            # with steps_per_epoch, an epoch also ends where the loader's pass does ("ran out
+            # of data"): then Keras' loop over the epoch ran to its end; a stop_training breaks
+            # out of it, leaving it suspended
+            loop = getattr(self._fit_iter, "_epoch_iterator", None)
+            finished = loop is not None and getattr(loop, "gi_frame", True) is None
+        if self._short_epoch and self.loader is not None and finished and not self._steps_mode:
             # An epoch that yields all its batches ends with Keras building the next epoch's
             # iterator at once (and again when that epoch begins); the resumed epoch ends by
             # running out instead, which builds none. Building it here keeps the draws from the
@@ -483,10 +632,13 @@ class SavegameCheckpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._remove_filter()
+        self._undo_iter_fixup()
+        self._pending_iter = None
         self.model._initial_epoch = None  # a later fit() starts where it is told
         try:
             self._final_save(logs)
         finally:
+            self._fit_iter = None
             ckpt, self.checkpointer = self.checkpointer, None
             ref, _, _ = _open_fits.get(self._run_key, (None, None, None))
             if ref is not None and ref() is self:
@@ -556,6 +708,36 @@ def _close_leftovers(cb: SavegameCheckpoint) -> None:
             with contextlib.suppress(Exception):
                 ckpt.close()
     cb.checkpointer = None
+
+
+def _epoch_iterator(model: keras.Model) -> Any:
+    """The EpochIterator of the ``model.fit`` that is calling this callback, or None.
+
+    fit() hands callbacks no handle on it, and with ``steps_per_epoch`` it is the state a resume
+    must put back (where in the loader's pass Keras is, and the iterator it holds across
+    epochs). It is the local ``epoch_iterator`` of fit (checked on Keras 3.15, torch backend), found
+    by walking up the calling frames; a Keras that names or builds it otherwise gives None,
+    and a resume that needs it is refused (``_refuse_unknown_iterator``)."""
+    try:
+        from keras.src.trainers.epoch_iterator import EpochIterator
+    except ImportError:  # pragma: no cover - a Keras without the module
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            found = frame.f_locals.get("epoch_iterator")
+            needed = (
+                "steps_per_epoch",
+                "_current_iterator",
+                "_steps_seen",
+                "_num_batches",
+                "_get_iterator",
+            )
+            if isinstance(found, EpochIterator) and all(hasattr(found, a) for a in needed):
+                return found
+            return None
+        frame = frame.f_back
+    return None
 
 
 def _check_one_device(root: Any) -> None:

@@ -324,6 +324,9 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             the Trainer logs (``"eval_loss"``, ``"loss"``...).
         resume: Restore the newest valid checkpoint in ``on_train_begin`` (default True).
         save_on_train_end: Save once more when training ends (default True).
+        cache: A local folder (fast disk) for a remote ``root`` (``s3://...``): saves commit
+            there and upload in the background; the end of ``train()`` waits for the uploads
+            (docs/tiers.md). As for :class:`savegame.Checkpointer`.
 
     Raises:
         MissingDependencyError: transformers is missing or not a supported version.
@@ -340,9 +343,11 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         exit_on_signal: bool = True,
         resume: bool = True,
         save_on_train_end: bool = True,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         check_version()
         self.root = root
+        self.cache = cache
         self.save_policy = save
         self.keep = keep if keep is not None else policy.Keep(last=3)
         self.async_save = async_save
@@ -428,6 +433,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             handle_signals=self.handle_signals,
             exit_on_signal=self.exit_on_signal,
             async_save=self.async_save,
+            cache=self.cache,
         )
         self.resumed_step, self.complete = 0, False
         if self.resume:
@@ -695,6 +701,7 @@ def attach(
     exit_on_signal: bool = True,
     resume: bool = True,
     save_on_train_end: bool = True,
+    cache: str | os.PathLike[str] | None = None,
 ) -> SavegameCallback:
     """Save ``trainer``'s whole training state with savegame, and resume it on ``train()``.
 
@@ -727,6 +734,7 @@ def attach(
         exit_on_signal=exit_on_signal,
         resume=resume,
         save_on_train_end=save_on_train_end,
+        cache=cache,
     ).bind(trainer)
     trainer.add_callback(callback)
     if _strategy(trainer.args.save_strategy) != "no":
