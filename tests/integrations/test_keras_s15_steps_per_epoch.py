@@ -159,10 +159,19 @@ SHORT = {"epochs": 3, "steps_per_epoch": 4}
 @pytest.mark.parametrize(
     ("save", "kill_at", "restored"),
     [
-        ({"steps": 1}, 2, 2),  # epoch 1, batch 2: the pass goes on into epoch 2
-        ({"steps": 1}, 6, 6),  # epoch 2's last batch, where the pass ended (ran out)
-        ({"steps": 1}, 8, 8),  # epoch 3, in the second pass, after the loader ran out once
-        ({"epochs": 1}, 5, 4),  # epoch 1's end: the pass half used, held across epochs
+        # (each case 15-25 s: CI runs the last; the rest with -m slow)
+        pytest.param(
+            {"steps": 1}, 2, 2, marks=pytest.mark.slow
+        ),  # epoch 1, batch 2: the pass goes on into epoch 2
+        pytest.param(
+            {"steps": 1}, 6, 6, marks=pytest.mark.slow
+        ),  # epoch 2's last batch, where the pass ended (ran out)
+        pytest.param(
+            {"steps": 1}, 8, 8, marks=pytest.mark.slow
+        ),  # epoch 3, in the second pass, after the loader ran out once
+        pytest.param(
+            {"epochs": 1}, 5, 4, marks=pytest.mark.slow
+        ),  # epoch 1's end: the pass half used, held across epochs
         ({"epochs": 1}, 8, 6),  # epoch 2's end, after it ran out: the next pass just built
     ],
 )
@@ -175,6 +184,7 @@ def test_steps_per_epoch_shorter_than_the_loader(
     assert_same_run(ref, interrupted(cfg, tmp_path, kill_at=kill_at), restored)
 
 
+@pytest.mark.slow  # 13-14 s each
 @pytest.mark.parametrize(("kill_at", "restored"), [(4, 4), (7, 6)])
 def test_steps_per_epoch_dividing_the_loader(tmp_path: Path, kill_at: int, restored: int) -> None:
     """S=3 over 6 batches: two epochs per pass, no epoch runs out."""
@@ -184,7 +194,9 @@ def test_steps_per_epoch_dividing_the_loader(tmp_path: Path, kill_at: int, resto
     assert_same_run(ref, interrupted(cfg, tmp_path, kill_at=kill_at), restored)
 
 
-@pytest.mark.parametrize(("kill_at", "restored"), [(5, 4), (9, 8)])
+@pytest.mark.parametrize(
+    ("kill_at", "restored"), [pytest.param(5, 4, marks=pytest.mark.slow), (9, 8)]
+)
 def test_steps_per_epoch_longer_than_one_pass(tmp_path: Path, kill_at: int, restored: int) -> None:
     """S=8 over 6 batches: Keras runs out after 6 batches every epoch (and warns)."""
     cfg = {"epochs": 2, "steps_per_epoch": 8, "save": {"steps": 4}}
@@ -193,7 +205,9 @@ def test_steps_per_epoch_longer_than_one_pass(tmp_path: Path, kill_at: int, rest
     assert_same_run(ref, interrupted(cfg, tmp_path, kill_at=kill_at), restored)
 
 
-@pytest.mark.parametrize(("kill_at", "restored"), [(5, 4), (7, 6)])
+@pytest.mark.parametrize(
+    ("kill_at", "restored"), [(5, 4), pytest.param(7, 6, marks=pytest.mark.slow)]
+)
 def test_steps_per_epoch_over_an_endless_stateful_loader(
     tmp_path: Path, kill_at: int, restored: int
 ) -> None:
@@ -206,7 +220,8 @@ def test_steps_per_epoch_over_an_endless_stateful_loader(
 
 @pytest.mark.parametrize(
     ("steps_per_epoch", "signal_at"),
-    [(4, 4), (3, 6)],  # the pass goes on after step 4 (S=4); it ends with step 6 (S=3)
+    # the pass goes on after step 4 (S=4); it ends with step 6 (S=3)
+    [pytest.param(4, 4, marks=pytest.mark.slow), (3, 6)],
 )
 def test_sigterm_at_an_epochs_last_batch(
     tmp_path: Path, steps_per_epoch: int, signal_at: int
