@@ -286,13 +286,6 @@ def test_early_stopping_killed_at_a_random_step_resumes_bitwise(tmp_path: Path) 
     assert resumed["epoch"] == ref["epoch"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a run ended by EarlyStopping (default check_on_train_epoch_end) and requeued "
-    "raises RuntimeError 'Early stopping conditioned on metric `val_loss` which is not "
-    "available': the final save carries the loop state of the last batch's end, so Lightning "
-    "reruns on_train_epoch_end with no validation metrics",
-)
 def test_early_stopping_requeued_after_it_stopped_trains_nothing(tmp_path: Path) -> None:
     cfg = {"save": {"steps": 2}, "max_epochs": 30, "early_stop": ES, "root": str(tmp_path / "run")}
     first = train(cfg)
@@ -302,12 +295,6 @@ def test_early_stopping_requeued_after_it_stopped_trains_nothing(tmp_path: Path)
     assert again["trace"] == [], "a run EarlyStopping ended trains again when requeued"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: with EarlyStopping(check_on_train_epoch_end=False) a requeued run that "
-    "EarlyStopping had ended restores the final save and trains 2 more epochs (10 steps) until "
-    "patience runs out again; docs promise 'trains nothing' only for max_steps/max_epochs",
-)
 def test_early_stopping_on_validation_requeued_trains_nothing(tmp_path: Path) -> None:
     es = {**ES, "check_on_train_epoch_end": False}
     cfg = {"save": {"steps": 2}, "max_epochs": 30, "early_stop": es, "root": str(tmp_path / "run")}
@@ -354,7 +341,7 @@ def test_val_check_interval_across_epochs_with_accumulation_resumes_bitwise(tmp_
 
 def test_keep_best_with_val_check_interval_float_resumes_bitwise(tmp_path: Path) -> None:
     """(Killed at step 16, sync saves: restored from 16, a mid-epoch step; the epoch-end case
-    is the xfail below.)"""
+    is the test below.)"""
     cfg = {"save": {"steps": 2}, "max_epochs": 4, "val_check_interval": 0.5, "async_save": False,
            "keep": {"last": 1, "best": 3, "monitor": "val_loss", "mode": "min"}}  # fmt: skip
     ref, resumed = crash_and_resume(cfg, 16, tmp_path)
@@ -365,12 +352,6 @@ def test_keep_best_with_val_check_interval_float_resumes_bitwise(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "interval", [2, 0.5], ids=["val_check_interval=2", "val_check_interval=0.5"]
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validation mid-epoch but not after the epoch's last batch (val_check_interval=2 "
-    "or 0.5 over 5 batches), a save at the epoch's last batch (step 10): the resumed run trains "
-    "one epoch less (stops at global_step 15 instead of 20), weights differ",
 )
 def test_save_at_an_epochs_last_batch_with_mid_epoch_validation_resumes_bitwise(
     tmp_path: Path, interval: float

@@ -116,12 +116,6 @@ def test_lightning_on_s3_max_steps_then_larger_in_a_new_process(
     lit.assert_bitwise(ref, more)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="GAP: the integrations take no cache= (docs/tiers.md's two tiers are reachable only "
-    "through sg.Checkpointer): SavegameCallback(url, cache=...) is a TypeError",
-)
 def test_lightning_callback_takes_a_cache_folder(lit: Any, s3_url: str, tmp_path: Path) -> None:
     from savegame.integrations.lightning import SavegameCallback
 

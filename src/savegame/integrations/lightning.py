@@ -32,7 +32,11 @@ metrics reach ``Keep(best=..., monitor=...)``), and at ``on_train_epoch_end`` fo
 ``Every(epochs=N)``. These are the points Lightning's own ``ModelCheckpoint`` saves at, so the
 loop state is one Lightning knows how to restart from. The end of a normal ``fit`` is saved too
 (``save_on_train_end``), with the loop state of its last such point: a finished run requeued
-restores it and trains nothing.
+restores it and trains nothing (``trainer.should_stop`` is saved too: a run EarlyStopping ended
+stays ended). A state saved at an epoch's last batch restarts before that epoch's end, whose
+hooks Lightning then runs again: ``trainer.callback_metrics`` are saved and put back for them,
+and the callbacks' states are those from before that epoch end (see
+``_restart_after_the_last_batch``).
 
 Preemption: SIGTERM / SIGUSR1 / SIGINT are handled as everywhere in savegame: noted, then saved
 at the next step boundary, and the process exits with status 75 (``EXIT_PREEMPTED``) - never a
@@ -44,6 +48,7 @@ same step boundary (the Checkpointer's per-step decision is an all-reduce), and 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -99,8 +104,10 @@ check_version()
 
 import lightning.pytorch as pl  # noqa: E402  (after the version check, which names the fix)
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping  # noqa: E402
 from lightning.pytorch.loops.loop import _Loop  # noqa: E402
 from lightning.pytorch.loops.progress import _BaseProgress  # noqa: E402
+from lightning.pytorch.trainer import call  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 #: Keys of Lightning's checkpoint that only describe how the module was built; they may hold
@@ -143,7 +150,8 @@ class SavegameCallback(pl.Callback):
     """Save a Lightning run with savegame, and resume it exactly.
 
     Args:
-        root: The run folder (one writer at a time; see :class:`savegame.Checkpointer`).
+        root: The run folder or object-store URL (one writer at a time; see
+            :class:`savegame.Checkpointer`).
         save: When to save (``Every(steps=/epochs=/seconds=/samples=)``, default every 30 min).
             Steps are Lightning's ``global_step`` (optimizer steps).
         keep: What to keep (``Keep(last=, best=, monitor=, mode=, every=)``); ``monitor`` names a
@@ -162,6 +170,10 @@ class SavegameCallback(pl.Callback):
             on an exception (a preemption signal saves on its own), nor after a mid-epoch stop
             that a hook running after this callback's decided (``max_time``'s timer).
 
+        cache: A local folder (fast disk) for a remote ``root`` (an object-store URL): saves
+            commit there and upload in the background, a restore takes the newest valid
+            checkpoint of both (docs/tiers.md; passed to :class:`savegame.Checkpointer` as is).
+
     Raises (at ``fit``):
         LockedError: another live process writes ``root``.
         RestoreError: a valid checkpoint does not fit this model/optimizer.
@@ -178,6 +190,7 @@ class SavegameCallback(pl.Callback):
         handle_signals: bool = True,
         resume: bool = True,
         save_on_train_end: bool = True,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         if when_busy not in ("wait", "skip"):
@@ -190,6 +203,7 @@ class SavegameCallback(pl.Callback):
         self.handle_signals = handle_signals
         self.resume = resume
         self.save_on_train_end = save_on_train_end
+        self.cache = cache
         self.checkpointer: Checkpointer | None = None
         #: The step restored at the last ``fit`` (None: started fresh).
         self.restored_step: int | None = None
@@ -202,25 +216,30 @@ class SavegameCallback(pl.Callback):
         self._saved_step: int | None = None  # the newest step saved (or restored) in this fit
         #: (step, the fit loop's progress) at the last batch or validation end: the loop state
         #: of saves at an epoch's end and at the end of fit (see _step)
-        self._boundary: tuple[int, dict[str, Any]] | None = None
-        self._loops: dict[str, Any] | None = None  # what _capture saves as the fit loop's progress
+        self._boundary: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
+        #: what _capture saves as the fit loop's progress and the callbacks' states (see _step)
+        self._loops: tuple[dict[str, Any], dict[str, Any] | None] | None = None
         self._monitor_seen = False
         self._hparams_note = False
         self._capturing = False
         self._handlers_before: dict[int, Any] = {}
         self._savegame_handlers: dict[int, Any] = {}
         self._prev_metrics: dict[str, Any] = {}
+        #: the step whose epoch end the Checkpointer counted (Every(epochs=))
+        self._counted_epoch_end: int | None = None
 
     # ---- setup: open the run, restore -------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._trainer = trainer
+        _after_early_stopping(trainer, self)
         self._last_step = -1
         self._saved_step = None
         self._boundary = None
         self._monitor_seen = False
         self._prev_metrics = {}
+        self._counted_epoch_end = None
         if self.checkpointer is None:
             self._handlers_before = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
             self.checkpointer = Checkpointer(
@@ -230,6 +249,7 @@ class SavegameCallback(pl.Callback):
                 handle_signals=self.handle_signals,
                 async_save=self.async_save,
                 when_busy=self.when_busy,
+                cache=self.cache,
             )
             # savegame's own handlers, as just installed (put back alone under DDP, see
             # _own_signals)
@@ -259,13 +279,21 @@ class SavegameCallback(pl.Callback):
             return
         self._sink.loaded = None
         checkpoint = dict(loaded["lightning"])
-        self._pending = {"rng": loaded.get("rng"), "loaders": list(loaded.get("loaders", []))}
+        _restart_after_the_last_batch(checkpoint)
+        self._pending = {
+            "rng": loaded.get("rng"),
+            "loaders": list(loaded.get("loaders", [])),
+            "metrics": loaded.get("metrics"),
+            "should_stop": loaded.get("should_stop"),
+        }
         # Lightning restores model, callbacks, optimizers, schedulers and loops from this dict
         # through the same calls fit(ckpt_path=...) makes (resume_start with no path keeps it).
         connector._loaded_checkpoint = checkpoint
         self.restored_step = step
         self._last_step = step
         self._saved_step = step
+        if loaded.get("epoch_end_counted") is True:
+            self._counted_epoch_end = step
         log.info("lightning: resuming from step %d of %s", step, self.checkpointer.root)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -296,6 +324,8 @@ class SavegameCallback(pl.Callback):
                     stacklevel=2,
                 )
         pending, self._pending = self._pending, None
+        if pending is not None:
+            self._restore_trainer_state(trainer, pending)
         if fetcher is None or combined is None:
             if pending and pending.get("rng") is not None:
                 rnglib.restore(pending["rng"])
@@ -328,6 +358,27 @@ class SavegameCallback(pl.Callback):
                 rnglib.restore(pending["rng"])
         iter(fetcher)  # the epoch loop's on_run_start then counts the batches already done
 
+    def _restore_trainer_state(self, trainer: pl.Trainer, pending: Mapping[str, Any]) -> None:
+        """What Lightning's checkpoint does not hold: the metrics the hooks read and the stop.
+
+        ``trainer.callback_metrics`` as saved: a save at an epoch's last batch restarts before
+        the epoch's end (see _restart_after_the_last_batch), and Lightning then runs the
+        epoch-end hooks again, which read them (EarlyStopping's default check raised "conditioned
+        on metric `val_loss` which is not available", a ``ModelCheckpoint(monitor=)`` skipped
+        its save). They are not counted as newly logged (_metrics).
+        ``trainer.should_stop`` as saved: a fit that EarlyStopping (or anything setting
+        ``should_stop``) ended is ended when requeued, as the uninterrupted run is; with
+        ``min_epochs``/``min_steps`` not met Lightning trains on, as it did then."""
+        metrics = pending.get("metrics")
+        if isinstance(metrics, Mapping):
+            current = trainer._logger_connector._callback_metrics
+            for name, value in metrics.items():
+                if isinstance(name, str) and name not in current:
+                    current[name] = value
+            self._prev_metrics = dict(trainer.callback_metrics)
+        if pending.get("should_stop") is True:
+            trainer.should_stop = True
+
     def _own_signals(self) -> None:
         """Under DDP, SIGTERM goes to savegame's handler alone. Lightning's own SIGTERM notifier
         (composed with it by ``register_signal_handlers``, which runs after ``setup``) calls
@@ -350,8 +401,11 @@ class SavegameCallback(pl.Callback):
         if isinstance(fit, Mapping) and isinstance(fit.get("state_dict"), dict):
             # the loaders' positions go through savegame's loader layer (below) instead
             fit["state_dict"].pop("combined_loader", None)
-        if self._loops is not None and isinstance(fit, dict):
-            fit.update(self._loops)  # see _step
+        if self._loops is not None and isinstance(fit, dict):  # see _step
+            progress, callbacks = self._loops
+            fit.update(progress)
+            if callbacks is not None:
+                checkpoint["callbacks"] = callbacks
         for key in _HPARAMS:
             if key in checkpoint:
                 try:
@@ -366,7 +420,15 @@ class SavegameCallback(pl.Callback):
                         self._hparams_note = True
                     del checkpoint[key]
         loaders = [loaderlib.state_dict(dl) for dl in self._loaders if _stateful(dl)]
-        return {"lightning": _plain(checkpoint), "rng": rnglib.capture(), "loaders": loaders}
+        return {
+            "lightning": _plain(checkpoint),
+            "rng": rnglib.capture(),
+            "loaders": loaders,
+            "metrics": _callback_metrics(trainer),
+            "should_stop": bool(trainer.should_stop),
+            # the Checkpointer counted this step's epoch end (see on_train_epoch_end)
+            "epoch_end_counted": self._counted_epoch_end == int(trainer.global_step),
+        }
 
     def _metrics(self, trainer: pl.Trainer, *, fresh: bool = True) -> dict[str, float]:
         """The numbers logged since the last call (``fresh``) or all of them. Lightning keeps a
@@ -405,7 +467,11 @@ class SavegameCallback(pl.Callback):
         loops = None
         if not again:  # the step's batch end, or its validation's end when one follows it
             # (~0.1-0.2 ms, so only where an epoch's end or fit's end can follow)
-            self._boundary = (step, _loop_progress(trainer)) if _may_end(trainer) else None
+            self._boundary = (
+                (step, _loop_progress(trainer), _callback_states(trainer))
+                if _may_end(trainer)
+                else None
+            )
         elif self._boundary is not None and self._boundary[0] == step:
             # The same step again, at on_train_epoch_end, on_train_end or on_exception: by then
             # Lightning has counted the epoch as processed (or completed), and restored from
@@ -413,8 +479,11 @@ class SavegameCallback(pl.Callback):
             # epoch less, tested) or, when max_steps stopped fit mid-epoch, starts a new epoch
             # where the uninterrupted run continues this one. Save the loop state of the step's
             # batch (or validation) end, the point Lightning restarts from ("saved
-            # on_train_batch_end and epoch is at end"); the rest of the state is that of now.
-            loops = self._boundary[1]
+            # on_train_batch_end and epoch is at end"), and the callbacks' states of that point:
+            # restarted there, Lightning runs the epoch-end hooks again, and EarlyStopping's
+            # check (or a ModelCheckpoint's) made since would count twice. The rest of the
+            # state is that of now.
+            loops = self._boundary[1:]
         metrics = self._metrics(trainer)
         monitor = ckpt.keep.monitor
         if monitor and monitor in metrics:
@@ -432,6 +501,8 @@ class SavegameCallback(pl.Callback):
                 ckpt.save(self._state, step, metrics=metrics)
                 saved = True
             else:
+                if epoch_end:  # the save below, if any, holds the epoch counted (see _capture)
+                    self._counted_epoch_end = step
                 saved = ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
         finally:
             self._capturing, self._loops = False, None
@@ -460,6 +531,12 @@ class SavegameCallback(pl.Callback):
         self._step(trainer, force=int(trainer.global_step) != self._last_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._counted_epoch_end == int(trainer.global_step) and self.restored_step is not None:
+            # Restored from a save made at (or after) this very epoch end, whose checkpoint
+            # counted it (Every(epochs=)): Lightning restarts before the epoch end and runs the
+            # hooks again; counting it twice would move every later epoch save by one.
+            self._counted_epoch_end = None
+            return
         if self.save_on_train_end and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # max_steps (or should_stop) ended fit in the middle of the epoch: Lightning still
             # runs the epoch-end hooks and counts the epoch as done, but no epoch ended here.
@@ -566,6 +643,99 @@ def _may_end(trainer: pl.Trainer) -> bool:
         or trainer.should_stop
         or (fit_loop.max_steps != -1 and trainer.global_step >= fit_loop.max_steps)
     )
+
+
+def _after_early_stopping(trainer: pl.Trainer, callback: SavegameCallback) -> None:
+    """Move ``callback`` after the ``EarlyStopping`` callbacks listed after it.
+
+    A save at a validation's end (on_validation_end) must hold what EarlyStopping made of that
+    validation when it checks there (``check_on_train_epoch_end=False``, or validation
+    mid-epoch): its counters and the ``should_stop`` it set. Restarted from that point,
+    Lightning does not run the validation again, so a check made after the save was lost: the
+    resumed run stopped later than the uninterrupted one, and a requeued run EarlyStopping had
+    ended trained on (tested). A new list: Lightning is iterating the old one (this is called
+    from the ``setup`` hook)."""
+    callbacks = list(trainer.callbacks)
+    mine = next((i for i, c in enumerate(callbacks) if c is callback), None)
+    if mine is None:
+        return
+    later = [i for i, c in enumerate(callbacks) if i > mine and isinstance(c, EarlyStopping)]
+    if not later:
+        return
+    del callbacks[mine]
+    callbacks.insert(later[-1], callback)  # right after the last one (its index moved down)
+    trainer.callbacks = callbacks
+
+
+def _restart_after_the_last_batch(checkpoint: dict[str, Any]) -> None:
+    """Make a loop state saved in ``on_train_batch_end`` of an epoch's last batch (no validation
+    after it) restart where it was saved: before the epoch's end.
+
+    Lightning restarts such a state (its "saved on_train_batch_end and epoch is at end") on the
+    *next* epoch, with the train loader where the save left it: at the end of its data, which
+    it has not noticed yet (Lightning knows the length and does not ask it for more), so that
+    epoch gets no batches and the run trains one epoch less (tested). It would also skip the
+    epoch-end hooks of the finished epoch (EarlyStopping's check, ``ModelCheckpoint``) and the
+    epoch-start hooks of the next, and build the next epoch's loader iterator at another point
+    than the uninterrupted run (its draw from the global RNG moves).
+    The same counters with the batch counted as completed (as Lightning has them right after
+    ``on_train_batch_end``) are a state it restarts "on last": it ends the epoch with no batch,
+    runs the epoch-end hooks, then starts the next epoch as the uninterrupted run did. The
+    batch's ``_batches_that_stepped`` increment, which Lightning adds only on the path it no
+    longer takes, is added here. Done at restore, so checkpoints saved before the fix resume
+    right too."""
+    loops = checkpoint.get("loops")
+    fit = loops.get("fit_loop") if isinstance(loops, Mapping) else None
+    if not isinstance(fit, dict):
+        return
+    batch, epoch = fit.get("epoch_loop.batch_progress"), fit.get("epoch_progress")
+    if not (isinstance(batch, dict) and isinstance(epoch, dict) and batch.get("is_last_batch")):
+        return
+    try:
+        total, current, epochs = batch["total"], batch["current"], epoch["total"]
+        at_batch_end = (
+            total["ready"] == total["started"] == total["processed"] == total["completed"] + 1
+            and current["processed"] == current["completed"] + 1
+        )
+        mid_epoch = epochs["started"] == epochs["processed"] + 1
+    except (KeyError, TypeError):
+        return  # another Lightning's layout: leave it to Lightning
+    if not (at_batch_end and mid_epoch):
+        return
+    fit["epoch_loop.batch_progress"] = {
+        **batch,
+        "total": {**total, "completed": total["processed"]},
+        "current": {**current, "completed": current["processed"]},
+    }
+    state = fit.get("epoch_loop.state_dict")
+    if isinstance(state, dict) and isinstance(state.get("_batches_that_stepped"), int):
+        fit["epoch_loop.state_dict"] = {
+            **state,
+            "_batches_that_stepped": state["_batches_that_stepped"] + 1,
+        }
+
+
+def _callback_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """``trainer.callback_metrics`` as numbers a checkpoint holds (0-d CPU tensors, the type
+    Lightning's hooks compare; non-numbers are left out)."""
+    out: dict[str, Any] = {}
+    for name, value in trainer.callback_metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[str(name)] = value.detach().to("cpu", copy=True).reshape(())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(name)] = torch.tensor(value)
+    return out
+
+
+def _callback_states(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """Every callback's ``state_dict`` now, as Lightning's checkpoint holds them, copied (a
+    callback may change them in place later); None when one cannot be copied (the states at
+    save time are then saved, as before)."""
+    try:
+        return copy.deepcopy(call._call_callbacks_state_dict(trainer))
+    except Exception as exc:  # a callback's own objects: not ours to judge
+        log.debug("lightning: callback states not copied at the step boundary: %r", exc)
+        return None
 
 
 def _loop_progress(trainer: pl.Trainer) -> dict[str, Any]:
