@@ -145,7 +145,7 @@ def assert_same_run(ref: dict[str, Any], resumed: dict[str, Any]) -> None:
 ES = {"patience": 1, "min_delta": 0.05}  # stops at step 40 (epoch 8 of 30) in the s14b setup
 
 
-@pytest.mark.parametrize("kill_at", [12, 27])
+@pytest.mark.parametrize("kill_at", [12, pytest.param(27, marks=pytest.mark.slow)])  # CI: one
 def test_early_stopping_resumed_from_a_save_at_an_epochs_end_checks_once_per_epoch(
     tmp_path: Path, kill_at: int
 ) -> None:
@@ -217,7 +217,7 @@ def test_max_epochs_then_more_with_mid_epoch_validation(tmp_path: Path) -> None:
     assert_same_run(ref, resumed)
 
 
-@pytest.mark.parametrize("kill_at", [13, 22])
+@pytest.mark.parametrize("kill_at", [13, pytest.param(22, marks=pytest.mark.slow)])  # CI: one
 def test_every_epochs_counts_each_epoch_once_across_a_restart_before_the_epoch_end(
     tmp_path: Path, kill_at: int
 ) -> None:
