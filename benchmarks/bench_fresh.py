@@ -183,7 +183,7 @@ def main() -> None:
     med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     best = min((m for m in METHODS if m != "savegame"), key=lambda m: med[m]["total"])
     ratio = med["savegame"]["total"] / med[best]["total"]
-    print(f"median total: " + ", ".join(f"{m} {med[m]['total']:.3f}s" for m in METHODS))
+    print("median total: " + ", ".join(f"{m} {med[m]['total']:.3f}s" for m in METHODS))
     print(f"savegame / fastest peer ({best}): {ratio:.3f}")
     record = {
         "bench": "fresh",

@@ -15,6 +15,8 @@ Rows (add one with :func:`row`):
     construction and the restore (what a resume waits for before its first step); the
     ``close()`` that ends the session (the lease's DELETE: at the end of training) is timed
     on its own, right after, and shown in the "close() s" column — never hidden.
+  * restore, no read-ahead  the same with ``engine.fetch.READ_AHEAD = False``: the data GETs wait
+    for the lease and the holder's listing (the path before the read-ahead; paired with it)
   * restore, fresh cache    ``Checkpointer(url, cache=empty_folder).restore(state)``: the same
     resume of a run with a local cache tier, on a machine whose cache is empty
   * restore, spooled        the same with ``SAVEGAME_STAGING_MEMORY=0``: they wait in a temp file
@@ -483,8 +485,13 @@ def main() -> None:
 
         caches: list[Path] = []
 
-        def restore(staging: str | None, cache: bool = False) -> Callable[[], Any]:
+        def restore(
+            staging: str | None, cache: bool = False, read_ahead: bool = True
+        ) -> Callable[[], Any]:
             def run() -> Any:
+                from savegame.engine import fetch
+
+                fetch.READ_AHEAD = read_ahead
                 old = os.environ.get("SAVEGAME_STAGING_MEMORY")
                 if staging is not None:
                     os.environ["SAVEGAME_STAGING_MEMORY"] = staging
@@ -501,6 +508,7 @@ def main() -> None:
                         raise
                     opened.append(c)  # closed by ``close_restored``, timed on its own
                 finally:
+                    fetch.READ_AHEAD = True
                     if staging is not None:
                         if old is None:
                             os.environ.pop("SAVEGAME_STAGING_MEMORY")
@@ -559,6 +567,8 @@ def main() -> None:
         raw = raw_get(obs, paths)
         rows: list[Row] = []
         row(rows, "restore, live model", restore(None), raw, nbytes, finish=close_restored)
+        row(rows, "restore, live model, no read-ahead of the lease", restore(None, read_ahead=False),
+            raw, nbytes, finish=close_restored)  # fmt: skip
         row(rows, "restore, live model, fresh cache folder", restore(None, cache=True), raw,
             nbytes, after=clean_caches, finish=close_restored)  # fmt: skip
         row(rows, "restore, spooled (staging 0)", restore("0"), raw, nbytes,

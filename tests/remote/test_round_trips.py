@@ -192,15 +192,22 @@ def test_load_of_a_checkpoint_url_round_trips(
         assert torch.equal(v, saved[k]), k
 
 
+@pytest.mark.parametrize("read_ahead", [False, True], ids=["plain", "read-ahead"])
 def test_an_object_replaced_after_the_listing_never_reaches_live_tensors(
-    s3_server: S3Server, s3_url: str
+    s3_server: S3Server, s3_url: str, read_ahead: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The restore opens the data file from the listing taken with the lease; the object is
     replaced before it is read: the pinned GET fails (412), the file is opened anew and its
     new bytes fail their hashes, so the older checkpoint is restored and nothing of the
-    replaced one reaches the live model."""
+    replaced one reaches the live model. With the data read ahead of the lease (the default,
+    engine/fetch.py ``ReadAhead``) and replaced only after it was read: the bytes read are
+    those of the version the holder's listing shows, every hash matched, so step 5 is
+    restored as it was committed, and still nothing of the replaced object is used."""
     import boto3
 
+    from savegame.engine import fetch
+
+    monkeypatch.setattr(fetch, "READ_AHEAD", read_ahead)
     saved = _saved_run(s3_url, (3,))
     model, state = _state(0)
     with sg.Checkpointer(s3_url, keep=sg.Keep(last=5), handle_signals=False) as ckpt:
@@ -208,6 +215,7 @@ def test_an_object_replaced_after_the_listing_never_reaches_live_tensors(
         for p in model.parameters():
             p.data.add_(1.0)
         ckpt.save(state, 5)
+        saved_5 = {k: v.clone() for k, v in model.state_dict().items()}
     bucket, _, prefix = s3_url[len("s3://") :].partition("/")
     client = boto3.client(
         "s3",
@@ -224,11 +232,21 @@ def test_an_object_replaced_after_the_listing_never_reaches_live_tensors(
     model, state = _state(1)
     ckpt = sg.Checkpointer(s3_url, handle_signals=False)  # the lease: the run is listed now
     try:
+        ahead = ckpt.store.read_ahead()  # type: ignore[attr-defined]
+        assert (ahead is not None) == read_ahead
+        if ahead is not None:  # replaced once read: the restore uses what the listing showed
+            assert ahead.planned.wait(timeout=60) and ahead.files
+            for f in ahead.files.values():
+                assert f.done.wait(timeout=60)
         data[last.offset + last.length - 1] ^= 0xFF  # same size, other bytes: a new ETag
         client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-        with pytest.warns(errors.CorruptCheckpointWarning):
-            assert ckpt.restore(state) == 3
+        if read_ahead:
+            assert ckpt.restore(state) == 5
+        else:
+            with pytest.warns(errors.CorruptCheckpointWarning):
+                assert ckpt.restore(state) == 3
     finally:
         ckpt.close()
+    expected = saved_5 if read_ahead else saved  # never a byte of the replaced object
     for k, v in model.state_dict().items():
-        assert torch.equal(v, saved[k]), k  # step 3, never a byte of the replaced step 5
+        assert torch.equal(v, expected[k]), k

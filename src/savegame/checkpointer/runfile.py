@@ -124,15 +124,22 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
     # overlaps the reads of run.json and the newest manifests (storage/objectstore.py,
     # ``before_lease``; the lease taken through this very store confirms or drops them).
     before_lease = getattr(store, "before_lease", None)
+    ahead = None
     if before_lease is not None and getattr(lock, "_store", None) is store:
         before_lease()
+        # The newest checkpoint's data too, as soon as the run's listing is in: a restore uses
+        # it only once the lease is held and its listing shows the very versions read
+        # (engine/fetch.py, ReadAhead).
+        from savegame.engine import fetch
+
+        ahead = fetch.ReadAhead.start(store)
     try:
         checkpoint = _holds_manifest(store)
     except BaseException:
-        _drop_reads_ahead(store)
+        _drop_reads_ahead(store, ahead)
         raise
     if checkpoint:  # never write a lock or run.json into a checkpoint
-        _drop_reads_ahead(store)
+        _drop_reads_ahead(store, ahead)
         raise errors.CheckpointError(
             f"{store.describe()} is a checkpoint (it holds {layout.MANIFEST}), not a run folder; "
             "pass the run folder that holds it",
@@ -140,7 +147,11 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
         )
     try:
         lock.acquire()
-    except errors.StorageError as exc:
+    except BaseException as exc:
+        if ahead is not None:  # not ours to restore (LockedError): its reads stop, threads end
+            ahead.cancel(wait=True)
+        if not isinstance(exc, errors.StorageError):
+            raise
         cause = exc.__cause__
         if not (
             isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -156,12 +167,14 @@ def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:
     return _run_id(root, keep), True
 
 
-def _drop_reads_ahead(store: Store) -> None:
+def _drop_reads_ahead(store: Store, ahead: Any = None) -> None:
     """The run will not be opened: what an object store read ahead for it is dropped."""
     if getattr(store, "before_lease", None) is not None:
         from savegame.storage import objectstore
 
         objectstore.end_snapshot(store)
+    if ahead is not None:
+        ahead.cancel(wait=True)
 
 
 def _holds_manifest(store: Store) -> bool:

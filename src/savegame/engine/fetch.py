@@ -10,11 +10,16 @@ piece arrives — a chunk split over requests in file order by the caller's thre
 whose hash does not match is reported (``bad``) before :func:`pull` returns; nothing here
 copies into a live tensor. The reader decides what is a target, where it lands, and what a mismatch means;
 its knobs (``reader.REQUEST_BYTES``, ``reader.REQUESTS_IN_FLIGHT``) are passed in per call.
+
+:class:`ReadAhead` reads a run's newest checkpoint while its lease is being taken, with the
+same plan and hashing, into memory the restore claims only once the lease holder's listing
+confirmed the versions read (docs/remote.md, "The lease").
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import mmap
 import os
 import tempfile
@@ -424,3 +429,338 @@ class Staging:
                 f"({exc}); set TMPDIR to a folder with space, or raise SAVEGAME_STAGING_MEMORY",
                 path=tempfile.gettempdir(),
             ) from exc
+
+
+# ---- a checkpoint's data read ahead of the run's lease (issue 11) ---------------------------
+
+
+#: Whether a Checkpointer taking a run's lease on an object store reads the newest checkpoint's
+#: data ahead (:class:`ReadAhead`); tests turn it off to reach the plain restore path.
+READ_AHEAD = True
+
+
+def digest_empty() -> str:
+    """The hash of no bytes (an empty tensor's chunk)."""
+    return hashing.digest(b"")
+
+
+class _Stopped(Exception):
+    """The read-ahead was cancelled: its requests stop at the next piece."""
+
+
+class _CopySink:
+    """Where one read-ahead request's bytes go as they arrive (the blob streams pieces into
+    it, see :class:`_Sink`): copied in order into ``dest``; raises once the read-ahead is
+    cancelled, which stops the request at its next piece."""
+
+    __slots__ = ("_dest", "_pos", "_stop")
+
+    def __init__(self, dest: memoryview, stop: threading.Event) -> None:
+        import numpy as np
+
+        self._dest = np.frombuffer(dest, dtype=np.uint8)
+        self._pos = 0
+        self._stop = stop
+
+    def __len__(self) -> int:
+        return len(self._dest)
+
+    def take(self, piece: Any) -> None:
+        import numpy as np
+
+        if self._stop.is_set():
+            raise _Stopped()
+        src = np.frombuffer(piece, dtype=np.uint8)
+        np.copyto(self._dest[self._pos : self._pos + len(src)], src)  # releases the GIL
+        self._pos += len(src)
+
+
+class _AheadFile:
+    """One data file read ahead: its whole bytes (``mm``), the version read and which chunks
+    matched their hash. ``done`` is set once it is read and hashed, failed or stopped."""
+
+    def __init__(self, key: str, size: int, etag: str | None) -> None:
+        self.key, self.size, self.etag = key, size, etag
+        self.mm: mmap.mmap | None = None
+        self.ok: set[tuple[int, int, str]] = set()  # (offset, length, hash) that matched
+        self.failed = False
+        self.done = threading.Event()
+        #: the manifest's chunks of this file, once it is parsed: (offset, length, hash)
+        self.chunks: list[tuple[int, int, str]] | None = None
+        self.starts: list[int] = []  # each request's first byte (requests cut [0, size))
+        self.left: dict[tuple[int, int, str], int] = {}  # chunk -> its requests not read yet
+        self.cover: list[list[tuple[int, int, str]]] | None = None  # request -> its chunks
+        self.lock = threading.Lock()
+
+
+class ReadAhead:
+    """The newest checkpoint's data, read while the run's lease is being taken (issue 11):
+    the data GETs of a fresh-machine restore start as soon as the run's listing made before
+    the lease arrived (it names the newest checkpoint's files, their sizes and ETags), beside
+    the manifest's GET and the lease's PUT, instead of after the lease and the holder's
+    listing (three round trips later). Each request's bytes are hashed once both they and
+    the manifest arrived (a chunk cut over several requests by the last of them to finish).
+
+    Nothing read here is trusted until a restore claims it (:meth:`claim`), and only then if:
+    this store holds the lease, the listing made after the lease shows the very manifest
+    (ETag) and data file versions read (every GET carries ``If-Match`` on the ETag the listing
+    made before the lease gave), and every chunk the restore wants was read and matched its
+    hash in the manifest read with it. Otherwise the claim returns None and the restore
+    reads the checkpoint the usual way (a checkpoint committed, or replaced, in the window is
+    what gets restored).
+
+    Bounded: only a checkpoint written by one process (another is dropped once its manifest
+    says so) whose own files fit in the staging budget (:func:`staging_budget`: what the
+    restore would stage anyway), in anonymous memory, at most ``REQUESTS_IN_FLIGHT`` requests
+    at once; cancelled (requests stopped at their next piece, memory freed, threads gone)
+    when the store's snapshot ends: the lease not taken (:class:`~savegame.errors.LockedError`),
+    a write, the end of ``restore()``, the first save, the release.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.planned = threading.Event()  # the files are known (or there are none)
+        self._known = threading.Event()  # the manifest is parsed (or will never be)
+        self.folder: str | None = None
+        self.manifest_etag: str | None = None
+        self.files: dict[str, _AheadFile] = {}
+        self._claimed = False
+        self._thread = threading.Thread(target=self._run, name="savegame-read-ahead", daemon=True)
+
+    @classmethod
+    def start(cls, store: Any) -> ReadAhead | None:
+        """Read ahead on ``store`` (an object store taking its lease: ``before_lease`` was
+        called), or None where there is nothing to do."""
+        if not READ_AHEAD or getattr(store, "attach_read_ahead", None) is None:
+            return None
+        if staging_budget() <= 0:
+            return None
+        job = cls(store)
+        if not store.attach_read_ahead(job):
+            return None
+        job._thread.start()
+        return job
+
+    # -- the reading thread --
+    def _run(self) -> None:
+        try:
+            self._plan_and_read()
+        except BaseException:  # noqa: BLE001 - a read-ahead only: the restore reads anew
+            pass
+        finally:
+            self.planned.set()
+            self._known.set()
+            with self._lock:
+                files = list(self.files.values())
+            for f in files:
+                if not f.done.is_set():
+                    f.failed = True
+                    f.done.set()
+            if self._stop.is_set():
+                self._free()
+
+    def _plan_and_read(self) -> None:
+        from savegame.engine import reader
+        from savegame.format import layout
+
+        got = self._store.newest_before_lease()
+        if got is None or self._stop.is_set():
+            return
+        folder, manifest_read, listed = got
+        sizes = {
+            n: int(meta.get("size", 0))
+            for n, meta in listed.items()
+            if "/" not in n and n != layout.MANIFEST and meta.get("e_tag")
+        }
+        names = sorted(n for n, size in sizes.items() if size > 0)
+        if not names or sum(sizes[n] for n in names) > staging_budget():
+            return
+        with self._lock:
+            self.folder = folder
+            for n in names:
+                f = self.files[n] = _AheadFile(f"{folder}/{n}", sizes[n], listed[n]["e_tag"])
+                whole = [Target(None, 0, f.size, None)]
+                f.starts = [r.offset for r in _plan_requests(whole, reader.REQUEST_BYTES, True)]
+        self.planned.set()
+        where = self._store.describe(f"{folder}/{layout.MANIFEST}")
+        manifest_read.add_done_callback(lambda fut: self._parse(fut, where))
+        for n in names:
+            if self._stop.is_set():
+                return
+            self._read(self.files[n], reader.REQUESTS_IN_FLIGHT)
+
+    def _parse(self, fut: Future[Any], where: str) -> None:
+        """The manifest read beside the data (a done-callback: no thread waits for it): each
+        file's chunks, so the requests done hash theirs. Not one process's checkpoint, or
+        not the files listed: the read-ahead stops."""
+        from savegame.format import manifest
+
+        try:
+            got = None if fut.cancelled() or fut.exception() is not None else fut.result()
+            if got is None or got[0] is None:
+                raise ValueError("no manifest")
+            raw, meta = got
+            m = manifest.Manifest.from_bytes(raw, where)
+            if m.world_size != 1:  # each rank reads its own share: not this process's to guess
+                raise ValueError("written by several processes")
+            chunks: dict[str, list[tuple[int, int, str]]] = {}
+            for t in m.tensors.values():
+                for c in t.chunks:
+                    chunks.setdefault(c.file, []).append((c.offset, c.length, c.hash))
+            with self._lock:
+                self.manifest_etag = meta.get("e_tag")
+                for n, f in self.files.items():
+                    entry = m.files.get(n)
+                    if entry is None or entry.size != f.size:
+                        f.chunks = []  # not this manifest's file: never claimed (nothing ok)
+                        f.failed = True
+                    else:
+                        f.chunks = sorted(set(chunks.get(n, [])))
+        except BaseException:  # noqa: BLE001 - a read-ahead only
+            self.cancel()
+        finally:
+            self._known.set()
+
+    def _read(self, f: _AheadFile, in_flight: int) -> None:
+        mm = mmap.mmap(-1, f.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _huge_pages(mm)
+        with self._lock:
+            if self._stop.is_set():
+                mm.close()
+                return
+            f.mm = mm
+        base = memoryview(mm)
+        blob = self._store.open_pinned(f.key, f.size, f.etag)
+        stops = [*f.starts[1:], f.size]
+        stop = self._stop
+
+        def one(i: int) -> None:
+            if stop.is_set():
+                raise _Stopped()
+            a, b = f.starts[i], stops[i]
+            blob.readinto(a, _CopySink(base[a:b], stop))
+            if not self._known.wait(timeout=600) or stop.is_set():
+                raise _Stopped()
+            self._hash_done(f, i, base)
+
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, min(in_flight, len(f.starts))),
+            thread_name_prefix="savegame-read-ahead",
+        )
+        futures = [pool.submit(one, i) for i in range(len(f.starts))]
+        try:
+            for fut in futures:
+                fut.result()
+            f.etag = blob.etag or f.etag  # the version every response was of
+        except BaseException:  # noqa: BLE001 - the restore reads it the usual way
+            f.failed = True
+            for fut in futures:
+                fut.cancel()  # those not started; the running ones end with their request
+        finally:
+            pool.shutdown(wait=True)
+            with contextlib.suppress(BufferError, ValueError):  # a view may linger: the GC's
+                base.release()
+            blob.close()
+            f.done.set()
+
+    def _hash_done(self, f: _AheadFile, i: int, base: memoryview) -> None:
+        """Request ``i`` of ``f`` is read and the manifest parsed: hash each chunk whose
+        requests are now all read (xxhash releases the GIL: requests hash in parallel)."""
+        import bisect
+
+        with f.lock:
+            if f.cover is None:  # once: which chunks each request holds a part of
+                f.cover = [[] for _ in f.starts]
+                for c in f.chunks or ():
+                    if c[1] == 0:  # an empty tensor: nothing to read
+                        if digest_empty() == c[2]:
+                            f.ok.add(c)
+                        continue
+                    first = bisect.bisect_right(f.starts, c[0]) - 1
+                    last = bisect.bisect_right(f.starts, c[0] + c[1] - 1) - 1
+                    f.left[c] = last - first + 1
+                    for r in range(first, last + 1):
+                        f.cover[r].append(c)
+            ready = []
+            for c in f.cover[i]:
+                f.left[c] -= 1
+                if f.left[c] == 0:
+                    ready.append(c)
+        matched = [c for c in ready if hashing.digest(base[c[0] : c[0] + c[1]]) == c[2]]
+        with f.lock:
+            f.ok.update(matched)
+
+    # -- the restore's side --
+    def claim(self, key: str, wanted: Sequence[tuple[int, int, str | None]]) -> mmap.mmap | None:
+        """The whole bytes of data file ``key`` (the caller owns the map from now on: it
+        closes it), if they may be used for the chunks ``wanted`` (offset, length, hash): see
+        the class docstring. None: read it the usual way (what was read ahead is dropped when
+        it is stale)."""
+        if not self.planned.wait(timeout=600) or self._stop.is_set():
+            return None
+        folder, _, name = key.rpartition("/")
+        with self._lock:
+            f = self.files.get(name) if folder == self.folder else None
+        if f is None:
+            if not self._claimed:  # another checkpoint is restored: stop reading this one
+                self.cancel(wait=True)
+            return None
+        self._known.wait(timeout=600)
+        store = self._store
+        manifest_now = store.listed_since_lease(f"{folder}/manifest.json")
+        data_now = store.listed_since_lease(key)
+        confirmed = (
+            manifest_now is not None
+            and data_now is not None
+            and self.manifest_etag is not None
+            and manifest_now.get("e_tag") == self.manifest_etag
+            and int(data_now.get("size", -1)) == f.size
+            and (f.etag is None or data_now.get("e_tag") == f.etag)
+        )
+        if not confirmed:  # committed, replaced or deleted since it was read: drop it all
+            self.cancel(wait=True)
+            return None
+        f.done.wait()
+        with self._lock:
+            mm, f.mm = f.mm, None
+        ok = (
+            mm is not None
+            and not f.failed
+            and not self._stop.is_set()
+            and f.etag is not None
+            and data_now.get("e_tag") == f.etag
+            and all(d is None or (o, n, d) in f.ok for o, n, d in wanted)
+        )
+        if not ok:
+            if mm is not None:
+                mm.close()
+            return None
+        self._claimed = True
+        return mm
+
+    def cancel(self, *, wait: bool = False) -> None:
+        """Stop reading (each request at its next piece) and free what was not claimed;
+        ``wait``: until the threads are gone (never from one of them)."""
+        self._stop.set()
+        self._known.set()  # (requests waiting for the manifest stop too)
+        if (
+            wait
+            and self._thread.ident is not None
+            and self._thread is not threading.current_thread()
+        ):
+            self._thread.join()
+        if not self._thread.is_alive():
+            self._free()
+
+    def _free(self) -> None:
+        with self._lock:
+            maps = [f.mm for f in self.files.values() if f.mm is not None]
+            for f in self.files.values():
+                f.mm = None
+        for mm in maps:
+            try:
+                mm.close()
+            except BufferError:  # a view is still being released; the GC closes it
+                pass

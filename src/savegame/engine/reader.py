@@ -470,7 +470,10 @@ def _pull_unmapped(
         for c in needed(key):
             if c.file in by_file:
                 by_file[c.file].append((key, c))
+    ahead = getattr(loc.store, "read_ahead", lambda: None)()
     for name, chunks in by_file.items():
+        if ahead is not None and _take_ahead(loc, m, name, chunks, ahead, fresh, maps):
+            continue
         staged = sum(c.length for key, c in chunks if key not in fresh)
         base: memoryview | None = None
         spool = None
@@ -508,6 +511,39 @@ def _pull_unmapped(
                 _restart(loc, name, m, restarts, exc)
                 unmapped[name] = _open_checked(loc, name, m, restarts, header=False)
         _check_header(loc, name, m.files[name], m, header)  # before any of it is used
+
+
+def _take_ahead(
+    loc: Location,
+    m: manifest.Manifest,
+    name: str,
+    chunks: Sequence[tuple[str, manifest.Chunk]],
+    ahead: fetch.ReadAhead,
+    fresh: Mapping[str, torch.Tensor],
+    maps: dict[str, tuple[Any, memoryview, torch.Tensor]],
+) -> bool:
+    """Phase 1 for a file the store read ahead of its lease (engine/fetch.py, ``ReadAhead``):
+    used only if the lease holder's listing shows the versions read and every chunk wanted
+    here matched its hash then (``claim`` checks both); its header is checked as a pulled
+    one's; fresh tensors get their bytes from it (the live ones in phase 2, as from a
+    staging). False: pull the file as usual."""
+    import numpy as np
+    import torch
+
+    if manifest.is_ref(name):
+        return False
+    mm = ahead.claim(file_key(loc, name), [(c.offset, c.length, c.hash) for _, c in chunks])
+    if mm is None:
+        return False
+    view = memoryview(mm)
+    maps[name] = (mm, view, torch.frombuffer(mm, dtype=torch.uint8))  # closed by the caller
+    _check_header(loc, name, m.files[name], m, view[: m.files[name].header_length])
+    src = np.frombuffer(mm, dtype=np.uint8)
+    for key, c in chunks:
+        if key in fresh:  # numpy's copy releases the GIL
+            dst = np.frombuffer(tensors.byte_view(fresh[key]).cast("B"), dtype=np.uint8)
+            np.copyto(dst, src[c.offset : c.offset + c.length])
+    return True
 
 
 def load_tensors(

@@ -30,7 +30,10 @@ plans from one listing anyway). A Checkpointer also reads ahead *before* its lea
 (:meth:`ObjectStore.before_lease`): the run's listing (is the URL a checkpoint?), then
 ``run.json`` and the newest manifests while the lease's PUT is in flight; the holder's snapshot
 lists the run whole (:meth:`ObjectStore._ls_deep`: every checkpoint folder's files with it)
-and uses each of those reads only once that listing shows the very version read.
+and uses each of those reads only once that listing shows the very version read. The newest
+checkpoint's data is read then too (:class:`savegame.engine.fetch.ReadAhead`, kept by the store
+with :meth:`ObjectStore.attach_read_ahead` and cancelled when the snapshot ends), under the
+same rule: used only once the holder's listing shows the versions read.
 """
 
 from __future__ import annotations
@@ -579,11 +582,13 @@ class _Snapshot:
     def _listed(self, prefix: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """The listing of ``prefix``; for a run folder, the follow-up reads start at once."""
         s = self.store
-        deep = s._ls_deep(prefix) if prefix == "" and self.held else None
+        deep = s._ls_deep(prefix) if prefix == "" and (self.held or self.before_lease) else None
         if deep is not None:
             # The holder's run in one listing of every object (a run of fewer than
             # ``_DEEP_OBJECTS``): each folder's listing comes with it, so none is fetched on
             # its own — a round trip off the start, and one request per checkpoint less.
+            # Before the lease, the same listing gives the data files' ETags, which the data
+            # read ahead of the lease is pinned to (engine/fetch.py, ``ReadAhead``).
             dirs, objs, under = deep
             for d, files in under.items():
                 known: Future[Any] = Future()
@@ -920,7 +925,7 @@ class Lease:
 
     def release(self) -> None:
         atexit.unregister(self.release)
-        self._store._forget()  # the holder's snapshot ends with its hold
+        self._store.end_snapshot()  # the holder's snapshot ends with its hold (and its threads)
         with contextlib.suppress(ValueError):
             self._store._leases.remove(self)  # a released lease no longer guards the store
         self._stop.set()
@@ -974,6 +979,7 @@ class ObjectStore(base.Store):
         self.lease_seconds = float(lease_seconds)
         self._leases: list[Lease] = []  # taken through this store: checked before each change
         self._snap: _Snapshot | None = None
+        self._ahead: Any = None  # data read ahead of the lease (attach_read_ahead)
 
     @classmethod
     def from_obstore(
@@ -1023,6 +1029,8 @@ class ObjectStore(base.Store):
 
     def _start(self, snap: _Snapshot, keep: _Snapshot | None = None) -> None:
         old, self._snap = self._snap, snap
+        if keep is None or old is not keep:
+            self._drop_read_ahead(wait=False)  # only the holder inherits what was read ahead
         if old is not None:
             if old is keep:
                 old.until = 0.0  # serves nothing more; its reads in flight are reused
@@ -1037,13 +1045,96 @@ class ObjectStore(base.Store):
             self._forget()
 
     def end_snapshot(self) -> None:
-        """Every read from now on asks the store."""
+        """Every read from now on asks the store (and data read ahead of the lease and not
+        used is dropped, its threads gone)."""
+        job = self._ahead
         self._forget()
+        if job is not None:
+            job.cancel(wait=True)
 
     def _forget(self) -> None:
         snap, self._snap = self._snap, None
         if snap is not None:
             snap.close()
+        self._drop_read_ahead(wait=False)
+
+    # ---- a checkpoint's data read ahead of the lease (engine/fetch.py, ``ReadAhead``) --------
+    def attach_read_ahead(self, job: Any) -> bool:
+        """Keep ``job`` (it has ``cancel(wait)``) for the holder's restore while the reads
+        made before the lease are: it is cancelled when the snapshot ends (the lease not taken,
+        a write, :meth:`end_snapshot`, the release). False (not kept) unless the lease is being
+        taken (:meth:`before_lease`)."""
+        snap = self._snap
+        if snap is None or not snap.before_lease or not snap.live:
+            return False
+        self._drop_read_ahead(wait=False)
+        self._ahead = job
+        return True
+
+    def read_ahead(self) -> Any:
+        """The job :meth:`attach_read_ahead` kept, while it is kept."""
+        return self._ahead
+
+    def _drop_read_ahead(self, *, wait: bool) -> None:
+        job, self._ahead = getattr(self, "_ahead", None), None
+        if job is not None:
+            job.cancel(wait=wait)
+
+    def newest_before_lease(
+        self,
+    ) -> tuple[str, Future[Any], dict[str, dict[str, Any]]] | None:
+        """While the lease is being taken: the newest step folder of the listing made before
+        it (waited for), the read of its manifest started then (a Future of ``(bytes, meta)``,
+        None when absent) and its files as that listing showed them (name -> meta; empty
+        when the run was listed folder by folder). None when there is none, the listing
+        failed, or the URL is a checkpoint. Nothing here is confirmed: the lease holder's
+        listing must show these very versions before anything read from them is used."""
+        snap = self._snap
+        if snap is None or not snap.before_lease:
+            return None
+        with snap.lock:
+            listing = snap.listings.get("")
+        try:
+            dirs, objs = listing.result() if listing is not None else ([], {layout.MANIFEST: {}})
+        except BaseException:  # noqa: BLE001 - failed or cancelled: nothing to read ahead
+            return None
+        steps = _newest_steps(dirs)
+        if layout.MANIFEST in objs or not steps:
+            return None
+        folder = steps[0]
+        with snap.lock:  # (both started by the listing, before it returned)
+            read = snap.small.get(base.join(folder, layout.MANIFEST))
+            walk = snap.walked.get(folder)
+        if read is None or walk is None or not walk.done() or walk.cancelled():
+            return None
+        if walk.exception() is not None:
+            return None
+        return folder, read, walk.result()
+
+    def listed_since_lease(self, key: str) -> dict[str, Any] | None:
+        """``key``'s meta (size, ETag) as the lease holder sees it: from the listing made
+        after the lease was taken (or a read confirmed by it), or, once that snapshot has
+        expired (a ``restore()`` called long after the constructor), from a HEAD made now;
+        None when this store holds no lease, its snapshot was ended (by a write, which also
+        drops what was read ahead), or ``key`` is not there."""
+        if not any(lease._held and lease.held for lease in self._leases):
+            return None
+        snap = self._snap
+        if snap is None or not snap.held:
+            return None
+        if not snap.live:
+            return self._head(key)
+        known, meta = snap.head(key)
+        return meta if known else None
+
+    def open_pinned(self, key: str, size: int, etag: str | None) -> base.Blob:
+        """A data object opened with no request and no snapshot: every GET carries
+        ``If-Match: etag`` (a listing's), or, with no ETag, the first response pins the
+        version and checks ``size`` (as :meth:`open_expecting`)."""
+        base.check_name(key)
+        if etag:
+            return _ObjBlob(self, key, {"size": size, "e_tag": etag})
+        return _ObjBlob(self, key, {"size": size, "e_tag": None}, unseen=True)
 
     def _snapshot(self, key: str | None = None) -> _Snapshot | None:
         """The live snapshot, if any; never for a lease object (``key``): it changes at every
