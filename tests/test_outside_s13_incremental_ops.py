@@ -161,6 +161,7 @@ def _start_trainer(tmp_path: Path, root: Path, steps: int, pause: float) -> Any:
     return proc
 
 
+@pytest.mark.slow  # ~13 s
 def test_prune_of_a_live_run_is_refused_by_name_and_deletes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "run"
     proc = _start_trainer(tmp_path, root, steps=40, pause=0.05)
@@ -179,6 +180,7 @@ def test_prune_of_a_live_run_is_refused_by_name_and_deletes_nothing(tmp_path: Pa
     assert _cli("verify", str(root)).returncode == 0
 
 
+@pytest.mark.slow  # ~13 s
 def test_push_to_a_local_folder_while_the_run_saves_and_retires_then_push_again(
     tmp_path: Path,
 ) -> None:

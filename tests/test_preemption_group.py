@@ -106,7 +106,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool],
     ("signum", "context", "persistent"),
     [
         (signal.SIGTERM, "default", False),
-        (signal.SIGUSR1, "default", False),
+        pytest.param(signal.SIGUSR1, "default", False, marks=pytest.mark.slow),  # CI: TERM, INT
         (signal.SIGINT, "default", False),
         pytest.param(signal.SIGTERM, "default", True, marks=pytest.mark.slow),
         # The start methods that exec a fresh interpreter, and the forkserver process (Python
@@ -187,7 +187,7 @@ print("helpers alive", all(os.waitpid(p, os.WNOHANG)[0] == 0 for p in helpers))
 """
 
 
-@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["spawn", pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_spawned_workers_and_multiprocessing_helpers_survive_group_signals(method: str) -> None:
     """The start methods that exec a new interpreter. multiprocessing also runs helper processes
     in the job's process group: the resource tracker, and the forkserver (Python 3.14's default

@@ -195,7 +195,8 @@ def test_steps_per_epoch_dividing_the_loader(tmp_path: Path, kill_at: int, resto
 
 
 @pytest.mark.parametrize(
-    ("kill_at", "restored"), [pytest.param(5, 4, marks=pytest.mark.slow), (9, 8)]
+    ("kill_at", "restored"),
+    [pytest.param(5, 4, marks=pytest.mark.slow), pytest.param(9, 8, marks=pytest.mark.slow)],
 )
 def test_steps_per_epoch_longer_than_one_pass(tmp_path: Path, kill_at: int, restored: int) -> None:
     """S=8 over 6 batches: Keras runs out after 6 batches every epoch (and warns)."""
@@ -206,7 +207,8 @@ def test_steps_per_epoch_longer_than_one_pass(tmp_path: Path, kill_at: int, rest
 
 
 @pytest.mark.parametrize(
-    ("kill_at", "restored"), [(5, 4), pytest.param(7, 6, marks=pytest.mark.slow)]
+    ("kill_at", "restored"),
+    [pytest.param(5, 4, marks=pytest.mark.slow), pytest.param(7, 6, marks=pytest.mark.slow)],
 )
 def test_steps_per_epoch_over_an_endless_stateful_loader(
     tmp_path: Path, kill_at: int, restored: int

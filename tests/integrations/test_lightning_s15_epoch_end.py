@@ -198,6 +198,7 @@ def test_min_epochs_keeps_training_after_the_restored_stop_as_uninterrupted(
     assert_same_run(ref, resumed)
 
 
+@pytest.mark.slow  # ~20 s; CI: test_outside_s14b_lightning's max_epochs then more
 def test_max_epochs_then_more_with_mid_epoch_validation(tmp_path: Path) -> None:
     """Validation mid-epoch only, so the end of fit (step 10, the last batch of epoch 2) is
     saved in on_train_batch_end's state: requeued it trains nothing; then 4 epochs, killed, run
