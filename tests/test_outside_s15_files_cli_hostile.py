@@ -249,3 +249,21 @@ def test_the_lossy_conversion_warning_names_string_tensors_escaped(
     for raw in RAW:
         assert raw not in out + err, repr(raw)
     assert "names\\x1b[2J" in out + err
+
+
+def test_prune_and_ls_say_a_symlinked_checkpoint_is_kept_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plan prune prints (and ls's "kept because") says the linked checkpoint is kept, and
+    the count of deleted checkpoints leaves it out."""
+    run, target = _run_with_symlinked_base(tmp_path)
+    assert main(["prune", str(run), "--keep-last", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "step-000000000001" in x)
+    assert line.startswith("keep") and "symlink" in line, out
+    assert "1 would be deleted" in out
+    assert main(["ls", str(run)]) == 0
+    assert "symlink" in capsys.readouterr().out
+    assert main(["prune", str(run), "--keep-last", "1"]) == 0
+    assert "deleted 1 checkpoints" in capsys.readouterr().out
+    assert (run / "step-000000000001").is_symlink() and (target / "manifest.json").exists()

@@ -133,7 +133,8 @@ def list_run(
                 size=own + shared_bytes,
                 metrics=dict(m.metrics) if m else {},
                 ours=mine,
-                kept_for=tuple(kept.get(r.step, ())) if mine else ("not ours",),
+                kept_for=(tuple(kept.get(r.step, ())) if mine else ("not ours",))
+                + ((_LINKED,) if _linked(r.location) else ()),
                 error=str(r.error) if r.error else None,
                 own=own,
                 shared=shared_bytes,
@@ -143,6 +144,16 @@ def list_run(
         out.extend(_aside(root))
         out.extend(_retired_infos(root, refs))
     return out
+
+
+#: Why a checkpoint folder that is a symlink is kept (see :func:`delete_unkept`).
+_LINKED = "a symlink out of the run: left to you"
+
+
+def _linked(loc: Location) -> bool:
+    """Whether ``loc`` is a step folder the user moved elsewhere and linked back (local runs)."""
+    path = loc.store.local_path(loc.key)
+    return path is not None and path.is_symlink()
 
 
 def _retired_infos(root: Store, refs: list[reader.CheckpointRef]) -> list[CheckpointInfo]:
@@ -356,15 +367,14 @@ def delete_unkept(
     deleted = []
     for info in todo:
         loc = where(info)
-        path = loc.store.local_path(loc.key)
-        if path is not None and path.is_symlink():
+        if _linked(loc):  # (list_run keeps it already; a plan made otherwise is checked here)
             # A checkpoint the user moved elsewhere and linked back: deleting or retiring it
             # would remove or move files in a folder outside the run. Left to the user.
             log.warning(
                 "not deleting %s: it is a symlink to %s, outside the run folder; remove it "
                 "by hand (and the folder it points to) if it is no longer needed",
                 info.path,
-                os.path.realpath(path),
+                os.path.realpath(str(loc.store.local_path(loc.key))),
             )
             continue
         used, sure = (set(), False) if live is None else shared.references(
