@@ -105,7 +105,8 @@ def refuse_checkpoint(root: Path | Store | str, is_checkpoint: bool, instead: st
     (and never write a lock file into it)."""
     if is_checkpoint:
         raise sg.CheckpointNotFoundError(
-            f"{_shown(root)} is one checkpoint, not a run folder; {instead}", path=_shown(root)
+            f"{printable(root)} is one checkpoint, not a run folder; {instead}",
+            path=printable(root),
         )
 
 
@@ -136,7 +137,7 @@ def _where(arg: str) -> Where:
     return _local(arg)
 
 
-def _shown(where: Path | Store | Location | str) -> str:
+def printable(where: Path | Store | Location | str) -> str:
     """How a path, store, location or URL is printed: a store's URL without credentials."""
     if isinstance(where, Store):
         return where.describe()
@@ -151,7 +152,7 @@ def _parent(arg: str, where: Where) -> str:
     """The folder holding ``where`` (the run of a checkpoint), for the messages that name it."""
     if isinstance(where, Path):
         return str(where.parent)
-    return _shown(arg).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
+    return printable(arg).split("?", 1)[0].rstrip("/").rsplit("/", 1)[0]
 
 
 def _is_checkpoint(where: Where) -> bool:
@@ -185,8 +186,25 @@ def _checkpoint_at(arg: str, where: Where) -> Path | Location:
     return locate(arg)
 
 
+def run_at(arg: str, instead: str) -> Where:
+    """The run folder a RUN argument names, for the commands that read one (ls, plot).
+
+    One checkpoint is refused with ``instead`` (what to run; ``{shown}`` and ``{parent}`` are
+    filled in), and a URL with no run there gets :func:`_nothing_at` (a local folder's absence
+    is each command's to report)."""
+    root = _where(arg)
+    refuse_checkpoint(
+        root,
+        _is_checkpoint(root),
+        instead.format(shown=printable(root), parent=_parent(arg, root)),
+    )
+    if isinstance(root, Store) and not _is_run(root):
+        raise _nothing_at(arg)
+    return root
+
+
 def _nothing_at(arg: str) -> sg.CheckpointNotFoundError:
-    shown = _shown(arg)
+    shown = printable(arg)
     return sg.CheckpointNotFoundError(
         f"{shown}: no run folder or checkpoint there (nothing named step-…, no run.json, no "
         "manifest.json); check the URL",
@@ -197,15 +215,10 @@ def _nothing_at(arg: str) -> sg.CheckpointNotFoundError:
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> int:
     runs = _runs()
-    root = _where(args.run)
-    refuse_checkpoint(
-        root,
-        _is_checkpoint(root),
-        f"see it with `savegame show {_shown(root)}`, or list its run with "
-        f"`savegame ls {_parent(args.run, root)}`",
+    root = run_at(
+        args.run,
+        "see it with `savegame show {shown}`, or list its run with `savegame ls {parent}`",
     )
-    if isinstance(root, Store) and not _is_run(root):
-        raise _nothing_at(args.run)
     infos = runs.list_run(root, _keep_from_args(args), aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
@@ -215,7 +228,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     problems: dict[Path | Location, list[str]] = {}
     if args.verify:
         problems = {i.path: runs.verify_checkpoint(i.path) for i in ckpts if i.valid}
-    title = f"{_shown(root)}  ({len(ckpts)} checkpoints"
+    title = f"{printable(root)}  ({len(ckpts)} checkpoints"
     if aside:
         title += f", {len(aside)} damaged set aside"
     if leftovers:
@@ -351,7 +364,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _no_valid(root: Where, any_checkpoint: bool) -> str:
-    shown = _shown(root)
+    shown = printable(root)
     if not any_checkpoint:
         return f"{shown}: no checkpoints yet (nothing has been committed in this run folder)"
     return f"{shown} holds no valid checkpoint; run `savegame ls {shown}` to see why"
@@ -362,7 +375,7 @@ def _newest_valid(root: Where) -> Path | Location:
     infos = _runs().list_run(root, sg.Keep())
     valid = [i for i in infos if i.valid]
     if not valid:
-        raise sg.CheckpointNotFoundError(_no_valid(root, bool(infos)), path=_shown(root))
+        raise sg.CheckpointNotFoundError(_no_valid(root, bool(infos)), path=printable(root))
     return valid[-1].path  # type: ignore[no-any-return]
 
 
@@ -496,7 +509,7 @@ def _verify_run(root: Where) -> int:
             _console().print(f"{label} {lit(i.path)}", soft_wrap=True)
             _console().print(text(f"     {i.error}"), soft_wrap=True)
     if not ckpts:
-        _console().print(text(f"no checkpoints yet in {_shown(root)}"), soft_wrap=True)
+        _console().print(text(f"no checkpoints yet in {printable(root)}"), soft_wrap=True)
     if bad or run_problem:
         said = [f"{bad} of {len(ckpts)} checkpoints have problems"] if bad else []
         said += ["run.json is damaged"] if run_problem else []
@@ -516,7 +529,7 @@ def _source_arg(arg: str) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     if _is_remote(args.dst):
-        shown = _shown(args.dst)
+        shown = printable(args.dst)
         raise sg.UnsupportedURLError(
             f"{shown}: convert writes a local file or folder; convert into a local path (for "
             "--to savegame, then `savegame push` the run folder to the URL)",
@@ -535,7 +548,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         with sg.open(args.src, cfg=args.cfg, partial=True) as src:
             cover = getattr(src, "coverage", None)
         if cover is not None:
-            _console().print(text(f"{_shown(args.src)}: {cover}"), soft_wrap=True)
+            _console().print(text(f"{printable(args.src)}: {cover}"), soft_wrap=True)
     return 0
 
 
@@ -548,7 +561,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         partial=args.partial,
         isolate=not args.no_isolate,
     )
-    table = Table(title=text(f"{_shown(args.a)}  vs  {_shown(args.b)}"))
+    table = Table(title=text(f"{printable(args.a)}  vs  {printable(args.b)}"))
     for col in ("tensor", "difference"):
         table.add_column(col)
     for name in res.removed:
@@ -614,9 +627,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if isinstance(root, Store):
         if getattr(root, "read_only", False):
             raise sg.StorageError(
-                f"{_shown(root)} is read-only (http(s) URLs can only be read): prune the run "
+                f"{printable(root)} is read-only (http(s) URLs can only be read): prune the run "
                 "where it is written (a local folder, s3://, gs:// or az://)",
-                path=_shown(root),
+                path=printable(root),
             )
         refuse_checkpoint(
             root,
@@ -713,7 +726,7 @@ def _transfer_summary(verb: str, report: Any) -> int:
     """One summary line (and the problems, if any); exit 0 only when everything verified."""
     copied, skipped = len(report.copied), len(report.skipped)
     line = (
-        f"{verb} {_shown(report.source)} -> {_shown(report.dest)}: {copied} checkpoint"
+        f"{verb} {printable(report.source)} -> {printable(report.dest)}: {copied} checkpoint"
         f"{'' if copied == 1 else 's'} copied, {skipped} already there; "
         f"{_size(report.bytes_moved)} moved, {_size(report.bytes_skipped)} skipped"
     )

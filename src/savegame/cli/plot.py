@@ -98,17 +98,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from savegame import checkpointer as runs  # the public run-folder functions; no torch
     from savegame.cli import commands  # where a RUN argument points: a path or a URL
 
-    root = commands._where(args.run)
-    shown = commands._shown(root)
-    commands.refuse_checkpoint(
-        root,
-        commands._is_checkpoint(root),
-        f"plot its run with `savegame plot {commands._parent(args.run, root)}`",
-    )
+    root = commands.run_at(args.run, "plot its run with `savegame plot {parent}`")
+    shown = commands.printable(root)
     if isinstance(root, Path) and not root.is_dir():
         raise sg.CheckpointNotFoundError(f"no run folder at {root}", path=root)
-    if not isinstance(root, Path) and not commands._is_run(root):
-        raise commands._nothing_at(args.run)
     ckpts = sorted(
         (i for i in runs.list_run(root) if i.kind == "checkpoint" and i.valid),
         key=lambda i: i.step,
