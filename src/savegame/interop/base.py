@@ -165,7 +165,8 @@ class Reader(abc.ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise errors.ReaderClosedError(
-                f"reader for {self.path} is closed; open the file again", path=getattr(self, "path", None)
+                f"reader for {self.path} is closed; open the file again",
+                path=getattr(self, "path", None),
             )
 
     def __enter__(self) -> Reader:  # -> Self (3.11)

@@ -79,10 +79,7 @@ def _walk(
                     items = {k: visit(x, _join(name, k), depth + 1) for k, x in v.items()}
                     if type(v) not in (OrderedDict, Counter):
                         return items
-                    out = type(v)(items)
-                    if hasattr(v, "_metadata"):  # a state_dict's module versions (unpickler)
-                        out._metadata = v._metadata  # type: ignore[union-attr]
-                    return out
+                    return _like(v, items)
                 if isinstance(v, list):
                     return [visit(x, _join(name, i), depth + 1) for i, x in enumerate(v)]
                 if isinstance(v, tuple):
@@ -315,6 +312,15 @@ def load(path: str | os.PathLike[str]) -> Any:
         return _materialize(r.tree(), r)
 
 
+def _like(v: dict[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """``items`` as a dict of ``v``'s type (OrderedDict, Counter: a Counter counts the pairs),
+    keeping a state dict's ``_metadata`` (its module versions, set by the unpickler)."""
+    out = type(v)(items)
+    if hasattr(v, "_metadata"):
+        out._metadata = v._metadata  # type: ignore[attr-defined]
+    return out
+
+
 def _materialize(v: Any, r: TorchReader) -> Any:
     if isinstance(v, base.TensorRef):
         t = r.read(v.name)
@@ -327,10 +333,7 @@ def _materialize(v: Any, r: TorchReader) -> Any:
     if values.is_size(v):
         return v
     if isinstance(v, dict):
-        out = type(v)({k: _materialize(x, r) for k, x in v.items()})  # Counter counts pairs
-        if hasattr(v, "_metadata"):
-            out._metadata = v._metadata  # type: ignore[attr-defined]
-        return out
+        return _like(v, {k: _materialize(x, r) for k, x in v.items()})
     if isinstance(v, list):
         return [_materialize(x, r) for x in v]
     if isinstance(v, tuple):
