@@ -140,6 +140,7 @@ CASES: dict[str, Case] = {
     "torch-zip": Case("torch", _torch_zip),
     "torch-zip-golden": Case("torch", _golden("torch", "tutorial.pth")),
     "torch-legacy": Case("torch", _golden("torch", "legacy.pt")),
+    "torch-export-golden": Case("torch-export", _golden("torch", "model.pt2")),
     "safetensors": Case("safetensors", _safetensors),
     "safetensors-golden": Case("safetensors", _golden("torch", "model.safetensors")),
     "numpy-npy": Case("numpy", _npy),

@@ -37,6 +37,8 @@ def test_tutorial_checkpoint_opens_with_every_value() -> None:
         ("legacy.pt", "weight", "state_dict/0.weight"),
         ("model.safetensors", "1.running_var", "state_dict/1.running_var"),
         ("arrays.npz", "2_weight", "state_dict/2.weight"),
+        ("model.pt2", "0.weight", "state_dict/0.weight"),
+        ("model.pt2", "1.num_batches_tracked", "state_dict/1.num_batches_tracked"),
     ],
 )
 def test_other_formats_open_with_their_values(name: str, key: str, expected_key: str) -> None:
@@ -60,3 +62,13 @@ def test_tutorial_converts_to_savegame_and_back_bit_for_bit(tmp_path: Path) -> N
     flat = torch.load(tmp_path / "back.pt", weights_only=True)
     for name, value in _expected().items():
         assert np.array_equal(flat[name].numpy(), value), name
+
+
+def test_torch_export_archive_holds_the_state_dict_and_nothing_is_unpickled() -> None:
+    want = {k.removeprefix("state_dict/"): v for k, v in _expected().items() if "state_dict" in k}
+    with sg.open(HERE / "model.pt2") as r:
+        assert r.format == "torch-export"
+        assert sorted(r.keys()) == sorted(want)
+        for name, value in want.items():
+            assert np.array_equal(r.read(name).detach().numpy(), value), name
+        assert r.metadata()["pickled"] == []

@@ -100,6 +100,7 @@ def test_formats_is_read_only_and_lists_the_built_in_readers() -> None:
         "keras-h5",
         "keras3",
         "darknet",
+        "torch-export",
     }
     with pytest.raises(TypeError):
         detect.FORMATS["x"] = ("m", "f")  # type: ignore[index]

@@ -26,7 +26,7 @@ from typing import BinaryIO
 from savegame import errors
 from savegame.interop import base
 
-__all__ = ["ZipMember", "read_directory", "read_member"]
+__all__ = ["ZipMember", "crc32_range", "read_directory", "read_member"]
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # end of central directory, 22 bytes
 _EOCD64_LOC = struct.Struct("<4sIQI")  # zip64 locator, 20 bytes
@@ -277,3 +277,17 @@ def read_member(
             key=member.name,
         )
     return data
+
+
+def crc32_range(f: BinaryIO, start: int, nbytes: int) -> int | None:
+    """CRC-32 of ``nbytes`` bytes of ``f`` from ``start``, read 16 MiB at a time (memory stays
+    bounded on huge records); None if the file ends first."""
+    f.seek(start)
+    value, left = 0, nbytes
+    while left:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            return None
+        value = zlib.crc32(chunk, value)
+        left -= len(chunk)
+    return value

@@ -39,6 +39,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "keras-h5": ("savegame.interop.keras", "open_keras"),
     "keras3": ("savegame.interop.keras", "open_keras"),
     "darknet": ("savegame.interop.darknet", "open_darknet"),
+    "torch-export": ("savegame.interop.torch_export", "open_torch_export"),
 }
 #: The registered formats, read-only: ``{format: (module, opener)}``. Add with
 #: :func:`register_format`.
@@ -57,7 +58,7 @@ _BUILTIN = frozenset(_REGISTRY)
 _RESERVED = frozenset({"savegame", "torchscript"})
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _SUPPORTED = (
-    "torch (.pt/.pth/.bin, zip or legacy), safetensors, numpy (.npy/.npz), TensorFlow "
+    "torch (.pt/.pth/.bin, zip or legacy), torch.export (.pt2), safetensors, numpy (.npy/.npz), TensorFlow "
     "(prefix, .index, .data-NNNNN-of-NNNNN or folder with a 'checkpoint' file), Keras "
     "(.h5/.weights.h5/.keras), "
     "Darknet (.weights with cfg=), savegame checkpoint folders"
@@ -151,6 +152,11 @@ def _zip_format(f: Any, path: str, size: int) -> str:
         raise _unknown(path, " (empty zip)")
     prefix = names[0].split("/", 1)[0] + "/"
     inner = {n[len(prefix) :] for n in names if n.startswith(prefix)}
+    if "archive_format" in inner and "data.pkl" not in inner:
+        from savegame.interop import torch_export
+
+        if torch_export.is_torch_export(inner):
+            return "torch-export"
     if "constants.pkl" in inner or ".data/version" in inner and "data.pkl" not in inner:
         return "torchscript"
     if "data.pkl" in inner:

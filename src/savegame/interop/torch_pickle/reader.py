@@ -13,12 +13,11 @@ numpy is imported by ``read()``, torch by ``read()``/``load()`` only (issue 9.18
 from __future__ import annotations
 
 import os
-import zlib
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from savegame import errors
-from savegame.interop import base
+from savegame.interop import _zip, base
 from savegame.interop.torch_pickle import container, values
 
 if TYPE_CHECKING:
@@ -250,16 +249,7 @@ class TorchReader(base.Reader):
         problems: list[str] = []
         for key, crc in self._crcs.items():
             start, nbytes = self._ranges[key]
-            self._f.seek(start)
-            value = 0
-            left = nbytes
-            while left:  # stream in 16 MiB chunks: memory stays bounded on huge storages
-                chunk = self._f.read(min(left, 1 << 24))
-                if not chunk:
-                    break
-                value = zlib.crc32(chunk, value)
-                left -= len(chunk)
-            if left or value != crc:
+            if _zip.crc32_range(self._f, start, nbytes) != crc:
                 problems.append(f"storage {key!r}: CRC-32 mismatch (corrupt data)")
         for name in self.keys():
             try:

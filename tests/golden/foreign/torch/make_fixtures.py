@@ -3,7 +3,7 @@
 
 Files: ``tutorial.pth`` (zip format, the classic tutorial checkpoint: epoch, state_dict with
 BatchNorm buffers, best_accuracy, AdamW state), ``legacy.pt`` (pre-1.6 non-zip format), a
-``model.safetensors`` and ``arrays.npz`` of the same weights.
+``model.safetensors``, ``arrays.npz`` and ``model.pt2`` (torch.export.save) of the same weights.
 """
 
 from __future__ import annotations
@@ -34,3 +34,10 @@ np.savez("expected.npz", **{k.replace("/", "|"): v for k, v in expected.items()}
 with open("VERSIONS.txt", "w") as f:
     f.write(f"torch {torch.__version__}\nsafetensors {safetensors.__version__}\nnumpy {np.__version__}\n")
     f.write(f"python {platform.python_version()} on {platform.system()} {platform.machine()}\n")
+# torch.export archive of model.safetensors's weights (so it can be written on its own, beside
+# the files above; eval mode: BatchNorm's buffers are read, not updated).
+from safetensors.torch import load_file  # noqa: E402
+
+model.load_state_dict(load_file("model.safetensors"))
+model.eval()
+torch.export.save(torch.export.export(model, (torch.randn(2, 4),)), "model.pt2")
