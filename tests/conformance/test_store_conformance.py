@@ -118,6 +118,7 @@ class StoreContract:
         assert not store.exists("d")
         assert store.read("moved/e/f") == b"1"
         assert store.du("moved") == 2
+        assert store.du("moved/g") == 1  # a blob counts its own bytes (a retired shared file)
 
     def test_detach_hides_at_once_and_frees_later(self, store: Store) -> None:
         store.makedirs("step-1")

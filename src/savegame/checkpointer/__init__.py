@@ -17,7 +17,8 @@ Public functions on run folders (no lock needed unless said):
 * :func:`plan_retention` — the same, made safe to act on (damaged kept checkpoints set aside);
   :func:`unkept` — what a plan deletes; :func:`find_damage` — damage in what it keeps instead;
   :func:`delete_unkept` — apply a plan (the caller holds the lock: :func:`run_lock`).
-* :func:`read_run_file`, :func:`run_file`, :func:`run_file_problem` — ``run.json``.
+* :func:`read_run_file`, :func:`run_file`, :func:`run_file_problem`, :func:`run_keep` —
+  ``run.json`` and the retention rule it records.
 * :func:`is_run`, :func:`is_checkpoint`, :func:`looks_like_checkpoint`,
   :func:`verify_checkpoint` — what a folder is, and every problem of a checkpoint folder.
 """
@@ -44,6 +45,7 @@ if _typing.TYPE_CHECKING:
         read_run_file,
         run_file,
         run_file_problem,
+        run_keep,
         run_lock,
         verify_checkpoint,
     )
@@ -63,6 +65,7 @@ _LAZY = {
     "read_run_file": "runfile",
     "run_file": "runfile",
     "run_file_problem": "runfile",
+    "run_keep": "runfile",
     "run_lock": "runfile",
     "verify_checkpoint": "runfile",
     "EXIT_PREEMPTED": "signals",
@@ -84,6 +87,7 @@ __all__ = [
     "read_run_file",
     "run_file",
     "run_file_problem",
+    "run_keep",
     "run_lock",
     "unkept",
     "verify_checkpoint",

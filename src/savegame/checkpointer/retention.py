@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from savegame import errors, policy
-from savegame.checkpointer.runfile import read_run_file
+from savegame.checkpointer.runfile import read_run_file, run_keep
 from savegame.engine import reader
 from savegame.format import layout, manifest
 from savegame.storage import Location, Store, as_store, locate
@@ -104,11 +104,7 @@ def list_run(
     if run_id is None and record is not None:
         run_id = str(record["run_id"])
     if keep is None:
-        keep = (
-            policy.Keep(**record["keep"])
-            if record and isinstance(record.get("keep"), dict)
-            else policy.Keep(last=3)
-        )
+        keep = run_keep(root, record) or policy.Keep(last=3)
     refs = reader.list_checkpoints(root)
     ours = [r for r in refs if r.manifest is not None and r.manifest.run_id == run_id]
     cands = [

@@ -43,6 +43,7 @@ __all__ = [
     "read_run_file",
     "run_file",
     "run_file_problem",
+    "run_keep",
     "run_lock",
     "start_session",
     "verify_checkpoint",
@@ -99,13 +100,40 @@ def run_file_problem(root: Root) -> str | None:
     path = run_file(root)
     if not as_store(root).exists(layout.RUN_FILE):
         return None
-    if read_run_file(root) is None:
+    record = read_run_file(root)
+    if record is None:
         return (
             f"{path} is damaged (not a JSON object with a run_id): the Checkpointer refuses this "
             "run folder and retention cannot tell this run's checkpoints from others'; restore "
             "it from a backup, or start a new run folder"
         )
+    try:
+        run_keep(root, record)
+    except errors.FormatError as exc:
+        return str(exc)
     return None
+
+
+def run_keep(root: Root, record: dict[str, Any] | None) -> policy.Keep | None:
+    """The retention rule ``run.json`` records (None when it records none).
+
+    Raises:
+        FormatError: the rule is not a valid :class:`~savegame.policy.Keep` (a hand edit: a
+            count written as 2.0, an unknown field).
+    """
+    rule = record.get("keep") if record else None
+    if rule is None:
+        return None
+    try:
+        if not isinstance(rule, dict):
+            raise TypeError("not an object")
+        return policy.Keep(**rule)
+    except (TypeError, ValueError) as exc:
+        raise errors.FormatError(
+            f"{run_file(root)}: its retention rule {rule!r} is not valid ({exc}); write it as "
+            'the Checkpointer does (e.g. {"last": 3}) or delete the "keep" entry',
+            path=run_file(root),
+        ) from None
 
 
 def open_run(root: Root, keep: policy.Keep, lock: Lock) -> tuple[str, bool]:

@@ -219,7 +219,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         args.run,
         "see it with `savegame show {shown}`, or list its run with `savegame ls {parent}`",
     )
-    infos = runs.list_run(root, _keep_from_args(args), aside=True)
+    infos = runs.list_run(root, _keep_from_args(args, root), aside=True)
     ckpts = [i for i in infos if i.kind == "checkpoint"]
     aside = [i for i in infos if i.kind == "damaged"]
     leftovers = [i for i in infos if i.kind == "leftover"]
@@ -597,8 +597,12 @@ def _order(x: float) -> float:
 
 
 # ---- prune -------------------------------------------------------------------------------------
-def _keep_from_args(args: argparse.Namespace) -> sg.Keep | None:
-    """The rule given on the command line, or None to use the run's own (from run.json)."""
+def _keep_from_args(args: argparse.Namespace, root: Where) -> sg.Keep | None:
+    """The rule given on the command line, or None to use the run's own (from run.json).
+
+    ``--keep-best`` without ``--monitor`` / ``--mode`` takes them from the run's rule when it
+    ranks by the same metric; a mode nobody gave is refused, never guessed: ranking an accuracy
+    as a loss would keep the worst checkpoints and delete the best."""
     given = {
         "last": args.keep_last,
         "best": args.keep_best,
@@ -609,6 +613,16 @@ def _keep_from_args(args: argparse.Namespace) -> sg.Keep | None:
     given = {k: v for k, v in given.items() if v is not None}
     if not given:
         return None
+    if given.get("best") and "mode" not in given:
+        runs = _runs()
+        own = runs.run_keep(root, runs.read_run_file(root))
+        monitor = given.get("monitor", own.monitor if own else None)
+        if own is None or not own.best or own.monitor != monitor:
+            raise ValueError(
+                f"--keep-best ranks by {monitor or '--monitor'}: say whether smaller or larger "
+                "is better with --mode min (a loss) or --mode max (an accuracy)"
+            )
+        given.update(monitor=own.monitor, mode=own.mode)
     return sg.Keep(**given)
 
 
@@ -623,7 +637,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plans again, ``prune`` refuses and deletes nothing (exit 1): a person is there to look."""
     runs = _runs()
     root = _where(args.run)
-    keep = _keep_from_args(args)
     if isinstance(root, Store):
         if getattr(root, "read_only", False):
             raise sg.StorageError(
@@ -651,6 +664,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise sg.FormatError(
             run_problem + "; prune deletes nothing meanwhile", path=runs.run_file(root)
         )
+    keep = _keep_from_args(args, root)
     lock = runs.run_lock(root)
     if not args.dry_run:
         lock.acquire()  # never prune under a live training run

@@ -168,6 +168,14 @@ class Keep:
     every: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("last", "best", "every"):
+            v = getattr(self, name)
+            # A count from a YAML/JSON config may be 2.0: refused here, not at every save.
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise TypeError(f"Keep({name}={v!r}): must be an int count")
+            object.__setattr__(self, name, int(v))  # numpy integers become plain ints
+        if self.monitor is not None and not isinstance(self.monitor, str):
+            raise TypeError(f"Keep(monitor={self.monitor!r}): must be a metric name (str)")
         if self.last < 1:
             raise ValueError(f"Keep(last={self.last}): keep at least the newest checkpoint")
         if self.best < 0 or self.every < 0:

@@ -317,8 +317,13 @@ class LocalStore(base.Store):
             return None
 
     def du(self, key: str) -> int:
+        path = self._p(key)
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):  # a blob (os.walk below only walks folders)
+                return st.st_size
         total = 0
-        for dirpath, _, files in os.walk(self._p(key)):
+        for dirpath, _, files in os.walk(path):
             for f in files:
                 with contextlib.suppress(OSError):
                     total += os.path.getsize(os.path.join(dirpath, f))
