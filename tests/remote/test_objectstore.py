@@ -126,7 +126,7 @@ def test_a_failed_write_leaves_nothing_not_even_an_upload(s3_env: S3Server, s3_u
 
 def test_a_killed_writers_leftovers_are_hidden_then_collected(s3_url: str) -> None:
     dead = _s3(s3_url)
-    st = dead.begin(".tmp-step-3-ef", "step-3")
+    st = dead.begin(layout.tmp_dir(3, "ef"), layout.step_dir(3))  # as a save names them
     st.write("rank-0.bin", lambda f: f.write(b"partial"))
     # the writer is killed here: no abort, the marker and a data object stay
     store = _s3(s3_url)

@@ -41,3 +41,11 @@ def test_tensor_file_names_per_rank_and_part() -> None:
     assert layout.tensor_file(0) == "rank-00000.safetensors"
     assert layout.tensor_file(3, 2) == "rank-00003-002.safetensors"
     assert len({layout.tensor_file(r, p) for r in range(3) for p in range(3)}) == 9
+
+
+def test_only_savegames_own_temp_names_are_leftovers() -> None:
+    assert layout.is_tmp(layout.tmp_dir(5, "ab12"))
+    assert layout.is_tmp(".tmp-deleted-step-000000000005-0123abcd")
+    assert layout.is_tmp(".tmp-deleted-retired-step-000000000001-rank-00000.safetensors-89abcdef")
+    for name in (".tmp-notes", ".tmp-", ".tmp-step-5-x", "tmp-step-000000000001-x", "step-000000000001"):
+        assert not layout.is_tmp(name), name

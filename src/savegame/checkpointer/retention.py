@@ -205,7 +205,7 @@ def _aside(root: Store) -> list[CheckpointInfo]:
             if step is not None:
                 kind: Literal["damaged", "leftover"] = "damaged"
                 why = "set aside: failed verification (kept for inspection; delete it when done)"
-            elif entry.name.startswith(layout.TMP_PREFIX):
+            elif layout.is_tmp(entry.name):
                 kind, step = "leftover", -1
                 why = "temp folder: a save in progress, or left by an interrupted save (the next writer removes it)"
             else:
@@ -442,7 +442,7 @@ def collect_garbage(root: Root, *, incomplete: bool = False) -> None:
     entries = reader.list_run_folder(store)
     for entry in entries:
         # (An object store's save in progress is a marker object, not a folder.)
-        leftover = entry.name.startswith(layout.TMP_PREFIX) and (
+        leftover = layout.is_tmp(entry.name) and (
             entry.is_dir
             or incomplete
             # a retired file whose removal was cut short (renamed away, not yet unlinked)

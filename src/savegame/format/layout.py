@@ -62,6 +62,17 @@ def tmp_dir(step: int, token: str) -> str:
     return f"{TMP_PREFIX}{step_dir(step)}-{token}"
 
 
+# What savegame itself names with TMP_PREFIX: a save in progress (tmp_dir) and a deletion's
+# trash (``.tmp-deleted-<name>-<hex>``). Only these are ever removed as leftovers: a user's
+# own ``.tmp-notes`` folder in a run is not ours to delete.
+_TMP_RE = re.compile(r"^\.tmp-(?:step-\d{12}-.+|deleted-.+)$")
+
+
+def is_tmp(name: str) -> bool:
+    """Whether ``name`` is a temp folder or file savegame made (a save or a deletion)."""
+    return _TMP_RE.match(name) is not None
+
+
 def tensor_file(rank: int, part: int = 0) -> str:
     """Tensor file of one rank; ``part`` > 0 when a rank's tensors are split over files."""
     if part == 0:
