@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -35,7 +36,15 @@ import torch
 from savegame import errors
 from savegame.state import position
 
-__all__ = ["BATCH_SIZE_KEY", "GENERATOR_KEY", "SAMPLER_EPOCH_KEY", "guard", "load", "state_dict"]
+__all__ = [
+    "BATCH_SIZE_KEY",
+    "BUILD_RNG_KEY",
+    "GENERATOR_KEY",
+    "SAMPLER_EPOCH_KEY",
+    "guard",
+    "load",
+    "state_dict",
+]
 
 #: Keys added to a loader's state tree: the epoch of its sampler, the state of the loader's own
 #: ``generator=``, and its batch size (what its batch counts are counted in), when saved.
@@ -43,7 +52,10 @@ __all__ = ["BATCH_SIZE_KEY", "GENERATOR_KEY", "SAMPLER_EPOCH_KEY", "guard", "loa
 SAMPLER_EPOCH_KEY = "_savegame_sampler_epoch"
 GENERATOR_KEY = "_savegame_generator"
 BATCH_SIZE_KEY = "_savegame_batch_size"
-_OURS = (SAMPLER_EPOCH_KEY, GENERATOR_KEY, BATCH_SIZE_KEY)
+#: The random state the current epoch's iterator was built from (the global torch RNG and the
+#: samplers' own ``torch.Generator`` attributes), for samplers torchdata replays (below).
+BUILD_RNG_KEY = "_savegame_build_rng"
+_OURS = (SAMPLER_EPOCH_KEY, GENERATOR_KEY, BATCH_SIZE_KEY, BUILD_RNG_KEY)
 
 #: The signals a scheduler sends to a whole job (``scancel``, ``kill -TERM -PGID``, torchrun's
 #: forwarding, Ctrl-C): the same set the Checkpointer handles in the main process.
@@ -104,7 +116,37 @@ def state_dict(obj: Any) -> Any:
         generator = getattr(obj, "generator", None)
         if isinstance(generator, torch.Generator):
             sd = {**sd, GENERATOR_KEY: generator.get_state()}
+        guard_ = vars(obj).get("_get_iterator")
+        if isinstance(guard_, _IteratorGuard):
+            built = guard_.built_for_state()
+            if built is not None:
+                sd = {**sd, BUILD_RNG_KEY: built}
     return sd
+
+
+def _sampler_generators(loader: Any) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` attributes of the loader's samplers (``RandomSampler(ds,
+    generator=g)``, ``WeightedRandomSampler``, a user's sampler holding ``self.g``), by path;
+    the loader's own ``generator=`` is saved apart (:data:`GENERATOR_KEY`)."""
+    own = getattr(loader, "generator", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    found: dict[str, torch.Generator] = {}
+    for where, obj in (
+        ("sampler", getattr(loader, "sampler", None)),
+        ("batch_sampler", batch_sampler),
+        ("batch_sampler.sampler", getattr(batch_sampler, "sampler", None)),
+    ):
+        attrs = getattr(obj, "__dict__", None)
+        if not isinstance(attrs, dict):
+            continue
+        for attr, value in attrs.items():
+            if (
+                isinstance(value, torch.Generator)
+                and value is not own
+                and value.device.type == "cpu"
+            ):
+                found.setdefault(f"{where}.{attr}", value)
+    return found
 
 
 def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
@@ -113,8 +155,10 @@ def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
     epoch: int | None = None
     generator_state: torch.Tensor | None = None
     batch_size: int | None | position.Unsaved = position.UNSAVED
+    built: Any = None
     if isinstance(sd, dict) and any(k in sd for k in _OURS):
         sd = dict(sd)
+        built = sd.pop(BUILD_RNG_KEY, None)
         saved = sd.pop(SAMPLER_EPOCH_KEY, None)
         epoch = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
         saved = sd.pop(GENERATOR_KEY, None)
@@ -131,7 +175,9 @@ def load(obj: Any, sd: Any, *, name: str, where: str) -> None:
         # iterator was drawn from, so restore -> iterate (no set_epoch) is exact too.
         sampler.set_epoch(epoch)
     if obj.next_iter_state is not None:
-        _guard_of(obj).arm(name, where, obj.next_iter_state, epoch, generator_state, batch_size)
+        _guard_of(obj).arm(
+            name, where, obj.next_iter_state, epoch, generator_state, batch_size, built
+        )
 
 
 # ---- the iterator guard (main process) -----------------------------------------------------
@@ -152,6 +198,14 @@ class _IteratorGuard:
        the saved state is re-expressed for the loader's batch size and number of workers now
        (:func:`savegame.state.position.translate`: the same object when neither changed), here
        and not in ``restore()`` because ``num_workers`` may still be set in between.
+       For a sampler without a ``state_dict`` (``sampler=RandomSampler(ds)``,
+       ``WeightedRandomSampler``, ``SubsetRandomSampler``, a user's sampler with its own
+       generator), torchdata resumes by drawing the epoch again and skipping what was consumed:
+       that draw comes from the global torch RNG or the sampler's generator, which by then are
+       past the epoch's start. So every build records the random state it starts from
+       (:data:`BUILD_RNG_KEY`), and the resuming build starts from that recorded state: the
+       redraw is the epoch's own permutation. (With ``persistent_workers`` the iterator is
+       built once and reset for later epochs without a build: nothing is recorded there.)
     2. Every build that starts worker processes runs with the group signals blocked in the
        calling thread. Children inherit the mask through fork *and* exec, so a worker (or the
        forkserver / resource tracker that multiprocessing starts on the way) cannot die of a
@@ -167,6 +221,9 @@ class _IteratorGuard:
         self._generator_state: torch.Tensor | None = None
         self._batch_size: int | None | position.Unsaved = position.UNSAVED
         self._translated = False
+        self._built_from: Any = None
+        #: The random state the loader's current iterator was built from (BUILD_RNG_KEY).
+        self.built: Any = None
 
     def arm(
         self,
@@ -176,10 +233,53 @@ class _IteratorGuard:
         epoch: int | None,
         generator_state: torch.Tensor | None,
         batch_size: int | None | position.Unsaved = position.UNSAVED,
+        built: Any = None,
     ) -> None:
         self._name, self._where, self._pending, self._epoch = name, where, pending, epoch
         self._generator_state, self._batch_size = generator_state, batch_size
         self._translated = False
+        self._built_from = built
+
+    def built_for_state(self) -> Any:
+        """What the loader's state records as its iterator's starting random state: the
+        record of the current iterator, or, restored and not yet built, the record restored."""
+        loader = self._loader()
+        if loader is None:
+            return None
+        if self._pending is not None and loader.next_iter_state is self._pending:
+            return self._built_from
+        return self.built if getattr(loader, "_iterator", None) is not None else None
+
+    def _mid_epoch(self, loader: Any) -> bool:
+        pos = position.read(self._pending)
+        if pos is None or pos.finished:
+            return False
+        try:
+            return pos.batches < len(loader)
+        except TypeError:
+            return True
+
+    def _record(self, loader: Any) -> Any:
+        if getattr(loader, "persistent_workers", False):
+            return None  # later epochs reuse the iterator: a record would be the first epoch's
+        return {
+            "torch": torch.get_rng_state(),
+            "generators": {k: g.get_state() for k, g in _sampler_generators(loader).items()},
+        }
+
+    def _start_from(self, loader: Any, built: Any) -> None:
+        """Put the global RNG and the samplers' generators where the saved epoch's build
+        started (a record from a file: anything that does not fit is left alone)."""
+        if not isinstance(built, dict):
+            return
+        state = built.get("torch")
+        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8:
+            torch.set_rng_state(state)
+        saved = built.get("generators")
+        if isinstance(saved, dict):
+            for key, g in _sampler_generators(loader).items():
+                if isinstance(saved.get(key), torch.Tensor):
+                    g.set_state(saved[key])
 
     def __call__(self) -> Any:
         loader = self._loader()
@@ -211,10 +311,17 @@ class _IteratorGuard:
             signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
         try:
             if not restoring:
+                self.built = self._record(loader)
                 return build(loader)
             rng = torch.get_rng_state()
             try:
+                mid_epoch = self._mid_epoch(loader)
+                if mid_epoch:  # the epoch redrawn must be the saved one
+                    self._start_from(loader, self._built_from)
+                self.built = self._record(loader)
                 it = build(loader)
+                if mid_epoch:
+                    _skip_now(it)
             finally:
                 torch.set_rng_state(rng)
             _undo_double_count(it, self._pending)
@@ -225,7 +332,7 @@ class _IteratorGuard:
                 # and torchdata rewinds it to the epoch's start. Put it where the saved run
                 # had it, or the next epoch's order differs (measured).
                 generator.set_state(self._generator_state)
-            self._pending, self._generator_state = None, None
+            self._pending, self._generator_state, self._built_from = None, None, None
             return it
         finally:
             if old_mask is not None:
@@ -269,6 +376,23 @@ class _IteratorGuard:
             path=self._where,
             key=self._name,
         )
+
+
+def _skip_now(it: Any) -> None:
+    """Make torchdata's skip of the consumed samples happen now, inside the guarded build.
+
+    Resuming a sampler without a state in one process, torchdata (0.8-0.11) sets
+    ``_sampler_iter = islice(index_sampler, n, None)``: the sampler is iterated, and draws its
+    epoch (``RandomSampler`` draws its seed from the global RNG at its first ``next``), only at
+    the first batch after the restore — from the RNG as the checkpoint left it, moving it too.
+    Taking the first index now draws from the epoch's recorded start instead; it is put back in
+    front, so the indices come out as before."""
+    sampler_iter = getattr(it, "_sampler_iter", None)
+    if not isinstance(sampler_iter, itertools.islice):
+        return
+    end = object()
+    first = next(sampler_iter, end)
+    it._sampler_iter = iter(()) if first is end else itertools.chain([first], sampler_iter)
 
 
 def _undo_double_count(it: Any, state: Any) -> None:
