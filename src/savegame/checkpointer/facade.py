@@ -71,7 +71,8 @@ class Checkpointer:
             local run and a background thread uploads each one to ``root`` (docs/tiers.md).
         start_from: Another run (or one ``step-…`` checkpoint of it), a path or URL: while
             this run has no checkpoint, ``restore`` loads its newest valid one (read-only: it
-            is never written or locked). Once this run has saved, it is ignored.
+            is never written or locked). Once this run has saved, it is ignored. If it holds
+            no valid checkpoint, a warning says this run starts from step 0.
         upload_retry: With ``cache``, how often a failed upload is tried before its error is
             raised (default ``UploadRetry()``).
         incremental: A tensor whose bytes equal those of the previous checkpoint is not
@@ -258,6 +259,8 @@ class Checkpointer:
             done = restoring.restore(
                 self._group, source, state, opts, per_rank=per_rank, skip=restoring.warn_skip
             )
+            if done is None:  # a job told to start from another's output: never silently fresh
+                restoring.warn_nothing_to_start_from(self._start_from, len(source))
         if done is not None and done[0].manifest is not None:
             ref, self.last_restore = done
             self._epochs_completed = int(ref.manifest.info.get("epochs_completed", 0))

@@ -28,7 +28,7 @@ from savegame.distributed import collectives, planning, protocol
 from savegame.engine import reader, writer
 from savegame.format import layout
 from savegame.state import overrides
-from savegame.storage import Location, Store, as_store, locate
+from savegame.storage import Location, Store, as_store, locate, urls
 
 __all__ = ["restore", "restore_whole", "set_aside_damaged", "source_refs", "warn_skip"]
 
@@ -182,7 +182,22 @@ def source_refs(where: str | os.PathLike[str] | Store) -> list[reader.Checkpoint
 def warn_skip(path: Path | Location, exc: BaseException | None) -> None:
     """A checkpoint of ``start_from`` that cannot be used: warn, and leave it where it is."""
     warnings.warn(
-        f"skipping checkpoint {path} of start_from: {exc}; falling back to an earlier one",
+        f"skipping checkpoint {path} of start_from: {exc}; trying an earlier one, if any",
         errors.CorruptCheckpointWarning,
+        stacklevel=4,
+    )
+
+
+def warn_nothing_to_start_from(where: str | os.PathLike[str] | Store, found: int) -> None:
+    """``start_from`` gave nothing to restore: say so, and that the job starts from step 0."""
+    shown = where.describe() if isinstance(where, Store) else urls.redact(os.fspath(where))
+    why = (
+        f"has no valid checkpoint ({found} found, all corrupt or incomplete)"
+        if found
+        else "holds no checkpoint (check the path: nothing named step-… with a manifest.json)"
+    )
+    warnings.warn(
+        f"start_from={shown} {why}; this run starts from step 0 (fresh weights)",
+        errors.CorruptCheckpointWarning if found else UserWarning,
         stacklevel=4,
     )
