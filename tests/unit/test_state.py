@@ -58,11 +58,29 @@ def test_apply_with_different_object_names_is_restore_error_and_changes_nothing(
 
 
 def test_apply_translates_load_state_dict_failure_to_restore_error() -> None:
-    tree = statelib.capture(TrainState(model=torch.nn.Linear(2, 2)))
-    with pytest.raises(errors.RestoreError, match="model.load_state_dict") as info:
-        statelib.apply(TrainState(model=torch.nn.Linear(3, 3)), tree)
+    # An object that refuses its state (here an optimizer with another number of parameters)
+    m2, m3 = (
+        torch.nn.Linear(2, 2),
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)),
+    )
+    tree = statelib.capture(TrainState(opt=torch.optim.SGD(m2.parameters(), lr=0.1)))
+    with pytest.raises(errors.RestoreError, match="opt.load_state_dict") as info:
+        statelib.apply(TrainState(opt=torch.optim.SGD(m3.parameters(), lr=0.1)), tree)
+    assert info.value.key == "opt"
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_module_that_does_not_fit_is_refused_before_anything_is_loaded() -> None:
+    # torch's strict load_state_dict copies the keys that fit before it raises: checked first,
+    # every object of the state, so a refused restore leaves all of them as they were.
+    saved = TrainState(extras={"epoch": 3}, model=torch.nn.Linear(2, 2))
+    tree = statelib.capture(saved)
+    live = TrainState(extras={"epoch": 0}, model=torch.nn.Linear(3, 3))
+    before = live["model"].weight.detach().clone()
+    with pytest.raises(errors.RestoreError, match="model.load_state_dict.*size mismatch") as info:
+        statelib.apply(live, tree)
     assert info.value.key == "model"
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert live["extras"] == {"epoch": 0} and torch.equal(live["model"].weight, before)
 
 
 # ---- loaders (savegame.state.loader) -------------------------------------------------------

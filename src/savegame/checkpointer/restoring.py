@@ -93,6 +93,8 @@ def restore_whole(
             stored = ref.manifest.trees[0]
             sel = overrides.select(opts, state, stored, where=str(ref.path))
             skeleton = sel.skeleton(stored)
+            if opts.strict:  # before any byte is read into a live tensor: never half-loaded
+                _check_modules_fit(state, skeleton, ref.manifest, where=str(ref.path))
             keys = None if opts.default else list(dict.fromkeys(planning.tensor_refs(skeleton)))
             dest = _live_destinations(state, sel)
             tensors = reader.load_tensors(ref.path, ref.manifest, keys, dest=dest)
@@ -104,6 +106,24 @@ def restore_whole(
         tree = protocol.match_wrapper_keys(state, tree)
         return ref, overrides.apply(state, tree, sel, where=str(ref.path))
     return None
+
+
+def _check_modules_fit(
+    state: statelib.TrainState, skeleton: dict[str, Any], manifest: Any, *, where: str
+) -> None:
+    """Each module of ``state`` against its saved keys and shapes (from the manifest)."""
+    names = set(state)
+    skeleton = protocol.match_wrapper_keys(state, skeleton)  # as restore_whole applies it
+    for name, part in skeleton.items():
+        if name not in names or not isinstance(part, dict):
+            continue
+        entries = {
+            k: manifest.tensors.get(v["$tensor"], v)
+            if isinstance(v, dict) and "$tensor" in v
+            else v
+            for k, v in part.items()
+        }
+        statelib.check_module_fits(state[name], entries, name=name, where=where)
 
 
 def _live_destinations(state: statelib.TrainState, sel: overrides.Selection) -> Any:

@@ -134,10 +134,62 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
         )
     if state.rng and RNG_KEY in tree:
         check_rng(tree[RNG_KEY], where)
+    for name in state:  # every check before any object is touched: never half-restored
+        check_module_fits(state[name], tree[name], name=name, where=where)
     for name in state:
         load_object(state[name], tree[name], name=name, where=where)
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])
+
+
+def check_module_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:
+    """Refuse a module's saved state that a strict ``load_state_dict`` would refuse — keys
+    missing or unexpected, a tensor of another shape — before anything is loaded: torch copies
+    the keys that match before it raises, which would leave the objects before it and part of
+    this one restored. A module tree with its own loading rules (a load pre-hook, or a class
+    outside ``torch.nn`` that overrides ``_load_from_state_dict``) is left to torch's check.
+    """
+    import torch
+
+    from savegame.distributed.wrappers import unwrap  # saved keys carry no DDP "module."
+
+    obj = unwrap(obj)
+    if not isinstance(obj, torch.nn.Module) or not isinstance(saved, Mapping):
+        return
+    for sub in obj.modules():
+        own_rules = type(sub)._load_from_state_dict is not torch.nn.Module._load_from_state_dict
+        if sub._load_state_dict_pre_hooks or (
+            own_rules and not type(sub).__module__.startswith("torch.")
+        ):
+            return
+    live = obj.state_dict()
+    missing = sorted(k for k in live if k not in saved)
+    unexpected = sorted(k for k in saved if k not in live)
+    # ``saved`` holds tensors, or (checked before anything is read) the manifest's entries.
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)}, live {tuple(live[k].shape)}"
+        for k in live
+        if k in saved
+        and isinstance(live[k], torch.Tensor)
+        and isinstance(getattr(saved[k], "shape", None), (tuple, list, torch.Size))
+        and tuple(live[k].shape) != tuple(saved[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    said = [f"missing keys {some(missing)}"] if missing else []
+    said += [f"unexpected keys {some(unexpected)}"] if unexpected else []
+    said += [f"size mismatch: {some(shapes)}"] if shapes else []
+    raise errors.RestoreError(
+        f"{where}: {name}.load_state_dict() would refuse it ({'; '.join(said)}); nothing was "
+        "restored. To load what fits and keep the rest as it is, restore with strict=False "
+        "(docs/resume.md)",
+        path=where,
+        key=name,
+    )
 
 
 def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = True) -> None:
