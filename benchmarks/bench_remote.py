@@ -53,6 +53,9 @@ stall per configuration and the median of the per-round ratios remote / local of
 and upload share the machine's CPUs with training).
 
 Prints a markdown table and appends a JSON line to ``bench-out/remote.jsonl``.
+
+``--sweep 16 64 256``: only the fresh-machine restore against the same-shape raw download, at
+each size, paired, with a fit ``time = a + b·bytes`` for each side (see :func:`sweep`).
 """
 
 from __future__ import annotations
@@ -228,10 +231,13 @@ def row(rows: list[Row], *args: Any, **kw: Any) -> Row:
 # ---- raw obstore transfers -------------------------------------------------------------------
 
 
-def raw_get(store: Any, paths: list[tuple[str, int]]) -> Callable[[], dict[str, float]]:
+def raw_get(
+    store: Any, paths: list[tuple[str, int]], only: tuple[str, ...] = ("get_ranges", "threads")
+) -> Callable[[], dict[str, float]]:
     """obstore's own downloads of ``paths`` into memory, two ways, timed: ``get_ranges`` over
     each object in ``REQUEST_BYTES`` ranges (it coalesces neighbouring ranges: one GET per
-    object here) and a pool of ``REQUESTS_IN_FLIGHT`` threads of ranged ``get`` calls."""
+    object here) and a pool of ``REQUESTS_IN_FLIGHT`` threads of ranged ``get`` calls
+    (``only``: those of the two named)."""
     import obstore
 
     from savegame.engine import fetch
@@ -267,6 +273,8 @@ def raw_get(store: Any, paths: list[tuple[str, int]]) -> Callable[[], dict[str, 
     def run() -> dict[str, float]:
         out = {}
         for name, fn in (("get_ranges", with_get_ranges), ("threads", with_threads)):
+            if name not in only:
+                continue
             t0 = time.perf_counter()
             assert fn() == total
             out[name] = time.perf_counter() - t0
@@ -414,6 +422,119 @@ def stall_phase(
 # ---- main ------------------------------------------------------------------------------------
 
 
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b·x``: (a, b)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    return my - b * mx, b
+
+
+def sweep(sizes: list[int], repeats: int, out: Path) -> None:
+    """``--sweep``: the fresh-machine restore (``Checkpointer(url).restore(state)`` into a live
+    model, read-ahead on; construction + restore timed, ``close()`` not) against the
+    same-shape raw download (a pool of ranged ``obstore.get``, cut as the restore cuts them),
+    for each checkpoint size, every size in each repeat, interleaved and paired, on one moto
+    server. Prints per size the medians and the median of the paired ratios, then a least
+    squares fit of ``time = a + b·bytes`` over the per-size medians, for savegame and raw: ``a``
+    the fixed latency, ``b`` the cost per byte; and the same fit of the paired differences
+    (savegame − raw): on moto each ranged GET copies the whole object, so both sides grow
+    faster than linearly and only the difference separates savegame's own fixed latency (the
+    lease, the listings) from its per-byte work (hashing, the copy into live tensors).
+    ``build_state`` rounds to whole 48 MiB layers: use sizes such as 64 128 256."""
+    load_start = os.getloadavg()
+    started = dt.datetime.now(dt.timezone.utc)
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    cases: list[tuple[int, str, Any, int, Callable[[], dict[str, float]]]] = []
+    with moto_server() as endpoint:
+        s3_env(endpoint)
+        make_bucket(endpoint, "bench")
+        for mb in sizes:
+            url = f"s3://bench/runs/sweep-{mb}"
+            model, opt = build_state(mb)
+            state = sg.TrainState(model=model, optimizer=opt, rng=False)
+            with sg.Checkpointer(url, handle_signals=False) as ckpt:
+                ckpt.save(state, 1)
+            loc = locate(f"{url}/{layout.step_dir(1)}")
+            m = reader.read_manifest(loc)
+            store = loc.store
+            paths = [(store._p(loc.sub(n)), f.size) for n, f in m.files.items()]  # type: ignore[attr-defined]
+            nbytes = sum(f.size for f in m.files.values())
+            if any(n == nbytes for *_, n, _r in cases):  # build_state rounds to whole layers
+                print(f"  --sweep {mb}: {nbytes / 2**20:.0f} MiB again (whole 2048² layers): "
+                      "skipped", flush=True)  # fmt: skip
+                continue
+            raw = raw_get(store._obs, paths, only=("threads",))  # type: ignore[attr-defined]
+            cases.append((mb, url, state, nbytes, raw))
+
+        def ours(url: str, state: Any) -> float:
+            t0 = time.perf_counter()
+            c = sg.Checkpointer(url, handle_signals=False)
+            try:
+                assert c.restore(state) == 1
+                return time.perf_counter() - t0
+            finally:
+                c.close()
+
+        for _mb, url, state, _n, raw in cases:  # warm-up: connections, server-side caches
+            raw()
+            ours(url, state)
+        times: dict[int, tuple[list[float], list[float]]] = {c[0]: ([], []) for c in cases}
+        for rep in range(repeats):
+            for mb, url, state, _n, raw in cases:
+                times[mb][0].append(ours(url, state))
+                times[mb][1].append(raw()["threads"])
+            print(f"  repeat {rep + 1}/{repeats} done", flush=True)
+    load_end = os.getloadavg()
+    lines = [
+        f"{started:%Y-%m-%d %H:%M} UTC · {platform.machine()} {os.cpu_count()} cpus · moto on "
+        f"loopback · size sweep, median of {repeats} interleaved, paired · restore requests of "
+        f"{reader.REQUEST_BYTES >> 20} MiB, {reader.REQUESTS_IN_FLIGHT} in flight · load "
+        f"average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, at end "
+        f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}",
+        "",
+        "| checkpoint MiB | savegame s | same-shape raw s | ratio of medians "
+        "| paired ratio (median) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    xs, ys_ours, ys_raw, ys_diff = [], [], [], []
+    for mb, _url, _state, nbytes, _raw in cases:
+        o, r = times[mb]
+        ys_diff.append(statistics.median(a - b for a, b in zip(o, r, strict=True)))
+        paired = statistics.median(a / b for a, b in zip(o, r, strict=True))
+        lines.append(f"| {nbytes / 2**20:.0f} | {statistics.median(o):.3f} "
+                     f"| {statistics.median(r):.3f} | {statistics.median(o) / statistics.median(r):.2f} "
+                     f"| {paired:.2f} |")  # fmt: skip
+        xs.append(nbytes / 2**20)
+        ys_ours.append(statistics.median(o))
+        ys_raw.append(statistics.median(r))
+    lines.append("")
+    fits = {}
+    for name, ys in (("savegame", ys_ours), ("raw", ys_raw)):
+        a, b = _fit(xs, ys)
+        fits[name] = (a, b)
+        lines.append(f"fit {name}: time = {a * 1e3:.1f} ms + {b * 1e3:.3f} ms/MiB · bytes "
+                     f"({1 / b:.0f} MiB/s at the margin)" if b > 0 else f"fit {name}: a={a}, b={b}")  # fmt: skip
+    # On moto each ranged GET copies the whole object, so both sides grow faster than
+    # linearly with the size and their own intercepts mean little; their paired difference
+    # (savegame - raw, same repeat) is savegame's own cost: fixed latency + per-byte work.
+    ad, bd = fits["savegame - raw (paired)"] = _fit(xs, ys_diff)
+    lines.append(f"fit savegame - raw (paired differences): {ad * 1e3:+.1f} ms fixed "
+                 f"{bd * 1e3:+.3f} ms/MiB · bytes (per size: "
+                 + ", ".join(f"{x:.0f} MiB {d * 1e3:+.0f} ms" for x, d in zip(xs, ys_diff, strict=True))
+                 + ")")  # fmt: skip
+    print("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps({
+            "when": started.isoformat(timespec="seconds"), "kind": "sweep",
+            "loadavg_start": load_start, "loadavg_end": load_end, "repeats": repeats,
+            "sizes": {str(mb): {"bytes": n, "ours_s": times[mb][0], "raw_threads_s": times[mb][1]}
+                      for mb, _u, _s, n, _r in cases},
+            "fit": {k: {"a_s": a, "b_s_per_mib": b} for k, (a, b) in fits.items()},
+        }) + "\n")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -432,8 +553,20 @@ def main() -> None:
         "raw put, at least 2 s)",
     )
     ap.add_argument("--no-stall", action="store_true", help="skip the training-stall phase")
+    ap.add_argument(
+        "--sweep",
+        type=int,
+        nargs="+",
+        metavar="MB",
+        help="instead of the table: the fresh-machine restore against the same-shape raw "
+        "download at each of these sizes (MiB of state, e.g. 16 64 256), with a fit "
+        "time = a + b·bytes for each (fixed latency and per-byte cost apart)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "remote.jsonl"))
     args = ap.parse_args()
+    if args.sweep:
+        sweep(args.sweep, args.repeats, Path(args.out))
+        return
     load_start = os.getloadavg()
     started = dt.datetime.now(dt.timezone.utc)
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")

@@ -137,6 +137,15 @@ def install() -> None:
     _wrap(objectstore.ObjectStore, "newest_before_lease", "ReadAhead: wait for listing+manifest")
     _wrap(fetch.ReadAhead, "_read", lambda self, f, *a: f"ReadAhead._read {_key(f.key)}")
     _wrap(fetch.ReadAhead, "claim", lambda self, key, *a: f"ReadAhead.claim {_key(key)}")
+    # when the chunks are hashed (the read-ahead: in file order as bytes arrive, once the
+    # manifest is in; "hash" spans, one per piece: kept out of the timeline) and each piece of
+    # a data body as it arrives ("piece" spans, likewise): summarised as milestones
+    if hasattr(fetch.ReadAhead, "_advance"):
+        _wrap(fetch.ReadAhead, "_advance", "hash")
+    else:  # (before the in-order hash: per request, once it and the manifest were in)
+        _wrap(fetch.ReadAhead, "_hash_done", "hash")
+    _wrap(fetch._CopySink, "take", "piece")
+    _wrap(fetch._Sink, "take", "piece")
     _wrap(fetch.Staging, "new", "fetch.Staging.new")
     _wrap(staging, "copy_choice", "staging.copy_choice")
     _wrap(restoring, "restore_whole", "restoring.restore_whole")
@@ -189,7 +198,15 @@ def take() -> list[tuple[str, float, float, str, int]]:
 
 
 def show(spans: list[tuple[str, float, float, str, int]], t0: float) -> None:
+    for kind, what in (("piece", "body pieces (first .. last data byte)"),
+                       ("hash", "hash calls (first .. last)")):  # fmt: skip
+        got = [s for s in spans if s[0] == kind]
+        if got:
+            print(f"{(min(s[1] for s in got) - t0) * 1e3:8.1f} {(max(s[2] for s in got) - t0) * 1e3:8.1f}"
+                  f" {sum(s[2] - s[1] for s in got) * 1e3:7.1f} ms  {len(got)} {what}")  # fmt: skip
     for label, a, b, thread, depth in sorted(spans, key=lambda s: (s[1], s[4])):
+        if label in ("piece", "hash"):
+            continue
         indent = "  " * depth if thread == "MainThread" else "    | "
         print(f"{(a - t0) * 1e3:8.1f} {(b - t0) * 1e3:8.1f} {(b - a) * 1e3:7.1f} ms  "
               f"{thread[:22]:22s} {indent}{label}")  # fmt: skip
@@ -276,6 +293,30 @@ def main() -> None:
                 sums[key] = sums.get(key, 0.0) + (b - a)
             for k, v in sums.items():
                 per.setdefault(k, []).append(v)
+
+        # milestones per repeat, then their medians: what stands between the last data byte
+        # and the return of restore() (the critical path the raw download does not have)
+        def ends(sp: list[Any], t0: float, what: Callable[[str], bool]) -> float:
+            return max((b - t0 for label, _a, b, *_ in sp if what(label)), default=float("nan"))
+
+        marks: dict[str, list[float]] = {}
+        for took, _close, _r, sp, t0 in runs:
+            last = ends(sp, t0, lambda lb: lb == "piece")
+            row = {
+                "first data byte": first(sp, t0, lambda lb: lb == "piece"),
+                "last data byte": last,
+                "last hash done": ends(sp, t0, lambda lb: lb == "hash"),
+                "claim returned": ends(sp, t0, lambda lb: lb.startswith("ReadAhead.claim")),
+                "copy into live started": first(sp, t0, lambda lb: lb.startswith("copy_segments")),
+                "copy into live done": ends(sp, t0, lambda lb: lb.startswith("copy_segments")),
+                "restore() returned": took,
+                "tail: return - last data byte": took - last,
+            }
+            for k, v in row.items():
+                marks.setdefault(k, []).append(v)
+        print("\nmilestones, median over the repeats (ms from construction):")
+        for k, v in marks.items():
+            print(f"  {statistics.median(v) * 1e3:8.1f}  {k}")
         print("\nmedian total per label over the repeats (ms; concurrent spans add up):")
         for k, v in sorted(per.items(), key=lambda kv: -statistics.median(kv[1])):
             print(f"  {statistics.median(v) * 1e3:8.1f}  x{len(v)}  {k}")

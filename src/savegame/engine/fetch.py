@@ -450,17 +450,24 @@ class _Stopped(Exception):
 
 class _CopySink:
     """Where one read-ahead request's bytes go as they arrive (the blob streams pieces into
-    it, see :class:`_Sink`): copied in order into ``dest``; raises once the read-ahead is
-    cancelled, which stops the request at its next piece."""
+    it, see :class:`_Sink`): copied in order into ``dest``, then ``arrived(bytes so far)``
+    (the read-ahead hashes what is now contiguous from the file's start); raises once the
+    read-ahead is cancelled, which stops the request at its next piece."""
 
-    __slots__ = ("_dest", "_pos", "_stop")
+    __slots__ = ("_dest", "_pos", "_stop", "_arrived")
 
-    def __init__(self, dest: memoryview, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        dest: memoryview,
+        stop: threading.Event,
+        arrived: Callable[[int], None] | None = None,
+    ) -> None:
         import numpy as np
 
         self._dest = np.frombuffer(dest, dtype=np.uint8)
         self._pos = 0
         self._stop = stop
+        self._arrived = arrived
 
     def __len__(self) -> int:
         return len(self._dest)
@@ -473,6 +480,8 @@ class _CopySink:
         src = np.frombuffer(piece, dtype=np.uint8)
         np.copyto(self._dest[self._pos : self._pos + len(src)], src)  # releases the GIL
         self._pos += len(src)
+        if self._arrived is not None:
+            self._arrived(self._pos)
 
 
 class _AheadFile:
@@ -488,9 +497,45 @@ class _AheadFile:
         #: the manifest's chunks of this file, once it is parsed: (offset, length, hash)
         self.chunks: list[tuple[int, int, str]] | None = None
         self.starts: list[int] = []  # each request's first byte (requests cut [0, size))
-        self.left: dict[tuple[int, int, str], int] = {}  # chunk -> its requests not read yet
-        self.cover: list[list[tuple[int, int, str]]] | None = None  # request -> its chunks
+        self.got: list[int] = []  # per request: its bytes arrived so far
+        #: per chunk of the manifest, its hash as far as it went (see ReadAhead._advance), and
+        #: per request the chunks it holds a part of; built once the manifest is parsed
+        self.hashes: list[_ChunkHash] | None = None
+        self.cover: list[list[_ChunkHash]] = []
         self.lock = threading.Lock()
+
+
+class _ChunkHash:
+    """One chunk of a data file read ahead, hashed in order as its bytes arrive: ``at`` is
+    the file offset hashed up to; ``done`` once every byte of it was hashed."""
+
+    __slots__ = ("chunk", "hasher", "at", "done", "lock")
+
+    def __init__(self, chunk: tuple[int, int, str]) -> None:
+        self.chunk = chunk
+        self.hasher: Any = hashing.new()
+        self.at = chunk[0]
+        self.done = False
+        self.lock = threading.Lock()
+
+
+def _contiguous(f: _AheadFile, at: int, end: int) -> int:
+    """How far past file offset ``at`` (up to ``end``) the bytes of ``f`` read ahead are all
+    in, with none missing: through every request that arrived whole, into the first that has
+    not."""
+    import bisect
+
+    r = bisect.bisect_right(f.starts, at) - 1
+    pos = at
+    while pos < end and 0 <= r < len(f.starts):
+        stop = f.starts[r + 1] if r + 1 < len(f.starts) else f.size
+        arrived = f.starts[r] + f.got[r]
+        if arrived < stop:
+            pos = max(pos, arrived)
+            break
+        pos = stop
+        r += 1
+    return min(pos, end)
 
 
 class ReadAhead:
@@ -498,8 +543,9 @@ class ReadAhead:
     the data GETs of a fresh-machine restore start as soon as the run's listing made before
     the lease arrived (it names the newest checkpoint's files, their sizes and ETags), beside
     the manifest's GET and the lease's PUT, instead of after the lease and the holder's
-    listing (three round trips later). Each request's bytes are hashed once both they and
-    the manifest arrived (a chunk cut over several requests by the last of them to finish).
+    listing (three round trips later). Each chunk is hashed as its bytes arrive, in order
+    (:meth:`_advance`, once the manifest is parsed), so when the last byte lands only its own
+    piece is left to hash, not every chunk its request holds a part of.
 
     Nothing read here is trusted until a restore claims it (:meth:`claim`), and only then if:
     this store holds the lease, the listing made after the lease shows the very manifest
@@ -583,6 +629,7 @@ class ReadAhead:
                 f = self.files[n] = _AheadFile(f"{folder}/{n}", sizes[n], listed[n]["e_tag"])
                 whole = [Target(None, 0, f.size, None)]
                 f.starts = [r.offset for r in _plan_requests(whole, reader.REQUEST_BYTES, True)]
+                f.got = [0] * len(f.starts)
         self.planned.set()
         where = self._store.describe(f"{folder}/{layout.MANIFEST}")
         manifest_read.add_done_callback(lambda fut: self._parse(fut, where))
@@ -640,10 +687,15 @@ class ReadAhead:
             if stop.is_set():
                 raise _Stopped()
             a, b = f.starts[i], stops[i]
-            blob.readinto(a, _CopySink(base[a:b], stop))
+
+            def arrived(pos: int) -> None:
+                f.got[i] = pos
+                self._advance(f, i, base, wait=False)
+
+            blob.readinto(a, _CopySink(base[a:b], stop, arrived))
             if not self._known.wait(timeout=600) or stop.is_set():
                 raise _Stopped()
-            self._hash_done(f, i, base)
+            self._advance(f, i, base, wait=True)
 
         pool = ThreadPoolExecutor(
             max_workers=max(1, min(in_flight, len(f.starts))),
@@ -665,32 +717,65 @@ class ReadAhead:
             blob.close()
             f.done.set()
 
-    def _hash_done(self, f: _AheadFile, i: int, base: memoryview) -> None:
-        """Request ``i`` of ``f`` is read and the manifest parsed: hash each chunk whose
-        requests are now all read (xxhash releases the GIL: requests hash in parallel)."""
+    def _advance(self, f: _AheadFile, i: int, base: memoryview, *, wait: bool) -> None:
+        """Hash, in order, what arrived of each chunk that request ``i`` of ``f`` holds a part
+        of: from where its hash stands, over the bytes now contiguous (a chunk across several
+        requests waits for the earlier ones). Called by the request's thread after each piece
+        (``wait`` False: a chunk another thread is hashing is left to it, or to this
+        request's next piece or end) and once the request ended and the manifest is parsed
+        (``wait`` True): since every request's end hashes all it can of each of its chunks,
+        the last of a chunk's requests to end leaves it hashed. So a chunk within one request
+        is hashed by its thread as the bytes arrive, several requests' chunks in parallel
+        (xxhash releases the GIL), and at the last byte only its own piece is left."""
+        hashes = f.hashes
+        if hashes is None:
+            if f.chunks is None:  # the manifest not parsed yet: the request's end comes back
+                return
+            hashes = self._cover(f)
+        for h in f.cover[i]:
+            if h.done or not h.lock.acquire(blocking=wait):
+                continue
+            try:
+                off, n, digest = h.chunk
+                end = min(off + n, f.size)
+                upto = _contiguous(f, h.at, end)
+                if upto > h.at:
+                    h.hasher.update(base[h.at : upto])
+                    h.at = upto
+                if h.at >= off + n and not h.done:
+                    h.done = True
+                    if h.hasher.hexdigest() == digest:
+                        f.ok.add(h.chunk)
+                    h.hasher = None  # (its state freed: a file may hold thousands of chunks)
+            finally:
+                h.lock.release()
+
+    @staticmethod
+    def _cover(f: _AheadFile) -> list[_ChunkHash]:
+        """Once ``f``'s chunks are known: their hash states, and which requests hold a part of
+        each (an empty chunk is matched at once: nothing to read)."""
         import bisect
 
         with f.lock:
-            if f.cover is None:  # once: which chunks each request holds a part of
-                f.cover = [[] for _ in f.starts]
-                for c in f.chunks or ():
-                    if c[1] == 0:  # an empty tensor: nothing to read
-                        if digest_empty() == c[2]:
-                            f.ok.add(c)
-                        continue
-                    first = bisect.bisect_right(f.starts, c[0]) - 1
-                    last = bisect.bisect_right(f.starts, c[0] + c[1] - 1) - 1
-                    f.left[c] = last - first + 1
-                    for r in range(first, last + 1):
-                        f.cover[r].append(c)
-            ready = []
-            for c in f.cover[i]:
-                f.left[c] -= 1
-                if f.left[c] == 0:
-                    ready.append(c)
-        matched = [c for c in ready if hashing.digest(base[c[0] : c[0] + c[1]]) == c[2]]
-        with f.lock:
-            f.ok.update(matched)
+            if f.hashes is not None:
+                return f.hashes
+            cover: list[list[_ChunkHash]] = [[] for _ in f.starts]
+            hashes = []
+            for c in f.chunks or ():
+                h = _ChunkHash(c)
+                hashes.append(h)
+                if c[1] == 0:
+                    h.done = True
+                    if digest_empty() == c[2]:
+                        f.ok.add(c)
+                    continue
+                first = bisect.bisect_right(f.starts, c[0]) - 1
+                last = bisect.bisect_right(f.starts, c[0] + c[1] - 1) - 1
+                for r in range(max(first, 0), last + 1):
+                    cover[r].append(h)
+            f.cover = cover
+            f.hashes = hashes  # last: a thread that sees it sees the cover too
+            return hashes
 
     # -- the restore's side --
     def claim(self, key: str, wanted: Sequence[tuple[int, int, str | None]]) -> mmap.mmap | None:
