@@ -464,10 +464,16 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
                 path=str(self.root),
                 step=self.resumed_step,
             )
-        if self._epoch_done and loader is not None and "loader" in self._state:  # type: ignore[operator]
+        if (
+            self._epoch_done
+            and loader is not None
+            and "loader" in self._state  # type: ignore[operator]
+            and not _finished(loader)
+        ):
             # Saved after the epoch's last batch (at the next epoch's start): the restored
             # iterator holds nothing more; finish it so the Trainer's iter() starts the next epoch.
-            # O(1): it yields nothing.
+            # O(1): it yields nothing. (A state saved as finished — a session resumed mid-epoch
+            # pulls the end of its iterator — starts the next epoch at the next iter() as it is.)
             for _ in loader:
                 raise errors.RestoreError(
                     "the restored loader yielded a batch where the checkpoint says its epoch had ended",
@@ -767,3 +773,12 @@ def attach(
 
     trainer.train = train_through_savegame
     return callback
+
+
+def _finished(loader: Any) -> bool:
+    """Whether a restored loader's state is an iterator that already ended (torchdata builds
+    the next epoch's at the next ``iter()``)."""
+    from savegame.state import position
+
+    pos = position.read(getattr(loader, "next_iter_state", None))
+    return pos is not None and pos.finished
