@@ -384,7 +384,18 @@ class AccelerateCheckpointer:
             ValueError: ``metrics`` were passed (an evaluation) without the metric
                 ``Keep(monitor=...)`` ranks by, and no earlier call had it: best-K would never
                 keep anything.
+            UnsupportedSetupError: called inside a gradient accumulation window
+                (``accelerator.sync_gradients`` is False): no optimizer step was taken, and a
+                checkpoint there would hold half a step (the accumulated gradients are not
+                state); call it only ``if accelerator.sync_gradients``.
         """
+        if getattr(self.accelerator, "sync_gradients", True) is False:
+            raise UnsupportedSetupError(
+                f"{self.checkpointer.root}: step({step}) was called inside a gradient accumulation "
+                "window (accelerator.sync_gradients is False): no optimizer step was taken, and a "
+                "checkpoint here would hold half a step. Call it after the optimizer step only: "
+                "`if accelerator.sync_gradients: ckpt.step(...)`, counting optimizer steps"
+            )
         self._check_monitor(metrics)
         self.last_step = step
         return self.checkpointer.step(
