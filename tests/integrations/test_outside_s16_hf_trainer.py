@@ -289,11 +289,6 @@ def test_early_stopping_added_after_attach_resumes_bitwise(tmp_path: Path) -> No
     assert got == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a run EarlyStoppingCallback ended, requeued, trains on (TrainerControl."
-    "should_training_stop is not in the checkpoint), unlike the Lightning integration",
-)
 def test_a_run_early_stopping_ended_trains_nothing_when_requeued(tmp_path: Path) -> None:
     from transformers import EarlyStoppingCallback
 

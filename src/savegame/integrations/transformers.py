@@ -244,6 +244,11 @@ class _TrainerProgress:
             "epoch_index": cb._epoch,
             "batches_in_epoch": cb._batches,
             "epoch_done": cb._epoch_done,
+            # Stopped before max_steps (EarlyStoppingCallback, a callback's own stop): a requeued
+            # job must end there too, not train on (the flag lives in the TrainerControl).
+            "stopped_early": bool(getattr(cb._control, "should_training_stop", False))
+            and 0 < tr.state.max_steps
+            and tr.state.global_step < tr.state.max_steps,
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -268,6 +273,7 @@ class _TrainerProgress:
         cb._epoch = int(sd["epoch_index"])
         cb._batches = int(sd["batches_in_epoch"])
         cb._epoch_done = bool(sd["epoch_done"])
+        cb._stopped_early = bool(sd.get("stopped_early", False))  # absent: an older savegame
 
 
 #: ``TrainerState`` fields the Trainer derives from this ``train()`` call's arguments before
@@ -426,6 +432,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         objects["trainer"] = self._progress
         self._state = statelib.TrainState(**objects)
         self._epoch, self._batches, self._epoch_done, self._boundary = 0, 0, False, None
+        self._stopped_early = False
         self.checkpointer = Checkpointer(
             self.root,
             save=self.save_policy,
@@ -441,6 +448,15 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             self.last_restore = self.checkpointer.last_restore
         if self.resumed_step:
             self._after_restore(args, loader)
+            if self._stopped_early:
+                self.complete = True
+                raise _RunComplete(
+                    f"{self.root}: the run was stopped at step {self.resumed_step} before its last step "
+                    "(EarlyStoppingCallback or another callback set should_training_stop): nothing to "
+                    "train, as when it stopped. Start a new run folder (start_from=) to train further",
+                    path=str(self.root),
+                    step=self.resumed_step,
+                )
             if 0 < state.max_steps <= self.resumed_step:
                 # The Trainer's loop runs at least one step before it looks at its stop flag:
                 # a finished job started again (a requeue) would train past its end.
