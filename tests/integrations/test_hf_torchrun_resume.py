@@ -127,12 +127,11 @@ def rank_main(opts: argparse.Namespace, rank: int) -> None:
     trainer = build_trainer(Path(opts.out), trace)
     assert trainer.args.world_size == WORLD and trainer.args.process_index == rank
 
-    class Killer(TrainerCallback):  # added after savegame's: runs after its hooks
+    class Killer(TrainerCallback):  # attach() keeps savegame's callback last
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if rank == opts.kill_rank and opts.during and state.global_step + 1 == opts.kill_at:
                 os.kill(os.getpid(), opts.how)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # After step kill_at's events, savegame's save of it included: at the next step.
             if rank == opts.kill_rank and not opts.during and state.global_step == opts.kill_at:
                 # Let the async save of this step commit first, so the test knows where the
                 # resume starts (killed during it, the resume takes the one before: as exact).

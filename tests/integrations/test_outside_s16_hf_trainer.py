@@ -268,11 +268,6 @@ def test_reduce_lr_on_plateau_resumes_bitwise(tmp_path: Path) -> None:
     assert got == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: EarlyStoppingCallback added with add_callback after attach runs after savegame's "
-    "on_evaluate save: its patience counter of that evaluation is lost and the resumed run stops later",
-)
 def test_early_stopping_added_after_attach_resumes_bitwise(tmp_path: Path) -> None:
     from transformers import EarlyStoppingCallback
 

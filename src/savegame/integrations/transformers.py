@@ -779,6 +779,14 @@ def attach(
                 "train(resume_from_checkpoint=...) loads the Trainer's own checkpoint; with savegame attached, "
                 f"call train() alone: it resumes from the newest valid checkpoint in {os.fspath(root)}"
             )
+        # Last among the callbacks, also those added after attach(): a step's checkpoint then
+        # holds what every other callback did in that step's events (EarlyStoppingCallback's
+        # patience counter of an evaluation, an EMA updated in on_step_end), as an
+        # uninterrupted run has it when the next step starts.
+        callbacks = trainer.callback_handler.callbacks
+        if callback in callbacks and callbacks[-1] is not callback:
+            callbacks.remove(callback)
+            callbacks.append(callback)
         try:
             return train(None, *args, **kwargs)
         except _RunComplete as done:
