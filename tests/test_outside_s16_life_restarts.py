@@ -263,11 +263,6 @@ def test_a_strict_restore_refused_for_an_added_layer_leaves_the_live_state_as_it
     assert _same(new.snap(), untouched)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG?: after restore(step=30) of [30, 40] and training on, retention deletes step 30 "
-    "and keeps the abandoned 40 as 'last', and a restart resumes 40; nothing above INFO says so",
-)
 def test_rewinding_to_an_older_step_and_training_on_is_at_least_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -169,6 +169,8 @@ class Checkpointer:
             )
             self._last_save_time = time.monotonic()
             self._last_saved_step: int | None = None
+            #: Steps of this run newer than an older checkpoint restore(step=) took (a rollback).
+            self._newer_than_restored: list[int] = []
             self._best: float | None = best
             self.preempted = False
             if handle_signals:
@@ -245,6 +247,9 @@ class Checkpointer:
         self._suspects += [
             (r.path, r.error) for r in refs if isinstance(r.error, errors.FormatError)
         ]
+        newer = sorted(
+            {r.step for r in refs if step is not None and r.step > step and r.manifest is not None}
+        )
         if step is not None:
             refs = [r for r in refs if r.step == step]
             if not refs:
@@ -268,6 +273,7 @@ class Checkpointer:
             self._last_save_time = time.monotonic()
             self._last_saved_step = ref.step
             self._verified.add(str(ref.path))
+            self._newer_than_restored = newer  # said at the first save, if it comes
             return ref.step
         if refs and step is not None:
             raise errors.RestoreError(
@@ -515,6 +521,25 @@ class Checkpointer:
         return self._progress.tokens
 
     # ---- internals ----------------------------------------------------------------------------
+    def _warn_rollback(self, step: int) -> None:
+        """The first save after ``restore(step=)`` took a checkpoint older than the run's newest:
+        say what training on in this run folder means (once)."""
+        newer = [s for s in self._newer_than_restored if s > step]
+        self._newer_than_restored = []
+        if not newer or self.rank != 0:
+            return
+        shown = ", ".join(map(str, newer[:5])) + (" …" if len(newer) > 5 else "")
+        warnings.warn(
+            f"saving step {step} in {self.root}, which holds newer checkpoints ({shown}) from before "
+            "the restore of an older one: a save of a step that exists is refused (StepExistsError), "
+            "and retention keeps the newer ones as the 'last' (a restart resumes them, not this "
+            "branch). To branch, start a new run folder with start_from=<the older checkpoint>; to "
+            "drop the newer ones, delete their step-… folders",
+            UserWarning,
+            stacklevel=4,
+        )
+        log.warning("saving step %d below newer checkpoints of this run: %s", step, shown)
+
     def _save(
         self,
         state: statelib.TrainState,
@@ -529,6 +554,7 @@ class Checkpointer:
         Retention runs on rank 0 only, after the commit."""
         entered = time.perf_counter()
         step = checks.check_step(step)
+        self._warn_rollback(step)
         metrics = checks.check_metrics(metrics)
         if self._closed:
             raise errors.CheckpointError(
