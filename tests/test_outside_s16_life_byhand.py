@@ -211,11 +211,6 @@ def test_an_incremental_checkpoint_copied_from_another_run_loses_nothing_of_this
         assert _same(r.snap(), snaps[s])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: verify blames this run's intact step-12 file as 'corrupted data' when a checkpoint "
-    "copied from another run refers to a same-named file of its own run",
-)
 def test_verify_of_a_copied_in_checkpoint_does_not_call_this_runs_intact_file_corrupted(
     tmp_path: Path,
 ) -> None:

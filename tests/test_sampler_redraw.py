@@ -73,3 +73,27 @@ def test_weighted_sampler_resumed_at_an_epochs_end_draws_a_new_epoch(tmp_path: P
         scramble_rngs()
     got.update(train(tmp_path / "run", loop, TOTAL, every=5))
     assert got == ref
+
+
+def test_a_build_record_torch_refuses_is_skipped_not_raised() -> None:
+    # A record from a file that torch's setters refuse (another size): the resume goes on as
+    # one without a record would, instead of a raw RuntimeError from iter(loader).
+    import savegame as sg
+    from savegame.state import loader as loaderlib
+
+    def make() -> Any:
+        return StatefulDataLoader(Ids(), batch_size=8, sampler=RandomSampler(Ids()))
+
+    live = make()
+    sg.TrainState(loader=live)
+    it = iter(live)
+    next(it)
+    sd = loaderlib.state_dict(live)
+    sd[loaderlib.BUILD_RNG_KEY] = {
+        "torch": torch.zeros(3, dtype=torch.uint8),
+        "generators": {"sampler.generator": torch.zeros(2, dtype=torch.int64)},
+    }
+    again = make()
+    sg.TrainState(loader=again)
+    loaderlib.load(again, sd, name="loader", where="test")
+    assert len(list(again)) == len(live) - 1

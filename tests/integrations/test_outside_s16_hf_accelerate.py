@@ -141,7 +141,11 @@ def run(
             if kill is not None and kill[1] == step + 1 and kill[2] == micro:
                 os.kill(os.getpid(), kill[0])
             if per_micro_batch:  # counting micro-batches as steps (not what the docs say)
-                ckpt.step(len(extras["losses"]))
+                try:
+                    ckpt.step(len(extras["losses"]))
+                except BaseException:
+                    ckpt.close()  # a refusal: give the signal handlers back (in-process run)
+                    raise
             if acc.sync_gradients:
                 micro = 0
                 step += 1

@@ -980,11 +980,16 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
     except errors.CheckpointError as exc:
         return [str(exc)]
     problems = []
+    foreign = {n: why for n in m.files if (why := _foreign_ref(loc, n, m)) is not None}
+    problems += foreign.values()
     if loc.store.local_path(loc.key) is None:  # a remote store: parallel ranged reads
         for name in m.files:
-            problems += _verify_pulled(loc, name, m, chunk_bytes)
+            if name not in foreign:
+                problems += _verify_pulled(loc, name, m, chunk_bytes)
         return problems + _unlisted(loc, m)
     for name, fentry in m.files.items():
+        if name in foreign:
+            continue
         where = _where(loc, name)
         try:
             blob = _open(loc, name, m.step)
@@ -1015,6 +1020,27 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
         finally:
             blob.close()
     return problems + _unlisted(loc, m)
+
+
+def _foreign_ref(loc: Location, name: str, m: manifest.Manifest) -> str | None:
+    """Why shared file ``name`` (a reference into an earlier folder of the run) is not this
+    checkpoint's to read: the folder it names holds a checkpoint of another run (the checkpoint
+    was copied into a run that has a folder of that step). None when it is, or cannot be told."""
+    if not manifest.is_ref(name):
+        return None
+    folder = file_key(loc, name).rsplit("/", 1)[0]
+    try:
+        other = read_manifest(Location(loc.store, folder))
+    except (errors.CheckpointError, OSError):
+        return None  # deleted (the retired copy is read) or damaged: checked as before
+    if other.run_id == m.run_id:
+        return None
+    return (
+        f"{_where(loc, name)}: step {m.step} shares this file with {manifest.ref_folder(name)} of "
+        f"its run ({m.run_id}), but {manifest.ref_folder(name)} here is a checkpoint of another "
+        f"run ({other.run_id}): the checkpoint was copied without its run. Copy a checkpoint "
+        "with the files it shares by `savegame push` (docs/incremental.md)"
+    )
 
 
 def _unlisted(loc: Location, m: manifest.Manifest) -> list[str]:

@@ -14,7 +14,7 @@ here they are never opened: they appear in ``tree()`` as :class:`~savegame.inter
 and in ``metadata()["pickled"]``, not in ``keys()``.
 
 Written by hand because torch's own loader (``torch.export.pt2_archive._package``) needs torch,
-loads the whole archive, and runs ``torch.load(weights_only=False)`` on pickled entries.
+loads the whole archive, and unpickles pickled entries with ``weights_only=False``.
 
 Tensor names are the state-dict names (``layer.0.weight``); an archive holding several models
 prefixes each with ``<model>/``. Every size, stride and offset is checked against its record's

@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -273,13 +274,17 @@ class _IteratorGuard:
         if not isinstance(built, dict):
             return
         state = built.get("torch")
-        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8:
-            torch.set_rng_state(state)
         saved = built.get("generators")
+        # torch's setters are the validators of a state (a wrong size or dtype raises): a record
+        # they refuse is skipped, as an older checkpoint without one would be.
+        with contextlib.suppress(RuntimeError, TypeError, ValueError):
+            if isinstance(state, torch.Tensor):
+                torch.set_rng_state(state)
         if isinstance(saved, dict):
             for key, g in _sampler_generators(loader).items():
                 if isinstance(saved.get(key), torch.Tensor):
-                    g.set_state(saved[key])
+                    with contextlib.suppress(RuntimeError, TypeError, ValueError):
+                        g.set_state(saved[key])
 
     def __call__(self) -> Any:
         loader = self._loader()
