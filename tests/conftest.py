@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # instead of one worker finishing a minute-long job while the other idles. A stable sort,
     # so each module's tests stay together and module fixtures are built once per worker.
     items.sort(key=lambda item: item.get_closest_marker("distributed") is None)
+
+
+_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+
+
+def _open_chain() -> list[Any]:
+    """The Checkpointers whose preemption handlers are installed in this process (oldest first);
+    empty when savegame's signal module was never imported."""
+    mod = sys.modules.get("savegame.checkpointer.signals")
+    return list(getattr(mod, "_chain", ()))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_given_back(request: pytest.FixtureRequest) -> Any:
+    """Every test gives back the process's signal handlers and closes the Checkpointers it
+    opened. A test that leaves one open (or a handler of its own) would make a later test on the
+    same xdist worker see Ctrl-C noted instead of raised — an order-dependent failure far from its
+    cause. Here the test that leaks fails itself, by name, and the next one starts clean."""
+    before = {s: signal.getsignal(s) for s in _SIGNALS}
+    chain = _open_chain()
+    yield
+    after = {s: signal.getsignal(s) for s in _SIGNALS}
+    leaked = [c for c in _open_chain() if c not in chain]
+    changed = {signal.Signals(s).name: h for s, h in after.items() if h != before[s]}
+    if not leaked and not changed:
+        return
+    mod = sys.modules.get("savegame.checkpointer.signals")
+    if mod is not None:
+        with mod._chain_lock:
+            mod._chain[:] = [c for c in mod._chain if c not in leaked]
+    for s, h in before.items():
+        signal.signal(s, h)
+    pytest.fail(
+        f"{request.node.nodeid} left {len(leaked)} Checkpointer(s) open (their preemption "
+        f"handlers installed) and changed these signal handlers: {changed!r}; close what the test "
+        "opens (a `with` block or try/finally) and restore any handler it sets",
+        pytrace=False,
+    )
