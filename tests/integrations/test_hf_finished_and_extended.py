@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -121,5 +122,9 @@ def test_the_callback_without_attach_refuses_to_train_past_the_end(tmp_path: Pat
             again.train()
     assert "max_steps" in str(exc.value) and str(root) in str(exc.value)
     assert _steps(root)[-1] == 10
-    cb.close()
-    sg.Checkpointer(root, handle_signals=False).close()  # the folder was released
+    # released by the refusal itself: a program that catches it keeps its own Ctrl-C handler and
+    # can open the folder again without calling cb.close()
+    assert cb.checkpointer is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sg.Checkpointer(root, handle_signals=False).close()
+    cb.close()  # idempotent

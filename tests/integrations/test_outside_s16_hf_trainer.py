@@ -250,11 +250,6 @@ def same_inputs_after(resumed: Any, ref: Any, step: int) -> None:
 # ---- bugs found --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a checkpoint at an evaluation step is taken in on_evaluate, before the Trainer "
-    "steps ReduceLROnPlateau with that evaluation's metric: the resumed scheduler misses it",
-)
 def test_reduce_lr_on_plateau_resumes_bitwise(tmp_path: Path) -> None:
     opts = dict(lr_scheduler_type="reduce_lr_on_plateau", metric_for_best_model="eval_loss",
                 lr_scheduler_kwargs={"patience": 0, "factor": 0.5},
@@ -576,18 +571,28 @@ def test_a_changed_number_of_workers_resumes_the_same_samples_or_is_refused(
 
 
 def test_resume_false_on_a_folder_with_checkpoints_is_a_typed_error(tmp_path: Path) -> None:
-    """attach(..., resume=False) where the run folder already holds steps 3 and 6: the first
-    save of the fresh run is refused with StepExistsError naming the committed folder (nothing
-    is overwritten; the folder is released). It comes at the first save, after 3 steps trained."""
+    """attach(..., resume=False) where the run folder already holds steps 3 and 6: the fresh
+    run's saves would collide with them. Refused with StepExistsError naming the committed
+    folders before any step is trained (nothing is overwritten; the folder is released)."""
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            CountSteps.steps += 1
+
     root = tmp_path / "run"
     session(root, tmp_path / "out", max_steps=6)
     before = sorted(p.name for p in root.glob("step-*"))
     trainer = build(tmp_path / "out", max_steps=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        trainer.add_callback(CountSteps())
         attach(trainer, root, save=sg.Every(steps=3), resume=False)
-    with pytest.raises(errors.StepExistsError, match="step-000000000003"):
+    with pytest.raises(errors.StepExistsError, match="step-000000000003.*resume=False"):
         trainer.train()
+    assert CountSteps.steps == 0
     assert sorted(p.name for p in root.glob("step-*")) == before
     sg.Checkpointer(root, handle_signals=False).close()  # the folder was released
 

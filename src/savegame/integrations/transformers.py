@@ -34,6 +34,8 @@ process exits with status 75 (``savegame.EXIT_PREEMPTED``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -41,7 +43,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -50,6 +52,7 @@ from savegame import errors, policy
 from savegame import state as statelib
 from savegame.checkpointer import Checkpointer
 from savegame.checkpointer.retention import CheckpointInfo
+from savegame.format import layout
 from savegame.integrations._common import InexactResumeWarning, UnsupportedSetupError, version_tuple
 from savegame.integrations.accelerate import DirectRandomSampler
 
@@ -443,6 +446,8 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             cache=self.cache,
         )
         self.resumed_step, self.complete = 0, False
+        if not self.resume:
+            self._refuse_a_used_folder()
         if self.resume:
             self.resumed_step = self.checkpointer.restore(self._state)
             self.last_restore = self.checkpointer.last_restore
@@ -450,6 +455,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             self._after_restore(args, loader)
             if self._stopped_early:
                 self.complete = True
+                self.close()  # nothing to save: a caller that catches this keeps its Ctrl-C
                 raise _RunComplete(
                     f"{self.root}: the run was stopped at step {self.resumed_step} before its last step "
                     "(EarlyStoppingCallback or another callback set should_training_stop): nothing to "
@@ -461,6 +467,7 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
                 # The Trainer's loop runs at least one step before it looks at its stop flag:
                 # a finished job started again (a requeue) would train past its end.
                 self.complete = True
+                self.close()
                 raise _RunComplete(
                     f"{self.root}: the newest checkpoint is at step {self.resumed_step}, at or past this run's "
                     f"last step ({state.max_steps}): nothing to train. Raise max_steps / num_train_epochs to "
@@ -468,6 +475,23 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
                     path=str(self.root),
                     step=self.resumed_step,
                 )
+
+    def _refuse_a_used_folder(self) -> None:
+        """``resume=False`` starts at step 0: in a folder that holds checkpoints its saves would
+        collide with them (``StepExistsError``) only after training up to the first one."""
+        assert self.checkpointer is not None
+        steps = [i.step for i in self.checkpointer.list() if i.kind == "checkpoint"]
+        if not steps:
+            return
+        self.close()
+        raise errors.StepExistsError(
+            f"{self.root} already holds checkpoints ({layout.step_dir(min(steps))} to "
+            f"{layout.step_dir(max(steps))}) and resume=False starts training at step 0: its "
+            "saves would collide with them. Give this run a new folder, resume from them "
+            "(resume=True), or start a new folder from them (Checkpointer start_from=)",
+            path=str(self.root),
+            step=min(steps),
+        )
 
     def _after_restore(self, args: Any, loader: Any) -> None:
         ga = args.gradient_accumulation_steps
@@ -559,7 +583,8 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             assert self._progress is not None
             self._progress.best_patch = _pending_best(self.trainer, b.metrics)
             try:
-                self._flush(state)
+                with _as_after_plateau_step(self.trainer, metrics):
+                    self._flush(state)
             finally:
                 self._progress.best_patch = None
 
@@ -686,6 +711,42 @@ def _never_logged(args: Any, monitor: str) -> bool:
     if monitor.startswith("eval_"):
         return not evaluates
     return not (evaluates or logs)
+
+
+def _plateau_key(trainer: Any) -> str | None:
+    """The metric the Trainer steps a plateau scheduler with after each evaluation (its
+    ``_evaluate``), or None when its scheduler is not one."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    sched = getattr(trainer, "lr_scheduler", None)
+    plateau = isinstance(sched, ReduceLROnPlateau) or type(sched).__name__ == "GreedyLR"
+    name = trainer.args.metric_for_best_model
+    if not plateau or not name:
+        return None
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+@contextlib.contextmanager
+def _as_after_plateau_step(trainer: Any, metrics: Any) -> Iterator[None]:
+    """Inside: the scheduler and the optimizer's learning rates as the Trainer leaves them right
+    after ``on_evaluate``, when it steps ``ReduceLROnPlateau`` (or ``GreedyLR``) with that
+    evaluation's metric. A checkpoint taken in ``on_evaluate`` must hold that step, or the resumed
+    scheduler never sees the evaluation. The step is taken on the live scheduler and undone on the
+    way out (both are deterministic given the metric), so the Trainer's own step is unchanged."""
+    key = _plateau_key(trainer)
+    if key is None or not isinstance(metrics, Mapping) or key not in metrics:
+        yield  # the Trainer raises its own KeyError for a missing metric
+        return
+    sched = trainer.lr_scheduler
+    before = copy.deepcopy(sched.state_dict())
+    lrs = [group["lr"] for group in sched.optimizer.param_groups]
+    sched.step(metrics[key])
+    try:
+        yield
+    finally:
+        sched.load_state_dict(before)
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
 
 
 def _pending_best(trainer: Any, metrics: Mapping[str, float]) -> dict[str, Any] | None:
