@@ -28,7 +28,8 @@ def test_a_start_from_path_with_no_checkpoint_warns_that_the_run_starts_fresh(
     with sg.Checkpointer(
         tmp_path / "run", start_from=tmp_path / "typo", handle_signals=False
     ) as ck:
-        with pytest.raises(sg.CheckpointNotFoundError, match="typo"):
+        # named as the argument the user gave, not as "run folder" (this run's own folder)
+        with pytest.raises(sg.CheckpointNotFoundError, match=r"start_from=.*typo does not exist"):
             ck.restore(_state())
 
 

@@ -185,7 +185,14 @@ def source_refs(where: str | os.PathLike[str] | Store) -> list[reader.Checkpoint
             f"could not read start_from={store.describe()}: {exc}", path=store.describe()
         ) from exc
     if not is_ckpt:
-        return reader.list_checkpoints(store)
+        try:
+            return reader.list_checkpoints(store)
+        except errors.CheckpointNotFoundError as exc:  # "run folder … does not exist"
+            raise errors.CheckpointNotFoundError(
+                f"start_from={store.describe()} does not exist: give the folder (or URL) of the "
+                "run to start from, or one step-… checkpoint folder of it",
+                path=store.describe(),
+            ) from exc
     # A path or URL is located as sg.load locates it: the checkpoint as a folder of its run, so
     # the files an incremental checkpoint shares with earlier ones (named relative to the run)
     # are found beside it. A store given as such is the checkpoint alone.
