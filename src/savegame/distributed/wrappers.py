@@ -1,10 +1,10 @@
 """What a distributed save captures, and wrappers: which objects DDP replicates, which are
 plain per-rank extras, and ``DistributedDataParallel`` seen through.
 
-Invariant: a ``DistributedDataParallel`` model is saved and restored through its inner module,
-so checkpoint keys are the bare module's (no ``module.`` prefix) and restore into a bare model
-in a plain process; checkpoints written with the prefix (before this rule) are stripped of it
-on restore when the live model's keys call for it. (Split from :mod:`.protocol`, which
+Invariant: a ``DistributedDataParallel`` (or ``torch.compile``d) model is saved and restored
+through its inner module, so checkpoint keys are the bare module's (no ``module.`` or
+``_orig_mod.`` prefix) and restore into a bare model in a plain process; checkpoints written with
+a prefix (before this rule) are stripped of it on restore when the live model's keys call for it. (Split from :mod:`.protocol`, which
 re-exports these names.)
 """
 
@@ -41,11 +41,16 @@ def extras_names(state: statelib.TrainState) -> list[str]:
 
 
 def unwrap(obj: Any) -> Any:
-    """The module inside a ``DistributedDataParallel`` wrapper; anything else unchanged."""
+    """The module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers, in any
+    nesting (``DDP(compile(m))``, ``compile(DDP(m))``); anything else unchanged."""
     ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
-    while isinstance(ddp, type) and isinstance(obj, ddp):
-        obj = obj.module
-    return obj
+    while True:
+        inner = statelib.bare(obj)
+        if isinstance(ddp, type) and isinstance(inner, ddp):
+            inner = inner.module
+        if inner is obj:
+            return obj
+        obj = inner
 
 
 class View:
@@ -82,7 +87,21 @@ def match_wrapper_keys(state: Any, tree: Mapping[str, Any]) -> dict[str, Any]:
         obj, sub = unwrap(state[name]), out.get(name)
         if isinstance(obj, torch.nn.Module) and isinstance(sub, dict):
             live = set(obj.state_dict())
-            bare = planning.strip_wrapper_prefix(sub)
-            if set(sub) != live and set(bare) == live:
-                out[name] = bare
+            if set(sub) == live:
+                continue
+            for prefix in _WRAPPER_PREFIXES:
+                bare = planning.strip_wrapper_prefix(sub, prefix)
+                if set(bare) == live:
+                    out[name] = bare
+                    break
     return out
+
+
+#: Key prefixes of a module saved through its wrappers before savegame saved the bare module:
+#: DDP's, torch.compile's, and both nested either way.
+_WRAPPER_PREFIXES = (
+    planning.WRAPPER_PREFIX,
+    "_orig_mod.",
+    "_orig_mod." + planning.WRAPPER_PREFIX,
+    planning.WRAPPER_PREFIX + "_orig_mod.",
+)

@@ -11,6 +11,7 @@ half-restoring.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
@@ -97,6 +98,18 @@ class TrainState:
         return len(self._objects)
 
 
+def bare(obj: Any) -> Any:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule``); anything else as it
+    is. A compiled model is saved and loaded through the module it compiles, as Lightning and
+    Accelerate save it: its keys carry no ``_orig_mod.``, and a checkpoint restores into the
+    compiled or the plain model alike."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not loaded: nothing is compiled
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    while isinstance(compiled, type) and isinstance(obj, compiled):
+        obj = obj._orig_mod
+    return obj
+
+
 def capture(state: TrainState, *, loaders: bool = True) -> dict[str, Any]:
     """The state tree of every object (tensors still live; stage before mutating them).
 
@@ -106,7 +119,7 @@ def capture(state: TrainState, *, loaders: bool = True) -> dict[str, Any]:
     """
     tree: dict[str, Any] = {}
     for name in state:
-        obj = state[name]
+        obj = bare(state[name])
         if isinstance(obj, MutableMapping):
             tree[name] = dict(obj)
         elif loaders or not loaderlib.is_loader(obj):
@@ -199,6 +212,7 @@ def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = T
     Raises:
         RestoreError: the object refused it (naming the object and the checkpoint).
     """
+    obj = bare(obj)
     try:
         if isinstance(obj, MutableMapping):
             obj.clear()

@@ -338,7 +338,7 @@ def apply(state: Any, tree: Mapping[str, Any], sel: Selection, *, where: str) ->
     for name in sel.names:
         if name == rng_key:
             continue
-        obj, sub = state[name], tree[name]
+        obj, sub = statelib.bare(state[name]), tree[name]
         if isinstance(obj, MutableMapping) and isinstance(sub, Mapping):
             missing += _apply_dict(obj, sub, name, sel.entries.get(name), strict)
         elif not strict and isinstance(obj, torch.nn.Module) and isinstance(sub, Mapping):
