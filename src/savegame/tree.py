@@ -189,12 +189,47 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], depth: 
             f"exactly: it would come back as a plain {hint[0]}; {hint[1]}",
             key=join_key(path),
         )
+    where = join_key(path) or "<root>"
+    stateful = callable(getattr(obj, "state_dict", None))
+    if stateful and callable(getattr(obj, "load_state_dict", None)):
+        # A stateful object inside a dict extra: only TrainState's own entries get their
+        # state_dict() called (a dict is stored as plain values).
+        name = path[-1] if path else "name"
+        fix = (
+            f"it has state_dict()/load_state_dict(): pass it to TrainState under its own name "
+            f"(TrainState(..., {name}=obj)) instead of inside a dict"
+        )
+    else:
+        fix = (
+            "give the object state_dict()/load_state_dict() returning tensors and plain values "
+            "and pass it to TrainState under its own name (see savegame.Stateful)"
+        )
     raise errors.EncodeError(
-        f"cannot store {type(obj).__module__}.{type(obj).__qualname__} at "
-        f"{join_key(path) or '<root>'!r} without pickle; give the object state_dict()/"
-        "load_state_dict() returning tensors and plain values (see savegame.Stateful)",
+        f"cannot store {type(obj).__module__}.{type(obj).__qualname__} at {where!r} without "
+        f"pickle; {fix}",
         key=join_key(path),
     )
+
+
+def check_storable(t: torch.Tensor, key: str) -> None:
+    """Refuse, naming it, a tensor whose values are not one strided block of bytes a checkpoint
+    can hold: sparse, nested, or a meta tensor (no data at all).
+
+    Raises:
+        EncodeError: with ``key`` and what to store instead.
+    """
+    if t.is_nested:
+        what, fix = "a nested tensor", "store its parts (t.unbind()) as a list"
+    elif t.layout != torch.strided:
+        what, fix = f"a {t.layout} tensor", "store t.to_dense(), or its indices and values"
+    elif t.device.type == "meta":
+        what, fix = (
+            "a meta tensor (it has no data)",
+            "materialize the module before saving (to_empty() and initialize, or load weights)",
+        )
+    else:
+        return
+    raise errors.EncodeError(f"cannot store the tensor at {key!r}: it is {what}; {fix}", key=key)
 
 
 def _check_text(text: str, path: list[str]) -> None:

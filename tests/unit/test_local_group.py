@@ -23,7 +23,7 @@ def _state() -> sg.TrainState:
 
 
 def _stage(tensors: Any) -> dict[str, torch.Tensor]:
-    return {k: writer.stage_cpu(t) for k, t in tensors.items()}
+    return {k: writer.stage_cpu(t, k) for k, t in tensors.items()}
 
 
 def test_local_group_returns_what_this_rank_contributed() -> None:

@@ -607,16 +607,21 @@ class Checkpointer:
         group, distributed = self._save_group, self._save_group.distributed
 
         def job() -> Path:
-            path = protocol.persist(
-                group,
-                self.store,
-                step,
-                prepared,
-                run_id=self.run_id,
-                metrics=clean_metrics,
-                incremental=self.incremental,
-                previous=self._last_committed,
-            )
+            try:
+                path = protocol.persist(
+                    group,
+                    self.store,
+                    step,
+                    prepared,
+                    run_id=self.run_id,
+                    metrics=clean_metrics,
+                    incremental=self.incremental,
+                    previous=self._last_committed,
+                )
+            except errors.CheckpointError as exc:
+                if exc.step is None:  # raised deep in the writer, which names only its file
+                    exc.step = step
+                raise
             self._last_committed = path.name
             self._progress.committed(time.perf_counter() - t0)
             if self.rank == 0:
@@ -747,4 +752,4 @@ class Checkpointer:
 
 def _stage_now(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """A blocking save's staging: contiguous CPU tensors (no copy for those that already are)."""
-    return {k: writer.stage_cpu(t) for k, t in tensors.items()}
+    return {k: writer.stage_cpu(t, k) for k, t in tensors.items()}

@@ -80,17 +80,10 @@ class Prepared:
     exc: BaseException | None = None  # the error itself (raised as it is by a single process)
 
 
-def _check_layout(t: torch.Tensor) -> None:
-    if t.layout != torch.strided:
-        raise errors.EncodeError(
-            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
-        )
-
-
 def content_digest(t: torch.Tensor) -> str:
     """xxh3-128 over a tensor's dtype, shape and bytes: equal digests on two ranks mean the
-    tensor is written once. Non-CPU tensors are copied to the host for it (one transient copy)."""
-    _check_layout(t)
+    tensor is written once. Non-CPU tensors are copied to the host for it (one transient copy).
+    ``t`` passed :func:`savegame.tree.check_storable`."""
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
@@ -154,10 +147,10 @@ def prepare(
         shards = {
             k: collectives.shard_info(t) for k, t in live.items() if collectives.is_dtensor(t)
         }
+        for k, t in live.items():
+            if k not in shards:
+                treelib.check_storable(t, k)
         if alone:  # nothing to compare: every tensor is "shared" (written once, by rank 0)
-            for k, t in live.items():
-                if k not in shards:
-                    _check_layout(t)
             digests: dict[str, str] = {}
             shared: set[str] = {k for k in live if k not in shards}
         else:

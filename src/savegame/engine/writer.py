@@ -587,7 +587,7 @@ def write_checkpoint(
     from savegame import tree as treelib
 
     skeleton, tensors_by_key = treelib.encode(tree)
-    staged = {k: stage_cpu(t) for k, t in tensors_by_key.items()}
+    staged = {k: stage_cpu(t, k) for k, t in tensors_by_key.items()}
     return write_staged(
         root, step, skeleton, staged, run_id=run_id, metrics=metrics, info=info, final=final
     )
@@ -634,13 +634,12 @@ def write_staged(
         raise
 
 
-def stage_cpu(t: torch.Tensor) -> torch.Tensor:
+def stage_cpu(t: torch.Tensor, key: str) -> torch.Tensor:
     """A contiguous CPU tensor with ``t``'s values (no copy if it already is one)."""
+    from savegame import tree as treelib
+
+    treelib.check_storable(t, key)
     t = t.detach()
-    if t.is_sparse or t.layout != torch.strided:
-        raise errors.EncodeError(
-            f"sparse/non-strided tensors ({t.layout}) are not supported; densify first"
-        )
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t.contiguous()
