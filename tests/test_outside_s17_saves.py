@@ -1105,3 +1105,19 @@ def test_stateful_object_inside_extras_refusal_names_the_fix(tmp_path: Path) -> 
             ck.save(sg.TrainState(extras={"ema": ExplodingState()}, rng=False), 1)
     assert info.value.key == "extras/ema"
     assert "TrainState" in str(info.value), str(info.value)
+
+
+def test_a_run_folder_deleted_mid_run_is_named_as_gone(tmp_path: Path) -> None:
+    """The next save after ``rm -rf RUN`` must not claim "earlier checkpoints are intact"."""
+    import shutil
+
+    root = tmp_path / "run"
+    state = sg.TrainState(model=torch.nn.Linear(2, 2))
+    with sg.Checkpointer(root, async_save=False) as ck:
+        ck.save(state, 1)
+        shutil.rmtree(root)
+        with pytest.raises(sg.StorageError) as info:
+            ck.save(state, 2)
+        assert "run folder itself is gone" in str(info.value), str(info.value)
+        assert "intact" not in str(info.value)
+        assert info.value.step == 2

@@ -80,6 +80,12 @@ class Prepared:
     exc: BaseException | None = None  # the error itself (raised as it is by a single process)
 
 
+def _run_folder_exists(root: Store) -> bool:
+    """Whether a local run folder is still there (a store without a local path: assumed)."""
+    path = root.local_path("")
+    return path is None or path.is_dir()
+
+
 def content_digest(t: torch.Tensor) -> str:
     """xxh3-128 over a tensor's dtype, shape and bytes: equal digests on two ranks mean the
     tensor is written once. Non-CPU tensors are copied to the host for it (one transient copy).
@@ -260,8 +266,15 @@ def persist(
             opened = ("ok", mine.name)
         except OSError as exc:
             why = f"could not create the temp folder in {root.describe()}: {exc}"
+            gone = isinstance(exc, FileNotFoundError) and not _run_folder_exists(root)
+            after = (
+                "the run folder itself is gone (deleted or moved while the run was open): "
+                "its checkpoints went with it; close this Checkpointer and open the folder again"
+                if gone
+                else "earlier checkpoints are intact"
+            )
             err = errors.StorageError(
-                f"{why}; nothing was committed for step {step}, earlier checkpoints are intact",
+                f"{why}; nothing was committed for step {step}, {after}",
                 path=root.describe(),
                 step=step,
             )
