@@ -19,6 +19,7 @@ import functools
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,10 @@ _SIGNALS = tuple(
 )
 
 
+#: The handlers this process started with (an xdist worker's, or a plain run's).
+_BASELINE = {s: signal.getsignal(s) for s in _SIGNALS}
+
+
 def _open_chain() -> list[Any]:
     """The Checkpointers whose preemption handlers are installed in this process (oldest first);
     empty when savegame's signal module was never imported."""
@@ -98,6 +103,23 @@ def _signal_handlers_given_back(request: pytest.FixtureRequest) -> Any:
     cause. Here the test that leaks fails itself, by name, and the next one starts clean."""
     before = {s: signal.getsignal(s) for s in _SIGNALS}
     chain = _open_chain()
+    if before != _BASELINE or chain:
+        # Changed between tests (a module fixture's teardown, a thread): start this test clean
+        # and say where it was found; the test that changed them is the one that ran before.
+        mod = sys.modules.get("savegame.checkpointer.signals")
+        if mod is not None:
+            with mod._chain_lock:
+                mod._chain.clear()
+        for s, h in _BASELINE.items():
+            signal.signal(s, h)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")  # shown in the summary; not an error of this test
+            warnings.warn(
+                f"signal handlers were changed before {request.node.nodeid} ({before!r}, "
+                f"{len(chain)} Checkpointer(s) open): reset",
+                stacklevel=1,
+            )
+        before, chain = dict(_BASELINE), []
     yield
     after = {s: signal.getsignal(s) for s in _SIGNALS}
     leaked = [c for c in _open_chain() if c not in chain]

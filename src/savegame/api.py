@@ -239,9 +239,7 @@ def open(  # noqa: A001 - the public verb
 
     if isinstance(path, str) and urls.is_url(path):
         if path.lower().startswith("file://"):
-            from urllib.parse import unquote, urlsplit
-
-            path = unquote(urlsplit(path).path)
+            path = urls.file_path(path)
         else:  # a checkpoint in a remote store: savegame's own format only
             from savegame.storage import locate
 

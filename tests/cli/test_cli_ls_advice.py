@@ -70,5 +70,8 @@ def test_ls_learns_the_mtbf_from_a_crash(
 def test_ls_refuses_a_bad_mtbf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "run"
     _train(root, 2)
-    assert main(["ls", str(root), "--mtbf", "-5"]) == 2
-    assert "mtbf" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused as the command line is read
+        main(["ls", str(root), "--mtbf", "-5"])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert "mtbf" in err and out == ""  # nothing listed first

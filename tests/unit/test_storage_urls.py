@@ -166,3 +166,19 @@ def test_an_unreachable_server_says_so() -> None:
         raise AssertionError("port 9 answered")
     assert isinstance(err, ConnectionRefusedError) and "cannot reach the server" in str(err)
     assert "pw" not in str(err)
+
+
+def test_a_file_url_names_an_absolute_path_and_never_a_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``file://exp1`` reads ``exp1`` as a host: refused, never taken for the current folder
+    (where ``prune`` would act) nor silently for ``./exp1``."""
+    from savegame.storage import as_store, locate
+
+    assert urls.file_path(f"file://{tmp_path}/a%20b") == f"{tmp_path}/a b"
+    assert urls.file_path(f"file://localhost{tmp_path}") == str(tmp_path)
+    for bad in ("file://exp1", "file://exp1/step-000000000001", "file://"):
+        with pytest.raises(errors.UnsupportedURLError, match="file:///abs/path"):
+            urls.file_path(bad)
+    with pytest.raises(errors.UnsupportedURLError):
+        as_store("file://exp1")
+    with pytest.raises(errors.UnsupportedURLError):
+        locate("file://exp1/step-000000000001")

@@ -121,9 +121,9 @@ def _is_remote(arg: str) -> bool:
 def _local(arg: str) -> Path:
     """A path argument as a Path (a ``file://`` URL too)."""
     if arg.lower().startswith("file://"):
-        from urllib.parse import unquote, urlsplit
+        from savegame.storage import urls
 
-        return Path(unquote(urlsplit(arg).path))
+        return Path(urls.file_path(arg))
     return Path(arg)
 
 
@@ -235,11 +235,22 @@ def cmd_ls(args: argparse.Namespace) -> int:
         title += f", {len(leftovers)} leftover temp folder{'s' if len(leftovers) > 1 else ''}"
     if retired:
         title += f", {len(retired)} retired file{'s' if len(retired) > 1 else ''} of shared bytes"
-    table = Table(title=text(title + ")"))
+    # The title is its own line, never wrapped: a table title wraps at the table's width,
+    # cutting a long path (or "leftover temp folder") in two.
+    _console().print(text(title + ")"), soft_wrap=True)
+    table = Table()
     # own: bytes in the checkpoint's folder (summed over the run, each byte counts once);
     # shared: bytes it refers to in earlier folders (incremental saves, docs/incremental.md).
+    # Nothing is cut (a pipe or a file gets 80 columns): a cell too narrow wraps, and the
+    # metrics column is at least as wide as its longest "name=value", so every value stays whole.
+    longest = max((len(w) for i in ckpts for w in _metrics(i.metrics).split()), default=0)
     for col in ("step", "time", "own", "shared", "metrics", "kept because", "valid"):
-        table.add_column(col, justify="right" if col in ("step", "own", "shared") else "left")
+        table.add_column(
+            col,
+            justify="right" if col in ("step", "own", "shared") else "left",
+            overflow="fold",
+            min_width=min(longest, 40) if col == "metrics" else None,
+        )
     notes: list[str] = []
     bad = 0
     for i in ckpts:
@@ -456,6 +467,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _verify_run(path)
     if runs.looks_like_checkpoint(path):
         problems = runs.verify_checkpoint(path)
+    elif path.is_file() and runs.looks_like_checkpoint(path.parent):
+        # A file of a savegame checkpoint: its hashes are in the manifest beside it, which a
+        # check of the file alone (as a plain safetensors file) would never read.
+        _console().print(
+            text(f"{path.name} is a file of checkpoint {path.parent}: checking the checkpoint")
+        )
+        path = path.parent
+        problems = runs.verify_checkpoint(path)
     else:
         with sg.open(path, **_options(args, partial=True)) as r:
             problems = r.verify()
@@ -561,7 +580,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         partial=args.partial,
         isolate=not args.no_isolate,
     )
-    table = Table(title=text(f"{printable(args.a)}  vs  {printable(args.b)}"))
+    _console().print(text(f"{printable(args.a)}  vs  {printable(args.b)}"), soft_wrap=True)
+    table = Table()
     for col in ("tensor", "difference"):
         table.add_column(col)
     for name in res.removed:

@@ -25,10 +25,11 @@ credentials (``user:password@`` and query values shown as ``***``, issue 11).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import savegame as sg
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument(
         "--mtbf",
-        type=float,
+        type=_positive_seconds,
         help="expected seconds between failures, for the interval advice (default: the one the "
         "run was given, else learned from its recorded failures)",
     )
@@ -205,6 +206,43 @@ def _retention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-every", type=int, help="keep every Nth saved checkpoint forever")
 
 
+def _positive_seconds(text: str) -> float:
+    """An option's seconds, checked when the command line is read (before any output)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
+
+
+def _quiet_stdio() -> None:
+    """Output the terminal cannot encode (an ASCII-only ``PYTHONIOENCODING``, a C locale on an
+    old Python) is escaped (``\\u2026``) instead of ending the command with an encoding
+    error: a path or a tensor name is never a reason to refuse to show the rest."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # closed or detached by an embedder: leave it
+                pass
+
+
+def _closed_pipe() -> NoReturn:
+    """stdout's reader went away (``savegame verify RUN | head -1``): stop quietly with the
+    status of a process ended by SIGPIPE (141), never 1 ("a check found problems") or 2."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+    except (OSError, ValueError):
+        pass
+    raise SystemExit(128 + 13)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, handlers=[handler])
     from savegame.cli import commands  # rich and the readers: only once a command runs
     from savegame.cli._text import lit
+
+    _quiet_stdio()
 
     with warnings.catch_warnings():
         # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
@@ -236,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:
+            _closed_pipe()
         except Exception as exc:  # an object-store failure savegame did not translate
             if not type(exc).__module__.startswith("obstore"):
                 raise
@@ -253,6 +295,8 @@ def __getattr__(name: str) -> Any:
 
         # emoji=False: ":cat:" in a tensor name stays ":cat:" (markup is escaped by _text).
         value = Console(stderr=name == "err_console", emoji=False)
+        if name == "console":
+            value.on_broken_pipe = _closed_pipe  # type: ignore[method-assign]  # rich exits 1
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

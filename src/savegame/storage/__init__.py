@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from savegame.storage import urls
 from savegame.storage.base import Blob, Entry, Location, Lock, Staging, Store
@@ -33,7 +33,7 @@ def as_store(root: str | os.PathLike[str] | Store) -> Store:
     if isinstance(root, str) and urls.is_url(root):
         scheme, _, rest = root.partition("://")
         if scheme.lower() == "file":
-            return LocalStore(unquote(urlsplit(root).path) or rest)
+            return LocalStore(urls.file_path(root))
         from savegame.storage.objectstore import ObjectStore
 
         return ObjectStore(urls.connect(root))
@@ -61,7 +61,7 @@ def locate(where: str | os.PathLike[str] | Location) -> Location:
         parent_url = urlunsplit((parts.scheme, parts.netloc, parent, parts.query, ""))
         return Location(as_store(parent_url), name)
     if isinstance(where, str) and where.lower().startswith("file://"):
-        where = unquote(urlsplit(where).path)
+        where = urls.file_path(where)
     path = Path(where)
     if path.name in ("", ".", ".."):
         path = path.resolve()

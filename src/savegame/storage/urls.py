@@ -153,6 +153,27 @@ def _unsupported(url: str, scheme: str) -> errors.UnsupportedURLError:
     )
 
 
+def file_path(url: str) -> str:
+    """The local path a ``file://`` URL names: ``file:///abs/path`` (or ``file://localhost/…``),
+    percent-decoded.
+
+    Raises:
+        UnsupportedURLError: the URL names another host, as ``file://exp1`` does (``exp1`` is
+            read as a host name, not as a relative folder: it would otherwise mean the
+            current folder, and ``prune`` would act there).
+    """
+    parts = urlsplit(url)
+    host = parts.netloc
+    if host not in ("", "localhost") or not parts.path:
+        raise errors.UnsupportedURLError(
+            f"{url}: a file:// URL names an absolute local path, file:///abs/path (three "
+            f"slashes); here {host!r} would be a host name. Give the path without file:// for "
+            "a relative one",
+            path=url,
+        )
+    return unquote(parts.path)
+
+
 def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
     """The obstore store that ``url`` names, scoped to its bucket and prefix.
 

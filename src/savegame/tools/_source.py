@@ -26,9 +26,7 @@ def _remote(path: Source) -> bool:
 
 def _local(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     if isinstance(path, str) and path.lower().startswith("file://"):
-        from urllib.parse import unquote, urlsplit
-
-        return unquote(urlsplit(path).path)
+        return urls.file_path(path)
     return path
 
 

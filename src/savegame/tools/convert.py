@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from savegame import api, errors
-from savegame.format import tensors
+from savegame.checkpointer import runfile
+from savegame.format import layout, tensors
 from savegame.interop import base
 from savegame.storage import files
 from savegame.tools._source import candidates, open_any
@@ -104,13 +106,10 @@ def _convert_one(
         )
     from savegame.distributed import consolidate
 
-    if out.exists() and not overwrite:
-        raise errors.StepExistsError(
-            f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out
-        )
+    _check_target(out, overwrite)
     created = files.make_parents(out.parent)  # removed again if the conversion fails
     try:
-        with files.temp_dir_beside(out) as tmp:
+        with _run_held(out), files.temp_dir_beside(out) as tmp:
             single = consolidate(src, tmp / "single")
             if to == "savegame" and not out.exists():
                 # consolidate committed it; the rename is the publish step
@@ -150,14 +149,11 @@ def _convert_checkpoint(
         raise errors.UnsupportedFormatError(
             f"cannot convert to {to!r}; choose 'safetensors', 'torch' or 'savegame'", path=out
         )
-    if out.exists() and not overwrite:
-        raise errors.StepExistsError(
-            f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out
-        )
+    _check_target(out, overwrite)
     created = files.make_parents(out.parent)
     left_out: dict[str, str] = {}
     try:
-        with open_any(src, cfg, isolate=isolate, partial=partial) as reader:
+        with _run_held(out), open_any(src, cfg, isolate=isolate, partial=partial) as reader:
             if to == "safetensors":
                 left_out = {
                     n: "a string tensor; safetensors holds only numeric tensors (convert to "
@@ -190,6 +186,47 @@ def _convert_checkpoint(
             stacklevel=4,  # the caller of convert() (convert -> _convert_one -> here)
         )
     return out
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``), and with ``overwrite`` one that is
+    not a single file or checkpoint: a whole run folder, or the folder the caller works in."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise errors.StepExistsError(
+            f"{out} already exists; pass overwrite=True (--overwrite) to replace it", path=out
+        )
+    if runfile.is_run(out):
+        raise errors.StepExistsError(
+            f"{out} is a run folder (its checkpoints and run.json): overwrite replaces one file "
+            "or one checkpoint, never a whole run. Convert into another path, or delete the run "
+            "yourself first",
+            path=out,
+        )
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise errors.StepExistsError(
+            f"{out} is the current folder (or holds it): it cannot be replaced; convert into "
+            "another path",
+            path=out,
+        )
+
+
+@contextmanager
+def _run_held(out: Path) -> Iterator[None]:
+    """While writing a checkpoint into a run folder (``RUN/step-…``): hold that run's lock, so a
+    live training's checkpoints are never changed under it (``LockedError`` names the holder).
+    Any other name (an export beside the checkpoints) leaves the run alone: no lock."""
+    if layout.parse_step_dir(out.name) is None or not runfile.is_run(out.parent):
+        yield
+        return
+    lock = runfile.run_lock(out.parent)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _tensor(reader: base.Reader, name: str) -> torch.Tensor:
@@ -293,5 +330,17 @@ def _write_savegame(reader: base.Reader, out: Path, overwrite: bool) -> None:
     tmp = files.temp_path_beside(out)
     meta = reader.metadata() if reader.format == "savegame" else {}
     step = meta["step"] if "step" in meta else _step_of(tree, reader.path)
+    named = layout.parse_step_dir(out.name)
+    if named is not None and named != step:  # readers would refuse it as damaged
+        raise errors.EncodeError(
+            f"{out} is named for step {named}, but {reader.path} holds step {step}: name the "
+            f"output {layout.step_dir(step)}, or anything not named step-…",
+            path=out,
+            step=step,
+        )
     api.save(tmp, tree, step=step, metrics=meta.get("metrics"))
-    files.publish_dir(tmp, out, replace=overwrite)
+    try:
+        files.publish_dir(tmp, out, replace=overwrite)
+    except BaseException:
+        files.discard(tmp)  # never left beside the output (a failed conversion leaves nothing)
+        raise
