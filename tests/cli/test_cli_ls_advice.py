@@ -75,3 +75,38 @@ def test_ls_refuses_a_bad_mtbf(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert exc.value.code == 2
     out, err = capsys.readouterr()
     assert "mtbf" in err and out == ""  # nothing listed first
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prune", "RUN", "--keep-best", "0", "--monitor", "loss", "--mode", "min"],
+        ["prune", "RUN", "--keep-every", "0"],
+        ["show", "RUN", "--max-items", "-1"],
+    ],
+)
+def test_a_count_of_zero_or_less_is_refused_as_the_command_line_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """``--keep-best 0`` quietly became "keep the newest only" and pruned every other
+    checkpoint; a count below 1 is refused before anything is read or deleted."""
+    root = tmp_path / "run"
+    _train(root, 3)
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main([str(root) if a == "RUN" else a for a in argv])
+    assert exc.value.code == 2
+    assert "must be 1 or more" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["run.json", "LATEST"])
+def test_show_of_a_run_file_points_to_ls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    root = tmp_path / "run"
+    _train(root, 2)
+    assert (root / name).is_file()
+    assert main(["show", str(root / name)]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint" in err and "savegame ls" in err

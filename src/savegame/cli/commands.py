@@ -351,6 +351,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         runs = _runs() if path.is_dir() else None  # a file is never a run: no run-folder code
         if runs is not None and runs.is_run(path):
             path = _newest_valid(path)
+        elif path.name in (layout.RUN_FILE, layout.LATEST, layout.LOCK) and path.is_file():
+            if _runs().is_run(path.parent):
+                run = printable(path.parent)
+                raise sg.UnsupportedFormatError(
+                    f"{printable(path)} is the run's own {path.name} file, not a checkpoint: "
+                    f"`savegame ls {run}` lists the run, `savegame show {run}` shows its newest "
+                    "checkpoint",
+                    path=printable(path),
+                )
     # Listing is harmless: unknown pickled objects are listed as opaque (never built), and a
     # partial darknet file is opened and said to be partial.
     with sg.open(path, **_options(args, listing=True, partial=True)) as r:

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show the state tree of a checkpoint (any format)")
     show.add_argument("path")
     show.add_argument("--cfg", help="darknet .cfg for a .weights file")
-    show.add_argument("--max-items", type=int, default=40, help="entries shown per container")
+    show.add_argument(
+        "--max-items", type=_positive_int, default=40, help="entries shown per container"
+    )
     _isolate_arg(show)
     show.set_defaults(func="cmd_show")
 
@@ -198,12 +200,26 @@ def _retention_args(p: argparse.ArgumentParser) -> None:
         "retention (default: the rule the run was trained with, from run.json)"
     )
     g.add_argument("--keep-last", type=int, help="keep the newest K")
-    g.add_argument("--keep-best", type=int, help="keep the best K by --monitor")
+    g.add_argument("--keep-best", type=_positive_int, help="keep the best K by --monitor")
     g.add_argument("--monitor", help="metric name for --keep-best")
     g.add_argument(
         "--mode", choices=("min", "max"), help="is a smaller (min) or larger (max) metric better"
     )
-    g.add_argument("--keep-every", type=int, help="keep every Nth saved checkpoint forever")
+    g.add_argument(
+        "--keep-every", type=_positive_int, help="keep every Nth saved checkpoint forever"
+    )
+
+
+def _positive_int(text: str) -> int:
+    """A count of 1 or more: 0 would not mean "none" to every option (``--keep-best 0`` kept
+    only the newest checkpoint), so it is refused as the command line is read."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 1 or more")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
