@@ -497,7 +497,8 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         ga = args.gradient_accumulation_steps
         if self._batches and ga > 1 and self._steps_in_epoch % ga:
             raise errors.RestoreError(
-                f"cannot resume mid-epoch with gradient_accumulation_steps={ga} when an epoch has "
+                f"{self.root} step {self.resumed_step}: cannot resume mid-epoch with "
+                f"gradient_accumulation_steps={ga} when an epoch has "
                 f"{self._steps_in_epoch} batches (not a multiple): the Trainer's own loop would skip the "
                 "epoch's last partial optimizer step. Resume from an epoch-end checkpoint, or make the batches "
                 "per epoch a multiple of the accumulation steps",
@@ -516,7 +517,8 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
             # pulls the end of its iterator — starts the next epoch at the next iter() as it is.)
             for _ in loader:
                 raise errors.RestoreError(
-                    "the restored loader yielded a batch where the checkpoint says its epoch had ended",
+                    f"{self.root} step {self.resumed_step}: the restored loader yielded a batch "
+                    "where the checkpoint says its epoch had ended",
                     path=str(self.root),
                     step=self.resumed_step,
                 )

@@ -223,7 +223,11 @@ def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = T
             # A StatefulDataLoader's iterator is built lazily by the first iter() after this,
             # so a sampler.set_epoch() in between counts (savegame.state.loader).
             loaderlib.load(obj, saved, name=name, where=where)
-    except errors.CheckpointError:
+    except errors.CheckpointError as exc:
+        if exc.path is None:  # raised by an object's own load_state_dict: say which checkpoint
+            exc.path = where
+            exc.message = f"{where}: {name}: {exc.message}"
+            exc.args = (exc.message,)
         raise
     except Exception as exc:  # user objects may raise anything; translate at this boundary
         raise errors.RestoreError(
