@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+import savegame as sg
 from savegame import policy
 from savegame.policy import Candidate, Every, Keep, retain
 
@@ -134,3 +135,28 @@ def test_regimes() -> None:
     assert long["save"].seconds == 1800  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         policy.regime("medium")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [
+        ("val_accuracy", "max"), ("val_acc", "max"), ("eval_f1", "max"), ("auc", "max"),
+        ("val_loss", "min"), ("loss_eval", "min"), ("train/mse", "min"), ("val_error", "min"),
+    ],
+)  # fmt: skip
+def test_keep_without_a_mode_takes_the_direction_from_the_metric_name(
+    monitor: str, mode: str
+) -> None:
+    """Keras' ModelCheckpoint(mode="auto") users write Keep(best=1, monitor="val_accuracy"):
+    ranking an accuracy as a loss kept the worst epoch."""
+    assert sg.Keep(best=1, monitor=monitor).mode == mode
+    assert sg.Keep(best=1, monitor=monitor, mode="min").mode == "min"  # a given mode wins
+    assert sg.regime("short", monitor=monitor)["keep"].mode == mode
+
+
+@pytest.mark.parametrize("monitor", ["val_metric", "acc_loss"])
+def test_keep_refuses_to_guess_a_direction_its_name_does_not_say(monitor: str) -> None:
+    with pytest.raises(ValueError, match="mode='min'.*mode='max'"):
+        sg.Keep(best=2, monitor=monitor)
+    assert sg.Keep(best=2, monitor=monitor, mode="max").mode == "max"
+    assert sg.Keep(last=2, monitor=monitor).mode == "min"  # nothing ranked by it

@@ -110,7 +110,7 @@ _RAN_OUT = "Your input ran out of data"
 
 
 def _tensor(variable: Any) -> torch.Tensor:
-    value = variable.value
+    value = getattr(variable, "value", variable)  # a Variable, or a computed tensor
     return (
         value.detach()
         if isinstance(value, torch.Tensor)
@@ -307,6 +307,17 @@ class SavegameCheckpoint(keras.callbacks.Callback):
                 f"SavegameCheckpoint: model.compile(steps_per_execution={per_call}) runs {per_call} batches per "
                 "callback call, so a mid-epoch resume cannot land on the right batch; compile with "
                 "steps_per_execution=1 (the only value Keras' torch backend supports)"
+            )
+        accumulate = getattr(model.optimizer, "gradient_accumulation_steps", None)
+        if accumulate and int(accumulate) > 1:
+            # Keras' optimizer.iterations then counts windows, not batches: the batches of one
+            # window share a step number, and a window may span an epoch's end.
+            raise UnsupportedSetupError(
+                f"SavegameCheckpoint: the optimizer accumulates gradients over {int(accumulate)} "
+                "batches (gradient_accumulation_steps), which this callback cannot save and "
+                "resume exactly yet: fit without it (a larger batch_size gives the same update "
+                "when memory allows)",
+                path=str(self.root),
             )
         _check_one_device(self.root)
         if model.optimizer is not None and not model.optimizer.built:

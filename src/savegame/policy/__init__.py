@@ -156,7 +156,13 @@ class Keep:
         last: Keep the newest ``last`` checkpoints (>= 1).
         best: Keep the ``best`` checkpoints with the best ``monitor`` value.
         monitor: Metric name to rank by (required when ``best`` > 0).
-        mode: ``"max"`` (accuracy) or ``"min"`` (loss).
+        mode: ``"max"`` (accuracy) or ``"min"`` (loss). Not given: taken from ``monitor``'s name
+            as Keras' ``mode="auto"`` and the Hugging Face Trainer do — a loss or an error
+            (``loss``, ``err``, ``mse``, ``mae``, ``nll``, ``perplexity``, ``wer``, ``cer``) is
+            "min", an accuracy-like score (``acc``, ``auc``, ``f1``, ``precision``, ``recall``,
+            ``iou``, ``dice``, ``bleu``, ``rouge``, ``psnr``, ``ssim``, ``reward``) is "max";
+            any other name with ``best`` > 0 is refused (``ValueError``): ranking by the wrong
+            direction would keep the worst checkpoints.
         every: Keep every ``every``-th checkpoint saved by this run forever (counted in saves,
             so it does not depend on the save interval); 0 = off.
     """
@@ -164,7 +170,7 @@ class Keep:
     last: int = 1
     best: int = 0
     monitor: str | None = None
-    mode: Mode = "min"
+    mode: Mode | None = None
     every: int = 0
 
     def __post_init__(self) -> None:
@@ -182,8 +188,36 @@ class Keep:
             raise ValueError("Keep(best=, every=) must be >= 0")
         if self.best and not self.monitor:
             raise ValueError("Keep(best=...) needs monitor='metric name'")
+        if self.mode is None:
+            object.__setattr__(self, "mode", _mode_of(self.monitor, self.best))
         if self.mode not in ("min", "max"):
             raise ValueError(f"Keep(mode={self.mode!r}): use 'min' or 'max'")
+
+
+#: Parts of a metric's name that say which way is better (Keras' ``mode="auto"`` looks for
+#: "acc"; the Hugging Face Trainer for "loss"). A name with both, or neither, is not guessed.
+_SMALLER_BETTER = ("loss", "err", "mse", "mae", "nll", "perplexity", "ppl", "wer", "cer")
+_LARGER_BETTER = (
+    "acc", "auc", "f1", "precision", "recall", "iou", "dice", "bleu", "rouge", "psnr", "ssim",
+    "reward",
+)  # fmt: skip
+
+
+def _mode_of(monitor: str | None, best: int) -> Mode:
+    """``Keep(mode=None)``: the direction ``monitor``'s name says, or a refusal when ``best``
+    ranks by it and the name does not say (with nothing ranked, "min" is as good as any)."""
+    name = (monitor or "").lower()
+    smaller = any(part in name for part in _SMALLER_BETTER)
+    larger = any(part in name for part in _LARGER_BETTER)
+    if smaller != larger:
+        return "min" if smaller else "max"
+    if not best:
+        return "min"
+    raise ValueError(
+        f"Keep(best={best}, monitor={monitor!r}): is a smaller or a larger {monitor} better? Pass "
+        "mode='min' (a loss, an error) or mode='max' (an accuracy, a score); ranking the wrong "
+        "way would keep the worst checkpoints"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +283,7 @@ def regime(
     name: Literal["short", "normal", "long"],
     *,
     monitor: str | None = None,
-    mode: Mode = "min",
+    mode: Mode | None = None,
     epochs: int = 1,
 ) -> dict[str, Every | Keep]:
     """Presets for the three training regimes; use as ``Checkpointer(root, **regime("normal"))``.
@@ -259,7 +293,8 @@ def regime(
     * ``long`` (days to weeks): save every 30 minutes, keep the last 5, the best 3, and every
       48th save (one a day) forever.
 
-    ``best`` is only kept when ``monitor`` is given.
+    ``best`` is only kept when ``monitor`` is given; ``mode`` as in :class:`Keep` (from the
+    metric's name when not given).
     """
     best = 1 if monitor else 0
     if name == "short":
