@@ -323,6 +323,15 @@ class SavegameCallback(pl.Callback):
                     ExactnessWarning,
                     stacklevel=2,
                 )
+            elif not _has_len(dl):
+                warnings.warn(
+                    f"SavegameCallback: train loader {i} has no length (an IterableDataset): Lightning reads "
+                    "one batch ahead of such a loader to find its last batch, so a checkpoint taken mid-epoch "
+                    "holds the loader one batch past the step, and the resumed fit skips that batch. Epoch-end "
+                    "checkpoints (Every(epochs=N)) resume exactly; or give the dataset a __len__.",
+                    ExactnessWarning,
+                    stacklevel=2,
+                )
         pending, self._pending = self._pending, None
         if pending is not None:
             self._restore_trainer_state(trainer, pending)
@@ -774,6 +783,15 @@ def _redrawn_each_epoch(dl: Any) -> bool:
             inner = getattr(getattr(candidate, "dataset", None), "_sampler", None)
             return not isinstance(inner, torch.utils.data.SequentialSampler)
     return False
+
+
+def _has_len(dl: Any) -> bool:
+    """Whether ``len(dl)`` works (Lightning prefetches a batch of a loader without one)."""
+    try:
+        len(dl)
+    except TypeError:
+        return False
+    return True
 
 
 def _stateful(dl: Any) -> bool:
