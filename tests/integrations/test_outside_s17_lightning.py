@@ -138,12 +138,6 @@ def test_step_scheduler_with_frequency_3_resumes_bitwise(tmp_path: Path, seed: i
     assert_bitwise(ref, resumed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN LIMIT (docs/integrations.md): a ReduceLROnPlateau with interval='step' is not stepped at the step a checkpoint "
-    "was saved at (Lightning steps plateau schedulers after on_train_batch_end/validation, and "
-    "restarts at the next batch): the resumed LR is 2x the uninterrupted run's",
-)
 def test_plateau_scheduler_interval_step_with_monitor_resumes_bitwise(tmp_path: Path) -> None:
     """ReduceLROnPlateau(monitor="val_loss", interval="step", frequency=2) beside the StepLR;
     validation twice per epoch; killed after step 14 (the save at step 12 is restored: a step
@@ -152,6 +146,19 @@ def test_plateau_scheduler_interval_step_with_monitor_resumes_bitwise(tmp_path: 
     ref, resumed = crash_and_resume(cfg, 14, tmp_path)
     assert resumed["restored"] == 12
     assert_bitwise(ref, resumed)
+
+
+def test_the_plateau_step_taken_for_a_save_leaves_the_run_as_lightning_alone(
+    tmp_path: Path,
+) -> None:
+    """savegame takes the saved step's plateau step inside its save and undoes it (Lightning
+    takes it right after): a run with the callback equals the same run without it."""
+    cfg = {**SCHED, "plateau": True}
+    alone = T.train({**cfg, "root": str(tmp_path / "alone"), "no_savegame": True})
+    with_sg = T.train({**cfg, "root": str(tmp_path / "run")})
+    assert with_sg["steps"], "the callback saved nothing: the test proves nothing"
+    for key in ("weights", "optim", "lrs", "sched", "val_log"):
+        assert with_sg[key] == alone[key], key
 
 
 def test_bf16_mixed_clip_deterministic_resumes_bitwise(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ same step boundary (the Checkpointer's per-step decision is an all-reduce), and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -55,7 +56,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from savegame import errors, policy, tree
@@ -532,12 +533,14 @@ class SavegameCallback(pl.Callback):
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is not None and loop._should_check_val_fx(fetcher):
             return  # validation follows this batch: save at on_validation_end, with its metrics
-        self._step(trainer)
+        with _as_after_plateau_step(trainer):
+            self._step(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.training and trainer.state.fn != "fit":
             return
-        self._step(trainer, force=int(trainer.global_step) != self._last_step)
+        with _as_after_plateau_step(trainer):
+            self._step(trainer, force=int(trainer.global_step) != self._last_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._counted_epoch_end == int(trainer.global_step) and self.restored_step is not None:
@@ -783,6 +786,44 @@ def _redrawn_each_epoch(dl: Any) -> bool:
             inner = getattr(getattr(candidate, "dataset", None), "_sampler", None)
             return not isinstance(inner, torch.utils.data.SequentialSampler)
     return False
+
+
+@contextlib.contextmanager
+def _as_after_plateau_step(trainer: pl.Trainer) -> Iterator[None]:
+    """Inside: the plateau schedulers with ``interval="step"`` (and the optimizers' learning
+    rates and the scheduler progress) as Lightning leaves them once this step's hooks are done.
+
+    Lightning steps those schedulers after the step's ``on_train_batch_end`` and validation
+    (``update_lr_schedulers("step", update_plateau_schedulers=True)``), where every checkpoint
+    is taken, and a resume restarts at the next batch: without this, the saved step's plateau
+    step would never be taken. Lightning's own method takes it here (its frequency, monitor and
+    accumulation rules), on the values the hooks have just logged; everything it changed is put
+    back on the way out, and Lightning then takes the same step for real."""
+    loop = trainer.fit_loop.epoch_loop
+    configs = [
+        c
+        for c in trainer.lr_scheduler_configs
+        if c.reduce_on_plateau
+        and c.interval == "step"
+        and callable(getattr(c.scheduler, "state_dict", None))
+        and callable(getattr(c.scheduler, "load_state_dict", None))
+    ]
+    if not configs or trainer.state.fn != "fit" or trainer.sanity_checking:
+        yield
+        return
+    saved = [copy.deepcopy(c.scheduler.state_dict()) for c in configs]
+    lrs = [[g.get("lr") for g in opt.param_groups] for opt in trainer.optimizers]
+    progress = copy.deepcopy(loop.scheduler_progress.state_dict())
+    loop.update_lr_schedulers("step", update_plateau_schedulers=True)
+    try:
+        yield
+    finally:
+        for c, sd in zip(configs, saved, strict=True):
+            c.scheduler.load_state_dict(sd)
+        for opt, rates in zip(trainer.optimizers, lrs, strict=True):
+            for group, lr in zip(opt.param_groups, rates, strict=True):
+                group["lr"] = lr
+        loop.scheduler_progress.load_state_dict(progress)
 
 
 def _has_len(dl: Any) -> bool:

@@ -249,7 +249,7 @@ def build(cfg: dict[str, Any], trace: list[list[int]]) -> dict[str, Any]:
     keep = sg.Keep(**cfg["keep"]) if "keep" in cfg else sg.Keep(last=50)
     cb = sgl.SavegameCallback(cfg["root"], save=sg.Every(**cfg.get("save", {"steps": 3})),
                               keep=keep, async_save=cfg.get("async_save", False))
-    callbacks: list[pl.Callback] = [cb]
+    callbacks: list[pl.Callback] = [] if cfg.get("no_savegame") else [cb]
     counter = Counter()
     if cfg.get("counter"):
         callbacks.append(counter)
