@@ -24,6 +24,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ if keras.backend.backend() != "torch":  # pragma: no cover
     pytest.skip("needs KERAS_BACKEND=torch", allow_module_level=True)
 
 import savegame as sg  # noqa: E402
-from savegame.integrations.keras import SavegameCheckpoint  # noqa: E402
+from savegame.integrations.keras import ExactnessWarning, SavegameCheckpoint  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "_outside_s17_keras" / "train.py"
 ENV = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -204,27 +205,16 @@ def test_sigkill_at_a_seeded_batch_resumes_bitwise_s17(tmp_path, name):
 # ---------------------------------------------------------------- callbacks beside savegame's
 
 
-_CALLBACK_STATE_BUG = (
-    "LIMIT (docs/integrations.md, as Keras' BackupAndRestore): other Keras callbacks' state "
-    "(EarlyStopping wait/best, ReduceLROnPlateau wait/best/cooldown) is not in the checkpoint; "
-    "the resumed fit stops / cuts the LR at other epochs than the uninterrupted one"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, first_kill, last_kill",
     [
         # the uninterrupted fit cuts the LR at the ends of epochs 4 and 5 (0-based); killed in
         # epoch 5 (after batch 31), the resumed fit's fresh ReduceLROnPlateau (best=inf) does not
-        pytest.param(
-            "plateau", 31, 35, marks=pytest.mark.xfail(strict=True, reason=_CALLBACK_STATE_BUG)
-        ),
+        pytest.param("plateau", 31, 35),
         # the uninterrupted fit stops after epoch 4 (30 batches); killed in epochs 3-4, the
         # resumed fit's fresh EarlyStopping (wait=0) trains epoch 5 as well
-        pytest.param(
-            "early", 20, 29, marks=pytest.mark.xfail(strict=True, reason=_CALLBACK_STATE_BUG)
-        ),
+        pytest.param("early", 20, 29),
         ("lrsched", 10, 35),
     ],
 )
@@ -446,3 +436,42 @@ def test_gradient_accumulation_is_refused_before_anything_is_trained_s17(tmp_pat
     after = [v.value.detach() for v in model.weights]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert not list((tmp_path / "run").glob("step-*"))
+
+
+def _es_fit(root: Path, epochs: int, callbacks_after: bool = False):
+    keras.utils.set_random_seed(0)
+    x = np.random.RandomState(0).randn(32, 4).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(
+        keras.optimizers.SGD(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    es = keras.callbacks.EarlyStopping(monitor="loss", patience=50, min_delta=10.0)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=50, min_delta=10.0)
+    cb = SavegameCheckpoint(root, async_save=False, verbose=0)
+    seen: list[tuple[int, Any, int, int]] = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append((es.wait, es.best, plateau.wait, plateau.cooldown_counter))
+
+    order = [cb, es, plateau, Spy()] if callbacks_after else [es, plateau, cb, Spy()]
+    model.fit(x, y, epochs=epochs, batch_size=8, callbacks=order, verbose=0)
+    return es, plateau, seen
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' own
+def test_early_stopping_and_plateau_state_comes_back_with_the_fit_s17(tmp_path):
+    """Saved at each epoch's end (after their on_epoch_end: they come first in the list), given
+    back at the resumed fit's first epoch: their on_train_begin would start them afresh."""
+    es, plateau, _ = _es_fit(tmp_path / "run", 3)
+    assert es.wait == 2 and plateau.wait == 2  # min_delta: no epoch counts as a gain
+    es2, plateau2, seen = _es_fit(tmp_path / "run", 4)
+    assert seen[0] == (es.wait, es.best, plateau.wait, plateau.cooldown_counter)
+    assert es2.wait == 3
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' own
+def test_a_stateful_callback_after_it_is_warned_about_s17(tmp_path):
+    with pytest.warns(ExactnessWarning, match="EarlyStopping, ReduceLROnPlateau comes after it"):
+        _es_fit(tmp_path / "run", 1, callbacks_after=True)

@@ -104,6 +104,7 @@ def check_version(version: str | None = None, backend: str | None = None) -> str
 check_version()
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 _RAN_OUT = "Your input ran out of data"
@@ -289,6 +290,10 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._pending_iter: tuple[int, int, int | None] | None = None
         #: What on_epoch_end puts back after the resumed epoch (steps_per_epoch; an iterator).
         self._iter_fixup: dict[str, Any] | None = None
+        #: The other Keras callbacks whose state is saved (EarlyStopping, ReduceLROnPlateau),
+        #: and their restored state, given back at the first epoch's begin.
+        self._siblings: dict[str, Any] = {}
+        self._pending_siblings: Any = None
 
     # ---- fit start: open the run, resume ------------------------------------------------------
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -347,6 +352,8 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         self._pending_iter = None
         self._iter_fixup = None
         self._fit_iter = _epoch_iterator(model) if self.loader is not None else None
+        self._siblings = _stateful_siblings(model, self)
+        self._pending_siblings = None
         self._steps_mode = self._fit_iter is not None and self._fit_iter.steps_per_epoch is not None
         self._best = self._best_on_disk()
         if not self.resume:
@@ -356,6 +363,8 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             return
         self.restored_step = step
         self._saved_step = step
+        # applied at the first epoch's begin: their own on_train_begin resets them
+        self._pending_siblings = self._extras.pop(_SIBLINGS_KEY, None)
         epoch, in_epoch = int(self._extras["epoch"]), bool(self._extras["in_epoch"])
         if self.loader is not None and self._fit_iter is None:
             try:
@@ -514,6 +523,9 @@ class SavegameCheckpoint(keras.callbacks.Callback):
         return best
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        pending, self._pending_siblings = self._pending_siblings, None
+        if isinstance(pending, Mapping):
+            _load_siblings(self._siblings, pending)
         self._epoch = epoch
         if not self._short_epoch:
             self._extras["batch"] = 0
@@ -549,6 +561,8 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             self._extras["num_batches"] = (
                 int(it._num_batches) if it._num_batches is not None else -1
             )
+        if self._siblings:
+            self._extras[_SIBLINGS_KEY] = _siblings_state(self._siblings)
         keras_state = self._keras_state
         if keras_state is not None:
             keras_state.saving = True
@@ -749,6 +763,83 @@ def _epoch_iterator(model: keras.Model) -> Any:
             return None
         frame = frame.f_back
     return None
+
+
+#: Where the other Keras callbacks' state is kept (in the "progress" dict of the checkpoint, so
+#: a checkpoint written before it existed still restores).
+_SIBLINGS_KEY = "callbacks"
+#: The state of Keras' own callbacks that decides what they do next (their documented
+#: attributes; ``on_train_begin`` resets them, so a resumed fit would start them afresh).
+_SIBLING_ATTRS = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_epoch", "best_weights"),
+    "ReduceLROnPlateau": ("wait", "cooldown_counter", "best"),
+}
+
+
+def _stateful_siblings(model: keras.Model, me: Any) -> dict[str, Any]:
+    """The ``EarlyStopping`` / ``ReduceLROnPlateau`` callbacks of the ``fit`` calling ``me``,
+    by ``"<class>/<n>"`` (their order among their kind). Found like :func:`_epoch_iterator`
+    (fit's ``callbacks`` local; Keras hands a callback no handle on the others): none found,
+    nothing of theirs is saved, as with ``BackupAndRestore``. One placed after this callback
+    runs its ``on_epoch_end`` after the epoch's checkpoint: warned, as that checkpoint misses
+    its update."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            listed = getattr(frame.f_locals.get("callbacks"), "callbacks", None)
+            break
+        frame = frame.f_back
+    else:
+        return {}
+    if not isinstance(listed, list) or me not in listed:
+        return {}
+    found: dict[str, Any] = {}
+    late: list[str] = []
+    for i, cb in enumerate(listed):
+        kind = next(
+            (k for k in _SIBLING_ATTRS if isinstance(cb, getattr(keras.callbacks, k))), None
+        )
+        if kind is None:
+            continue
+        key = f"{kind}/{sum(1 for k in found if k.startswith(kind + '/'))}"
+        found[key] = cb
+        if i > listed.index(me):
+            late.append(kind)
+    if late:
+        warnings.warn(
+            f"SavegameCheckpoint: {', '.join(late)} comes after it in fit's callbacks: an epoch's "
+            "checkpoint is taken before that callback's on_epoch_end, so a fit resumed from it misses "
+            "that epoch's update. Put SavegameCheckpoint after them in the list.",
+            ExactnessWarning,
+            stacklevel=3,
+        )
+    return found
+
+
+def _siblings_state(siblings: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, cb in siblings.items():
+        state: dict[str, Any] = {}
+        for attr in _SIBLING_ATTRS[key.split("/")[0]]:
+            value = getattr(cb, attr, None)
+            if attr == "best_weights":
+                state[attr] = None if value is None else [np.asarray(w) for w in value]
+            elif value is None or isinstance(value, int):
+                state[attr] = value
+            else:
+                state[attr] = float(value)
+        out[key] = state
+    return out
+
+
+def _load_siblings(siblings: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    for key, state in saved.items():
+        cb = siblings.get(key)
+        if cb is None or not isinstance(state, Mapping):
+            continue  # a callback the resumed fit does not have: nothing to give it
+        for attr, value in state.items():
+            if attr in _SIBLING_ATTRS[key.split("/")[0]]:
+                setattr(cb, attr, list(value) if isinstance(value, list | tuple) else value)
 
 
 def _check_one_device(root: Any) -> None:
