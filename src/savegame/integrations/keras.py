@@ -207,8 +207,9 @@ class SavegameCheckpoint(keras.callbacks.Callback):
             ``DataLoader``) a mid-epoch checkpoint restarts its epoch (a warning says so).
         save: When to save (default ``Every(epochs=1)``); steps are optimizer steps
             (``optimizer.iterations``).
-        keep: What to keep, e.g. ``Keep(last=2, best=3, monitor="val_loss", mode="min")``. The
-            monitored metric is read from the epoch's logs (``val_*`` after validation).
+        keep: What to keep, e.g. ``Keep(last=2, best=3, monitor="val_loss", mode="min")``
+            (default ``Keep(last=1)``, the newest, as ``BackupAndRestore`` keeps one backup).
+            The monitored metric is read from the epoch's logs (``val_*`` after validation).
         async_save, when_busy, handle_signals: as for :class:`savegame.Checkpointer`
             (signals: save at the next batch's end, committed before the exit with status 75).
             ``async_save`` defaults to True here: the end of ``fit`` waits for the last save,
