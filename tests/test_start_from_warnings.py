@@ -31,6 +31,12 @@ def test_a_start_from_path_with_no_checkpoint_warns_that_the_run_starts_fresh(
         # named as the argument the user gave, not as "run folder" (this run's own folder)
         with pytest.raises(sg.CheckpointNotFoundError, match=r"start_from=.*typo does not exist"):
             ck.restore(_state())
+    (tmp_path / "model.pt").write_bytes(b"not a run")
+    with sg.Checkpointer(
+        tmp_path / "run", start_from=tmp_path / "model.pt", handle_signals=False
+    ) as ck:
+        with pytest.raises(sg.CheckpointNotFoundError, match=r"model.pt is a file, not a run"):
+            ck.restore(_state())
 
 
 def test_no_warning_once_the_run_has_its_own_checkpoint(tmp_path: Path) -> None:

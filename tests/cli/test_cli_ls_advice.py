@@ -110,3 +110,19 @@ def test_show_of_a_run_file_points_to_ls(
     assert main(["show", str(root / name)]) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint" in err and "savegame ls" in err
+
+
+def test_a_broken_pipe_anywhere_in_a_command_exits_141(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BrokenPipeError not seen by rich (a plain write) is the closed pipe too, not "error"."""
+    from savegame.cli import commands
+
+    def closed(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(commands, "cmd_ls", closed)
+    with pytest.raises(SystemExit) as exc:
+        main(["ls", str(tmp_path)])
+    assert exc.value.code == 141
+    assert "error" not in capsys.readouterr().err

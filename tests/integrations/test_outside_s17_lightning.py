@@ -337,3 +337,63 @@ def test_a_train_loader_without_a_length_is_warned_about_at_fit_start(tmp_path: 
     cfg = {"loaders": "iterable", "max_epochs": 1, "save": {"steps": 3}}
     with pytest.warns(ExactnessWarning, match="no length.*skips that batch"):
         T.train({**cfg, "root": str(tmp_path / "run")})
+
+
+def test_the_plateau_step_is_taken_only_for_a_save_and_a_tensor_lr_is_put_back(
+    tmp_path: Path,
+) -> None:
+    """A user's lr_scheduler_step runs once per step as without the callback when no save is
+    due (the step taken for a save is only taken then); a tensor learning rate, which the
+    scheduler changes in place, is put back after that step (it was cut twice)."""
+    import lightning.pytorch as pl
+    import torch
+
+    import savegame as sg
+    from savegame.integrations.lightning import SavegameCallback
+
+    def fit(callback: bool, save_every: int) -> tuple[list[int], float]:
+        calls: list[int] = []
+
+        class M(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lin = torch.nn.Linear(2, 1)
+
+            def training_step(self, batch: Any, i: int) -> Any:
+                loss = self.lin(batch[0]).pow(2).mean() + 1.0  # never improves by 10
+                self.log("train_loss", loss)
+                return loss
+
+            def configure_optimizers(self) -> Any:
+                opt = torch.optim.SGD(self.parameters(), lr=torch.tensor(0.1))
+                plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                    opt, patience=0, factor=0.5, threshold=10.0
+                )
+                sched = {"scheduler": plateau, "interval": "step", "monitor": "train_loss"}
+                return {"optimizer": opt, "lr_scheduler": sched}
+
+            def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+                calls.append(int(self.global_step))
+                scheduler.step(metric)
+
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(10, 2)), batch_size=2
+        )
+        cbs = (
+            [SavegameCallback(tmp_path / f"r{save_every}", save=sg.Every(steps=save_every))]
+            if callback
+            else []
+        )
+        trainer = pl.Trainer(
+            max_steps=5, callbacks=cbs, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        )  # fmt: skip
+        model = M()
+        trainer.fit(model, loader)
+        return calls, float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    alone = fit(False, 0)
+    assert fit(True, 100) == alone  # no save due: nothing taken twice
+    calls, lr = fit(True, 2)  # saves at steps 2 and 4: the hook also runs inside those saves
+    assert lr == alone[1] and sorted(set(calls)) == sorted(set(alone[0]))

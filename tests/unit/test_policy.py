@@ -141,7 +141,9 @@ def test_regimes() -> None:
     ("monitor", "mode"),
     [
         ("val_accuracy", "max"), ("val_acc", "max"), ("eval_f1", "max"), ("auc", "max"),
+        ("val/top1", "max"), ("mAP", "max"), ("val_auroc", "max"), ("eval_exact_match", "max"),
         ("val_loss", "min"), ("loss_eval", "min"), ("train/mse", "min"), ("val_error", "min"),
+        ("trainLoss", "min"), ("fid", "min"), ("kl_div", "min"), ("val_mape", "min"),
     ],
 )  # fmt: skip
 def test_keep_without_a_mode_takes_the_direction_from_the_metric_name(
@@ -154,7 +156,9 @@ def test_keep_without_a_mode_takes_the_direction_from_the_metric_name(
     assert sg.regime("short", monitor=monitor)["keep"].mode == mode
 
 
-@pytest.mark.parametrize("monitor", ["val_metric", "acc_loss"])
+@pytest.mark.parametrize(
+    "monitor", ["val_metric", "acc_loss", "val_lower_bound", "val_soccer_goal_rate"]
+)  # words, not letters inside words: "answer" holds "wer", "soccer" "cer"
 def test_keep_refuses_to_guess_a_direction_its_name_does_not_say(monitor: str) -> None:
     with pytest.raises(ValueError, match="mode='min'.*mode='max'"):
         sg.Keep(best=2, monitor=monitor)

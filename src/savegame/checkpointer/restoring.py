@@ -187,10 +187,15 @@ def source_refs(where: str | os.PathLike[str] | Store) -> list[reader.Checkpoint
     if not is_ckpt:
         try:
             return reader.list_checkpoints(store)
-        except errors.CheckpointNotFoundError as exc:  # "run folder … does not exist"
+        except errors.CheckpointNotFoundError as exc:  # said in this run's words: rephrased
+            what = (
+                "does not exist"
+                if isinstance(exc.__cause__, FileNotFoundError)
+                else "is a file, not a run folder nor a checkpoint folder"
+            )
             raise errors.CheckpointNotFoundError(
-                f"start_from={store.describe()} does not exist: give the folder (or URL) of the "
-                "run to start from, or one step-… checkpoint folder of it",
+                f"start_from={store.describe()} {what}: give the folder (or URL) of the run to "
+                "start from, or one step-… checkpoint folder of it",
                 path=store.describe(),
             ) from exc
     # A path or URL is located as sg.load locates it: the checkpoint as a folder of its run, so

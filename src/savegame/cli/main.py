@@ -287,13 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
             _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
+        except BrokenPipeError:  # an OSError: before the clause below
+            _closed_pipe()
         except OSError as exc:  # a path the OS refuses (permissions, a file where a folder is)
             _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
             return 2
         except KeyboardInterrupt:
             return 130
-        except BrokenPipeError:
-            _closed_pipe()
         except Exception as exc:  # an object-store failure savegame did not translate
             if not type(exc).__module__.startswith("obstore"):
                 raise

@@ -63,7 +63,7 @@ from savegame import errors, policy, tree
 from savegame.checkpointer import Checkpointer
 from savegame.checkpointer.signals import PREEMPTION_SIGNALS
 from savegame.integrations._common import ExactnessWarning, version_tuple
-from savegame.state import TrainState
+from savegame.state import TrainState, learning_rates, set_learning_rates
 from savegame.state import loader as loaderlib
 from savegame.state import rng as rnglib
 
@@ -223,6 +223,7 @@ class SavegameCallback(pl.Callback):
         self._monitor_seen = False
         self._hparams_note = False
         self._capturing = False
+        self._plateau_due = False  # see _step
         self._handlers_before: dict[int, Any] = {}
         self._savegame_handlers: dict[int, Any] = {}
         self._prev_metrics: dict[str, Any] = {}
@@ -405,6 +406,12 @@ class SavegameCallback(pl.Callback):
     def _capture(self) -> dict[str, Any]:
         trainer = self._trainer
         assert trainer is not None
+        if self._plateau_due:  # only when a save is made: the step is taken, then undone
+            with _as_after_plateau_step(trainer):
+                return self._capture_now(trainer)
+        return self._capture_now(trainer)
+
+    def _capture_now(self, trainer: pl.Trainer) -> dict[str, Any]:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         loops = checkpoint.get("loops", {})
         fit = loops.get("fit_loop", {}) if isinstance(loops, Mapping) else {}
@@ -466,7 +473,11 @@ class SavegameCallback(pl.Callback):
         epoch_end: bool = False,
         force: bool = False,
         final: bool = False,
+        plateau_due: bool = False,
     ) -> None:
+        """Offer this step to the schedule. ``plateau_due``: called from the step's batch end
+        or validation end, before Lightning steps the ``interval="step"`` plateau schedulers
+        (a save then holds that step: :func:`_as_after_plateau_step`, in :meth:`_capture`)."""
         ckpt = self.checkpointer
         if ckpt is None or trainer.sanity_checking:
             return
@@ -504,6 +515,7 @@ class SavegameCallback(pl.Callback):
             # of a step still in flight would otherwise be written twice: StepExistsError).
             ckpt.wait()
         self._capturing, self._loops = True, loops
+        self._plateau_due = plateau_due
         try:
             if final:
                 # Every rank is here at the same step (the loop ended on all of them): the same
@@ -515,7 +527,7 @@ class SavegameCallback(pl.Callback):
                     self._counted_epoch_end = step
                 saved = ckpt.step(self._state, step, metrics=metrics, epoch_end=epoch_end)
         finally:
-            self._capturing, self._loops = False, None
+            self._capturing, self._loops, self._plateau_due = False, None, False
         if saved:  # the same answer on every rank (the save decision is all-reduced)
             self._saved_step = step
 
@@ -533,14 +545,12 @@ class SavegameCallback(pl.Callback):
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is not None and loop._should_check_val_fx(fetcher):
             return  # validation follows this batch: save at on_validation_end, with its metrics
-        with _as_after_plateau_step(trainer):
-            self._step(trainer)
+        self._step(trainer, plateau_due=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.training and trainer.state.fn != "fit":
             return
-        with _as_after_plateau_step(trainer):
-            self._step(trainer, force=int(trainer.global_step) != self._last_step)
+        self._step(trainer, force=int(trainer.global_step) != self._last_step, plateau_due=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._counted_epoch_end == int(trainer.global_step) and self.restored_step is not None:
@@ -798,7 +808,9 @@ def _as_after_plateau_step(trainer: pl.Trainer) -> Iterator[None]:
     is taken, and a resume restarts at the next batch: without this, the saved step's plateau
     step would never be taken. Lightning's own method takes it here (its frequency, monitor and
     accumulation rules), on the values the hooks have just logged; everything it changed is put
-    back on the way out, and Lightning then takes the same step for real."""
+    back on the way out, and Lightning then takes the same step for real. Entered only for a
+    save: on such a step a ``LightningModule.lr_scheduler_step`` of yours runs twice for those
+    schedulers (the first one undone)."""
     loop = trainer.fit_loop.epoch_loop
     configs = [
         c
@@ -812,7 +824,7 @@ def _as_after_plateau_step(trainer: pl.Trainer) -> Iterator[None]:
         yield
         return
     saved = [copy.deepcopy(c.scheduler.state_dict()) for c in configs]
-    lrs = [[g.get("lr") for g in opt.param_groups] for opt in trainer.optimizers]
+    lrs = [learning_rates(opt) for opt in trainer.optimizers]
     progress = copy.deepcopy(loop.scheduler_progress.state_dict())
     loop.update_lr_schedulers("step", update_plateau_schedulers=True)
     try:
@@ -821,8 +833,7 @@ def _as_after_plateau_step(trainer: pl.Trainer) -> Iterator[None]:
         for c, sd in zip(configs, saved, strict=True):
             c.scheduler.load_state_dict(sd)
         for opt, rates in zip(trainer.optimizers, lrs, strict=True):
-            for group, lr in zip(opt.param_groups, rates, strict=True):
-                group["lr"] = lr
+            set_learning_rates(opt, rates)
         loop.scheduler_progress.load_state_dict(progress)
 
 
@@ -830,7 +841,7 @@ def _has_len(dl: Any) -> bool:
     """Whether ``len(dl)`` works (Lightning prefetches a batch of a loader without one)."""
     try:
         len(dl)
-    except TypeError:
+    except (TypeError, NotImplementedError):  # as Lightning's own sized_len
         return False
     return True
 

@@ -480,7 +480,11 @@ class SavegameCallback(_trainer_callback_base()):  # type: ignore[misc]
         """``resume=False`` starts at step 0: in a folder that holds checkpoints its saves would
         collide with them (``StepExistsError``) only after training up to the first one."""
         assert self.checkpointer is not None
-        steps = [i.step for i in self.checkpointer.list() if i.kind == "checkpoint"]
+        try:
+            steps = [i.step for i in self.checkpointer.list() if i.kind == "checkpoint"]
+        except BaseException:
+            self.close()
+            raise
         if not steps:
             return
         self.close()
@@ -741,14 +745,13 @@ def _as_after_plateau_step(trainer: Any, metrics: Any) -> Iterator[None]:
         return
     sched = trainer.lr_scheduler
     before = copy.deepcopy(sched.state_dict())
-    lrs = [group["lr"] for group in sched.optimizer.param_groups]
+    lrs = statelib.learning_rates(sched.optimizer)
     sched.step(metrics[key])
     try:
         yield
     finally:
         sched.load_state_dict(before)
-        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
+        statelib.set_learning_rates(sched.optimizer, lrs)
 
 
 def _pending_best(trainer: Any, metrics: Mapping[str, float]) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ save and evaluation intervals differ (ANCHORS #4).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -156,13 +157,17 @@ class Keep:
         last: Keep the newest ``last`` checkpoints (>= 1).
         best: Keep the ``best`` checkpoints with the best ``monitor`` value.
         monitor: Metric name to rank by (required when ``best`` > 0).
-        mode: ``"max"`` (accuracy) or ``"min"`` (loss). Not given: taken from ``monitor``'s name
-            as Keras' ``mode="auto"`` and the Hugging Face Trainer do — a loss or an error
-            (``loss``, ``err``, ``mse``, ``mae``, ``nll``, ``perplexity``, ``wer``, ``cer``) is
-            "min", an accuracy-like score (``acc``, ``auc``, ``f1``, ``precision``, ``recall``,
-            ``iou``, ``dice``, ``bleu``, ``rouge``, ``psnr``, ``ssim``, ``reward``) is "max";
-            any other name with ``best`` > 0 is refused (``ValueError``): ranking by the wrong
-            direction would keep the worst checkpoints.
+        mode: ``"max"`` (accuracy) or ``"min"`` (loss). Not given: taken from the words of
+            ``monitor``'s name as Keras' ``mode="auto"`` and the Hugging Face Trainer do — a
+            loss or an error (``loss``, ``err``/``error``, ``mse``, ``rmse``, ``mae``, ``mape``,
+            ``nll``, ``perplexity``/``ppl``, ``wer``, ``cer``, ``fid``, ``kl``) is "min"; an
+            accuracy-like score (``acc``, ``accuracy``, ``auc``, ``auroc``, ``f1``,
+            ``precision``, ``recall``, ``iou``, ``dice``, ``bleu``, ``rouge…``, ``psnr``,
+            ``ssim``, ``reward``, ``map``, ``top1``, ``em``/``exact``, ``ndcg``, ``mrr``,
+            ``r2``, correlations) is "max"; any other name, or one with words of both kinds,
+            is refused with ``best`` > 0 (``ValueError``): ranking the wrong way would keep the
+            worst checkpoints. Once resolved it is a field like the others: ``dataclasses.replace(keep,
+            monitor=...)`` keeps it, so pass ``mode`` there too.
         every: Keep every ``every``-th checkpoint saved by this run forever (counted in saves,
             so it does not depend on the save interval); 0 = off.
     """
@@ -194,21 +199,27 @@ class Keep:
             raise ValueError(f"Keep(mode={self.mode!r}): use 'min' or 'max'")
 
 
-#: Parts of a metric's name that say which way is better (Keras' ``mode="auto"`` looks for
-#: "acc"; the Hugging Face Trainer for "loss"). A name with both, or neither, is not guessed.
-_SMALLER_BETTER = ("loss", "err", "mse", "mae", "nll", "perplexity", "ppl", "wer", "cer")
-_LARGER_BETTER = (
-    "acc", "auc", "f1", "precision", "recall", "iou", "dice", "bleu", "rouge", "psnr", "ssim",
-    "reward",
-)  # fmt: skip
+#: The words of a metric's name that say which way is better (Keras' ``mode="auto"`` looks for
+#: "acc"; the Hugging Face Trainer for "loss"). A name is split into words at anything not a
+#: letter or digit (``val/top1_acc`` -> val, top1, acc); "loss" also counts inside a word
+#: (``valLoss``). A name with words of both kinds, or of neither, is not guessed.
+_SMALLER_BETTER = re.compile(
+    r"(err|error|errors|mse|rmse|mae|mape|nll|nlls|perplexity|ppl|wer|cer|fid|kl|kld|cost)"
+)
+_LARGER_BETTER = re.compile(
+    r"(acc|accuracy|auc|auroc|auprc|f1|f1score|precision|recall|iou|miou|dice|bleu|rouge\w*|"
+    r"psnr|ssim|reward|return|map|map\d+|top\d+|em|exact|ndcg|mrr|r2|correlation|spearman|"
+    r"pearson|matthews|mcc|kappa)"
+)
 
 
 def _mode_of(monitor: str | None, best: int) -> Mode:
     """``Keep(mode=None)``: the direction ``monitor``'s name says, or a refusal when ``best``
     ranks by it and the name does not say (with nothing ranked, "min" is as good as any)."""
     name = (monitor or "").lower()
-    smaller = any(part in name for part in _SMALLER_BETTER)
-    larger = any(part in name for part in _LARGER_BETTER)
+    words = [w for w in re.split(r"[^a-z0-9]+", name) if w]
+    smaller = "loss" in name or any(_SMALLER_BETTER.fullmatch(w) for w in words)
+    larger = any(_LARGER_BETTER.fullmatch(w) for w in words)
     if smaller != larger:
         return "min" if smaller else "max"
     if not best:

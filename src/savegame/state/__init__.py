@@ -110,6 +110,29 @@ def bare(obj: Any) -> Any:
     return obj
 
 
+def learning_rates(optimizer: Any) -> list[Any]:
+    """Each param group's ``lr``, copied: a tensor learning rate is changed in place by the
+    schedulers (``fill_``), so keeping the tensor itself would keep nothing."""
+    import torch
+
+    return [
+        g.get("lr").clone() if isinstance(g.get("lr"), torch.Tensor) else g.get("lr")
+        for g in optimizer.param_groups
+    ]
+
+
+def set_learning_rates(optimizer: Any, rates: list[Any]) -> None:
+    """Put back what :func:`learning_rates` copied (a tensor ``lr`` in place, as it lives)."""
+    import torch
+
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        live = group.get("lr")
+        if isinstance(live, torch.Tensor) and isinstance(lr, torch.Tensor):
+            live.copy_(lr)
+        else:
+            group["lr"] = lr
+
+
 def capture(state: TrainState, *, loaders: bool = True) -> dict[str, Any]:
     """The state tree of every object (tensors still live; stage before mutating them).
 
