@@ -96,7 +96,9 @@ def crash_and_resume(cfg: dict[str, Any], at: int, tmp: Path) -> tuple[dict, dic
 MANUAL = {"mode": "manual", "max_epochs": 3, "save": {"steps": 4}}
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(
+    "seed", [1, pytest.param(2, marks=pytest.mark.slow)]
+)  # the second seed: -m slow (CI budget)
 def test_manual_optimization_two_optimizers_killed_resumes_bitwise(
     tmp_path: Path, seed: int
 ) -> None:
@@ -130,7 +132,9 @@ SCHED = {"max_epochs": 3, "save": {"steps": 4}, "step_freq": 3, "val_check_inter
          "gradient_clip_val": 0.5, "deterministic": True}  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize(
+    "seed", [4, pytest.param(5, marks=pytest.mark.slow)]
+)  # the second seed: -m slow (CI budget)
 def test_step_scheduler_with_frequency_3_resumes_bitwise(tmp_path: Path, seed: int) -> None:
     """StepLR with interval="step", frequency=3, gradient clipping, deterministic=True."""
     ref, resumed = crash_and_resume(SCHED, kill_step(seed, 5, 28), tmp_path)
@@ -174,7 +178,9 @@ CADENCE = {"max_epochs": 4, "save": {"steps": 3}, "val_check_interval": 0.25,
            "num_sanity_val_steps": 2, "accumulate": 2, "step_freq": 2}  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize(
+    "seed", [7, pytest.param(8, marks=pytest.mark.slow)]
+)  # the second seed: -m slow (CI budget)
 def test_val_check_float_every_second_epoch_limits_sanity_and_accumulation(
     tmp_path: Path, seed: int
 ) -> None:
@@ -234,7 +240,9 @@ CALLBACKS = {"max_epochs": 5, "save": {"steps": 3}, "counter": True,
              "early_stop": {"patience": 50}}  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [13, 14])
+@pytest.mark.parametrize(
+    "seed", [13, pytest.param(14, marks=pytest.mark.slow)]
+)  # the second seed: -m slow (CI budget)
 def test_early_stopping_user_callback_and_modelcheckpoint_together(
     tmp_path: Path, seed: int
 ) -> None:
