@@ -20,6 +20,9 @@ WORKER = Path(__file__).with_name("_worker.py")
 RANK_TIMEOUT_S = 30
 #: Wall-clock limit for one launch; a hang fails the test instead of CI.
 LAUNCH_TIMEOUT_S = 120
+#: A rank still running this long before the launch timeout prints every thread's stack, so a
+#: hang says where it is stuck (the launcher then kills the ranks and reports their output).
+HANG_DUMP_BEFORE_S = 10
 
 
 def free_port() -> int:
@@ -47,6 +50,7 @@ def launch(
         MASTER_PORT=str(free_port()),
         SG_TEST_STORE=os.path.join(tempfile.mkdtemp(prefix="sg-store-"), "store"),
         SAVEGAME_DIST_TIMEOUT_S=str(RANK_TIMEOUT_S),
+        SG_TEST_HANG_DUMP_S=str(LAUNCH_TIMEOUT_S - HANG_DUMP_BEFORE_S),
         OMP_NUM_THREADS="1",
         PYTHONWARNINGS="ignore",
     )
@@ -62,8 +66,13 @@ def launch(
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{scenario} on {world} ranks did not finish in {LAUNCH_TIMEOUT_S}s (hang)")
+        out, _ = proc.communicate()
+        # every rank dumped its threads' stacks shortly before (faulthandler, _worker.py)
+        pytest.fail(
+            f"{scenario} on {world} ranks did not finish in {LAUNCH_TIMEOUT_S}s (hang); their "
+            f"output, with the stacks of every rank {HANG_DUMP_BEFORE_S}s before the kill:\n"
+            f"{(out or '')[-12000:]}"
+        )
     marker = [line for line in out.splitlines() if line.startswith("EXIT-CODES ")]
     if proc.returncode != 0 or not marker:
         pytest.fail(

@@ -5,6 +5,7 @@ Usage: python _worker.py <scenario> <json-args>. Writes its findings under args[
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -159,6 +160,9 @@ def fork_ranks(world: int, entry: Any = None) -> None:
         pid = os.fork()
         if pid == 0:
             os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+            hang_dump = float(os.environ.get("SG_TEST_HANG_DUMP_S", "0") or 0)
+            if hang_dump > 0:  # a rank that hangs says where, before the launcher kills it
+                faulthandler.dump_traceback_later(hang_dump, exit=False)
             if world == 1:
                 for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
                     os.environ.pop(k)
