@@ -89,3 +89,19 @@ def test_a_failed_publish_leaves_nothing_beside_the_output(
     with pytest.raises(OSError, match="busy"):
         sg.convert(src, out_dir / "ckpt", to="savegame", overwrite=True)
     assert [p.name for p in out_dir.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("to", ["safetensors", "torch"])
+def test_a_file_output_never_replaces_a_folder(tmp_path: Path, to: str) -> None:
+    """``--overwrite`` onto a checkpoint folder with a one-file format: a typed refusal that
+    names a file path, and the checkpoint stays (it was a raw IsADirectoryError, exit 2)."""
+    src = _run(tmp_path / "a", 1)
+    run = tmp_path / "b"
+    ckpt = _run(run, 2)
+    before = _tree(run)
+    with pytest.raises(sg.StepExistsError, match=r"is a folder, and a .* output is one file"):
+        sg.convert(src, ckpt, to=to, overwrite=True)
+    assert _tree(run) == before
+    from savegame.engine import reader
+
+    assert reader.verify(ckpt) == []

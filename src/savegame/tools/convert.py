@@ -106,7 +106,7 @@ def _convert_one(
         )
     from savegame.distributed import consolidate
 
-    _check_target(out, overwrite)
+    _check_target(out, overwrite, to)
     created = files.make_parents(out.parent)  # removed again if the conversion fails
     try:
         with _run_held(out), files.temp_dir_beside(out) as tmp:
@@ -149,7 +149,7 @@ def _convert_checkpoint(
         raise errors.UnsupportedFormatError(
             f"cannot convert to {to!r}; choose 'safetensors', 'torch' or 'savegame'", path=out
         )
-    _check_target(out, overwrite)
+    _check_target(out, overwrite, to)
     created = files.make_parents(out.parent)
     left_out: dict[str, str] = {}
     try:
@@ -188,9 +188,10 @@ def _convert_checkpoint(
     return out
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def _check_target(out: Path, overwrite: bool, to: str) -> None:
     """Refuse an output that exists (unless ``overwrite``), and with ``overwrite`` one that is
-    not a single file or checkpoint: a whole run folder, or the folder the caller works in."""
+    not a single file or checkpoint: a whole run folder, the folder the caller works in, or a
+    folder where the output is one file (safetensors, torch)."""
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
@@ -209,6 +210,13 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise errors.StepExistsError(
             f"{out} is the current folder (or holds it): it cannot be replaced; convert into "
             "another path",
+            path=out,
+        )
+    if to != "savegame" and out.is_dir():
+        raise errors.StepExistsError(
+            f"{out} is a folder, and a {to} output is one file: overwrite replaces a file with a "
+            f"file, never a folder (a checkpoint's) with a file; give a file path such as "
+            f"{out.name}.{'safetensors' if to == 'safetensors' else 'pt'}",
             path=out,
         )
 
