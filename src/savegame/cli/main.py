@@ -25,10 +25,12 @@ credentials (``user:password@`` and query values shown as ``***``, issue 11).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import savegame as sg
@@ -235,17 +237,28 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _quiet_stdio() -> None:
+@contextmanager
+def _quiet_stdio() -> Iterator[None]:
     """Output the terminal cannot encode (an ASCII-only ``PYTHONIOENCODING``, a C locale on an
     old Python) is escaped (``\\u2026``) instead of ending the command with an encoding
-    error: a path or a tensor name is never a reason to refuse to show the rest."""
+    error: a path or a tensor name is never a reason to refuse to show the rest. The streams'
+    own setting comes back afterwards (``main()`` called from a host program)."""
+    undo = []
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             try:
+                before = stream.errors
                 reconfigure(errors="backslashreplace")
-            except (ValueError, OSError):  # closed or detached by an embedder: leave it
+                undo.append((reconfigure, before))
+            except (AttributeError, ValueError, OSError):  # closed or detached by an embedder
                 pass
+    try:
+        yield
+    finally:
+        for reconfigure, before in undo:
+            with contextlib.suppress(ValueError, OSError):  # closed meanwhile: nothing to give back
+                reconfigure(errors=before)
 
 
 def _closed_pipe() -> NoReturn:
@@ -271,9 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from savegame.cli import commands  # rich and the readers: only once a command runs
     from savegame.cli._text import lit
 
-    _quiet_stdio()
-
-    with warnings.catch_warnings():
+    with _quiet_stdio(), warnings.catch_warnings():
         # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
         # part of the command's output: always shown, through the same literal printing.
         warnings.simplefilter("always", sg.CorruptCheckpointWarning)
