@@ -51,6 +51,21 @@ class StoreContract:
         assert store.exists("a") and not store.is_dir("a")
         assert [(e.name, e.is_dir) for e in store.list("")] == [("a", False)]
 
+    def test_a_version_token_changes_with_the_blob(self, store: Store) -> None:
+        """``version`` is None (read every time) or changes whenever the blob is replaced or
+        removed: readers trust an unchanged token instead of reading (cached manifests)."""
+        store.put("v", b"one")
+        first = store.version("v")
+        if first is None:
+            return
+        assert store.version("v") == first  # unchanged: the same token
+        store.put("v", b"two")  # same size, replaced
+        second = store.version("v")
+        assert second is not None and second != first
+        detach = store.detach("v", "v-trash")
+        detach()
+        assert store.version("v") is None
+
     def test_ranged_reads(self, store: Store) -> None:
         store.put("r", bytes(range(100)))
         assert store.read("r", 10, 5) == bytes(range(10, 15))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -297,6 +297,12 @@ class Store(abc.ABC):
 
     def mtime(self, key: str) -> float | None:
         """Last modification time of ``key`` if the backend knows it."""
+        return None
+
+    def version(self, key: str) -> Hashable | None:
+        """A token that changes whenever blob ``key`` is replaced, rewritten or removed, got
+        without reading it (a local file's inode, size and times), or None where the backend
+        cannot tell cheaply: then readers read the blob every time."""
         return None
 
     def du(self, key: str) -> int:

@@ -20,7 +20,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -315,6 +315,14 @@ class LocalStore(base.Store):
             return self._p(key).stat().st_mtime
         except OSError:
             return None
+
+    def version(self, key: str) -> Hashable | None:
+        try:
+            st = os.stat(self._p(key))
+        except OSError:
+            return None
+        # ctime too: it moves on every write and rename, and cannot be set back by a user
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def du(self, key: str) -> int:
         path = self._p(key)
