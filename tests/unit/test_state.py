@@ -58,16 +58,34 @@ def test_apply_with_different_object_names_is_restore_error_and_changes_nothing(
 
 
 def test_apply_translates_load_state_dict_failure_to_restore_error() -> None:
-    # An object that refuses its state (here an optimizer with another number of parameters)
+    # An object that refuses its state, which savegame cannot check beforehand
+    class Picky:
+        def state_dict(self) -> dict:
+            return {"v": 1}
+
+        def load_state_dict(self, sd: dict) -> None:
+            raise ValueError("not mine")
+
+    tree = statelib.capture(TrainState(obj=Picky()))
+    with pytest.raises(errors.RestoreError, match="obj.load_state_dict") as info:
+        statelib.apply(TrainState(obj=Picky()), tree)
+    assert info.value.key == "obj"
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_apply_refuses_an_optimizer_over_other_parameters_before_anything_is_loaded() -> None:
     m2, m3 = (
         torch.nn.Linear(2, 2),
         torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)),
     )
-    tree = statelib.capture(TrainState(opt=torch.optim.SGD(m2.parameters(), lr=0.1)))
-    with pytest.raises(errors.RestoreError, match="opt.load_state_dict") as info:
-        statelib.apply(TrainState(opt=torch.optim.SGD(m3.parameters(), lr=0.1)), tree)
+    src = torch.nn.Linear(2, 2)
+    tree = statelib.capture(TrainState(model=src, opt=torch.optim.SGD(m2.parameters(), lr=0.1)))
+    dst = torch.nn.Linear(2, 2)
+    before = dst.weight.detach().clone()
+    with pytest.raises(errors.RestoreError, match="group 0 has 2 parameters") as info:
+        statelib.apply(TrainState(model=dst, opt=torch.optim.SGD(m3.parameters(), lr=0.1)), tree)
     assert info.value.key == "opt"
-    assert isinstance(info.value.__cause__, ValueError)
+    assert torch.equal(dst.weight, before)  # the model before it: as it was
 
 
 def test_a_module_that_does_not_fit_is_refused_before_anything_is_loaded() -> None:

@@ -451,14 +451,34 @@ class Checkpointer:
             CheckpointNotFoundError: a source path in ``mapping`` does not exist in the file.
             RestoreError: an object refuses the imported state.
         """
+        step = checks.check_step(step)
+        self._refuse_existing_step(step)  # before any live object is changed
         values = adoptlib.load_foreign(
             source, state, mapping=mapping, metrics=metrics, cfg=cfg, partial=partial
         )
         path = self._save(
-            state, step, values, reason=f"adopted from {os.fspath(source)}", blocking=True
+            state, step, values, reason=f"adopted from {os.fspath(source)}", blocking=True, new=True
         )
         assert isinstance(path, (Path, Location))
         return path
+
+    def _refuse_existing_step(self, step: int) -> None:
+        """``StepExistsError`` if this run has a committed checkpoint of ``step`` (one whose
+        manifest reads; a damaged one is set aside by the save, as for any save)."""
+        self._persister.wait()
+        final = layout.step_dir(step)
+        try:
+            reader.read_manifest(Location(self.store, final))
+        except errors.CheckpointError:
+            return
+        raise errors.StepExistsError(
+            f"step {step} is already committed at {self.store.describe(final)}; adopt commits a "
+            "step per call, never into an existing one. Adopt at another step, or — for a "
+            "checkpoint made of several files (a Hugging Face checkpoint-N folder) — adopt the "
+            "folder once, mapping each part to its file (docs/resume.md)",
+            path=self.store.describe(final),
+            step=step,
+        )
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed (in the cache, with ``cache``:
@@ -548,10 +568,12 @@ class Checkpointer:
         *,
         reason: str,
         blocking: bool,
+        new: bool = False,
     ) -> Path | persist.SaveHandle[Path] | None:
         """Every rank: capture and stage this rank's share now (a capture failure raises here,
         on every rank, nothing written); write + commit (rank 0) now or on the persist thread.
-        Retention runs on rank 0 only, after the commit."""
+        Retention runs on rank 0 only, after the commit. ``new``: never "the same save" as this
+        process's last one of ``step`` (adopt: other content under the same step)."""
         entered = time.perf_counter()
         step = checks.check_step(step)
         self._warn_rollback(step)
@@ -571,7 +593,7 @@ class Checkpointer:
             )
         self._begin_session()
         final = layout.step_dir(step)
-        if self._last_saved_step == step:
+        if self._last_saved_step == step and not new:
             # already saved this step in this process (e.g. schedule + explicit): the same save,
             # still in flight (async) or committed, never a second write of it
             in_flight = self._persister.in_flight

@@ -111,11 +111,28 @@ def restore_whole(
 def _check_modules_fit(
     state: statelib.TrainState, skeleton: dict[str, Any], manifest: Any, *, where: str
 ) -> None:
-    """Each module of ``state`` against its saved keys and shapes (from the manifest)."""
+    """Each module of ``state`` against its saved keys and shapes, and each optimizer against
+    its saved groups and moments (from the manifest: shapes only, nothing read)."""
     names = set(state)
     skeleton = protocol.match_wrapper_keys(state, skeleton)  # as restore_whole applies it
     for name, part in skeleton.items():
         if name not in names or not isinstance(part, dict):
+            continue
+        if _is_optimizer(state[name]):
+            import torch
+
+            shapes = {
+                k: torch.empty(tuple(manifest.tensors[k].shape), device="meta")
+                for k in planning.tensor_refs(part)
+                if k in manifest.tensors
+            }
+            try:
+                saved = treelib.decode(part, shapes, path=where)
+            except errors.FormatError:
+                raise  # a damaged skeleton: as the read below would say
+            except (TypeError, ValueError, RuntimeError):  # a numpy moment of a custom
+                continue  # optimizer, say: torch's own check, after the read
+            statelib.check_optimizer_fits(state[name], saved, name=name, where=where)
             continue
         entries = {
             k: manifest.tensors.get(v["$tensor"], v)
@@ -124,6 +141,12 @@ def _check_modules_fit(
             for k, v in part.items()
         }
         statelib.check_module_fits(state[name], entries, name=name, where=where)
+
+
+def _is_optimizer(obj: Any) -> bool:
+    import torch
+
+    return isinstance(statelib.bare(obj), torch.optim.Optimizer)
 
 
 def _live_destinations(state: statelib.TrainState, sel: overrides.Selection) -> Any:

@@ -11,6 +11,7 @@ half-restoring.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -172,6 +173,7 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
         check_rng(tree[RNG_KEY], where)
     for name in state:  # every check before any object is touched: never half-restored
         check_module_fits(state[name], tree[name], name=name, where=where)
+        check_optimizer_fits(state[name], tree[name], name=name, where=where)
     for name in state:
         load_object(state[name], tree[name], name=name, where=where)
     if state.rng and RNG_KEY in tree:
@@ -226,6 +228,77 @@ def check_module_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:
         path=where,
         key=name,
     )
+
+
+def check_optimizer_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:
+    """Refuse an optimizer's saved state that does not fit it (:func:`optimizer_misfit`)
+    before anything is loaded: torch's own check comes after the objects before it are
+    restored, and an optimizer of another class is half-loaded before it fails."""
+    import torch
+
+    obj = bare(obj)
+    if not isinstance(obj, torch.optim.Optimizer) or not isinstance(saved, Mapping):
+        return
+    why = optimizer_misfit(obj, saved)
+    if why is not None:
+        raise errors.RestoreError(
+            f"{where}: {name} ({type(obj).__name__}) does not fit its saved state: {why}; "
+            "nothing was restored. To restore the rest and keep this optimizer as it is, "
+            f"restore with strict=False or skip=[{name!r}] (docs/resume.md)",
+            path=where,
+            key=name,
+        )
+
+
+def optimizer_misfit(opt: Any, saved: Any) -> str | None:
+    """Why an optimizer's saved state cannot go onto it, or None.
+
+    Checks what ``load_state_dict`` would otherwise take silently or half-way: the number of
+    groups and of parameters in each; that each saved group has the hyperparameters of this
+    optimizer's class (an ``SGD`` state has no ``betas`` for ``Adam``; flags torch added over
+    versions, ``True``/``False``/``None`` by default, are filled in by torch and not asked
+    for); and that a saved moment with a parameter's number of dimensions has its shape
+    (factored moments, of fewer dimensions, are not checked)."""
+    import torch
+
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list):
+        return "no parameter groups in the checkpoint"
+    if len(groups) != len(opt.param_groups):
+        return f"{len(groups)} parameter group(s) in the checkpoint, {len(opt.param_groups)} here"
+    for i, (g, mine) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        n = len(g.get("params", ())) if isinstance(g, Mapping) else -1
+        if n != len(mine["params"]):
+            return f"group {i} has {n} parameters in the checkpoint, {len(mine['params'])} here"
+    hyper = sorted(
+        k
+        for k, v in getattr(opt, "defaults", {}).items()
+        if k != "params" and not isinstance(v, (bool, type(None)))
+    )
+    for i, g in enumerate(groups):
+        lacking = [k for k in hyper if k not in g]
+        if lacking:
+            return (
+                f"group {i} in the checkpoint has no {', '.join(map(repr, lacking))}, which "
+                f"{type(opt).__name__} needs (saved by another optimizer class?)"
+            )
+    params = dict(
+        zip(
+            itertools.chain.from_iterable(g["params"] for g in groups),
+            itertools.chain.from_iterable(g["params"] for g in opt.param_groups),
+            strict=False,
+        )
+    )
+    moments = saved.get("state", {})
+    for pid, st in moments.items() if isinstance(moments, Mapping) else ():
+        p = params.get(pid)
+        for key, v in st.items() if p is not None and isinstance(st, Mapping) else ():
+            if isinstance(v, torch.Tensor) and v.dim() == p.dim() and v.shape != p.shape:
+                return (
+                    f"its {key!r} of parameter {pid} is {list(v.shape)} in the checkpoint, "
+                    f"the parameter is {list(p.shape)} here"
+                )
+    return None
 
 
 def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = True) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 import torch
@@ -344,8 +343,12 @@ def apply(state: Any, tree: Mapping[str, Any], sel: Selection, *, where: str) ->
         elif not strict and isinstance(obj, torch.nn.Module) and isinstance(sub, Mapping):
             sub = _fit_module(obj, sub, name, missing, unexpected, mismatched)
             statelib.load_object(obj, sub, name=name, where=where, strict=False)
-        elif not strict and isinstance(obj, torch.optim.Optimizer) and _unfit(obj, sub):
-            mismatched[name] = _unfit(obj, sub) or ""
+        elif (
+            not strict
+            and isinstance(obj, torch.optim.Optimizer)
+            and (why := statelib.optimizer_misfit(obj, sub))
+        ):
+            mismatched[name] = why
         else:
             statelib.load_object(obj, sub, name=name, where=where)
     if rng_key in sel.names:
@@ -408,37 +411,3 @@ def _fit_module(
         fits[key] = value
     missing += [f"{name}/{k}" for k in live if k not in saved]
     return fits
-
-
-def _unfit(opt: torch.optim.Optimizer, saved: Any) -> str | None:
-    """Why an optimizer's saved state cannot go onto its current parameters, or None.
-
-    Checks what ``load_state_dict`` would otherwise take silently or half-way: the number of
-    groups and of parameters in each, and that a saved moment with a parameter's number of
-    dimensions has its shape (factored moments, of fewer dimensions, are not checked)."""
-    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
-    if not isinstance(groups, list):
-        return "no parameter groups in the checkpoint"
-    if len(groups) != len(opt.param_groups):
-        return f"{len(groups)} parameter group(s) in the checkpoint, {len(opt.param_groups)} here"
-    for i, (g, mine) in enumerate(zip(groups, opt.param_groups, strict=True)):
-        n = len(g.get("params", ())) if isinstance(g, Mapping) else -1
-        if n != len(mine["params"]):
-            return f"group {i} has {n} parameters in the checkpoint, {len(mine['params'])} here"
-    params = dict(
-        zip(
-            chain.from_iterable(g["params"] for g in groups),
-            chain.from_iterable(g["params"] for g in opt.param_groups),
-            strict=False,
-        )
-    )
-    moments = saved.get("state", {})
-    for pid, st in moments.items() if isinstance(moments, Mapping) else ():
-        p = params.get(pid)
-        for key, v in st.items() if p is not None and isinstance(st, Mapping) else ():
-            if isinstance(v, torch.Tensor) and v.dim() == p.dim() and v.shape != p.shape:
-                return (
-                    f"its {key!r} of parameter {pid} is {list(v.shape)} in the checkpoint, "
-                    f"the parameter is {list(p.shape)} here"
-                )
-    return None
