@@ -466,7 +466,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if _is_run(store):
             return _verify_run(store)
         loc = _checkpoint_at(args.path, store)
-        if not (_is_checkpoint(store) or _looks_like_step(loc.name)):
+        # A step-named folder with something in it (an interrupted save) is a finding (1);
+        # no folder at all is nothing at the path (2), as for show.
+        if not (_is_checkpoint(store) or (_looks_like_step(loc.name) and _has_entries(store))):
             raise _nothing_at(args.path)
         problems = runs.verify_checkpoint(loc)
         _report(loc, problems)
@@ -474,6 +476,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = _local(args.path)
     if runs.is_run(path):
         return _verify_run(path)
+    if not (path.exists() or path.is_symlink()):
+        raise sg.CheckpointNotFoundError(
+            f"{printable(str(path))}: no such file or folder", path=path
+        )
     if runs.looks_like_checkpoint(path):
         problems = runs.verify_checkpoint(path)
     elif path.is_file() and runs.looks_like_checkpoint(path.parent):
@@ -499,6 +505,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     ]
     _report(path, problems)
     return 1 if problems else 0
+
+
+def _has_entries(store: Store) -> bool:
+    try:
+        return bool(store.list(""))
+    except OSError:  # no such folder (a local one), or the listing failed: verify says which
+        return False
 
 
 def _looks_like_step(name: str) -> bool:

@@ -41,6 +41,7 @@ __all__ = [
     "Lock",
     "Staging",
     "Store",
+    "VanishedError",
     "check_key",
     "check_name",
     "join",
@@ -85,6 +86,11 @@ def join(*parts: str) -> str:
 class ChangedError(OSError):
     """The blob changed while it was being read: its ETag (or modification time) is not the
     one it had when it was opened. A reader starts that blob over; it never mixes versions."""
+
+
+class VanishedError(ChangedError, FileNotFoundError):
+    """The blob was removed since it was opened (or listed): a change to a reader that starts
+    it over (and then finds it moved or missing), a missing file to everyone else."""
 
 
 class RangeNotSupportedError(OSError):

@@ -174,11 +174,13 @@ class _ObjBlob(base.Blob):
             res = s._call(lambda: _obstore().get(s._obs, s._p(self._key), options=opts), self._key)
         except (base.ChangedError, FileNotFoundError) as exc:
             s._forget()  # opened from a snapshot that is out of date: the next open asks anew
-            if self._unseen and isinstance(exc, FileNotFoundError):
-                # never seen: moved aside (a deleted folder's shared file) or gone; the
-                # reader opens it again the usual way, which says which
-                raise base.ChangedError(
-                    errno.ESTALE, f"{s.describe(self._key)} is not there any more"
+            if isinstance(exc, FileNotFoundError):
+                # Gone since it was opened (or, unseen, since it was listed): moved aside (a
+                # deleted folder's shared file, which retention copies to its retired name
+                # first) or deleted. A change: the reader starts the file over and opens it
+                # again the usual way, which finds the retired copy or says it is missing.
+                raise base.VanishedError(
+                    errno.ENOENT, f"{s.describe(self._key)} is not there any more"
                 ) from None
             raise
         if self._unseen:
