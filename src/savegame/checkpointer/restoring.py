@@ -93,6 +93,8 @@ def restore_whole(
             stored = ref.manifest.trees[0]
             sel = overrides.select(opts, state, stored, where=str(ref.path))
             skeleton = sel.skeleton(stored)
+            if opts.default:  # the objects by name, as statelib.apply checks them (below)
+                statelib.check_names(state, skeleton, where=str(ref.path))
             if opts.strict:  # before any byte is read into a live tensor: never half-loaded
                 _check_modules_fit(state, skeleton, ref.manifest, where=str(ref.path))
             keys = None if opts.default else list(dict.fromkeys(planning.tensor_refs(skeleton)))

@@ -160,15 +160,7 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
         RestoreError: the tree lacks an object the state has, or has one it does not, or an
             object refuses its state (the message names it and the checkpoint).
     """
-    names = set(state)
-    stored = set(tree) - {RNG_KEY}
-    if names != stored:
-        missing, extra = sorted(names - stored), sorted(stored - names)
-        raise errors.RestoreError(
-            f"{where} does not match this TrainState: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}; "
-            "pass the same objects by the same names as when it was saved",
-            path=where,
-        )
+    check_names(state, tree, where=where)
     if state.rng and RNG_KEY in tree:
         check_rng(tree[RNG_KEY], where)
     for name in state:  # every check before any object is touched: never half-restored
@@ -178,6 +170,20 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
         load_object(state[name], tree[name], name=name, where=where)
     if state.rng and RNG_KEY in tree:
         rng.restore(tree[RNG_KEY])
+
+
+def check_names(state: TrainState, tree: Mapping[str, Any], *, where: str) -> None:
+    """Refuse a checkpoint (its tree or skeleton) whose objects are not the state's, by name."""
+    names = set(state)
+    stored = set(tree) - {RNG_KEY}
+    if names != stored:
+        missing, extra = sorted(names - stored), sorted(stored - names)
+        raise errors.RestoreError(
+            f"{where} does not match this TrainState: missing {missing or 'nothing'}, unexpected {extra or 'nothing'}; "
+            "pass the same objects by the same names as when it was saved (nothing was "
+            "restored), or name what to leave out with skip=[...] (docs/resume.md)",
+            path=where,
+        )
 
 
 def check_module_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:

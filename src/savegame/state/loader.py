@@ -252,13 +252,13 @@ class _IteratorGuard:
         return self.built if getattr(loader, "_iterator", None) is not None else None
 
     def _mid_epoch(self, loader: Any) -> bool:
+        """Whether the saved epoch is not finished: its order must be redrawn as it was, and
+        torchdata's fast-forward over what was consumed must happen inside the guarded build.
+        That includes a save after the epoch's last batch but before its end was seen (the
+        README loop's ``epoch_end=True`` save): the fast-forward of a ``batch_sampler=``
+        draws the epoch again, which moved the global RNG and every later epoch."""
         pos = position.read(self._pending)
-        if pos is None or pos.finished:
-            return False
-        try:
-            return pos.batches < len(loader)
-        except TypeError:
-            return True
+        return pos is not None and not pos.finished
 
     def _record(self, loader: Any) -> Any:
         if getattr(loader, "persistent_workers", False):
