@@ -621,7 +621,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         key=lambda n: -_order(res.max_abs_diff[n]),
     )
     for name in differing:
-        table.add_row(text(name), f"max |a-b| = {res.max_abs_diff[name]:.6g}")
+        m = res.max_abs_diff[name]
+        table.add_row(text(name), f"max |a-b| = {m if isinstance(m, int) else format(m, '.6g')}")
     if args.all:
         for name in res.identical:
             table.add_row(text(name), Text("identical", style="dim"))

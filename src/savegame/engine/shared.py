@@ -14,7 +14,7 @@ is garbage (:func:`garbage`). Imports no torch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from savegame import errors
 from savegame.engine.reader import CheckpointRef
@@ -100,17 +100,26 @@ def garbage(store: Store, refs: Iterable[CheckpointRef]) -> list[str]:
     return []
 
 
-def refuse_shadowing(store: Store, key: str, names: Iterable[str], step: int) -> None:
+def refuse_shadowing(
+    store: Store,
+    key: str,
+    names: Iterable[str],
+    step: int,
+    same: Callable[[str, str], bool] | None = None,
+) -> None:
     """Before checkpoint folder ``key`` is published with the files ``names``: refuse if one of
     them would stand in front of a retired file of the same name (a deleted ``step-…`` whose
     bytes later checkpoints still use). A reference resolves to the file in its folder first,
-    so a new folder of that step would silently give those checkpoints other bytes."""
+    so a new folder of that step would silently give those checkpoints other bytes.
+    ``same(name, retired)``: the caller knows that file is the retired one's bytes (a transfer
+    of the very checkpoint a later one was pushed before: same run, same step), so nothing is
+    shadowed."""
     for name in names:
         ref = f"{key}/{name}"
         if manifest.ref_step(ref) is None:
             continue
         retired = layout.retired_file(ref)
-        if store.exists(retired):
+        if store.exists(retired) and not (same is not None and same(name, retired)):
             raise errors.StepExistsError(
                 f"{store.describe(key)}: step {step} was deleted, but later checkpoints of the run "
                 f"still use its bytes ({store.describe(retired)}); a new step {step} would take "

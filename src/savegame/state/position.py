@@ -220,6 +220,24 @@ def translate(
     )
     rewired = pos.workers != live.workers
     if not resized and not rewired:
+        samples = pos.samples(live.batch_size, live.epoch_samples)
+        if (
+            pos.batches > 0
+            and not pos.finished
+            and not live.iterable
+            and live.epoch_samples is not None
+            and samples is not None
+            and samples > live.epoch_samples
+        ):
+            # torchdata would skip past the epoch's end and end iter() with a bare StopIteration
+            raise errors.RestoreError(
+                f"{where}: loader {name!r} was saved {pos.batches} batches into an epoch, at "
+                f"sample {samples}, which lies beyond this loader's epoch of "
+                f"{live.epoch_samples} samples (a smaller dataset, or another sampler?). "
+                "Restore it into a loader over the data and sampler it was saved with",
+                path=where,
+                key=name,
+            )
         return sd
     old_size = saved_batch_size if saved_batch_size is not UNSAVED else live.batch_size
     saved_in_samples = pos.snapshot_samples is not None

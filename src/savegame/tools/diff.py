@@ -28,7 +28,8 @@ class DiffResult:
         removed: Names only in ``a``.
         changed: Names in both whose dtype or shape differ -> (info in a, info in b).
         max_abs_diff: For names in both with equal dtype and shape: the largest absolute
-            element difference (0.0 when bitwise identical; NaN if a NaN meets a number).
+            element difference (0.0 when bitwise identical; NaN if a NaN meets a number; an
+            exact ``int`` for integer dtypes).
         identical: Names in both whose bytes are identical (NaNs with equal bits included).
     """
 
@@ -62,11 +63,11 @@ def _max_abs(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tupl
     elif x.dtype.is_floating_point:
         d = (x.to(torch.float64) - y.to(torch.float64)).abs()
     elif x.element_size() <= 4:
-        return float((x.to(torch.int64) - y.to(torch.int64)).abs().max()), False
+        return int((x.to(torch.int64) - y.to(torch.int64)).abs().max()), False  # exact
     else:
         # 64-bit ints: Python ints cannot overflow where int64 subtraction would.
         xs, ys = x.reshape(-1).tolist(), y.reshape(-1).tolist()
-        return float(max(abs(int(p) - int(q)) for p, q in zip(xs, ys, strict=True))), False
+        return max(abs(int(p) - int(q)) for p, q in zip(xs, ys, strict=True)), False  # exact
     # Elements with equal bits differ by 0 (a NaN both files hold at the same place included);
     # a NaN against anything else is a difference of NaN.
     xb = x.reshape(-1).view(torch.uint8).reshape(x.numel(), -1)

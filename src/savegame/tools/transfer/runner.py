@@ -463,13 +463,29 @@ class Transfer:
         for problem in free():
             log.warning("damaged copy %s taken out of the run; freeing it: %s", where, problem)
 
+    def _is_retired(self, tmp: str, m: manifest.Manifest, name: str, retired: str) -> bool:
+        """Whether staged file ``name`` is the retired file's bytes: this very checkpoint, of
+        which a later one was moved first (``--step``), bringing its shared file as retired.
+        Same size and the same header (every tensor's name, dtype, shape and offset; the data
+        is checked against the manifest's chunk hashes whenever it is read)."""
+        entry = m.files[name]
+        try:
+            if self.dst.size(retired) != entry.size:
+                return False
+            n = entry.header_length
+            return self.dst.read(retired, 0, n) == self.dst.read(base.join(tmp, name), 0, n)
+        except OSError:
+            return False
+
     def _commit(
         self, staging: Staging, tmp: str, final: str, raw: bytes, m: manifest.Manifest
     ) -> None:
         where = self._where(self.dst, final)
         self._sweep(tmp, m)
         try:
-            shared.refuse_shadowing(self.dst, final, m.own_files, m.step)
+            shared.refuse_shadowing(
+                self.dst, final, m.own_files, m.step, lambda n, r: self._is_retired(tmp, m, n, r)
+            )
             try:
                 staging.seal(layout.MANIFEST, raw)
             except FileExistsError:  # a killed transfer sealed it; it holds these bytes?
