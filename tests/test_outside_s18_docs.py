@@ -339,6 +339,7 @@ _PREEMPT_CHILD = textwrap.dedent("""
         pytest.param("SIGINT", marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_readme_preemption_signal_saves_and_exits_75(tmp_path, sig):
     """README 'Preemption': on SIGTERM, SIGUSR1 or SIGINT the checkpointer saves at the next step
     boundary, then the process exits with status 75 (sg.EXIT_PREEMPTED)."""
@@ -2130,6 +2131,7 @@ def test_distributed_per_rank_fresh_keyword():
 # ============================================================================== docs/integrations.md
 
 
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -3098,6 +3100,7 @@ _WORKER_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_readme_workers_ignore_sigterm_from_others(tmp_path):
     """README 'Preemption': workers of a loader in a TrainState ignore SIGTERM from anyone but
     their own loader (savegame wraps worker_init_fn; yours still runs)."""
@@ -3368,6 +3371,7 @@ _DDP_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_distributed_ddp_saved_through_inner_module(tmp_path):
     """distributed.md 'Restore without the wrapper' / README: a DDP model is saved through its
     inner module (keys without module.); a 1-rank checkpoint restores into the bare module in a
@@ -3478,6 +3482,7 @@ _CTRL_C_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_readme_second_ctrl_c_stops_at_once(tmp_path):
     """README 'Preemption': a second Ctrl-C stops at once (no wait for the step boundary)."""
     import time

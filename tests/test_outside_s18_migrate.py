@@ -656,6 +656,7 @@ def test_a_folder_source_path_cannot_leave_the_folder(tmp_path: Path) -> None:
 # ---- savegame convert --to savegame, then start_from ------------------------------------------
 
 
+@pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_convert_the_tutorial_file_then_start_from_it_and_resume_exactly(tmp_path: Path) -> None:
     src = tmp_path / "checkpoint.pth.tar"
     blob = _imagenet_tutorial_file(src)
