@@ -256,7 +256,9 @@ def test_corrupt_last_chunk_leaves_live_tensors_untouched(
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # A Checkpointer skips it (no earlier step: nothing restored) and leaves the model alone.
-    state = sg.TrainState(model=model, rng=False)
+    # (The same objects as saved: a TrainState of other names is refused before any read.)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    state = sg.TrainState(model=model, optimizer=opt, extras={"epoch": 0}, rng=False)
     with pytest.warns(errors.CorruptCheckpointWarning):
         with sg.Checkpointer(SlowStore(LocalStore(run)), handle_signals=False) as ckpt:
             assert ckpt.restore(state) == 0  # nothing to restore: a fresh start

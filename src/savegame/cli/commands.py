@@ -476,11 +476,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = _local(args.path)
     if runs.is_run(path):
         return _verify_run(path)
-    if not (path.exists() or path.is_symlink()):
-        raise sg.CheckpointNotFoundError(
-            f"{printable(str(path))}: no such file or folder", path=path
-        )
-    if runs.looks_like_checkpoint(path):
+    # A step-named folder with something in it (an interrupted save) is a finding (1); no
+    # such folder is nothing at the path (2, from sg.open below, as for a missing file).
+    if runs.looks_like_checkpoint(path) and (path.exists() or path.is_symlink()):
         problems = runs.verify_checkpoint(path)
     elif path.is_file() and runs.looks_like_checkpoint(path.parent):
         # A file of a savegame checkpoint: its hashes are in the manifest beside it, which a
