@@ -334,6 +334,7 @@ def test_a_preemption_signal_to_one_process_saves_on_every_rank_exits_75_and_res
     _resume_and_compare(root, tmp_path, reference)
 
 
+@pytest.mark.slow  # CI under 20 minutes (SIGTERM to the tree: tests/distributed/test_torchrun_resume.py)
 def test_ctrl_c_to_torchrun_is_forwarded_and_the_job_saves_and_resumes_bitwise(
     tmp_path: Path, reference: Path
 ) -> None:

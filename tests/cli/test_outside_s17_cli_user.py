@@ -334,6 +334,7 @@ def test_a_file_url_with_a_relative_path_never_means_the_current_folder(run: Pat
 
 
 # ---- agreement with the Python API -----------------------------------------------------------------
+@pytest.mark.slow  # CI under 20 minutes
 def test_show_diff_and_convert_agree_with_the_python_api(run: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -401,6 +402,7 @@ def test_convert_overwrite_never_replaces_a_run_a_training_holds(run: Path, tmp_
 
 
 # ---- prune -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # CI under 20 minutes
 def test_prune_dry_run_changes_nothing_and_prune_keeps_newest_and_shared_bytes(
     tmp_path: Path,
 ) -> None:

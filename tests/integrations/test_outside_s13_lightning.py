@@ -290,6 +290,7 @@ print("FINISHED", trainer.global_step, cb.restored_step, t._fingerprint(model, t
 """
 
 
+@pytest.mark.slow  # CI under 20 minutes
 def test_ctrl_c_mid_epoch_saves_at_the_step_boundary_exits_75_and_resumes_bitwise(
     reference: str, tmp_path: Path
 ) -> None:

@@ -211,7 +211,7 @@ def kill_step(seed: int, lo: int, hi: int) -> int:
 # --- the setups -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])  # CI < 20 min
 def test_every_epochs_2_killed_at_a_random_step_resumes_bitwise(tmp_path: Path, seed: int) -> None:
     cfg = {"save": {"epochs": 2}, "max_epochs": 5}
     at = kill_step(seed, 11, 24)  # after the epoch-2 save (step 10), before the end (25)
@@ -229,7 +229,7 @@ def test_every_steps_with_val_check_interval_resumes_bitwise(tmp_path: Path) -> 
     assert resumed["validations"] + 0 <= ref["validations"]
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize("seed", [4, pytest.param(5, marks=pytest.mark.slow)])  # CI < 20 min
 def test_gradient_accumulation_resumes_bitwise(tmp_path: Path, seed: int) -> None:
     """accumulate_grad_batches=2 over 5 batches per epoch: optimizer steps straddle nothing
     (Lightning steps at the epoch's last batch), 3 steps per epoch."""
