@@ -96,7 +96,7 @@ def restore_whole(
             if opts.default:  # the objects by name, as statelib.apply checks them (below)
                 statelib.check_names(state, skeleton, where=str(ref.path))
             if opts.strict:  # before any byte is read into a live tensor: never half-loaded
-                _check_modules_fit(state, skeleton, ref.manifest, where=str(ref.path))
+                check_fit(state, skeleton, ref.manifest, where=str(ref.path))
             keys = None if opts.default else list(dict.fromkeys(planning.tensor_refs(skeleton)))
             dest = _live_destinations(state, sel)
             tensors = reader.load_tensors(ref.path, ref.manifest, keys, dest=dest)
@@ -110,7 +110,7 @@ def restore_whole(
     return None
 
 
-def _check_modules_fit(
+def check_fit(
     state: statelib.TrainState, skeleton: dict[str, Any], manifest: Any, *, where: str
 ) -> None:
     """Each module of ``state`` against its saved keys and shapes, and each optimizer against

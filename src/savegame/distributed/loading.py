@@ -79,6 +79,12 @@ def load_state(
     chosen = sel.skeleton(plan.skeleton)
     keys = plan.keys if opts.default else tuple(dict.fromkeys(planning.tensor_refs(chosen)))
     names = [n for n in state if n in chosen]
+    if opts.default:  # the objects by name, before anything is read (an extra live one too)
+        statelib.check_names(
+            [n for n in state if n not in plan.fresh],
+            {n: None for n in plan.skeleton if n not in plan.fresh},
+            where=str(path),
+        )
     sub: Any = wrappers.View({n: view[n] for n in names}, state.rng and statelib.RNG_KEY in chosen)
     captured = statelib.capture(sub, loaders=False)  # live tensors only: no loader iterator built
     skeleton = match_wrapper_keys(sub, chosen)
@@ -104,6 +110,13 @@ def load_state(
             )
         regions[key] = (info.start, info.shape)
         templates[key] = t
+    if opts.strict:
+        # Every module's keys and shapes and every optimizer's groups, from the manifest, before
+        # a byte is read into a live tensor (the reader fills them in place): a RestoreError here
+        # reaches every rank through the agreement, and no rank is half-restored.
+        from savegame.checkpointer.restoring import check_fit  # imports this module
+
+        check_fit(sub, skeleton, m, where=str(path))
 
     def dest(key: str, entry: manifest.TensorEntry) -> torch.Tensor | None:
         t = live.get(planning.source_key(key))

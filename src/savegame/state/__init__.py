@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Protocol, runtime_checkable
 
 from savegame import errors
@@ -172,7 +172,7 @@ def apply(state: TrainState, tree: dict[str, Any], *, where: str = "checkpoint")
         rng.restore(tree[RNG_KEY])
 
 
-def check_names(state: TrainState, tree: Mapping[str, Any], *, where: str) -> None:
+def check_names(state: Iterable[str], tree: Mapping[str, Any], *, where: str) -> None:
     """Refuse a checkpoint (its tree or skeleton) whose objects are not the state's, by name."""
     names = set(state)
     stored = set(tree) - {RNG_KEY}
@@ -264,12 +264,17 @@ def optimizer_misfit(opt: Any, saved: Any) -> str | None:
     optimizer's class (an ``SGD`` state has no ``betas`` for ``Adam``; flags torch added over
     versions, ``True``/``False``/``None`` by default, are filled in by torch and not asked
     for); and that a saved moment with a parameter's number of dimensions has its shape
-    (factored moments, of fewer dimensions, are not checked)."""
+    (factored moments, of fewer dimensions, are not checked). The last two for torch's own
+    optimizers other than ``LBFGS`` only."""
     import torch
 
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
     if not isinstance(groups, list):
         return "no parameter groups in the checkpoint"
+    # The class and moment checks know torch's own optimizers only: LBFGS keeps flat vectors
+    # over all parameters under parameter 0; others keep preconditioners of other shapes, or add
+    # non-flag defaults in later versions (a false refusal of a legitimate resume).
+    own = type(opt).__module__.startswith("torch.optim") and not isinstance(opt, torch.optim.LBFGS)
     if len(groups) != len(opt.param_groups):
         return f"{len(groups)} parameter group(s) in the checkpoint, {len(opt.param_groups)} here"
     for i, (g, mine) in enumerate(zip(groups, opt.param_groups, strict=True)):
@@ -278,7 +283,7 @@ def optimizer_misfit(opt: Any, saved: Any) -> str | None:
             return f"group {i} has {n} parameters in the checkpoint, {len(mine['params'])} here"
     hyper = sorted(
         k
-        for k, v in getattr(opt, "defaults", {}).items()
+        for k, v in (getattr(opt, "defaults", {}) if own else {}).items()
         if k != "params" and not isinstance(v, (bool, type(None)))
     )
     for i, g in enumerate(groups):
@@ -295,7 +300,7 @@ def optimizer_misfit(opt: Any, saved: Any) -> str | None:
             strict=False,
         )
     )
-    moments = saved.get("state", {})
+    moments = saved.get("state", {}) if own else {}
     for pid, st in moments.items() if isinstance(moments, Mapping) else ():
         p = params.get(pid)
         for key, v in st.items() if p is not None and isinstance(st, Mapping) else ():
