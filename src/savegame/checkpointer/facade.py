@@ -467,16 +467,21 @@ class Checkpointer:
         manifest reads; a damaged one is set aside by the save, as for any save)."""
         self._persister.wait()
         final = layout.step_dir(step)
-        try:
-            reader.read_manifest(Location(self.store, final))
-        except errors.CheckpointError:
+        stores = [self.store] + ([self._tiers.remote] if self._tiers is not None else [])
+        for store in stores:  # with a cache: the remote run's step counts too
+            try:
+                reader.read_manifest(Location(store, final))
+            except errors.CheckpointError:
+                continue
+            break
+        else:
             return
         raise errors.StepExistsError(
-            f"step {step} is already committed at {self.store.describe(final)}; adopt commits a "
+            f"step {step} is already committed at {store.describe(final)}; adopt commits a "
             "step per call, never into an existing one. Adopt at another step, or — for a "
             "checkpoint made of several files (a Hugging Face checkpoint-N folder) — adopt the "
             "folder once, mapping each part to its file (docs/resume.md)",
-            path=self.store.describe(final),
+            path=store.describe(final),
             step=step,
         )
 

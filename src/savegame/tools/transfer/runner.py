@@ -463,19 +463,35 @@ class Transfer:
         for problem in free():
             log.warning("damaged copy %s taken out of the run; freeing it: %s", where, problem)
 
-    def _is_retired(self, tmp: str, m: manifest.Manifest, name: str, retired: str) -> bool:
-        """Whether staged file ``name`` is the retired file's bytes: this very checkpoint, of
-        which a later one was moved first (``--step``), bringing its shared file as retired.
-        Same size and the same header (every tensor's name, dtype, shape and offset; the data
-        is checked against the manifest's chunk hashes whenever it is read)."""
+    def _is_retired(self, m: manifest.Manifest, name: str, retired: str) -> bool:
+        """Whether staged file ``name`` may stand in front of the retired file: this very
+        checkpoint, of which a later one was moved first (``--step``), bringing its shared file
+        as retired. Every range of it that a checkpoint of the destination reads (its
+        manifest's chunks in ``step-…/name``) must be a chunk of ``m`` in ``name`` with the
+        same offset, length and hash, and the sizes equal: then every reference resolves to
+        the same bytes, whichever file it finds."""
         entry = m.files[name]
+        mine = {
+            (c.offset, c.length): c.hash
+            for t in m.tensors.values()
+            for c in t.chunks
+            if c.file == name
+        }
+        shared_name = f"{layout.step_dir(m.step)}/{name}"
         try:
             if self.dst.size(retired) != entry.size:
                 return False
-            n = entry.header_length
-            return self.dst.read(retired, 0, n) == self.dst.read(base.join(tmp, name), 0, n)
-        except OSError:
+            used = [
+                c
+                for r in reader.list_checkpoints(self.dst)
+                if r.manifest is not None
+                for t in r.manifest.tensors.values()
+                for c in t.chunks
+                if c.file == shared_name
+            ]
+        except (OSError, errors.CheckpointError):
             return False
+        return all(mine.get((c.offset, c.length)) == c.hash for c in used)
 
     def _commit(
         self, staging: Staging, tmp: str, final: str, raw: bytes, m: manifest.Manifest
@@ -484,7 +500,7 @@ class Transfer:
         self._sweep(tmp, m)
         try:
             shared.refuse_shadowing(
-                self.dst, final, m.own_files, m.step, lambda n, r: self._is_retired(tmp, m, n, r)
+                self.dst, final, m.own_files, m.step, lambda n, r: self._is_retired(m, n, r)
             )
             try:
                 staging.seal(layout.MANIFEST, raw)
