@@ -323,6 +323,7 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     return _run(tmp / "run", tmp, "fsdp", cases, kind="fsdp")
 
 
+@pytest.mark.slow  # CI under 20 minutes (one FSDP2 launch for both)
 def test_fsdp2_resized_layer_is_refused_even_non_strict_and_nothing_changes(fsdp: Any) -> None:
     for rank, rep in fsdp.items():
         for case in ("resized", "resized_nonstrict"):
@@ -332,6 +333,7 @@ def test_fsdp2_resized_layer_is_refused_even_non_strict_and_nothing_changes(fsdp
             assert _changed(res) == {}, (rank, case, _changed(res))
 
 
+@pytest.mark.slow  # CI under 20 minutes (one FSDP2 launch for both)
 def test_fsdp2_optimizer_class_or_groups_refused_and_nothing_changes(fsdp: Any) -> None:
     for rank, rep in fsdp.items():
         for case in ("adam", "groups"):

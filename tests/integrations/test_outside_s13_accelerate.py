@@ -42,6 +42,7 @@ def _run(script: Path, root: Path, *extra: str) -> subprocess.CompletedProcess[s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow  # CI under 20 minutes
 def test_an_uncaught_exception_right_after_a_save_started_then_the_script_again(
     tmp_path: Path,
 ) -> None:
