@@ -6,6 +6,7 @@ Usage: python _worker.py <scenario> <json-args>. Writes its findings under args[
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -148,6 +149,11 @@ def main() -> None:
         else:
             os._exit(0)  # the job is broken (a rank is dead); torchrun would restart it
     if world > 1:
+        # DDP (its reducer) and the rest are freed while the process group still exists. Freed
+        # after destroy_process_group, on main's return, a rank hung now and then in a C++
+        # destructor: its dump showed no Python frame below `(entry or main)()` (stop 18).
+        del state, model, opt, ckpt
+        gc.collect()
         dist.destroy_process_group()
 
 

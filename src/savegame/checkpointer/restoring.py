@@ -24,7 +24,7 @@ from typing import Any, Literal
 from savegame import errors
 from savegame import state as statelib
 from savegame import tree as treelib
-from savegame.distributed import collectives, planning, protocol
+from savegame.distributed import collectives, loading, planning, protocol
 from savegame.engine import reader, writer
 from savegame.format import layout
 from savegame.state import overrides
@@ -96,7 +96,7 @@ def restore_whole(
             if opts.default:  # the objects by name, as statelib.apply checks them (below)
                 statelib.check_names(state, skeleton, where=str(ref.path))
             if opts.strict:  # before any byte is read into a live tensor: never half-loaded
-                check_fit(state, skeleton, ref.manifest, where=str(ref.path))
+                loading.check_fit(state, skeleton, ref.manifest, where=str(ref.path))
             keys = None if opts.default else list(dict.fromkeys(planning.tensor_refs(skeleton)))
             dest = _live_destinations(state, sel)
             tensors = reader.load_tensors(ref.path, ref.manifest, keys, dest=dest)
@@ -108,47 +108,6 @@ def restore_whole(
         tree = protocol.match_wrapper_keys(state, tree)
         return ref, overrides.apply(state, tree, sel, where=str(ref.path))
     return None
-
-
-def check_fit(
-    state: statelib.TrainState, skeleton: dict[str, Any], manifest: Any, *, where: str
-) -> None:
-    """Each module of ``state`` against its saved keys and shapes, and each optimizer against
-    its saved groups and moments (from the manifest: shapes only, nothing read)."""
-    names = set(state)
-    skeleton = protocol.match_wrapper_keys(state, skeleton)  # as restore_whole applies it
-    for name, part in skeleton.items():
-        if name not in names or not isinstance(part, dict):
-            continue
-        if _is_optimizer(state[name]):
-            import torch
-
-            shapes = {
-                k: torch.empty(tuple(manifest.tensors[k].shape), device="meta")
-                for k in planning.tensor_refs(part)
-                if k in manifest.tensors
-            }
-            try:
-                saved = treelib.decode(part, shapes, path=where)
-            except errors.FormatError:
-                raise  # a damaged skeleton: as the read below would say
-            except (TypeError, ValueError, RuntimeError):  # a numpy moment of a custom
-                continue  # optimizer, say: torch's own check, after the read
-            statelib.check_optimizer_fits(state[name], saved, name=name, where=where)
-            continue
-        entries = {
-            k: manifest.tensors.get(v["$tensor"], v)
-            if isinstance(v, dict) and "$tensor" in v
-            else v
-            for k, v in part.items()
-        }
-        statelib.check_module_fits(state[name], entries, name=name, where=where)
-
-
-def _is_optimizer(obj: Any) -> bool:
-    import torch
-
-    return isinstance(statelib.bare(obj), torch.optim.Optimizer)
 
 
 def _live_destinations(state: statelib.TrainState, sel: overrides.Selection) -> Any:

@@ -114,8 +114,6 @@ def load_state(
         # Every module's keys and shapes and every optimizer's groups, from the manifest, before
         # a byte is read into a live tensor (the reader fills them in place): a RestoreError here
         # reaches every rank through the agreement, and no rank is half-restored.
-        from savegame.checkpointer.restoring import check_fit  # imports this module
-
         check_fit(sub, skeleton, m, where=str(path))
 
     def dest(key: str, entry: manifest.TensorEntry) -> torch.Tensor | None:
@@ -142,6 +140,39 @@ def load_state(
         return plan, overrides.apply(sub, tree, sel, where=str(path))
 
     return apply
+
+
+def check_fit(
+    state: statelib.TrainState, skeleton: dict[str, Any], manifest: Any, *, where: str
+) -> None:
+    """Each module of ``state`` against its saved keys and shapes, and each optimizer against
+    its saved groups and moments (from the manifest: shapes only, nothing read)."""
+    names = set(state)
+    skeleton = match_wrapper_keys(state, skeleton)  # as restore_whole applies it
+    for name, part in skeleton.items():
+        if name not in names or not isinstance(part, dict):
+            continue
+        if isinstance(statelib.bare(state[name]), torch.optim.Optimizer):
+            shapes = {
+                k: torch.empty(tuple(manifest.tensors[k].shape), device="meta")
+                for k in planning.tensor_refs(part)
+                if k in manifest.tensors
+            }
+            try:
+                saved = treelib.decode(part, shapes, path=where)
+            except errors.FormatError:
+                raise  # a damaged skeleton: as the read below would say
+            except (TypeError, ValueError, RuntimeError):  # a numpy moment of a custom
+                continue  # optimizer, say: torch's own check, after the read
+            statelib.check_optimizer_fits(state[name], saved, name=name, where=where)
+            continue
+        entries = {
+            k: manifest.tensors.get(v["$tensor"], v)
+            if isinstance(v, dict) and "$tensor" in v
+            else v
+            for k, v in part.items()
+        }
+        statelib.check_module_fits(state[name], entries, name=name, where=where)
 
 
 _OTHER_RANK = "another rank could not use its share of this checkpoint"
