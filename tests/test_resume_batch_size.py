@@ -334,6 +334,7 @@ def test_the_state_keys_are_torchdatas() -> None:
 # ---- a new process after a SIGKILL ----------------------------------------------------------
 
 
+@pytest.mark.slow  # CI under 20 minutes
 def test_resume_after_a_sigkill_with_half_the_batch_size_sees_the_uninterrupted_order(
     tmp_path: Path,
 ) -> None:

@@ -489,6 +489,7 @@ def launch() -> Iterator[Callable[..., list[int]]]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # CI under 20 minutes (the S3 reshard stays: tests/remote/test_restore_remote.py)
 def test_reshard_2_to_1_and_1_to_2_from_a_store_that_cannot_map(
     tmp_path: Path, launch: Callable[..., list[int]]
 ) -> None:

@@ -274,6 +274,7 @@ def test_ls_at_200_columns_shows_one_row_per_checkpoint_with_whole_values(run: P
 
 
 # ---- paths -----------------------------------------------------------------------------------------
+@pytest.mark.slow  # CI under 20 minutes
 def test_a_copied_moved_and_linked_run_is_verified_under_every_spelling_of_its_path(
     run: Path, tmp_path: Path
 ) -> None:

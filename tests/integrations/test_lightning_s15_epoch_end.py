@@ -187,6 +187,7 @@ def test_a_run_early_stopping_ended_requeued_with_more_epochs_trains_nothing(
     assert again["fingerprint"] == first["fingerprint"]
 
 
+@pytest.mark.slow  # CI under 20 minutes
 def test_min_epochs_keeps_training_after_the_restored_stop_as_uninterrupted(
     tmp_path: Path,
 ) -> None:

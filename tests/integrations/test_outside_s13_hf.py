@@ -148,7 +148,9 @@ def test_train_again_on_the_same_trainer_after_the_end_trains_nothing(tmp_path: 
     assert trainer.state.global_step == 15 and _steps(root) == before
 
 
-@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize(
+    "exc", [RuntimeError, pytest.param(KeyboardInterrupt, marks=pytest.mark.slow)]  # CI < 20 min
+)
 def test_an_exception_in_train_then_a_new_trainer_in_the_same_process_resumes_bitwise(
     reference: str, tmp_path: Path, exc: type[BaseException]
 ) -> None:

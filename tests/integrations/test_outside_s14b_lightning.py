@@ -255,6 +255,7 @@ def test_max_epochs_then_a_larger_max_epochs_after_a_crash(tmp_path: Path) -> No
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes
 def test_max_steps_mid_epoch_then_a_larger_max_steps_after_a_crash(tmp_path: Path) -> None:
     cfg = {"save": {"steps": 4}}
     ref = train({**cfg, "max_steps": 17, "root": str(tmp_path / "ref")})
