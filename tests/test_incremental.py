@@ -537,6 +537,41 @@ def test_the_two_tier_upload_with_shared_bytes(tmp_path: Path) -> None:
     assert torch.equal(b2.weight, base.weight) and torch.equal(h2.weight, head.weight)
 
 
+def test_a_shared_file_retired_while_the_next_save_checks_it_is_read_from_its_new_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The two-tier cache's retention runs on the upload thread, beside the next save: it may
+    # retire (move) a shared file after the save resolved its name and before it re-reads it.
+    # That file was moved, not lost: the save still shares it, and nothing is called damaged.
+    root = tmp_path / "run"
+    base, head = _model()
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    real = reader.resolve
+    moved: list[str] = []
+
+    def resolve_then_retire(loc: Any, name: str) -> str:
+        key = real(loc, name)
+        path = loc.store.local_path(key)
+        alt = reader.retired_key(key)
+        if path is not None and alt is not None and path.exists() and not moved:
+            path.rename(loc.store.local_path(alt))  # what retention's retire does
+            moved.append(key)
+        return key
+
+    with _ckpt(root, keep=sg.Keep(last=10)) as ck:
+        for step in range(1, 4):
+            _train_step(base, head, opt, step)
+            if step == 3:
+                monkeypatch.setattr(reader, "resolve", resolve_then_retire)
+            with caplog.at_level("WARNING", logger="savegame"):
+                ck.save(_state(base, head, opt), step)
+    assert moved, "the save did not re-read a shared file"
+    assert "damaged" not in caplog.text
+    assert "step-000000000001/rank-00000.safetensors" in _manifest(root, 3).refs
+    monkeypatch.setattr(reader, "resolve", real)
+    assert reader.verify(root / layout.step_dir(3)) == []
+
+
 # ---- reading one checkpoint by path: open, load, convert ---------------------------------------
 def test_open_load_and_convert_an_incremental_checkpoint_whose_base_was_retired(
     tmp_path: Path,

@@ -217,7 +217,16 @@ class _Scrub:
             if name not in self.keys:
                 self.keys[name] = reader.resolve(self.loc, name)
             fkey = self.keys[name]
-            blob = store.open(fkey)
+            try:
+                blob = store.open(fkey)
+            except FileNotFoundError:
+                # Retention (the two-tier upload thread's cache retention runs beside the save)
+                # retired the file between resolve and open: it was moved, not lost.
+                alt = reader.retired_key(reader.file_key(self.loc, name))
+                if alt is None or alt == fkey:
+                    raise
+                blob = store.open(alt)
+                fkey = self.keys[name] = alt
             if c is None:
                 try:
                     if blob.size == size:
