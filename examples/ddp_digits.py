@@ -4,6 +4,9 @@ Run (CPU, gloo; any number of ranks)::
 
     torchrun --nproc-per-node 2 examples/ddp_digits.py --ckpt-dir runs/ddp-digits
 
+On GPUs add ``--backend nccl`` (one GPU per rank: ``LOCAL_RANK`` picks it; the model, its
+gradients' all-reduce and every batch live there, and savegame saves each rank's CUDA RNG too).
+
 Interrupt it (Ctrl-C, or kill a rank) and run the same command again: it resumes from the
 newest complete checkpoint, bit-exact. Tensors equal on every rank (the DDP model and optimizer)
 are written once, by rank 0; those that differ (each rank's RNG stream and data-loader position)
@@ -29,9 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt-dir", default="runs/ddp-digits")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")  # NCCL on GPUs; savegame coordinates on its own gloo group
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend)  # savegame coordinates on its own gloo group
     rank = dist.get_rank()
     torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts them)
 
@@ -45,7 +53,9 @@ def main() -> None:
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 10)
     )
-    model = torch.nn.parallel.DistributedDataParallel(model)
+    model = model.to(device)
+    ids = [device.index] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     extras = {"epoch": 0}
     torch.manual_seed(1 + rank)  # per-rank stream (dropout): checkpointed per rank
@@ -59,6 +69,7 @@ def main() -> None:
             sampler.set_epoch(extras["epoch"])  # before iter(): a restored loader resumes mid-epoch
             correct = seen = 0
             for xb, yb in loader:
+                xb, yb = xb.to(device), yb.to(device)
                 logits = model(xb)
                 loss = torch.nn.functional.cross_entropy(logits, yb)
                 opt.zero_grad()
@@ -69,7 +80,7 @@ def main() -> None:
                 seen += len(yb)
                 ckpt.step(state, step)  # every rank; rank 0 decides, all ranks save together
             extras["epoch"] += 1
-            acc = torch.tensor([correct, seen], dtype=torch.float64)
+            acc = torch.tensor([correct, seen], dtype=torch.float64, device=device)
             dist.all_reduce(acc)
             if rank == 0:
                 print(
