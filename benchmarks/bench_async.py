@@ -725,6 +725,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.record_to:
         warnings.simplefilter("ignore", FutureWarning)
+        if args.only:  # experiments: the reader's phase timings too
+            import logging
+
+            logging.basicConfig(format="%(name)s: %(message)s")
+            logging.getLogger("savegame.reader").setLevel(logging.DEBUG)
         rec = run_one(args.gb[0], args.repeats, args.cold, args.only, args.device)
         Path(args.record_to).write_text(json.dumps(rec))
         return

@@ -8,7 +8,7 @@
 #   3. bench_training_loop.py --device cuda: throughput loss with a save every 50 steps.
 # Every result lands in $OUT (logs, docs/benchmarks.md with the new sections, the JSON lines).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_run.sh                 # on the GPU machine, repository root
+#   OUT=/tmp/out bash benchmarks/gpu_run.sh [pytest] [async] [restore] [loop]   # GPU machine, repo root
 #   SG_GPU_DRY=1 OUT=/tmp/out bash benchmarks/gpu_run.sh    # here: the same steps, tiny, on CPU
 set -u
 OUT=${OUT:-/tmp/sg-gpu-out}
@@ -53,31 +53,46 @@ import re, sys
 t = open('$OUT/disk.txt').read()
 speed, free = map(float, re.findall(r'([\d.]+) GB', t)[:2])
 print(0.05 if '${SG_GPU_DRY:-}' else round(max(0.5, min(4.0, 6 * speed, free / 12)), 1))")
+GB=${SG_GPU_GB:-$GB}
 echo "benchmark state: $GB GB" | tee -a "$OUT/env.txt"
 
-echo "== 1. pytest -m gpu ($(date -u +%T))"
-timeout 230 $PY -m pytest -m gpu tests/gpu/test_gpu_staging.py tests/gpu/test_gpu_exact_resume.py tests/gpu/test_gpu_nccl.py -q -p no:cacheprovider -o addopts="" -rA -W default \
-    >"$OUT/pytest_gpu.txt" 2>&1
-echo "pytest rc $?" | tee -a "$OUT/pytest_gpu.txt"
-tail -25 "$OUT/pytest_gpu.txt"
-
-echo "== 2. bench_async --device $DEVICE --gb $GB ($(date -u +%T))"
+SECTIONS=${*:-pytest async loop}
+for section in $SECTIONS; do
+case $section in
+pytest)
+    echo "== pytest -m gpu ($(date -u +%T))"
+    timeout ${SG_GPU_PYTEST_TIMEOUT:-230} $PY -m pytest -m gpu tests/gpu/test_gpu_staging.py tests/gpu/test_gpu_restore.py \
+        tests/gpu/test_gpu_exact_resume.py tests/gpu/test_gpu_nccl.py -q -p no:cacheprovider \
+        -o addopts="" -rA -W default ${SG_GPU_PYTEST_K:+-k "$SG_GPU_PYTEST_K"} \
+        >"$OUT/pytest_gpu.txt" 2>&1
+    echo "pytest rc $?" | tee -a "$OUT/pytest_gpu.txt"
+    tail -25 "$OUT/pytest_gpu.txt" ;;
+async)
+    echo "== bench_async --device $DEVICE --gb $GB ($(date -u +%T))"
+    rm -rf /tmp/sg-bench-*
+    (cd benchmarks && timeout 210 $PY bench_async.py --device $DEVICE --gb "$GB" --repeats 2 $NODOC) \
+        >"$OUT/bench_async.txt" 2>&1
+    echo "bench_async rc $?" | tee -a "$OUT/bench_async.txt"
+    tail -40 "$OUT/bench_async.txt" ;;
+restore)  # the sync saves and the restores only, with the reader's phase timings
+    echo "== restores --device $DEVICE --gb $GB ($(date -u +%T))"
+    rm -rf /tmp/sg-bench-*
+    (cd benchmarks && timeout ${SG_GPU_RESTORE_TIMEOUT:-150} $PY bench_async.py --device $DEVICE --gb "$GB" --repeats 3 \
+        --only "torch_save|st_save|dcp_save|sg_save|restore") >"$OUT/bench_restore.txt" 2>&1
+    echo "restore rc $?" | tee -a "$OUT/bench_restore.txt"
+    tail -30 "$OUT/bench_restore.txt" ;;
+loop)
+    echo "== bench_training_loop --device $DEVICE ($(date -u +%T))"
+    rm -rf /tmp/sg-bench-*
+    LOOP="--layers 24 --d-model 1024 --batch 8 --seq 512 --repeats ${SG_GPU_LOOP_REPEATS:-3}"
+    [ -n "${SG_GPU_DRY:-}" ] && LOOP="--layers 1 --d-model 64 --batch 1 --seq 16 --every 4 --repeats 2"
+    (cd benchmarks && timeout ${SG_GPU_LOOP_TIMEOUT:-120} $PY bench_training_loop.py --device $DEVICE \
+        --threads 0 $LOOP $NODOC) >"$OUT/bench_loop.txt" 2>&1
+    echo "bench_loop rc $?" | tee -a "$OUT/bench_loop.txt"
+    tail -15 "$OUT/bench_loop.txt" ;;
+esac
+done
 rm -rf /tmp/sg-bench-*
-(cd benchmarks && timeout 210 $PY bench_async.py --device $DEVICE --gb "$GB" --repeats 2 $NODOC) \
-    >"$OUT/bench_async.txt" 2>&1
-echo "bench_async rc $?" | tee -a "$OUT/bench_async.txt"
-tail -40 "$OUT/bench_async.txt"
-rm -rf /tmp/sg-bench-*
-
-echo "== 3. bench_training_loop --device $DEVICE ($(date -u +%T))"
-LOOP="--layers 24 --d-model 1024 --batch 8 --seq 512"
-[ -n "${SG_GPU_DRY:-}" ] && LOOP="--layers 1 --d-model 64 --batch 1 --seq 16 --every 4"
-(cd benchmarks && timeout 120 $PY bench_training_loop.py --device $DEVICE --threads 0 $LOOP --repeats 3 $NODOC) \
-    >"$OUT/bench_loop.txt" 2>&1
-echo "bench_loop rc $?" | tee -a "$OUT/bench_loop.txt"
-tail -15 "$OUT/bench_loop.txt"
-rm -rf /tmp/sg-bench-*
-
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 cat bench-out/async.jsonl bench-out/training_loop.jsonl >"$OUT/bench.jsonl" 2>/dev/null
 echo "== done ($(date -u +%T))"

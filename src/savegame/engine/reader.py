@@ -31,8 +31,10 @@ Where the bytes wait between "read" and "verified" depends on the store:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +46,9 @@ from savegame import errors
 from savegame.format import hashing, layout, manifest, tensors
 from savegame.storage import Blob, Entry, Location, Store, as_store, locate
 from savegame.storage.base import ChangedError, RangeNotSupportedError, check_key, join
+
+#: Phase timings of every restore at DEBUG (benchmarks/bench_async.py --only prints them).
+log = logging.getLogger("savegame.reader")
 
 if TYPE_CHECKING:  # imported by the functions that use them: listing needs neither
     import torch
@@ -735,6 +740,7 @@ def _load_tensors(
                         entry.shape, dtype=tensors.dtype_from_name(entry.dtype)
                     )
         # Phase 1: map (or pull) and verify everything.
+        began = time.perf_counter()
         restarts: dict[str, int] = {}
         for name in files:
             blob = _open_checked(loc, name, m, restarts, header=False)
@@ -814,6 +820,7 @@ def _load_tensors(
             before_copy()
         guarded()
         # Phase 2: everything verified; copy into destinations (torch copies use all cores).
+        verified = time.perf_counter()
         # The leases stay held to the end: a truncation asked for now waits until it is done.
         # Chunks bound for a contiguous region of a live CPU tensor are collected and copied
         # in one batch by ``memmove`` on every core (engine/staging.py, copy_choice("restore")
@@ -823,6 +830,8 @@ def _load_tensors(
         out: dict[str, torch.Tensor] = {}
         # (file, offset, (dest address, source address, bytes)) of each batched chunk
         batch: list[tuple[str, int, tuple[int, int, int]]] = []
+        # (dest bytes on a GPU, source address, bytes): through pinned buffers, all at once
+        to_device: list[tuple[torch.Tensor, int, int]] = []
         bases = {name: (t.data_ptr(), t.numel()) for name, (_, _, t) in maps.items()}
         for key in wanted:
             entry = m.tensors[key]
@@ -839,16 +848,27 @@ def _load_tensors(
                 target = torch.empty(entry.shape, dtype=tensors.dtype_from_name(entry.dtype))
             for c in entry.chunks:
                 batched = live and c.file not in spools
+                if batched and _copy_to_device_later(target, entry, c, bases[c.file], to_device):
+                    continue
                 if not (batched and _copy_later(target, entry, c, bases[c.file], batch)):
                     _copy_chunk(target, entry, c, maps[c.file][2][c.offset : c.offset + c.length])
                     done(c)
             out[key] = target
-        if batch:
+        if batch or to_device:
             from savegame.engine import staging
 
+            if to_device:
+                staging.copy_to_device(to_device)
             # Last hashed, first copied: the tail of phase 1 may still be in the CPU's cache.
             batch.sort(key=lambda b: (b[0], b[1]), reverse=True)
             staging.copy_choice("restore").copy_segments([seg for _, _, seg in batch])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "restore of step %d: map and verify %.3f s (%d hash threads), copy %.3f s "
+                "(%d chunks to a GPU, %d batched on the host)",
+                m.step, verified - began, threads, time.perf_counter() - verified,
+                len(to_device), len(batch),
+            )  # fmt: skip
         return out
     finally:
         for mm, view, t in maps.values():  # unmapped before the leases end (closing the blobs)
@@ -918,7 +938,9 @@ def _read_region(
 
 
 def _hash_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    # Up to 8: a GPU machine's restore hashes gigabytes from the page cache before the copy
+    # (4 left most of a 16-core H200 VM idle); 2 on the CI VM, as before.
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 #: Chunks are hashed in runs of at least this many bytes (a task of the hashing pool each).
@@ -967,6 +989,32 @@ def _copy_later(
         return False
     if n:
         batch.append((c.file, c.offset, (region.data_ptr(), address + c.offset, n)))
+    return True
+
+
+def _copy_to_device_later(
+    target: torch.Tensor,
+    entry: manifest.TensorEntry,
+    c: manifest.Chunk,
+    base: tuple[int, int],
+    copies: list[tuple[torch.Tensor, int, int]],
+) -> bool:
+    """Add chunk ``c``'s copy to ``copies`` (engine/staging.py ``copy_to_device``) if ``target``
+    is a CUDA tensor whose region for ``c`` is one contiguous block of exactly ``c.length``
+    bytes; False: copy it otherwise."""
+    address, length = base
+    if target.device.type != "cuda" or target.is_conj() or target.is_neg():
+        return False
+    if c.offset + c.length > length:
+        return False
+    region = target
+    if c.shape != entry.shape:
+        for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
+            region = region.narrow(dim, s, n)
+    if region.numel() * region.element_size() != c.length or not region.is_contiguous():
+        return False
+    if c.length:
+        copies.append((_as_bytes(region), address + c.offset, c.length))
     return True
 
 
