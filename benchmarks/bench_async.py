@@ -423,9 +423,14 @@ def run_one(
     def attempt(fn: Callable[[], None]) -> None:
         """Run one method; a peer that fails (DCP's stagers on some states and versions) is
         reported and left out of the later rounds instead of ending the whole run."""
+        counts = {k: len(v) for k, v in results.items()}
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - reported in the record and the doc
+            for k in list(results):  # what the failed call recorded before it failed goes too
+                del results[k][counts.get(k, 0) :]
+                if not results[k]:
+                    del results[k]
             failed[fn.__doc__ or fn.__name__] = f"{type(exc).__name__}: {exc}"[:400]
             print(
                 f"[{gb} GB] {fn.__doc__ or fn.__name__} failed: {failed[fn.__doc__ or fn.__name__]}"

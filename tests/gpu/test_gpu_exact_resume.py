@@ -77,8 +77,12 @@ def _snapshot(model: Any, opt: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("direct", ["0", "1"], ids=["through-host", "direct"])
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
-def test_cuda_training_resumes_bit_exact(tmp_path: Path, impl: str) -> None:
+def test_cuda_training_resumes_bit_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, direct: str
+) -> None:
+    monkeypatch.setenv("SAVEGAME_GPU_DIRECT_RESTORE", direct)  # engine/reader.py gpu_direct
     model, opt, loader = _build(0, impl)
     state = sg.TrainState(model=model, optimizer=opt, loader=loader)
     with sg.Checkpointer(tmp_path / "run", async_save=True, handle_signals=False) as ck:

@@ -75,16 +75,25 @@ def _tensors(run: Path, step: int) -> dict[str, list[tuple[tuple[int, ...], str]
 
 
 @pytest.mark.parametrize(
-    ("script", "args", "crash_at", "final"),
+    ("script", "args", "crash_at", "final", "direct"),
     [
-        ("examples/ddp_digits.py", ["--epochs", "3"], 40, None),
-        ("examples/fsdp_toy.py", ["--steps", "60"], 40, 60),
+        ("examples/ddp_digits.py", ["--epochs", "3"], 40, None, "0"),
+        ("examples/fsdp_toy.py", ["--steps", "60"], 40, 60, "0"),
+        ("examples/fsdp_toy.py", ["--steps", "60"], 40, 60, "1"),
     ],
-    ids=["ddp", "fsdp2"],
+    ids=["ddp", "fsdp2", "fsdp2-direct"],
 )
 def test_nccl_example_killed_and_resumed_is_bitwise_equal(
-    tmp_path: Path, nprocs: int, script: str, args: list[str], crash_at: int, final: int | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    nprocs: int,
+    script: str,
+    args: list[str],
+    crash_at: int,
+    final: int | None,
+    direct: str,
 ) -> None:
+    monkeypatch.setenv("SAVEGAME_GPU_DIRECT_RESTORE", direct)  # engine/reader.py gpu_direct
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     common = [script, "--backend", "nccl", *args]
     ok = _torchrun(nprocs, str(CRASH), "0", *common, "--ckpt-dir", str(whole))

@@ -5,6 +5,7 @@ tensor as it was. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,24 @@ def _equal(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
     return [k for k in sa if not torch.equal(sa[k].cpu(), sb[k].cpu())]
 
 
-@pytest.mark.parametrize("bounce", [staging.BOUNCE_BYTES, 64 << 10, 4096])
+@pytest.mark.parametrize(
+    ("direct", "bounce"),
+    [(False, 0), (True, staging.BOUNCE_BYTES), (True, 64 << 10), (True, 4096)],
+    ids=["through-host", "direct-32M", "direct-64K", "direct-4K"],
+)
 def test_every_tensor_arrives_on_the_gpu_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bounce: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    direct: bool,
+    bounce: int,
 ) -> None:
-    monkeypatch.setattr(staging, "BOUNCE_BYTES", bounce)
+    if direct:
+        monkeypatch.setenv("SAVEGAME_GPU_DIRECT_RESTORE", "1")
+        monkeypatch.setattr(staging, "BOUNCE_BYTES", bounce)
+    else:
+        monkeypatch.delenv("SAVEGAME_GPU_DIRECT_RESTORE", raising=False)
+    caplog.set_level(logging.DEBUG, logger="savegame.reader")
     saved = Bag(1)
     with sg.Checkpointer(tmp_path / "run", handle_signals=False) as ck:
         ck.save(sg.TrainState(model=saved, rng=False), 1)
@@ -56,9 +70,17 @@ def test_every_tensor_arrives_on_the_gpu_bit_for_bit(
         assert ck.restore(sg.TrainState(model=live, rng=False)) == 1
     assert live.big.device.type == "cuda"
     assert _equal(saved, live) == []
+    # the path that was meant ran: "N chunks to a GPU" in the reader's phase timings
+    phases = [r.getMessage() for r in caplog.records if r.name == "savegame.reader"]
+    assert phases, "no restore phase timings logged"
+    assert (" 0 chunks to a GPU" not in phases[-1]) == direct, phases[-1]
 
 
-def test_a_damaged_file_leaves_the_live_cuda_tensors_untouched(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["through-host", "direct"])
+def test_a_damaged_file_leaves_the_live_cuda_tensors_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    monkeypatch.setenv("SAVEGAME_GPU_DIRECT_RESTORE", "1" if direct else "0")
     with sg.Checkpointer(tmp_path / "run", handle_signals=False) as ck:
         ck.save(sg.TrainState(model=Bag(1), rng=False), 1)
     shard = next((tmp_path / "run" / layout.step_dir(1)).glob("*.safetensors"))

@@ -1003,7 +1003,7 @@ def _copy_to_device_later(
     is a CUDA tensor whose region for ``c`` is one contiguous block of exactly ``c.length``
     bytes; False: copy it otherwise."""
     address, length = base
-    if target.device.type != "cuda" or target.is_conj() or target.is_neg():
+    if target.device.type != "cuda" or target.is_conj() or target.is_neg() or not gpu_direct():
         return False
     if c.offset + c.length > length:
         return False
@@ -1189,11 +1189,21 @@ def damage(ckpt: str | os.PathLike[str] | Location) -> list[str]:
     return verify(ckpt)
 
 
+def gpu_direct() -> bool:
+    """Whether a restore reads verified bytes straight into live CUDA tensors, through pinned
+    bounce buffers (engine/staging.py ``copy_to_device``), instead of into host memory that
+    ``load_state_dict`` then copies to the GPU. Off until it has run on a GPU (issue 15: the
+    session that wrote it had no device time left): ``SAVEGAME_GPU_DIRECT_RESTORE=1`` turns it
+    on, and tests/gpu/test_gpu_restore.py checks it bit for bit."""
+    return os.environ.get("SAVEGAME_GPU_DIRECT_RESTORE") == "1"
+
+
 def fits(t: torch.Tensor, entry: manifest.TensorEntry) -> bool:
     """Whether ``t`` can be a ``dest`` of :func:`load_tensors` for ``entry``: read straight into
-    (contiguous CPU memory of the stored dtype and shape, outside autograd)."""
+    (contiguous CPU memory — or CUDA memory with :func:`gpu_direct` — of the stored dtype and
+    shape, outside autograd)."""
     return (
-        t.device.type == "cpu"
+        (t.device.type == "cpu" or (t.device.type == "cuda" and gpu_direct()))
         and t.is_contiguous()
         and tuple(t.shape) == tuple(entry.shape)
         and str(t.dtype).removeprefix("torch.") == entry.dtype
