@@ -92,7 +92,14 @@ def load_state(
     _, live = treelib.encode(captured)
     regions: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     templates: dict[str, Any] = {}
-    for key in keys:
+
+    def optimizer_part(key: str) -> bool:
+        name = planning.top_name(planning.source_key(key))
+        return name in names and isinstance(view[name], torch.optim.Optimizer)
+
+    # Modules before optimizers: a resized layer is refused under its own name, not under the
+    # name of the first Adam moment of that layer (stop 18, R14).
+    for key in sorted(keys, key=optimizer_part):
         t = live.get(planning.source_key(key))
         if t is None or not collectives.is_dtensor(t):
             continue
