@@ -80,6 +80,7 @@ from bench_save_restore import (
     touch_pages,
 )
 from torch.distributed.checkpoint import staging as dcp_staging
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 import savegame as sg
@@ -393,7 +394,7 @@ def run_one(
                         warm(where())
                     t0 = time.perf_counter()
                     fn()
-                except Exception as exc:  # noqa: BLE001 - as attempt() below
+                except (Exception, CheckpointException) as exc:  # noqa: BLE001 - as attempt()
                     failed[f"{tag}/{name}"] = f"{type(exc).__name__}: {exc}"[:400]
                     print(f"[{gb} GB] restore {name} failed: {failed[f'{tag}/{name}']}")
                     restorers.pop(name)
@@ -426,7 +427,8 @@ def run_one(
         counts = {k: len(v) for k, v in results.items()}
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 - reported in the record and the doc
+        # (DCP's CheckpointException is a BaseException, not an Exception)
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - reported in the doc
             for k in list(results):  # what the failed call recorded before it failed goes too
                 del results[k][counts.get(k, 0) :]
                 if not results[k]:
@@ -447,13 +449,17 @@ def run_one(
 
     def mutate() -> None:
         # Every tensor changes before every method (outside the timing), as in training: an
-        # unchanged state would let savegame's incremental save write nothing at all.
+        # unchanged state would let savegame's incremental save write nothing at all. The
+        # tensors are looked up again: a restore (and reset_live) replaced the moments.
+        live[:] = _live_tensors(model, opt)
         with torch.no_grad():
             for t in live:
                 t.add_(1)
         sync()
 
     for r in range(repeats):
+        if not methods:
+            break  # every method failed (each is reported)
         k = r % len(methods)
         for fn in methods[k:] + methods[:k]:
             mutate()

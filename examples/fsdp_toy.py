@@ -40,7 +40,9 @@ def main() -> None:
 
     device = torch.device("cpu")
     if args.backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        )
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend)
     rank = dist.get_rank()

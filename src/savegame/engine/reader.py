@@ -939,8 +939,13 @@ def _read_region(
 
 def _hash_threads() -> int:
     # Up to 8: a GPU machine's restore hashes gigabytes from the page cache before the copy
-    # (4 left most of a 16-core H200 VM idle); 2 on the CI VM, as before.
-    return max(1, min(8, os.cpu_count() or 1))
+    # (4 left most of a 16-core H200 VM idle); 2 on the CI VM, as before. The cores this
+    # process may run on (8 ranks of one 16-core node get 2 each under a launcher that pins).
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 #: Chunks are hashed in runs of at least this many bytes (a task of the hashing pool each).

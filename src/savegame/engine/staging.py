@@ -431,30 +431,38 @@ def copy_to_device(copies: Sequence[DeviceCopy]) -> None:
         total = sum(n for _, _, n in group)
         size = min(BOUNCE_BYTES, total)
         with torch.cuda.device(device):
+            try:
+                bufs = [
+                    torch.empty(size, dtype=torch.uint8, pin_memory=True)
+                    for _ in range(min(BOUNCES, -(-total // size)))
+                ]
+            except RuntimeError:  # no page-locked memory to be had (a low memlock limit)
+                for dest, src, n in group:  # the slow, plain way: pageable, one at a time
+                    dest.reshape(-1).copy_(_bytes_at(src, n))
+                continue
             stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
             # Work queued on the destinations before this call (their initialisation) first.
             stream.wait_stream(torch.cuda.current_stream(device))
-            bufs = [
-                torch.empty(size, dtype=torch.uint8, pin_memory=True)
-                for _ in range(min(BOUNCES, -(-total // size)))
-            ]
             events: list[torch.cuda.Event | None] = [None] * len(bufs)
-            for k, (segments, sends) in enumerate(
-                bounce_plan(group, size, [b.data_ptr() for b in bufs])
-            ):
-                i = k % len(bufs)
-                ready = events[i]
-                if ready is not None:
-                    ready.synchronize()  # this buffer's last copies have left it
-                fill = sum(n for _, _, n in segments)
-                _COPIERS["threads" if fill >= _PIECE_BYTES else "memmove"](segments, _cores())
-                with torch.cuda.stream(stream):
-                    for view, off, n in sends:
-                        view.copy_(bufs[i][off : off + n], non_blocking=True)
-                    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                    event.record(stream)
-                    events[i] = event
-            stream.synchronize()
+            try:
+                for k, (segments, sends) in enumerate(
+                    bounce_plan(group, size, [b.data_ptr() for b in bufs])
+                ):
+                    i = k % len(bufs)
+                    ready = events[i]
+                    if ready is not None:
+                        ready.synchronize()  # this buffer's last copies have left it
+                    fill = sum(n for _, _, n in segments)
+                    _COPIERS["threads" if fill >= _PIECE_BYTES else "memmove"](segments, _cores())
+                    with torch.cuda.stream(stream):
+                        for view, off, n in sends:
+                            view.copy_(bufs[i][off : off + n], non_blocking=True)
+                        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                        event.record(stream)
+                        events[i] = event
+            finally:
+                # Also when something above raised: no copy may land after this returns.
+                stream.synchronize()
 
 
 def bounce_plan(
