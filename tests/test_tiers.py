@@ -397,6 +397,59 @@ def test_cache_checkpoints_the_remote_went_on_without_are_dropped(tmp_path: Path
     assert _steps(remote.inner) == [1, 2, 3]
 
 
+def _fresh_cache_machine_dies_before_its_uploads(remote: Any, cache: Path) -> str:
+    """Machine A saves 1 and uploads it; machine B, on the fresh ``cache``, restores 1 from the
+    remote and saves 2 and 3 there while the uploads stall, then dies. Returns the run id."""
+    state, holder = _state()
+    with _ckpt(remote, cache.with_name("cache-a"), keep=sg.Keep(last=5)) as a:
+        _set(holder, 1)
+        a.save(state, 1)
+    state_b, holder_b = _state()
+    b = _ckpt(remote, cache, keep=sg.Keep(last=5))
+    assert b.restore(state_b) == 1
+    remote.gate.clear()
+    for step in (2, 3):
+        _set(holder_b, step)
+        b.save(state_b, step)
+    _abandon(b)
+    remote.gate.set()
+    assert _steps(remote.inner) == [1]
+    return b.run_id
+
+
+def test_a_fresh_cache_machine_killed_before_its_uploads_resumes_its_own_work(
+    tmp_path: Path,
+) -> None:
+    # The cache held no copy of the remote's step 1 it resumed from: its steps 2 and 3 are
+    # still this run's own work (the remote did not go on), never "stale" (stop 19, R15).
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    run_id = _fresh_cache_machine_dies_before_its_uploads(remote, tmp_path / "cache-b")
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(tmp_path / "cache-b"), run_id)
+    assert (uploaded, pending, stale) == ([], [2, 3], [])
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-b", keep=sg.Keep(last=5)) as again:
+        assert again.restore(state) == 3
+        assert holder["step"] == 3
+    assert _steps(remote.inner) == [1, 2, 3]
+
+
+def test_a_fresh_cache_machines_work_is_dropped_once_the_remote_went_on(tmp_path: Path) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    run_id = _fresh_cache_machine_dies_before_its_uploads(remote, tmp_path / "cache-b")
+    state_c, holder_c = _state()
+    with _ckpt(remote, tmp_path / "cache-c", keep=sg.Keep(last=5)) as c:  # a third machine
+        assert c.restore(state_c) == 1
+        _set(holder_c, 2)
+        c.step(state_c, 2)
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(tmp_path / "cache-b"), run_id)
+    assert (uploaded, pending, stale) == ([], [], [2, 3])
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-b", keep=sg.Keep(last=5)) as b:
+        assert b.restore(state) == 2  # the remote's step 2, machine C's
+        assert holder["step"] == 2
+    assert 3 not in _steps(tmp_path / "cache-b")
+
+
 def test_a_cache_of_another_run_is_refused(tmp_path: Path) -> None:
     state, holder = _state()
     with _ckpt(MemoryStore("one"), tmp_path / "cache") as ckpt:

@@ -274,6 +274,8 @@ class Checkpointer:
             self._last_saved_step = ref.step
             self._verified.add(str(ref.path))
             self._newer_than_restored = newer  # said at the first save, if it comes
+            if self._tiers is not None and self.writable and self.rank == 0:
+                self._tiers.restored(ref.step)
             return ref.step
         if refs and step is not None:
             raise errors.RestoreError(

@@ -43,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -112,6 +114,29 @@ def _manifest_bytes(store: Store, step: int) -> bytes | None:
         return None
 
 
+#: In the cache folder: the remote checkpoint this cache's work descends from when it was
+#: restored from the remote alone (a fresh cache holds no copy of it): ``{"step": N,
+#: "manifest_sha256": …}``. Its later checkpoints are this run's own work, not stale, for as
+#: long as that checkpoint is still the remote's newest (stop 19, R15).
+BASE_FILE = "remote-base.json"
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _restored_base(remote: Store, cache: Store, newest: int) -> bool:
+    """Whether the cache was restored from the remote's ``newest`` checkpoint as it is now."""
+    try:
+        rec = json.loads(cache.read(BASE_FILE))
+        if not isinstance(rec, dict) or rec.get("step") != newest:
+            return False
+    except (OSError, EOFError, ValueError):
+        return False
+    raw = _manifest_bytes(remote, newest)
+    return raw is not None and rec.get("manifest_sha256") == _digest(raw)
+
+
 def merge_refs(
     remote: Store, cache: Store, run_id: str
 ) -> tuple[list[reader.CheckpointRef], list[int], list[int], list[int]]:
@@ -121,8 +146,9 @@ def merge_refs(
     followed by its cache copy (restore tries the last first: the local copy, then the remote
     one); ``uploaded`` — cache checkpoints with an identical manifest remotely; ``pending`` —
     cache checkpoints of this run newer than every remote one, written after the remote's
-    newest (which the cache holds identically, or the remote holds none): uploads that a crash
-    cut short, resumed from and uploaded again; ``stale`` — the rest of this run's cache
+    newest (which the cache holds identically, or was restored from as it still is —
+    :data:`BASE_FILE` —, or the remote holds none): uploads that a crash cut short, resumed
+    from and uploaded again; ``stale`` — the rest of this run's cache
     checkpoints (the remote went on without them, e.g. from another machine): never restored,
     removed by the lock holder.
     """
@@ -141,7 +167,7 @@ def merge_refs(
             raw = _manifest_bytes(cache, c.step)
             if raw is not None and raw == _manifest_bytes(remote, c.step):
                 uploaded.append(c.step)
-    base_ok = newest is None or newest in uploaded
+    base_ok = newest is None or newest in uploaded or _restored_base(remote, cache, newest)
     pending = [
         c.step
         for c in crefs
@@ -267,6 +293,22 @@ class Tiers:
                 self.cache.describe(), pending, self.remote.describe(),
             )  # fmt: skip
         return list(pending)
+
+    def restored(self, step: int) -> None:
+        """Rank 0, after a restore of ``step``: if that is a remote checkpoint the cache holds
+        no identical copy of (a fresh cache), record it as the base of this cache's work, so
+        that what is saved next and not yet uploaded when the process dies is resumed and
+        uploaded, not removed as stale (docs/tiers.md)."""
+        raw = _manifest_bytes(self.remote, step)
+        if raw is None or _manifest_bytes(self.cache, step) == raw:
+            return
+        rec = {"step": step, "manifest_sha256": _digest(raw)}
+        try:
+            self.cache.put(BASE_FILE, json.dumps(rec).encode())
+        except OSError as exc:  # a hint: without it the next restart treats that work as stale
+            log.warning(
+                "cache %s: cannot record the restored remote step: %s", self.cache.describe(), exc
+            )
 
     def follow(self, run_id: str, pending: Sequence[int]) -> None:
         """Ranks other than 0: what rank 0 found when it opened the run."""
