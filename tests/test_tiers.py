@@ -192,6 +192,32 @@ def test_a_failed_upload_is_retried_then_raised_typed_at_the_next_step(tmp_path:
     assert _steps(remote.inner) == [1, 2]
 
 
+@pytest.mark.parametrize("call", ["step", "save", "save_async"])
+def test_the_call_that_raises_an_upload_failure_has_saved_its_own_step_first(
+    tmp_path: Path, call: str
+) -> None:
+    # A caller that catches the error and goes on (the remote is down for a while) must not
+    # lose the checkpoint of the call that told it (stop 19, R15).
+    remote = _Down(MemoryStore("remote"))
+    state, holder = _state()
+    ckpt = _ckpt(remote, tmp_path / "cache", keep=sg.Keep(last=5))
+    _set(holder, 1)
+    ckpt.step(state, 1)
+    deadline = time.monotonic() + 10
+    while remote.attempts < FAST.attempts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    _set(holder, 2)
+    with pytest.raises(sg.StorageError) as info:
+        getattr(ckpt, call)(state, 2)
+    assert info.value.step == 1
+    ckpt.wait()
+    assert 2 in _steps(tmp_path / "cache")  # step 2 was saved before the error was raised
+    remote.down = False
+    ckpt.close()
+    assert _steps(remote.inner) == [1, 2]
+
+
 def test_a_transient_upload_fault_is_retried_without_an_error(tmp_path: Path) -> None:
     remote = FaultyStore(MemoryStore("remote"), {"stage.write": 1, "commit.publish": 1})
     state, holder = _state()

@@ -326,8 +326,20 @@ class Checkpointer:
         self._progress.count(samples=samples, tokens=tokens)
         self._begin_session()
         # Every step, not only saving ones: a background failure surfaces at the very next call
-        # (never only logged). Non-blocking: it only looks at a finished save (or upload).
-        self._raise_background()
+        # (never only logged). Non-blocking: it only looks at a finished save (or upload). A
+        # failed save first; a failed upload after this step's own save (below).
+        self._persister.raise_failure()
+        saved = self._step(state, step, metrics, epoch_end)
+        self._raise_upload_failure()
+        return saved
+
+    def _step(
+        self,
+        state: statelib.TrainState,
+        step: int,
+        metrics: Mapping[str, float] | None,
+        epoch_end: bool,
+    ) -> bool:
         if epoch_end:
             self._epochs_completed += 1
         # One decision for every rank, so ranks never disagree on whether to save (a
@@ -396,6 +408,7 @@ class Checkpointer:
         checkpoint is committed. Returns its folder (a Path in a local run folder)."""
         path = self._save(state, step, metrics, reason="explicit", blocking=True)
         assert isinstance(path, (Path, Location))
+        self._raise_upload_failure()
         return path
 
     def save_async(
@@ -410,6 +423,7 @@ class Checkpointer:
         """
         handle = self._save(state, step, metrics, reason="explicit", blocking=False)
         assert handle is None or isinstance(handle, persist.SaveHandle)
+        self._raise_upload_failure()
         return handle
 
     def adopt(
@@ -525,6 +539,12 @@ class Checkpointer:
     def _raise_background(self) -> None:
         """Raise (once) what failed in the background: a save, else an upload."""
         self._persister.raise_failure()
+        self._raise_upload_failure()
+
+    def _raise_upload_failure(self) -> None:
+        """Raise (once) a failed upload. ``step``/``save``/``save_async`` call it after their
+        own save: it is in the cache, so a caller that catches the error and goes on has lost
+        no checkpoint (stop 19, R15)."""
         if self._tiers is not None:
             self._tiers.raise_failure()
 
@@ -613,7 +633,7 @@ class Checkpointer:
             log.info("step %d: previous save still persisting; skipped (when_busy='skip')", step)
             return None
         self._persister.wait()  # one save in flight; raises a previous background failure
-        self._raise_background()
+        self._persister.raise_failure()  # (an upload's: after this save, by the caller)
         clean_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         info = {"reason": reason, "index": self._index, "epochs_completed": self._epochs_completed}
         info.update(self._progress.record(time.time()))
