@@ -418,10 +418,11 @@ def copy_to_device(copies: Sequence[DeviceCopy]) -> None:
     Written by hand because nothing does it: ``copy_`` from pageable memory (a mapped
     checkpoint file) is synchronous and goes through the driver's own small staging buffer,
     one tensor after the other, so the host copy and the bus never overlap. On an H200 VM
-    (2026-11-30, bench_async --device cuda, 4.2 GB) a restore copying chunk by chunk moved
-    2.7 GB/s against 55 GB/s for a copy from pinned memory. Here the host's threads fill a
-    pinned buffer (at the memcpy rate of every core) while the previous buffers cross on a
-    side stream; a buffer is refilled only after its copies are done (an event).
+    (2026-11-30, bench_async --device cuda, 3.2 GB) the restore's copy from host memory to
+    the GPU by ``load_state_dict`` took ~0.53 s (6 GB/s) against 55 GB/s for a copy from
+    pinned memory. Here the host's threads fill a pinned buffer (at the memcpy rate of every
+    core) while the previous buffers cross on a side stream; a buffer is refilled only after
+    its copies are done (an event). Not yet run on a GPU: see ``reader.gpu_direct``.
     """
     by_device: dict[torch.device, list[DeviceCopy]] = {}
     for dest, src, n in copies:
