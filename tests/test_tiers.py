@@ -218,6 +218,32 @@ def test_the_call_that_raises_an_upload_failure_has_saved_its_own_step_first(
     assert _steps(remote.inner) == [1, 2]
 
 
+def test_a_preemption_with_a_failed_upload_still_exits_75_with_the_step_in_the_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+    import signal
+
+    remote = _Down(MemoryStore("remote"))
+    state, holder = _state()
+    ckpt = sg.Checkpointer(
+        remote, cache=tmp_path / "cache", save=sg.Every(steps=1), upload_retry=FAST
+    )
+    try:
+        _set(holder, 1)
+        ckpt.step(state, 1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice, while uploads fail
+        time.sleep(0.05)
+        _set(holder, 2)
+        with caplog.at_level("ERROR", logger="savegame"), pytest.raises(SystemExit) as info:
+            ckpt.step(state, 2)
+        assert info.value.code == 75  # requeued, not a crash
+        assert 2 in _steps(tmp_path / "cache")
+        assert "an upload to the remote failed" in caplog.text
+    finally:
+        ckpt.close()
+
+
 def test_a_transient_upload_fault_is_retried_without_an_error(tmp_path: Path) -> None:
     remote = FaultyStore(MemoryStore("remote"), {"stage.write": 1, "commit.publish": 1})
     state, holder = _state()

@@ -363,7 +363,15 @@ class Checkpointer:
                     log.warning(
                         "saved step %d after %s; exiting with status %d", step, name, EXIT_PREEMPTED
                     )
-                self.close()
+                try:
+                    self.close()
+                except errors.StorageError as exc:
+                    # A failed upload must not turn a preemption into a crash: the job is
+                    # requeued on 75 and resumes from the cache, or the remote's newest.
+                    log.error(
+                        "step %d is saved in the cache %s, but an upload to the remote failed: "
+                        "%s", step, self.store.describe(), exc,
+                    )  # fmt: skip
                 raise SystemExit(EXIT_PREEMPTED)
             self.preempted = True
             self._signals.clear()
