@@ -125,16 +125,22 @@ def _digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _restored_base(remote: Store, cache: Store, newest: int) -> bool:
-    """Whether the cache was restored from the remote's ``newest`` checkpoint as it is now."""
+def _restored_base(remote: Store, cache: Store, newest: int) -> frozenset[int] | None:
+    """If the cache was restored from the remote's ``newest`` checkpoint as it is now: the
+    cache's steps that were there before that restore (never its work after it); else None."""
     try:
         rec = json.loads(cache.read(BASE_FILE))
         if not isinstance(rec, dict) or rec.get("step") != newest:
-            return False
+            return None
+        before = rec.get("cache_steps")
+        if not isinstance(before, list) or not all(type(x) is int for x in before):
+            return None
     except (OSError, EOFError, ValueError):
-        return False
+        return None
     raw = _manifest_bytes(remote, newest)
-    return raw is not None and rec.get("manifest_sha256") == _digest(raw)
+    if raw is None or rec.get("manifest_sha256") != _digest(raw):
+        return None
+    return frozenset(before)
 
 
 def merge_refs(
@@ -167,11 +173,19 @@ def merge_refs(
             raw = _manifest_bytes(cache, c.step)
             if raw is not None and raw == _manifest_bytes(remote, c.step):
                 uploaded.append(c.step)
-    base_ok = newest is None or newest in uploaded or _restored_base(remote, cache, newest)
+    base_ok = newest is None or newest in uploaded
+    older: frozenset[int] = frozenset()  # cache steps from before a restore from the remote
+    if not base_ok:
+        marked = _restored_base(remote, cache, newest)  # type: ignore[arg-type]
+        if marked is not None:
+            base_ok, older = True, marked
     pending = [
         c.step
         for c in crefs
-        if base_ok and c.step not in by_step and (newest is None or c.step > newest)
+        if base_ok
+        and c.step not in by_step
+        and c.step not in older
+        and (newest is None or c.step > newest)
     ]
     stale = [c.step for c in crefs if c.step not in uploaded and c.step not in pending]
     usable = set(uploaded) | set(pending)
@@ -302,8 +316,11 @@ class Tiers:
         raw = _manifest_bytes(self.remote, step)
         if raw is None or _manifest_bytes(self.cache, step) == raw:
             return
-        rec = {"step": step, "manifest_sha256": _digest(raw)}
         try:
+            # What the cache holds now is not the work that follows this restore (a rollback
+            # to an older step leaves newer ones there): never pending on its account.
+            before = sorted(r.step for r in reader.list_checkpoints(self.cache))
+            rec = {"step": step, "manifest_sha256": _digest(raw), "cache_steps": before}
             self.cache.put(BASE_FILE, json.dumps(rec).encode())
         except OSError as exc:  # a hint: without it the next restart treats that work as stale
             log.warning(
@@ -446,6 +463,11 @@ class Tiers:
                 if self._failure is not None and self._failure.step == step:
                     self._failure = None  # not reported yet, and no longer true: it is uploaded
             if self.rank == 0:
+                # The cache holds an uploaded step of its own now: the restored base is no
+                # longer needed, and left there it would outlive a deletion of this step.
+                with contextlib.suppress(OSError):
+                    if self.cache.exists(BASE_FILE):
+                        self.cache.delete(BASE_FILE, None)
                 try:
                     self._retention(step)
                 except Exception as exc:  # noqa: BLE001 - thread boundary
