@@ -116,8 +116,9 @@ def _manifest_bytes(store: Store, step: int) -> bytes | None:
 
 #: In the cache folder: the remote checkpoint this cache's work descends from when it was
 #: restored from the remote alone (a fresh cache holds no copy of it): ``{"step": N,
-#: "manifest_sha256": …}``. Its later checkpoints are this run's own work, not stale, for as
-#: long as that checkpoint is still the remote's newest (stop 19, R15).
+#: "manifest_sha256": …, "cache_steps": [the cache's steps before that restore]}``. Its later
+#: checkpoints are this run's own work, not stale, for as long as that checkpoint is still the
+#: remote's newest; dropped at the first upload from the cache (stop 19, R15, D20).
 BASE_FILE = "remote-base.json"
 
 
