@@ -970,6 +970,15 @@ def _runs(
     return runs
 
 
+def _region(target: torch.Tensor, entry: manifest.TensorEntry, c: manifest.Chunk) -> torch.Tensor:
+    """The view of ``target`` (the whole tensor of ``entry``) that chunk ``c`` fills."""
+    region = target
+    if c.shape != entry.shape:
+        for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
+            region = region.narrow(dim, s, n)
+    return region
+
+
 def _copy_later(
     target: torch.Tensor,
     entry: manifest.TensorEntry,
@@ -985,10 +994,7 @@ def _copy_later(
         return False  # (never, for a checked file; the copy below then fails loudly)
     if target.device.type != "cpu" or target.is_conj() or target.is_neg():
         return False
-    region = target
-    if c.shape != entry.shape:
-        for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
-            region = region.narrow(dim, s, n)
+    region = _region(target, entry, c)
     n = region.numel() * region.element_size()
     if n != c.length or not region.is_contiguous():
         return False
@@ -1012,10 +1018,7 @@ def _copy_to_device_later(
         return False
     if c.offset + c.length > length:
         return False
-    region = target
-    if c.shape != entry.shape:
-        for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
-            region = region.narrow(dim, s, n)
+    region = _region(target, entry, c)
     if region.numel() * region.element_size() != c.length or not region.is_contiguous():
         return False
     if c.length:
@@ -1029,10 +1032,7 @@ def _copy_chunk(
     """Copy chunk ``c``'s verified bytes ``src`` into its region of ``target``."""
     import torch
 
-    region = target
-    if c.shape != entry.shape:
-        for dim, (s, n) in enumerate(zip(c.start, c.shape, strict=True)):
-            region = region.narrow(dim, s, n)
+    region = _region(target, entry, c)
     if region.numel() == 0:
         return
     if region.is_contiguous():
