@@ -596,3 +596,54 @@ def test_start_from_skips_a_damaged_checkpoint_without_touching_it(tmp_path: Pat
         with pytest.warns(sg.CorruptCheckpointWarning, match="start_from"):
             assert ckpt.restore(state) == 2
     assert (source / layout.step_dir(3)).is_dir()  # left where it was
+
+
+class _Unreadable(_Slow):
+    """A remote whose reads of step ``step``'s manifest fail (a 503 after the store's own
+    retries) from the ``after``-th read on, while ``down``."""
+
+    def __init__(self, inner: Store, step: int, after: int) -> None:
+        super().__init__(inner, delay=0.0)
+        self.key = f"{layout.step_dir(step)}/{layout.MANIFEST}"
+        self.after, self.reads, self.down = after, 0, False
+
+    def open(self, key: str) -> base.Blob:
+        if self.down and key == self.key:
+            self.reads += 1
+            if self.reads >= self.after:
+                raise OSError(errno.EIO, "503 Slow Down (injected)")
+        return super().open(key)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 4])
+def test_an_unreadable_remote_manifest_never_makes_the_caches_own_work_stale(
+    tmp_path: Path, after: int
+) -> None:
+    # Machine B restored step 1 from the remote into a fresh cache, saved 2 and 3 and died
+    # before uploading them. When it comes back, the remote fails to read step 1's manifest
+    # (the base its work descends from): it must not guess "the remote went on" and delete 2
+    # and 3 (stop 19, left alone then). Either the run refuses to open, typed, or it resumes 3.
+    remote = _Unreadable(MemoryStore("remote"), step=1, after=after)
+    cache = tmp_path / "cache-b"
+    _fresh_cache_machine_dies_before_its_uploads(remote, cache)
+    remote.down = True
+    state, holder = _state()
+    try:
+        with _ckpt(remote, cache, keep=sg.Keep(last=5)) as again:
+            got = again.restore(state)
+    except sg.errors.StorageError as exc:
+        assert "503 Slow Down" in str(exc) and "none was removed" in str(exc)
+        got = None
+        # nothing lost: each of 2 and 3 is in the cache, or uploaded (the pending uploads may
+        # have run before the restore read the remote again)
+        assert {2, 3} <= set(_steps(cache)) | set(_steps(remote.inner))
+    else:  # resumed its own work and uploaded it
+        assert got == 3 and holder["step"] == 3
+        assert _steps(remote.inner) == [1, 2, 3]
+    remote.down = False
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as again:
+        assert again.restore(state) == 3
+        assert holder["step"] == 3
+    assert _steps(remote.inner) == [1, 2, 3]
+    assert got is not None or remote.reads >= after  # the fault did fire

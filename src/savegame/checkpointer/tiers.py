@@ -126,19 +126,47 @@ def _digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def _unsure(where: str, cache: Store, exc: BaseException) -> errors.StorageError:
+    return errors.StorageError(
+        f"could not read {where}: {exc}. Without it savegame cannot tell which checkpoints of "
+        f"the cache {cache.describe()} are this run's newest work, so none was removed or "
+        "restored; try again once the store answers (its own retries were spent)",
+        path=where,
+    )
+
+
+def _read_sure(store: Store, key: str, cache: Store) -> bytes | None:
+    """Blob ``key`` of ``store``, None only if it is absent: a read that fails otherwise (a 503
+    after the store's retries, EIO) raises — whether a cache checkpoint is this run's work is
+    never decided on a guess, since the answer "stale" deletes it."""
+    try:
+        return store.read(key)
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError) as exc:
+        raise _unsure(store.describe(key), cache, exc) from exc
+
+
+def _manifest_sure(store: Store, step: int, cache: Store) -> bytes | None:
+    return _read_sure(store, f"{layout.step_dir(step)}/{layout.MANIFEST}", cache)
+
+
 def _restored_base(remote: Store, cache: Store, newest: int) -> frozenset[int] | None:
     """If the cache was restored from the remote's ``newest`` checkpoint as it is now: the
     cache's steps that were there before that restore (never its work after it); else None."""
-    try:
-        rec = json.loads(cache.read(BASE_FILE))
-        if not isinstance(rec, dict) or rec.get("step") != newest:
-            return None
-        before = rec.get("cache_steps")
-        if not isinstance(before, list) or not all(type(x) is int for x in before):
-            return None
-    except (OSError, EOFError, ValueError):
+    text = _read_sure(cache, BASE_FILE, cache)
+    if text is None:
         return None
-    raw = _manifest_bytes(remote, newest)
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict) or rec.get("step") != newest:
+        return None
+    before = rec.get("cache_steps")
+    if not isinstance(before, list) or not all(type(x) is int for x in before):
+        return None
+    raw = _manifest_sure(remote, newest, cache)
     if raw is None or rec.get("manifest_sha256") != _digest(raw):
         return None
     return frozenset(before)
@@ -160,6 +188,9 @@ def merge_refs(
     removed by the lock holder.
     """
     rrefs = reader.list_checkpoints(remote)
+    for r in rrefs:  # a manifest that could not be read (not: is absent, or damaged)
+        if isinstance(r.error, errors.StorageError) and not isinstance(r.error, FileNotFoundError):
+            raise _unsure(str(r.path), cache, r.error)
     crefs = [
         r
         for r in reader.list_checkpoints(cache)
@@ -171,8 +202,8 @@ def merge_refs(
     uploaded: list[int] = []
     for c in crefs:
         if c.step in by_step:
-            raw = _manifest_bytes(cache, c.step)
-            if raw is not None and raw == _manifest_bytes(remote, c.step):
+            raw = _manifest_sure(cache, c.step, cache)
+            if raw is not None and raw == _manifest_sure(remote, c.step, cache):
                 uploaded.append(c.step)
     base_ok = newest is None or newest in uploaded
     older: frozenset[int] = frozenset()  # cache steps from before a restore from the remote
@@ -314,10 +345,10 @@ class Tiers:
         no identical copy of (a fresh cache), record it as the base of this cache's work, so
         that what is saved next and not yet uploaded when the process dies is resumed and
         uploaded, not removed as stale (docs/tiers.md)."""
-        raw = _manifest_bytes(self.remote, step)
-        if raw is None or _manifest_bytes(self.cache, step) == raw:
-            return
         try:
+            raw = _manifest_sure(self.remote, step, self.cache)
+            if raw is None or _manifest_sure(self.cache, step, self.cache) == raw:
+                return
             # What the cache holds now is not the work that follows this restore (a rollback
             # to an older step leaves newer ones there): never pending on its account.
             before = sorted(r.step for r in reader.list_checkpoints(self.cache))
