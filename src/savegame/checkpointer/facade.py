@@ -219,6 +219,8 @@ class Checkpointer:
 
         Raises:
             CheckpointNotFoundError: ``step`` was given and does not exist.
+            StorageError: a checkpoint newer than any usable one could not be read (storage
+                failure, not damage): nothing restored, never an older step on a guess.
             RestoreError: a checkpoint is valid but does not fit ``state`` (different objects,
                 or per-rank state on a different world size with ``per_rank="strict"``), or a
                 name in ``only``/``skip`` does not exist (TypeError/ValueError: a bad argument).

@@ -1,7 +1,8 @@
 """Restoring in one process a checkpoint that one process wrote, and what restore leaves behind.
 
 Invariants: nothing is applied to the live objects until a checkpoint was read and every hash
-verified (a corrupt one never leaves them half-restored; the next older one is tried); tensors
+verified (a corrupt one never leaves them half-restored; the next older one is tried, but
+never past one that could not be read: a StorageError is raised instead); tensors
 are read straight into the live parameters and optimizer moments where they fit (one copy).
 A skipped checkpoint is set aside only once proven damaged, by the lock holder only.
 ``only=``/``skip=``/``strict=False`` read and apply the parts :mod:`savegame.state.overrides`
@@ -85,9 +86,10 @@ def restore_whole(
         RestoreError: a valid checkpoint does not fit ``state``, or ``opts`` names a part that
             does not exist (checked on the manifest, before anything is read).
     """
-    for ref in reversed(refs):
+    for i in reversed(range(len(refs))):
+        ref = refs[i]
         if ref.error is not None or ref.manifest is None:
-            skip(ref.path, ref.error)
+            loading.skip_or_raise(refs, i, ref.error, skip)
             continue
         try:
             stored = ref.manifest.trees[0]
@@ -102,7 +104,7 @@ def restore_whole(
             tensors = reader.load_tensors(ref.path, ref.manifest, keys, dest=dest)
             tree = treelib.decode(skeleton, tensors, path=ref.path / layout.MANIFEST)
         except (errors.FormatError, errors.StorageError) as exc:
-            skip(ref.path, exc)
+            loading.skip_or_raise(refs, i, exc, skip)
             continue
         # A run saved through DDP before savegame unwrapped it has "module."-prefixed keys.
         tree = protocol.match_wrapper_keys(state, tree)

@@ -34,7 +34,7 @@ from savegame.engine import reader
 from savegame.format import manifest
 from savegame.state import overrides
 
-__all__ = ["load_state", "restore"]
+__all__ = ["load_state", "restore", "skip_or_raise"]
 
 
 def load_state(
@@ -185,6 +185,32 @@ def check_fit(
 _OTHER_RANK = "another rank could not use its share of this checkpoint"
 
 
+def skip_or_raise(
+    refs: Sequence[reader.CheckpointRef],
+    i: int,
+    exc: BaseException | None,
+    skip: Callable[[Path, BaseException | None], None],
+) -> None:
+    """Restore could not use ``refs[i]``: go on to the next older candidate (``skip``), unless
+    the checkpoint could not be *read* — a :class:`~savegame.errors.StorageError` (a 503 after
+    the store's retries, EIO, access denied, no room to stage) says nothing about its bytes —
+    and no other copy of its step comes next (a two-tier run lists the remote copy before the
+    cache copy). Falling back to an older step then would resume behind the run's newest work
+    (and refuse to save that step later): raise instead, so the job fails and is retried.
+    Damage (:class:`~savegame.errors.FormatError`) is proven, so restore falls back past it."""
+    ref = refs[i]
+    if isinstance(exc, errors.StorageError) and not (i > 0 and refs[i - 1].step == ref.step):
+        raise errors.StorageError(
+            f"could not read checkpoint {ref.path} (step {ref.step}): {exc}. Nothing was "
+            "restored: falling back to an older step would lose the training since. Try again "
+            "once the storage answers; to resume from an older checkpoint on purpose, pass "
+            "restore(step=...)",
+            path=ref.path,
+            step=ref.step,
+        ) from exc
+    skip(ref.path, exc)
+
+
 def restore(
     group: collectives.Group | collectives.LocalGroup | None,
     refs: Sequence[reader.CheckpointRef],
@@ -210,11 +236,10 @@ def restore(
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
     initialized = _init_sharded_optimizers(state) if refs else []
     try:
-        for ref in reversed(refs):
-            if ref.error is not None or ref.manifest is None:
-                skip(ref.path, ref.error)
-                continue
+        for i in reversed(range(len(refs))):
+            ref = refs[i]
             outcome: tuple[str, str] = ("ok", "")
+            own: BaseException | None = None  # this rank's reason not to use ref
             apply: Callable[[], tuple[planning.RestorePlan, overrides.RestoreReport]] | None = None
             what = f"restore of {ref.path}"
             # Exactly one agreement per candidate on every rank: inside the reader (after this
@@ -227,23 +252,27 @@ def restore(
                 if box[0]:
                     raise errors.FormatError(_OTHER_RANK)
 
-            try:
-                apply = load_state(
-                    ref.path,
-                    ref.manifest,
-                    state,
-                    rank=rank,
-                    world=world,
-                    per_rank=per_rank,
-                    before_copy=agree,
-                    opts=opts,
-                )
-            except errors.RestoreError as exc:
-                outcome = ("fatal", str(exc))
-            except errors.CheckpointError as exc:  # damaged, unreadable, missing tensor: skip
-                outcome = ("skip", str(exc))
+            if ref.error is not None or ref.manifest is None:
+                # Agreed on like any other failure: a manifest one rank could not read (a 503)
+                # while the others could must not send the ranks to different checkpoints.
+                own = ref.error or errors.IncompleteCheckpointError(f"{ref.path}: no manifest")
+                outcome = (_kind(own), str(own))
+            else:
+                try:
+                    apply = load_state(
+                        ref.path,
+                        ref.manifest,
+                        state,
+                        rank=rank,
+                        world=world,
+                        per_rank=per_rank,
+                        before_copy=agree,
+                        opts=opts,
+                    )
+                except errors.CheckpointError as exc:  # damaged, unreadable, missing tensor
+                    own, outcome = exc, (_kind(exc), str(exc))
             if not agreed:
-                code = {"ok": 0, "skip": 1, "fatal": 2}[outcome[0]]
+                code = {"ok": 0, "unreadable": 1, "skip": 1, "fatal": 2}[outcome[0]]
                 agreed.append(group.max_int(code, what=what) if group is not None else code)
             outcomes = [outcome] * world
             if agreed[0] and group is not None:  # something failed somewhere: learn what
@@ -254,11 +283,23 @@ def restore(
                 raise errors.RestoreError(
                     msg if r == rank else f"rank {r}: {msg}", path=ref.path, step=ref.step
                 )
-            bad = {r: msg for r, (kind, msg) in enumerate(outcomes) if kind != "ok"}
+            bad = {r: (kind, msg) for r, (kind, msg) in enumerate(outcomes) if kind != "ok"}
             if bad:
-                # name the rank that found the damage, not one that only heard of it
-                r, msg = min(bad.items(), key=lambda kv: (kv[1] == _OTHER_RANK, kv[0]))
-                skip(ref.path, errors.FormatError(f"rank {r}: {msg}", path=ref.path))
+                # Damage found by any rank is proven (skip); otherwise every rank failed to read
+                # (no older step on a guess: skip_or_raise). Name the rank that found it, not
+                # one that only heard of it.
+                kinds = {kind for kind, msg in bad.values() if msg != _OTHER_RANK}
+                kind = "skip" if "skip" in kinds or not kinds else "unreadable"
+                r, (_, msg) = min(
+                    ((r, km) for r, km in bad.items() if km[0] == kind or km[1] == _OTHER_RANK),
+                    key=lambda kv: (kv[1][1] == _OTHER_RANK, kv[0]),
+                )
+                cls: type[errors.CheckpointError] = errors.FormatError
+                if kind == "unreadable":
+                    cls = errors.StorageError
+                elif r == rank and isinstance(own, errors.FormatError):
+                    cls = type(own)  # e.g. a newer format version: never set aside as damage
+                skip_or_raise(refs, i, cls(f"rank {r}: {msg}", path=ref.path), skip)
                 continue
             assert apply is not None
             plan, report = apply()
@@ -285,6 +326,14 @@ def restore(
     finally:
         for opt in initialized:  # nothing was restored: undo the materialized optimizer state
             opt.state = collections.defaultdict(dict)
+
+
+def _kind(exc: BaseException) -> str:
+    """How restore treats a failure: ``fatal`` (does not fit: raised on every rank), ``unreadable``
+    (storage failed, nothing known about the checkpoint) or ``skip`` (damaged: the next older)."""
+    if isinstance(exc, errors.RestoreError):
+        return "fatal"
+    return "unreadable" if isinstance(exc, errors.StorageError) else "skip"
 
 
 def _init_sharded_optimizers(state: statelib.TrainState) -> list[Any]:
