@@ -76,6 +76,7 @@ from bench_save_restore import (
     flat_state,
     fsync_path,
     load_flat,
+    quiet_memory,
     state_bytes,
     touch_pages,
 )
@@ -588,43 +589,6 @@ def settle(limit_s: float = 20.0) -> None:
             break
         time.sleep(0.05)
     quiet_memory()
-
-
-#: A 32 MiB probe copy (pre-faulted), its best time so far in this process.
-_PROBE: dict[str, Any] = {}
-
-
-def quiet_memory(limit_s: float = 8.0) -> None:
-    """Wait until a probe copy runs at the best speed seen, after any memory the previous
-    method freed has been handed back to the hypervisor.
-
-    On a VM with free page reporting (virtio-balloon, as on this Firecracker VM), the guest
-    reports freed memory to the host 2 s after it is freed, on a guest kernel thread, and the
-    host unmaps it: for a second or two every copy runs 1.6-3x slower (measured: a 1 GB
-    torch ``copy_`` 84 ms before a save, 218 ms right after its commit and the deletion of the
-    checkpoint before it, 88 ms four seconds later). Methods ran back to back, so whichever
-    came right after a method that freed memory (a deleted checkpoint's page cache, DCP's
-    staging copy) was measured under that disturbance. Waiting here costs ~2.5 s per method
-    and gives every method, the floors included, the same quiet machine.
-    """
-    if not _PROBE:
-        src = torch.ones(8 << 20)  # 32 MiB
-        _PROBE.update(src=src, dst=torch.zeros_like(src), best=float("inf"))
-    src, dst = _PROBE["src"], _PROBE["dst"]
-
-    def probe() -> float:
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        return time.perf_counter() - t0
-
-    time.sleep(2.5)  # the reporting is delayed by 2 s after the free (mm/page_reporting.c)
-    deadline = time.monotonic() + limit_s
-    while True:
-        took = min(probe() for _ in range(3))
-        _PROBE["best"] = min(_PROBE["best"], took)
-        if took <= 1.15 * _PROBE["best"] or time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
 
 
 def stall_floor(med: dict[str, float]) -> str:

@@ -121,6 +121,7 @@ def bench_async(monkeypatch, tmp_path):
 
     monkeypatch.setattr(mod, "build_state", small_state)
     monkeypatch.setattr(mod, "settle", lambda limit_s=20.0: None)
+    monkeypatch.setattr(mod, "quiet_memory", lambda limit_s=8.0: None)  # a 2.5 s wait per restore
     try:
         yield mod
     finally:  # a run_one that raised left these behind
