@@ -12,6 +12,7 @@ tiers (a fresh cache restores from the remote; a cache ahead of the remote resum
 from __future__ import annotations
 
 import errno
+import json
 import threading
 import time
 from pathlib import Path
@@ -647,3 +648,47 @@ def test_an_unreadable_remote_manifest_never_makes_the_caches_own_work_stale(
         assert holder["step"] == 3
     assert _steps(remote.inner) == [1, 2, 3]
     assert got is not None or remote.reads >= after  # the fault did fire
+
+
+class _RunFileDown(_Slow):
+    """A remote whose reads of run.json fail (a 503 after the store's retries) while ``down``."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner, delay=0.0)
+        self.down = False
+
+    def open(self, key: str) -> base.Blob:
+        if self.down and key == layout.RUN_FILE:
+            raise OSError(errno.EIO, "503 Slow Down (injected)")
+        return super().open(key)
+
+
+@pytest.mark.parametrize("cache_state", ["fresh", "with pending work"])
+def test_an_unreadable_remote_run_file_never_makes_the_run_a_new_one(
+    tmp_path: Path, cache_state: str
+) -> None:
+    # Before: run.json unreadable counted as absent. A fresh cache then started a new run id
+    # and replaced the remote's run.json with it; a cache holding this run's pending work was
+    # refused as "another run" with the advice to use an empty cache folder.
+    remote = _RunFileDown(MemoryStore("remote"))
+    if cache_state == "fresh":
+        state, holder = _state()
+        with _ckpt(remote, tmp_path / "cache-a") as a:
+            _set(holder, 1)
+            a.save(state, 1)
+        cache = tmp_path / "cache-b"
+    else:
+        _fresh_cache_machine_dies_before_its_uploads(remote, tmp_path / "cache-b")
+        cache = tmp_path / "cache-b"
+    before = remote.inner.read(layout.RUN_FILE)
+    cached = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    remote.down = True
+    with pytest.raises(sg.StorageError, match="503 Slow Down"):
+        _ckpt(remote, cache, keep=sg.Keep(last=5))
+    assert remote.inner.read(layout.RUN_FILE) == before
+    assert (sorted(p.name for p in cache.iterdir()) if cache.exists() else []) == cached
+    remote.down = False
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as again:  # the store answers again
+        assert again.restore(state) == (1 if cache_state == "fresh" else 3)
+        assert again.run_id == json.loads(before)["run_id"]  # the same run, not a new one

@@ -87,12 +87,22 @@ def run_file(root: Root) -> Path | str:
     return store.local_path(layout.RUN_FILE) or store.describe(layout.RUN_FILE)
 
 
-def read_run_file(root: Root) -> dict[str, Any] | None:
-    """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable."""
+def read_run_file(root: Root, *, strict: bool = False) -> dict[str, Any] | None:
+    """``run.json`` of a run folder (run id, retention rule), or None if absent or unreadable.
+
+    ``strict``: None only if it is absent (or damaged); a read that fails (a 503 after the
+    store's retries, EIO) raises :class:`~savegame.errors.StorageError` — for decisions that
+    would otherwise take a run that exists for a new one."""
+    store = as_store(root)
     try:
-        return _parse_run_file(as_store(root).read(layout.RUN_FILE))
-    except (OSError, EOFError):
+        return _parse_run_file(store.read(layout.RUN_FILE))
+    except FileNotFoundError:
         return None
+    except (OSError, EOFError) as exc:
+        if not strict:
+            return None
+        where = store.describe(layout.RUN_FILE)
+        raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
 
 
 def run_file_problem(root: Root) -> str | None:

@@ -295,8 +295,11 @@ class Tiers:
             CheckpointError: the cache folder holds another run.
         """
         self._lease.acquire()
-        rrec = runfile.read_run_file(self.remote)
-        crec = runfile.read_run_file(self.cache)
+        # Strict reads: a remote run.json that failed to read (not: is absent) would make this
+        # a new run — the remote's run.json replaced by a new id, or a cache refused as
+        # "another run" with the advice to empty it (its pending work lost).
+        rrec = runfile.read_run_file(self.remote, strict=True)
+        crec = runfile.read_run_file(self.cache, strict=True)
         if crec is not None and (rrec is None or rrec["run_id"] != crec["run_id"]):
             has_ckpts = any(r.valid for r in reader.list_checkpoints(self.cache))
             if rrec is not None or has_ckpts:
