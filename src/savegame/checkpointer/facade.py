@@ -243,7 +243,7 @@ class Checkpointer:
     ) -> int:
         if step is not None:
             step = checks.check_step(step)
-        refs = self._tiers.refs() if self._tiers else reader.list_checkpoints(self.store)
+        refs = self._candidates()
         # Older step folders whose manifest is damaged are never reached by the loop below and
         # never restorable either: set them aside too (listed as damaged, out of the way).
         self._suspects += [
@@ -277,7 +277,7 @@ class Checkpointer:
             self._verified.add(str(ref.path))
             self._newer_than_restored = newer  # said at the first save, if it comes
             if self._tiers is not None and self.writable and self.rank == 0:
-                self._tiers.restored(ref.step)
+                self._tiers.restored(ref)
             return ref.step
         if refs and step is not None:
             raise errors.RestoreError(
@@ -794,13 +794,46 @@ class Checkpointer:
             self._progress.learn(runfile.start_session(self.store, self.run_id))
 
     # ---- restore's skipped checkpoints --------------------------------------------------------
+    def _candidates(self) -> list[reader.CheckpointRef]:
+        """Every rank: the checkpoints restore may take. A listing or manifest read that fails
+        on one rank (a 503) raises on every rank alike, instead of leaving the others waiting
+        in restore's first collective until the timeout."""
+        own: errors.CheckpointError | None = None
+        refs: list[reader.CheckpointRef] = []
+        try:
+            refs = self._tiers.refs() if self._tiers else reader.list_checkpoints(self.store)
+        except errors.CheckpointError as exc:
+            own = exc
+        group = self._group
+        if not group.distributed:
+            if own is not None:
+                raise own
+            return refs
+        what = f"listing the checkpoints of {self.root}"
+        if group.max_int(int(own is not None), what=what):
+            said = group.gather(None if own is None else f"{type(own).__name__}: {own}", what=what)
+            if own is not None:
+                raise own
+            r, msg = min((r, m) for r, m in enumerate(said) if m is not None)
+            raise errors.StorageError(
+                f"rank {r} could not list the checkpoints of {self.root}: {msg}; nothing was "
+                "restored on any rank",
+                path=self.root,
+            )
+        return refs
+
     def _warn_skip(self, path: Path, exc: BaseException | None) -> None:
-        warnings.warn(
-            f"skipping checkpoint {path}: {exc}; falling back to an earlier one",
-            errors.CorruptCheckpointWarning,
-            stacklevel=3,
+        # (restore skips a checkpoint it could not read only for another copy of its step)
+        then = (
+            "reading the other copy of its step"
+            if isinstance(exc, errors.StorageError)
+            else "falling back to an earlier one"
         )
-        self._suspects.append((path, exc))
+        warnings.warn(
+            f"skipping checkpoint {path}: {exc}; {then}", errors.CorruptCheckpointWarning, stacklevel=3
+        )
+        if not isinstance(exc, errors.StorageError):  # only proven damage is ever set aside
+            self._suspects.append((path, exc))
 
     def _set_aside_suspects(self) -> None:
         """The lock holder sets aside what restore skipped, once proven damaged (issue 9.8)."""

@@ -151,7 +151,28 @@ def _manifest_sure(store: Store, step: int, cache: Store) -> bytes | None:
     return _read_sure(store, f"{layout.step_dir(step)}/{layout.MANIFEST}", cache)
 
 
-def _restored_base(remote: Store, cache: Store, newest: int) -> frozenset[int] | None:
+def _manifest_strict(store: Store, step: int) -> bytes | None:
+    """The raw manifest of ``step``, None only if it has none; a failed read raises a
+    StorageError (the upload retries it): a 503 is not "the remote holds another step"."""
+    key = f"{layout.step_dir(step)}/{layout.MANIFEST}"
+    try:
+        return store.read(key)
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError) as exc:
+        where = store.describe(key)
+        raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
+
+
+def _identity(m: manifest.Manifest) -> str:
+    """A digest of a parsed manifest's content (the same for every copy of one checkpoint):
+    what remote-base.json records, so that recording it needs no second read of the remote."""
+    return _digest(m.to_bytes())
+
+
+def _restored_base(
+    remote: Store, cache: Store, newest: reader.CheckpointRef
+) -> frozenset[int] | None:
     """If the cache was restored from the remote's ``newest`` checkpoint as it is now: the
     cache's steps that were there before that restore (never its work after it); else None."""
     text = _read_sure(cache, BASE_FILE, cache)
@@ -161,15 +182,17 @@ def _restored_base(remote: Store, cache: Store, newest: int) -> frozenset[int] |
         rec = json.loads(text)
     except ValueError:
         return None
-    if not isinstance(rec, dict) or rec.get("step") != newest:
+    if not isinstance(rec, dict) or rec.get("step") != newest.step:
         return None
     before = rec.get("cache_steps")
     if not isinstance(before, list) or not all(type(x) is int for x in before):
         return None
-    raw = _manifest_sure(remote, newest, cache)
-    if raw is None or rec.get("manifest_sha256") != _digest(raw):
-        return None
-    return frozenset(before)
+    if "manifest_identity" in rec:
+        same = newest.manifest is not None and rec["manifest_identity"] == _identity(newest.manifest)
+    else:  # a record of savegame 0.x before stop 20: the digest of the raw bytes
+        raw = _manifest_sure(remote, newest.step, cache)
+        same = raw is not None and rec.get("manifest_sha256") == _digest(raw)
+    return frozenset(before) if same else None
 
 
 def merge_refs(
@@ -188,12 +211,27 @@ def merge_refs(
     removed by the lock holder.
     """
     rrefs = reader.list_checkpoints(remote)
-    for r in rrefs:  # a manifest that could not be read (not: is absent, or damaged)
-        if isinstance(r.error, errors.StorageError) and not isinstance(r.error, FileNotFoundError):
-            raise _unsure(str(r.path), cache, r.error)
+    all_crefs = reader.list_checkpoints(cache)
+
+    def unreadable(r: reader.CheckpointRef) -> bool:  # (not: absent, or damaged)
+        return isinstance(r.error, errors.StorageError) and not isinstance(
+            r.error, FileNotFoundError
+        )
+
+    for r in all_crefs:
+        if unreadable(r):
+            raise _unsure(str(r.path), cache, r.error)  # type: ignore[arg-type]
+    # A remote manifest that could not be read decides something if it may be the run's newest,
+    # or if the cache holds that step; an older one the cache does not hold decides nothing
+    # here (restore reaches it only past every newer one, and raises there).
+    readable = [r.step for r in rrefs if r.valid and r.manifest and r.manifest.run_id == run_id]
+    held = {r.step for r in all_crefs}
+    for r in rrefs:
+        if unreadable(r) and (not readable or r.step > max(readable) or r.step in held):
+            raise _unsure(str(r.path), cache, r.error)  # type: ignore[arg-type]
     crefs = [
         r
-        for r in reader.list_checkpoints(cache)
+        for r in all_crefs
         if r.valid and r.manifest is not None and r.manifest.run_id == run_id
     ]
     by_step = {r.step: r for r in rrefs}
@@ -208,7 +246,7 @@ def merge_refs(
     base_ok = newest is None or newest in uploaded
     older: frozenset[int] = frozenset()  # cache steps from before a restore from the remote
     if not base_ok:
-        marked = _restored_base(remote, cache, newest)  # type: ignore[arg-type]
+        marked = _restored_base(remote, cache, by_step[newest])  # type: ignore[index]
         if marked is not None:
             base_ok, older = True, marked
     pending = [
@@ -343,24 +381,36 @@ class Tiers:
             )  # fmt: skip
         return list(pending)
 
-    def restored(self, step: int) -> None:
-        """Rank 0, after a restore of ``step``: if that is a remote checkpoint the cache holds
+    def restored(self, ref: reader.CheckpointRef) -> None:
+        """Rank 0, after a restore of ``ref``: if that is a remote checkpoint the cache holds
         no identical copy of (a fresh cache), record it as the base of this cache's work, so
         that what is saved next and not yet uploaded when the process dies is resumed and
-        uploaded, not removed as stale (docs/tiers.md)."""
+        uploaded, not removed as stale (docs/tiers.md). From the manifest the restore read:
+        no request to the remote, which could fail where the restore did not. A cache that
+        cannot take the record is logged as an error, not raised: rank 0 alone runs this, and
+        the saves into that cache fail on every rank anyway."""
+        m = ref.manifest
+        if m is None or ref.loc is None or ref.loc.store is not self.remote:
+            return  # restored from the cache itself
         try:
-            raw = _manifest_sure(self.remote, step, self.cache)
-            if raw is None or _manifest_sure(self.cache, step, self.cache) == raw:
-                return
+            mine = reader.read_manifest(Location(self.cache, layout.step_dir(ref.step)))
+        except errors.CheckpointError:
+            mine = None  # absent (or unusable): the cache holds no copy of it
+        if mine is not None and _identity(mine) == _identity(m):
+            return
+        try:
             # What the cache holds now is not the work that follows this restore (a rollback
             # to an older step leaves newer ones there): never pending on its account.
             before = sorted(r.step for r in reader.list_checkpoints(self.cache))
-            rec = {"step": step, "manifest_sha256": _digest(raw), "cache_steps": before}
+            rec = {"step": ref.step, "manifest_identity": _identity(m), "cache_steps": before}
             self.cache.put(BASE_FILE, json.dumps(rec).encode())
-        except OSError as exc:  # a hint: without it the next restart treats that work as stale
-            log.warning(
-                "cache %s: cannot record the restored remote step: %s", self.cache.describe(), exc
-            )
+        except OSError as exc:
+            log.error(
+                "restored step %d from %s, but could not record it in the cache %s (%s): work "
+                "saved next is taken for stale at the next open if this process dies before "
+                "uploading it — fix the cache folder (space, permissions)",
+                ref.step, self.remote.describe(), self.cache.describe(), exc,
+            )  # fmt: skip
 
     def follow(self, run_id: str, pending: Sequence[int]) -> None:
         """Ranks other than 0: what rank 0 found when it opened the run."""
@@ -594,7 +644,7 @@ class Tiers:
     def _open_upload(self, step: int, raw: bytes | None) -> tuple[str, str]:
         """Rank 0: ("done", "") if the remote holds this exact checkpoint (an earlier attempt
         committed it), ("permanent", why) if it holds another, else ("go", "")."""
-        remote_raw = _manifest_bytes(self.remote, step)
+        remote_raw = _manifest_strict(self.remote, step)
         if remote_raw is None:
             return ("go", "")
         if raw is not None and remote_raw == raw:
@@ -700,7 +750,9 @@ class Tiers:
         try:
             staging.commit(key, layout.MANIFEST, raw)
         except FileExistsError:
-            if _manifest_bytes(self.remote, step) != raw:
+            # (A failed read raises: retried, and the next attempt finds it "done" if it is ours;
+            # the staging area is left to garbage collection, never aborted on a guess.)
+            if _manifest_strict(self.remote, step) != raw:
                 staging.abort()
                 return ("permanent", f"another step {step} appeared at {self.remote.describe(key)}")
         except BaseException:

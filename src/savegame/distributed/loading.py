@@ -234,6 +234,7 @@ def restore(
         DistributedSaveError: a rank died or hung during the agreement (timeout).
     """
     rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    refs, unlisted = _agreed_candidates(group, refs)
     initialized = _init_sharded_optimizers(state) if refs else []
     try:
         for i in reversed(range(len(refs))):
@@ -299,7 +300,8 @@ def restore(
                     cls = errors.StorageError
                 elif r == rank and isinstance(own, errors.FormatError):
                     cls = type(own)  # e.g. a newer format version: never set aside as damage
-                skip_or_raise(refs, i, cls(f"rank {r}: {msg}", path=ref.path), skip)
+                quiet = skip if id(ref) not in unlisted else (lambda path, exc: None)
+                skip_or_raise(refs, i, cls(f"rank {r}: {msg}", path=ref.path), quiet)
                 continue
             assert apply is not None
             plan, report = apply()
@@ -326,6 +328,51 @@ def restore(
     finally:
         for opt in initialized:  # nothing was restored: undo the materialized optimizer state
             opt.state = collections.defaultdict(dict)
+
+
+def _slot(ref: reader.CheckpointRef) -> tuple[int, str]:
+    return (ref.step, str(ref.path))
+
+
+def _agreed_candidates(
+    group: collectives.Group | collectives.LocalGroup | None, refs: Sequence[reader.CheckpointRef]
+) -> tuple[list[reader.CheckpointRef], set[int]]:
+    """The candidates every rank walks, in the same order: the ranks' lists merged by (step,
+    where). Ranks list for themselves, and their lists can differ (a manifest one rank could
+    not read, a cache copy only some nodes hold); walked by position, the ranks would agree on
+    different checkpoints. A candidate this rank did not list is a placeholder that it cannot
+    use: unread, so the others go past it only to another copy of its step. Returns the list
+    and the ids of the placeholders."""
+    refs = list(refs)
+    if group is None or not group.distributed:
+        return refs, set()
+    mine = [_slot(r) for r in refs]
+    every = group.gather(mine, what="restore: the checkpoints each rank lists")
+    if all(keys == mine for keys in every):
+        return refs, set()
+    # Order: by step, then by the earliest place a rank lists it among that step's copies (a
+    # two-tier run lists the remote copy before the cache copy).
+    place: dict[tuple[int, str], int] = {}
+    for keys in every:
+        for key in keys:
+            nth = sum(1 for k in keys[: keys.index(key)] if k[0] == key[0])
+            place[key] = min(place.get(key, nth), nth)
+    have = {_slot(r): r for r in refs}
+    merged, unlisted = [], set()
+    for key in sorted(place, key=lambda k: (k[0], place[k], k[1])):
+        ref = have.get(key)
+        if ref is None:
+            ref = reader.CheckpointRef(key[0], Path(key[1]))
+            # Unread, not damaged: the others skip it only for another copy of its step
+            # (skip_or_raise), never for an older step.
+            ref.error = errors.StorageError(
+                f"{key[1]} is not among the checkpoints rank {group.rank} lists (a listing "
+                "that is not consistent yet, or a copy this node does not hold)",
+                path=key[1],
+            )
+            unlisted.add(id(ref))
+        merged.append(ref)
+    return merged, unlisted
 
 
 def _kind(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1063,7 +1064,7 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
     try:
         m = read_manifest(loc)
     except errors.CheckpointError as exc:
-        return [str(exc)]
+        return [_problem(exc)]
     problems = []
     foreign = {n: why for n in m.files if (why := _foreign_ref(loc, n, m)) is not None}
     problems += foreign.values()
@@ -1079,7 +1080,7 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
         try:
             blob = _open(loc, name, m.step)
         except errors.CheckpointError as exc:
-            problems.append(str(exc))
+            problems.append(_problem(exc))
             continue
         try:
             _check_file(loc, name, fentry, m, blob)
@@ -1101,7 +1102,7 @@ def verify(ckpt: str | os.PathLike[str] | Location, *, chunk_bytes: int = 64 << 
                             f"{where}: tensor {key!r} does not match its hash (corrupted data)"
                         )
         except errors.CheckpointError as exc:
-            problems.append(str(exc))
+            problems.append(_problem(exc))
         finally:
             blob.close()
     return problems + _unlisted(loc, m)
@@ -1178,20 +1179,41 @@ def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: 
     except _RangeIgnored:
         raise  # the server, not the checkpoint: an error reaching it (exit 2), not damage
     except errors.CheckpointError as exc:
-        return [*problems, str(exc)]
+        return [*problems, _problem(exc)]
+
+
+#: Inside :func:`damage`: a read that fails (StorageError) raises instead of being a problem.
+_proving: ContextVar[bool] = ContextVar("savegame_proving_damage", default=False)
+
+
+def _problem(exc: errors.CheckpointError) -> str:
+    """What :func:`verify` reports for ``exc`` — or, inside :func:`damage`, a read that failed
+    is re-raised: it says nothing about the bytes, and damage is what gets a checkpoint set
+    aside or replaced."""
+    if _proving.get() and isinstance(exc, errors.StorageError):
+        raise exc
+    return str(exc)
 
 
 def damage(ckpt: str | os.PathLike[str] | Location) -> list[str]:
-    """What is wrong with a checkpoint folder (empty: intact), reading every byte like
-    :func:`verify` — except that a checkpoint of a newer format version is not damage (it is
-    refused elsewhere, never set aside or replaced)."""
+    """What is proven wrong with a checkpoint folder (empty: intact, or not readable now),
+    reading every byte like :func:`verify` — except that a checkpoint of a newer format
+    version is not damage (it is refused elsewhere, never set aside or replaced), and neither
+    is a read that fails (EIO, a 503 after the store's retries): only what was read and found
+    wrong is."""
+    token = _proving.set(True)
     try:
-        read_manifest(ckpt)
-    except errors.UnsupportedFormatError:
+        try:
+            read_manifest(ckpt)
+        except (errors.UnsupportedFormatError, errors.StorageError):
+            return []
+        except errors.CheckpointError as exc:
+            return [str(exc)]
+        return verify(ckpt)
+    except errors.StorageError:
         return []
-    except errors.CheckpointError as exc:
-        return [str(exc)]
-    return verify(ckpt)
+    finally:
+        _proving.reset(token)
 
 
 def gpu_direct() -> bool:
