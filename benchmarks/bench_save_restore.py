@@ -118,7 +118,8 @@ def touch_pages(opt: torch.optim.Optimizer) -> None:
 
 
 
-#: A 32 MiB probe copy (pre-faulted), its best time so far in this process.
+#: A 256 MiB probe copy (pre-faulted; larger than any CPU cache, so it measures memory, not a
+#: cache), its best time so far in this process.
 _PROBE: dict[str, Any] = {}
 
 
@@ -136,7 +137,7 @@ def quiet_memory(limit_s: float = 8.0) -> None:
     and gives every method, the floors included, the same quiet machine.
     """
     if not _PROBE:
-        src = torch.ones(8 << 20)  # 32 MiB
+        src = torch.ones(64 << 20)  # 256 MiB
         _PROBE.update(src=src, dst=torch.zeros_like(src), best=float("inf"))
     src, dst = _PROBE["src"], _PROBE["dst"]
 
