@@ -85,7 +85,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_save_restore import quiet_memory  # noqa: E402
 
 import savegame as sg  # noqa: E402
 from savegame.engine import reader  # noqa: E402
@@ -719,7 +718,6 @@ def main() -> None:
         ours_push(), raw_push(), clean_push(), ours_pull(), clean_pull()
         for rep in range(args.repeats):
             for r in rows:
-                quiet_memory()  # the previous row's frees handed back to the VM first
                 t, mem = measure(r.ours)
                 r.times.append(t)
                 r.mem.append(mem)
@@ -727,7 +725,6 @@ def main() -> None:
                     t0 = time.perf_counter()
                     r.finish()
                     r.finish_times.append(time.perf_counter() - t0)
-                quiet_memory()  # likewise ours, before the raw
                 for k, v in r.raw().items():
                     r.raw_times.setdefault(k, []).append(v)
                 if r.after is not None:
