@@ -187,7 +187,10 @@ print("helpers alive", all(os.waitpid(p, os.WNOHANG)[0] == 0 for p in helpers))
 """
 
 
-@pytest.mark.parametrize("method", ["spawn", pytest.param("forkserver", marks=pytest.mark.slow)])
+# CI under 20 minutes: both run with -m slow (~25 s each); the default suite keeps the SIGTERM
+# group test above, whose workers are forked
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_spawned_workers_and_multiprocessing_helpers_survive_group_signals(method: str) -> None:
     """The start methods that exec a new interpreter. multiprocessing also runs helper processes
     in the job's process group: the resource tracker, and the forkserver (Python 3.14's default

@@ -264,6 +264,7 @@ def _check_written_once(step_dir: Path) -> None:
     assert losses[0] != losses[1]  # each rank's own batches, each rank's own record
 
 
+@pytest.mark.slow  # ~26 s; CI keeps the HF Trainer's torchrun test of the same sequence
 def test_accelerate_under_ddp_preempt_rank_1_then_sigkill_then_resume_is_bitwise_equal(
     tmp_path: Path,
 ) -> None:

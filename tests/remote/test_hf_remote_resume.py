@@ -117,6 +117,7 @@ def in_child(url: str, out_dir: Path, kill_at: int) -> int:
 LEASE_S = 3.0  # the killed writer's lease on the bucket (default 60 s) expires after this
 
 
+@pytest.mark.slow  # ~17 s; CI keeps test_outside_s14b_remote's HF Trainer on S3
 def test_hf_trainer_killed_resumes_from_the_bucket_bitwise(
     s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,7 +189,7 @@ def _restored_base(
         return None
     if "manifest_identity" in rec:
         same = newest.manifest is not None and rec["manifest_identity"] == _identity(newest.manifest)
-    else:  # a record of savegame 0.x before stop 20: the digest of the raw bytes
+    else:  # a record written before manifest_identity existed: the digest of the raw bytes
         raw = _manifest_sure(remote, newest.step, cache)
         same = raw is not None and rec.get("manifest_sha256") == _digest(raw)
     return frozenset(before) if same else None
