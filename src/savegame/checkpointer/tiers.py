@@ -109,7 +109,7 @@ def _upload_timeout() -> float:
 def _manifest_bytes(store: Store, step: int) -> bytes | None:
     """The raw manifest of ``step`` in ``store``, or None if it has none (or it is unreadable)."""
     try:
-        return store.read(f"{layout.step_dir(step)}/{layout.MANIFEST}")
+        return store.read(_manifest_key(step))
     except (OSError, EOFError, ValueError):
         return None
 
@@ -135,26 +135,9 @@ def _unsure(where: str, cache: Store, exc: BaseException) -> errors.StorageError
     )
 
 
-def _read_sure(store: Store, key: str, cache: Store) -> bytes | None:
-    """Blob ``key`` of ``store``, None only if it is absent: a read that fails otherwise (a 503
-    after the store's retries, EIO) raises — whether a cache checkpoint is this run's work is
-    never decided on a guess, since the answer "stale" deletes it."""
-    try:
-        return store.read(key)
-    except FileNotFoundError:
-        return None
-    except (OSError, EOFError) as exc:
-        raise _unsure(store.describe(key), cache, exc) from exc
-
-
-def _manifest_sure(store: Store, step: int, cache: Store) -> bytes | None:
-    return _read_sure(store, f"{layout.step_dir(step)}/{layout.MANIFEST}", cache)
-
-
-def _manifest_strict(store: Store, step: int) -> bytes | None:
-    """The raw manifest of ``step``, None only if it has none; a failed read raises a
-    StorageError (the upload retries it): a 503 is not "the remote holds another step"."""
-    key = f"{layout.step_dir(step)}/{layout.MANIFEST}"
+def _read_strict(store: Store, key: str) -> bytes | None:
+    """Blob ``key`` of ``store``, None only if it is absent; a read that fails otherwise (a 503
+    after the store's retries, EIO) raises a StorageError: never taken for "absent"."""
     try:
         return store.read(key)
     except FileNotFoundError:
@@ -162,6 +145,28 @@ def _manifest_strict(store: Store, step: int) -> bytes | None:
     except (OSError, EOFError) as exc:
         where = store.describe(key)
         raise errors.StorageError(f"could not read {where}: {exc}", path=where) from exc
+
+
+def _read_sure(store: Store, key: str, cache: Store) -> bytes | None:
+    """:func:`_read_strict`, its failure said in reconcile's words: whether a cache checkpoint
+    is this run's work is never decided on a guess, since the answer "stale" deletes it."""
+    try:
+        return _read_strict(store, key)
+    except errors.StorageError as exc:
+        raise _unsure(store.describe(key), cache, exc.__cause__ or exc) from exc.__cause__
+
+
+def _manifest_key(step: int) -> str:
+    return f"{layout.step_dir(step)}/{layout.MANIFEST}"
+
+
+def _manifest_sure(store: Store, step: int, cache: Store) -> bytes | None:
+    return _read_sure(store, _manifest_key(step), cache)
+
+
+def _manifest_strict(store: Store, step: int) -> bytes | None:
+    """(an upload retries its failure: a 503 is not "the remote holds another step")"""
+    return _read_strict(store, _manifest_key(step))
 
 
 def _identity(m: manifest.Manifest) -> str:
