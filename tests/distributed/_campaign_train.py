@@ -12,6 +12,7 @@ Usage: torchrun --nproc-per-node 2 _campaign_train.py '<json args>'
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -112,8 +113,9 @@ def main() -> None:
     final["step"] = torch.tensor(step)
     torch.save(final, out / f"final-{tag}-{rank}.pt")
     ckpt.close()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    main()  # its locals (DDP's reducer, FSDP's state) are freed before the group is destroyed
+    gc.collect()
+    dist.destroy_process_group()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _worker import fork_ranks
+from _worker import destroying_after, fork_ranks
 
 import savegame as sg
 
@@ -73,8 +73,7 @@ def main() -> None:
         report["layer0_equal"] = bool(torch.equal(bigger.module[0].weight, model.module[0].weight))
         (out / f"report-{rank}.json").write_text(json.dumps(report))
     ckpt.close()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    fork_ranks(int(sys.argv[3]), main)
+    fork_ranks(int(sys.argv[3]), destroying_after(main))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _worker import fork_ranks
+from _worker import destroying_after, fork_ranks
 
 import savegame as sg
 from savegame.distributed import protocol
@@ -193,9 +193,7 @@ def main() -> None:
             )
         (out / f"report-{rank}.json").write_text(json.dumps(report))
         os._exit(0)  # the job is broken (a rank is dead); torchrun would restart it
-    if pg:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    fork_ranks(int(sys.argv[3]), main)
+    fork_ranks(int(sys.argv[3]), destroying_after(main))

@@ -15,6 +15,7 @@ itself signalled.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -80,7 +81,6 @@ def main(root: str, out: Path, tag: str, total: int, pause: float, workers: int)
                 extras["epoch"] += 1
     ckpt.close()
     torch.save([p.detach().clone() for p in model.parameters()], out / f"params-{tag}-{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -88,6 +88,9 @@ if __name__ == "__main__":
     out_dir = Path(a[1])
     try:
         main(a[0], out_dir, a[2], int(a[3]), float(a[4]), int(a[5]))
+        # main's locals (DDP's reducer) are freed before the group is destroyed (_worker.py)
+        gc.collect()
+        dist.destroy_process_group()
     except SystemExit as exc:
         (out_dir / f"exit-{a[2]}-{os.environ['RANK']}.txt").write_text(str(exc.code))
         raise

@@ -157,6 +157,20 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+def destroying_after(entry: Any) -> Any:
+    """``entry`` then ``destroy_process_group``, once everything ``entry`` built is freed: its
+    locals (DDP's reducer among them) die when it returns. Freed after destroy_process_group, a
+    rank hung now and then in a C++ destructor with no Python frame below main() (stops 18, 21)."""
+
+    def run() -> None:
+        entry()
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    return run
+
+
 def fork_ranks(world: int, entry: Any = None) -> None:
     """Start ``world`` ranks by fork from this already-imported interpreter (importing torch
     once instead of once per rank: it dominates a launch on a 2-core CI machine) and print
