@@ -456,12 +456,6 @@ def test_a_damaged_older_remote_manifest_and_a_folder_without_one_are_skipped_at
     assert holder["step"] == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (pre-existing, merge_refs): a cache copy of step N whose remote copy has a damaged "
-    "manifest is neither 'uploaded' nor 'pending' (N in by_step), so reconcile deletes the only "
-    "intact copy as stale and restore resumes N-1",
-)
 def test_an_intact_cache_copy_of_a_step_whose_remote_manifest_is_damaged_is_kept(
     tmp_path: Path,
 ) -> None:

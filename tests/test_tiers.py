@@ -486,6 +486,100 @@ def test_a_fresh_cache_machine_killed_before_its_uploads_resumes_its_own_work(
     assert _steps(remote.inner) == [1, 2, 3]
 
 
+def test_the_cache_copy_of_a_step_damaged_remotely_is_resumed_and_the_work_after_it_uploaded(
+    tmp_path: Path,
+) -> None:
+    # Steps 1-3 uploaded; then the remote's manifest of 3 rots. The cache's copy of 3 is the
+    # newest intact checkpoint of the run: kept and restored, never uploaded over the remote's
+    # copy. Step 4, saved after it and cut off before its upload, is this run's own work: pending
+    # at the next open, restored and uploaded — not removed as stale.
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    cache = tmp_path / "cache"
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as first:
+        for s in (1, 2, 3):
+            _set(holder, s)
+            first.save(state, s)
+        run_id = first.run_id
+    rotten = f"{layout.step_dir(3)}/{layout.MANIFEST}"
+    remote.inner.put(rotten, b"{not json")
+    assert merge_refs(remote.inner, LocalStore(cache), run_id)[1:] == ([], [], [])
+    state, holder = _state()
+    b = _ckpt(remote, cache, keep=sg.Keep(last=5))
+    assert b.restore(state) == 3 and holder["step"] == 3
+    remote.gate.clear()
+    _set(holder, 4)
+    b.save(state, 4)
+    _abandon(b)
+    remote.gate.set()
+    assert 4 not in _steps(remote.inner)
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(cache), run_id)
+    assert stale == [] and 4 in pending and 3 in uploaded + pending  # 3's upload may have run
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as again:
+        assert again.restore(state) == 4 and holder["step"] == 4
+    assert _steps(remote.inner) == [1, 2, 3, 4]
+    # The remote's own copy of 3 was set aside, not overwritten; 3 was uploaded again.
+    aside = [e.name for e in remote.inner.list("") if layout.parse_damaged_dir(e.name) == 3]
+    assert len(aside) == 1 and remote.inner.read(f"{aside[0]}/{layout.MANIFEST}") == b"{not json"
+    assert merge_refs(remote.inner, LocalStore(cache), run_id)[1:3] == ([4], [])
+
+
+class _NoRename(_Slow):
+    """A remote that refuses to move anything (a bucket policy without DeleteObject, say)."""
+
+    def rename(self, key: str, new_key: str) -> None:
+        raise OSError(errno.EACCES, "AccessDenied (injected)")
+
+
+def test_a_damaged_remote_copy_that_cannot_be_moved_keeps_the_cache_copy_and_the_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    remote = _NoRename(MemoryStore("remote"), delay=0.0)
+    cache = tmp_path / "cache"
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as first:
+        for s in (1, 2, 3):
+            _set(holder, s)
+            first.save(state, s)
+        run_id = first.run_id
+    rotten = f"{layout.step_dir(3)}/{layout.MANIFEST}"
+    remote.inner.put(rotten, b"{not json")
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as b:
+        assert b.restore(state) == 3 and holder["step"] == 3
+        assert 3 in _steps(cache)  # kept: neither uploaded over the remote's copy nor stale
+        _set(holder, 4)
+        b.save(state, 4)
+    assert remote.inner.read(rotten) == b"{not json"
+    assert _steps(remote.inner) == [1, 2, 4]
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=5)) as again:
+        assert again.restore(state) == 4 and holder["step"] == 4
+    assert merge_refs(remote.inner, LocalStore(cache), run_id)[1:3] == ([4], [])
+
+
+def test_the_cache_copy_of_a_step_damaged_remotely_is_stale_once_the_remote_went_on(
+    tmp_path: Path,
+) -> None:
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5)) as a:
+        for s in (1, 2):
+            _set(holder, s)
+            a.save(state, s)
+        run_id = a.run_id
+    state_c, holder_c = _state()
+    with _ckpt(remote, tmp_path / "cache-c", keep=sg.Keep(last=5)) as c:  # another machine
+        assert c.restore(state_c) == 2
+        for s in (3, 4):
+            _set(holder_c, s)
+            c.save(state_c, s)
+    remote.inner.put(f"{layout.step_dir(2)}/{layout.MANIFEST}", b"{not json")
+    # Machine A's copy of 2 is older than the remote's readable 4: the remote went on.
+    assert merge_refs(remote.inner, LocalStore(tmp_path / "cache-a"), run_id)[1:] == ([], [], [2])
+
+
 def test_a_fresh_cache_machines_work_is_dropped_once_the_remote_went_on(tmp_path: Path) -> None:
     remote = _Slow(MemoryStore("remote"), delay=0.0)
     run_id = _fresh_cache_machine_dies_before_its_uploads(remote, tmp_path / "cache-b")

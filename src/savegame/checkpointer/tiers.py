@@ -193,11 +193,22 @@ def _restored_base(
     if not isinstance(before, list) or not all(type(x) is int for x in before):
         return None
     if "manifest_identity" in rec:
-        same = newest.manifest is not None and rec["manifest_identity"] == _identity(newest.manifest)
+        same = newest.manifest is not None and rec["manifest_identity"] == _identity(
+            newest.manifest
+        )
     else:  # a record written before manifest_identity existed: the digest of the raw bytes
         raw = _manifest_sure(remote, newest.step, cache)
         same = raw is not None and rec.get("manifest_sha256") == _digest(raw)
     return frozenset(before) if same else None
+
+
+def _set_aside_steps(remote: Store) -> set[int]:
+    """The steps of the checkpoints set aside as damaged in ``remote`` (one more listing)."""
+    try:
+        entries = remote.list("")
+    except OSError as exc:
+        raise _unsure(remote.describe(), remote, exc) from exc
+    return {s for e in entries if (s := layout.parse_damaged_dir(e.name)) is not None}
 
 
 def merge_refs(
@@ -213,7 +224,9 @@ def merge_refs(
     :data:`BASE_FILE` —, or the remote holds none): uploads that a crash cut short, resumed
     from and uploaded again; ``stale`` — the rest of this run's cache
     checkpoints (the remote went on without them, e.g. from another machine): never restored,
-    removed by the lock holder.
+    removed by the lock holder. A cache checkpoint whose remote copy is damaged, newer than
+    every readable remote one, is pending once that copy is set aside; while the copy is in
+    place, it is in none of the three lists: restored and kept, never uploaded over it.
     """
     rrefs = reader.list_checkpoints(remote)
     all_crefs = reader.list_checkpoints(cache)
@@ -235,9 +248,7 @@ def merge_refs(
         if unreadable(r) and (not readable or r.step > max(readable) or r.step in held):
             raise _unsure(str(r.path), cache, r.error)  # type: ignore[arg-type]
     crefs = [
-        r
-        for r in all_crefs
-        if r.valid and r.manifest is not None and r.manifest.run_id == run_id
+        r for r in all_crefs if r.valid and r.manifest is not None and r.manifest.run_id == run_id
     ]
     by_step = {r.step: r for r in rrefs}
     ours = [r.step for r in rrefs if r.valid and r.manifest and r.manifest.run_id == run_id]
@@ -248,7 +259,20 @@ def merge_refs(
             raw = _manifest_sure(cache, c.step, cache)
             if raw is not None and raw == _manifest_sure(remote, c.step, cache):
                 uploaded.append(c.step)
-    base_ok = newest is None or newest in uploaded
+    # A remote copy proven broken (its manifest damaged or missing; or set aside as
+    # ``damaged-step-…``) of a step the cache holds intact, newer than every readable remote
+    # checkpoint of the run: whose work the remote copy was cannot be told, but the cache copy
+    # is the newest intact one of the run there is, and the cache's later work follows it like
+    # work after an upload. Still in place remotely: kept and restored, never uploaded over the
+    # remote's copy (the lock holder sets it aside at open, :meth:`Tiers.reconcile`). Set aside:
+    # pending, uploaded in its place.
+    later = [
+        c.step for c in crefs if c.step not in uploaded and (newest is None or c.step > newest)
+    ]
+    kept = [s for s in later if s in by_step and isinstance(by_step[s].error, errors.FormatError)]
+    base_ok = newest is None or newest in uploaded or bool(kept)
+    if not base_ok and later:  # (one more listing, only then)
+        base_ok = bool((_set_aside_steps(remote) & set(later)) - set(by_step))
     older: frozenset[int] = frozenset()  # cache steps from before a restore from the remote
     if not base_ok:
         marked = _restored_base(remote, cache, by_step[newest])  # type: ignore[index]
@@ -262,8 +286,8 @@ def merge_refs(
         and c.step not in older
         and (newest is None or c.step > newest)
     ]
-    stale = [c.step for c in crefs if c.step not in uploaded and c.step not in pending]
-    usable = set(uploaded) | set(pending)
+    usable = set(uploaded) | set(pending) | set(kept)
+    stale = [c.step for c in crefs if c.step not in usable]
     refs: list[reader.CheckpointRef] = []
     for step in sorted(set(by_step) | usable):
         if step in by_step:
@@ -367,7 +391,9 @@ class Tiers:
         self.run_id = run_id
         self._mirror_run_file()
         retention.collect_garbage(self.remote, incomplete=self.remote.local_path() is None)
-        _, uploaded, pending, stale = merge_refs(self.remote, self.cache, run_id)
+        refs, uploaded, pending, stale = merge_refs(self.remote, self.cache, run_id)
+        if self._set_aside_broken(refs, uploaded, pending):
+            refs, uploaded, pending, stale = merge_refs(self.remote, self.cache, run_id)
         self._uploaded = set(uploaded)
         for step in stale:
             log.warning(
@@ -385,6 +411,38 @@ class Tiers:
                 self.cache.describe(), pending, self.remote.describe(),
             )  # fmt: skip
         return list(pending)
+
+    def _set_aside_broken(
+        self, refs: Sequence[reader.CheckpointRef], uploaded: Sequence[int], pending: Sequence[int]
+    ) -> bool:
+        """Rank 0 at open, under the lease and before any upload: the remote copy of a step the
+        cache holds intact and :func:`merge_refs` keeps for it (the remote copy is damaged) is
+        set aside there (``damaged-step-…``, kept for inspection), once proven damaged again,
+        so that the cache copy is uploaded in its place and the run's remote line has no hole.
+        Returns whether anything was set aside. One that cannot be moved stays, and the cache
+        copy stays kept (restored, not uploaded)."""
+        from savegame.engine import writer  # imports torch: only when something is set aside
+
+        done = set(uploaded) | set(pending)
+        moved = False
+        for r in refs:
+            if r.loc is None or r.loc.store is not self.cache or r.step in done:
+                continue
+            there = Location(self.remote, layout.step_dir(r.step))
+            problems = reader.damage(there)
+            if not problems:
+                continue
+            try:
+                writer.set_aside_damaged(there, r.step, problems[0])
+            except OSError as exc:
+                log.warning(
+                    "could not set aside the damaged %s (%s): the intact cache copy %s is kept "
+                    "and restored, not uploaded in its place",
+                    there, exc, self.cache.describe(layout.step_dir(r.step)),
+                )  # fmt: skip
+                continue
+            moved = True
+        return moved
 
     def restored(self, ref: reader.CheckpointRef) -> None:
         """Rank 0, after a restore of ``ref``: if that is a remote checkpoint the cache holds
