@@ -123,6 +123,54 @@ def test_mutating_every_tensor_after_the_call_returns_never_reaches_the_checkpoi
         assert not torch.equal(saved[k], _tensors(model, opt)[k])
 
 
+def test_the_first_scheduled_snapshot_goes_into_memory_reserved_at_a_step_before_it(
+    tmp_path: Path, gated_writer: dict[str, Any]
+) -> None:
+    # The first step that does not save faults in the snapshot's memory on a background thread
+    # (the first save's stall is then a copy, not its page faults); the snapshot is still a
+    # copy taken at the save's call, which later in-place changes never reach.
+    model, opt = _model_and_opt()
+    _train_step(model, opt)
+    state = sg.TrainState(model=model, optimizer=opt)
+    with sg.Checkpointer(
+        tmp_path / "run", save=sg.Every(steps=2), async_save=True, handle_signals=False
+    ) as ck:
+        assert ck.step(state, 1) is False
+        pool = ck._pool
+        assert pool._reserving is not None or pool._arena is not None
+        _train_step(model, opt)
+        before = {k: v.clone() for k, v in _tensors(model, opt).items()}
+        assert ck.step(state, 2) is True
+        _mutate_everything(model, opt)
+        gated_writer["gate"].set()
+        ck.wait()
+        arena = pool._arena
+        assert arena is not None
+        lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
+        # the model's and the optimizer's tensors (the RNG states are not counted ahead)
+        ours = [b for k, b in pool._buffers.items() if k.startswith(("model/", "optimizer/"))]
+        assert len(ours) == len(before) and all(lo <= b.data_ptr() < hi for b in ours)
+    saved = _saved_tensors(sg.load(tmp_path / "run" / "step-000000000002"))
+    assert saved.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+
+
+@pytest.mark.parametrize("how", ["sync", "distributed-like"])
+def test_no_memory_is_reserved_where_no_snapshot_pool_is_used(tmp_path: Path, how: str) -> None:
+    model, opt = _model_and_opt()
+    _train_step(model, opt)
+    state = sg.TrainState(model=model, optimizer=opt)
+    with sg.Checkpointer(
+        tmp_path / "run", save=sg.Every(steps=5), async_save=how != "sync", handle_signals=False
+    ) as ck:
+        if how != "sync":  # a rank stages only its share: unknown before the first save
+            ck._save_group.distributed = True  # type: ignore[misc]
+        assert ck.step(state, 1) is False
+        assert ck._pool._reserving is None and ck._pool._arena is None
+        ck._save_group.distributed = False  # type: ignore[misc]
+
+
 # ---- bounded memory ------------------------------------------------------------------------------
 def _rss() -> int:
     with open("/proc/self/statm") as f:

@@ -214,3 +214,20 @@ def test_damaged_rng_snapshot_is_restore_error_and_nothing_is_touched() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert state["extras"] == {"epoch": 3}
     assert random.getstate() == py_state
+
+
+def test_host_bytes_counts_modules_optimizers_and_dict_tensors_once_each() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied: one storage
+    bn = torch.nn.BatchNorm1d(3)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.arange(3)).sum().backward()
+    opt.step()
+    extras = {"w": torch.zeros(5, dtype=torch.float64), "epoch": 3, "note": "x"}
+    state = statelib.TrainState(model=model, bn=bn, optimizer=opt, extras=extras)
+    params = 10 * 4 * 4
+    bn_bytes = 3 * 4 * 4 + 8  # weight, bias, running mean/var, num_batches_tracked (int64)
+    adam = 2 * params + 4  # exp_avg, exp_avg_sq, step (a float32 scalar)
+    assert statelib.host_bytes(state) == params + bn_bytes + adam + 5 * 8
+    assert statelib.host_bytes(statelib.TrainState(extras={"epoch": 1})) == 0

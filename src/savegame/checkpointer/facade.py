@@ -119,6 +119,7 @@ class Checkpointer:
         self._persister = persist.Persister()
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="savegame-delete")
         self._pool = staging.HostPool()
+        self._reserved = False  # the pool's memory was reserved (once, _reserve_staging)
         #: Where the run lives (docs/storage.md): a path means a local folder. With ``cache``,
         #: the cache folder, which saves commit into (the remote run is ``_tiers.remote``).
         self.store = as_store(root if cache is None else cache)
@@ -379,12 +380,26 @@ class Checkpointer:
             self._signals.clear()
             return True
         if not (due_i or better_i):
+            self._reserve_staging(state)
             return False
         reason = "best" if better_i and not due_i else "schedule"
         return (
             self._save(state, step, metrics, reason=reason, blocking=not self.async_save)
             is not None
         )
+
+    def _reserve_staging(self, state: statelib.TrainState) -> None:
+        """At the first step that does not save, with ``async_save`` in one process: fault in
+        the host memory of the first snapshot on a background thread (HostPool.reserve), so the
+        first save's stall is a copy, not a copy plus the page faults of its buffers. (Under
+        torch.distributed a rank stages only its share, not known before the first save.)"""
+        if self._reserved or not self.async_save or self._save_group.distributed:
+            return
+        self._reserved = True
+        if self._pool.nbytes == 0:
+            nbytes = statelib.host_bytes(state)
+            # room for each buffer's alignment and what is not counted (the RNG states)
+            self._pool.reserve(nbytes + nbytes // 100 + (1 << 20) if nbytes else 0)
 
     def _due(
         self, step: int, metrics: Mapping[str, float] | None, epoch_end: bool
@@ -830,7 +845,9 @@ class Checkpointer:
             else "falling back to an earlier one"
         )
         warnings.warn(
-            f"skipping checkpoint {path}: {exc}; {then}", errors.CorruptCheckpointWarning, stacklevel=3
+            f"skipping checkpoint {path}: {exc}; {then}",
+            errors.CorruptCheckpointWarning,
+            stacklevel=3,
         )
         if not isinstance(exc, errors.StorageError):  # only proven damage is ever set aside
             self._suspects.append((path, exc))

@@ -61,6 +61,9 @@ METHODS = ("memmove", "threads", "torch")
 SMALL_BYTES = 32 << 20
 #: Share boundaries of the ``threads`` method fall on multiples of this (whole pages).
 _ALIGN = 1 << 12
+#: Buffers carved from reserved memory start on multiples of this (a cache line, and more than
+#: any dtype's alignment).
+_ALIGN_BUF = 64
 
 #: One contiguous copy: (destination address, source address, bytes).
 Segment = tuple[int, int, int]
@@ -79,6 +82,60 @@ class HostPool:
         self._pin = torch.cuda.is_available() if pin is None else pin
         self._stream: torch.cuda.Stream | None = None
         self._choice = choice
+        # Host memory faulted in ahead of the first snapshot (:meth:`reserve`): new CPU buffers
+        # are carved from it. ``_arena_at``: the first free byte.
+        self._arena: torch.Tensor | None = None
+        self._arena_at = 0
+        self._reserving: threading.Thread | None = None
+        self._reserved: list[torch.Tensor] = []  # the reserving thread's result
+
+    def reserve(self, nbytes: int) -> None:
+        """Fault in ``nbytes`` of pageable host memory on a background thread, for the CPU
+        buffers of the first snapshot to be carved from.
+
+        Into new buffers the first snapshot pays their page faults on the training thread: 1 GB
+        took 1.3 s where a copy into touched memory takes 0.12 s (2-vCPU VM, 2026-12-01).
+        Touching the pages here, between two training steps, takes that out of the first save's
+        stall. One call per pool: the memory stays the pool's (it would be allocated by the
+        first save anyway); what the snapshot does not use is held until the pool is dropped.
+        """
+        if nbytes <= 0 or self._arena is not None or self._reserving is not None:
+            return
+        out = self._reserved
+
+        def touch() -> None:
+            try:
+                arena = torch.empty(nbytes, dtype=torch.uint8)
+                base = arena.data_ptr()
+                step = _PIECE_BYTES
+                for off in range(0, nbytes, step):  # ctypes releases the GIL: training goes on
+                    ctypes.memset(base + off, 0, min(step, nbytes - off))
+                out.append(arena)
+            except (RuntimeError, MemoryError):  # no memory now: the first save allocates
+                pass
+
+        self._reserving = threading.Thread(target=touch, name="savegame-reserve", daemon=True)
+        self._reserving.start()
+
+    def _take_reserve(self) -> None:
+        """Wait for :meth:`reserve`'s thread (if any) and adopt its memory."""
+        if self._reserving is None:
+            return
+        self._reserving.join()
+        self._reserving = None
+        if self._reserved:
+            self._arena, self._arena_at = self._reserved.pop(), 0
+
+    def _carve(self, src: torch.Tensor) -> torch.Tensor | None:
+        """A buffer shaped like ``src`` from the reserved memory, or None if it has no room."""
+        if self._arena is None or src.device.type != "cpu":
+            return None
+        size = _ALIGN_BUF * -(-max(src.numel() * src.element_size(), 1) // _ALIGN_BUF)
+        if self._arena_at + size > self._arena.numel():
+            return None
+        piece = self._arena[self._arena_at : self._arena_at + src.numel() * src.element_size()]
+        self._arena_at += size
+        return piece.view(src.dtype).view(src.shape)
 
     @property
     def nbytes(self) -> int:
@@ -97,6 +154,10 @@ class HostPool:
             or buf.dtype != src.dtype
             or (pin and not buf.is_pinned())
         ):
+            carved = None if pin else self._carve(src)
+            if carved is not None:  # already faulted in
+                self._buffers[key] = carved
+                return carved, False
             buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
             self._buffers[key] = buf
             return buf, True
@@ -107,6 +168,7 @@ class HostPool:
 
         Keys absent from ``tensors`` are dropped from the pool, so its size follows the state.
         """
+        self._take_reserve()
         staged: dict[str, torch.Tensor] = {}
         cuda_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         plain: list[tuple[torch.Tensor, torch.Tensor]] = []  # contiguous CPU: raw byte copies

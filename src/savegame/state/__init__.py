@@ -134,6 +134,38 @@ def set_learning_rates(optimizer: Any, rates: list[Any]) -> None:
             group["lr"] = lr
 
 
+def host_bytes(state: TrainState) -> int:
+    """About how many bytes of CPU tensors a snapshot of ``state`` holds, counted without
+    calling any ``state_dict()``: the parameters and buffers of its modules, the state of its
+    optimizers and the tensors of its dicts (each storage once). What else an object saves is
+    not counted."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def count(tensors: Iterable[Any]) -> None:
+        nonlocal total
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_sparse:
+                continue
+            ptr = t.data_ptr()
+            if ptr in seen:
+                continue
+            seen.add(ptr)
+            total += t.numel() * t.element_size()
+
+    for name in state:
+        obj = bare(state[name])
+        if isinstance(obj, torch.nn.Module):
+            count(itertools.chain(obj.parameters(), obj.buffers()))
+        elif isinstance(obj, torch.optim.Optimizer):
+            count(v for st in obj.state.values() for v in st.values())
+        elif isinstance(obj, Mapping):
+            count(obj.values())
+    return total
+
+
 def capture(state: TrainState, *, loaders: bool = True) -> dict[str, Any]:
     """The state tree of every object (tensors still live; stage before mutating them).
 
