@@ -202,6 +202,13 @@ def _restored_base(
     return frozenset(before) if same else None
 
 
+def _broken(exc: BaseException | None) -> bool:
+    """A remote copy proven damaged (not: of a newer format version, which is no damage)."""
+    return isinstance(exc, errors.FormatError) and not isinstance(
+        exc, errors.UnsupportedFormatError
+    )
+
+
 def _set_aside_steps(remote: Store) -> set[int]:
     """The steps of the checkpoints set aside as damaged in ``remote`` (one more listing)."""
     try:
@@ -269,7 +276,7 @@ def merge_refs(
     later = [
         c.step for c in crefs if c.step not in uploaded and (newest is None or c.step > newest)
     ]
-    kept = [s for s in later if s in by_step and isinstance(by_step[s].error, errors.FormatError)]
+    kept = [s for s in later if s in by_step and _broken(by_step[s].error)]
     base_ok = newest is None or newest in uploaded or bool(kept)
     if not base_ok and later:  # (one more listing, only then)
         base_ok = bool((_set_aside_steps(remote) & set(later)) - set(by_step))
@@ -846,7 +853,23 @@ class Tiers:
         )
         plan = [dataclasses.replace(i, kept_for=("newer than the upload",)) if i.step > step else i for i in plan]  # fmt: skip
         retention.delete_unkept(plan, spare=step, keep=self.keep)
+        on_remote = {i.step for i in plan}  # (a remote copy found damaged was set aside)
         with self._cond:
+            for gone in sorted(s for s in self._uploaded if s not in on_remote):
+                # Its remote copy was set aside as damaged (a data file rotted there): the
+                # cache copy is the run's intact one. One process uploads it again (next
+                # round); under torch.distributed the pending list must be the same on every
+                # rank, so it stays in the cache until the next open (which removes it once
+                # newer remote ones exist).
+                self._uploaded.discard(gone)
+                log.warning(
+                    "the remote copy of step %d in %s was set aside as damaged; the cache's "
+                    "copy %s is kept%s",
+                    gone, self.remote.describe(), self.cache.describe(layout.step_dir(gone)),
+                    "" if self._group.distributed else " and uploaded again",
+                )  # fmt: skip
+                if not self._group.distributed and gone not in self.pending:
+                    self.pending.append(gone)
             uploaded, pending = set(self._uploaded), set(self.pending)
         newest = max(uploaded, default=None)
         cplan = retention.list_run(self.cache, policy.Keep(last=1), self.run_id)
