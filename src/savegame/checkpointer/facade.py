@@ -397,7 +397,11 @@ class Checkpointer:
             return
         self._reserved = True
         if self._pool.nbytes == 0:
-            nbytes = statelib.host_bytes(state)
+            try:
+                nbytes = statelib.host_bytes(state)
+            except Exception as exc:  # noqa: BLE001 - a step that does not save never fails on it
+                log.debug("no memory reserved for the first snapshot: %s", exc)
+                return
             # room for each buffer's alignment and what is not counted (the RNG states)
             self._pool.reserve(nbytes + nbytes // 100 + (1 << 20) if nbytes else 0)
 

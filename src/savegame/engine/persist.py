@@ -168,6 +168,9 @@ class Persister:
                         return
                 continue
             run()
+            # Not held while idle: the job refers to its Checkpointer and that to its host
+            # pool (one copy of the state), which must be freed when the Checkpointer is.
+            del run
 
     def _reported(self, future: Future[T]) -> None:
         if self._current is not None and self._current._future is future:

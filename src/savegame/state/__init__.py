@@ -140,6 +140,7 @@ def host_bytes(state: TrainState) -> int:
     optimizers and the tensors of its dicts (each storage once). What else an object saves is
     not counted."""
     import torch
+    from torch.nn.parameter import UninitializedTensorMixin
 
     seen: set[int] = set()
     total = 0
@@ -147,7 +148,12 @@ def host_bytes(state: TrainState) -> int:
     def count(tensors: Iterable[Any]) -> None:
         nonlocal total
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_sparse:
+            if (
+                not isinstance(t, torch.Tensor)
+                or isinstance(t, UninitializedTensorMixin)  # a lazy module's, not yet built
+                or t.device.type != "cpu"
+                or t.layout != torch.strided  # (sparse: no storage of its own to count)
+            ):
                 continue
             ptr = t.data_ptr()
             if ptr in seen:
@@ -158,7 +164,13 @@ def host_bytes(state: TrainState) -> int:
     for name in state:
         obj = bare(state[name])
         if isinstance(obj, torch.nn.Module):
-            count(itertools.chain(obj.parameters(), obj.buffers()))
+            count(obj.parameters())
+            count(  # the buffers its state_dict() holds (not the non-persistent ones)
+                b
+                for m in obj.modules()
+                for k, b in m._buffers.items()
+                if k not in m._non_persistent_buffers_set
+            )
         elif isinstance(obj, torch.optim.Optimizer):
             count(v for st in obj.state.values() for v in st.values())
         elif isinstance(obj, Mapping):
