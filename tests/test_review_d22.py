@@ -213,12 +213,6 @@ def test_a_fresh_cache_with_a_damaged_newest_remote_step_resumes_from_the_one_be
 
 
 # ---- the manifest missing (not: unparseable) ---------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on an object store (MemoryStore: local_path None) a remote step whose manifest "
-    "is missing is removed by collect_garbage(incomplete=True) before merge_refs, so the cache's "
-    "only intact copy of it is taken for stale and deleted, and restore resumes the step before",
-)
 def test_a_missing_remote_manifest_on_an_object_store_keeps_the_cache_copy(
     tmp_path: Path,
 ) -> None:

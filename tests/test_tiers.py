@@ -525,6 +525,34 @@ def test_the_cache_copy_of_a_step_damaged_remotely_is_resumed_and_the_work_after
     assert merge_refs(remote.inner, LocalStore(cache), run_id)[1:3] == ([4], [])
 
 
+def test_a_lost_remote_copy_of_the_caches_upload_is_uploaded_again_unless_the_remote_went_on(
+    tmp_path: Path,
+) -> None:
+    # Machine A uploads 1-3 (its cache keeps 3 only). The remote then loses 3's manifest; the
+    # next open removes the rest of 3 as an interrupted upload. Machine B, on a fresh cache,
+    # resumes from 2 and saves its own 3, uploaded. A's 3 is not the run's 3 any more: stale,
+    # and A resumes B's 3 — the record of A's upload never forks the run.
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5)) as a:
+        for s in (1, 2, 3):
+            _set(holder, s)
+            a.save(state, s)
+        run_id = a.run_id
+    remote.inner.delete(f"{layout.step_dir(3)}/{layout.MANIFEST}", None)
+    state_b, holder_b = _state()
+    with _ckpt(remote, tmp_path / "cache-b", keep=sg.Keep(last=5)) as b:
+        assert b.restore(state_b) == 2
+        holder_b["w"] = torch.full((1000,), 33.0)
+        holder_b["step"] = 3
+        b.save(state_b, 3)
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(tmp_path / "cache-a"), run_id)
+    assert (uploaded, pending, stale) == ([], [], [3])
+    state, holder = _state()
+    with _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5)) as again:
+        assert again.restore(state) == 3 and float(holder["w"][0]) == 33.0
+
+
 class _NoRename(_Slow):
     """A remote that refuses to move anything (a bucket policy without DeleteObject, say)."""
 

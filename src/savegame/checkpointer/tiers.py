@@ -120,6 +120,11 @@ def _manifest_bytes(store: Store, step: int) -> bytes | None:
 #: checkpoints are this run's own work, not stale, for as long as that checkpoint is still the
 #: remote's newest; dropped at the first upload from the cache (stop 19, R15, D20).
 BASE_FILE = "remote-base.json"
+#: In the cache folder: the newest step this cache uploaded, ``{"step": N,
+#: "manifest_identity": …}``. If the remote later holds that step without its manifest, it
+#: was complete once: damage, set aside at open (:meth:`Tiers._set_aside_lost_manifest`), not
+#: removed as an interrupted upload (review D22).
+UPLOADED_FILE = "uploaded.json"
 
 
 def _digest(raw: bytes) -> str:
@@ -344,6 +349,7 @@ class Tiers:
         self.pending: list[int] = []
         self._uploaded: set[int] = set()
         self._verified: set[str] = set()  # remote checkpoints known intact (for retention)
+        self._recorded = -1  # the step UPLOADED_FILE names (rank 0)
         self._failure: errors.CheckpointError | None = None
         self._cond = threading.Condition()
         self._rounds: list[int | None] = []  # each: upload pending steps ≤ it (None: all)
@@ -397,6 +403,8 @@ class Tiers:
         stale cache checkpoints. Returns the pending steps (oldest first) for every rank."""
         self.run_id = run_id
         self._mirror_run_file()
+        if self.remote.local_path() is None:
+            self._set_aside_lost_manifest()
         retention.collect_garbage(self.remote, incomplete=self.remote.local_path() is None)
         refs, uploaded, pending, stale = merge_refs(self.remote, self.cache, run_id)
         if self._set_aside_broken(refs, uploaded, pending):
@@ -418,6 +426,41 @@ class Tiers:
                 self.cache.describe(), pending, self.remote.describe(),
             )  # fmt: skip
         return list(pending)
+
+    def _set_aside_lost_manifest(self) -> None:
+        """Rank 0 at open, before the garbage collection of an object store (which removes a
+        step folder without a manifest as an interrupted upload): if that folder is of the step
+        this cache uploaded last (:data:`UPLOADED_FILE`, its copy still here as uploaded), it
+        was complete once — its manifest was lost, and it is set aside as damaged instead, so
+        the cache copy is uploaded in its place (the same path as a damaged manifest). A step
+        folder deleted whole (the user dropping a branch) is not brought back."""
+        from savegame.engine import writer  # imports torch: only when something is set aside
+
+        text = _read_sure(self.cache, UPLOADED_FILE, self.cache)
+        try:
+            rec = json.loads(text) if text is not None else None
+        except ValueError:
+            return
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if type(step) is not int:
+            return
+        key = layout.step_dir(step)
+        try:
+            mine = reader.read_manifest(Location(self.cache, key))
+        except errors.CheckpointError:
+            return  # the cache no longer holds it intact: nothing to put in its place
+        if _identity(mine) != rec.get("manifest_identity"):
+            return
+        there = Location(self.remote, key)
+        try:
+            reader.read_manifest(there)
+        except errors.IncompleteCheckpointError as exc:  # the folder, without its manifest
+            try:
+                writer.set_aside_damaged(there, step, exc)
+            except OSError as err:
+                log.warning("could not set aside %s (%s)", there, err)
+        except errors.CheckpointError:
+            return  # absent, readable or otherwise damaged: decided elsewhere
 
     def _set_aside_broken(
         self, refs: Sequence[reader.CheckpointRef], uploaded: Sequence[int], pending: Sequence[int]
@@ -623,6 +666,7 @@ class Tiers:
                 with contextlib.suppress(OSError):
                     if self.cache.exists(BASE_FILE):
                         self.cache.delete(BASE_FILE, None)
+                self._record_upload(step)
                 try:
                     self._retention(step)
                 except Exception as exc:  # noqa: BLE001 - thread boundary
@@ -646,6 +690,20 @@ class Tiers:
         err.__cause__ = last
         self._fail(err)
         return False
+
+    def _record_upload(self, step: int) -> None:
+        """Rank 0, after ``step`` is uploaded: :data:`UPLOADED_FILE`, if it is the newest."""
+        if step < self._recorded:
+            return
+        try:
+            m = reader.read_manifest(Location(self.cache, layout.step_dir(step)))
+            rec = {"step": step, "manifest_identity": _identity(m)}
+            self.cache.put(UPLOADED_FILE, json.dumps(rec).encode())
+            self._recorded = step
+        except (OSError, errors.CheckpointError) as exc:  # the record only helps a rare repair
+            log.warning(
+                "could not record the upload of step %d in %s: %s", step, self.cache.describe(), exc
+            )
 
     def _attempt(self, step: int) -> int:
         """One collective upload attempt of ``step``; the bytes this rank uploaded.
