@@ -284,10 +284,11 @@ def plan_retention(
     *,
     verified: set[str],
     spare: int | None = None,
+    set_aside: list[int] | None = None,
 ) -> list[CheckpointInfo]:
     """The run's checkpoints with retention reasons, made safe to act on: nothing is deleted
     while a checkpoint kept in its place is damaged (issue 9.8). The caller holds the run
-    folder's lock.
+    folder's lock. ``set_aside``: gets the step of each checkpoint set aside as damaged.
 
     Before a valid checkpoint may be deleted, every checkpoint retention keeps instead is
     verified once (:func:`find_damage`): a damaged one is set aside (``damaged-step-…``, kept
@@ -307,6 +308,8 @@ def plan_retention(
                 continue
             try:
                 writer.set_aside_damaged(i.path, i.step, damaged[i.path])
+                if set_aside is not None:
+                    set_aside.append(i.step)
             except OSError as exc:  # cannot move it: delete nothing this time
                 log.warning(
                     "could not set aside damaged %s: %s; retention deletes nothing", i.path, exc
@@ -373,8 +376,10 @@ def delete_unkept(
                 os.path.realpath(str(loc.store.local_path(loc.key))),
             )
             continue
-        used, sure = (set(), False) if live is None else shared.references(
-            r for k, r in live.items() if k != loc.key
+        used, sure = (
+            (set(), False)
+            if live is None
+            else shared.references(r for k, r in live.items() if k != loc.key)
         )
         try:
             # Shared files first (each one atomic rename), then the folder: references
@@ -396,7 +401,9 @@ def delete_unkept(
             "deleted %s (not kept by %s)%s",
             info.path.name,
             keep if keep is not None else "the run's rule",
-            f"; {len(kept)} file(s) shared with later checkpoints kept as {kept[0]}…" if kept else "",
+            f"; {len(kept)} file(s) shared with later checkpoints kept as {kept[0]}…"
+            if kept
+            else "",
         )
     if deleted:
         _collect_retired(store, strict=strict)

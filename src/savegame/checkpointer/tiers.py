@@ -906,14 +906,19 @@ class Tiers:
     def _retention(self, step: int) -> None:
         """After ``step`` committed remotely: the user's Keep on the remote run (sparing ``step``
         and anything newer), then the cache keeps the newest uploaded + the pending ones."""
+        moved: list[int] = []  # remote checkpoints found damaged and set aside
         plan = retention.plan_retention(
-            self.remote, self.keep, self.run_id, verified=self._verified, spare=step
+            self.remote,
+            self.keep,
+            self.run_id,
+            verified=self._verified,
+            spare=step,
+            set_aside=moved,
         )
         plan = [dataclasses.replace(i, kept_for=("newer than the upload",)) if i.step > step else i for i in plan]  # fmt: skip
         retention.delete_unkept(plan, spare=step, keep=self.keep)
-        on_remote = {i.step for i in plan}  # (a remote copy found damaged was set aside)
         with self._cond:
-            for gone in sorted(s for s in self._uploaded if s not in on_remote):
+            for gone in sorted(s for s in self._uploaded if s in moved):
                 # Its remote copy was set aside as damaged (a data file rotted there): the
                 # cache copy is the run's intact one. One process uploads it again (next
                 # round); under torch.distributed the pending list must be the same on every
