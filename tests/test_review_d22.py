@@ -14,17 +14,19 @@ newest intact work.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from test_tiers import _abandon, _ckpt, _NoRename, _set, _Slow, _state, _steps
 
 import savegame as sg
 from savegame.checkpointer.tiers import merge_refs
-from savegame.engine import reader
+from savegame.engine import reader, writer
 from savegame.format import layout
-from savegame.storage import Store
+from savegame.storage import Store, base
 from savegame.storage.local import LocalStore
 from savegame.storage.memory import MemoryStore
 
@@ -349,3 +351,83 @@ def test_a_remote_step_of_a_newer_format_version_is_not_taken_for_damage(
             got = again.restore(state)
     assert _aside(remote.inner) == []  # the other writer's 3 stays where it is
     assert got != 3, "A's own 3 was resumed in place of the remote's (newer-format) 3"
+
+
+class _Hold(_Slow):
+    """A remote whose uploads of the folder ``held`` wait (until the gate is set again)."""
+
+    held: str | None = None
+
+    def begin(self, name: str, final: str | None = None) -> base.Staging:
+        if self.held is not None and self.held in f"{name} {final}":
+            self.gate.clear()
+        return super().begin(name, final)
+
+
+def test_a_copy_set_aside_for_rotted_data_is_uploaded_again_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    # As above, but the process dies right after retention set the remote 3 aside (before it
+    # could upload the cache copy again) — what a torch.distributed run, which never re-uploads
+    # in the same process, also leaves. The next open finds the remote's set-aside copy with the
+    # same manifest as the cache's: the same checkpoint, so the cache copy is pending, not stale.
+    remote = _Hold(MemoryStore("remote"), delay=0.0)
+    cache = tmp_path / "cache"
+    run_id = _save_steps(remote, cache, (1, 2, 3), sg.Keep(last=2))
+    key = _data_file(remote.inner, 3)
+    raw = bytearray(remote.inner.read(key))
+    raw[-1] ^= 0xFF
+    remote.inner.put(key, bytes(raw))
+    state, holder = _state()
+    b = _ckpt(remote, cache, keep=sg.Keep(last=2))
+    assert b.restore(state) == 3
+    remote.held = layout.step_dir(3)  # the re-upload of 3 never gets through
+    _set(holder, 4)
+    b.save(state, 4)  # uploaded; retention sets the remote 3 aside
+    deadline = time.monotonic() + 20
+    while _aside(remote.inner) != [3] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _abandon(b)
+    remote.held = None
+    remote.gate.set()
+    assert _aside(remote.inner) == [3] and _intact(cache, 3)
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(cache), run_id)
+    assert 3 in pending and stale == []
+    state, holder = _state()
+    with _ckpt(remote, cache, keep=sg.Keep(last=2)) as again:
+        assert again.restore(state) == 4
+    assert _steps(remote.inner) == [3, 4] and _intact(remote.inner, 3)
+
+
+def test_a_set_aside_copy_of_another_machines_step_never_brings_the_caches_back(
+    tmp_path: Path,
+) -> None:
+    # The cache's 3 and the remote's (set aside) 3 are different checkpoints: the remote went on
+    # from 2 on another machine. The cache's 3 stays stale.
+    remote = _Slow(MemoryStore("remote"), delay=0.0)
+    run_id = _save_steps(remote, tmp_path / "cache-a", (1, 2), sg.Keep(last=5))
+    state, holder = _state()
+    a = _ckpt(remote, tmp_path / "cache-a", keep=sg.Keep(last=5))
+    assert a.restore(state) == 2
+    remote.gate.clear()
+    _set(holder, 3)
+    a.save(state, 3)
+    _abandon(a)  # A's 3: never uploaded
+    remote.gate.set()
+    state_c, holder_c = _state()
+    with _ckpt(remote, tmp_path / "cache-c", keep=sg.Keep(last=5)) as c:
+        assert c.restore(state_c) == 2
+        for s in (3, 4):
+            holder_c["w"] = torch.full((1000,), 100.0 + s)
+            holder_c["step"] = s
+            c.save(state_c, s)
+    key = _data_file(remote.inner, 3)  # C's 3 rots in a data file, and is set aside
+    raw = bytearray(remote.inner.read(key))
+    raw[-1] ^= 0xFF
+    remote.inner.put(key, bytes(raw))
+    inner_aside = writer.set_aside_damaged(
+        reader.Location(remote.inner, layout.step_dir(3)), 3, "test"
+    )
+    assert inner_aside is not None and _aside(remote.inner) == [3]
+    _, uploaded, pending, stale = merge_refs(remote.inner, LocalStore(tmp_path / "cache-a"), run_id)
+    assert 3 in stale and 3 not in pending

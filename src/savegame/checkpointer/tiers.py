@@ -214,13 +214,36 @@ def _broken(exc: BaseException | None) -> bool:
     )
 
 
-def _set_aside_steps(remote: Store) -> set[int]:
-    """The steps of the checkpoints set aside as damaged in ``remote`` (one more listing)."""
+def _set_aside(remote: Store) -> dict[int, list[str]]:
+    """The checkpoints set aside as damaged in ``remote``: their folder names by step (one
+    more listing)."""
     try:
         entries = remote.list("")
     except OSError as exc:
         raise _unsure(remote.describe(), remote, exc) from exc
-    return {s for e in entries if (s := layout.parse_damaged_dir(e.name)) is not None}
+    out: dict[int, list[str]] = {}
+    for e in entries:
+        step = layout.parse_damaged_dir(e.name)
+        if step is not None:
+            out.setdefault(step, []).append(e.name)
+    return out
+
+
+def _set_aside_copies(
+    remote: Store, cache: Store, steps: Sequence[int], aside: dict[int, list[str]]
+) -> list[int]:
+    """Of ``steps`` (cache checkpoints), those the remote holds set aside as damaged with the
+    very same manifest: the same checkpoint (its data rotted remotely), not another machine's
+    work, so the cache copy goes back in its place whatever is newer remotely."""
+    same = []
+    for step in steps:
+        mine = _manifest_sure(cache, step, cache)
+        for name in aside.get(step, ()):
+            theirs = _read_sure(remote, f"{name}/{layout.MANIFEST}", cache)
+            if mine is not None and theirs == mine:
+                same.append(step)
+                break
+    return same
 
 
 def merge_refs(
@@ -283,8 +306,10 @@ def merge_refs(
     ]
     kept = [s for s in later if s in by_step and _broken(by_step[s].error)]
     base_ok = newest is None or newest in uploaded or bool(kept)
-    if not base_ok and later:  # (one more listing, only then)
-        base_ok = bool((_set_aside_steps(remote) & set(later)) - set(by_step))
+    aside: dict[int, list[str]] | None = None  # (one more listing, only when needed)
+    if not base_ok and later:
+        aside = _set_aside(remote)
+        base_ok = bool((set(aside) & set(later)) - set(by_step))
     older: frozenset[int] = frozenset()  # cache steps from before a restore from the remote
     if not base_ok:
         marked = _restored_base(remote, cache, by_step[newest])  # type: ignore[index]
@@ -300,6 +325,12 @@ def merge_refs(
     ]
     usable = set(uploaded) | set(pending) | set(kept)
     stale = [c.step for c in crefs if c.step not in usable]
+    if stale:  # a copy set aside remotely that is this very checkpoint: uploaded again
+        aside = _set_aside(remote) if aside is None else aside
+        back = _set_aside_copies(remote, cache, [s for s in stale if s not in by_step], aside)
+        pending = sorted(set(pending) | set(back))
+        usable |= set(back)
+        stale = [s for s in stale if s not in back]
     refs: list[reader.CheckpointRef] = []
     for step in sorted(set(by_step) | usable):
         if step in by_step:
@@ -917,13 +948,14 @@ class Tiers:
         )
         plan = [dataclasses.replace(i, kept_for=("newer than the upload",)) if i.step > step else i for i in plan]  # fmt: skip
         retention.delete_unkept(plan, spare=step, keep=self.keep)
+        here = {s for s in moved if self.cache.exists(_manifest_key(s))}  # (its copy is here)
         with self._cond:
-            for gone in sorted(s for s in self._uploaded if s in moved):
+            for gone in sorted(s for s in self._uploaded if s in here):
                 # Its remote copy was set aside as damaged (a data file rotted there): the
                 # cache copy is the run's intact one. One process uploads it again (next
                 # round); under torch.distributed the pending list must be the same on every
-                # rank, so it stays in the cache until the next open (which removes it once
-                # newer remote ones exist).
+                # rank, so it stays in the cache until the next open, which finds the set-aside
+                # copy with the same manifest and uploads it then (merge_refs).
                 self._uploaded.discard(gone)
                 log.warning(
                     "the remote copy of step %d in %s was set aside as damaged; the cache's "
