@@ -156,6 +156,43 @@ def test_the_first_scheduled_snapshot_goes_into_memory_reserved_at_a_step_before
         assert torch.equal(saved[k], v), k
 
 
+def test_a_restore_reserves_the_first_snapshot_of_a_resumed_run(
+    tmp_path: Path, gated_writer: dict[str, Any]
+) -> None:
+    # A resumed run may save at its first step(): the restore itself reserves (the optimizer's
+    # moments exist once restored); a fresh run's restore (nothing loaded) does not.
+    model, opt = _model_and_opt()
+    _train_step(model, opt)
+    state = sg.TrainState(model=model, optimizer=opt)
+    gated_writer["gate"].set()
+    with sg.Checkpointer(tmp_path / "run", async_save=True, handle_signals=False) as ck:
+        assert ck.restore(state) == 0
+        assert ck._pool._reserving is None and ck._pool._arena is None
+        ck.save(state, 1)
+    model, opt = _model_and_opt(seed=1)
+    state = sg.TrainState(model=model, optimizer=opt)
+    with sg.Checkpointer(
+        tmp_path / "run", save=sg.Every(steps=1), async_save=True, handle_signals=False
+    ) as ck:
+        assert ck.restore(state) == 1
+        pool = ck._pool
+        assert pool._reserving is not None or pool._arena is not None
+        _train_step(model, opt)
+        before = {k: v.clone() for k, v in _tensors(model, opt).items()}
+        assert ck.step(state, 2) is True
+        _mutate_everything(model, opt)
+        ck.wait()
+        arena = pool._arena
+        assert arena is not None
+        lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
+        assert all(
+            lo <= b.data_ptr() < hi for k, b in pool._buffers.items() if k.startswith("model/")
+        )
+    saved = _saved_tensors(sg.load(tmp_path / "run" / "step-000000000002"))
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+
+
 @pytest.mark.parametrize("how", ["sync", "distributed-like"])
 def test_no_memory_is_reserved_where_no_snapshot_pool_is_used(tmp_path: Path, how: str) -> None:
     model, opt = _model_and_opt()

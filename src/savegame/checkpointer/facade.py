@@ -230,10 +230,13 @@ class Checkpointer:
         self.last_restore = None
         self._persister.wait()
         try:
-            return self._restore(state, step, per_rank, opts)
+            got = self._restore(state, step, per_rank, opts)
         finally:
             self._set_aside_suspects()
             self._end_snapshots()
+        if got:  # the state is whole now (optimizer moments too): a save may come at once
+            self._reserve_staging(state)
+        return got
 
     def _restore(
         self,
@@ -389,10 +392,11 @@ class Checkpointer:
         )
 
     def _reserve_staging(self, state: statelib.TrainState) -> None:
-        """At the first step that does not save, with ``async_save`` in one process: fault in
-        the host memory of the first snapshot on a background thread (HostPool.reserve), so the
-        first save's stall is a copy, not a copy plus the page faults of its buffers. (Under
-        torch.distributed a rank stages only its share, not known before the first save.)"""
+        """After a restore that loaded a checkpoint, or at the first step that does not save,
+        with ``async_save`` in one process: fault in the host memory of the first snapshot on a
+        background thread (HostPool.reserve), so the first save's stall is a copy, not a copy
+        plus the page faults of its buffers. (Under torch.distributed a rank stages only its
+        share, not known before the first save.)"""
         if self._reserved or not self.async_save or self._save_group.distributed:
             return
         self._reserved = True
