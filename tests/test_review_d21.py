@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 import torch
-from test_tiers import _abandon, _ckpt, _Slow
+from test_tiers import _abandon, _ckpt, _set, _Slow, _state
+from test_tiers import _steps as _valid
+from test_unreadable_restore import _Flaky
 
 import savegame as sg
 from savegame import errors
@@ -36,34 +38,6 @@ from savegame.storage.local import LocalStore
 from savegame.storage.memory import MemoryStore
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-class _Flaky(FaultyStore):
-    """Opens of keys that contain ``needle`` fail with EIO while ``down``."""
-
-    def __init__(self, inner: Store, needle: str) -> None:
-        super().__init__(inner)
-        self.needle, self.down, self.failed = needle, False, 0
-
-    def open(self, key: str) -> base.Blob:
-        if self.down and self.needle in key:
-            self.failed += 1
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        return super().open(key)
-
-
-def _state() -> tuple[sg.TrainState, dict[str, Any]]:
-    holder: dict[str, Any] = {"w": torch.zeros(1000), "step": 0}
-    return sg.TrainState(rng=False, extras=holder), holder
-
-
-def _set(holder: dict[str, Any], step: int) -> None:
-    holder["w"] = torch.full((1000,), float(step))
-    holder["step"] = step
-
-
-def _valid(store: Store | Path) -> list[int]:
-    return [r.step for r in reader.list_checkpoints(store) if r.valid]
 
 
 def _damaged_names(store: Store) -> list[str]:

@@ -180,19 +180,25 @@ def _identity(m: manifest.Manifest) -> str:
     return _digest(m.to_bytes())
 
 
+def _cache_record(cache: Store, name: str) -> dict[str, Any] | None:
+    """A JSON record savegame keeps in the cache (:data:`BASE_FILE`, :data:`UPLOADED_FILE`),
+    or None if it is absent or not one (an integer ``step`` in an object); a read that fails
+    raises (:func:`_read_sure`)."""
+    text = _read_sure(cache, name, cache)
+    try:
+        rec = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and type(rec.get("step")) is int else None
+
+
 def _restored_base(
     remote: Store, cache: Store, newest: reader.CheckpointRef
 ) -> frozenset[int] | None:
     """If the cache was restored from the remote's ``newest`` checkpoint as it is now: the
     cache's steps that were there before that restore (never its work after it); else None."""
-    text = _read_sure(cache, BASE_FILE, cache)
-    if text is None:
-        return None
-    try:
-        rec = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(rec, dict) or rec.get("step") != newest.step:
+    rec = _cache_record(cache, BASE_FILE)
+    if rec is None or rec["step"] != newest.step:
         return None
     before = rec.get("cache_steps")
     if not isinstance(before, list) or not all(type(x) is int for x in before):
@@ -467,14 +473,10 @@ class Tiers:
         folder deleted whole (the user dropping a branch) is not brought back."""
         from savegame.engine import writer  # imports torch: only when something is set aside
 
-        text = _read_sure(self.cache, UPLOADED_FILE, self.cache)
-        try:
-            rec = json.loads(text) if text is not None else None
-        except ValueError:
+        rec = _cache_record(self.cache, UPLOADED_FILE)
+        if rec is None:
             return
-        step = rec.get("step") if isinstance(rec, dict) else None
-        if type(step) is not int:
-            return
+        step = rec["step"]
         key = layout.step_dir(step)
         try:
             mine = reader.read_manifest(Location(self.cache, key))
