@@ -144,11 +144,11 @@ class SavegameReader(base.Reader):
         return reader.load_tensors(self._loc, self.manifest, [key])[key]
 
     def tree(self) -> Any:
-        from savegame import tree as treelib
+        from savegame.format import skeleton
 
         self._check_open()
         refs = {k: base.TensorRef(n) for n, k in self._names.items()}
-        return treelib.decode(self.manifest.trees[0], refs, path=self.path)  # type: ignore[arg-type]
+        return skeleton.decode(self.manifest.trees[0], refs, path=self.path)  # type: ignore[arg-type]
 
     def metadata(self) -> dict[str, Any]:
         self._check_open()
@@ -191,11 +191,11 @@ def _display_names(keys: Iterable[str]) -> dict[str, str]:
     Keras/TensorFlow/numpy file keeps its own names ("layers/dense/vars/0", not
     "layers~1dense~1vars~10"), as ``sg.load`` gives them. Where two keys would get the same name
     (a component "a/b" beside a nested a → b), both keep their escaped keys."""
-    from savegame import tree as treelib
+    from savegame.format.skeleton import split_key
 
     by_name: dict[str, list[str]] = {}
     for key in keys:
-        by_name.setdefault("/".join(treelib.split_key(key)), []).append(key)
+        by_name.setdefault("/".join(split_key(key)), []).append(key)
     out: dict[str, str] = {}
     for name, found in by_name.items():
         if len(found) == 1:

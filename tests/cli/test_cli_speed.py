@@ -150,3 +150,31 @@ print(json.dumps(out))
         "after_listing": False,
         "read_is_tensor": True,
     }
+
+
+def test_ls_show_and_verify_of_a_savegame_run_do_not_import_torch(tmp_path: Path) -> None:
+    """A run's manifests are JSON and its files are checked as bytes: inspecting a run (the
+    commands a user types while training runs, or on a machine without torch) needs no torch.
+    (``show`` builds a ``torch.Size`` or ``torch.dtype`` kept in the state to print it; ``ls``
+    and ``verify`` only check them.)"""
+    import torch
+
+    import savegame as sg
+
+    root = tmp_path / "run"
+    extras: dict[str, object] = {"lr": 0.1, "b": b"x"}
+    state = sg.TrainState(model=torch.nn.Linear(3, 2), extras=extras)
+    with sg.Checkpointer(root) as ck:
+        ck.save(state, 1)
+        ck.save(state, 2)
+    step = str(root / "step-000000000002")
+    for argv in (["ls", str(root)], ["verify", str(root)], ["show", step], ["ls", "--verify", str(root)]):
+        res = _run(argv)
+        assert res["rc"] == 0, (argv, res)
+        assert res["torch"] is False, f"`savegame {' '.join(argv[:-1])}` of a savegame run imported torch"
+    with sg.Checkpointer(root) as ck:
+        extras.update(shape=torch.Size([2, 3]), dtype=torch.bfloat16, device=torch.device("cuda:1"))
+        ck.save(state, 3)
+    for argv in (["ls", str(root)], ["verify", str(root)]):
+        res = _run(argv)
+        assert res["rc"] == 0 and res["torch"] is False, (argv, res)

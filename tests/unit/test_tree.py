@@ -415,3 +415,30 @@ def test_decode_from_a_deep_caller_stack_is_format_error_not_recursion_error() -
             deep(100)
     finally:
         sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"$dtype": name}
+        for name in ("float32", "bfloat16", "float8_e4m3fn", "float", "qint8", "quint4x2", "bits8",
+                     "Tensor", "__class__", "float99", "", "cuda")
+    ]
+    + [
+        {"$device": name}
+        for name in ("cpu", "cuda", "cuda:0", "cuda:127", "cuda:128", "cuda:01", "CUDA", "xpu:3",
+                     "hpu", "meta", "mps:0", "cpu:-1", "cuda:", "nonsense")
+    ]
+    + [{"$size": v} for v in ([], [2, 3], [-1], [2.0], "2", [True])],
+)  # fmt: skip
+def test_check_accepts_exactly_what_decode_accepts_for_torch_objects(node: dict[str, object]) -> None:
+    """check() validates $dtype/$device/$size without building torch objects where it can: it
+    must never pass a skeleton that decode refuses, nor refuse one that decode builds."""
+    try:
+        treelib.decode({"x": node}, {}, path="m")
+    except errors.FormatError:
+        with pytest.raises(errors.FormatError) as info:
+            treelib.check({"x": node}, {}, path="m")
+        assert info.value.key == "x" and info.value.path == "m"
+    else:
+        treelib.check({"x": node}, {}, path="m")

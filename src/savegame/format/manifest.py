@@ -30,6 +30,7 @@ from typing import Any
 
 from savegame import errors
 from savegame.format import hashing, tensors
+from savegame.format.skeleton import check as skeleton_check
 
 FORMAT_NAME = "savegame"
 #: The newest format version this library reads. Version 1: every file a manifest lists lives in
@@ -292,12 +293,10 @@ class Manifest:
             raise c.error(f"manifest field 'trees' must be a list, got {type(trees).__name__}")
         if len(trees) != world:
             raise c.error(f"{len(trees)} state trees for world size {world}")
-        from savegame import tree as treelib  # imports torch (tree.py): here, not at import time
-
         dtypes = {k: e.dtype for k, e in entries.items()}  # once: per rank it was O(ranks^2)
         for rank, skeleton in enumerate(trees):
             try:
-                treelib.check(skeleton, dtypes, path=c.path)
+                skeleton_check(skeleton, dtypes, path=c.path)
             except errors.FormatError as exc:
                 exc.step = c.step
                 raise
