@@ -141,6 +141,7 @@ def _moments_digest(state) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_bench_async_every_savegame_save_sees_changed_moments(bench_async, monkeypatch):
     seen: list[str] = []
     orig = sg.Checkpointer.save

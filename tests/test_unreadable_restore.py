@@ -224,7 +224,9 @@ def _two_ranks(tmp_path: Path, phase: str, tag: str) -> list[str]:
     return outs
 
 
-@pytest.mark.parametrize("what", ["manifest.json", ".safetensors"])
+@pytest.mark.parametrize(
+    "what", ["manifest.json", pytest.param(".safetensors", marks=pytest.mark.slow)]  # CI < 20 min
+)
 def test_under_torch_distributed_one_ranks_failed_read_stops_every_rank_alike(
     tmp_path: Path, what: str
 ) -> None:

@@ -93,6 +93,7 @@ def _plain_state() -> tuple[torch.nn.Module, sg.TrainState]:
     return model, sg.TrainState(model=model, optimizer=opt, extras={"epoch": 99})
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_reshard_4_2_1_4_round_trip_keeps_every_tensor(tmp_path: Path) -> None:
     out = str(tmp_path)
     launch("train", 4, {"root": str(tmp_path / "w4"), "out": out, "kind": "fsdp", "steps": 2, "tag": "x",

@@ -29,7 +29,10 @@ def _reports(tmp_path: Path, ranks: list[int]) -> dict[int, dict[str, Any]]:
 @pytest.mark.parametrize(
     ("mode", "async_save", "real_error"),
     [
-        ("state_dict", False, "RuntimeError: state_dict of the flaky object failed"),
+        pytest.param(  # CI < 20 min: the async case below covers state_dict()
+            "state_dict", False, "RuntimeError: state_dict of the flaky object failed",
+            marks=pytest.mark.slow,
+        ),
         ("encode", True, "EncodeError: cannot store builtins.object at 'extras/handle'"),
         ("state_dict", True, "RuntimeError: state_dict of the flaky object failed"),
     ],

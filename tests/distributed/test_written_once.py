@@ -109,7 +109,7 @@ def test_match_wrapper_keys_strips_module_prefix_only_when_the_live_model_needs_
 # ---- processes -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("broadcast_buffers", "async_save"),
-    [(False, False), (True, True)],
+    [pytest.param(False, False, marks=pytest.mark.slow), (True, True)],  # CI < 20 min
     ids=["bb-off-sync", "bb-on-async"],
 )
 def test_ddp_batchnorm_buffers_are_kept_per_rank_and_resume_exactly(

@@ -220,6 +220,7 @@ def test_every_epochs_2_killed_at_a_random_step_resumes_bitwise(tmp_path: Path, 
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_every_steps_with_val_check_interval_resumes_bitwise(tmp_path: Path) -> None:
     """Validation every 2 batches, saves every 2 steps (each waits for its validation)."""
     cfg = {"save": {"steps": 2}, "max_epochs": 3, "val_check_interval": 2,
@@ -273,6 +274,7 @@ def test_max_steps_mid_epoch_then_a_larger_max_steps_after_a_crash(tmp_path: Pat
 ES = {"patience": 1, "min_delta": 0.05}  # stops at step 40 of 150 (epoch 8 of 30)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_early_stopping_killed_at_a_random_step_resumes_bitwise(tmp_path: Path) -> None:
     cfg = {"save": {"steps": 2}, "max_epochs": 30, "early_stop": ES}
     ref = train({**cfg, "root": str(tmp_path / "ref")})
@@ -314,6 +316,7 @@ def test_keep_best_resumes_bitwise_and_keeps_the_same_checkpoints(tmp_path: Path
     assert resumed["steps"] == ref["steps"]
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_every_epochs_2_final_save_off_schedule_then_larger_max_epochs_after_a_crash(
     tmp_path: Path,
 ) -> None:
@@ -330,6 +333,7 @@ def test_every_epochs_2_final_save_off_schedule_then_larger_max_epochs_after_a_c
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_val_check_interval_across_epochs_with_accumulation_resumes_bitwise(tmp_path: Path) -> None:
     """val_check_interval=7 batches with check_val_every_n_epoch=None (validation crosses epoch
     ends), accumulate_grad_batches=2, Every(steps=2)."""
@@ -340,6 +344,7 @@ def test_val_check_interval_across_epochs_with_accumulation_resumes_bitwise(tmp_
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_keep_best_with_val_check_interval_float_resumes_bitwise(tmp_path: Path) -> None:
     """(Killed at step 16, sync saves: restored from 16, a mid-epoch step; the epoch-end case
     is the test below.)"""
@@ -352,7 +357,9 @@ def test_keep_best_with_val_check_interval_float_resumes_bitwise(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "interval", [2, 0.5], ids=["val_check_interval=2", "val_check_interval=0.5"]
+    "interval",
+    [pytest.param(2, marks=pytest.mark.slow), 0.5],  # CI < 20 min
+    ids=["val_check_interval=2", "val_check_interval=0.5"],
 )
 def test_save_at_an_epochs_last_batch_with_mid_epoch_validation_resumes_bitwise(
     tmp_path: Path, interval: float

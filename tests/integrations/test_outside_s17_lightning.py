@@ -96,6 +96,8 @@ def crash_and_resume(cfg: dict[str, Any], at: int, tmp: Path) -> tuple[dict, dic
 MANUAL = {"mode": "manual", "max_epochs": 3, "save": {"steps": 4}}
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 @pytest.mark.parametrize(
     "seed", [1, pytest.param(2, marks=pytest.mark.slow)]
 )  # the second seed: -m slow (CI budget)
@@ -110,6 +112,7 @@ def test_manual_optimization_two_optimizers_killed_resumes_bitwise(
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_manual_then_validate_test_and_a_new_trainer_with_more_epochs(tmp_path: Path) -> None:
     """After a resumed fit: trainer.validate/test save nothing; a second fit on a new Trainer
     with a larger max_epochs (same run folder, new callback) equals an uninterrupted 5 epochs."""
@@ -142,6 +145,7 @@ def test_step_scheduler_with_frequency_3_resumes_bitwise(tmp_path: Path, seed: i
     assert_bitwise(ref, resumed)
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_plateau_scheduler_interval_step_with_monitor_resumes_bitwise(tmp_path: Path) -> None:
     """ReduceLROnPlateau(monitor="val_loss", interval="step", frequency=2) beside the StepLR;
     validation twice per epoch; killed after step 14 (the save at step 12 is restored: a step
@@ -198,6 +202,7 @@ def test_val_check_float_every_second_epoch_limits_sanity_and_accumulation(
 COMBINED = {"datamodule": True, "loaders": "combined", "max_epochs": 3, "save": {"steps": 3}}
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_datamodule_state_and_combined_loader_max_size_resume_bitwise(tmp_path: Path) -> None:
     """CombinedLoader({"a": 10 batches, "b": 5 batches}, mode="max_size"); the datamodule's own
     state_dict changes every step. Restored at step 21: b has not run out in this epoch."""
@@ -264,6 +269,7 @@ def test_early_stopping_user_callback_and_modelcheckpoint_together(
 SWA = {**CALLBACKS, "swa": {"swa_lrs": 5e-3, "swa_epoch_start": 2, "annealing_epochs": 1}}
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_swa_killed_before_it_starts_resumes_bitwise(tmp_path: Path) -> None:
     """SWA from epoch 2 (1-based): restored at step 9, in epoch 1."""
     ref, resumed = crash_and_resume(SWA, 10, tmp_path)
@@ -288,6 +294,7 @@ def test_swa_killed_mid_epoch_after_it_started_resumes_bitwise(tmp_path: Path) -
 # --- ckpt_path with the callback --------------------------------------------------------------
 
 
+@pytest.mark.slow  # CI under 20 minutes: run with -m slow
 def test_ckpt_path_last_kept_from_the_old_script_is_refused_before_training(tmp_path: Path) -> None:
     """The user keeps ``fit(ckpt_path="last")`` and ModelCheckpoint(save_last=True) and adds the
     callback. Docs: an explicit ckpt_path wins; into a run folder that already holds savegame

@@ -261,7 +261,9 @@ SIGNAL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow), signal.SIGINT]
+)  # CI < 20 min
 def test_preemption_signal_saves_at_next_step_boundary_and_exits_75(
     tmp_path: Path, signum: int
 ) -> None:
