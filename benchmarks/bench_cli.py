@@ -3,8 +3,9 @@
 Each sample is a fresh process, as a user runs it: ``python -c pass`` (the floor: interpreter
 start), ``savegame --version``, and ``savegame show`` / ``verify`` of small files written by
 the real tools (the golden files under tests/golden/foreign: a safetensors file, the tutorial
-torch checkpoint, a TF1 checkpoint), plus a Keras ``.h5`` file read with and without the
-isolation child. Samples are interleaved (one of each per round) so a disturbance hits every
+torch checkpoint, a TF1 checkpoint), a Keras ``.h5`` file read with and without the isolation
+child, and ``ls`` / ``verify`` / ``show`` of a savegame run (three checkpoints of a small
+model with Adam, written once by this script). Samples are interleaved (one of each per round) so a disturbance hits every
 row alike; the table gives the median and the best, and each row minus the floor's median.
 
 Bytecode: savegame's modules are compiled once and their ``.pyc`` files reused, as for an
@@ -44,7 +45,27 @@ def _savegame() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "savegame"]
 
 
-def cases() -> dict[str, list[str]]:
+def _savegame_run() -> Path:
+    """A small savegame run to list and verify: a model with Adam, three checkpoints."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    import savegame
+
+    root = ROOT / "bench-out" / "cli-run"
+    shutil.rmtree(root, ignore_errors=True)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters())
+    state = savegame.TrainState(model=model, optimizer=opt)
+    with savegame.Checkpointer(root) as ck:
+        for step in (1, 2, 3):
+            model(torch.randn(8, 64)).sum().backward()
+            opt.step()
+            ck.save(state, step)
+    return root
+
+
+def cases(run: Path) -> dict[str, list[str]]:
     sg = _savegame()
     st = str(GOLDEN / "torch" / "model.safetensors")
     pt = str(GOLDEN / "torch" / "tutorial.pth")
@@ -61,6 +82,9 @@ def cases() -> dict[str, list[str]]:
         "verify model.ckpt-3 (TF1)": [*sg, "verify", tf],
         "show cnn.h5 --no-isolate": [*sg, "show", "--no-isolate", h5],
         "show cnn.h5 (isolated)": [*sg, "show", h5],
+        "ls run (savegame, 3 checkpoints)": [*sg, "ls", str(run)],
+        "verify run (savegame)": [*sg, "verify", str(run)],
+        "show step-3 (savegame)": [*sg, "show", str(run / "step-000000000003")],
     }
 
 
@@ -69,7 +93,7 @@ def _bar(name: str) -> tuple[str, float] | None:
         return "version", BARS["version"]
     if name.startswith("show cnn.h5 (isolated)"):
         return "isolation", BARS["isolation"]  # over the --no-isolate row
-    if name.startswith(("show", "verify")) and "cnn.h5" not in name:
+    if name.startswith(("show", "verify", "ls")) and "cnn.h5" not in name:
         return "show/verify", BARS["show"]
     return None
 
@@ -80,7 +104,7 @@ def main() -> None:
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--no-pyc", action="store_true", help="keep the environment's bytecode settings")
     args = ap.parse_args()
-    runs = cases()
+    runs = cases(_savegame_run())
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if not args.no_pyc:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -122,7 +146,8 @@ def main() -> None:
         f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine {platform.machine()} "
         f"{os.cpu_count()} CPU cores, {platform.platform()}; Python {platform.python_version()}. "
         f"{args.rounds} rounds, each one fresh process per row, rows interleaved within a round; "
-        "files are the golden files of tests/golden/foreign (written by the real tools). "
+        "files are the golden files of tests/golden/foreign (written by the real tools) and a "
+        "three-checkpoint savegame run. "
         + ("Bytecode cached, as installed. " if not args.no_pyc else "No bytecode cache (`--no-pyc`). ")
         + f"Load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after: the machine "
         "was shared, so the best-of column is the less disturbed figure.",
@@ -145,7 +170,9 @@ def main() -> None:
     lines += [
         "",
         "None of these commands imports torch (tests/cli/test_cli_speed.py checks every foreign "
-        "format in a fresh process); listing and verifying safetensors, torch and TF files need no "
+        "format and a savegame run in a fresh process; `show` of a savegame checkpoint imports "
+        "torch only to print a `torch.Size`, `dtype` or `device` kept in the state); listing and "
+        "verifying safetensors, torch and TF files need no "
         "numpy either (only reading values does), Keras files need numpy and h5py (h5py in the "
         "child process when isolated). `--version` imports neither rich nor the readers.",
         "",
