@@ -442,3 +442,43 @@ def test_check_accepts_exactly_what_decode_accepts_for_torch_objects(node: dict[
         assert info.value.key == "x" and info.value.path == "m"
     else:
         treelib.check({"x": node}, {}, path="m")
+
+
+_LEAVES = [
+    {"$dtype": "float32"}, {"$dtype": "float"}, "float32", {"$device": "cpu"}, "cpu", {"$device": "cuda:1"},
+    {"$size": [1, 2]}, {"$tuple": [1, 2]}, {"$size": []}, {"$tuple": []}, {"$tensor": "t"}, {"$tensor": "u"},
+    {"$ndarray": "t"},
+]  # fmt: skip
+_CONTEXTS = {
+    "key": lambda a, b: {"$dict": [[a, 1]]},
+    "tuple-keys": lambda a, b: {"$dict": [[{"$tuple": [a]}, 1], [{"$tuple": [b]}, 2]]},
+    "set": lambda a, b: {"$set": [a, b]},
+    "frozenset-in-set": lambda a, b: {"$set": [{"$frozenset": [a]}, {"$frozenset": [b]}]},
+}
+
+
+@pytest.mark.parametrize("context", list(_CONTEXTS))
+def test_check_refuses_exactly_what_decode_refuses_for_torch_objects_as_keys_and_members(context: str) -> None:
+    """A torch object in a dict key, a tuple key or a set follows torch's own equality and key
+    rules in check(): torch.float32 is not "float32", float is float32, torch.Size([1, 2]) equals
+    (1, 2), a tensor is a key only inside a tuple and an array never is. Every pair of leaves in
+    every context: check() and decode() refuse the same skeletons."""
+    stored = {"t": torch.zeros(2), "u": torch.zeros(2)}
+    dtypes = {k: "float32" for k in stored}
+    wrong = []
+    for a in _LEAVES:
+        for b in _LEAVES:
+            node = {"x": _CONTEXTS[context](a, b)}
+            try:
+                treelib.decode(node, stored)
+                decoded = True
+            except errors.FormatError:
+                decoded = False
+            try:
+                treelib.check(node, dtypes)
+                checked = True
+            except errors.FormatError:
+                checked = False
+            if decoded != checked:
+                wrong.append((a, b, decoded, checked))
+    assert not wrong

@@ -79,6 +79,52 @@ def check(skeleton: Skeleton, dtypes: Mapping[str, str], *, path: str | os.PathL
     decode(skeleton, _Placeholders(dtypes), path=path)
 
 
+class _Size(tuple):  # type: ignore[type-arg]
+    """What check() decodes a ``$size`` to: equal and hashed as a tuple (as ``torch.Size`` is), but
+    not a plain tuple, so a ``$dict`` key check refuses it as it refuses ``torch.Size``."""
+
+    __slots__ = ()
+
+
+class _Named:
+    """What check() decodes a ``$dtype`` or ``$device`` to: equal only to the same kind with the
+    same canonical name (``float`` and ``float32`` are one dtype), never to a string, and not an
+    allowed dict-key type — the equality and key rules of the torch object it stands for."""
+
+    __slots__ = ("kind", "name")
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Named and (other.kind, other.name) == (self.kind, self.name)
+
+    def __hash__(self) -> int:
+        return hash((_Named, self.kind, self.name))
+
+    def __repr__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+class _Stored:
+    """What check() decodes a ``$tensor`` (one object per name, hashed by identity, as the tensor
+    is) or a ``$ndarray`` (unhashable, as the array is) to."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"tensor {self.name!r}"
+
+
+class _Array(_Stored):
+    __slots__ = ()
+    __hash__ = None  # type: ignore[assignment]
+
+
 class _Placeholders(Mapping[str, str]):
     """Key -> dtype name, read by the decoder in place of tensors (see :func:`check`)."""
 
@@ -124,8 +170,11 @@ class _Decoder:
         self.tensors = tensors
         self.path = path
         # check(): the tensors are dtype names, and $size/$dtype/$device need not become torch
-        # objects, so a manifest is checked without importing torch (about 1.5 s).
+        # objects, so a manifest is checked without importing torch (about 1.5 s). Each becomes a
+        # stand-in with the equality, hashing and key rules of the object decode() would build
+        # (_Size, _Named, _Stored, _Array), so that check() refuses exactly what decode() refuses.
         self.checking = isinstance(tensors, _Placeholders)
+        self.stored: dict[str, _Stored] = {}
 
     def fail(self, parts: list[str], what: str) -> errors.FormatError:
         key = join_key(parts)
@@ -176,10 +225,12 @@ class _Decoder:
             if name not in self.tensors:
                 raise self.fail(parts, f"names tensor {name!r}, which is not stored")
             t = self.tensors[name]
-            if isinstance(self.tensors, _Placeholders):
-                if tag == "$ndarray" and t not in NUMPY_DTYPES:
+            if self.checking:
+                if tag == "$tensor":
+                    return self.stored.setdefault(name, _Stored(name))
+                if t not in NUMPY_DTYPES:
                     raise self.fail(parts, f"tensor {name!r} is {t}, which cannot be a numpy array")
-                return None
+                return _Array(name)
             torch = sys.modules.get("torch")  # no torch imported: no torch tensor to convert
             if tag == "$ndarray" and torch is not None and isinstance(t, torch.Tensor):
                 # placeholders (show) pass through
@@ -202,7 +253,7 @@ class _Decoder:
             if type(value) is not list or not all(type(d) is int and d >= 0 for d in value):
                 raise self.fail(parts, "$size holds something other than a list of non-negative ints")
             if self.checking:
-                return tuple(value)
+                return _Size(value)
             import torch
 
             try:
@@ -228,26 +279,28 @@ class _Decoder:
             return self.np_scalar(value, parts, depth)
         if tag == "$dtype":
             name = self.text(value, parts, tag)
-            if self.checking and name in _KNOWN_DTYPES:
-                return name
+            if self.checking and name in _KNOWN_DTYPES:  # canonical names: str(dtype) is "torch." + name
+                return _Named("dtype", name)
             import torch
 
-            dtype = getattr(torch, name, None) if name.isidentifier() else None
+            # vars(), not getattr(): getattr(torch, "_dynamo") imports a submodule (seconds)
+            dtype = vars(torch).get(name)
             if not isinstance(dtype, torch.dtype):
                 raise self.fail(parts, f"unknown torch dtype {name!r}")
-            return dtype
+            return _Named("dtype", str(dtype).removeprefix("torch.")) if self.checking else dtype
         if tag == "$device":
             name = self.text(value, parts, tag)
             if len(name) > 64:
                 raise self.fail(parts, "device name longer than 64 characters")
-            if self.checking and _KNOWN_DEVICE.fullmatch(name):
-                return name
+            if self.checking and _KNOWN_DEVICE.fullmatch(name):  # str(torch.device(name)) == name
+                return _Named("device", name)
             import torch
 
             try:
-                return torch.device(name)
+                device = torch.device(name)
             except (RuntimeError, ValueError, TypeError) as exc:
                 raise self.fail(parts, f"bad device {name!r} ({exc})") from exc
+            return _Named("device", str(device)) if self.checking else device
         raise self.fail(parts, f"unknown tag {tag!r}")
 
     def mapping(self, tag: str, value: Any, parts: list[str], depth: int) -> dict[Any, Any]:
