@@ -263,6 +263,61 @@ def test_a_push_killed_at_random_points_resumes_equal_many(s3_url: str, tmp_path
     _kill_trials(s3_url, tmp_path, trials=48, seed=12)
 
 
+_PULL_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {src!r})
+    from savegame.tools import transfer
+    transfer.SPLIT = 200_000  # each 1 MB data file: 5 ranges at their offsets of one .part
+    print("ready", flush=True)
+    sys.stdin.readline()
+    transfer.pull(sys.argv[1], sys.argv[2], progress=False)
+    """
+)
+
+
+def test_a_pull_of_parallel_ranges_killed_at_random_points_resumes_equal(
+    s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of a pull whose files come as parallel ranges into one .part, again and again
+    into the same folder: every checkpoint listed there verifies after every kill, and the
+    pull run once more in the end gives a run equal to the source."""
+    monkeypatch.setattr(transfer, "SPLIT", 200_000)
+    rng = random.Random(7)
+    run = make_run(tmp_path / "run", steps=(1, 2, 3), n=250_000)
+    transfer.push(run, s3_url)
+    t0 = time.monotonic()
+    transfer.pull(s3_url, tmp_path / "probe")
+    window = (time.monotonic() - t0) * 1.2
+    folders = [tmp_path / "back-0"]
+    mid_pull = 0
+    for _ in range(10):
+        dst = folders[-1]
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PULL_CHILD.format(src=str(SRC)), s3_url, str(dst)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _Children.go(child)
+        time.sleep(rng.uniform(0, window))
+        os.kill(child.pid, signal.SIGKILL)
+        child.communicate()
+        refs = reader.list_checkpoints(dst) if dst.exists() else []
+        for ref in refs:
+            assert reader.verify(ref.location) == [], ref
+        mid_pull += bool(list(dst.glob(".tmp-*/*.part")))
+        if len(refs) == 3 and not list(dst.glob(".tmp-*")):  # it finished: the next in a new folder
+            folders.append(tmp_path / f"back-{len(folders)}")
+    assert mid_pull >= 3  # kills landed while a .part was being filled (6-9 of 10 here)
+    for dst in folders:
+        rep = transfer.pull(s3_url, dst)
+        assert rep.verified
+        assert_equal_and_verified(run, LocalStore(dst))
+        assert not list(dst.glob(".tmp-*"))
+
+
 # ---- HTTP (werkzeug server of servers.py) ------------------------------------------------------
 def _serve(http_server: HTTPFileServer, tmp_path: Path, **kw: Any) -> tuple[Path, str]:
     run = make_run(tmp_path / "run", **kw)

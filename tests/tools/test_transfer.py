@@ -545,9 +545,11 @@ def test_ranges_killed_midway_are_continued(run: Path, tmp_path: Path, split: in
     dst = tmp_path / "dst"
     with pytest.raises(Killed):
         transfer.pull(remote, dst)
-    parts = list(dst.glob(".tmp-*/*.part-*"))
-    assert len(parts) > 1
-    kept = sum(p.stat().st_size for p in parts)
+    # one .part, each range written at its offset; the sidecar counts each range's bytes
+    (side,) = dst.glob(".tmp-*/*.part.json")
+    done = json.loads(side.read_text())["done"]
+    assert len(done) > 1 and side.with_name(side.name.removesuffix(".json")).is_file()
+    kept = sum(done)
     rep = transfer.pull(remote, dst)
     assert rep.verified
     assert_same_and_valid(LocalStore(run), LocalStore(dst))
@@ -590,10 +592,18 @@ def test_a_checkpoint_deleted_from_the_source_meanwhile_is_not_an_error(
 
 
 # ---- a finished .part is moved into place, not copied ------------------------------------------
+@pytest.mark.parametrize("ranges", [False, True], ids=["one-stream", "parallel-ranges"])
 def test_a_pulled_file_is_hashed_on_arrival_and_adopted_not_copied(
-    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranges: bool
 ) -> None:
+    """Each file is written once: one stream is hashed as it arrives, parallel ranges are
+    written at their offsets of one .part and read back once; either way the .part is moved
+    into place (a split file was written a second time from its parts before: a 1 GB pull
+    from an in-memory store took 8.1 s against 4.0 s as one stream)."""
     from savegame.storage import local
+
+    if ranges:
+        monkeypatch.setattr(transfer, "SPLIT", 40_000)  # a 120 KB file is 3-4 ranges
 
     written: list[str] = []
     adopted: list[str] = []
@@ -618,11 +628,15 @@ def test_a_pulled_file_is_hashed_on_arrival_and_adopted_not_copied(
     assert not list(dst.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("ranges", [False, True], ids=["one-stream", "parallel-ranges"])
 def test_a_resumed_part_that_fails_its_hash_is_fetched_whole_once(
-    run: Path, tmp_path: Path
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranges: bool
 ) -> None:
-    """A power cut can leave zeros in an unsynced .part: its prefix is hashed on resume, the
-    hash fails, and the file is fetched whole once more before the source is blamed."""
+    """A power cut can leave zeros in an unsynced .part (the sidecar of parallel ranges may
+    count bytes the disk lost): its prefix is hashed on resume, the hash fails, and the file is
+    fetched whole once more before the source is blamed."""
+    if ranges:
+        monkeypatch.setattr(transfer, "SPLIT", 40_000)
     remote = _remote(run, Behaviour(kill_after=200_000))
     dst = tmp_path / "dst"
     with pytest.raises(Killed):
@@ -637,11 +651,14 @@ def test_a_resumed_part_that_fails_its_hash_is_fetched_whole_once(
     assert not list(dst.glob(".tmp-*"))
 
 
+@pytest.mark.parametrize("ranges", [False, True], ids=["one-stream", "parallel-ranges"])
 def test_a_pull_killed_while_adopting_resumes_without_fetching_again(
-    run: Path, tmp_path: Path
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranges: bool
 ) -> None:
     """Killed at the move into place: the finished .part stays; the next run hashes it once,
     asks the source for none of its bytes, and adopts it."""
+    if ranges:
+        monkeypatch.setattr(transfer, "SPLIT", 40_000)
     remote = _remote(run)
     dst = tmp_path / "dst"
     with pytest.raises(OSError):

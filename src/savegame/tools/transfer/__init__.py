@@ -14,8 +14,9 @@ Key invariants:
 - **Re-running resumes.** A checkpoint already in the destination with the same manifest bytes
   that verifies is skipped. Inside a checkpoint, files a killed run already staged and that
   verify are kept. A pull from a remote store into a local folder downloads each file into
-  ``<staging>/<file>.part`` next to a small ``<file>.part.json`` (the source's ETag and size);
-  a later run continues it with a ranged GET from its size, unless the source's ETag changed
+  ``<staging>/<file>.part`` next to a small ``<file>.part.json`` (the source's ETag and size,
+  and for a file fetched as parallel ranges the bytes written of each range); a later run
+  continues it with ranged GETs from where each stopped, unless the source's ETag changed
   (or it has none) — then that file starts over. Within one run, a connection cut mid-file
   keeps the bytes received and continues from there with backoff.
 - **Uploads resume at file granularity.** obstore has no public API to resume one multipart
@@ -157,7 +158,8 @@ def pull(
     are the same). Into a local folder, each file is downloaded into ``<file>.part`` inside the
     checkpoint's staging area and a re-run continues it with a ranged GET (断点续传); a source
     file whose ETag changed, or a server that ignores ``Range``, makes that file start over.
-    Each file is then written into place, hashed on the way, before the manifest commits.
+    Each ``.part`` is hashed (as it arrives, or read back once after parallel ranges) and,
+    once it verifies, moved into place before the manifest commits.
 
     Raises:
         The same errors as :func:`push`.

@@ -5,10 +5,14 @@ Invariants:
 
 - A cut connection keeps the bytes received; the next GET starts where it stopped, with
   backoff, until ``RETRIES`` failures in a row (no new byte between them).
-- Into a local folder, a file is downloaded into ``<staging>/<file>.part`` (over ``SPLIT``
-  bytes: one ``.part-NNNNN`` per range, fetched in parallel) next to ``<file>.part.json`` (the
-  source's ETag, size and split). A later run continues the parts only when that sidecar names
-  the source's current version; otherwise the file starts over (at most ``RESTARTS`` times).
+- Into a local folder, a file is downloaded into ``<staging>/<file>.part`` next to
+  ``<file>.part.json`` (the source's ETag, size and split). A file over ``SPLIT`` bytes comes
+  as parallel ranges, each written at its own offset of the one ``.part``; the sidecar then
+  also records how many bytes of each range are written (updated after each write, so after a
+  kill it never claims a byte the file does not hold). A later run continues only when the
+  sidecar names the source's current version; otherwise the file starts over (at most
+  ``RESTARTS`` times). Either way the finished ``.part`` is the file: it is moved into place,
+  never written a second time.
 - Memory: at most one block of ``BLOCK`` bytes per range in flight.
 
 The knobs (``BLOCK``, ``WORKERS``, ``RETRIES``, ``SPLIT``, ``RESTARTS``) are the package's,
@@ -18,6 +22,7 @@ read at call time.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,35 +101,36 @@ def download(
     m: manifest.Manifest,
     folder: Path,
     side: Path,
-    new_check: Callable[[], FileCheck] | None = None,
-) -> tuple[list[Path], bool, FileCheck | None]:
-    """Make the part files hold the whole source file, in order; True if an earlier run's
-    bytes were continued. A file fetched as one stream is also hashed on the way (an earlier
-    run's prefix read back once, then every byte as it arrives): the third value is its
-    :class:`FileCheck` (fed, not yet finished) when ``new_check`` is given; None for a file
-    fetched as parallel ranges (the caller hashes the parts in order)."""
+    new_check: Callable[[], FileCheck],
+) -> tuple[Path, bool, FileCheck]:
+    """Make ``<folder>/<name>.part`` hold the whole source file; True if an earlier run's bytes
+    were continued. The third value is the :class:`FileCheck` fed every byte of the file, in
+    order, not yet finished: a file fetched as one stream is hashed on the way (an earlier
+    run's prefix read back once, then every byte as it arrives); one fetched as parallel
+    ranges is read back once from the page cache when all of it is there."""
     resumed = False
     split = transfer.SPLIT
+    path = folder / (name + PART)
     for restart in range(transfer.RESTARTS + 1):
         blob = ends.blob(skey, m, name)
         try:
             segs = segments(blob.size, split)
-            paths = part_paths(folder, name, len(segs))
-            done = _resume_offsets(paths, segs, side, blob, split)
+            done = _resume_offsets(path, segs, side, blob, split)
             try:
-                if not any(done):
-                    record = {"etag": blob.etag, "size": blob.size, "split": split}
-                    side.write_text(json.dumps({**record, "source": ends.where(ends.src, skey)}))
-                else:
+                record = {"etag": blob.etag, "size": blob.size, "split": split}
+                record["source"] = ends.where(ends.src, skey)
+                if any(done):
                     resumed = True
                     ends.skip(sum(done))
-                check = None
+                check = new_check()
                 if len(segs) == 1:
-                    check = new_check() if new_check is not None else None
-                    _fetch_stream(ends, blob, skey, paths[0], done[0], check)
+                    if not any(done):
+                        _write_json(side, record)
+                    _fetch_stream(ends, blob, skey, path, done[0], check)
                 else:
-                    _fetch_ranges(ends, blob, skey, paths, segs, done)
-                return paths, resumed, check
+                    _fetch_ranges(ends, blob, skey, path, segs, done, _Ranges(side, record, done))
+                    _feed(path, blob.size, check)
+                return path, resumed, check
             except (failures.Restart, failures.NoRanges) as exc:
                 if restart == transfer.RESTARTS:
                     raise unstable(ends, skey, exc) from exc
@@ -136,10 +142,59 @@ def download(
             except OSError as exc:
                 if isinstance(exc, errors.CheckpointError):
                     raise
-                raise failures.storage_error("could not write", exc, str(folder / name)) from exc
+                raise failures.storage_error("could not write", exc, str(path)) from exc
         finally:
             blob.close()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _write_json(path: Path, record: dict[str, object]) -> None:
+    """Write ``record`` to ``path`` as JSON. Not atomic (a rename is the storage layer's): a run
+    killed mid-write leaves a prefix of the JSON, which does not parse, and the next run starts
+    the file over; it never reads counts that were not written."""
+    path.write_text(json.dumps(record))
+
+
+class _Ranges:
+    """How many bytes of each range the ``.part`` holds, kept in the sidecar as they are
+    written: the sidecar is rewritten only after the bytes it counts were written, so a run
+    killed at any point leaves it counting no byte the file lacks."""
+
+    def __init__(self, side: Path, record: dict[str, object], done: list[int]) -> None:
+        self.side = side
+        self.record = record
+        self.done = list(done)
+        self.unsaved = 0
+        self.lock = threading.Lock()
+        self._save()
+
+    def advance(self, k: int, n: int, last: bool) -> None:
+        """Count ``n`` more bytes of range ``k`` as written; the sidecar is rewritten once a
+        ``BLOCK`` more is counted, and at the end of each range (a body arrives in pieces of
+        tens of KB: one rename per piece would cost more than the bytes)."""
+        with self.lock:
+            self.done[k] += n
+            self.unsaved += n
+            if last or self.unsaved >= transfer.BLOCK:
+                self.unsaved = 0
+                self._save()
+
+    def _save(self) -> None:
+        _write_json(self.side, {**self.record, "done": self.done})
+
+
+def _feed(path: Path, size: int, check: FileCheck) -> None:
+    """Feed ``check`` the first ``size`` bytes of ``path`` (just written: from the page cache)."""
+    buf = bytearray(min(transfer.BLOCK, max(size, 1)))
+    view = memoryview(buf)
+    left = size
+    with open(path, "rb", buffering=0) as f:
+        while left:
+            n = f.readinto(view[: min(len(buf), left)])
+            if not n:
+                raise EOFError(f"{path} ends {left} bytes before its size {size}")
+            check.feed(view[:n])
+            left -= n
 
 
 def _fetch_stream(
@@ -170,22 +225,29 @@ def _fetch_ranges(
     ends: Endpoints,
     blob: base.Blob,
     skey: str,
-    paths: list[Path],
+    path: Path,
     segs: list[tuple[int, int]],
     done: list[int],
+    progress: _Ranges,
 ) -> None:
-    """Each range into its own part file, ``WORKERS`` at once."""
+    """Each range at its own offset of ``path``, ``WORKERS`` at once."""
     stop = threading.Event()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size != blob.size:
+            os.ftruncate(fd, blob.size)  # the ranges then fill it in place
 
-    def one(k: int) -> None:
-        try:
-            _fetch_range(ends, blob, skey, paths[k], segs[k], done[k], stop)
-        except BaseException:
-            stop.set()  # the others stop at their next block: the file starts over
-            raise
+        def one(k: int) -> None:
+            try:
+                _fetch_range(ends, blob, skey, fd, segs[k], done[k], stop, k, progress)
+            except BaseException:
+                stop.set()  # the others stop at their next block: the file starts over
+                raise
 
-    with ThreadPoolExecutor(max_workers=min(transfer.WORKERS, len(segs))) as pool:
-        futures = [pool.submit(one, k) for k in range(len(segs))]
+        with ThreadPoolExecutor(max_workers=min(transfer.WORKERS, len(segs))) as pool:
+            futures = [pool.submit(one, k) for k in range(len(segs))]
+    finally:
+        os.close(fd)
     errs = [f.exception() for f in futures if f.exception() is not None]
     for exc in errs:  # the reason to start over first: the others only followed it
         if isinstance(exc, (failures.Restart, failures.NoRanges)):
@@ -198,31 +260,38 @@ def _fetch_range(
     ends: Endpoints,
     blob: base.Blob,
     skey: str,
-    path: Path,
+    fd: int,
     seg: tuple[int, int],
     done: int,
     stop: threading.Event,
+    k: int,
+    progress: _Ranges,
 ) -> None:
-    """Bytes ``seg`` of the source into ``path`` (which holds the first ``done``): one
-    streaming ranged GET to the segment's end, continued from where it stopped when the
-    connection is cut (with backoff, as :func:`stream`). One GET per segment, not one per
-    ``BLOCK``: a server that reads the whole object for every ranged GET (moto) made a 256 MiB
-    pull 11x slower than one GET, and every request is a round trip on any server."""
+    """Bytes ``seg`` of the source into the same offsets of ``fd`` (the first ``done`` are
+    there): one streaming ranged GET to the segment's end, continued from where it stopped
+    when the connection is cut (with backoff, as :func:`stream`). One GET per segment, not
+    one per ``BLOCK``: a server that reads the whole object for every ranged GET (moto) made
+    a 256 MiB pull 11x slower than one GET, and every request is a round trip on any server."""
     start, end = seg
-    with open(path, "r+b" if done else "wb", buffering=0) as f:
-        f.truncate(done)
-        f.seek(done)
-        if stop.is_set():
-            return
-        try:
-            for view in stream(ends, blob, skey, start + done, end):
-                failures.write_all(f, view)
-                if stop.is_set():
-                    return
-        except failures.Restart as exc:
-            if isinstance(exc.__cause__, base.RangeNotSupportedError):
-                raise failures.NoRanges(str(exc)) from exc
-            raise
+    pos = start + done
+    if stop.is_set() or pos >= end:
+        return
+    try:
+        for view in stream(ends, blob, skey, pos, end):
+            rest = view
+            while rest:
+                n = os.pwrite(fd, rest, pos)
+                if n <= 0:
+                    raise OSError(f"write at byte {pos} made no progress")
+                pos += n
+                rest = rest[n:]
+            progress.advance(k, len(view), pos >= end)
+            if stop.is_set():
+                return
+    except failures.Restart as exc:
+        if isinstance(exc.__cause__, base.RangeNotSupportedError):
+            raise failures.NoRanges(str(exc)) from exc
+        raise
 
 
 def segments(size: int, split: int) -> list[tuple[int, int]]:
@@ -232,21 +301,16 @@ def segments(size: int, split: int) -> list[tuple[int, int]]:
     return [(a, min(a + split, size)) for a in range(0, size, split)]
 
 
-def part_paths(folder: Path, name: str, n: int) -> list[Path]:
-    """The part files of ``name`` in ``folder``: one, or one per range."""
-    if n == 1:
-        return [folder / (name + PART)]
-    return [folder / f"{name}{PART}-{k:05d}" for k in range(n)]
-
-
 def _resume_offsets(
-    paths: list[Path], segs: list[tuple[int, int]], side: Path, blob: base.Blob, split: int
+    path: Path, segs: list[tuple[int, int]], side: Path, blob: base.Blob, split: int
 ) -> list[int]:
-    """How much of each part an earlier run left that may be continued: all of it when the
-    sidecar names the source's current version (same ETag, size and split), else none."""
-    none = [0] * len(paths)
+    """How much of each range an earlier run left that may be continued, when the sidecar
+    names the source's current version (same ETag, size and split), else none: for one
+    stream, the ``.part``'s size; for ranges, the counts the sidecar keeps."""
+    none = [0] * len(segs)
     try:
         record = json.loads(side.read_text())
+        have = path.stat().st_size
     except (OSError, ValueError):
         return none
     if (
@@ -257,11 +321,14 @@ def _resume_offsets(
         or record.get("split") != split
     ):
         return none
-    out = []
-    for path, (a, b) in zip(paths, segs, strict=True):
-        try:
-            have = path.stat().st_size
-        except OSError:
-            have = 0
-        out.append(have if have <= b - a else 0)
-    return out
+    if len(segs) == 1:
+        return [have] if have <= blob.size else none
+    done = record.get("done")
+    if (
+        type(done) is not list
+        or len(done) != len(segs)
+        or have != blob.size
+        or not all(type(d) is int and 0 <= d <= b - a for d, (a, b) in zip(done, segs, strict=True))
+    ):
+        return none
+    return done

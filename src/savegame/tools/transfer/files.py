@@ -8,7 +8,6 @@ verifies (:func:`copy_file`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import BinaryIO
 
 from savegame import errors
@@ -114,11 +113,10 @@ def _direct(ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging
 def _via_part(
     ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging: Staging, tmp: str
 ) -> None:
-    """Download into ``<staging>/<name>.part`` (or, for a file over ``SPLIT`` bytes, one
-    ``.part-NNNNN`` per range, fetched in parallel), resumable across runs. One ``.part`` is
-    hashed as its bytes arrive and, once it verifies, moved into place by
-    :meth:`Staging.adopt` (no second pass over its bytes); split parts are written into place
-    from the parts, hashed on the way."""
+    """Download into ``<staging>/<name>.part`` (a file over ``SPLIT`` bytes as parallel
+    ranges, each at its own offset), resumable across runs; once every byte is hashed and the
+    file verifies, it is moved into place by :meth:`Staging.adopt` — no second write of its
+    bytes."""
     folder = ends.dst.local_path(tmp)
     assert folder is not None  # checked by the caller
     side = folder / (name + download.SIDECAR)
@@ -128,27 +126,12 @@ def _via_part(
         return FileCheck(m, name, ends.where(ends.src, skey))
 
     while True:
-        paths, resumed, streamed = download.download(ends, skey, name, m, folder, side, new_check)
-
-        def produce(f: BinaryIO, paths: list[Path] = paths) -> None:
-            check = FileCheck(m, name, ends.where(ends.src, skey))
-            buf = bytearray(transfer.BLOCK)
-            view = memoryview(buf)
-            for path in paths:
-                with open(path, "rb", buffering=0) as src:
-                    while n := src.readinto(buf):
-                        check.feed(view[:n])
-                        failures.write_all(f, view[:n])
-            check.finish()
-
+        path, resumed, check = download.download(ends, skey, name, m, folder, side, new_check)
         try:
-            if streamed is not None:
-                streamed.finish()  # every byte was hashed on its way into the .part
-                if (folder / name).exists():  # a killed adopt left it under both names
-                    ends.drop(base.join(tmp, name))
-                size = staging.adopt(name, paths[0])
-            else:
-                _, size = staging.write(name, produce)
+            check.finish()
+            if (folder / name).exists():  # a killed adopt left it under both names
+                ends.drop(base.join(tmp, name))
+            size = staging.adopt(name, path)
         except errors.IntegrityError:
             if resumed and not retried_whole:
                 # The kept prefix came from an earlier run; after a power cut an unsynced
@@ -161,9 +144,6 @@ def _via_part(
             where = urls.redact(staging.describe(name))
             raise failures.storage_error("could not write", exc, where) from exc
         _check_size(ends, size, m, name)
-        if streamed is None:
-            for path in paths:
-                ends.drop(base.join(tmp, path.name))
         ends.drop(base.join(tmp, side.name))
         return
 
