@@ -24,11 +24,12 @@ Tags (a dict whose single key starts with ``$``)::
     {"$frozenset": [...]}       frozenset             {"$size": [...]}    torch.Size
     {"$dict": [[k, v], ...]}    dict with non-str keys, or str keys that start with "$"
     {"$odict": [[k, v], ...]}   OrderedDict with such keys
+    {"$counter": [[k, v], ...]} collections.Counter (any keys; MultiStepLR's milestones)
     {"$float": "nan"|"inf"|"-inf"}                    {"$int": "123..."}  |int| > 2**53
     {"$bytes": base64}          bytes                 {"$np": [dtype, value]} numpy scalar
     {"$dtype": "float32"}       torch.dtype           {"$device": "cuda:0"} torch.device
 
-``$frozenset``, ``$size`` and ``$odict`` were added after the first v1 release (which wrote
+``$frozenset``, ``$size``, ``$odict`` and ``$counter`` were added after the first v1 release (which wrote
 frozensets as ``$set``, ``torch.Size`` as ``$tuple`` and decoded every ``$dict`` as an
 ``OrderedDict``); files of that release decode unchanged, ``$dict`` now as a plain ``dict``.
 """
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -145,8 +146,10 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], depth: 
             pass
         tag = "$set" if kind is set else "$frozenset"
         return {tag: [_encode(v, [*path, str(i)], tensors, depth + 1) for i, v in enumerate(items)]}
-    if kind is dict or kind is OrderedDict:
-        plain = all(type(k) is str and not k.startswith("$") for k in obj)
+    if kind is dict or kind is OrderedDict or kind is Counter:
+        # A Counter is always a pair list: as a JSON object it would come back a plain dict,
+        # and a scheduler's milestones[epoch] of a missing key would raise instead of giving 0.
+        plain = kind is not Counter and all(type(k) is str and not k.startswith("$") for k in obj)
         if plain:
             # An OrderedDict with plain keys keeps the v1 layout (a JSON object) and comes back
             # as a dict: module state_dicts stay readable and the golden layout holds.
@@ -169,7 +172,7 @@ def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor], depth: 
                     key=join_key(path),
                 )
             pairs.append([ek, _encode(v, [*path, key_part(k)], tensors, depth + 1)])
-        return {"$dict" if kind is dict else "$odict": pairs}
+        return {{dict: "$dict", OrderedDict: "$odict", Counter: "$counter"}[kind]: pairs}
     hint = _subclass_hint(obj)
     if hint:
         raise errors.EncodeError(

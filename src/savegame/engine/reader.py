@@ -1229,6 +1229,10 @@ def fits(t: torch.Tensor, entry: manifest.TensorEntry) -> bool:
     """Whether ``t`` can be a ``dest`` of :func:`load_tensors` for ``entry``: read straight into
     (contiguous CPU memory — or CUDA memory with :func:`gpu_direct` — of the stored dtype and
     shape, outside autograd)."""
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    if isinstance(t, UninitializedTensorMixin):  # a lazy module's, built by load_state_dict
+        return False
     return (
         (t.device.type == "cpu" or (t.device.type == "cuda" and gpu_direct()))
         and t.is_contiguous()

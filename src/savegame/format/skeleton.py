@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -247,7 +247,7 @@ class _Decoder:
                 return set(members) if tag == "$set" else frozenset(members)
             except TypeError as exc:
                 raise self.fail(parts, f"{tag} member cannot be in a set ({exc})") from exc
-        if tag in ("$dict", "$odict"):
+        if tag in ("$dict", "$odict", "$counter"):
             return self.mapping(tag, value, parts, depth)
         if tag == "$size":
             if type(value) is not list or not all(type(d) is int and d >= 0 for d in value):
@@ -306,7 +306,7 @@ class _Decoder:
     def mapping(self, tag: str, value: Any, parts: list[str], depth: int) -> dict[Any, Any]:
         if type(value) is not list:
             raise self.fail(parts, f"{tag} holds {type(value).__name__}, not a list of [key, value] pairs")
-        out: dict[Any, Any] = {} if tag == "$dict" else OrderedDict()
+        out: dict[Any, Any] = {"$dict": dict, "$odict": OrderedDict, "$counter": Counter}[tag]()
         for i, pair in enumerate(value):
             if type(pair) is not list or len(pair) != 2:
                 raise self.fail(parts, f"{tag} entry {i} is not a [key, value] pair")

@@ -235,7 +235,8 @@ def check_module_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:
     missing or unexpected, a tensor of another shape — before anything is loaded: torch copies
     the keys that match before it raises, which would leave the objects before it and part of
     this one restored. A module tree with its own loading rules (a load pre-hook, or a class
-    outside ``torch.nn`` that overrides ``_load_from_state_dict``) is left to torch's check.
+    outside ``torch.nn.modules`` that overrides ``_load_from_state_dict``, such as torch.ao's
+    quantization observers, which resize) is left to torch's check.
     """
     import torch
 
@@ -245,9 +246,11 @@ def check_module_fits(obj: Any, saved: Any, *, name: str, where: str) -> None:
     if not isinstance(obj, torch.nn.Module) or not isinstance(saved, Mapping):
         return
     for sub in obj.modules():
+        # torch.nn's own overrides (batch and instance norm) only bring old layouts up to date;
+        # others, torch.ao's quantization observers among them, resize what they load.
         own_rules = type(sub)._load_from_state_dict is not torch.nn.Module._load_from_state_dict
         if sub._load_state_dict_pre_hooks or (
-            own_rules and not type(sub).__module__.startswith("torch.")
+            own_rules and not type(sub).__module__.startswith("torch.nn.modules.")
         ):
             return
     live = obj.state_dict()
@@ -308,8 +311,9 @@ def optimizer_misfit(opt: Any, saved: Any) -> str | None:
     optimizer's class (an ``SGD`` state has no ``betas`` for ``Adam``; flags torch added over
     versions, ``True``/``False``/``None`` by default, are filled in by torch and not asked
     for); and that a saved moment with a parameter's number of dimensions has its shape
-    (factored moments, of fewer dimensions, are not checked). The last two for torch's own
-    optimizers other than ``LBFGS`` only."""
+    (factored moments, of fewer dimensions, are not checked; ``Adafactor``'s ``row_var`` and
+    ``col_var`` keep the dimensions with a 1 in the one they factor, and are checked against
+    that shape). The last two for torch's own optimizers other than ``LBFGS`` only."""
     import torch
 
     groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
@@ -345,15 +349,28 @@ def optimizer_misfit(opt: Any, saved: Any) -> str | None:
         )
     )
     moments = saved.get("state", {}) if own else {}
+    factored = _factored_shapes if isinstance(opt, getattr(torch.optim, "Adafactor", ())) else None
     for pid, st in moments.items() if isinstance(moments, Mapping) else ():
         p = params.get(pid)
         for key, v in st.items() if p is not None and isinstance(st, Mapping) else ():
-            if isinstance(v, torch.Tensor) and v.dim() == p.dim() and v.shape != p.shape:
+            if not isinstance(v, torch.Tensor) or v.dim() != p.dim():
+                continue
+            want = list(p.shape)
+            if factored is not None and key in ("row_var", "col_var") and p.dim() >= 2:
+                want = factored(want)[key]
+            if list(v.shape) != want:
                 return (
                     f"its {key!r} of parameter {pid} is {list(v.shape)} in the checkpoint, "
-                    f"the parameter is {list(p.shape)} here"
+                    f"{want} for the parameter of shape {list(p.shape)} here"
                 )
     return None
+
+
+def _factored_shapes(shape: list[int]) -> dict[str, list[int]]:
+    """The shapes of ``torch.optim.Adafactor``'s factored second moments for a parameter of
+    ``shape`` (two dimensions or more): the row means keep a 1 in the last dimension, the
+    column means a 1 in the one before it."""
+    return {"row_var": [*shape[:-1], 1], "col_var": [*shape[:-2], 1, shape[-1]]}
 
 
 def load_object(obj: Any, saved: Any, *, name: str, where: str, strict: bool = True) -> None:

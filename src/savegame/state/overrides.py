@@ -308,12 +308,12 @@ def _check_name(
 
 
 def _dict_keys(sub: Any) -> set[str]:
-    """The str keys of a dict's skeleton (a JSON object, or a ``$dict``/``$odict`` pair list)."""
+    """The str keys of a dict's skeleton (a JSON object, or a ``$dict``/``$odict``/``$counter`` pair list)."""
     if not isinstance(sub, dict):
         return set()
     if len(sub) == 1:
         ((tag, pairs),) = sub.items()
-        if tag in ("$dict", "$odict") and isinstance(pairs, list):
+        if tag in ("$dict", "$odict", "$counter") and isinstance(pairs, list):
             return {p[0] for p in pairs if isinstance(p, list) and p and isinstance(p[0], str)}
     return {k for k in sub if isinstance(k, str) and not k.startswith("$")}
 
