@@ -405,10 +405,14 @@ class HTTPFileServer:
                     break  # the file shrank under us: the client sees a short body
                 pos += len(chunk)
                 done += len(chunk)
+                # Counted before the yield: the server resumes this generator only when it
+                # wants the next chunk, and a client that has read the whole body may look at
+                # ``sent`` before that (a flaky count under load).
+                with self._lock:
+                    total = self.sent[rel] = self.sent.get(rel, 0) + len(chunk)
                 yield chunk
                 fire: list[_Trigger] = []
                 with self._lock:
-                    total = self.sent[rel] = self.sent.get(rel, 0) + len(chunk)
                     for t in self._state.triggers.get(rel, []):
                         if not t.fired and total >= t.after:
                             t.fired = True

@@ -103,6 +103,73 @@ def test_a_save_in_progress_is_hidden_and_appears_with_its_manifest(s3_url: str)
     assert other.read("step-1/rank-1.bin") == b"y"
 
 
+def test_part_plan_stays_under_the_part_limit_and_the_memory_bound() -> None:
+    from savegame.storage import objectstore
+
+    mib = 1 << 20
+    assert objectstore.part_plan(None) == (objectstore.PART_BYTES, objectstore.PART_CONCURRENCY)
+    assert objectstore.part_plan(1 << 30) == (objectstore.PART_BYTES, objectstore.PART_CONCURRENCY)
+    for size in (9_000 * objectstore.PART_BYTES + 1, 100 << 30, 1 << 40, 5 << 40):
+        part, flight = objectstore.part_plan(size)
+        assert part % mib == 0 and part >= objectstore.PART_BYTES
+        assert -(-size // part) <= 9_000  # S3 allows 10,000 parts: a margin for the header
+        assert part <= 5 << 30  # S3's largest part
+        assert flight >= 2
+        assert part * flight <= max(2 * part, objectstore.PART_BYTES * objectstore.PART_CONCURRENCY)
+
+
+def test_a_large_file_goes_up_in_larger_parts_and_reads_back_whole(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the part limit scaled down, a 30 MiB file is over the 5 MiB-part budget: it goes
+    up in larger parts (the arithmetic of a 100 GiB file), multipart and whole."""
+    from savegame.storage import objectstore
+
+    monkeypatch.setattr(objectstore, "_MAX_PARTS", 1_003)  # 3 parts of 5 MiB before scaling
+    seen: list[tuple[int | None, tuple[int, int]]] = []
+    real = objectstore.part_plan
+
+    def spy(size: int | None) -> tuple[int, int]:
+        seen.append((size, real(size)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(objectstore, "part_plan", spy)
+    data = bytes(range(256)) * (30 * 4096)  # 30 MiB
+    store = _s3(s3_url)
+    st = store.begin(".tmp-step-3-ef", "step-3")
+    assert st.write("rank-0.bin", lambda f: f.write(data), size=len(data)) == (len(data), len(data))
+    assert seen == [(len(data), (10 << 20, 6))]
+    assert store.read("step-3/rank-0.bin") == data
+    st.abort()
+
+
+def test_every_uploader_tells_the_store_the_file_size(
+    s3_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save to a URL, a push and a tiered upload each pass the file's size (the part sizing
+    of files over 44 GiB depends on it)."""
+    import torch
+
+    from savegame.storage import objectstore
+    from savegame.tools import transfer
+
+    sizes: list[int | None] = []
+    real = objectstore.part_plan
+    monkeypatch.setattr(objectstore, "part_plan", lambda n: (sizes.append(n), real(n))[1])
+    model = torch.nn.Linear(64, 64)
+    state = sg.TrainState(model=model, rng=False)
+    data = 64 * 64 * 4 + 64 * 4
+    with sg.Checkpointer(f"{s3_url}/direct", handle_signals=False) as c:
+        c.save(state, 1)
+    with sg.Checkpointer(tmp_path / "local", handle_signals=False) as c:
+        c.save(state, 1)
+    transfer.push(tmp_path / "local", f"{s3_url}/pushed", progress=False)
+    with sg.Checkpointer(f"{s3_url}/tiered", cache=tmp_path / "cache", handle_signals=False) as c:
+        c.save(state, 1)
+    assert len(sizes) == 3 and None not in sizes, sizes
+    assert all(data <= n <= data + 4096 for n in sizes if n is not None), sizes
+
+
 def _keys_of(store: ObjectStore) -> set[str]:
     return {rel for rel, _ in store._walk("")}
 

@@ -836,7 +836,7 @@ class Tiers:
                         f"{self.cache.describe(f'{key}/{fname}')} has {blob.size} bytes, the manifest "
                         f"says {entry.size}",
                     )
-                sent, size = staging.write(fname, _copier(blob))
+                sent, size = staging.write(fname, _copier(blob), size=entry.size)
             if sent != entry.size or size != entry.size:
                 raise OSError(
                     errno.EIO,

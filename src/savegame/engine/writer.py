@@ -370,17 +370,21 @@ def write_rank_files(
     path = staging.describe(name)
     ordered = tensors.order_for_file(items.items())
     stored = _stored(previous, rank, ordered, chunk_meta) if previous is not None else {}
+    # the data's bytes: the header and padding are a rounding error the part sizing allows for
+    data_bytes = sum(t.nbytes for _, t in ordered)
     try:
         if stored:
             assert previous is not None
             digests = {k: c.hash for k, (_, c, _) in stored.items()}
             scrub = _Scrub(previous, stored, ordered, scrub_turn)
             (header, written, _), size = staging.write(
-                name, lambda f: tensors.write_changed_tensor_file(f, ordered, digests, scrub)
+                name,
+                lambda f: tensors.write_changed_tensor_file(f, ordered, digests, scrub),
+                size=data_bytes,
             )
         else:
             (header, written), size = staging.write(
-                name, lambda f: tensors.write_tensor_file(f, ordered)
+                name, lambda f: tensors.write_tensor_file(f, ordered), size=data_bytes
             )
     except OSError as exc:
         hint = {

@@ -193,10 +193,16 @@ class Staging(abc.ABC):
         """Where ``fname`` in the staging area is, for messages."""
 
     @abc.abstractmethod
-    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+    def write(
+        self, fname: str, produce: Callable[[BinaryIO], T], *, size: int | None = None
+    ) -> tuple[T, int]:
         """Create file ``fname``, let ``produce`` write it (an unbuffered binary file: check
         every write's count), make it durable, and return ``produce``'s result and the size
-        the store now holds (the caller checks it against what it meant to write)."""
+        the store now holds (the caller checks it against what it meant to write).
+
+        ``size``, when the caller knows it, is about how many bytes ``produce`` will write (at
+        most): an object store sizes its multipart parts by it (an upload has at most 10,000
+        parts). A store may ignore it; nothing is checked against it."""
 
     def adopt(self, fname: str, path: str | os.PathLike[str]) -> int:
         """Make the local file ``path`` (complete, already checked by the caller) the staged

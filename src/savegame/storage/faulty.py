@@ -87,7 +87,9 @@ class _FaultyStaging(base.Staging):
     def describe(self, fname: str = "") -> str:
         return self._inner.describe(fname)
 
-    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+    def write(
+        self, fname: str, produce: Callable[[BinaryIO], T], *, size: int | None = None
+    ) -> tuple[T, int]:
         o = self._owner
         o._alive()
         cut = o._next("stage.write")
@@ -101,7 +103,7 @@ class _FaultyStaging(base.Staging):
                 return out
             return produce(f)
 
-        out = self._inner.write(fname, wrapped)
+        out = self._inner.write(fname, wrapped, size=size)
         o._point("stage.sync")
         return out
 

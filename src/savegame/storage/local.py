@@ -197,7 +197,9 @@ class _LocalStaging(base.Staging):
     def describe(self, fname: str = "") -> str:
         return str(self.path / fname) if fname else str(self.path)
 
-    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+    def write(
+        self, fname: str, produce: Callable[[BinaryIO], T], *, size: int | None = None
+    ) -> tuple[T, int]:
         path = self.path / base.check_key(fname)
         with open(path, "wb", buffering=0) as f:
             out = produce(f)  # type: ignore[arg-type]

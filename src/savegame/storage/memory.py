@@ -66,7 +66,9 @@ class _MemoryStaging(base.Staging):
     def describe(self, fname: str = "") -> str:
         return self._store.describe(base.join(self.name, fname))
 
-    def write(self, fname: str, produce: Callable[[BinaryIO], T]) -> tuple[T, int]:
+    def write(
+        self, fname: str, produce: Callable[[BinaryIO], T], *, size: int | None = None
+    ) -> tuple[T, int]:
         w = _Writer()
         out = produce(w)  # type: ignore[arg-type]
         key = base.join(self.name, base.check_key(fname))

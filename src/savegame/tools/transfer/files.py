@@ -89,7 +89,7 @@ def _direct(ends: Endpoints, skey: str, name: str, m: manifest.Manifest, staging
             check.finish()
 
         try:
-            _, size = staging.write(name, produce)
+            _, size = staging.write(name, produce, size=m.files[name].size)
         except failures.Restart as exc:
             restart += 1
             if restart > transfer.RESTARTS:
