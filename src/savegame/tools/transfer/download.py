@@ -13,6 +13,11 @@ Invariants:
   sidecar names the source's current version; otherwise the file starts over (at most
   ``RESTARTS`` times). Either way the finished ``.part`` is the file: it is moved into place,
   never written a second time.
+- The sidecar is replaced whole (a temporary file, then a rename), and written only after the
+  bytes it counts; a fresh ``.part`` is emptied before its sidecar is written. So a kill at any
+  point leaves a sidecar that counts no byte the ``.part`` lacks, and keeps what it counted.
+- A ``.part`` or sidecar that is a link, a named pipe or a device is removed, never opened: a
+  link could point outside the run (the pull would write there), a pipe would block forever.
 - Memory: at most one block of ``BLOCK`` bytes per range in flight.
 
 The knobs (``BLOCK``, ``WORKERS``, ``RETRIES``, ``SPLIT``, ``RESTARTS``) are the package's,
@@ -21,8 +26,10 @@ read at call time.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +45,8 @@ from savegame.tools.transfer.endpoints import Endpoints
 
 PART = ".part"
 SIDECAR = ".part.json"
+#: A sidecar holds an ETag and one count per range: one larger than this is not ours.
+_SIDECAR_MAX = 1 << 20
 
 
 def stream(
@@ -124,7 +133,8 @@ def download(
                     ends.skip(sum(done))
                 check = new_check()
                 if len(segs) == 1:
-                    if not any(done):
+                    if not any(done):  # the old bytes gone before a sidecar could count them
+                        os.close(_open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
                         _write_json(side, record)
                     _fetch_stream(ends, blob, skey, path, done[0], check)
                 else:
@@ -136,8 +146,10 @@ def download(
                     raise unstable(ends, skey, exc) from exc
                 if isinstance(exc, failures.NoRanges):
                     split = 0  # the server ignores Range: one stream from byte 0
-                with open(side, "w"):  # forget the old version: start over
-                    pass
+                try:  # forget the old version: start over
+                    _write_json(side, {})
+                except OSError as err:
+                    raise failures.storage_error("could not write", err, str(side)) from err
                 continue
             except OSError as exc:
                 if isinstance(exc, errors.CheckpointError):
@@ -149,10 +161,49 @@ def download(
 
 
 def _write_json(path: Path, record: dict[str, object]) -> None:
-    """Write ``record`` to ``path`` as JSON. Not atomic (a rename is the storage layer's): a run
-    killed mid-write leaves a prefix of the JSON, which does not parse, and the next run starts
-    the file over; it never reads counts that were not written."""
-    path.write_text(json.dumps(record))
+    """Replace ``path`` by ``record`` as JSON: written under a temporary name, then renamed over
+    it, so a run killed mid-write keeps the previous counts (not fsynced: after a power cut the
+    file's hash catches a ``.part`` that lost bytes the sidecar counted, and the file is fetched
+    whole once more). A leftover temporary file is swept before the commit."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with open(fd, "wb", buffering=0) as f:
+        failures.write_all(f, memoryview(json.dumps(record).encode()))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> object:
+    """The sidecar's JSON; ValueError when it is too large or does not parse."""
+    with open(_open(path, os.O_RDONLY), "rb") as f:
+        raw = f.read(_SIDECAR_MAX + 1)
+    if len(raw) > _SIDECAR_MAX:
+        raise ValueError(f"{path} is over {_SIDECAR_MAX} bytes")
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:  # nested past the parser's depth: not ours
+        raise ValueError(f"{path} is nested too deep") from exc
+
+
+def _open(path: Path, flags: int) -> int:
+    """``os.open`` of a ``.part`` or sidecar (or its temporary file), never through a link and
+    never of a pipe or device: such an entry is removed first (it is in the pull's own staging
+    folder), and one that appears in between fails the open (``O_NOFOLLOW``, then the type
+    checked on the open file). A folder there fails the open: the caller names it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            os.unlink(path)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class _Ranges:
@@ -188,7 +239,7 @@ def _feed(path: Path, size: int, check: FileCheck) -> None:
     buf = bytearray(min(transfer.BLOCK, max(size, 1)))
     view = memoryview(buf)
     left = size
-    with open(path, "rb", buffering=0) as f:
+    with open(_open(path, os.O_RDONLY), "rb", buffering=0) as f:
         while left:
             n = f.readinto(view[: min(len(buf), left)])
             if not n:
@@ -202,7 +253,8 @@ def _fetch_stream(
 ) -> None:
     """One streaming GET from ``done`` to the end, appended to ``path``; ``check`` (if any) is
     fed the kept prefix (read back once) and then every byte as it arrives."""
-    with open(path, "r+b" if done else "wb", buffering=0) as f:
+    flags = os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC)
+    with open(_open(path, flags), "r+b", buffering=0) as f:
         f.truncate(done)
         if check is not None and done:
             buf = bytearray(min(transfer.BLOCK, done))
@@ -232,7 +284,7 @@ def _fetch_ranges(
 ) -> None:
     """Each range at its own offset of ``path``, ``WORKERS`` at once."""
     stop = threading.Event()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open(path, os.O_RDWR | os.O_CREAT)
     try:
         if os.fstat(fd).st_size != blob.size:
             os.ftruncate(fd, blob.size)  # the ranges then fill it in place
@@ -309,10 +361,13 @@ def _resume_offsets(
     stream, the ``.part``'s size; for ranges, the counts the sidecar keeps."""
     none = [0] * len(segs)
     try:
-        record = json.loads(side.read_text())
-        have = path.stat().st_size
+        record = _read_json(side)
+        st = os.lstat(path)
     except (OSError, ValueError):
         return none
+    if not stat.S_ISREG(st.st_mode):
+        return none
+    have = st.st_size
     if (
         not isinstance(record, dict)
         or blob.etag is None

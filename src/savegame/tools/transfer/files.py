@@ -8,6 +8,7 @@ verifies (:func:`copy_file`).
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 from savegame import errors
@@ -35,18 +36,18 @@ def copy_file(
     skey = base.join(key, name)
     folder = ends.dst.local_path(tmp)
     via_part = parts and folder is not None and folder.is_dir()
-    # A file a killed run staged is kept only when it is known durable: an object store's
-    # object exists once its upload completed; a local file once Staging.write returned
-    # (it fsyncs), which in .part mode is when its .part is gone. A local file otherwise
-    # may be complete in the page cache but not on disk: it is written again (locally).
-    # In .part mode the file appears only by Staging.adopt (which fsyncs first) or a
-    # Staging.write that returned, and the sidecar goes after that.
-    durable = folder is None or (
-        via_part
-        and not (folder / (name + download.PART)).exists()
-        and not (folder / (name + download.SIDECAR)).exists()
-    )
-    if durable and _staged(ends, name, m, tmp, final):
+    # A file a killed run staged is kept when it verifies. An object store's object exists
+    # once its upload completed; a local file is fsynced once it verified (read from the page
+    # cache, it may not be on disk yet: a run killed before Staging.write's fsync), so what
+    # was checked is what is kept. A .part beside it is an adopt cut between its link and
+    # unlink (or an older run's file): the .part path below settles that. A sidecar left
+    # beside a kept file (a kill after adopt) is removed with it.
+    if not (via_part and os.path.lexists(folder / (name + download.PART))) and _staged(
+        ends, name, m, tmp, final
+    ):
+        if via_part:
+            for leftover in (download.SIDECAR, download.SIDECAR + ".tmp"):
+                ends.drop(base.join(tmp, name + leftover))
         ends.skip(entry.size)
         return
     if via_part:
@@ -68,6 +69,13 @@ def _staged(ends: Endpoints, name: str, m: manifest.Manifest, tmp: str, final: s
                 for view in blob.stream(0, transfer.BLOCK):
                     check.feed(view)
             check.finish()
+            local = ends.dst.local_path(where)
+            if local is not None:  # verified from the page cache: make that the disk's
+                fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             return True
         except (OSError, EOFError, errors.CheckpointError):
             continue
