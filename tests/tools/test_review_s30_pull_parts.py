@@ -403,6 +403,7 @@ def test_two_pulls_started_together_end_with_one_valid_run(run: Path, tmp_path: 
 # =================================================================================================
 # 2. kill -9 at any point, then run again
 # =================================================================================================
+@pytest.mark.slow  # CI runs the same trials in tests/remote/test_push_pull.py
 def test_kill9_at_random_points_of_a_split_pull_resumes_equal(run: Path, tmp_path: Path) -> None:
     """A real SIGKILL at random instants of a pull whose files come as parallel ranges into one
     .part (a slow source: every block takes a few ms), again and again into the same folder:
