@@ -307,3 +307,31 @@ def test_non_finite_metric_saves_as_strict_json_and_restores(tmp_path: Path, val
     assert repr(m.metrics["loss"]) == repr(value)
     with sg.Checkpointer(tmp_path, handle_signals=False) as ckpt:
         assert ckpt.restore(sg.TrainState(model=torch.nn.Linear(2, 2))) == 1
+
+
+def test_a_planted_step_name_with_a_newline_or_foreign_digits_is_not_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A copy of step 3 under ``step-000000000003\\n`` or with Arabic-Indic digits is not a
+    second step 3: listing, restore and ``prune`` see only the real one, and prune deletes none
+    of the real checkpoints because of it (outside review S30)."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    model = torch.nn.Linear(4, 4)
+    with sg.Checkpointer(run, handle_signals=False) as c:
+        for step in (1, 2, 3):
+            c.save(sg.TrainState(model=model, rng=False), step)
+    shutil.copytree(run / layout.step_dir(3), run / (layout.step_dir(3) + "\n"))
+    shutil.copytree(run / layout.step_dir(3), run / ("step-" + "٠" * 11 + "٤"))
+    assert [r.step for r in reader.list_checkpoints(run)] == [1, 2, 3]
+    out = subprocess.run(
+        [sys.executable, "-m", "savegame", "prune", str(run), "--keep-last", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert all((run / layout.step_dir(s)).is_dir() for s in (1, 2, 3))

@@ -49,3 +49,32 @@ def test_only_savegames_own_temp_names_are_leftovers() -> None:
     assert layout.is_tmp(".tmp-deleted-retired-step-000000000001-rank-00000.safetensors-89abcdef")
     for name in (".tmp-notes", ".tmp-", ".tmp-step-5-x", "tmp-step-000000000001-x", "step-000000000001"):
         assert not layout.is_tmp(name), name
+
+
+def test_a_name_from_a_listing_is_a_step_only_when_it_is_exactly_one() -> None:
+    """A trailing newline (``$`` would take it) or another script's digits (``\\d`` and
+    ``int`` would read them) must not make a second "step 3" that retention counts and push
+    moves (outside review S30)."""
+    arabic = "step-" + "٠" * 11 + "٣"
+    full = "\uff13"  # fullwidth 3
+    for name in (
+        "step-000000000003\n",
+        "step-000000000003\r",
+        arabic,
+        "step-00000000000" + full,
+        "damaged-step-000000000003-ab\n",
+    ):
+        assert layout.parse_step_dir(name) is None, repr(name)
+        assert layout.parse_damaged_dir(name) is None, repr(name)
+    assert layout.parse_damaged_dir("damaged-step-000000000003-ab") == 3
+    assert layout.parse_retired_file("retired-step-000000000003-rank-00000.safetensors\n") is None
+    assert layout.parse_retired_file("retired-step-" + "٠" * 11 + "٣-rank-00000.safetensors") is None
+    assert layout.is_tmp(".tmp-deleted-x") and not layout.is_tmp(".tmp-deleted-x\n")
+
+
+def test_a_reference_in_a_manifest_takes_ascii_digits_only() -> None:
+    from savegame.format import manifest
+
+    assert manifest.ref_step("step-000000000003/rank-00000.safetensors") == 3
+    assert manifest.ref_step("step-" + "٠" * 11 + "٣/rank-00000.safetensors") is None
+    assert manifest.ref_step("step-000000000003/rank-00000.safetensors\n") is None

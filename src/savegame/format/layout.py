@@ -29,9 +29,12 @@ TMP_PREFIX = ".tmp-"
 DAMAGED_PREFIX = "damaged-"
 RETIRED_PREFIX = "retired-"
 
-_STEP_RE = re.compile(r"^step-(\d{12})$")
-_DAMAGED_RE = re.compile(r"^damaged-step-(\d{12})-[0-9a-f]+$")
-_RETIRED_RE = re.compile(r"^retired-(step-\d{12})-(rank-\d{5}(?:-\d{3})?\.safetensors)$")
+# Names come from listings: matched whole (``fullmatch``: ``$`` would also take a name that ends
+# in a newline, a second "step 3") and with ASCII digits only (``\d`` takes every script's digits,
+# which ``int`` reads: "step-٠٠٠٠٠٠٠٠٠٠٠٣" would be step 3 too).
+_STEP_RE = re.compile(r"step-([0-9]{12})")
+_DAMAGED_RE = re.compile(r"damaged-step-([0-9]{12})-[0-9a-f]+")
+_RETIRED_RE = re.compile(r"retired-(step-[0-9]{12})-(rank-[0-9]{5}(?:-[0-9]{3})?\.safetensors)")
 
 
 def step_dir(step: int) -> str:
@@ -43,7 +46,7 @@ def step_dir(step: int) -> str:
 
 def parse_step_dir(name: str) -> int | None:
     """The step of a checkpoint folder name, or None if the name is not one."""
-    m = _STEP_RE.match(name)
+    m = _STEP_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -54,7 +57,7 @@ def damaged_dir(step: int, token: str) -> str:
 
 def parse_damaged_dir(name: str) -> int | None:
     """The step of a set-aside damaged checkpoint folder name, or None if the name is not one."""
-    m = _DAMAGED_RE.match(name)
+    m = _DAMAGED_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -65,12 +68,12 @@ def tmp_dir(step: int, token: str) -> str:
 # What savegame itself names with TMP_PREFIX: a save in progress (tmp_dir) and a deletion's
 # trash (``.tmp-deleted-<name>-<hex>``). Only these are ever removed as leftovers: a user's
 # own ``.tmp-notes`` folder in a run is not ours to delete.
-_TMP_RE = re.compile(r"^\.tmp-(?:step-\d{12}-.+|deleted-.+)$")
+_TMP_RE = re.compile(r"\.tmp-(?:step-[0-9]{12}-.+|deleted-.+)")
 
 
 def is_tmp(name: str) -> bool:
     """Whether ``name`` is a temp folder or file savegame made (a save or a deletion)."""
-    return _TMP_RE.match(name) is not None
+    return _TMP_RE.fullmatch(name) is not None
 
 
 def tensor_file(rank: int, part: int = 0) -> str:
@@ -90,5 +93,5 @@ def retired_file(ref: str) -> str:
 
 def parse_retired_file(name: str) -> str | None:
     """The reference (``step-…/rank-….safetensors``) a retired file stands for, or None."""
-    m = _RETIRED_RE.match(name)
+    m = _RETIRED_RE.fullmatch(name)
     return f"{m.group(1)}/{m.group(2)}" if m else None

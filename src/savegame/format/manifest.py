@@ -51,7 +51,7 @@ _HASH = re.compile(r"[0-9a-f]{32}")
 #: A reference to an earlier checkpoint's tensor file: exactly ``step-<12 digits>/rank-<5
 #: digits>[-<3 digits>].safetensors`` (relative to the run folder; no other shape is accepted,
 #: so a name from a file can never leave the run folder).
-_REF = re.compile(r"step-(\d{12})/rank-\d{5}(?:-\d{3})?\.safetensors")
+_REF = re.compile(r"step-([0-9]{12})/rank-[0-9]{5}(?:-[0-9]{3})?\.safetensors")
 
 
 def is_ref(name: str) -> bool:
