@@ -378,6 +378,7 @@ def test_two_pulls_at_once_the_second_is_refused_typed_and_the_first_is_untouche
     assert rep.skipped == (3, 2, 1) and rep.copied == ()
 
 
+@pytest.mark.slow  # CI: the refused second pull above
 def test_two_pulls_started_together_end_with_one_valid_run(run: Path, tmp_path: Path) -> None:
     """Two processes released at the same instant: exactly one of them refused with
     LockedError (or both succeed one after the other), never a damaged destination."""
