@@ -283,6 +283,21 @@ def test_one_checkpoint_and_chosen_steps(run: Path, tmp_path: Path) -> None:
         transfer.pull(run, tmp_path / "x", steps=[7])
 
 
+def test_latest_names_only_a_step_the_destination_holds(run: Path, tmp_path: Path) -> None:
+    """``LATEST`` (a hint: the base of the next incremental save) is copied only when the
+    destination holds the step it names, and never moves back to an older step."""
+    latest = tmp_path / "some" / layout.LATEST
+    transfer.pull(run, tmp_path / "some", steps=[1])  # the source's LATEST names step 3
+    assert not latest.exists()
+    transfer.pull(run, tmp_path / "some", steps=[])  # nothing asked for: nothing named
+    assert not latest.exists()
+    transfer.pull(run, tmp_path / "some")
+    assert latest.read_text().strip() == layout.step_dir(3)
+    (run / layout.LATEST).write_text(layout.step_dir(2) + "\n")  # the source's hint is older
+    assert transfer.pull(run, tmp_path / "some").skipped == (3, 2, 1)
+    assert latest.read_text().strip() == layout.step_dir(3)
+
+
 def test_a_missing_source_is_a_typed_error(tmp_path: Path) -> None:
     with pytest.raises(errors.CheckpointNotFoundError, match="does not exist"):
         transfer.push(tmp_path / "nothing", MemoryStore())

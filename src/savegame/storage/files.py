@@ -10,8 +10,10 @@ renames, fsyncs or deletes files itself.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,9 +26,12 @@ from savegame.storage.local import fsync_dir
 __all__ = [
     "discard",
     "make_parents",
+    "open_plain",
     "publish_dir",
     "publish_file",
     "remove_created",
+    "replace_unsynced",
+    "sync_file",
     "temp_dir_beside",
     "temp_path_beside",
 ]
@@ -116,3 +121,52 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it; restored at once
     os.umask(mask)
     return mask
+
+
+def open_plain(path: Path, flags: int) -> int:
+    """``os.open`` of a working file in a folder savegame owns (a download's ``.part``), never
+    through a link and never of a pipe or device: such an entry is removed first (a link could
+    point outside the folder, and writing through it would write there; opening a pipe would
+    block forever), and one that appears in between fails the open (``O_NOFOLLOW``, then the
+    type of the open file is checked). A folder there fails the open."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            os.unlink(path)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def replace_unsynced(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` whole: written under ``<path>.tmp`` (:func:`open_plain`),
+    then renamed over it, so a process killed mid-write leaves the previous content. Not
+    fsynced: for bookkeeping whose loss after a power cut is caught by a hash (a download's
+    sidecar); a leftover ``.tmp`` is the caller's to sweep."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(open_plain(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb", buffering=0) as f:
+        view = memoryview(data)
+        while view:
+            n = f.write(view)
+            if not n:
+                raise OSError(errno.EIO, "write made no progress", str(tmp))
+            view = view[n:]
+    os.replace(tmp, path)
+
+
+def sync_file(path: Path) -> None:
+    """fsync the regular file ``path`` (not through a link): bytes just checked from the page
+    cache become the disk's."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

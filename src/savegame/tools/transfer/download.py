@@ -26,7 +26,6 @@ read at call time.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path
 from savegame import errors
 from savegame.format import manifest
 from savegame.storage import base, urls
+from savegame.storage import files as storage_files
 from savegame.tools import transfer
 from savegame.tools.transfer import failures
 from savegame.tools.transfer.check import FileCheck
@@ -161,15 +161,11 @@ def download(
 
 
 def _write_json(path: Path, record: dict[str, object]) -> None:
-    """Replace ``path`` by ``record`` as JSON: written under a temporary name, then renamed over
-    it, so a run killed mid-write keeps the previous counts (not fsynced: after a power cut the
-    file's hash catches a ``.part`` that lost bytes the sidecar counted, and the file is fetched
-    whole once more). A leftover temporary file is swept before the commit."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = _open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with open(fd, "wb", buffering=0) as f:
-        failures.write_all(f, memoryview(json.dumps(record).encode()))
-    os.replace(tmp, path)
+    """Replace ``path`` by ``record`` as JSON, whole (a run killed mid-write keeps the previous
+    counts). Not fsynced: after a power cut the file's hash catches a ``.part`` that lost bytes
+    the sidecar counted, and the file is fetched whole once more. A leftover temporary file is
+    swept before the commit."""
+    storage_files.replace_unsynced(path, json.dumps(record).encode())
 
 
 def _read_json(path: Path) -> object:
@@ -184,26 +180,8 @@ def _read_json(path: Path) -> object:
         raise ValueError(f"{path} is nested too deep") from exc
 
 
-def _open(path: Path, flags: int) -> int:
-    """``os.open`` of a ``.part`` or sidecar (or its temporary file), never through a link and
-    never of a pipe or device: such an entry is removed first (it is in the pull's own staging
-    folder), and one that appears in between fails the open (``O_NOFOLLOW``, then the type
-    checked on the open file). A folder there fails the open: the caller names it."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            os.unlink(path)
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+#: A ``.part`` or sidecar is opened never through a link nor as a pipe (see the storage helper).
+_open = storage_files.open_plain
 
 
 class _Ranges:

@@ -14,6 +14,7 @@ from typing import BinaryIO
 from savegame import errors
 from savegame.format import manifest
 from savegame.storage import Staging, base, urls
+from savegame.storage import files as storage_files
 from savegame.tools import transfer
 from savegame.tools.transfer import download, failures
 from savegame.tools.transfer.check import FileCheck
@@ -71,11 +72,7 @@ def _staged(ends: Endpoints, name: str, m: manifest.Manifest, tmp: str, final: s
             check.finish()
             local = ends.dst.local_path(where)
             if local is not None:  # verified from the page cache: make that the disk's
-                fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                storage_files.sync_file(local)
             return True
         except (OSError, EOFError, errors.CheckpointError):
             continue

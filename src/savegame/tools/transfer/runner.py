@@ -260,13 +260,21 @@ class Transfer:
         self.ends.put(layout.RUN_FILE, self.src_run)
 
     def _latest(self) -> None:
+        """The source's ``LATEST`` hint, copied only when the destination now holds the step it
+        names (``--step`` may leave it out, or it may be damaged in the source) and the
+        destination's own hint names no newer step (older steps moved into a newer copy)."""
         if self.one is not None:
             return
         if self._src_latest is not None:
             raw = self._src_latest.result()  # fetched while the source was listed
         else:  # pragma: no cover - always prefetched when a whole run moves
             raw = self.ends.read(self.src, layout.LATEST)
-        if raw is None or self.ends.read(self.dst, layout.LATEST) == raw:
+        named = _hint_step(raw)
+        if raw is None or named is None or named not in {*self.copied, *self.skipped}:
+            return
+        current = self.ends.read(self.dst, layout.LATEST)
+        have = _hint_step(current)
+        if current == raw or (have is not None and have > named):
             return
         self.ends.put(layout.LATEST, raw)
 
@@ -532,6 +540,13 @@ class Transfer:
         for e in self.dst.list(tmp):
             if e.name not in m.files and e.name != layout.MANIFEST:
                 self.ends.drop(base.join(tmp, e.name))
+
+
+def _hint_step(raw: bytes | None) -> int | None:
+    """The step a ``LATEST`` file names, or None."""
+    if raw is None:
+        return None
+    return layout.parse_step_dir(raw.decode("utf-8", "replace").strip())
 
 
 def _sharers_first(todo: _Todo) -> _Todo:
