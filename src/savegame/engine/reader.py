@@ -1136,11 +1136,16 @@ def _unlisted(loc: Location, m: manifest.Manifest) -> list[str]:
         names = sorted(e.name for e in loc.store.list(loc.key))
     except OSError as exc:
         return [f"could not list {loc}: {exc}"]
-    return [
-        f"{loc.store.describe(loc.sub(extra))}: file not listed in the manifest"
-        for extra in names
-        if extra not in listed
-    ]
+    out = []
+    for extra in names:
+        if extra in listed:
+            continue
+        try:
+            where = loc.store.describe(loc.sub(extra))
+        except ValueError:  # a name no key can hold (``..``, a backslash): shown as text
+            where = f"{loc} entry {extra!r}"
+        out.append(f"{where}: file not listed in the manifest")
+    return out
 
 
 def _verify_pulled(loc: Location, name: str, m: manifest.Manifest, chunk_bytes: int) -> list[str]:

@@ -92,6 +92,10 @@ _SMALL_NAMES = frozenset({layout.MANIFEST, layout.RUN_FILE, layout.LATEST})
 #: A "small" object bigger than this (a damaged manifest) is not read on open: its GET is
 #: dropped after the headers (size, ETag) and it is read in ranges like any other blob.
 _SMALL_BYTES = 4 << 20
+#: Folders below a key that a walk of a read-only HTTP run descends (a run is two deep).
+_HTTP_DEPTH = 4
+#: A name from an HTTP listing longer than this is no file of a run.
+_HTTP_NAME_MAX = 255
 #: How long a snapshot (see the module docstring) serves reads at most.
 SNAPSHOT_SECONDS = 10.0
 #: Step folders whose manifest and listing a snapshot fetches ahead (the newest ones: a restore
@@ -1304,14 +1308,19 @@ class ObjectStore(base.Store):
         return sorted(under), objs, under
 
     def _walk(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(path relative to ``key``, meta) of every object under ``key/``."""
+        """(path relative to ``key``, meta) of every object under ``key/``. Over HTTP, folder
+        by folder, at most ``_HTTP_DEPTH`` folders deep: a run is two levels (step folders,
+        their files), and a server that answers every folder URL with more links (a catch-all
+        page) would otherwise be walked forever."""
         if self.scheme in ("http", "https"):
-            dirs, objs = _http_listing(self, key)
-            for n, m in objs.items():
-                yield n, m
-            for d in dirs:
-                for rel, m in self._walk(base.join(key, d)):
-                    yield f"{d}/{rel}", m
+            todo = [("", 0)]
+            while todo:
+                rel, depth = todo.pop()
+                dirs, objs = _http_listing(self, base.join(key, rel) if rel else key)
+                for n, m in objs.items():
+                    yield (f"{rel}/{n}" if rel else n), m
+                if depth + 1 < _HTTP_DEPTH:
+                    todo.extend(((f"{rel}/{d}" if rel else d), depth + 1) for d in reversed(dirs))
             return
         p = self._p(key)
         stream = self._call(lambda: _obstore().list(self._obs, p or None, chunk_size=500), key)
@@ -1770,19 +1779,21 @@ def _http_listing(store: ObjectStore, prefix: str) -> tuple[list[str], dict[str,
     now = datetime.now(timezone.utc)
     try:
         listing = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         listing = None
     if isinstance(listing, list):
         for item in listing:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            if not isinstance(item, dict) or not _http_name(item.get("name")):
                 continue
             n = item["name"]
             if item.get("type") == "directory":
                 dirs.append(n)
             else:
-                objs[n] = {"path": base.join(key, n), "size": int(item.get("size", 0)),
+                size = item.get("size", 0)
+                size = size if type(size) is int and 0 <= size < 1 << 63 else 0
+                objs[n] = {"path": base.join(key, n), "size": size,
                            "last_modified": now, "e_tag": None}  # fmt: skip
-        return dirs, objs
+        return sorted(set(dirs)), objs
     text = raw.decode("utf-8", "replace")
     for href in re.findall(r"""href\s*=\s*["']([^"'?#]+)["']""", text, flags=re.I):
         if "://" in href or (
@@ -1792,7 +1803,7 @@ def _http_listing(store: ObjectStore, prefix: str) -> tuple[list[str], dict[str,
         name = unquote(urlsplit(href).path)
         is_dir = name.endswith("/")
         name = name.rstrip("/")
-        if not name or "/" in name:
+        if not _http_name(name):
             continue
         if is_dir:
             dirs.append(name)
@@ -1800,6 +1811,18 @@ def _http_listing(store: ObjectStore, prefix: str) -> tuple[list[str], dict[str,
             objs[name] = {"path": base.join(key, name), "size": 0, "last_modified": now,
                           "e_tag": None}  # fmt: skip
     return sorted(set(dirs)), objs
+
+
+def _http_name(name: object) -> bool:
+    """Whether a name from an HTTP listing can be an entry of a run folder: a plain name (not
+    empty, ``.`` or ``..``; no ``/``, ``\\``, NUL or other control character; at most
+    ``_HTTP_NAME_MAX`` characters). The server's other names are not savegame's: ignored."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _HTTP_NAME_MAX
+        and name not in (".", "..")
+        and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+    )
 
 
 def begin_snapshot(store: base.Store) -> None:

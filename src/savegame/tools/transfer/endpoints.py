@@ -81,14 +81,23 @@ class Endpoints:
         return urls.redact(store.describe(key))
 
     # -- small objects, retried --
-    def read(self, store: Store, key: str) -> bytes | None:
-        """A small blob (manifest, run.json, LATEST), or None if absent; retried."""
+    def read(
+        self, store: Store, key: str, limit: int = manifest.MAX_MANIFEST_BYTES
+    ) -> bytes | None:
+        """A small blob (manifest, run.json, LATEST), or None if absent; retried. One over
+        ``limit`` bytes is not read: FormatError (memory stays bounded whatever a server
+        serves)."""
         where = self.where(store, key)
         for attempt in range(transfer.RETRIES):
             try:
                 # One GET from byte 0 (a plain GET where the store can): a server that ignores
                 # Range still serves small files whole.
                 with store.open(key) as blob:
+                    if blob.size > limit:
+                        raise errors.FormatError(
+                            f"{where} is {blob.size} bytes, over the {limit} it may hold: not read",
+                            path=where,
+                        )
                     data = b"".join(bytes(v) for v in blob.stream(0))
                 if len(data) != blob.size:
                     raise EOFError(f"got {len(data)} bytes of {blob.size}")

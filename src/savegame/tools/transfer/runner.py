@@ -75,9 +75,11 @@ class Transfer:
         objectstore.begin_snapshot(self.src)
         pre = ThreadPoolExecutor(max_workers=2)
         try:
-            self._src_run = pre.submit(self.ends.read, self.src, layout.RUN_FILE)
+            self._src_run = pre.submit(self.ends.read, self.src, layout.RUN_FILE, _HINT_BYTES)
             self._src_latest = (
-                pre.submit(self.ends.read, self.src, layout.LATEST) if self.one is None else None
+                pre.submit(self.ends.read, self.src, layout.LATEST, _HINT_BYTES)
+                if self.one is None
+                else None
             )
         finally:
             pre.shutdown(wait=False)
@@ -207,12 +209,19 @@ class Transfer:
     def _run_id(
         self, store: Store, fetched: Future[bytes | None] | None = None
     ) -> tuple[bytes | None, str | None]:
-        raw = fetched.result() if fetched is not None else self.ends.read(store, layout.RUN_FILE)
+        try:
+            raw = (
+                fetched.result()
+                if fetched is not None
+                else self.ends.read(store, layout.RUN_FILE, _HINT_BYTES)
+            )
+        except errors.FormatError:  # far too large to be one: damaged
+            return b"", None
         if raw is None:
             return None, None
         try:
             record = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return raw, None
         rid = record.get("run_id") if isinstance(record, dict) else None
         return raw, (rid if isinstance(rid, str) and rid else None)
@@ -254,7 +263,10 @@ class Transfer:
             return
         if self.one is not None and self.dst_id is not None:
             return  # one checkpoint into an existing run of the same id: keep its run.json
-        current = self.ends.read(self.dst, layout.RUN_FILE)
+        try:
+            current = self.ends.read(self.dst, layout.RUN_FILE, _HINT_BYTES)
+        except errors.FormatError:
+            current = None  # damaged: replaced by the source's
         if current == self.src_run:
             return
         self.ends.put(layout.RUN_FILE, self.src_run)
@@ -265,14 +277,20 @@ class Transfer:
         destination's own hint names no newer step (older steps moved into a newer copy)."""
         if self.one is not None:
             return
-        if self._src_latest is not None:
-            raw = self._src_latest.result()  # fetched while the source was listed
-        else:  # pragma: no cover - always prefetched when a whole run moves
-            raw = self.ends.read(self.src, layout.LATEST)
+        try:
+            if self._src_latest is not None:
+                raw = self._src_latest.result()  # fetched while the source was listed
+            else:  # pragma: no cover - always prefetched when a whole run moves
+                raw = self.ends.read(self.src, layout.LATEST, _HINT_BYTES)
+        except errors.FormatError:  # far too large to be a hint: not copied
+            return
         named = _hint_step(raw)
         if raw is None or named is None or named not in {*self.copied, *self.skipped}:
             return
-        current = self.ends.read(self.dst, layout.LATEST)
+        try:
+            current = self.ends.read(self.dst, layout.LATEST, _HINT_BYTES)
+        except errors.FormatError:
+            current = None  # replaced by the source's
         have = _hint_step(current)
         if current == raw or (have is not None and have > named):
             return
@@ -540,6 +558,10 @@ class Transfer:
         for e in self.dst.list(tmp):
             if e.name not in m.files and e.name != layout.MANIFEST:
                 self.ends.drop(base.join(tmp, e.name))
+
+
+#: run.json and LATEST hold a few hundred bytes: one over this is damaged, and not read.
+_HINT_BYTES = 1 << 20
 
 
 def _hint_step(raw: bytes | None) -> int | None:
