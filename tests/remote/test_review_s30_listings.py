@@ -70,7 +70,12 @@ class Hostile:
             rel = raw.encode("latin-1").decode("utf-8", "replace").lstrip("/")
             self.seen.append(rel)
             ans = self.answers.get(rel)
-            if ans is None and self.every_folder is not None and rel.startswith("run/") and rel.endswith("/"):
+            if (
+                ans is None
+                and self.every_folder is not None
+                and rel.startswith("run/")
+                and rel.endswith("/")
+            ):
                 ans = self.every_folder
             if ans is None:
                 return inner(environ, start_response)
@@ -105,7 +110,11 @@ def _real_listing(server: Any, rel: str) -> list[dict[str, Any]]:
 
 
 def _html_listing(hrefs: list[str]) -> tuple[str, bytes]:
-    body = "<html><body><pre>" + "".join(f'<a href="{h}">x</a>\n' for h in hrefs) + "</pre></body></html>"
+    body = (
+        "<html><body><pre>"
+        + "".join(f'<a href="{h}">x</a>\n' for h in hrefs)
+        + "</pre></body></html>"
+    )
     return "text/html", body.encode()
 
 
@@ -175,7 +184,9 @@ HOSTILE_NAMES = [
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])
-def test_json_run_listing_with_hostile_names_is_ignored(www: Any, tmp_path: Path, kind: str) -> None:
+def test_json_run_listing_with_hostile_names_is_ignored(
+    www: Any, tmp_path: Path, kind: str
+) -> None:
     server, hostile, url = www
     entries = _real_listing(server, "run")
     for n in HOSTILE_NAMES:
@@ -191,7 +202,12 @@ def test_json_run_listing_with_hostile_names_is_ignored(www: Any, tmp_path: Path
     rep = pull(url, tmp_path / "dest")
     assert sorted(rep.copied) == [1, 2] and rep.verified
     assert {p.split("/")[0] for p in _tree(tmp_path / "dest")} <= {
-        ".lock", "LATEST", "run.json", "step-000000000001", "step-000000000002"}
+        ".lock",
+        "LATEST",
+        "run.json",
+        "step-000000000001",
+        "step-000000000002",
+    }
     assert _restore(url, tmp_path) == 2
     assert _tree(outside) == set()
 
@@ -254,18 +270,21 @@ def test_listing_that_is_not_a_listing(www: Any, tmp_path: Path, body: str) -> N
     assert not (tmp_path / "dest").exists() or _tree(tmp_path / "dest") <= {".lock"}
 
 
-def test_marker_naming_a_hostile_dest_is_a_typed_error(www: Any, tmp_path: Path) -> None:
+def test_a_marker_naming_a_hostile_dest_hides_nothing_and_breaks_nothing(
+    www: Any, tmp_path: Path
+) -> None:
+    """A ``.tmp-`` marker whose ``dest`` no save writes (``../../../x``) hides nothing: the run
+    stays readable (it made every ls, pull and restore of the run a StorageError before)."""
     server, hostile, url = www
     marker = ".tmp-step-000000000002-abc"
     server.put(f"run/{marker}", json.dumps({"final": STEP2, "dest": "../../../x"}).encode())
     hostile.answers["run/"] = _json_listing(
-        [*_real_listing(server, "run"), {"name": marker, "type": "file", "size": 10}])
+        [*_real_listing(server, "run"), {"name": marker, "type": "file", "size": 10}]
+    )
     outside = _outside(tmp_path)
-    with pytest.raises(errors.StorageError):
-        pull(url, tmp_path / "dest")
-    with pytest.raises(errors.StorageError):
-        _restore(url, tmp_path)
-    assert _cli("ls", url) == 2
+    assert sorted(pull(url, tmp_path / "dest").copied) == [1, 2]
+    assert _restore(url, tmp_path) == 2
+    assert _cli("ls", url) == 0
     assert _tree(outside) == set()
     assert not any(r.startswith("x") for r in hostile.seen)
 
@@ -284,7 +303,11 @@ def test_symlink_loop_in_a_served_checkpoint(www: Any, tmp_path: Path) -> None:
 
 
 # ---- 1b. HTTP listings: what the product gets wrong ----------------------------------------------
-@pytest.mark.parametrize("size", ["abc", None, [], float("inf"), "1" * 5000], ids=["str", "null", "list", "inf", "5000digits"])
+@pytest.mark.parametrize(
+    "size",
+    ["abc", None, [], float("inf"), "1" * 5000],
+    ids=["str", "null", "list", "inf", "5000digits"],
+)
 def test_json_listing_entry_with_a_bad_size(www: Any, tmp_path: Path, size: Any) -> None:
     server, hostile, url = www
     entries = [*_real_listing(server, "run"), {"name": "junk", "type": "file", "size": size}]
@@ -315,9 +338,15 @@ def test_server_with_a_page_for_every_folder(www: Any, tmp_path: Path, op: str) 
     server, hostile, url = www
     hostile.every_folder = _html_listing(["more/"])
     hostile.answers["run/"] = _html_listing(
-        [e["name"] + ("/" if e["type"] == "directory" else "") for e in _real_listing(server, "run")])
+        [
+            e["name"] + ("/" if e["type"] == "directory" else "")
+            for e in _real_listing(server, "run")
+        ]
+    )
     for d in (STEP1, STEP2):
-        hostile.answers[f"run/{d}/"] = _html_listing([e["name"] for e in _real_listing(server, f"run/{d}")])
+        hostile.answers[f"run/{d}/"] = _html_listing(
+            [e["name"] for e in _real_listing(server, f"run/{d}")]
+        )
     try:
         if op == "restore":
             assert _restore(url, tmp_path) == 2
@@ -372,7 +401,9 @@ S3_KEYS = {
 
 
 @pytest.mark.parametrize("kind", sorted(S3_KEYS))
-def test_s3_hostile_keys_pull_stays_in_dest(s3_url: str, s3_env: Any, tmp_path: Path, kind: str) -> None:
+def test_s3_hostile_keys_pull_stays_in_dest(
+    s3_url: str, s3_env: Any, tmp_path: Path, kind: str
+) -> None:
     _make_run(s3_url, (1, 2))
     bucket, prefix = s3_url[5:].split("/", 1)
     c = _boto(s3_env)
@@ -391,7 +422,9 @@ def test_s3_hostile_keys_pull_stays_in_dest(s3_url: str, s3_env: Any, tmp_path: 
     assert not any("escape" in str(p) for p in tmp_path.rglob("*"))
 
 
-def test_s3_key_with_dotdot_at_run_level_is_a_typed_error(s3_url: str, s3_env: Any, tmp_path: Path) -> None:
+def test_s3_key_with_dotdot_at_run_level_is_a_typed_error(
+    s3_url: str, s3_env: Any, tmp_path: Path
+) -> None:
     _make_run(s3_url, (1, 2))
     bucket, prefix = s3_url[5:].split("/", 1)
     _boto(s3_env).put_object(Bucket=bucket, Key=f"{prefix}/../escape", Body=b"evil")
@@ -405,7 +438,9 @@ def test_s3_key_with_dotdot_at_run_level_is_a_typed_error(s3_url: str, s3_env: A
     assert not any("escape" in str(p) for p in tmp_path.rglob("*"))
 
 
-def test_s3_key_with_backslash_in_a_checkpoint_verify(s3_url: str, s3_env: Any, tmp_path: Path) -> None:
+def test_s3_key_with_backslash_in_a_checkpoint_verify(
+    s3_url: str, s3_env: Any, tmp_path: Path
+) -> None:
     _make_run(s3_url, (1, 2))
     bucket, prefix = s3_url[5:].split("/", 1)
     _boto(s3_env).put_object(Bucket=bucket, Key=f"{prefix}/{STEP1}/..\\..\\escape", Body=b"evil")

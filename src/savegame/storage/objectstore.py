@@ -1396,6 +1396,10 @@ class ObjectStore(base.Store):
             info = self._marker(base.join(folder, name)) or {}
             dest = info.get("dest")
             if isinstance(dest, str) and dest and dest != base.join(folder, name):
+                try:
+                    base.check_name(dest)
+                except ValueError:  # no key savegame writes (``../x``): hides nothing
+                    continue
                 if self._head(base.join(dest, layout.MANIFEST)) is None:
                     out.add(dest)
         return out
