@@ -152,13 +152,8 @@ def replace_unsynced(path: Path, data: bytes) -> None:
     fsynced: for bookkeeping whose loss after a power cut is caught by a hash (a download's
     sidecar); a leftover ``.tmp`` is the caller's to sweep."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(open_plain(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb", buffering=0) as f:
-        view = memoryview(data)
-        while view:
-            n = f.write(view)
-            if not n:
-                raise OSError(errno.EIO, "write made no progress", str(tmp))
-            view = view[n:]
+    with open(open_plain(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+        f.write(data)  # buffered: writes all of it or raises
     os.replace(tmp, path)
 
 

@@ -231,8 +231,7 @@ def _fetch_stream(
 ) -> None:
     """One streaming GET from ``done`` to the end, appended to ``path``; ``check`` (if any) is
     fed the kept prefix (read back once) and then every byte as it arrives."""
-    flags = os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC)
-    with open(_open(path, flags), "r+b", buffering=0) as f:
+    with open(_open(path, os.O_RDWR | os.O_CREAT), "r+b", buffering=0) as f:
         f.truncate(done)
         if check is not None and done:
             buf = bytearray(min(transfer.BLOCK, done))

@@ -46,9 +46,8 @@ def copy_file(
     if not (via_part and os.path.lexists(folder / (name + download.PART))) and _staged(
         ends, name, m, tmp, final
     ):
-        if via_part:
-            for leftover in (download.SIDECAR, download.SIDECAR + ".tmp"):
-                ends.drop(base.join(tmp, name + leftover))
+        if via_part:  # (a temporary sidecar a kill left is swept before the commit)
+            ends.drop(base.join(tmp, name + download.SIDECAR))
         ends.skip(entry.size)
         return
     if via_part:

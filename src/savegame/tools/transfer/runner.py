@@ -75,11 +75,9 @@ class Transfer:
         objectstore.begin_snapshot(self.src)
         pre = ThreadPoolExecutor(max_workers=2)
         try:
-            self._src_run = pre.submit(self.ends.read, self.src, layout.RUN_FILE, _HINT_BYTES)
+            self._src_run = pre.submit(self._read_hint, self.src, layout.RUN_FILE)
             self._src_latest = (
-                pre.submit(self.ends.read, self.src, layout.LATEST, _HINT_BYTES)
-                if self.one is None
-                else None
+                pre.submit(self._read_hint, self.src, layout.LATEST) if self.one is None else None
             )
         finally:
             pre.shutdown(wait=False)
@@ -209,14 +207,7 @@ class Transfer:
     def _run_id(
         self, store: Store, fetched: Future[bytes | None] | None = None
     ) -> tuple[bytes | None, str | None]:
-        try:
-            raw = (
-                fetched.result()
-                if fetched is not None
-                else self.ends.read(store, layout.RUN_FILE, _HINT_BYTES)
-            )
-        except errors.FormatError:  # far too large to be one: damaged
-            return b"", None
+        raw = fetched.result() if fetched is not None else self._read_hint(store, layout.RUN_FILE)
         if raw is None:
             return None, None
         try:
@@ -263,13 +254,17 @@ class Transfer:
             return
         if self.one is not None and self.dst_id is not None:
             return  # one checkpoint into an existing run of the same id: keep its run.json
-        try:
-            current = self.ends.read(self.dst, layout.RUN_FILE, _HINT_BYTES)
-        except errors.FormatError:
-            current = None  # damaged: replaced by the source's
-        if current == self.src_run:
+        if self._read_hint(self.dst, layout.RUN_FILE) == self.src_run:
             return
         self.ends.put(layout.RUN_FILE, self.src_run)
+
+    def _read_hint(self, store: Store, key: str) -> bytes | None:
+        """``run.json`` or ``LATEST``: None if absent, ``b""`` (damaged) if over
+        ``_HINT_BYTES`` — not read, whatever size a server claims."""
+        try:
+            return self.ends.read(store, key, _HINT_BYTES)
+        except errors.FormatError:
+            return b""
 
     def _latest(self) -> None:
         """The source's ``LATEST`` hint, copied only when the destination now holds the step it
@@ -277,20 +272,14 @@ class Transfer:
         destination's own hint names no newer step (older steps moved into a newer copy)."""
         if self.one is not None:
             return
-        try:
-            if self._src_latest is not None:
-                raw = self._src_latest.result()  # fetched while the source was listed
-            else:  # pragma: no cover - always prefetched when a whole run moves
-                raw = self.ends.read(self.src, layout.LATEST, _HINT_BYTES)
-        except errors.FormatError:  # far too large to be a hint: not copied
-            return
+        if self._src_latest is not None:
+            raw = self._src_latest.result()  # fetched while the source was listed
+        else:  # pragma: no cover - always prefetched when a whole run moves
+            raw = self._read_hint(self.src, layout.LATEST)
         named = _hint_step(raw)
         if raw is None or named is None or named not in {*self.copied, *self.skipped}:
             return
-        try:
-            current = self.ends.read(self.dst, layout.LATEST, _HINT_BYTES)
-        except errors.FormatError:
-            current = None  # replaced by the source's
+        current = self._read_hint(self.dst, layout.LATEST)
         have = _hint_step(current)
         if current == raw or (have is not None and have > named):
             return
