@@ -694,10 +694,10 @@ def test_damaged_source_data_raises_integrity_error_and_keeps_destination(
             assert snapshot(dst)[k] == v
     assert verify_ok(dst)
     assert snapshot(src) == before_src  # nothing deleted from the source
-    # the CLI: non-zero exit (a savegame error), the same destination left as it was
+    # the CLI: exit 1 (a check found a damaged source checkpoint), the destination left as it was
     r = cli(direction, source, dst) if direction == "push" else cli("pull", source, dst)
     assert r.returncode != 0
-    assert r.returncode == 2
+    assert r.returncode == 1  # a damaged source checkpoint (cli/main.py), as a broken manifest
     assert DATA in r.stderr
     assert steps_in(dst) == [1, 2] and verify_ok(dst)
 
@@ -904,7 +904,7 @@ def test_pull_from_http_with_a_damaged_file_keeps_the_earlier_pull(http_run, tmp
     with pytest.raises(sg.IntegrityError):
         pull(url, dst)
     r = cli("pull", url, dst)
-    assert r.returncode == 2
+    assert r.returncode == 1  # a damaged source checkpoint (cli/main.py)
     assert steps_in(dst) == [1, 2, 3]
     now = snapshot(dst)
     assert {k: now[k] for k in before if k not in ("LATEST", "run.json")} == {
@@ -1113,7 +1113,7 @@ def test_http_credentials_never_in_report_progress_logs_or_errors(http_run, tmp_
         pull(curl, tmp_path / "dmg")
     assert SECRET not in str(ei2.value)
     r6 = cli_pty("pull", curl, tmp_path / "dmg2")
-    assert r6[0] == 2 and SECRET not in r6[1] + r6[2]
+    assert r6[0] == 1 and SECRET not in r6[1] + r6[2]  # a damaged source checkpoint
 
 
 def test_query_values_are_redacted_too(http_run, tmp_path):
@@ -1191,7 +1191,8 @@ def test_s3_damaged_source_keeps_the_remote_earlier_checkpoints(tmp_path, s3_url
     with pytest.raises(sg.IntegrityError):
         push(src, s3_url)
     r = cli("push", src, s3_url)
-    assert r.returncode == 2
+    assert r.returncode == 1  # main.py: a damaged source checkpoint not moved
+    assert "step-000000000003" in r.stderr
     assert cli("verify", s3_url).returncode == 0
     back = tmp_path / "back"
     r = pull(s3_url, back)
@@ -1414,7 +1415,7 @@ def test_incremental_damaged_shared_bytes_in_the_source(tmp_path):
         push(src, dst, steps=[3])
     assert steps_in(dst) == [] and staging_leftovers(dst) == []
     r = cli("push", src, tmp_path / "dst2", "--step", 3)
-    assert r.returncode == 2
+    assert r.returncode == 1  # a damaged source checkpoint (cli/main.py)
 
 
 # ------------------------------------------------------------------------------------------------

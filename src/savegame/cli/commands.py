@@ -752,9 +752,15 @@ def cmd_push(args: argparse.Namespace) -> int:
     """``savegame push RUN URL``: :func:`savegame.tools.transfer.push`."""
     from savegame.tools import transfer
 
-    report = transfer.push(
-        _transfer_arg(args.run), _transfer_arg(args.url), steps=args.step, progress=_progress(args)
-    )
+    try:
+        report = transfer.push(
+            _transfer_arg(args.run),
+            _transfer_arg(args.url),
+            steps=args.step,
+            progress=_progress(args),
+        )
+    except sg.IntegrityError as exc:
+        return _damaged_source(exc)
     return _transfer_summary("pushed", report)
 
 
@@ -762,10 +768,24 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """``savegame pull URL RUN``: :func:`savegame.tools.transfer.pull`."""
     from savegame.tools import transfer
 
-    report = transfer.pull(
-        _transfer_arg(args.url), _transfer_arg(args.run), steps=args.step, progress=_progress(args)
-    )
+    try:
+        report = transfer.pull(
+            _transfer_arg(args.url),
+            _transfer_arg(args.run),
+            steps=args.step,
+            progress=_progress(args),
+        )
+    except sg.IntegrityError as exc:
+        return _damaged_source(exc)
     return _transfer_summary("pulled", report)
+
+
+def _damaged_source(exc: sg.IntegrityError) -> int:
+    """A source file that does not match its manifest: that checkpoint was not moved (the
+    others were, verified). Exit 1, as for a source manifest that does not parse: a check
+    found a damaged checkpoint, not bad input."""
+    main.err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+    return 1
 
 
 def _transfer_arg(arg: str) -> str | Path:

@@ -358,6 +358,17 @@ def translate(exc: BaseException, where: str) -> OSError:
             "(AWS_ENDPOINT_URL for an S3-compatible server) and the network",
             where,
         )
+    if "encountered object with invalid path" in low:
+        # object_store (under obstore) fails a whole listing on one key it cannot parse (an
+        # empty segment from a path joined as ``run//x``, or a ``..``); there is no listing
+        # that skips it, so the message names the key and what to do.
+        return OSError(
+            errno.EINVAL,
+            f"{first}; an object in this folder has a key that cannot be listed (an empty "
+            "segment `//` or a `..`, not written by savegame): delete or rename it, e.g. with "
+            "`aws s3 rm`, and run again",
+            where,
+        )
     if isinstance(exc, ValueError) or name in ("UnknownConfigurationKeyError", "InvalidPathError"):
         return errors.UnsupportedURLError(f"{where}: {first}", path=where)
     if isinstance(exc, OSError) and exc.errno is not None:

@@ -73,15 +73,27 @@ class Transfer:
         # run.json, manifests and checkpoint listings, fetched once and concurrently) serves the
         # plan, the manifests' bytes and the files' sizes and ETags: nothing is read twice.
         objectstore.begin_snapshot(self.src)
-        pre = ThreadPoolExecutor(max_workers=2)
         try:
-            self._src_run = pre.submit(self._read_hint, self.src, layout.RUN_FILE)
-            self._src_latest = (
-                pre.submit(self._read_hint, self.src, layout.LATEST) if self.one is None else None
-            )
+            pre = ThreadPoolExecutor(max_workers=2)
+            try:
+                self._src_run = pre.submit(self._read_hint, self.src, layout.RUN_FILE)
+                self._src_latest = (
+                    pre.submit(self._read_hint, self.src, layout.LATEST)
+                    if self.one is None
+                    else None
+                )
+            finally:
+                pre.shutdown(wait=False)
+            todo = self._plan()
+            if todo:
+                # (with nothing to move — ``steps=[]``, or only damaged or uncommitted source
+                # steps — the destination is left as it was: not created, no run.json)
+                self._move(todo)
         finally:
-            pre.shutdown(wait=False)
-        todo = self._plan()
+            objectstore.end_snapshot(self.src)
+        return self._report()
+
+    def _move(self, todo: _Todo) -> None:
         lock = self.ends.lock_dest()
         progress = self.ends.progress
         try:
@@ -98,10 +110,11 @@ class Transfer:
                 self._raise_integrity(failed)
             self._latest()
         finally:
-            objectstore.end_snapshot(self.src)
             progress.stop()
             if lock is not None:
                 lock.release()
+
+    def _report(self) -> transfer.TransferReport:
         return transfer.TransferReport(
             source=self._where(self.src, self.one or ""),
             dest=self._where(self.dst),
