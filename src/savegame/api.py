@@ -238,7 +238,7 @@ def open(  # noqa: A001 - the public verb
     from savegame.storage import urls
 
     if isinstance(path, str) and urls.is_url(path):
-        if path.lower().startswith("file://"):
+        if urls.is_file_url(path):
             path = urls.file_path(path)
         else:  # a checkpoint in a remote store: savegame's own format only
             from savegame.storage import locate

@@ -91,7 +91,9 @@ def test_cli_exit_is_the_same_for_a_lying_file_and_a_broken_manifest(tmp_path, c
     _run(b, steps=(1,))
     _flip(a / "step-000000000001" / DATA)
     (b / "step-000000000001" / "manifest.json").write_bytes(b"{not json")
-    codes = [cli_main(["push", str(r), str(tmp_path / f"to-{r.name}"), "--no-progress"]) for r in (a, b)]
+    codes = [
+        cli_main(["push", str(r), str(tmp_path / f"to-{r.name}"), "--no-progress"]) for r in (a, b)
+    ]
     capsys.readouterr()
     assert codes == [1, 1]
 

@@ -103,11 +103,25 @@ def _metrics(m: Any) -> str:
 def refuse_checkpoint(root: Path | Store | str, is_checkpoint: bool, instead: str) -> None:
     """The run-folder commands (ls, prune, plot) given one checkpoint: say what to run instead
     (and never write a lock file into it)."""
-    if is_checkpoint:
-        raise sg.CheckpointNotFoundError(
-            f"{printable(root)} is one checkpoint, not a run folder; {instead}",
-            path=printable(root),
-        )
+    if not is_checkpoint:
+        return
+    if isinstance(root, Store):
+        # A manifest.json that answered a HEAD may be a web page (a sign-in page a server
+        # sends for every path): "one checkpoint" would send the user the wrong way.
+        from savegame.engine import reader
+
+        try:
+            reader.read_manifest(Location(root, ""))
+        except sg.FormatError as exc:
+            raise sg.CheckpointNotFoundError(
+                f"{printable(root)} is not a run folder, and its {layout.MANIFEST} is not a "
+                f"savegame manifest either: {exc}",
+                path=printable(root),
+            ) from None
+    raise sg.CheckpointNotFoundError(
+        f"{printable(root)} is one checkpoint, not a run folder; {instead}",
+        path=printable(root),
+    )
 
 
 # ---- where an argument points: a local path or a URL -------------------------------------------
@@ -115,14 +129,14 @@ def _is_remote(arg: str) -> bool:
     """A URL of a store (``file://`` is a local path)."""
     from savegame.storage import urls
 
-    return urls.is_url(arg) and not arg.lower().startswith("file://")
+    return urls.is_url(arg) and not urls.is_file_url(arg)
 
 
 def _local(arg: str) -> Path:
     """A path argument as a Path (a ``file://`` URL too)."""
-    if arg.lower().startswith("file://"):
-        from savegame.storage import urls
+    from savegame.storage import urls
 
+    if urls.is_file_url(arg):
         return Path(urls.file_path(arg))
     return Path(arg)
 

@@ -237,6 +237,8 @@ def list_run_folder(store: Store) -> list[Entry]:
     """The entries of a run folder, or a typed error: no folder, a file, or a storage failure."""
     try:
         return store.list("")
+    except errors.CheckpointError:
+        raise  # already typed and worded (a missing bucket says so)
     except FileNotFoundError as exc:
         raise errors.CheckpointNotFoundError(
             f"run folder {store.describe()} does not exist", path=store.describe()

@@ -31,8 +31,7 @@ def as_store(root: str | os.PathLike[str] | Store) -> Store:
     from savegame.storage.local import LocalStore
 
     if isinstance(root, str) and urls.is_url(root):
-        scheme, _, rest = root.partition("://")
-        if scheme.lower() == "file":
+        if urls.is_file_url(root):
             return LocalStore(urls.file_path(root))
         from savegame.storage.objectstore import ObjectStore
 
@@ -48,7 +47,7 @@ def locate(where: str | os.PathLike[str] | Location) -> Location:
         return where
     from savegame.storage.local import LocalStore
 
-    if isinstance(where, str) and urls.is_url(where) and not where.lower().startswith("file://"):
+    if isinstance(where, str) and urls.is_url(where) and not urls.is_file_url(where):
         parts = urlsplit(where)
         path = parts.path.rstrip("/")
         if "/" not in path.strip("/"):  # a bucket (or a bucket's first level): no parent key
@@ -60,7 +59,7 @@ def locate(where: str | os.PathLike[str] | Location) -> Location:
         parent, _, name = path.rpartition("/")
         parent_url = urlunsplit((parts.scheme, parts.netloc, parent, parts.query, ""))
         return Location(as_store(parent_url), name)
-    if isinstance(where, str) and where.lower().startswith("file://"):
+    if isinstance(where, str) and urls.is_file_url(where):
         where = urls.file_path(where)
     path = Path(where)
     if path.name in ("", ".", ".."):

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from savegame import errors
 from savegame.storage.base import ChangedError, RangeNotSupportedError
@@ -74,34 +74,95 @@ _CREDENTIALS_HELP = {
 
 
 def is_url(where: object) -> bool:
-    """True for a string of the form ``scheme://…`` (a path never is)."""
-    return isinstance(where, str) and bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", where))
+    """True for a string of the form ``scheme://…`` or ``file:/…`` (a path never is)."""
+    return isinstance(where, str) and (
+        bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", where)) or is_file_url(where)
+    )
+
+
+def is_file_url(where: object) -> bool:
+    """True for a ``file:`` URL: ``file:///abs/path``, ``file://localhost/…``, and RFC 8089's
+    one-slash ``file:/abs/path`` (what Java's ``File.toURI()`` prints), which would otherwise
+    be taken as the relative folder ``./file:/abs/path``."""
+    return isinstance(where, str) and where[:6].lower() == "file:/"
 
 
 def redact(url: str) -> str:
     """``url`` without secrets: a ``user:password@`` becomes ``***@`` and every query value
-    ``***``. Safe on any string (a non-URL is returned as is)."""
+    and fragment value ``***``. Safe on any string (a non-URL is returned as is)."""
     if not is_url(url):
         return url
     try:
         parts = urlsplit(url)
     except ValueError:
         return re.sub(r"//[^/@]*@", "//***@", url)
-    if "@" not in parts.netloc and not parts.query:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
+    netloc, path = parts.netloc, parts.path
+    if "@" not in netloc and not _port_ok(netloc):
+        # ``s3://KEY:wJalr/xyz@bucket/…``: a password holding ``/`` (AWS secret keys often
+        # do), not percent-encoded, ends the authority early, so urlsplit's "host" is
+        # ``KEY:wJalr`` and the rest of the secret is in the path. Everything up to the
+        # path's last ``@`` is hidden; with no ``@``, all of it (nothing is a safe guess).
+        if "@" in path:
+            host, slash, rest = path.rsplit("@", 1)[1].partition("/")
+            netloc, path = "***@" + host, slash + rest
+        else:
+            netloc, path = "***", ""
+    elif "@" in netloc and not _azure_container(parts.scheme, netloc):
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***") for k, _ in pairs], safe="*") if pairs else "***"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit(
+        (parts.scheme, netloc, path, _hide_values(parts.query), _hide_values(parts.fragment))
+    )
+
+
+def _azure_container(scheme: str, netloc: str) -> bool:
+    """``container@account.dfs.core.windows.net`` (ADLS Gen2's own URL form,
+    ``abfss://container@account…/path``): a container name, not a user; nothing secret."""
+    user, _, host = netloc.rpartition("@")
+    return (
+        scheme.lower() in _AZURE
+        and ":" not in user
+        and bool(re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?", user))
+        and bool(re.fullmatch(r"[a-z0-9]+\.(?:dfs|blob)\.core\.windows\.net", host.lower()))
+    )
+
+
+def _port_ok(netloc: str) -> bool:
+    """Whether ``netloc`` (no ``@``) is ``host`` or ``host:port`` with a numeric port."""
+    host = netloc.rsplit("]", 1)[-1]  # an IPv6 literal's colons are not a port
+    if ":" not in host:
+        return True
+    return host.rsplit(":", 1)[1].isdigit() or host.endswith(":")
+
+
+def _hide_values(query: str) -> str:
+    """A query string (or fragment) with every value ``***`` (names kept: they help)."""
+    if not query:
+        return query
+    # a piece without "=" may itself be the token (``?SECRET``): hidden whole
+    return "&".join(
+        piece.partition("=")[0] + "=***" if "=" in piece else "***" for piece in query.split("&")
+    )
+
+
+#: Environment variables whose values are secrets: never shown, wherever a message from a
+#: library or a server quotes one (an S3 ExpiredToken answer echoes the session token).
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_MASTER_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN", "AZURE_CLIENT_SECRET", "GOOGLE_SERVICE_ACCOUNT_KEY",
+)  # fmt: skip
 
 
 def redact_text(text: str) -> str:
-    """Every URL inside ``text`` (an error message from a library) redacted."""
-    return _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    """Every URL inside ``text`` (an error message from a library) redacted, and every value
+    of a secret environment variable (:data:`_SECRET_ENV`) replaced by ``***``."""
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4 and value in text:
+            text = text.replace(value, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -188,19 +249,41 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
     if not is_url(url):
         raise errors.UnsupportedURLError(f"{url!r} is not a URL", path=url)
     scheme = url.split("://", 1)[0].lower()
-    if scheme not in SCHEMES:
+    if scheme not in SCHEMES and not is_file_url(url):
         raise _unsupported(url, scheme)
-    if scheme == "file":
+    if is_file_url(url):
         raise errors.UnsupportedURLError(
             "file:// URLs are local folders (savegame.storage.as_store handles them)", path=url
         )
     parts = urlsplit(url)
     shown = redact(url)
-    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        raise errors.UnsupportedURLError(
+            f"{shown}: what follows {scheme}:// is not a {'host' if scheme in _READ_ONLY else 'bucket'}"
+            "[:port]; if the URL carries user:password, percent-encode every '/', '?', '#' "
+            "and '@' in them (%2F, %3F, %23, %40), or set the credentials in the environment",
+            path=shown,
+        ) from None
+    # The bucket as typed: urlsplit's ``hostname`` lower-cases it, and S3 bucket names are
+    # case-sensitive (a legacy bucket may hold capitals): s3://BKT must not reach bucket bkt.
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        host = host.partition("]")[0] + "]"
+    elif port is not None or host.endswith(":"):
+        host = host.rpartition(":")[0]
     if not host:
         raise errors.UnsupportedURLError(
             f"{shown}: no {'host' if scheme in _READ_ONLY else 'bucket'} in the URL "
             f"(expected {scheme}://{'host' if scheme in _READ_ONLY else 'bucket'}/path)",
+            path=shown,
+        )
+    inner = unquote(parts.path).removeprefix("/").removesuffix("/").split("/")
+    if scheme not in _READ_ONLY and "" in inner and inner != [""]:
+        raise errors.UnsupportedURLError(
+            f"{shown}: an empty path segment ('//') names no object-store key (the store "
+            "refuses it); give the path with single slashes",
             path=shown,
         )
     if any(part in (".", "..") for part in unquote(parts.path).split("/")):
@@ -233,8 +316,11 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
     }
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
-    clean = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""),
-                        parts.path, parts.query, ""))  # fmt: skip
+    if _azure_container(scheme, parts.netloc):
+        user = password = None  # abfss://container@account.dfs.core.windows.net/: obstore's
+        host = parts.netloc  # own form, not credentials
+    clean = urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path,
+                        parts.query, ""))  # fmt: skip
     if scheme in _READ_ONLY:
         if parts.query:
             # obstore's HTTP store joins object paths onto the URL's path and drops its query, so
@@ -335,9 +421,25 @@ def translate(exc: BaseException, where: str) -> OSError:
         or "expiredtoken" in low
         or "credential" in low
         or "401 unauthorized" in low
+        or "account must be specified" in low  # Azure, no AZURE_STORAGE_ACCOUNT_NAME
     ):
         return errors.CredentialsError(
             f"{where}: no valid credentials ({first}); {help_}".rstrip("; "), path=where
+        )
+    if (
+        scheme == "s3"
+        and "400 bad request" in low
+        and "<code>" not in low  # no reason given (a body naming one is another error)
+        and (os.environ.get("AWS_SESSION_TOKEN") or os.environ.get("AWS_SECURITY_TOKEN"))
+    ):
+        # S3 answers a HEAD signed with an expired or invalid session token with a bare 400
+        # (a HEAD has no body to say ExpiredToken in); with a session token set, that is
+        # almost always the cause.
+        return errors.CredentialsError(
+            f"{where}: no valid credentials ({first}): S3 answers this way to an expired or "
+            "invalid AWS_SESSION_TOKEN; renew the temporary credentials, or "
+            + help_.removeprefix("set "),
+            path=where,
         )
     if name == "PermissionDeniedError" or "403 forbidden" in low or "accessdenied" in low:
         return errors.AccessDeniedError(

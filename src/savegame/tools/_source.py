@@ -19,13 +19,11 @@ Source = str | os.PathLike[str] | Location
 
 
 def _remote(path: Source) -> bool:
-    return isinstance(path, Location) or (
-        urls.is_url(path) and not str(path).lower().startswith("file://")
-    )
+    return isinstance(path, Location) or (urls.is_url(path) and not urls.is_file_url(str(path)))
 
 
 def _local(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
-    if isinstance(path, str) and path.lower().startswith("file://"):
+    if isinstance(path, str) and urls.is_file_url(path):
         return urls.file_path(path)
     return path
 
@@ -60,8 +58,10 @@ def _remote_candidates(src: str | os.PathLike[str] | Location) -> list[Source]:
         loc = src
         store = src.store if not src.key else None
     else:
+        # The URL as typed first: a bad one (scheme, bucket, port) is named in its error as
+        # typed, not as the parent folder locate() opens to tell a checkpoint from a run.
+        store = as_store(str(src))
         loc = locate(str(src))
-        store = None
     if reader.is_checkpoint_dir(loc):
         return [loc]
     store = store or as_store(str(src))
