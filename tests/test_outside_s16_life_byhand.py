@@ -16,7 +16,6 @@ import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import pytest
 import torch
 
 import savegame as sg

@@ -494,7 +494,7 @@ def test_readme_faulty_store_block(cwd):
     state, model, opt = _state()
     ckpt = sg.Checkpointer(store)
     try:
-        with pytest.raises(BaseException):
+        with pytest.raises((OSError, sg.CheckpointError)):
             ckpt.save(state, 1)
     finally:
         try:
@@ -1022,7 +1022,7 @@ def test_resume_new_lr_same_schedule_recipe(cwd):
     m, optimizer, scheduler = build(0.1)
     new_lr = 0.4
     with sg.Checkpointer("run") as ckpt:
-        step = ckpt.restore(sg.TrainState(model=m, optimizer=optimizer, scheduler=scheduler))
+        assert ckpt.restore(sg.TrainState(model=m, optimizer=optimizer, scheduler=scheduler)) == 3
     factor = new_lr / scheduler.base_lrs[0]
     scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
     for group in optimizer.param_groups:
@@ -1100,7 +1100,7 @@ def test_policies_samples_counter_block(cwd):
     saved = []
     with sg.Checkpointer(root, save=sg.Every(samples=20)) as ckpt:
         step = 0
-        for step, (x, y) in enumerate(loader, start=step + 1):
+        for step, (x, _y) in enumerate(loader, start=step + 1):  # noqa: B020 - the README's loop
             if ckpt.step(state, step, samples=x.size(0)):  # or tokens=int(mask.sum())
                 saved.append(step)
             if step == 5:
@@ -1406,7 +1406,7 @@ def test_storage_block_crash_then_resume(tmp_path):
     store = FaultyStore(LocalStore(tmp_path), {"commit.publish": 1}, crash=True)
     ckpt = sg.Checkpointer(store)
     try:
-        with pytest.raises(BaseException):
+        with pytest.raises((OSError, sg.CheckpointError)):
             ckpt.save(state, 2)
     finally:
         try:
@@ -2214,7 +2214,7 @@ def test_integrations_keras_default_keep_last_1_and_async(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ASYNC [True, True, True, True]" in p.stdout
-    steps = [l for l in p.stdout.splitlines() if l.startswith("STEPS")][0]
+    steps = [ln for ln in p.stdout.splitlines() if ln.startswith("STEPS")][0]
     assert steps.count("step-") == 1, p.stdout
 
 
@@ -2445,7 +2445,7 @@ def test_readme_distributed_sampler_set_epoch_after_restore(cwd):
     sampler, loader, state = build()
     sampler.set_epoch(3)
     it = iter(loader)
-    first = [next(it)[1].tolist() for _ in range(2)]
+    _first = [next(it)[1].tolist() for _ in range(2)]  # two batches consumed before the save
     with sg.Checkpointer("run") as c:
         c.save(state, 2)
     rest = [b[1].tolist() for b in it]
@@ -2516,7 +2516,7 @@ def test_readme_resumable_dataset_restores_worker_random_streams(cwd):
     with sg.Checkpointer("run") as c:
         c.restore(state)
     got = [b[0] for b in loader]
-    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_readme_trainstate_after_first_iteration_warns(cwd):
@@ -3485,11 +3485,9 @@ _CTRL_C_CHILD = textwrap.dedent("""
 @pytest.mark.slow  # CI under 20 minutes; runs with -m slow
 def test_readme_second_ctrl_c_stops_at_once(tmp_path):
     """README 'Preemption': a second Ctrl-C stops at once (no wait for the step boundary)."""
-    import time
 
     script = tmp_path / "child.py"
     script.write_text(_CTRL_C_CHILD.format(root=str(Path(__file__).parent.parent)))
-    t0 = time.time()
     p = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "run")],
         capture_output=True,

@@ -117,8 +117,8 @@ def test_a_checkpoint_folder_replaced_under_the_same_name_is_read_again(tmp_path
 
 
 def test_stores_that_cannot_tell_a_version_are_read_every_time(tmp_path: Path) -> None:
-    from savegame.storage.memory import MemoryStore
     from savegame.storage.local import LocalStore
+    from savegame.storage.memory import MemoryStore
 
     mem = MemoryStore()
     mem.put("x", b"1")
