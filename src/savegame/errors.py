@@ -62,6 +62,55 @@ def _fmt_path(path: str | os.PathLike[str] | None) -> str | None:
         return str(path)
 
 
+# Unicode categories shown escaped: Cc (C0, DEL, C1 controls), Cf (format: bidi overrides and
+# isolates, zero-width characters), Cs (surrogates: undecodable bytes of a file name, which
+# could not even be encoded for the terminal), Co (private use), Zl/Zp (line/paragraph
+# separators, which break a line like "\n").
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+
+
+def _visible(ch: str) -> str:
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape: the original byte
+        return f"\\x{o - 0xDC00:02x}"
+    if o <= 0xFF:
+        return f"\\x{o:02x}"
+    if o <= 0xFFFF:
+        return f"\\u{o:04x}"
+    return f"\\U{o:08x}"
+
+
+def escaped(s: str) -> str:
+    """``s`` with every invisible or terminal-controlling character (escape sequences, newlines,
+    NUL, bidi controls, lone surrogates) shown as its ``\\x1b``-style escape; the command
+    line's literal printing (``savegame.cli._text``) and :func:`quoted` both use it."""
+    if s.isprintable():  # the common case: nothing to do (space is printable, "\\t" is not)
+        return s
+    import unicodedata
+
+    return "".join(_visible(c) if c != " " and unicodedata.category(c) in _HIDDEN else c for c in s)
+
+
+#: The most characters of one string from a file that a message quotes (see :func:`quoted`).
+QUOTED_MAX = 200
+
+
+def quoted(value: object, limit: int = QUOTED_MAX) -> str:
+    """``value`` as a message may quote it when it comes from a file or a remote object (a lease
+    holder, a run id, a rule): at most ``limit`` characters (the rest counted), with
+    :func:`escaped` applied, so that an error message can neither drive a terminal nor grow
+    without bound.
+
+    Example:
+        >>> quoted("a\\x1b[2Jb")
+        'a\\\\x1b[2Jb'
+    """
+    s = value if isinstance(value, str) else str(value)
+    more = len(s) - limit
+    s = escaped(s[:limit] if more > 0 else s)
+    return s + (f"… ({more} more characters)" if more > 0 else "")
+
+
 class CheckpointError(Exception):
     """Root of every savegame error.
 

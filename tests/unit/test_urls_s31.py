@@ -26,7 +26,10 @@ SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzEXAMPLEKEY"
             "abfss://container@account.dfs.core.windows.net/runs/exp",
             "abfss://container@account.dfs.core.windows.net/runs/exp",
         ),
-        ("abfss://u:p@account.dfs.core.windows.net/r", "abfss://***@account.dfs.core.windows.net/r"),
+        (
+            "abfss://u:p@account.dfs.core.windows.net/r",
+            "abfss://***@account.dfs.core.windows.net/r",
+        ),
         ("https://token@host/run", "https://***@host/run"),  # a token as the user name
     ],
 )

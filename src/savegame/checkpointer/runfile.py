@@ -140,7 +140,8 @@ def run_keep(root: Root, record: dict[str, Any] | None) -> policy.Keep | None:
         return policy.Keep(**rule)
     except (TypeError, ValueError) as exc:
         raise errors.FormatError(
-            f"{run_file(root)}: its retention rule {rule!r} is not valid ({exc}); write it as "
+            f"{run_file(root)}: its retention rule {errors.quoted(repr(rule))} is not valid "
+            f"({errors.quoted(exc)}); write it as "
             'the Checkpointer does (e.g. {"last": 3}) or delete the "keep" entry',
             path=run_file(root),
         ) from None
@@ -227,7 +228,7 @@ def _holds_manifest(store: Store) -> bool:
 def _parse_run_file(raw: bytes | None) -> dict[str, Any] | None:
     try:
         record = json.loads(raw) if raw is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # (a deeply nested document: not a run.json)
         return None
     return record if isinstance(record, dict) and "run_id" in record else None
 

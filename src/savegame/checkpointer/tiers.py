@@ -421,9 +421,10 @@ class Tiers:
             has_ckpts = any(r.valid for r in reader.list_checkpoints(self.cache))
             if rrec is not None or has_ckpts:
                 raise errors.CheckpointError(
-                    f"cache folder {self.cache.describe()} holds run {crec['run_id']}, but the remote run "
+                    f"cache folder {self.cache.describe()} holds run "
+                    f"{errors.quoted(crec['run_id'])}, but the remote run "
                     f"{self.remote.describe()} is "
-                    + (f"run {rrec['run_id']}" if rrec else "new")
+                    + (f"run {errors.quoted(rrec['run_id'])}" if rrec else "new")
                     + "; use an empty cache folder (one per run), or the cache of this run",
                     path=self.cache.describe(),
                 )

@@ -15,29 +15,12 @@ there — an argument echoed back, a store's error message, a warning, a log lin
 
 from __future__ import annotations
 
-import unicodedata
-
 from rich.markup import escape
 from rich.text import Text
 
+from savegame.errors import escaped
+
 __all__ = ["clean", "lit", "text"]
-
-# Unicode categories shown escaped: Cc (C0, DEL, C1 controls), Cf (format: bidi overrides and
-# isolates, zero-width characters), Cs (surrogates: undecodable bytes of a file name, which
-# could not even be encoded for the terminal), Co (private use), Zl/Zp (line/paragraph
-# separators, which break a line like "\n").
-_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
-
-
-def _visible(ch: str) -> str:
-    o = ord(ch)
-    if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape: the original byte
-        return f"\\x{o - 0xDC00:02x}"
-    if o <= 0xFF:
-        return f"\\x{o:02x}"
-    if o <= 0xFFFF:
-        return f"\\u{o:04x}"
-    return f"\\U{o:08x}"
 
 
 def clean(value: object) -> str:
@@ -52,9 +35,7 @@ def clean(value: object) -> str:
         from savegame.storage.urls import redact_text
 
         s = redact_text(s)
-    if s.isprintable():  # the common case: nothing to do (space is printable, "\\t" is not)
-        return s
-    return "".join(_visible(c) if c != " " and unicodedata.category(c) in _HIDDEN else c for c in s)
+    return escaped(s)
 
 
 def lit(value: object) -> str:

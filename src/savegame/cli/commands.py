@@ -97,7 +97,14 @@ def _when(ts: float | None) -> str:
 
 
 def _metrics(m: Any) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) or "-"
+    return ", ".join(f"{_name(k)}={v:.4g}" for k, v in m.items()) or "-"
+
+
+def _name(key: object) -> str:
+    """A name from a file (a metric, an extras key) as shown: at most 200 characters, the rest
+    counted (a name is never that long; a hand-made one must not make a column or a line of
+    hundreds of kilobytes)."""
+    return sg.errors.quoted(key, 200)
 
 
 def refuse_checkpoint(root: Path | Store | str, is_checkpoint: bool, instead: str) -> None:
@@ -448,12 +455,12 @@ def _render(
             and len(v) > 8
             and all(isinstance(x, (int, float)) for x in v)
         ):
-            node.add(text(f"{k}: {type(v).__name__} of {len(v)} numbers"))
+            node.add(text(f"{_name(k)}: {type(v).__name__} of {len(v)} numbers"))
         elif isinstance(v, (dict, list, tuple)) and v and not _is_flat(v):
-            child = node.add(text(k, style="bold"))
+            child = node.add(text(_name(k), style="bold"))
             _render(child, v, infos, depth + 1, max_items)
         else:
-            node.add(Text.assemble(clean(k), ": ", _describe(v, infos)))
+            node.add(Text.assemble(clean(_name(k)), ": ", _describe(v, infos)))
 
 
 def _is_flat(v: Any) -> bool:
@@ -798,7 +805,7 @@ def _damaged_source(exc: sg.IntegrityError) -> int:
     """A source file that does not match its manifest: that checkpoint was not moved (the
     others were, verified). Exit 1, as for a source manifest that does not parse: a check
     found a damaged checkpoint, not bad input."""
-    main.err_console.print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+    main.say_error(exc)
     return 1
 
 

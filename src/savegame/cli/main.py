@@ -282,7 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(_clean_formatter("%(message)s"))
         logging.basicConfig(level=logging.INFO, handlers=[handler])
     from savegame.cli import commands  # rich and the readers: only once a command runs
-    from savegame.cli._text import lit
 
     with _quiet_stdio(), warnings.catch_warnings():
         # savegame's own warnings (a checkpoint skipped, strings left out of a conversion) are
@@ -293,15 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(getattr(commands, args.func)(args))
         except sg.CheckpointError as exc:
-            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            say_error(exc)
             return 2
         except ValueError as exc:  # bad option values (e.g. Keep(best=1) without --monitor)
-            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            say_error(exc)
             return 2
         except BrokenPipeError:  # an OSError: before the clause below
             _closed_pipe()
         except OSError as exc:  # a path the OS refuses (permissions, a file where a folder is)
-            _err_console().print(f"[red]error:[/] {lit(exc)}", soft_wrap=True)
+            say_error(exc)
             return 2
         except KeyboardInterrupt:
             return 130
@@ -309,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not type(exc).__module__.startswith("obstore"):
                 raise
             message = str(exc).split("\n\nDebug source:", 1)[0]  # lit() redacts its URLs
-            _err_console().print(f"[red]error:[/] {lit(message)}", soft_wrap=True)
+            say_error(message)
             return 2
 
 
@@ -331,6 +330,22 @@ def __getattr__(name: str) -> Any:
 
 def _err_console() -> Console:
     return sys.modules[__name__].err_console  # type: ignore[no-any-return]
+
+
+#: The most characters of an error message printed (a message quoting a string from a file is
+#: bounded where it is made; this is the backstop for one that is not).
+_ERROR_MAX = 4000
+
+
+def say_error(exc: object) -> None:
+    """``error: <message>`` on stderr: literal, bounded, and not run through rich's highlighter
+    (quadratic on one long unbroken word: 100 KB of a file's string took minutes)."""
+    from savegame.cli._text import lit
+
+    message = str(exc)
+    if len(message) > _ERROR_MAX:
+        message = message[:_ERROR_MAX] + f"… ({len(message) - _ERROR_MAX} more characters)"
+    _err_console().print(f"[red]error:[/] {lit(message)}", soft_wrap=True, highlight=False)
 
 
 def _clean_formatter(fmt: str) -> logging.Formatter:

@@ -1125,8 +1125,8 @@ def _foreign_ref(loc: Location, name: str, m: manifest.Manifest) -> str | None:
         return None
     return (
         f"{_where(loc, name)}: step {m.step} shares this file with {manifest.ref_folder(name)} of "
-        f"its run ({m.run_id}), but {manifest.ref_folder(name)} here is a checkpoint of another "
-        f"run ({other.run_id}): the checkpoint was copied without its run. Copy a checkpoint "
+        f"its run ({errors.quoted(m.run_id)}), but {manifest.ref_folder(name)} here is a "
+        f"checkpoint of another run ({errors.quoted(other.run_id)}): the checkpoint was copied without its run. Copy a checkpoint "
         "with the files it shares by `savegame push` (docs/incremental.md)"
     )
 

@@ -159,7 +159,12 @@ def _sessions(raw: Any) -> list[dict[str, Any]]:
 
 
 def _is_time(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v) and v >= 0
+    except OverflowError:  # an int beyond a double (10**400 in a hand-edited run.json)
+        return False
 
 
 def history(raw: Any, *, current: bool = True) -> History:

@@ -456,10 +456,13 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder, ours = "", False
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(
+                OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError
+            ):
                 info = json.loads(os.pread(fd, 4096, 0))
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
-                holder = f"pid {info['pid']} on {info['host']} since {since}"
+                pid, host = errors.quoted(info["pid"], 20), errors.quoted(info["host"], 100)
+                holder = f"pid {pid} on {host} since {since}"
                 ours = info["pid"] == os.getpid() and info["host"] == socket.gethostname()
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN) and ours:

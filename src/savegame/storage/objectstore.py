@@ -61,6 +61,9 @@ __all__ = ["DEFAULT_LEASE_SECONDS", "Lease", "ObjectStore", "begin_snapshot", "e
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+#: A lease whose expiry is further than this from now (seconds: a year) was not written by a
+#: savegame writer (whose leases run ``lease_seconds``): it is taken over as unreadable.
+_LEASE_FUTURE = 366 * 86400.0
 
 #: How long a lease lives without renewal (a dead writer's run is free after this).
 DEFAULT_LEASE_SECONDS = 60.0
@@ -871,10 +874,13 @@ class Lease:
                 continue  # released between the two calls: try to create it again
             try:
                 info = json.loads(raw)
-                holder, expires = str(info["holder"]), float(info["expires"])
-            except (ValueError, KeyError, TypeError):
+                holder, expires = errors.quoted(info["holder"]), float(info["expires"])
+            except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
                 holder, expires = "unknown (unreadable lease)", 0.0
             now = time.time()
+            if not now - _LEASE_FUTURE < expires < now + _LEASE_FUTURE:
+                # (NaN, inf, or centuries away: no savegame writer wrote it; it holds nothing)
+                holder, expires = f"{holder} (an expiry no writer sets)", 0.0
             if expires > now:
                 until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
                 raise errors.LockedError(
@@ -1376,7 +1382,7 @@ class ObjectStore(base.Store):
             return None
         try:
             info = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
         return info if isinstance(info, dict) else {}
 

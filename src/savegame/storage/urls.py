@@ -97,6 +97,8 @@ def redact(url: str) -> str:
     except ValueError:
         return re.sub(r"//[^/@]*@", "//***@", url)
     netloc, path = parts.netloc, parts.path
+    if "@" not in netloc and _port_ok(netloc) and not parts.query and not parts.fragment:
+        return url  # nothing secret (and urlunsplit would rewrite s3:///x as s3:/x)
     if "@" not in netloc and not _port_ok(netloc):
         # ``s3://KEY:wJalr/xyz@bucket/…``: a password holding ``/`` (AWS secret keys often
         # do), not percent-encoded, ends the authority early, so urlsplit's "host" is

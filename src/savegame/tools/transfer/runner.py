@@ -254,8 +254,8 @@ class Transfer:
             theirs = {dst_id}
         if theirs and ours and not (theirs & ours):
             raise errors.CheckpointError(
-                f"{self._where(self.dst)} holds another run (run id {sorted(theirs)[0]}, not "
-                f"{sorted(ours)[0]}); move this run into an empty folder or a new URL — savegame "
+                f"{self._where(self.dst)} holds another run (run id {errors.quoted(sorted(theirs)[0])}, "
+                f"not {errors.quoted(sorted(ours)[0])}); move this run into an empty folder or a new URL — savegame "
                 "never mixes two runs in one folder",
                 path=self._where(self.dst),
             )
