@@ -439,8 +439,7 @@ def translate(exc: BaseException, where: str) -> OSError:
         # almost always the cause.
         return errors.CredentialsError(
             f"{where}: no valid credentials ({first}): S3 answers this way to an expired or "
-            "invalid AWS_SESSION_TOKEN; renew the temporary credentials, or "
-            + help_.removeprefix("set "),
+            f"invalid AWS_SESSION_TOKEN; renew the temporary credentials ({help_})",
             path=where,
         )
     if name == "PermissionDeniedError" or "403 forbidden" in low or "accessdenied" in low:
