@@ -773,32 +773,24 @@ def cmd_push(args: argparse.Namespace) -> int:
     """``savegame push RUN URL``: :func:`savegame.tools.transfer.push`."""
     from savegame.tools import transfer
 
-    try:
-        report = transfer.push(
-            _transfer_arg(args.run),
-            _transfer_arg(args.url),
-            steps=args.step,
-            progress=_progress(args),
-        )
-    except sg.IntegrityError as exc:
-        return _damaged_source(exc)
-    return _transfer_summary("pushed", report)
+    return _transfer("pushed", transfer.push, args.run, args.url, args)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """``savegame pull URL RUN``: :func:`savegame.tools.transfer.pull`."""
     from savegame.tools import transfer
 
+    return _transfer("pulled", transfer.pull, args.url, args.run, args)
+
+
+def _transfer(verb: str, move: Any, src: str, dst: str, args: argparse.Namespace) -> int:
     try:
-        report = transfer.pull(
-            _transfer_arg(args.url),
-            _transfer_arg(args.run),
-            steps=args.step,
-            progress=_progress(args),
+        report = move(
+            _transfer_arg(src), _transfer_arg(dst), steps=args.step, progress=_progress(args)
         )
     except sg.IntegrityError as exc:
         return _damaged_source(exc)
-    return _transfer_summary("pulled", report)
+    return _transfer_summary(verb, report)
 
 
 def _damaged_source(exc: sg.IntegrityError) -> int:

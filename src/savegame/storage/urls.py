@@ -97,9 +97,10 @@ def redact(url: str) -> str:
     except ValueError:
         return re.sub(r"//[^/@]*@", "//***@", url)
     netloc, path = parts.netloc, parts.path
-    if "@" not in netloc and _port_ok(netloc) and not parts.query and not parts.fragment:
+    odd = "@" not in netloc and not _port_ok(netloc)
+    if "@" not in netloc and not odd and not parts.query and not parts.fragment:
         return url  # nothing secret (and urlunsplit would rewrite s3:///x as s3:/x)
-    if "@" not in netloc and not _port_ok(netloc):
+    if odd:
         # ``s3://KEY:wJalr/xyz@bucket/…``: a password holding ``/`` (AWS secret keys often
         # do), not percent-encoded, ends the authority early, so urlsplit's "host" is
         # ``KEY:wJalr`` and the rest of the secret is in the path. Everything up to the
@@ -281,14 +282,14 @@ def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
             f"(expected {scheme}://{'host' if scheme in _READ_ONLY else 'bucket'}/path)",
             path=shown,
         )
-    inner = unquote(parts.path).removeprefix("/").removesuffix("/").split("/")
-    if scheme not in _READ_ONLY and "" in inner and inner != [""]:
+    segments = unquote(parts.path).removeprefix("/").removesuffix("/").split("/")
+    if scheme not in _READ_ONLY and "" in segments and segments != [""]:
         raise errors.UnsupportedURLError(
             f"{shown}: an empty path segment ('//') names no object-store key (the store "
             "refuses it); give the path with single slashes",
             path=shown,
         )
-    if any(part in (".", "..") for part in unquote(parts.path).split("/")):
+    if any(part in (".", "..") for part in segments):
         raise errors.UnsupportedURLError(
             f"{shown}: '.' and '..' are not allowed in a store URL's path (the store would "
             "resolve them, and write somewhere other than the URL you see); give the path "
