@@ -97,3 +97,66 @@ def test_a_handler_the_program_set_later_is_left_alone() -> None:
     finally:
         for sn, h in before.items():
             signal.signal(sn, h)
+
+
+# ---- a Checkpointer collected without close() (stop 32) -----------------------------------
+
+
+def _program_handler(seen: list[int]) -> object:
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+
+    return handler
+
+
+def test_an_abandoned_instance_passes_signals_on_when_given_back_on_the_main_thread() -> None:
+    seen: list[int] = []
+    old = signal.signal(signal.SIGTERM, _program_handler(seen))  # type: ignore[arg-type]
+    try:
+        sigs = PreemptionSignals()
+        sigs.install()
+        sigs.abandon()  # main thread: the handlers go back at once
+        assert signal.getsignal(signal.SIGTERM) is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM] and sigs.pending is None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_abandoned_on_another_thread_the_next_signal_goes_to_the_programs_handler() -> None:
+    # The garbage collector may finalize a Checkpointer on any thread, where signal.signal()
+    # is refused: the handler stays until the next signal, which it passes on (and then it
+    # gives the handlers back, on the main thread where handlers run).
+    seen: list[int] = []
+    old = signal.signal(signal.SIGTERM, _program_handler(seen))  # type: ignore[arg-type]
+    try:
+        sigs = PreemptionSignals()
+        sigs.install()
+        t = threading.Thread(target=sigs.abandon)
+        t.start()
+        t.join()
+        assert signal.getsignal(signal.SIGTERM) == sigs._on_signal  # not given back yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM] and sigs.pending is None
+        assert signal.getsignal(signal.SIGTERM) != sigs._on_signal  # given back now
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_abandoned_with_default_handlers_ctrl_c_raises_at_once() -> None:
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sigs = PreemptionSignals()
+        sigs.install()
+        t = threading.Thread(target=sigs.abandon)
+        t.start()
+        t.join()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert sigs.pending is None
+    finally:
+        signal.signal(signal.SIGINT, old)

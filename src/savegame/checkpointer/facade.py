@@ -27,6 +27,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,6 +177,13 @@ class Checkpointer:
             self.preempted = False
             if handle_signals:
                 self._signals.install()
+            # Garbage-collected without close() (an exception skipped it, no `with`): the run
+            # folder's lock and the signals are given back, so a sweep's next trial can open the
+            # folder and SIGTERM ends the process again instead of waiting for a step boundary
+            # that never comes. Not at exit: the kernel drops the lock with the process, and an
+            # async save may still be committing then.
+            self._finalizer = weakref.finalize(self, _abandoned, self._signals, self._lock)
+            self._finalizer.atexit = False
         except BaseException:
             # A failed constructor must not keep the run folder locked: a retry in this process
             # would otherwise get LockedError naming itself.
@@ -564,6 +572,9 @@ class Checkpointer:
                 self._close_quietly()
 
     def _close_quietly(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         self._signals.restore()
         self._lock.release()
         if self._tiers is not None:
@@ -865,6 +876,13 @@ class Checkpointer:
         suspects, self._suspects = self._suspects, []
         if self.rank == 0 and self.writable and not self._closed:
             restoring.set_aside_damaged(suspects)
+
+
+def _abandoned(handlers: signals.PreemptionSignals, lock: runfile.Lock) -> None:
+    """What ``close()`` gives back, for a Checkpointer collected without it (no reference to
+    the Checkpointer: it is gone; this may run on any thread)."""
+    handlers.abandon()
+    lock.release()
 
 
 def _stage_now(tensors: Mapping[str, Any]) -> dict[str, Any]:

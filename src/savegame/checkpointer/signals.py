@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -50,6 +51,8 @@ class PreemptionSignals:
     def __init__(self) -> None:
         #: The signal received and not yet acted on (None: none).
         self.pending: int | None = None
+        #: Set when the Checkpointer was garbage-collected without ``close()`` (:meth:`abandon`).
+        self.abandoned = False
         self._old_handlers: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -71,25 +74,66 @@ class PreemptionSignals:
         it and is still open, that one inherits them instead (it gives them back when it is
         closed). A handler the program set over ours since is left alone."""
         with _chain_lock:
-            if self not in _chain:
-                self._old_handlers = {}
-                return
-            i = _chain.index(self)
-            later = _chain[i + 1] if i + 1 < len(_chain) else None
-            for signum, handler in self._old_handlers.items():
-                if later is not None and later._old_handlers.get(signum) == self._on_signal:
-                    later._old_handlers[signum] = handler  # unlink this one from the chain
-                elif signal.getsignal(signum) == self._on_signal:
-                    with contextlib.suppress(ValueError, TypeError):
-                        signal.signal(signum, handler)
-            del _chain[i]
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """:meth:`restore`, with ``_chain_lock`` held."""
+        if self not in _chain:
             self._old_handlers = {}
+            return
+        i = _chain.index(self)
+        later = _chain[i + 1] if i + 1 < len(_chain) else None
+        for signum, handler in self._old_handlers.items():
+            if later is not None and later._old_handlers.get(signum) == self._on_signal:
+                later._old_handlers[signum] = handler  # unlink this one from the chain
+            elif signal.getsignal(signum) == self._on_signal:
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, handler)
+        del _chain[i]
+        self._old_handlers = {}
+
+    def abandon(self) -> None:
+        """The Checkpointer is gone without ``close()`` (garbage-collected after an exception
+        skipped it): from now on a signal goes where it would have gone without this instance
+        (the process's own handler, or the default: SIGTERM ends the process), instead of
+        waiting for a step boundary that never comes. The handlers are given back at once when
+        this runs on the main thread; elsewhere (the garbage collector may run on any thread,
+        where ``signal.signal`` is refused) at the next signal."""
+        self.abandoned = True
+        if threading.current_thread() is threading.main_thread() and _chain_lock.acquire(
+            blocking=False  # (never waits: the collector may run inside restore() on this thread)
+        ):
+            try:
+                self._unlink()
+            finally:
+                _chain_lock.release()
+
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        """Deliver ``signum`` as if this (abandoned) instance had never installed a handler."""
+        handler = self._old_handlers.get(signum, signal.SIG_DFL)
+        if _chain_lock.acquire(blocking=False):  # a handler runs on the main thread
+            try:
+                self._unlink()
+            finally:
+                _chain_lock.release()
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_IGN:
+            return
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:  # the default action (SIGTERM, SIGUSR1: end the process)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def clear(self) -> None:
         """The pending signal was acted on (saved, and the loop goes on)."""
         self.pending = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.abandoned:
+            self._pass_on(signum, frame)
+            return
         if signum == signal.SIGINT and self.pending == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.pending = signum
