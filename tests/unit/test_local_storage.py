@@ -126,3 +126,82 @@ def test_lock_is_free_after_sigkill_even_while_forked_children_live(tmp_path: Pa
             os.kill(child, signal.SIGKILL)
             if proc.poll() is None:
                 proc.kill()
+
+
+# ---- the lock record decides where the kernel's flock cannot see (stop 32) -----------------
+
+
+def test_a_live_holder_seen_only_through_its_record_still_locks(tmp_path: Path) -> None:
+    """exFAT or other FUSE mounts with case-insensitive names give `runs/Exp/.lock` and
+    `runs/exp/.lock` separate flocks: the record the holder wrote names it, and decides. Here
+    the record of a live holder of folder A is what folder B's lock file says (as the other
+    spelling's would), while B's flock itself is free."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import time
+        from savegame.storage import local
+        lock = local.RunLock({str(a)!r})
+        lock.acquire()
+        print("locked", flush=True)
+        time.sleep(60)
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+            (b / ".lock").write_bytes((a / ".lock").read_bytes())
+            with pytest.raises(errors.LockedError, match=f"pid {proc.pid}"):
+                local.RunLock(b).acquire()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lock = local.RunLock(b)
+    lock.acquire()  # the holder is gone: its record no longer locks
+    lock.release()
+
+
+def test_a_record_of_a_dead_or_reused_pid_or_an_old_format_does_not_lock(tmp_path: Path) -> None:
+    import json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    records = [
+        {"pid": dead.pid, "host": "h", "since": 1.0, "process": "x:1"},  # gone
+        # a live pid (this test's parent) with another start time: a later process, same number
+        {"pid": os.getppid(), "host": "h", "since": 1.0, "process": "not-its-identity"},
+        {"pid": os.getpid(), "host": "h", "since": 1.0},  # written by an older savegame
+        # this process, but not through a lock it holds now (released without emptying it)
+        {"pid": os.getpid(), "host": "h", "since": 1.0,
+         "process": local._process_identity(os.getpid()), "nonce": "none-held"},  # fmt: skip
+    ]
+    for rec in records:
+        (tmp_path / ".lock").write_text(json.dumps(rec))
+        lock = local.RunLock(tmp_path)
+        lock.acquire()
+        lock.release()
+    assert (tmp_path / ".lock").read_bytes() == b""  # released: the record is emptied
+
+
+def test_this_process_holding_the_lock_through_another_path_is_locked_error(
+    tmp_path: Path,
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    held = local.RunLock(a)
+    held.acquire()
+    try:
+        (b / ".lock").write_bytes((a / ".lock").read_bytes())
+        with pytest.raises(errors.LockedError, match="this same process"):
+            local.RunLock(b).acquire()
+    finally:
+        held.release()
+    lock = local.RunLock(b)
+    lock.acquire()
+    lock.release()

@@ -246,12 +246,17 @@ class _LocalStaging(base.Staging):
     # durable (the parent folder). A power cut before the rename leaves a temp folder no
     # reader lists; after it, a complete checkpoint.
     def seal(self, manifest_name: str, manifest: bytes) -> None:
-        fd = os.open(
-            self.path / base.check_key(manifest_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-        )
+        path = self.path / base.check_key(manifest_name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all(fd, manifest)
             os.fsync(fd)
+        except BaseException:
+            # (a full disk cut it short): no partial manifest stays in the staging folder, where
+            # a resumed pull would find it and refuse to seal again
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         fsync_dir(self.path)
@@ -407,6 +412,45 @@ class LocalStore(base.Store):
         return RunLock(self.root, name)
 
 
+def _process_identity(pid: int) -> str | None:
+    """Who process ``pid`` is, for as long as it lives: the boot it runs in and its start time
+    (``/proc``; a pid reused later, or the same number in another container's pid namespace,
+    has another start time). None where there is no ``/proc`` or no such process."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat_line = f.read()
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip().decode("ascii")
+        # field 22, counted after the command name in parentheses (which may hold spaces)
+        started = int(stat_line.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return f"{boot}:{started}"
+
+
+def _recorded_holder_lives(fd: int) -> bool:
+    """Whether the lock file's record (written by :meth:`RunLock.acquire`, emptied by
+    :meth:`RunLock.release`) names a process of this machine that is still alive — the very
+    process, not a later one with its number — and, when that is this process, whether one of
+    its own locks holds it now."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        pid, process = info["pid"], info["process"]
+        if not isinstance(pid, int) or isinstance(pid, bool) or not isinstance(process, str):
+            return False
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError):
+        return False  # empty (released), unreadable, or written by an older savegame
+    if pid <= 0 or _process_identity(pid) != process:
+        return False  # gone (killed: its flock went with it), or never of this machine
+    if pid == os.getpid():
+        return info.get("nonce") in _HELD_NONCES  # this process holds it, through another path
+    return True
+
+
+#: The record ``nonce`` of each run lock this process holds (see above).
+_HELD_NONCES: set[str] = set()
+
+
 # fds of held locks. A forked child (a DataLoader worker) shares the parent's open file
 # description and with it the flock, so after a SIGKILL of the trainer its orphaned workers
 # would keep the run folder locked until they notice; children close their copies at fork.
@@ -418,6 +462,7 @@ def _close_held_in_child() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)  # never LOCK_UN here: that would unlock the parent's lock too
     _HELD_FDS.clear()
+    _HELD_NONCES.clear()
 
 
 os.register_at_fork(after_in_child=_close_held_in_child)
@@ -436,6 +481,7 @@ class RunLock:
     def __init__(self, root: str | os.PathLike[str], name: str = ".lock") -> None:
         self.path = Path(root) / name
         self._fd: int | None = None
+        self._nonce = ""
 
     def acquire(self) -> None:
         """Take the lock.
@@ -454,6 +500,14 @@ class RunLock:
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _recorded_holder_lives(fd):
+                # The kernel granted the flock, yet the process the lock file names is alive
+                # and still the one that wrote it. A lock taken through another spelling of
+                # the path is not seen on some file systems (exFAT or other FUSE mounts with
+                # case-insensitive names: `runs/Exp` and `runs/exp` are different nodes to
+                # the kernel): the record decides, or two trainings would write one run.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise BlockingIOError(errno.EWOULDBLOCK, "held through another path")
         except OSError as exc:
             holder, ours = "", False
             with contextlib.suppress(
@@ -480,18 +534,29 @@ class RunLock:
                     path=self.path.parent,
                 ) from exc
             raise errors.StorageError(f"could not lock {self.path}: {exc}", path=self.path) from exc
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        nonce = uuid.uuid4().hex
+        info = json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.time(),
+                "process": _process_identity(os.getpid()),
+                "nonce": nonce,
+            }
+        )
         # Who holds the lock is only for the message another writer gets: on a full disk the
         # write fails (ENOSPC), and that must not stop a run from resuming from its checkpoints.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, info.encode(), 0)
-        self._fd = fd
+        self._fd, self._nonce = fd, nonce
         _HELD_FDS.add(fd)
+        _HELD_NONCES.add(nonce)
 
     def release(self) -> None:
         if self._fd is not None:
             _HELD_FDS.discard(self._fd)
+            _HELD_NONCES.discard(self._nonce)
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -168,9 +168,9 @@ def _convert_checkpoint(
                         "cannot hold; convert to 'torch' or 'savegame', which keep strings",
                         path=reader.path,
                     )
-                files.publish_file(out, lambda f: _write_safetensors(reader, f, skip=left_out))
+                _publish(out, lambda f: _write_safetensors(reader, f, skip=left_out))
             elif to == "torch":
-                files.publish_file(out, lambda f: torch.save(_flat(reader, empty=bytearray), f))
+                _publish(out, lambda f: _torch_save(_flat(reader, empty=bytearray), f))
             else:
                 _write_savegame(reader, out, overwrite)
     except BaseException:
@@ -186,6 +186,28 @@ def _convert_checkpoint(
             stacklevel=4,  # the caller of convert() (convert -> _convert_one -> here)
         )
     return out
+
+
+def _publish(out: Path, write: Callable[[BinaryIO], None]) -> None:
+    """:func:`files.publish_file`, with a failed write (a full disk, a folder this process may
+    not write) a :class:`~savegame.errors.StorageError` naming the output; nothing is left."""
+    try:
+        files.publish_file(out, write)
+    except errors.CheckpointError:
+        raise
+    except OSError as exc:
+        cls = errors.AccessDeniedError if isinstance(exc, PermissionError) else errors.StorageError
+        reason = exc.strerror or str(exc)
+        raise cls(f"could not write {out}: {reason}; nothing was written", path=out) from exc
+
+
+def _torch_save(obj: object, f: BinaryIO) -> None:
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        # torch's zip writer reports a write that failed (a full disk) as a RuntimeError
+        # ("unexpected pos …", "file write failed"): it is the output's, not a bug
+        raise OSError(f"torch.save could not write the file ({str(exc).strip()[:200]})") from exc
 
 
 def _check_target(out: Path, overwrite: bool, to: str) -> None:

@@ -534,7 +534,12 @@ class Transfer:
                 staging.seal(layout.MANIFEST, raw)
             except FileExistsError:  # a killed transfer sealed it; it holds these bytes?
                 if self.ends.read(self.dst, base.join(tmp, layout.MANIFEST)) != raw:
-                    raise
+                    if self.dst.local_path(tmp) is None:
+                        raise
+                    # A local staging folder is this transfer's own and unpublished: a manifest
+                    # cut short there (a kill or a full disk mid-write) is written again.
+                    self.ends.drop(base.join(tmp, layout.MANIFEST))
+                    staging.seal(layout.MANIFEST, raw)
             try:
                 staging.publish(final)
             except FileExistsError:
