@@ -1025,12 +1025,6 @@ def _image_run(mounts: Mounts, stop: int = 3) -> tuple[Path, Path]:
     return lower / "run", merged / "run"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: retention cannot delete checkpoints that came in an overlayfs lower layer "
-    "(a docker image): renaming the folder to .tmp-deleted-… fails EXDEV, is logged, and "
-    "Keep(last=2) is never applied to them; expected them deleted (rmtree works there)",
-)
 def test_overlay_retention_deletes_checkpoints_from_the_image_layer(
     mounts: Mounts, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1044,12 +1038,6 @@ def test_overlay_retention_deletes_checkpoints_from_the_image_layer(
     assert _steps(run) == [5, 6]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `savegame prune` of a run whose checkpoints are in an overlayfs lower layer "
-    "exits 2 with a raw '[Errno 18] Invalid cross-device link' and deletes nothing; expected "
-    "the prune to work (or a typed message saying what to do)",
-)
 def test_overlay_prune_of_checkpoints_from_the_image_layer(
     mounts: Mounts, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1061,13 +1049,6 @@ def test_overlay_prune_of_checkpoints_from_the_image_layer(
     assert rc == 0, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a damaged checkpoint in an overlayfs lower layer cannot be set aside (EXDEV), "
-    "and the next save of its step raises StorageError claiming 'step 4 was published … but the "
-    "commit did not complete' although nothing of the new save was published (writer.commit "
-    "judges by the old folder); expected the damaged one set aside and the save committed",
-)
 def test_overlay_damaged_checkpoint_from_the_image_layer(
     mounts: Mounts, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -177,8 +177,13 @@ def test_a_record_of_a_dead_or_reused_pid_or_an_old_format_does_not_lock(tmp_pat
         {"pid": os.getppid(), "host": "h", "since": 1.0, "process": "not-its-identity"},
         {"pid": os.getpid(), "host": "h", "since": 1.0},  # written by an older savegame
         # this process, but not through a lock it holds now (released without emptying it)
-        {"pid": os.getpid(), "host": "h", "since": 1.0,
-         "process": local._process_identity(os.getpid()), "nonce": "none-held"},  # fmt: skip
+        {
+            "pid": os.getpid(),
+            "host": "h",
+            "since": 1.0,
+            "process": local._process_identity(os.getpid()),
+            "nonce": "none-held",
+        },  # fmt: skip
     ]
     for rec in records:
         (tmp_path / ".lock").write_text(json.dumps(rec))
@@ -205,3 +210,104 @@ def test_this_process_holding_the_lock_through_another_path_is_locked_error(
     lock = local.RunLock(b)
     lock.acquire()
     lock.release()
+
+
+# ---- folders the file system cannot rename (overlayfs lower layers: EXDEV) (stop 32) -------
+
+
+class _Overlay:
+    """os.rename refuses the folders in ``lower`` with EXDEV, as overlayfs does for a folder of
+    a lower layer (a docker image's) without redirect_dir; files and other folders rename.
+    ``moved``: the names of the files renamed."""
+
+    def __init__(self) -> None:
+        self.lower: set[str] = set()
+        self.moved: list[str] = []
+
+
+@pytest.fixture()
+def overlay(monkeypatch: pytest.MonkeyPatch) -> _Overlay:
+    import errno
+
+    real = os.rename
+    fs = _Overlay()
+
+    def rename(src: object, dst: object) -> None:
+        if os.path.abspath(str(src)) in fs.lower:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        if not os.path.isdir(str(src)):
+            fs.moved.append(os.path.basename(str(src)))
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local.os, "rename", rename)
+    return fs
+
+
+def _checkpoint_folder(path: Path) -> None:
+    (path / "sub").mkdir(parents=True)
+    (path / "rank-00000.safetensors").write_bytes(b"data")
+    (path / "sub" / "x").write_bytes(b"x")
+    (path / "manifest.json").write_bytes(b"{}")
+
+
+def test_setting_a_folder_aside_moves_its_entries_manifest_first(
+    tmp_path: Path, overlay: _Overlay
+) -> None:
+    _checkpoint_folder(tmp_path / "step-000000000004")
+    overlay.lower |= {
+        str(tmp_path / "step-000000000004"),
+        str(tmp_path / "step-000000000004" / "sub"),
+    }
+    store = local.LocalStore(tmp_path)
+    store.rename("step-000000000004", "damaged-step-000000000004-x")
+    assert not (tmp_path / "step-000000000004").exists()
+    aside = tmp_path / "damaged-step-000000000004-x"
+    assert (aside / "manifest.json").read_bytes() == b"{}"
+    assert (aside / "rank-00000.safetensors").read_bytes() == b"data"
+    assert (aside / "sub" / "x").read_bytes() == b"x"
+    assert overlay.moved[0] == "manifest.json"
+
+
+def test_detaching_a_folder_that_cannot_be_renamed_deletes_it_in_place(
+    tmp_path: Path, overlay: _Overlay
+) -> None:
+    _checkpoint_folder(tmp_path / "step-000000000004")
+    overlay.lower.add(str(tmp_path / "step-000000000004"))
+    store = local.LocalStore(tmp_path)
+    free = store.detach("step-000000000004", ".tmp-deleted-x")
+    # out of view at once: no manifest, so no reader lists it as a checkpoint
+    assert not (tmp_path / "step-000000000004" / "manifest.json").exists()
+    assert free() == []
+    assert not (tmp_path / "step-000000000004").exists()
+    assert overlay.moved == []  # nothing was copied up to be moved
+
+
+def test_retention_and_a_damaged_step_work_where_folders_cannot_be_renamed(
+    tmp_path: Path, overlay: _Overlay
+) -> None:
+    import torch
+
+    import savegame as sg
+
+    model = torch.nn.Linear(2, 2)
+    state = sg.TrainState(model=model)
+    with sg.Checkpointer(tmp_path / "run", save=sg.Every(steps=1), keep=sg.Keep(last=2)) as ck:
+        for step in range(1, 5):
+            ck.step(state, step)
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == [
+        "step-000000000003",
+        "step-000000000004",
+    ]
+    # the run came in an image: its folders are in the lower layer from now on
+    overlay.lower |= {str(p) for p in (tmp_path / "run").glob("step-*")}
+    (tmp_path / "run" / "step-000000000004" / "manifest.json").write_bytes(b"{not json")
+    with sg.Checkpointer(tmp_path / "run", save=sg.Every(steps=1), keep=sg.Keep(last=2)) as ck:
+        with pytest.warns(sg.CorruptCheckpointWarning):
+            assert ck.restore(state) == 3
+        ck.step(state, 4)  # the damaged step 4 is set aside, never in the way
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert sum(n.startswith("damaged-step-000000000004") for n in names) == 1, names
+    with sg.Checkpointer(tmp_path / "run", save=sg.Every(steps=1), keep=sg.Keep(last=1)) as ck:
+        assert ck.restore(state) == 4
+        ck.step(state, 5)  # retention deletes the image's step 3 and the new 4 in place
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000000000005"]

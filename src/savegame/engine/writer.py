@@ -496,6 +496,7 @@ def commit(
     # A path names a folder in the store's root (the callers pass its parent as ``root``).
     key = _final_key(step, final)
     where = store.describe(key)
+    publishing = False  # (an error before the publish call never published anything)
     try:
         from savegame.engine import shared  # imports the reader; not at import time
 
@@ -507,6 +508,7 @@ def commit(
                     f"{where} already exists; choose a new path", path=where, step=step
                 )
             _move_aside_if_invalid(Location(store, key), step)
+        publishing = True
         staging.publish(key)
     except errors.CheckpointError:
         raise
@@ -517,7 +519,9 @@ def commit(
     except OSError as exc:
         published = False
         with contextlib.suppress(OSError):
-            published = store.exists(key) and store.exists(f"{key}/{layout.MANIFEST}")
+            published = (
+                publishing and store.exists(key) and store.exists(f"{key}/{layout.MANIFEST}")
+            )
         if published:  # the publish happened; what failed after it (its fsync) may not have
             raise errors.StorageError(
                 f"step {step} was published at {where}, but the commit did not complete ({exc}); "

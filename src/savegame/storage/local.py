@@ -72,9 +72,49 @@ def move_to_trash(path: str | os.PathLike[str], trash_name: str) -> Path:
     before the deletion leaves only a temp folder, which the next writer removes."""
     path = Path(path)
     trash = path.with_name(trash_name)
-    os.rename(path, trash)
+    try:
+        os.rename(path, trash)
+    except OSError as exc:
+        if not _folder_rename_refused(exc, path):
+            raise
+        # Deleted where it is instead: its manifest first, so the checkpoint leaves view at
+        # once (a folder without one is never restored), then the rest when freed. Moving its
+        # files out one by one would copy each up into the container's layer first.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / _MANIFEST)
+        fsync_dir(path)
+        return path
     fsync_dir(path.parent)
     return trash
+
+
+#: A checkpoint folder's manifest (format/layout.py): its presence is the commit.
+_MANIFEST = "manifest.json"
+
+
+def _folder_rename_refused(exc: OSError, path: Path) -> bool:
+    """Whether ``exc`` from renaming the folder ``path`` means this file system cannot rename
+    that folder at all: overlayfs answers EXDEV for a folder of a lower layer (one that came in
+    a docker image) unless it is mounted with ``redirect_dir``."""
+    return exc.errno == errno.EXDEV and path.is_dir() and not path.is_symlink()
+
+
+def _rename_folder(src: Path, dest: Path) -> None:
+    """``rename(2)``; where the file system refuses to rename the folder (see
+    :func:`_folder_rename_refused`), its entries are moved into a new folder ``dest`` one by one
+    — the manifest first, so a reader never sees a checkpoint under two names — and then the
+    emptied ``src`` goes. Files of a lower layer rename fine (overlayfs copies them up)."""
+    try:
+        os.rename(src, dest)
+        return
+    except OSError as exc:
+        if not _folder_rename_refused(exc, src):
+            raise
+    dest.mkdir()
+    for name in sorted(os.listdir(src), key=lambda n: n != _MANIFEST):
+        _rename_folder(src / name, dest / name)
+    fsync_dir(dest)
+    os.rmdir(src)
 
 
 def remove_tree(path: str | os.PathLike[str], trash_name: str) -> None:
@@ -393,7 +433,7 @@ class LocalStore(base.Store):
         src, dest = self._p(base.check_name(key)), self._p(base.check_name(new_key))
         if os.path.lexists(dest):
             raise FileExistsError(errno.EEXIST, "already exists", str(dest))
-        os.rename(src, dest)
+        _rename_folder(src, dest)
         fsync_dir(dest.parent)
 
     def begin(self, name: str, final: str | None = None) -> base.Staging:
