@@ -155,3 +155,20 @@ def test_failure_in_after_work_is_raised_at_the_next_call() -> None:
     with pytest.raises(errors.StorageError, match="was committed.*cannot delete"):
         p.wait()
     p.wait()
+
+
+def test_stop_ends_the_idle_worker_at_once_and_a_later_submit_starts_another() -> None:
+    import threading
+
+    from savegame.engine.persist import Persister
+
+    p = Persister(name="savegame-persist-stop-test")
+    assert p.submit(lambda: 1, 1).result(5) == 1
+    p.wait()
+    p.stop()
+    assert not any(t.name == "savegame-persist-stop-test" for t in threading.enumerate())
+    assert p.submit(lambda: 2, 2).result(5) == 2  # a new worker
+    p.wait()
+    p.stop()
+    p.stop()  # idempotent
+    assert not any(t.name == "savegame-persist-stop-test" for t in threading.enumerate())

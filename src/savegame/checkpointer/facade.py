@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -40,7 +41,7 @@ from savegame.checkpointer import checks, restoring, retention, runfile, signals
 from savegame.checkpointer.retention import CheckpointInfo
 from savegame.checkpointer.signals import EXIT_PREEMPTED
 from savegame.distributed import collectives, protocol
-from savegame.engine import persist, reader, staging, writer
+from savegame.engine import fetch, persist, reader, staging, writer
 from savegame.format import layout
 from savegame.policy import progress
 from savegame.state import overrides
@@ -48,6 +49,10 @@ from savegame.state.overrides import RestoreReport
 from savegame.storage import Location, Store, as_store, objectstore
 
 log = logging.getLogger("savegame")
+
+# Loaded with the Checkpointer, not at the reader's first read of a file it could not map:
+# a process out of descriptors (where mapping failed) could not open the module's file then.
+_ = fetch
 
 __all__ = ["Checkpointer"]
 
@@ -182,7 +187,9 @@ class Checkpointer:
             # folder and SIGTERM ends the process again instead of waiting for a step boundary
             # that never comes. Not at exit: the kernel drops the lock with the process, and an
             # async save may still be committing then.
-            self._finalizer = weakref.finalize(self, _abandoned, self._signals, self._lock)
+            self._finalizer = weakref.finalize(
+                self, _abandoned, self._signals, self._lock, self._deleter, self._persister
+            )
             self._finalizer.atexit = False
         except BaseException:
             # A failed constructor must not keep the run folder locked: a retry in this process
@@ -562,6 +569,7 @@ class Checkpointer:
             self._persister.wait()
         finally:
             self._closed = True
+            self._persister.stop()
             self._deleter.shutdown(wait=True)
             try:
                 if self._tiers is not None:  # every rank: the uploads are collective
@@ -878,10 +886,22 @@ class Checkpointer:
             restoring.set_aside_damaged(suspects)
 
 
-def _abandoned(handlers: signals.PreemptionSignals, lock: runfile.Lock) -> None:
+def _abandoned(
+    handlers: signals.PreemptionSignals,
+    lock: runfile.Lock,
+    deleter: ThreadPoolExecutor,
+    persister: persist.Persister,
+) -> None:
     """What ``close()`` gives back, for a Checkpointer collected without it (no reference to
-    the Checkpointer: it is gone; this may run on any thread)."""
+    the Checkpointer: it is gone; this may run on any thread). The lock goes last, once the
+    checkpoints retention took out of view are freed: the next writer would free them too."""
     handlers.abandon()
+    persister.stop()
+    if threading.current_thread() in getattr(deleter, "_threads", ()):
+        deleter.submit(lock.release)  # after the deletions queued before it (one worker)
+        deleter.shutdown(wait=False)
+        return
+    deleter.shutdown(wait=True)
     lock.release()
 
 

@@ -9,7 +9,6 @@ it raises ``KeyboardInterrupt`` at once (the user means "stop now").
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -54,6 +53,8 @@ class PreemptionSignals:
         #: Set when the Checkpointer was garbage-collected without ``close()`` (:meth:`abandon`).
         self.abandoned = False
         self._old_handlers: dict[int, Any] = {}
+        #: Handlers that could not be given back (closed off the main thread): ours passes on.
+        self._left: dict[int, Any] = {}
 
     def install(self) -> None:
         """Handle :data:`PREEMPTION_SIGNALS` (main thread only: Python delivers signals there;
@@ -64,6 +65,7 @@ class PreemptionSignals:
             )
             return
         with _chain_lock:
+            _purge_abandoned()
             for signum in PREEMPTION_SIGNALS:
                 self._old_handlers[signum] = signal.signal(signum, self._on_signal)
             _chain.append(self)
@@ -75,6 +77,8 @@ class PreemptionSignals:
         closed). A handler the program set over ours since is left alone."""
         with _chain_lock:
             self._unlink()
+            if threading.current_thread() is threading.main_thread():
+                _purge_abandoned()
 
     def _unlink(self) -> None:
         """:meth:`restore`, with ``_chain_lock`` held."""
@@ -87,8 +91,10 @@ class PreemptionSignals:
             if later is not None and later._old_handlers.get(signum) == self._on_signal:
                 later._old_handlers[signum] = handler  # unlink this one from the chain
             elif signal.getsignal(signum) == self._on_signal:
-                with contextlib.suppress(ValueError, TypeError):
+                try:
                     signal.signal(signum, handler)
+                except (ValueError, TypeError):  # not the main thread: ours stays installed
+                    self._left[signum] = handler  # and passes the signal on (_pass_on)
         del _chain[i]
         self._old_handlers = {}
 
@@ -104,16 +110,23 @@ class PreemptionSignals:
             blocking=False  # (never waits: the collector may run inside restore() on this thread)
         ):
             try:
-                self._unlink()
+                _purge_abandoned()
             finally:
                 _chain_lock.release()
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
-        """Deliver ``signum`` as if this (abandoned) instance had never installed a handler."""
-        handler = self._old_handlers.get(signum, signal.SIG_DFL)
+        """Deliver ``signum`` as if this (abandoned) instance had never installed a handler:
+        to the first handler under it that is not an abandoned instance's (a loop, not a chain
+        of calls: hundreds of abandoned instances must not overflow the stack)."""
+        handler, seen = self._under(signum), {id(self)}
+        while (owner := _abandoned_owner(handler)) is not None and id(owner) not in seen:
+            seen.add(id(owner))
+            handler = owner._under(signum)
+        if _abandoned_owner(handler) is not None:
+            handler = signal.SIG_DFL
         if _chain_lock.acquire(blocking=False):  # a handler runs on the main thread
             try:
-                self._unlink()
+                _purge_abandoned()
             finally:
                 _chain_lock.release()
         if callable(handler):
@@ -126,15 +139,56 @@ class PreemptionSignals:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
+    def _under(self, signum: int) -> Any:
+        """The handler this instance installed over (or could not give back)."""
+        return self._old_handlers.get(signum, self._left.get(signum, signal.SIG_DFL))
+
     def clear(self) -> None:
         """The pending signal was acted on (saved, and the loop goes on)."""
         self.pending = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.abandoned:
+        if self.abandoned or self not in _chain:  # (not in it: unlinked, handler not given back)
             self._pass_on(signum, frame)
             return
         if signum == signal.SIGINT and self.pending == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.pending = signum
         log.warning("received %s: will save at the next step boundary", signal_name(signum))
+
+
+def _abandoned_owner(handler: Any) -> PreemptionSignals | None:
+    """The abandoned instance whose handler ``handler`` is, else None."""
+    owner = getattr(handler, "__self__", None)
+    if (
+        isinstance(owner, PreemptionSignals)
+        and getattr(handler, "__func__", None) is (PreemptionSignals._on_signal)
+        and (owner.abandoned or owner not in _chain)
+    ):
+        return owner
+    return None
+
+
+def _purge_abandoned() -> None:
+    """Unlink every abandoned instance (``_chain_lock`` held, on the main thread): their
+    handlers go back to what was under them, so the chain never grows with Checkpointers that
+    were collected without ``close()`` on another thread (the persist worker, when a save was
+    in flight)."""
+    for inst in reversed([i for i in _chain if i.abandoned]):
+        inst._unlink()
+
+    def past(handler: Any, signum: int) -> Any:
+        seen: set[int] = set()
+        while (owner := _abandoned_owner(handler)) is not None and id(owner) not in seen:
+            seen.add(id(owner))
+            handler = owner._under(signum)
+        return handler if _abandoned_owner(handler) is None else signal.SIG_DFL
+
+    # what instances closed off the main thread left installed, or under a live one
+    for inst in _chain:
+        for signum, handler in inst._old_handlers.items():
+            inst._old_handlers[signum] = past(handler, signum)
+    for signum in PREEMPTION_SIGNALS:
+        current = signal.getsignal(signum)
+        if _abandoned_owner(current) is not None:
+            signal.signal(signum, past(current, signum))

@@ -162,6 +162,8 @@ class Persister:
             try:
                 run = self._jobs.get(timeout=IDLE_EXIT_S)
             except queue.Empty:
+                run = None
+            if run is None:  # idle for IDLE_EXIT_S, or told to stop
                 with self._lock:  # submit() puts under the same lock: no job is left behind
                     if self._jobs.empty():
                         self._thread = None
@@ -171,6 +173,18 @@ class Persister:
             # Not held while idle: the job refers to its Checkpointer and that to its host
             # pool (one copy of the state), which must be freed when the Checkpointer is.
             del run
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the idle worker now rather than after ``IDLE_EXIT_S`` (``close()``: a sweep that
+        opens and closes many Checkpointers must not pile up idle threads). A later
+        :meth:`submit` starts a new one."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._jobs.put(None)  # type: ignore[arg-type]
+        if not self.busy and thread is not threading.current_thread():
+            thread.join(timeout)  # (a save still running, after a Ctrl-C: it ends after it)
 
     def _reported(self, future: Future[T]) -> None:
         if self._current is not None and self._current._future is future:

@@ -175,7 +175,12 @@ class _LocalBlob(base.Blob):
             return bytearray()
         # Private + writable only so torch can wrap it without a read-only warning; nothing
         # ever writes to it, so no page is ever copied.
-        mm = mmap.mmap(self._fd, self.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(self._fd, self.size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            # Out of descriptors (mmap dup()s the fd: EMFILE) or of mappings (ENOMEM at
+            # vm.max_map_count): the open file is read instead, as from an object store.
+            return None
         mm.madvise(mmap.MADV_SEQUENTIAL)
         return mm
 
