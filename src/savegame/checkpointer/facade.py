@@ -576,7 +576,11 @@ class Checkpointer:
                     self._tiers.drain()
             finally:
                 if self._session_open:
-                    runfile.end_session(self.store, failed=self._session_failed)
+                    runfile.end_session(
+                        self.store,
+                        failed=self._session_failed,
+                        estimates=self._progress.advisor.record(time.time()),
+                    )
                 self._close_quietly()
 
     def _close_quietly(self) -> None:
@@ -815,7 +819,7 @@ class Checkpointer:
         run_id, self.writable = runfile.open_run(self.store, self.keep, self._lock)
         if self.writable:
             retention.collect_garbage(self.store)
-            self._progress.learn(runfile.start_session(self.store, run_id, write=False))
+            self._progress.learn(*runfile.start_session(self.store, run_id, write=False))
         return run_id
 
     def _end_snapshots(self) -> None:
@@ -833,7 +837,7 @@ class Checkpointer:
             self._tiers.start()  # every rank: uploads an earlier session left pending
         if not self._session_open and self.rank == 0 and self.writable and not self._closed:
             self._session_open = True
-            self._progress.learn(runfile.start_session(self.store, self.run_id))
+            self._progress.learn(*runfile.start_session(self.store, self.run_id))
 
     # ---- restore's skipped checkpoints --------------------------------------------------------
     def _candidates(self) -> list[reader.CheckpointRef]:

@@ -266,19 +266,22 @@ def _run_id(root: Root, keep: policy.Keep) -> str:
     return run_id
 
 
-def start_session(root: Root, run_id: str, *, write: bool = True) -> list[dict[str, Any]]:
+def start_session(
+    root: Root, run_id: str, *, write: bool = True
+) -> tuple[list[dict[str, Any]], Any]:
     """The lock holder records that a Checkpointer opened the run now (``run.json``'s
     ``sessions``; a previous one still open ended without ``close()``: a failure, taken to
     end at its newest checkpoint) and returns the sessions, from which the interval advice
-    learns the MTBF (docs/policies.md). ``write=False``: the sessions as they would be,
-    written nowhere (a Checkpointer records its session at its first step or save)."""
+    learns the MTBF (docs/policies.md), with the cost estimates the last session ended with
+    (``advice``, see :func:`end_session`; unchecked). ``write=False``: the sessions as they
+    would be, written nowhere (a Checkpointer records its session at its first step or save)."""
     from savegame.engine import reader
     from savegame.policy import advice
 
     store = as_store(root)
     record = read_run_file(store)
     if record is None:  # only a read-only run has none here; it records nothing
-        return []
+        return [], None
     times = [
         r.manifest.created
         for r in reader.list_checkpoints(store)
@@ -286,18 +289,23 @@ def start_session(root: Root, run_id: str, *, write: bool = True) -> list[dict[s
     ]
     record["sessions"] = advice.open_session(record.get("sessions"), time.time(), times)
     if not write:
-        return list(record["sessions"])
+        return list(record["sessions"]), record.get("advice")
     try:
         store.put(layout.RUN_FILE, json.dumps(record).encode())
     except (OSError, errors.CheckpointError) as exc:  # a full disk must not stop a resume
         log.warning("could not record this session in %s: %s", run_file(store), exc)
-    return list(record["sessions"])
+    return list(record["sessions"]), record.get("advice")
 
 
-def end_session(root: Root, *, failed: bool = False) -> None:
+def end_session(
+    root: Root, *, failed: bool = False, estimates: dict[str, Any] | None = None
+) -> None:
     """The lock holder records that its session ended (``close()``): ``failed`` when an
-    exception ended it. Never raises: a run folder that became unwritable only loses the
-    record (the next session then counts this one as a failure)."""
+    exception ended it; ``estimates``: the save costs measured so far (``advice``; a
+    checkpoint records those of the saves *before* it, so the last save's measurement would
+    otherwise be lost — a run whose sessions save once each would never have one). Never
+    raises: a run folder that became unwritable only loses the record (the next session then
+    counts this one as a failure)."""
     from savegame.policy import advice
 
     store = as_store(root)
@@ -310,6 +318,8 @@ def end_session(root: Root, *, failed: bool = False) -> None:
     if sessions[-1].get("end") is not None:  # already ended (close() called twice)
         return
     record["sessions"] = advice.end_session(sessions, time.time(), failed=failed)
+    if estimates:
+        record["advice"] = estimates
     try:
         store.put(layout.RUN_FILE, json.dumps(record).encode())
     except (OSError, errors.CheckpointError) as exc:

@@ -303,7 +303,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             Text("temp folder (save in progress or interrupted)", style="yellow"), Text("-"),
         )  # fmt: skip
         notes.append(f"{i.path.name}: {i.error}")
-    _console().print(table)
+    _print_whole(table)
     if not infos:
         _console().print("no checkpoints yet")
     if run_problem:
@@ -334,7 +334,11 @@ def _advice(root: Where, ckpts: list[CheckpointInfo], mtbf: float | None) -> str
             record = r.metadata()["info"].get("advice")
     except sg.CheckpointError:  # damaged since listed: the table already says so
         return None
-    sessions = (_runs().read_run_file(root) or {}).get("sessions")
+    run_record = _runs().read_run_file(root) or {}
+    # the newest checkpoint records the estimates of the saves before it; run.json those a
+    # session ended with (its last save included): the one that counts more saves
+    record = advice.most_saves(record, run_record.get("advice"))
+    sessions = run_record.get("sessions")
     return advice.summary(record, sessions, time.time(), mtbf=mtbf)  # type: ignore[no-any-return]
 
 
@@ -610,6 +614,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if cover is not None:
             _console().print(text(f"{printable(args.src)}: {cover}"), soft_wrap=True)
     return 0
+
+
+def _print_whole(table: Table, longest: int = 40) -> None:
+    """Print ``table`` with no word of a cell cut (up to ``longest`` characters: a longer one
+    folds): each column is at least as wide as its longest word — a 12-digit step stays one
+    number — and where that is wider than the console (a pipe gets 80 columns) the table is
+    printed at the width it needs rather than cropped at the right edge."""
+    for column in table.columns:
+        cells = [column.header, *column.cells]
+        words = [w for cell in cells for w in getattr(cell, "plain", str(cell)).split()]
+        widest = max((len(w) for w in words), default=0)
+        column.min_width = max(column.min_width or 0, min(widest, longest))
+    console = _console()
+    need = console.measure(table, options=console.options.update(max_width=1 << 16)).minimum
+    if need > console.width:
+        console.print(table, width=need, crop=False)
+    else:
+        console.print(table)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "describe",
     "duration",
     "end_session",
+    "most_saves",
     "from_record",
     "history",
     "observe",
@@ -416,6 +417,23 @@ class Advisor:
         if self.mtbf_given is not None:
             out["mtbf_s"] = self.mtbf_given
         return out
+
+
+def most_saves(*records: Any) -> Mapping[str, Any] | None:
+    """Of several ``advice`` records (a checkpoint's, ``run.json``'s), the one with a measured
+    stall that counts the most saves (the first of equals); None without one."""
+    best: Mapping[str, Any] | None = None
+    for rec in records:
+        if not isinstance(rec, Mapping) or not _is_time(rec.get("stall_s")):
+            continue
+        if best is None or _saves(rec) > _saves(best):
+            best = rec
+    return best
+
+
+def _saves(record: Mapping[str, Any]) -> int:
+    n = record.get("saves")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def _seeded(seed: Mapping[str, Any], key: str) -> Estimate | None:

@@ -38,6 +38,7 @@ class Progress:
         self.tokens = 0
         self._span = {"samples": (0, 0), "tokens": (0, 0)}
         self.advisor = advice.Advisor(mtbf=every.mtbf, history=history)
+        self._run_estimates: Any = None
 
     def count(self, *, samples: object = None, tokens: object = None) -> None:
         """Add what one step consumed. Raises (and counts nothing) on a bad count, or when the
@@ -89,13 +90,16 @@ class Progress:
                 v = 0
             setattr(self, unit, v)
             self._span[unit] = (v, v)
-        rec = info.get("advice")
-        if isinstance(rec, Mapping):
+        rec = advice.most_saves(info.get("advice"), self._run_estimates)
+        if rec is not None:
             self.advisor.seed(rec)
 
-    def learn(self, sessions: Any) -> None:
-        """The run's failure history, from ``run.json``'s sessions with this process's last."""
+    def learn(self, sessions: Any, estimates: Any = None) -> None:
+        """The run's failure history, from ``run.json``'s sessions with this process's last,
+        and the cost estimates its last session ended with (used by :meth:`restore` when they
+        count more saves than the restored checkpoint's)."""
         self.advisor.history = advice.history(sessions)
+        self._run_estimates = estimates
 
     def stalled(self, seconds: float, *, at: float, now: float) -> str | None:
         """A save stalled training ``seconds`` (started at ``at``, a monotonic time). Returns
