@@ -324,3 +324,15 @@ def test_retention_frees_space_off_the_save_path_and_close_waits_for_it(
     closer.join(10)
     assert not closer.is_alive()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_what_retention_knows_intact_does_not_grow_with_the_saves(tmp_path: Path) -> None:
+    """A run of weeks saves tens of thousands of times: the set of folders known intact in
+    this process holds the kept checkpoints only, not one entry per save ever made."""
+    import torch
+
+    state = sg.TrainState(model=torch.nn.Linear(2, 2))
+    with sg.Checkpointer(tmp_path / "run", save=sg.Every(steps=1), keep=sg.Keep(last=2)) as ck:
+        for step in range(1, 41):
+            ck.step(state, step)
+        assert len(ck._verified) <= 3

@@ -790,6 +790,9 @@ class Checkpointer:
             release=lambda freer, name: self._deleter.submit(retention.free, freer, name),
             store=self.store,
         )
+        # only folders still in the run stay known intact: one entry per save, for weeks
+        kept = {str(i.path) for i in plan if i.kept_for or i.step == just_saved}
+        self._verified.intersection_update(kept)
 
     # ---- opening the run (every rank; rank 0 holds the lock) --------------------------------------
     def _setup_ranks(self) -> str:

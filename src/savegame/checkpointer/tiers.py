@@ -951,6 +951,10 @@ class Tiers:
         )
         plan = [dataclasses.replace(i, kept_for=("newer than the upload",)) if i.step > step else i for i in plan]  # fmt: skip
         retention.delete_unkept(plan, spare=step, keep=self.keep)
+        # only checkpoints still on the remote stay known intact (one entry per upload)
+        self._verified.intersection_update(
+            str(i.path) for i in plan if i.kept_for or i.step == step
+        )
         here = {s for s in moved if self.cache.exists(_manifest_key(s))}  # (its copy is here)
         with self._cond:
             for gone in sorted(s for s in self._uploaded if s in here):
