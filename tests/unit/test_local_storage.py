@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,12 +66,14 @@ def test_second_lock_on_same_folder_is_locked_error_naming_the_holder(tmp_path: 
     assert not again.held
 
 
-def test_lock_is_free_after_the_holder_is_sigkilled(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _held_by_a_child(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding ``folder``'s run lock; SIGKILLed when the block ends."""
     code = textwrap.dedent(
         f"""
-        import sys, time
+        import time
         from savegame.storage import local
-        lock = local.RunLock({str(tmp_path)!r})
+        lock = local.RunLock({str(folder)!r})
         lock.acquire()
         print("locked", flush=True)
         time.sleep(60)
@@ -78,14 +82,19 @@ def test_lock_is_free_after_the_holder_is_sigkilled(tmp_path: Path) -> None:
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-            with pytest.raises(errors.LockedError, match=f"pid {proc.pid}"):
-                local.RunLock(tmp_path).acquire()
+            yield proc
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_lock_is_free_after_the_holder_is_sigkilled(tmp_path: Path) -> None:
+    with _held_by_a_child(tmp_path) as proc:
+        with pytest.raises(errors.LockedError, match=f"pid {proc.pid}"):
+            local.RunLock(tmp_path).acquire()
     deadline = time.monotonic() + 5
     lock = local.RunLock(tmp_path)
     lock.acquire()  # the kernel dropped the dead holder's flock
@@ -139,28 +148,10 @@ def test_a_live_holder_seen_only_through_its_record_still_locks(tmp_path: Path) 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    code = textwrap.dedent(
-        f"""
-        import time
-        from savegame.storage import local
-        lock = local.RunLock({str(a)!r})
-        lock.acquire()
-        print("locked", flush=True)
-        time.sleep(60)
-        """
-    )
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-            (b / ".lock").write_bytes((a / ".lock").read_bytes())
-            with pytest.raises(errors.LockedError, match=f"pid {proc.pid}"):
-                local.RunLock(b).acquire()
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with _held_by_a_child(a) as proc:
+        (b / ".lock").write_bytes((a / ".lock").read_bytes())
+        with pytest.raises(errors.LockedError, match=f"pid {proc.pid}"):
+            local.RunLock(b).acquire()
     lock = local.RunLock(b)
     lock.acquire()  # the holder is gone: its record no longer locks
     lock.release()
