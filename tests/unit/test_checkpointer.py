@@ -308,7 +308,9 @@ def test_retention_frees_space_off_the_save_path_and_close_waits_for_it(
 
     monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
     state = sg.TrainState(model=torch.nn.Linear(4, 4))
-    ck = sg.Checkpointer(tmp_path, save=sg.Every(steps=1), keep=sg.Keep(last=1), handle_signals=False)
+    ck = sg.Checkpointer(
+        tmp_path, save=sg.Every(steps=1), keep=sg.Keep(last=1), handle_signals=False
+    )
     try:
         ck.step(state, 1)
         ck.step(state, 2)  # step 1 leaves the run at once; its bytes are freed in the background
@@ -328,7 +330,8 @@ def test_retention_frees_space_off_the_save_path_and_close_waits_for_it(
 
 def test_what_retention_knows_intact_does_not_grow_with_the_saves(tmp_path: Path) -> None:
     """A run of weeks saves tens of thousands of times: the set of folders known intact in
-    this process holds the kept checkpoints only, not one entry per save ever made."""
+    this process, and the parsed-manifest cache, hold the kept checkpoints only, not one entry
+    per save ever made."""
     import torch
 
     state = sg.TrainState(model=torch.nn.Linear(2, 2))
@@ -336,3 +339,7 @@ def test_what_retention_knows_intact_does_not_grow_with_the_saves(tmp_path: Path
         for step in range(1, 41):
             ck.step(state, step)
         assert len(ck._verified) <= 3
+    from savegame.engine import reader
+
+    cached = [k for k in reader._parsed if k[0].startswith(str(tmp_path / "run"))]
+    assert len(cached) <= 3, cached  # nor does the manifest cache keep the deleted ones

@@ -790,9 +790,12 @@ class Checkpointer:
             release=lambda freer, name: self._deleter.submit(retention.free, freer, name),
             store=self.store,
         )
-        # only folders still in the run stay known intact: one entry per save, for weeks
+        # only folders still in the run stay known intact, and cached: one entry per save, for weeks
         kept = {str(i.path) for i in plan if i.kept_for or i.step == just_saved}
         self._verified.intersection_update(kept)
+        for i in plan:
+            if str(i.path) not in kept:
+                reader.forget(i.path)
 
     # ---- opening the run (every rank; rank 0 holds the lock) --------------------------------------
     def _setup_ranks(self) -> str:

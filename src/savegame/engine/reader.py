@@ -184,6 +184,19 @@ _parsed_lock = threading.Lock()
 _versions: dict[tuple[str, Hashable, int], tuple[str, str, int]] = {}
 
 
+def forget(ckpt: Location | Path) -> None:
+    """Drop what the manifest cache holds of the checkpoint ``ckpt`` (retention deleted it): a
+    run of weeks would otherwise keep every deleted checkpoint's parsed manifest until the
+    cache's byte bound (tens of MB of parsed objects for a small state)."""
+    where = str(ckpt).rstrip("/") + "/"
+    with _parsed_lock:
+        for key in [k for k in _parsed if k[0].startswith(where)]:
+            del _parsed[key]
+            del _parsed_sizes[key]
+        for k in [k for k, v in _versions.items() if v[0].startswith(where)]:
+            del _versions[k]
+
+
 def _parse(raw: bytes, mpath: str, version: Hashable | None = None) -> manifest.Manifest:
     key = (mpath, hashing.digest(raw), manifest.VERSION)  # what this reader accepts, too
     with _parsed_lock:
