@@ -109,6 +109,16 @@ def _program_handler(seen: list[int]) -> object:
     return handler
 
 
+def _abandoned_off_the_main_thread() -> PreemptionSignals:
+    """Installed, then abandoned on another thread (as the garbage collector may do it)."""
+    sigs = PreemptionSignals()
+    sigs.install()
+    t = threading.Thread(target=sigs.abandon)
+    t.start()
+    t.join()
+    return sigs
+
+
 def test_an_abandoned_instance_passes_signals_on_when_given_back_on_the_main_thread() -> None:
     seen: list[int] = []
     old = signal.signal(signal.SIGTERM, _program_handler(seen))  # type: ignore[arg-type]
@@ -130,11 +140,7 @@ def test_abandoned_on_another_thread_the_next_signal_goes_to_the_programs_handle
     seen: list[int] = []
     old = signal.signal(signal.SIGTERM, _program_handler(seen))  # type: ignore[arg-type]
     try:
-        sigs = PreemptionSignals()
-        sigs.install()
-        t = threading.Thread(target=sigs.abandon)
-        t.start()
-        t.join()
+        sigs = _abandoned_off_the_main_thread()
         assert signal.getsignal(signal.SIGTERM) == sigs._on_signal  # not given back yet
         os.kill(os.getpid(), signal.SIGTERM)
         assert seen == [signal.SIGTERM] and sigs.pending is None
@@ -148,11 +154,7 @@ def test_abandoned_on_another_thread_the_next_signal_goes_to_the_programs_handle
 def test_abandoned_with_default_handlers_ctrl_c_raises_at_once() -> None:
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        sigs = PreemptionSignals()
-        sigs.install()
-        t = threading.Thread(target=sigs.abandon)
-        t.start()
-        t.join()
+        sigs = _abandoned_off_the_main_thread()
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(100):  # the handler runs between bytecodes

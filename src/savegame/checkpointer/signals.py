@@ -106,29 +106,14 @@ class PreemptionSignals:
         this runs on the main thread; elsewhere (the garbage collector may run on any thread,
         where ``signal.signal`` is refused) at the next signal."""
         self.abandoned = True
-        if threading.current_thread() is threading.main_thread() and _chain_lock.acquire(
-            blocking=False  # (never waits: the collector may run inside restore() on this thread)
-        ):
-            try:
-                _purge_abandoned()
-            finally:
-                _chain_lock.release()
+        if threading.current_thread() is threading.main_thread():
+            _try_purge()
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
         """Deliver ``signum`` as if this (abandoned) instance had never installed a handler:
-        to the first handler under it that is not an abandoned instance's (a loop, not a chain
-        of calls: hundreds of abandoned instances must not overflow the stack)."""
-        handler, seen = self._under(signum), {id(self)}
-        while (owner := _abandoned_owner(handler)) is not None and id(owner) not in seen:
-            seen.add(id(owner))
-            handler = owner._under(signum)
-        if _abandoned_owner(handler) is not None:
-            handler = signal.SIG_DFL
-        if _chain_lock.acquire(blocking=False):  # a handler runs on the main thread
-            try:
-                _purge_abandoned()
-            finally:
-                _chain_lock.release()
+        to the first handler under it that is not an abandoned instance's."""
+        handler = _past_abandoned(self._under(signum), signum)
+        _try_purge()  # (a handler runs on the main thread)
         if callable(handler):
             handler(signum, frame)
         elif handler == signal.SIG_IGN:
@@ -176,19 +161,32 @@ def _purge_abandoned() -> None:
     in flight)."""
     for inst in reversed([i for i in _chain if i.abandoned]):
         inst._unlink()
-
-    def past(handler: Any, signum: int) -> Any:
-        seen: set[int] = set()
-        while (owner := _abandoned_owner(handler)) is not None and id(owner) not in seen:
-            seen.add(id(owner))
-            handler = owner._under(signum)
-        return handler if _abandoned_owner(handler) is None else signal.SIG_DFL
-
     # what instances closed off the main thread left installed, or under a live one
     for inst in _chain:
         for signum, handler in inst._old_handlers.items():
-            inst._old_handlers[signum] = past(handler, signum)
+            inst._old_handlers[signum] = _past_abandoned(handler, signum)
     for signum in PREEMPTION_SIGNALS:
         current = signal.getsignal(signum)
         if _abandoned_owner(current) is not None:
-            signal.signal(signum, past(current, signum))
+            signal.signal(signum, _past_abandoned(current, signum))
+
+
+def _try_purge() -> None:
+    """:func:`_purge_abandoned` if the chain's lock is free (never waits: the collector, or a
+    signal handler, may run on the main thread inside :meth:`PreemptionSignals.restore`)."""
+    if _chain_lock.acquire(blocking=False):
+        try:
+            _purge_abandoned()
+        finally:
+            _chain_lock.release()
+
+
+def _past_abandoned(handler: Any, signum: int) -> Any:
+    """The first handler at or under ``handler`` that is not an abandoned instance's (a loop,
+    not a chain of calls: hundreds of abandoned instances must not overflow the stack); the
+    default action if the walk goes round in a circle."""
+    seen: set[int] = set()
+    while (owner := _abandoned_owner(handler)) is not None and id(owner) not in seen:
+        seen.add(id(owner))
+        handler = owner._under(signum)
+    return handler if _abandoned_owner(handler) is None else signal.SIG_DFL
