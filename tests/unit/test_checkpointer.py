@@ -343,3 +343,27 @@ def test_what_retention_knows_intact_does_not_grow_with_the_saves(tmp_path: Path
 
     cached = [k for k in reader._parsed if k[0].startswith(str(tmp_path / "run"))]
     assert len(cached) <= 3, cached  # nor does the manifest cache keep the deleted ones
+
+
+@pytest.mark.parametrize("call", ["restore", "step", "save", "save_async", "adopt"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"model": torch.nn.Linear(2, 2)}, torch.nn.Linear(2, 2).state_dict(), None],
+    ids=["dict_of_objects", "state_dict", "none"],
+)
+def test_a_state_that_is_not_a_train_state_is_refused_at_the_first_call(
+    tmp_path: Path, call: str, bad: object
+) -> None:
+    """``ckpt.step({"model": model}, step)`` must not train for hours and fail when the first
+    save falls due: every call that takes the state refuses anything but a TrainState at once,
+    with a TypeError saying how to wrap the objects, and writes nothing."""
+    kwargs: dict[str, Any] = {}
+    args: tuple[Any, ...] = (bad, 1)
+    if call == "restore":
+        args = (bad,)
+    elif call == "adopt":
+        args, kwargs = (tmp_path / "foreign.pt", bad), {"step": 1, "mapping": {"model": "m"}}
+    with sg.Checkpointer(tmp_path / "run", save=sg.Every(steps=100)) as ck:
+        with pytest.raises(TypeError, match=r"takes a savegame\.TrainState.*sg\.TrainState\("):
+            getattr(ck, call)(*args, **kwargs)
+    assert steps_on_disk(tmp_path / "run") == []

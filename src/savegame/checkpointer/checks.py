@@ -12,12 +12,26 @@ from collections.abc import Mapping
 
 from savegame import errors
 
-__all__ = ["check_metrics", "check_step", "fmt_metric"]
+__all__ = ["check_metrics", "check_state", "check_step", "fmt_metric"]
 
 
 class _MetricRangeError(errors.EncodeError, ValueError):
     """A metric that is a number too large for a float: an EncodeError (caught with every
     savegame error) that is also the ValueError Python raises for it."""
+
+
+def check_state(state: object, call: str) -> None:
+    """A TypeError naming what to pass when ``state`` is not a ``TrainState`` (a plain dict
+    of objects, a ``model.state_dict()``): refused at the first call, not when a save falls due
+    hours into the run."""
+    from savegame.state import TrainState  # the state package imports torch; checks stays light
+
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"Checkpointer.{call} takes a savegame.TrainState, got {type(state).__name__}; wrap "
+            "the live objects: sg.TrainState(model=model, optimizer=opt, extras={...}) (not "
+            "their state_dict(): restore loads into the objects in place)"
+        )
 
 
 def check_step(step: object) -> int:

@@ -241,6 +241,7 @@ class Checkpointer:
                 or per-rank state on a different world size with ``per_rank="strict"``), or a
                 name in ``only``/``skip`` does not exist (TypeError/ValueError: a bad argument).
         """
+        checks.check_state(state, "restore")
         opts = overrides.options(only=only, skip=skip, strict=strict, state=state)
         self.last_restore = None
         self._persister.wait()
@@ -337,11 +338,13 @@ class Checkpointer:
             StorageError: a background save (``async_save``) failed since the last call; its
                 checkpoint was not committed, earlier ones are intact. Also: a save is due and
                 the run folder is read-only.
-            TypeError: ``step`` is not an int, a metric is not a number, or a count is not
-                an int.
+            TypeError: ``state`` is not a ``TrainState`` (every call that takes one refuses
+                it at once), ``step`` is not an int, a metric is not a number, or a count is
+                not an int.
             ValueError: ``step`` is negative or ≥ 10**12, a count is negative, or the
                 schedule counts samples (tokens) and none were passed.
         """
+        checks.check_state(state, "step")
         step = checks.check_step(step)
         metrics = checks.check_metrics(metrics)
         self._progress.count(samples=samples, tokens=tokens)
@@ -515,6 +518,7 @@ class Checkpointer:
             CheckpointNotFoundError: a source path in ``mapping`` does not exist in the file.
             RestoreError: an object refuses the imported state.
         """
+        checks.check_state(state, "adopt")
         step = checks.check_step(step)
         self._refuse_existing_step(step)  # before any live object is changed
         values = adoptlib.load_foreign(
@@ -658,6 +662,7 @@ class Checkpointer:
         Retention runs on rank 0 only, after the commit. ``new``: never "the same save" as this
         process's last one of ``step`` (adopt: other content under the same step)."""
         entered = time.perf_counter()
+        checks.check_state(state, "save" if blocking else "save_async")
         step = checks.check_step(step)
         self._warn_rollback(step)
         metrics = checks.check_metrics(metrics)
