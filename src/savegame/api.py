@@ -47,9 +47,20 @@ def save(
     Raises:
         StepExistsError: ``path`` already exists.
         EncodeError: a leaf cannot be stored without pickle (the message names its path).
+        TypeError: ``tree`` is not a mapping (a module: pass its ``state_dict()``), or
+            ``step`` is not an int.
     """
+    from savegame.checkpointer import checks
     from savegame.engine import writer
 
+    if not isinstance(tree, Mapping):
+        hint = " (pass model.state_dict())" if hasattr(tree, "state_dict") else ""
+        raise TypeError(
+            f"sg.save takes a mapping of names to tensors and plain values{hint}, got "
+            f"{type(tree).__name__}; e.g. sg.save(path, {{'model': model.state_dict(), 'step': 10}})"
+        )
+    step = checks.check_step(step)
+    metrics = checks.check_metrics(metrics)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():

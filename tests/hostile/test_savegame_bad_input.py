@@ -196,7 +196,9 @@ def test_restore_from_a_run_folder_with_only_garbage(tmp_path: Path) -> None:
 def _two_step_run(root: Path) -> sg.TrainState:
     model = torch.nn.Linear(3, 2)
     state = sg.TrainState(model=model, extras={"epoch": 0, "best": 0.5})
-    with sg.Checkpointer(root, save=sg.Every(steps=1), keep=sg.Keep(last=5), handle_signals=False) as ckpt:
+    with sg.Checkpointer(
+        root, save=sg.Every(steps=1), keep=sg.Keep(last=5), handle_signals=False
+    ) as ckpt:
         for step in (1, 2):
             with torch.no_grad():
                 model.weight.fill_(step)
@@ -231,7 +233,9 @@ MANIFEST_DAMAGE = {
     "minus_infinity_created": _text_edit('"created": ', '"created": -Infinity, "x": '),
     "1e400_metric": _text_edit('"val_acc": 0.5', '"val_acc": 1e400'),
     "1e400_created": _text_edit('"created": ', '"created": 1e400, "x": '),
-    "10_pow_400_metric_signed": _signed_edit(lambda b: b["metrics"].__setitem__("val_acc", 10**400)),
+    "10_pow_400_metric_signed": _signed_edit(
+        lambda b: b["metrics"].__setitem__("val_acc", 10**400)
+    ),
     "10_pow_400_created_signed": _signed_edit(lambda b: b.__setitem__("created", 10**400)),
     "non_hex_file_hash_signed": _signed_edit(
         lambda b: b["files"]["rank-00000.safetensors"].__setitem__("hash", "z" * 32)
@@ -242,8 +246,12 @@ MANIFEST_DAMAGE = {
     "minus_one_offset_signed": _signed_edit(
         lambda b: b["tensors"]["model/weight"]["chunks"][0].__setitem__("offset", -1)
     ),
-    "2_pow_64_size_signed": _signed_edit(lambda b: b["files"]["rank-00000.safetensors"].__setitem__("size", 2**64)),
-    "bad_tag_signed": _signed_edit(lambda b: b["trees"][0]["extras"].__setitem__("epoch", {"$int": "x"})),
+    "2_pow_64_size_signed": _signed_edit(
+        lambda b: b["files"]["rank-00000.safetensors"].__setitem__("size", 2**64)
+    ),
+    "bad_tag_signed": _signed_edit(
+        lambda b: b["trees"][0]["extras"].__setitem__("epoch", {"$int": "x"})
+    ),
     "missing_tensor_ref_signed": _signed_edit(
         lambda b: b["trees"][0]["model"].__setitem__("weight", {"$tensor": "model/nope"})
     ),
@@ -254,7 +262,9 @@ MANIFEST_DAMAGE = {
         lambda b: b["trees"][0]["extras"].__setitem__("k", {"$dict": [[{"$int": "1.5"}, 1]]})
     ),
     "tree_not_an_object_signed": _signed_edit(lambda b: b["trees"].__setitem__(0, "x")),
-    "epochs_completed_string_signed": _signed_edit(lambda b: b["info"].__setitem__("epochs_completed", "x")),
+    "epochs_completed_string_signed": _signed_edit(
+        lambda b: b["info"].__setitem__("epochs_completed", "x")
+    ),
     "field_deleted_signed": _signed_edit(lambda b: b.pop("created")),
     "duplicate_key": _text_edit('"step": 2,', '"step": 2, "step": 2,'),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
@@ -335,3 +345,21 @@ def test_a_planted_step_name_with_a_newline_or_foreign_digits_is_not_a_checkpoin
     )
     assert out.returncode == 0, out.stderr
     assert all((run / layout.step_dir(s)).is_dir() for s in (1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: None, r"takes a mapping .* got NoneType"),
+        (lambda: torch.nn.Linear(2, 2), r"\(pass model\.state_dict\(\)\), got Linear"),
+        (lambda: torch.ones(3), r"takes a mapping .* got Tensor"),
+    ],
+    ids=["none", "module", "tensor"],
+)
+def test_save_refuses_a_tree_that_is_not_a_mapping(tmp_path: Path, make: Any, match: str) -> None:
+    """``sg.save(path, model)`` as with ``torch.save``: a TypeError that says what to pass."""
+    with pytest.raises(TypeError, match=match):
+        sg.save(tmp_path / "ck", make())
+    with pytest.raises(TypeError, match=r"step must be an int"):
+        sg.save(tmp_path / "ck", {"a": 1}, step="3")  # type: ignore[arg-type]
+    assert not (tmp_path / "ck").exists()

@@ -367,3 +367,28 @@ def test_a_state_that_is_not_a_train_state_is_refused_at_the_first_call(
         with pytest.raises(TypeError, match=r"takes a savegame\.TrainState.*sg\.TrainState\("):
             getattr(ck, call)(*args, **kwargs)
     assert steps_on_disk(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"root": 5}, TypeError, r"root=5: pass a folder path or a URL"),
+        ({"root": ""}, ValueError, r"root='' is empty"),
+        ({"root": "  "}, ValueError, r"root='  ' is empty"),
+        ({"save": 500}, TypeError, r"save=500: pass a schedule, e\.g\. save=sg\.Every"),
+        ({"keep": 3}, TypeError, r"keep=3: pass a rule, e\.g\. keep=sg\.Keep"),
+        ({"cache": ""}, ValueError, r"cache='' is empty"),
+        ({"start_from": 7}, TypeError, r"start_from=7: pass a folder path"),
+    ],
+)
+def test_checkpointer_arguments_of_the_wrong_kind_are_refused_naming_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    """``Checkpointer(os.environ.get("RUN", ""))`` must not make the working directory a run
+    folder (retention deletes step-… folders there); ``save=500`` is not an AttributeError
+    deep inside. Nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    kwargs = {"root": str(tmp_path / "run"), **kwargs}
+    with pytest.raises(error, match=match):
+        sg.Checkpointer(**kwargs)
+    assert list(tmp_path.iterdir()) == []

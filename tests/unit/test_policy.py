@@ -48,6 +48,19 @@ def test_every_rejects_empty_or_non_positive(kwargs: dict[str, int]) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
+    [{"steps": "500"}, {"steps": 2.5}, {"steps": True}, {"epochs": 1.0}, {"seconds": "60"}],
+)
+def test_every_refuses_counts_of_the_wrong_kind_naming_them(kwargs: dict[str, object]) -> None:
+    """``Every(steps="500")`` read from a config file: a TypeError naming the argument and what
+    it takes (before: "'>' not supported between 'str' and 'int'"); seconds may be fractional."""
+    ((name, value),) = kwargs.items()
+    with pytest.raises(TypeError, match=rf"Every\({name}={value!r}\): must be"):
+        Every(**kwargs)  # type: ignore[arg-type]
+    assert Every(seconds=0.5).seconds == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
     [
         {"last": 0},
         {"best": 1},

@@ -8,16 +8,46 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Mapping
 
 from savegame import errors
 
-__all__ = ["check_metrics", "check_state", "check_step", "fmt_metric"]
+__all__ = ["check_arguments", "check_metrics", "check_state", "check_step", "fmt_metric"]
 
 
 class _MetricRangeError(errors.EncodeError, ValueError):
     """A metric that is a number too large for a float: an EncodeError (caught with every
     savegame error) that is also the ValueError Python raises for it."""
+
+
+def check_arguments(*, save: object, keep: object, **places: object) -> None:
+    """The Checkpointer's arguments of the wrong kind as a TypeError/ValueError naming the
+    argument and what it takes, before anything is created: ``save=500`` (an AttributeError
+    deep inside before), ``keep=3``, a root that is not a path, or an empty one (an unset
+    environment variable, which would make the working directory the run folder)."""
+    from savegame import policy
+    from savegame.storage import Store
+
+    if save is not None and not isinstance(save, policy.Every):
+        raise TypeError(
+            f"save={save!r}: pass a schedule, e.g. save=sg.Every(steps=500) (or epochs=, seconds=)"
+        )
+    if keep is not None and not isinstance(keep, policy.Keep):
+        raise TypeError(f"keep={keep!r}: pass a rule, e.g. keep=sg.Keep(last=3)")
+    for name, where in places.items():
+        if where is None and name != "root":
+            continue
+        if not isinstance(where, (str, os.PathLike, Store)):
+            raise TypeError(
+                f"{name}={where!r}: pass a folder path or a URL (s3://…, file://…), got "
+                f"{type(where).__name__}"
+            )
+        if isinstance(where, str) and not where.strip():
+            raise ValueError(
+                f"{name}={where!r} is empty: pass the run folder's path or URL (an empty string, "
+                "e.g. an unset environment variable, would make the working directory the run)"
+            )
 
 
 def check_state(state: object, call: str) -> None:

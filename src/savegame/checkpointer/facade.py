@@ -116,6 +116,7 @@ class Checkpointer:
     ) -> None:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
+        checks.check_arguments(root=root, save=save, keep=keep, cache=cache, start_from=start_from)
         self.async_save = async_save
         self.when_busy = when_busy
         #: Incremental saves (docs/incremental.md): unchanged tensors refer to stored bytes.

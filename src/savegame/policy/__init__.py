@@ -15,6 +15,7 @@ save and evaluation intervals differ (ANCHORS #4).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,13 @@ class Every:
     def __post_init__(self) -> None:
         for name in ("steps", "epochs", "seconds"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
+            if v is None:
+                continue
+            kind = numbers.Real if name == "seconds" else numbers.Integral
+            if isinstance(v, bool) or not isinstance(v, kind):  # "5" from a config file, 2.5 steps
+                what = "a number of seconds" if name == "seconds" else f"an int count of {name}"
+                raise TypeError(f"Every({name}={v!r}): must be {what}")
+            if not v > 0:
                 raise ValueError(f"Every({name}={v!r}): must be a positive number")
         for name in ("samples", "tokens"):
             v = getattr(self, name)
