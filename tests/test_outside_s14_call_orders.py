@@ -193,6 +193,9 @@ def test_load_of_a_run_folder_says_it_is_a_run_folder(tmp_path: Path) -> None:
         assert "run folder" in msg or "step-" in msg, msg
     else:
         assert torch.equal(tree["model"]["weight"], r.model.weight.detach())
+    # sg.open, the lazy reader, says the same (it said "unrecognised checkpoint format")
+    with pytest.raises(sg.CheckpointNotFoundError, match=r"is a run folder .*step-"):
+        sg.open(tmp_path / "run")
 
 
 def test_two_checkpointers_closed_in_opening_order_give_the_signals_back(tmp_path: Path) -> None:

@@ -269,10 +269,15 @@ def open(  # noqa: A001 - the public verb
 
 
 def _is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
-    """``reader.is_checkpoint_dir``; the manifest code is imported for folders only (a file is
-    never a checkpoint folder)."""
+    """``reader.is_checkpoint_dir``, or a savegame run folder (which the savegame reader then
+    names as such: "open one of its step-… folders"); the manifest code is imported for folders
+    only (a file is never a checkpoint folder)."""
     if not os.path.isdir(path):
         return False
     from savegame.engine import reader
+    from savegame.format import layout
 
-    return reader.is_checkpoint_dir(path)
+    if reader.is_checkpoint_dir(path):
+        return True
+    run = any(os.path.isfile(os.path.join(path, n)) for n in (layout.RUN_FILE, layout.LATEST))
+    return run and not os.path.isfile(os.path.join(path, "checkpoint"))  # (TensorFlow's index)

@@ -392,3 +392,11 @@ def test_checkpointer_arguments_of_the_wrong_kind_are_refused_naming_them(
     with pytest.raises(error, match=match):
         sg.Checkpointer(**kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_refuses_an_unknown_per_rank_choice(tmp_path: Path) -> None:
+    """``per_rank="fersh"`` must not pass silently on a fresh run and mean "strict" later."""
+    state, _, _ = make_state()
+    with sg.Checkpointer(tmp_path / "run") as ck:
+        with pytest.raises(ValueError, match=r"per_rank='fersh': use 'strict' or 'fresh'"):
+            ck.restore(state, per_rank="fersh")  # type: ignore[arg-type]

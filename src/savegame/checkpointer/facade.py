@@ -243,6 +243,8 @@ class Checkpointer:
                 name in ``only``/``skip`` does not exist (TypeError/ValueError: a bad argument).
         """
         checks.check_state(state, "restore")
+        if per_rank not in ("strict", "fresh"):
+            raise ValueError(f"per_rank={per_rank!r}: use 'strict' or 'fresh'")
         opts = overrides.options(only=only, skip=skip, strict=strict, state=state)
         self.last_restore = None
         self._persister.wait()
