@@ -23,16 +23,17 @@ The parts: :mod:`.signals`, :mod:`.runfile` (lock, ``run.json``), :mod:`.retenti
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from savegame import errors, policy
 from savegame import state as statelib
@@ -55,6 +56,27 @@ log = logging.getLogger("savegame")
 _ = fetch
 
 __all__ = ["Checkpointer"]
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _one_call_at_a_time(method: _Method) -> _Method:
+    """The public calls of one Checkpointer run one at a time (an RLock: a preemption save
+    closes from inside ``step``): two threads saving into it would otherwise let one's
+    retention free the bytes the other's incremental save just referred to, and a ``close()``
+    from another thread would return with that thread's save still writing into the run.
+    Not in a forked child, where a parent's thread may have held the lock at the fork (the
+    call itself then refuses or does nothing: ``_in_owner``)."""
+
+    @functools.wraps(method)
+    def call(self: Checkpointer, *args: Any, **kwargs: Any) -> Any:
+        if os.getpid() != self._pid:
+            return method(self, *args, **kwargs)
+        with self._calls:
+            return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 class Checkpointer:
@@ -117,6 +139,8 @@ class Checkpointer:
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy={when_busy!r}: use 'wait' or 'skip'")
         checks.check_arguments(root=root, save=save, keep=keep, cache=cache, start_from=start_from)
+        self._pid = os.getpid()  # the process that owns the run (not a forked child: _in_owner)
+        self._calls = threading.RLock()  # public calls one at a time (_one_call_at_a_time)
         self.async_save = async_save
         self.when_busy = when_busy
         #: Incremental saves (docs/incremental.md): unchanged tensors refer to stored bytes.
@@ -189,7 +213,13 @@ class Checkpointer:
             # that never comes. Not at exit: the kernel drops the lock with the process, and an
             # async save may still be committing then.
             self._finalizer = weakref.finalize(
-                self, _abandoned, self._signals, self._lock, self._deleter, self._persister
+                self,
+                _abandoned,
+                self._signals,
+                self._lock,
+                self._deleter,
+                self._persister,
+                self._pid,
             )
             self._finalizer.atexit = False
         except BaseException:
@@ -202,6 +232,7 @@ class Checkpointer:
     #: What the last ``restore`` applied and left as it was (None: it restored nothing).
     last_restore: RestoreReport | None = None
 
+    @_one_call_at_a_time
     def restore(
         self,
         state: statelib.TrainState,
@@ -242,6 +273,7 @@ class Checkpointer:
                 or per-rank state on a different world size with ``per_rank="strict"``), or a
                 name in ``only``/``skip`` does not exist (TypeError/ValueError: a bad argument).
         """
+        self._in_owner("restore")
         checks.check_state(state, "restore")
         if per_rank not in ("strict", "fresh"):
             raise ValueError(f"per_rank={per_rank!r}: use 'strict' or 'fresh'")
@@ -316,6 +348,7 @@ class Checkpointer:
             )
         return 0
 
+    @_one_call_at_a_time
     def step(
         self,
         state: statelib.TrainState,
@@ -347,6 +380,7 @@ class Checkpointer:
             ValueError: ``step`` is negative or ≥ 10**12, a count is negative, or the
                 schedule counts samples (tokens) and none were passed.
         """
+        self._in_owner("step")
         checks.check_state(state, "step")
         step = checks.check_step(step)
         metrics = checks.check_metrics(metrics)
@@ -455,6 +489,7 @@ class Checkpointer:
                 )
         return due, better
 
+    @_one_call_at_a_time
     def save(
         self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
     ) -> Path | Location:
@@ -465,6 +500,7 @@ class Checkpointer:
         self._raise_upload_failure()
         return path
 
+    @_one_call_at_a_time
     def save_async(
         self, state: statelib.TrainState, step: int, *, metrics: Mapping[str, float] | None = None
     ) -> persist.SaveHandle[Path] | None:
@@ -480,6 +516,7 @@ class Checkpointer:
         self._raise_upload_failure()
         return handle
 
+    @_one_call_at_a_time
     def adopt(
         self,
         source: str | os.PathLike[str],
@@ -521,6 +558,7 @@ class Checkpointer:
             CheckpointNotFoundError: a source path in ``mapping`` does not exist in the file.
             RestoreError: an object refuses the imported state.
         """
+        self._in_owner("adopt")
         checks.check_state(state, "adopt")
         step = checks.check_step(step)
         self._refuse_existing_step(step)  # before any live object is changed
@@ -556,9 +594,11 @@ class Checkpointer:
             step=step,
         )
 
+    @_one_call_at_a_time
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed (in the cache, with ``cache``:
         uploads go on; ``close()`` waits for them); raise its error if it failed."""
+        self._in_owner("wait")
         self._persister.wait()
         self._raise_background()
 
@@ -569,9 +609,15 @@ class Checkpointer:
             return self._tiers.list()
         return retention.list_run(self.store, self.keep, self.run_id)
 
+    @_one_call_at_a_time
     def close(self) -> None:
         """Wait for the save in flight, restore the previous signal handlers and release the
-        run folder's lock. Raises the in-flight save's error, if any (after cleaning up)."""
+        run folder's lock. Raises the in-flight save's error, if any (after cleaning up).
+        In a forked child it only marks this copy closed: the run, its lock and its saves are
+        the parent's."""
+        if os.getpid() != self._pid:
+            self._closed = True
+            return
         try:
             self._persister.wait()
         finally:
@@ -589,6 +635,20 @@ class Checkpointer:
                         estimates=self._progress.advisor.record(time.time()),
                     )
                 self._close_quietly()
+
+    def _in_owner(self, call: str) -> None:
+        """A typed error in a forked child (a DataLoader worker, a ``multiprocessing`` fork
+        Process, ``os.fork()``): it inherits this object but not its threads, so a save would
+        wait for ever on a persist worker that does not exist there, and its writes would race
+        the parent's, which owns the run and its lock."""
+        if os.getpid() != self._pid:
+            raise errors.CheckpointError(
+                f"Checkpointer.{call}: the Checkpointer of {self.root} belongs to process "
+                f"{self._pid}, not to this forked child (pid {os.getpid()}: a DataLoader worker or "
+                "a multiprocessing fork Process); the parent saves the run — in a child, read "
+                "checkpoints with sg.load / sg.open, or create a Checkpointer on another folder",
+                path=self.root,
+            )
 
     def _close_quietly(self) -> None:
         finalizer = getattr(self, "_finalizer", None)
@@ -665,6 +725,7 @@ class Checkpointer:
         Retention runs on rank 0 only, after the commit. ``new``: never "the same save" as this
         process's last one of ``step`` (adopt: other content under the same step)."""
         entered = time.perf_counter()
+        self._in_owner("save" if blocking else "save_async")
         checks.check_state(state, "save" if blocking else "save_async")
         step = checks.check_step(step)
         self._warn_rollback(step)
@@ -909,10 +970,14 @@ def _abandoned(
     lock: runfile.Lock,
     deleter: ThreadPoolExecutor,
     persister: persist.Persister,
+    pid: int,
 ) -> None:
     """What ``close()`` gives back, for a Checkpointer collected without it (no reference to
     the Checkpointer: it is gone; this may run on any thread). The lock goes last, once the
-    checkpoints retention took out of view are freed: the next writer would free them too."""
+    checkpoints retention took out of view are freed: the next writer would free them too.
+    Nothing in a forked child: what it holds is the parent's."""
+    if os.getpid() != pid:
+        return
     handlers.abandon()
     persister.stop()
     if threading.current_thread() in getattr(deleter, "_threads", ()):

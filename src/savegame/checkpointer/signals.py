@@ -9,6 +9,7 @@ it raises ``KeyboardInterrupt`` at once (the user means "stop now").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,6 +56,7 @@ class PreemptionSignals:
         self._old_handlers: dict[int, Any] = {}
         #: Handlers that could not be given back (closed off the main thread): ours passes on.
         self._left: dict[int, Any] = {}
+        self._pid = os.getpid()  # a forked child inherits the handler, never the step boundary
 
     def install(self) -> None:
         """Handle :data:`PREEMPTION_SIGNALS` (main thread only: Python delivers signals there;
@@ -133,7 +135,9 @@ class PreemptionSignals:
         self.pending = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.abandoned or self not in _chain:  # (not in it: unlinked, handler not given back)
+        # not in the chain: unlinked, handler not given back; another pid: a forked child where
+        # _forget_in_child could not give the handlers back
+        if self.abandoned or self not in _chain or os.getpid() != self._pid:
             self._pass_on(signum, frame)
             return
         if signum == signal.SIGINT and self.pending == signal.SIGINT:
@@ -190,3 +194,23 @@ def _past_abandoned(handler: Any, signum: int) -> Any:
         seen.add(id(owner))
         handler = owner._under(signum)
     return handler if _abandoned_owner(handler) is None else signal.SIG_DFL
+
+
+def _forget_in_child() -> None:
+    """In a forked child (a DataLoader worker, a ``multiprocessing`` fork Process, a user's
+    ``os.fork()``): the program's own handlers again. The child inherits ours, but no step
+    boundary ever comes there, so SIGTERM (``kill -TERM -PGID``, ``scancel``,
+    ``Process.terminate()``) would only be noted and never end it."""
+    global _chain_lock
+    _chain_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    for inst in reversed(_chain):
+        for signum, handler in inst._old_handlers.items():
+            if signal.getsignal(signum) == inst._on_signal:
+                with contextlib.suppress(ValueError, TypeError, OSError):
+                    signal.signal(signum, _past_abandoned(handler, signum))
+    for inst in _chain:
+        inst._old_handlers = {}
+    _chain.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

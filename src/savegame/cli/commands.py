@@ -530,6 +530,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _verify_listed(root: Where, path: Path | Location) -> list[str] | None:
+    """The problems of checkpoint ``path`` of run ``root``, or None when retention deleted it
+    while it was checked (a run in use): a failure counts only if the checkpoint is still
+    listed after it, and it is checked twice (a shared file may be retired under a read)."""
+    problems: list[str] = []
+    for _ in range(2):
+        problems = _runs().verify_checkpoint(path)
+        if not problems:
+            return problems
+        try:
+            listed = any(
+                i.kind == "checkpoint" and i.path.name == path.name for i in _runs().list_run(root)
+            )
+        except (OSError, sg.CheckpointError):
+            return problems  # cannot tell: the finding stands
+        if not listed:
+            return None
+    return problems
+
+
 def _has_entries(store: Store) -> bool:
     try:
         return bool(store.list(""))
@@ -561,10 +581,17 @@ def _verify_run(root: Where) -> int:
     run_problem = runs.run_file_problem(root)
     if run_problem:
         _report(runs.run_file(root), [run_problem])
+    gone = 0
     for i in ckpts:
-        problems = runs.verify_checkpoint(i.path)
+        problems = _verify_listed(root, i.path)
+        if problems is None:  # a run in use: retention deleted it while it was read
+            gone += 1
+            _console().print(f"[cyan]gone[/] {lit(i.path)}", soft_wrap=True)
+            _console().print(text("     deleted by retention during the check"), soft_wrap=True)
+            continue
         bad += bool(problems)
         _report(i.path, problems)
+    checked = len(ckpts) - gone
     for i in infos:
         if i.kind != "checkpoint":
             label = {"damaged": "[red]set aside[/]", "retired": "[cyan]retired[/]"}.get(
@@ -575,12 +602,12 @@ def _verify_run(root: Where) -> int:
     if not ckpts:
         _console().print(text(f"no checkpoints yet in {printable(root)}"), soft_wrap=True)
     if bad or run_problem:
-        said = [f"{bad} of {len(ckpts)} checkpoints have problems"] if bad else []
+        said = [f"{bad} of {checked} checkpoints have problems"] if bad else []
         said += ["run.json is damaged"] if run_problem else []
         _console().print(f"[red]{'; '.join(said)}[/]")
         return 1
-    if ckpts:
-        _console().print(f"[green]all {len(ckpts)} verified[/]")
+    if checked:
+        _console().print(f"[green]all {checked} verified[/]")
     return 0
 
 

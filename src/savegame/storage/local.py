@@ -599,6 +599,9 @@ class RunLock:
         _HELD_NONCES.add(nonce)
 
     def release(self) -> None:
+        if self._fd is not None and self._fd not in _HELD_FDS:
+            self._fd = None  # a forked child's copy: the fd was closed at the fork (and its
+            return  # number may be another file's now); the parent's lock is not ours to drop
         if self._fd is not None:
             _HELD_FDS.discard(self._fd)
             _HELD_NONCES.discard(self._nonce)
