@@ -400,3 +400,41 @@ def test_restore_refuses_an_unknown_per_rank_choice(tmp_path: Path) -> None:
     with sg.Checkpointer(tmp_path / "run") as ck:
         with pytest.raises(ValueError, match=r"per_rank='fersh': use 'strict' or 'fresh'"):
             ck.restore(state, per_rank="fersh")  # type: ignore[arg-type]
+
+
+def test_a_forked_child_cannot_save_through_the_parents_checkpointer(tmp_path: Path) -> None:
+    """A forked child (a multiprocessing fork Process) inherits the Checkpointer but not its
+    threads: with an async save in flight at the fork, a save there waited for ever. It is
+    refused at once; the child's close() neither waits nor gives back the parent's lock."""
+    state, _, _ = make_state()
+    root = tmp_path / "run"
+    ck = sg.Checkpointer(root, async_save=True, handle_signals=False)
+    try:
+        ck.save(state, 1)
+        ck.save_async(state, 2)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            code = 3
+            try:
+                ck.save(state, 3)
+            except sg.CheckpointError as exc:
+                code = 0 if "forked child" in str(exc) else 4
+            except BaseException:  # noqa: BLE001
+                code = 5
+            try:
+                ck.close()
+            except BaseException:  # noqa: BLE001
+                code = 6
+            os.write(w, bytes([code]))
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)  # (a hang here is the bug; the suite's timeout ends it)
+        assert os.read(r, 1) == b"\x00" and status == 0
+        os.close(r)
+        with pytest.raises(sg.LockedError):  # the parent still holds the run
+            sg.Checkpointer(root, handle_signals=False)
+        ck.wait()
+    finally:
+        ck.close()
+    assert steps_on_disk(root) == [1, 2]
