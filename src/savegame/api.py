@@ -50,8 +50,8 @@ def save(
         TypeError: ``tree`` is not a mapping (a module: pass its ``state_dict()``), or
             ``step`` is not an int.
     """
-    from savegame.checkpointer import checks
     from savegame.engine import writer
+    from savegame.format import layout
 
     if not isinstance(tree, Mapping):
         hint = " (pass model.state_dict())" if hasattr(tree, "state_dict") else ""
@@ -59,8 +59,12 @@ def save(
             f"sg.save takes a mapping of names to tensors and plain values{hint}, got "
             f"{type(tree).__name__}; e.g. sg.save(path, {{'model': model.state_dict(), 'step': 10}})"
         )
-    step = checks.check_step(step)
-    metrics = checks.check_metrics(metrics)
+    layout.step_dir(step)  # a TypeError/ValueError saying what a step is
+    step = int(step)
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise errors.EncodeError(
+            f"metrics must be a mapping of name -> number, got {type(metrics).__name__}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():

@@ -47,7 +47,7 @@ from savegame.format import layout
 from savegame.policy import progress
 from savegame.state import overrides
 from savegame.state.overrides import RestoreReport
-from savegame.storage import Location, Store, as_store, objectstore
+from savegame.storage import Location, Store, as_store, objectstore, urls
 
 log = logging.getLogger("savegame")
 
@@ -153,12 +153,13 @@ class Checkpointer:
         self._reserved = False  # the pool's memory was reserved (once, _reserve_staging)
         #: Where the run lives (docs/storage.md): a path means a local folder. With ``cache``,
         #: the cache folder, which saves commit into (the remote run is ``_tiers.remote``).
+        root, cache = _pinned(root), _pinned(cache)
         self.store = as_store(root if cache is None else cache)
         remote = as_store(root) if cache is not None else None
         #: The run folder (a Path for a local run, else the store's URL).
         run = remote or self.store
         self.root: Path | str = run.local_path() or run.describe()
-        self._start_from = start_from
+        self._start_from = _pinned(start_from)  # (a relative one: named now, not at restore)
         self.save_policy = save if save is not None else policy.Every(seconds=1800)
         self.keep = keep if keep is not None else policy.Keep(last=3)
         self.exit_on_signal = exit_on_signal
@@ -222,6 +223,16 @@ class Checkpointer:
                 self._pid,
             )
             self._finalizer.atexit = False
+        except PermissionError as exc:
+            self._close_quietly()
+            if isinstance(exc, errors.CheckpointError):
+                raise
+            raise errors.AccessDeniedError(
+                f"cannot read run folder {self.root}: permission denied on "
+                f"{exc.filename or self.root} (another user's run?); ask for read access to it, "
+                "or start a run of your own from a copy",
+                path=self.root,
+            ) from exc
         except BaseException:
             # A failed constructor must not keep the run folder locked: a retry in this process
             # would otherwise get LockedError naming itself.
@@ -963,6 +974,24 @@ class Checkpointer:
         suspects, self._suspects = self._suspects, []
         if self.rank == 0 and self.writable and not self._closed:
             restoring.set_aside_damaged(suspects)
+
+
+def _pinned(where: Any) -> Any:
+    """A local run folder as the real, absolute path it names now: a relative path would
+    follow a later ``os.chdir``, and a symlink re-pointed mid-run (``runs/current``) would move
+    the saves into another folder, maybe another live run's, whose lock this one never took."""
+    if where is None or isinstance(where, Store):
+        return where
+    if isinstance(where, str) and urls.is_url(where):
+        return where
+    try:
+        return Path(os.path.realpath(where))
+    except OSError as exc:  # a relative path in a working folder that was deleted
+        raise errors.StorageError(
+            f"cannot find run folder {os.fspath(where)!r}: {exc.strerror or exc} (the working "
+            "folder is gone?); pass an absolute path",
+            path=os.fspath(where),
+        ) from exc
 
 
 def _abandoned(

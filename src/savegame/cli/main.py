@@ -321,6 +321,13 @@ def __getattr__(name: str) -> Any:
 
         # emoji=False: ":cat:" in a tensor name stays ":cat:" (markup is escaped by _text).
         value = Console(stderr=name == "err_console", emoji=False)
+        if value.width < 1:  # COLUMNS=0 (unset, to Python's shutil): rich took it as 0 columns
+            import shutil
+
+            width = shutil.get_terminal_size().columns
+            value = Console(
+                stderr=name == "err_console", emoji=False, width=width if width > 0 else 80
+            )
         if name == "console":
             value.on_broken_pipe = _closed_pipe  # type: ignore[method-assign]  # rich exits 1
         globals()[name] = value

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import mmap
 import os
 import tempfile
@@ -419,6 +420,12 @@ class Staging:
         self.spooled += staged
         try:
             with tempfile.TemporaryFile(prefix="savegame-restore-") as f:
+                # Sparse, so a write into the map past the free space would be a SIGBUS, not an
+                # error: the space is checked first (a folder filled by someone else meanwhile
+                # can still fault; fallocate would reserve the whole file, not the ranges read).
+                free = os.fstatvfs(f.fileno())
+                if free.f_bavail * free.f_frsize < staged:
+                    raise OSError(errno.ENOSPC, f"{free.f_bavail * free.f_frsize} bytes free")
                 os.ftruncate(f.fileno(), size)  # sparse: only the ranges read take disk space
                 mm = mmap.mmap(f.fileno(), size)  # the mapping keeps the unnamed file alive
                 self._files.append(mm)

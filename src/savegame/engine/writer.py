@@ -470,7 +470,9 @@ def commit(
     }
     m = manifest.Manifest(
         step=step,
-        created=time.time(),
+        # a wall clock set before 1970 (a board without an RTC) must not write a time the
+        # reader refuses: that would set every checkpoint aside as damaged
+        created=min(max(time.time(), 0.0), manifest.MAX_CREATED),
         world_size=len(trees),
         run_id=run_id,
         trees=tuple(trees),

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 
 MANIFEST = "manifest.json"
@@ -39,6 +40,10 @@ _RETIRED_RE = re.compile(r"retired-(step-[0-9]{12})-(rank-[0-9]{5}(?:-[0-9]{3})?
 
 def step_dir(step: int) -> str:
     """Folder name of a step: zero-padded so names sort in step order."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"step must be an int (the number of completed optimizer steps), got {type(step).__name__} {step!r}"
+        )
     if step < 0 or step >= 10**12:
         raise ValueError(f"step must be in [0, 10**12), got {step}")
     return f"step-{step:012d}"

@@ -169,6 +169,22 @@ def _zip_format(f: Any, path: str, size: int) -> str:
     raise _unknown(path, " (a zip holding neither torch, Keras nor .npy members)")
 
 
+def _is_file(path: str, *, exists: bool = False) -> bool:
+    """``os.path.isfile`` (with ``exists``: ``os.path.exists``), except that a folder on the
+    way that this user may not enter is an AccessDeniedError, not "does not exist"."""
+    try:
+        st = os.stat(path)
+    except PermissionError as exc:
+        raise errors.AccessDeniedError(
+            f"{path}: permission denied (a folder on the way is not readable by this user); ask "
+            "for read access or copy the checkpoint",
+            path=path,
+        ) from exc
+    except (OSError, ValueError):
+        return False
+    return exists or stat.S_ISREG(st.st_mode)
+
+
 def detect(path: str | os.PathLike[str]) -> str:
     """Name the format at ``path``: one of :data:`FORMATS`, ``"savegame"`` or ``"torchscript"``.
 
@@ -185,12 +201,12 @@ def detect(path: str | os.PathLike[str]) -> str:
     """
     p = os.fspath(path)
     if os.path.isdir(p):
-        if os.path.isfile(os.path.join(p, "manifest.json")):
+        if _is_file(os.path.join(p, "manifest.json")):
             return "savegame"
-        if os.path.isfile(os.path.join(p, "checkpoint")):
+        if _is_file(os.path.join(p, "checkpoint")):
             return "tensorflow"
         raise _unknown(p, " (a folder without manifest.json or a TensorFlow 'checkpoint' file)")
-    if not os.path.exists(p):
+    if not _is_file(p, exists=True):
         if os.path.isfile(p + ".index"):
             return "tensorflow"
         raise errors.CheckpointNotFoundError(f"{p} does not exist", path=p)

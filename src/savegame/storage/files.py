@@ -65,7 +65,7 @@ def publish_file(out: Path, write: Callable[[BinaryIO], None]) -> None:
     ``0600`` of a temporary. If ``write`` or any step after it fails, the temporary is removed
     and ``out`` is untouched.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_stem(out.name)}.", suffix=".tmp", dir=out.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
         with os.fdopen(fd, "wb") as f:
@@ -79,16 +79,24 @@ def publish_file(out: Path, write: Callable[[BinaryIO], None]) -> None:
     fsync_dir(out.parent)
 
 
+def _stem(name: str, limit: int = 180) -> str:
+    """``name`` cut to ``limit`` bytes for a temporary's name built from it: a name the file
+    system accepts (255 bytes: 80 CJK characters and ``.safetensors``) plus a dot and a random
+    tag would not be (ENAMETOOLONG). A cut mid-character keeps its bytes (surrogateescape)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= limit else os.fsdecode(raw[:limit])
+
+
 def temp_path_beside(out: Path, tag: str = "tmp") -> Path:
     """A fresh name in ``out``'s folder for an output to be built and then published (nothing
     is created)."""
-    return out.parent / f".{out.name}.{tag}-{uuid.uuid4().hex}"
+    return out.parent / f".{_stem(out.name)}.{tag}-{uuid.uuid4().hex}"
 
 
 @contextmanager
 def temp_dir_beside(out: Path) -> Iterator[Path]:
     """A temporary folder in ``out``'s folder, removed with whatever is left in it on exit."""
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{_stem(out.name)}.", dir=out.parent) as tmp:
         yield Path(tmp)
 
 
@@ -136,7 +144,7 @@ def open_plain(path: Path, flags: int) -> int:
     else:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             os.unlink(path)
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))

@@ -292,7 +292,7 @@ class _LocalStaging(base.Staging):
     # reader lists; after it, a complete checkpoint.
     def seal(self, manifest_name: str, manifest: bytes) -> None:
         path = self.path / base.check_key(manifest_name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             _write_all(fd, manifest)
             os.fsync(fd)
@@ -411,7 +411,7 @@ class LocalStore(base.Store):
         path = self._p(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
@@ -537,7 +537,7 @@ class RunLock:
                 EPERM or EROFS mean the folder is not writable by this process).
         """
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             raise errors.StorageError(
                 f"cannot open the lock file {self.path}: {exc}; the run folder must be writable to save into it",

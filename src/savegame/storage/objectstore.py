@@ -801,7 +801,10 @@ class Lease:
         self.ttl = float(ttl)
         self._etag: str | None = None
         self._version: str | None = None  # GCS: the generation (see _update)
-        self._expires = 0.0
+        # When our own hold ends, by this machine's monotonic clock (the object holds the wall
+        # clock's expiry, for other machines): an NTP step of the wall clock (a VM resumed)
+        # must neither end the hold early nor stretch it.
+        self._deadline = 0.0
         self._held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -811,19 +814,19 @@ class Lease:
     @property
     def held(self) -> bool:
         """True while this process holds the lease (renewed in time, not taken over)."""
-        return self._held and time.time() < self._expires
+        return self._held and time.monotonic() < self._deadline
 
-    def _body(self) -> tuple[bytes, float]:
-        expires = time.time() + self.ttl
-        body = {"holder": _who(), "expires": expires, "ttl": self.ttl}
-        return json.dumps(body).encode(), expires
+    def _body(self) -> bytes:
+        body = {"holder": _who(), "expires": time.time() + self.ttl, "ttl": self.ttl}
+        return json.dumps(body).encode()
 
     def _put(self, mode: Any) -> str | None:
-        raw, expires = self._body()
+        started = time.monotonic()  # (the hold counts from before the request, to be safe)
+        raw = self._body()
         res = _obstore().put(
             self._store._obs, self._store._p(self._name), raw, mode=mode, use_multipart=False
         )
-        self._expires = expires
+        self._deadline = started + self.ttl
         self._version = res.get("version")
         return res.get("e_tag")
 
@@ -940,7 +943,7 @@ class Lease:
             self._lose(f"another writer took it over ({exc})")
             return False
         except Exception as exc:  # noqa: BLE001 - a thread boundary: retried on the next tick
-            if time.time() >= self._expires:
+            if time.monotonic() >= self._deadline:
                 self._lose(f"it could not be renewed before it expired ({exc})")
                 return False
             log.warning(
@@ -975,7 +978,7 @@ class Lease:
         # less than a third of its life ago (a session that only restored), it cannot have
         # been taken over since, for the same reason: delete it without the HEAD, one round
         # trip less at close.
-        fresh = self._expires - time.time() > self.ttl * 2 / 3
+        fresh = self._deadline - time.monotonic() > self.ttl * 2 / 3
         with contextlib.suppress(Exception):
             meta = None if fresh else s._head(self._name)
             if fresh or (meta is not None and meta.get("e_tag") == self._etag):

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urlsplit, urlunsplit
 
 from savegame import errors
 from savegame.storage.base import ChangedError, RangeNotSupportedError
@@ -235,7 +235,9 @@ def file_path(url: str) -> str:
             "a relative one",
             path=url,
         )
-    return unquote(parts.path)
+    # the bytes the URL encodes, as the file system's names: %FF stays that byte, and %E6%8E%A8
+    # is 推 under UTF-8 but still the same three bytes under LC_ALL=C
+    return os.fsdecode(unquote_to_bytes(os.fsencode(parts.path)))
 
 
 def connect(url: str, *, options: dict[str, Any] | None = None) -> Target:
