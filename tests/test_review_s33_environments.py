@@ -278,17 +278,27 @@ def test_files_and_folders_a_save_creates_follow_the_umask(scratch: Path, umask:
     assert not wrong, wrong
 
 
-def test_setgid_team_folder_new_files_keep_the_group(scratch: Path) -> None:
-    _need_root()
-    team = scratch / "team"
+def _make_run_under_umask(root: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        _make_run(root)
+    finally:
+        os.umask(old)
+
+
+def _team_run(parent: Path) -> Path:
+    """``parent/team``: a setgid folder of the team group holding a run written under umask 002."""
+    team = parent / "team"
     team.mkdir()
     os.chown(team, -1, TEAM_GID)
     team.chmod(0o2775)
-    old = os.umask(0o002)
-    try:
-        _make_run(team / "run")
-    finally:
-        os.umask(old)
+    _make_run_under_umask(team / "run", 0o002)
+    return team
+
+
+def test_setgid_team_folder_new_files_keep_the_group(scratch: Path) -> None:
+    _need_root()
+    team = _team_run(scratch)
     for p in _tree(team / "run"):
         st = p.lstat()
         assert st.st_gid == TEAM_GID, f"{p}: group {st.st_gid}"
@@ -317,20 +327,8 @@ def _other_user_probe() -> dict[str, Any]:
     base.chmod(0o755)
     try:
         for name, umask in (("run", 0o022), ("private", 0o077), ("stale", 0o022)):
-            old = os.umask(umask)
-            try:
-                _make_run(base / name)
-            finally:
-                os.umask(old)
-        team = base / "team"
-        team.mkdir()
-        os.chown(team, -1, TEAM_GID)
-        team.chmod(0o2775)
-        old = os.umask(0o002)
-        try:
-            _make_run(team / "run")
-        finally:
-            os.umask(old)
+            _make_run_under_umask(base / name, umask)
+        team = _team_run(base)
         (base / "rocwd").mkdir()
         for name in ("run", "private", "rocwd", "stale"):
             _chown_tree(base / name, OTHER_UID, OTHER_UID)

@@ -11,7 +11,9 @@ import numbers
 import os
 from collections.abc import Mapping
 
-from savegame import errors
+from savegame import errors, policy
+from savegame.state import TrainState
+from savegame.storage import Store
 
 __all__ = ["check_arguments", "check_metrics", "check_state", "check_step", "fmt_metric"]
 
@@ -26,9 +28,6 @@ def check_arguments(*, save: object, keep: object, **places: object) -> None:
     argument and what it takes, before anything is created: ``save=500`` (an AttributeError
     deep inside before), ``keep=3``, a root that is not a path, or an empty one (an unset
     environment variable, which would make the working directory the run folder)."""
-    from savegame import policy
-    from savegame.storage import Store
-
     if save is not None and not isinstance(save, policy.Every):
         raise TypeError(
             f"save={save!r}: pass a schedule, e.g. save=sg.Every(steps=500) (or epochs=, seconds=)"
@@ -54,8 +53,6 @@ def check_state(state: object, call: str) -> None:
     """A TypeError naming what to pass when ``state`` is not a ``TrainState`` (a plain dict
     of objects, a ``model.state_dict()``): refused at the first call, not when a save falls due
     hours into the run."""
-    from savegame.state import TrainState  # the state package imports torch; checks stays light
-
     if not isinstance(state, TrainState):
         raise TypeError(
             f"Checkpointer.{call} takes a savegame.TrainState, got {type(state).__name__}; wrap "
